@@ -1,0 +1,3 @@
+//! The firmware image (placeholder).
+#![no_std]
+#![no_main]

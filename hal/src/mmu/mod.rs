@@ -1,0 +1,1 @@
+//! Translation tables (placeholder; built by the MMU issue).

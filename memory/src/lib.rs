@@ -1,0 +1,2 @@
+//! # memory — physical and virtual memory management (placeholder)
+#![cfg_attr(not(test), no_std)]

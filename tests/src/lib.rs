@@ -1,0 +1,2 @@
+//! On-target test runner (placeholder).
+#![no_std]
