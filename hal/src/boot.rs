@@ -1,0 +1,270 @@
+//! Early boot, shared by every image: the entry code (`asm/entry.S`), the exception
+//! vectors, and the Rust side that finds the device tree, starts the console and logger,
+//! builds the kernel address space and turns the MMU on, then calls the image's `main`
+//! (declared with [`crate::entry!`]).
+
+use crate::addr::{PhysAddr, PhysRange};
+use crate::cmdline::CommandLine;
+use crate::dtb::{DtbError, Platform};
+use core::fmt;
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+core::arch::global_asm!(
+    include_str!("asm/macros.S"),
+    include_str!("asm/entry.S"),
+    include_str!("asm/vectors.S"),
+    include_str!("asm/probe.S"),
+);
+
+/// The image's sections as `link.ld` lays them out (physical = virtual: the image runs
+/// from the identity-mapped linear map).
+#[derive(Clone, Copy, Debug)]
+pub struct ImageLayout {
+    /// Code (RX).
+    pub text: PhysRange,
+    /// Read-only data, the exception table included (R, XN).
+    pub rodata: PhysRange,
+    /// Data and BSS (RW, XN).
+    pub data: PhysRange,
+    /// The boot stack's guard page (never mapped).
+    pub boot_stack_guard: PhysRange,
+    /// The boot (thread) stack.
+    pub boot_stack: PhysRange,
+    /// The exception stack's guard page (never mapped).
+    pub exception_stack_guard: PhysRange,
+    /// The exception stack.
+    pub exception_stack: PhysRange,
+    /// The whole image, stacks included.
+    pub whole: PhysRange,
+}
+
+impl ImageLayout {
+    /// Reads the section bounds `link.ld` exports.
+    pub fn current() -> Self {
+        #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+        {
+            unsafe extern "C" {
+                static __image_start: u8;
+                static __text_end: u8;
+                static __rodata_end: u8;
+                static __boot_stack_guard: u8;
+                static __boot_stack_bottom: u8;
+                static __boot_stack_top: u8;
+                static __exception_stack_guard: u8;
+                static __exception_stack_bottom: u8;
+                static __exception_stack_top: u8;
+                static __image_end: u8;
+            }
+            let a = |s: &u8| PhysAddr::new(s as *const u8 as u64);
+            let r = |s: PhysAddr, e: PhysAddr| PhysRange::from_bounds(s, e).expect("link.ld section order");
+            // SAFETY: only the addresses of these linker symbols are taken, never their contents.
+            unsafe {
+                Self {
+                    text: r(a(&__image_start), a(&__text_end)),
+                    rodata: r(a(&__text_end), a(&__rodata_end)),
+                    data: r(a(&__rodata_end), a(&__boot_stack_guard)),
+                    boot_stack_guard: r(a(&__boot_stack_guard), a(&__boot_stack_bottom)),
+                    boot_stack: r(a(&__boot_stack_bottom), a(&__boot_stack_top)),
+                    exception_stack_guard: r(a(&__exception_stack_guard), a(&__exception_stack_bottom)),
+                    exception_stack: r(a(&__exception_stack_bottom), a(&__exception_stack_top)),
+                    whole: r(a(&__image_start), a(&__image_end)),
+                }
+            }
+        }
+        #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+        {
+            let page = |i: u64, n: u64| PhysRange::new(PhysAddr::new(0x4020_0000 + i * 4096), n * 4096).unwrap();
+            Self {
+                text: page(0, 16),
+                rodata: page(16, 4),
+                data: page(20, 4),
+                boot_stack_guard: page(24, 1),
+                boot_stack: page(25, 64),
+                exception_stack_guard: page(89, 1),
+                exception_stack: page(90, 16),
+                whole: page(0, 106),
+            }
+        }
+    }
+}
+
+/// What boot found and did, handed to the image's `main`.
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// The machine, from the device tree.
+    pub platform: Platform,
+    /// The exception level we were entered at (1, or 2 with `virtualization=on`).
+    pub entry_el: u8,
+    /// How the DTB was found.
+    pub dtb_source: DtbSource,
+    /// The image's sections.
+    pub image: ImageLayout,
+    /// Counter value when Rust started (for the boot time).
+    pub start_ticks: u64,
+}
+
+impl BootInfo {
+    /// The command line.
+    pub fn cmdline(&self) -> CommandLine<'static> {
+        CommandLine::new(self.platform.bootargs)
+    }
+}
+
+/// Where the device tree came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtbSource {
+    /// `x0` at entry (arm64 Image boot protocol).
+    Register,
+    /// RAM base, where QEMU puts it for an ELF `-kernel` (2 MiB below our load address).
+    RamBase,
+}
+
+impl fmt::Display for DtbSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DtbSource::Register => "x0 (Image boot protocol)",
+            DtbSource::RamBase => "RAM base (ELF boot)",
+        })
+    }
+}
+
+static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
+
+/// The boot information, once boot has reached `main`.
+pub fn boot_info() -> Option<&'static BootInfo> {
+    BOOT_INFO.get()
+}
+
+/// Declares the image's main function: `hal::entry!(main)` with
+/// `fn main(info: &'static hal::boot::BootInfo) -> !`.
+#[macro_export]
+macro_rules! entry {
+    ($path:path) => {
+        /// Called by `hal`'s boot code once the machine is set up.
+        #[unsafe(export_name = "__hal_main")]
+        pub fn __hal_main(info: &'static $crate::boot::BootInfo) -> ! {
+            let f: fn(&'static $crate::boot::BootInfo) -> ! = $path;
+            f(info)
+        }
+    };
+}
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), DtbError> {
+    if x0 != 0 {
+        // SAFETY: the boot protocol puts a DTB at x0 and nothing overwrites it: it lies
+        // outside the image, and the frame allocator reserves it.
+        return unsafe { Platform::from_ptr(x0 as *const u8) }.map(|p| (p, DtbSource::Register));
+    }
+    let candidate = image.whole.start().as_u64().saturating_sub(0x20_0000);
+    // SAFETY: for an ELF boot QEMU puts the DTB at RAM base, 2 MiB below our load address
+    // (link.ld); the magic is checked before anything else is trusted.
+    unsafe { Platform::from_ptr(candidate as usize as *const u8) }.map(|p| (p, DtbSource::RamBase))
+}
+
+/// The Rust entry point, called by `asm/entry.S` on the boot stack with the MMU off.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+#[unsafe(no_mangle)]
+extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
+    let start_ticks = crate::cpu::counter();
+    let image = ImageLayout::current();
+    let (platform, dtb_source) = match find_dtb(x0, &image) {
+        Ok(found) => found,
+        // No console without a device tree: all we can do is exit with a status.
+        Err(_) => crate::exit::exit(crate::exit::EXIT_FAULT),
+    };
+    crate::psci::set_conduit(platform.psci);
+    if let Some(uart) = platform.uart {
+        // SAFETY: the device tree names this PL011; with the MMU off every address is
+        // reached physically as Device memory, and nothing else drives the UART.
+        unsafe { crate::console::init(crate::addr::VirtAddr::new(uart.start().as_u64())) };
+    }
+    let cmdline = CommandLine::new(platform.bootargs);
+    let level = match cmdline.get("loglevel") {
+        Some("error") => log::LevelFilter::Error,
+        Some("warn") => log::LevelFilter::Warn,
+        Some("debug") => log::LevelFilter::Debug,
+        Some("trace") => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    crate::console::init_logger(level);
+    crate::exception::register_guard_region(
+        image.boot_stack_guard.start().as_u64(),
+        image.boot_stack_guard.end().as_u64(),
+        "stack overflow: boot stack",
+    );
+    crate::exception::register_guard_region(
+        image.exception_stack_guard.start().as_u64(),
+        image.exception_stack_guard.end().as_u64(),
+        "stack overflow: exception stack",
+    );
+
+    let info = BOOT_INFO.call_once(|| BootInfo { platform, entry_el: entry_el as u8, dtb_source, image, start_ticks });
+    log_platform(info);
+    crate::kmap::init(info);
+
+    unsafe extern "Rust" {
+        fn __hal_main(info: &'static BootInfo) -> !;
+    }
+    // SAFETY: every image declares `__hal_main` with this signature through `hal::entry!`.
+    unsafe { __hal_main(info) }
+}
+
+/// Logs what the device tree said: the memory map, devices, command line.
+pub fn log_platform(info: &BootInfo) {
+    let p = &info.platform;
+    log::info!("{} — entered at EL{}, device tree from {}", p.model, info.entry_el, info.dtb_source);
+    for r in p.ram.iter() {
+        log::info!("RAM      {:#012x}-{:#012x} ({} MiB)", r.start(), r.end().as_u64(), r.size() >> 20);
+    }
+    for r in p.reserved.iter() {
+        log::info!("reserved {:#012x}-{:#012x} ({} KiB)", r.start(), r.end().as_u64(), r.size() >> 10);
+    }
+    log::info!("DTB      {:#012x}-{:#012x} ({} KiB)", p.dtb.start(), p.dtb.end().as_u64(), p.dtb.size() >> 10);
+    let i = &info.image;
+    log::info!(
+        "hal: image    {:#012x}-{:#012x} (text {} KiB, rodata {} KiB, data+bss {} KiB, stacks {} KiB)",
+        i.whole.start(),
+        i.whole.end().as_u64(),
+        i.text.size() >> 10,
+        i.rodata.size() >> 10,
+        i.data.size() >> 10,
+        (i.boot_stack.size() + i.exception_stack.size()) >> 10
+    );
+    if let Some(u) = p.uart {
+        log::info!("console  PL011 at {:#x}", u.start());
+    }
+    if let Some(g) = p.gic_distributor {
+        log::info!("GIC distributor at {:#x}", g.start());
+    }
+    match (p.psci, crate::psci::version()) {
+        (Some(c), Some((maj, min))) => log::info!("PSCI {maj}.{min} via {c:?}"),
+        (Some(c), None) => log::info!("PSCI via {c:?} (no version answer)"),
+        (None, _) => log::info!("no PSCI node"),
+    }
+    let cmdline = info.cmdline();
+    if !cmdline.raw().is_empty() {
+        log::info!("command line \"{}\"", cmdline.raw());
+    }
+    for bad in cmdline.params().filter_map(Result::err) {
+        log::warn!("ignoring malformed boot parameter \"{bad}\"");
+    }
+}
+
+/// The panic handler of every image: print, return to a test's `catch` if armed, else exit.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::fmt::Write;
+    let mut out = crate::console::Console;
+    match info.location() {
+        Some(l) => {
+            let _ = writeln!(out, "\n*** PANIC at {}:{}:{}: {}", l.file(), l.line(), l.column(), info.message());
+        }
+        None => {
+            let _ = writeln!(out, "\n*** PANIC: {}", info.message());
+        }
+    }
+    crate::exception::recover_from_panic();
+    crate::exit::exit(crate::exit::EXIT_PANIC)
+}

@@ -1,0 +1,232 @@
+//! The console: a PL011 UART behind a lock, a `log` logger with uptime stamps, and a raw
+//! emergency path so a fault or panic taken while the lock is held still gets out.
+//!
+//! The driver is the `arm-pl011-uart` crate (the `arm_pl011` crate needs nightly Rust).
+//! Output goes through [`Console::write_str`] with a try-lock: if the lock is busy — the
+//! interrupted code may hold it — the bytes go straight to the data register instead.
+
+use crate::addr::VirtAddr;
+use arm_pl011_uart::{DataBits, LineConfig, Parity, StopBits, Uart};
+use core::fmt::{self, Write};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use safe_mmio::UniqueMmioPointer;
+use spin::Mutex;
+
+/// The console UART, once [`init`] has run.
+static UART: Mutex<Option<Uart<'static>>> = Mutex::new(None);
+/// The UART's base address for the emergency path (0: no console).
+static RAW_BASE: AtomicUsize = AtomicUsize::new(0);
+/// Bytes that went out through the emergency path (the lock was busy).
+static EMERGENCY_WRITES: AtomicUsize = AtomicUsize::new(0);
+
+const UART_DR: usize = 0x00;
+const UART_FR: usize = 0x18;
+const FR_TXFF: u32 = 1 << 5;
+const FR_RXFE: u32 = 1 << 4;
+
+/// Starts the console on the PL011 at `base`.
+///
+/// # Safety
+/// `base` must be the address, in the current address space, of a PL011's registers
+/// mapped as Device memory for the rest of the program (or until [`rebase`] replaces it),
+/// and nothing else may drive that UART.
+pub unsafe fn init(base: VirtAddr) {
+    // SAFETY: the caller promises `base` maps a PL011 for the program's lifetime, used by
+    // nobody else; UniqueMmioPointer needs exactly that.
+    let regs = unsafe { UniqueMmioPointer::new(NonNull::new_unchecked(base.as_mut_ptr())) };
+    let mut uart = Uart::new(regs);
+    // QEMU ignores the divisor; a real board wants 115200 8N1 from a 24 MHz clock.
+    let config = LineConfig { data_bits: DataBits::Bits8, parity: Parity::None, stop_bits: StopBits::One };
+    let _ = uart.enable(config, 115_200, 24_000_000);
+    let mut guard = UART.lock();
+    *guard = Some(uart);
+    RAW_BASE.store(base.as_usize(), Ordering::Release);
+}
+
+/// Moves the console to another mapping of the same UART (after `ioremap`).
+///
+/// # Safety
+/// As [`init`]; the old mapping must stay valid until this returns.
+pub unsafe fn rebase(base: VirtAddr) {
+    // SAFETY: same contract as `init`, forwarded to the caller.
+    let regs = unsafe { UniqueMmioPointer::new(NonNull::new_unchecked(base.as_mut_ptr())) };
+    let mut guard = UART.lock();
+    *guard = Some(Uart::new(regs));
+    RAW_BASE.store(base.as_usize(), Ordering::Release);
+}
+
+/// The address the console currently writes to (0 before [`init`]).
+pub fn base() -> usize {
+    RAW_BASE.load(Ordering::Acquire)
+}
+
+fn raw_putc(base: usize, b: u8) {
+    if base == 0 {
+        return;
+    }
+    let fr = (base + UART_FR) as *const u32;
+    let dr = (base + UART_DR) as *mut u32;
+    // SAFETY: `base` was registered by `init`/`rebase`, whose contract keeps a PL011 mapped
+    // there; FR and DR are 32-bit registers at these offsets. Racing the locked driver can
+    // at worst interleave characters, which is what an emergency path accepts.
+    unsafe {
+        while fr.read_volatile() & FR_TXFF != 0 {}
+        dr.write_volatile(b as u32);
+    }
+}
+
+/// Writes straight to the UART registers, ignoring the lock: for fault and panic reports.
+pub fn emergency_write(s: &str) {
+    let base = RAW_BASE.load(Ordering::Acquire);
+    for b in s.bytes() {
+        if b == b'\n' {
+            raw_putc(base, b'\r');
+        }
+        raw_putc(base, b);
+    }
+    EMERGENCY_WRITES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A `fmt::Write` sink for the console: locked when the lock is free, raw otherwise.
+pub struct Console;
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        match UART.try_lock() {
+            Some(mut guard) => match guard.as_mut() {
+                Some(uart) => {
+                    for b in s.bytes() {
+                        if b == b'\n' {
+                            uart.write_word(b'\r');
+                        }
+                        uart.write_word(b);
+                    }
+                }
+                None => emergency_write(s),
+            },
+            None => emergency_write(s),
+        }
+        Ok(())
+    }
+}
+
+/// The emergency path as a `fmt::Write` sink.
+pub struct EmergencyConsole;
+
+impl Write for EmergencyConsole {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        emergency_write(s);
+        Ok(())
+    }
+}
+
+/// Reads one byte if the UART has received one.
+pub fn try_read_byte() -> Option<u8> {
+    let base = RAW_BASE.load(Ordering::Acquire);
+    if base == 0 {
+        return None;
+    }
+    let guard = UART.try_lock()?;
+    let fr = (base + UART_FR) as *const u32;
+    let dr = (base + UART_DR) as *const u32;
+    // SAFETY: as in `raw_putc`; we hold the driver lock so nobody else reads DR.
+    let byte = unsafe {
+        if fr.read_volatile() & FR_RXFE != 0 {
+            None
+        } else {
+            Some(dr.read_volatile() as u8)
+        }
+    };
+    drop(guard);
+    byte
+}
+
+/// Prints to the console (no newline).
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = write!($crate::console::Console, $($arg)*);
+    }};
+}
+
+/// Prints a line to the console.
+#[macro_export]
+macro_rules! println {
+    () => { $crate::print!("\n") };
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = writeln!($crate::console::Console, $($arg)*);
+    }};
+}
+
+struct Logger;
+
+static LOGGER: Logger = Logger;
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let ns = crate::cpu::uptime_ns();
+        let (s, us) = (ns / 1_000_000_000, (ns / 1_000) % 1_000_000);
+        let level = match record.level() {
+            Level::Error => "ERROR",
+            Level::Warn => "WARN ",
+            Level::Info => "INFO ",
+            Level::Debug => "DEBUG",
+            Level::Trace => "TRACE",
+        };
+        let target = record.target();
+        let module = target.split("::").next().unwrap_or(target);
+        // One write per line so concurrent lines do not interleave mid-line.
+        let mut line = LineBuf::new();
+        let _ = writeln!(line, "[{s:5}.{us:06}] {level} {module}: {}", record.args());
+        let _ = Console.write_str(line.as_str());
+    }
+
+    fn flush(&self) {}
+}
+
+/// A line buffer on the stack: a log line is formatted first, then written at once.
+struct LineBuf {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl LineBuf {
+    const fn new() -> Self {
+        Self { buf: [0; 512], len: 0 }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are appended (truncated at a char boundary), so this is UTF-8.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<log line not utf-8>\n")
+    }
+}
+
+impl Write for LineBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = self.buf.len() - self.len;
+        let mut take = s.len().min(room);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+/// Installs the logger at `level`. Calling it twice only changes the level.
+pub fn init_logger(level: LevelFilter) {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}

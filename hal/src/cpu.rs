@@ -1,0 +1,58 @@
+//! Small wrappers over system registers and instructions used by the rest of `hal`.
+//!
+//! Only the instruction lines are behind `cfg(target_os = "none")`: on the host each
+//! function answers a harmless constant, so code above compiles and tests everywhere.
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTVCT_EL0};
+
+/// The virtual counter (`CNTVCT_EL0`), in ticks of [`counter_frequency`].
+#[inline(always)]
+pub fn counter() -> u64 {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        // An isb first so the read is not speculated ahead of the code being timed.
+        aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+        CNTVCT_EL0.get()
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        0
+    }
+}
+
+/// The counter frequency in Hz (`CNTFRQ_EL0`; 62.5 MHz on QEMU virt).
+pub fn counter_frequency() -> u64 {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        match CNTFRQ_EL0.get() {
+            0 => 62_500_000,
+            f => f,
+        }
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        62_500_000
+    }
+}
+
+/// Converts counter ticks to nanoseconds without overflow for any uptime below 200 years.
+pub fn ticks_to_ns(ticks: u64) -> u64 {
+    let f = counter_frequency();
+    ((ticks as u128 * 1_000_000_000) / f as u128) as u64
+}
+
+/// Nanoseconds since the counter started (roughly, since the machine was reset).
+pub fn uptime_ns() -> u64 {
+    ticks_to_ns(counter())
+}
+
+/// Waits for an event forever: the end of the line when nothing else can be done.
+pub fn halt() -> ! {
+    loop {
+        #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+        aarch64_cpu::asm::wfe();
+        #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+        core::hint::spin_loop();
+    }
+}

@@ -1,0 +1,437 @@
+//! Exceptions: the trap frame, syndrome decoding, fault fixups, the fault-report hook,
+//! recovery points for the test runner, and the fatal report.
+//!
+//! Three ways a synchronous exception can end:
+//! 1. **Fixup** — the faulting instruction is one of the probes in [`crate::probe`]
+//!    (listed in the `__ex_table` section): execution resumes at its fixup, which returns
+//!    an error. Like Linux's `get_kernel_nofault`.
+//! 2. **Recovery** — a [`catch`] is armed (the test runner arms one per test): the fault
+//!    is reported, then execution resumes where `catch` was called, which returns `Err`.
+//! 3. **Fatal** — the fault is reported (with the explanation of the fault-report hook,
+//!    e.g. "guard page of area X") and the machine exits with a failure status.
+
+use crate::console::EmergencyConsole;
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+/// Registers saved on exception entry (layout shared with `asm/vectors.S`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TrapFrame {
+    /// General-purpose registers x0..x30.
+    pub x: [u64; 31],
+    /// The interrupted thread's stack pointer.
+    pub sp_el0: u64,
+    /// Where execution resumes.
+    pub elr: u64,
+    /// Saved processor state.
+    pub spsr: u64,
+    /// Exception syndrome.
+    pub esr: u64,
+    /// Fault address (meaningful for aborts).
+    pub far: u64,
+}
+
+/// The decoded exception class of an `ESR_EL1` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExceptionClass {
+    /// EC 0x00: unknown reason (e.g. an undefined instruction).
+    Unknown,
+    /// EC 0x07: FP/SIMD access trapped.
+    FpTrap,
+    /// EC 0x0e: illegal execution state.
+    IllegalState,
+    /// EC 0x15: `svc`.
+    Svc,
+    /// EC 0x16: `hvc`.
+    Hvc,
+    /// EC 0x17: `smc`.
+    Smc,
+    /// EC 0x18: trapped system register access.
+    SysReg,
+    /// EC 0x20/0x21: instruction abort (lower / same EL).
+    InstructionAbort,
+    /// EC 0x22: PC alignment fault.
+    PcAlignment,
+    /// EC 0x24/0x25: data abort (lower / same EL).
+    DataAbort,
+    /// EC 0x26: SP alignment fault.
+    SpAlignment,
+    /// EC 0x3c: `brk`.
+    Brk,
+    /// Any other class (the raw EC).
+    Other(u8),
+}
+
+impl ExceptionClass {
+    /// Decodes the EC field of `esr`.
+    pub const fn from_esr(esr: u64) -> Self {
+        match ((esr >> 26) & 0x3f) as u8 {
+            0x00 => Self::Unknown,
+            0x07 => Self::FpTrap,
+            0x0e => Self::IllegalState,
+            0x15 => Self::Svc,
+            0x16 => Self::Hvc,
+            0x17 => Self::Smc,
+            0x18 => Self::SysReg,
+            0x20 | 0x21 => Self::InstructionAbort,
+            0x22 => Self::PcAlignment,
+            0x24 | 0x25 => Self::DataAbort,
+            0x26 => Self::SpAlignment,
+            0x3c => Self::Brk,
+            ec => Self::Other(ec),
+        }
+    }
+
+    /// A short human name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown reason / undefined instruction",
+            Self::FpTrap => "FP/SIMD access trap",
+            Self::IllegalState => "illegal execution state",
+            Self::Svc => "SVC",
+            Self::Hvc => "HVC",
+            Self::Smc => "SMC",
+            Self::SysReg => "system register trap",
+            Self::InstructionAbort => "instruction abort",
+            Self::PcAlignment => "PC alignment fault",
+            Self::DataAbort => "data abort",
+            Self::SpAlignment => "SP alignment fault",
+            Self::Brk => "BRK",
+            Self::Other(_) => "other",
+        }
+    }
+}
+
+/// The fault status of an abort (ESR ISS bits [5:0]), decoded.
+pub const fn fault_status_name(esr: u64) -> &'static str {
+    match esr & 0x3f {
+        0x00..=0x03 => "address size fault",
+        0x04..=0x07 => "translation fault",
+        0x08..=0x0b => "access flag fault",
+        0x0c..=0x0f => "permission fault",
+        0x10 => "synchronous external abort",
+        0x21 => "alignment fault",
+        0x30 => "TLB conflict abort",
+        _ => "other fault status",
+    }
+}
+
+/// The translation level of an abort's fault status (0..=3), when it has one.
+pub const fn fault_level(esr: u64) -> Option<u8> {
+    match esr & 0x3f {
+        0x00..=0x0f => Some((esr & 3) as u8),
+        _ => None,
+    }
+}
+
+/// What a probe or a recovered fault saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// `ESR_EL1` at the fault.
+    pub esr: u64,
+    /// `FAR_EL1` (the address that faulted, for aborts).
+    pub far: u64,
+    /// `ELR_EL1` (the faulting instruction).
+    pub elr: u64,
+}
+
+impl Fault {
+    /// The exception class.
+    pub const fn class(&self) -> ExceptionClass {
+        ExceptionClass::from_esr(self.esr)
+    }
+
+    /// Whether this was a write (data aborts only: ISS.WnR).
+    pub const fn is_write(&self) -> bool {
+        matches!(self.class(), ExceptionClass::DataAbort) && self.esr & (1 << 6) != 0
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let class = self.class();
+        write!(f, "{}", class.name())?;
+        if matches!(class, ExceptionClass::DataAbort | ExceptionClass::InstructionAbort) {
+            write!(f, " ({}", fault_status_name(self.esr))?;
+            if let Some(level) = fault_level(self.esr) {
+                write!(f, ", level {level}")?;
+            }
+            if class == ExceptionClass::DataAbort {
+                f.write_str(if self.is_write() { ", write" } else { ", read" })?;
+            }
+            write!(f, ") at {:#x}", self.far)?;
+        }
+        write!(f, ", pc {:#x}, esr {:#x}", self.elr, self.esr)
+    }
+}
+
+/// A function a higher layer registers to explain a faulting address (e.g. `memory`'s
+/// "guard page of area X"). It must not block: it may only try-lock. It writes its
+/// explanation and returns `true`, or returns `false` when it knows nothing of `addr`.
+pub type FaultExplainer = fn(addr: u64, out: &mut dyn fmt::Write) -> bool;
+
+static EXPLAINER: AtomicUsize = AtomicUsize::new(0);
+
+/// Registers the fault-report hook (replacing any earlier one).
+pub fn set_fault_explainer(f: FaultExplainer) {
+    EXPLAINER.store(f as usize, Ordering::Release);
+}
+
+/// Asks the registered hook to explain `addr`; `false` when there is no hook or it has
+/// nothing to say.
+pub fn explain(addr: u64, out: &mut dyn fmt::Write) -> bool {
+    let raw = EXPLAINER.load(Ordering::Acquire);
+    if raw == 0 {
+        return false;
+    }
+    // SAFETY: the only non-zero values stored are `FaultExplainer` function pointers
+    // (`set_fault_explainer`), and fn pointers round-trip through usize on AArch64.
+    let f: FaultExplainer = unsafe { core::mem::transmute::<usize, FaultExplainer>(raw) };
+    f(addr, out)
+}
+
+/// Named ranges checked in fault reports (e.g. stack guard pages): `(start, end, name)`.
+static GUARD_REGIONS: spin::Mutex<[(u64, u64, &'static str); 4]> = spin::Mutex::new([(0, 0, ""); 4]);
+
+/// Names a range whose touch means something specific, e.g. a stack's guard page:
+/// a fault there is reported as `name` ("stack overflow").
+pub fn register_guard_region(start: u64, end: u64, name: &'static str) {
+    let mut regions = GUARD_REGIONS.lock();
+    if let Some(slot) = regions.iter_mut().find(|r| r.0 == r.1) {
+        *slot = (start, end, name);
+    }
+}
+
+fn guard_region_name(addr: u64) -> Option<&'static str> {
+    let regions = GUARD_REGIONS.try_lock()?;
+    regions.iter().find(|r| addr >= r.0 && addr < r.1).map(|r| r.2)
+}
+
+/// The last fault a probe absorbed (ESR, FAR, ELR), written by the handler.
+static PROBE_ESR: AtomicU64 = AtomicU64::new(0);
+static PROBE_FAR: AtomicU64 = AtomicU64::new(0);
+static PROBE_ELR: AtomicU64 = AtomicU64::new(0);
+/// Armed while `probe::exec` runs: an instruction abort then resumes at its fixup.
+pub(crate) static EXEC_PROBE_ARMED: AtomicUsize = AtomicUsize::new(0);
+
+/// The fault the last failing probe absorbed.
+pub fn last_probe_fault() -> Fault {
+    Fault {
+        esr: PROBE_ESR.load(Ordering::Acquire),
+        far: PROBE_FAR.load(Ordering::Acquire),
+        elr: PROBE_ELR.load(Ordering::Acquire),
+    }
+}
+
+/// Saved callee-saved state of a [`catch`] (layout shared with `asm/probe.S`).
+#[repr(C)]
+#[derive(Default)]
+struct CatchContext {
+    regs: [u64; 10], // x19..x28
+    fp: [u64; 8],    // d8..d15
+    sp: u64,
+}
+
+static CATCH: AtomicPtr<CatchContext> = AtomicPtr::new(core::ptr::null_mut());
+/// How many faults and panics were recovered by [`catch`].
+static RECOVERED: AtomicU64 = AtomicU64::new(0);
+static LAST_RECOVERED_FAULT: spin::Mutex<Option<Fault>> = spin::Mutex::new(None);
+
+/// Why a [`catch`] did not return normally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caught {
+    /// The function panicked (the panic message was printed).
+    Panic,
+    /// The function took a fatal exception (the report was printed).
+    Fault(Fault),
+}
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+unsafe extern "C" {
+    fn hal_catch_call(ctx: *mut CatchContext, f: extern "C" fn(*mut u8), arg: *mut u8) -> u64;
+    fn hal_catch_longjmp(ctx: *const CatchContext) -> !;
+    fn hal_probe_exec_fixup();
+    static __ex_table_start: [u64; 0];
+    static __ex_table_end: [u64; 0];
+}
+
+/// Runs `f`; if it panics or takes a fatal exception, the report is printed and `catch`
+/// returns `Err` instead of the machine stopping. One level only: a `catch` inside a
+/// `catch` is refused with `Err(Caught::Panic)` before `f` runs.
+///
+/// Locks `f` held when it failed stay held: use this to keep a test suite going, not as
+/// an error-handling mechanism.
+pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        extern "C" fn trampoline<F: FnOnce()>(arg: *mut u8) {
+            // SAFETY: `arg` is the `Option<F>` on `catch`'s stack, alive for this call.
+            let slot = unsafe { &mut *(arg as *mut Option<F>) };
+            if let Some(f) = slot.take() {
+                f();
+            }
+        }
+        let mut ctx = CatchContext::default();
+        if CATCH
+            .compare_exchange(core::ptr::null_mut(), &mut ctx, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Caught::Panic);
+        }
+        *LAST_RECOVERED_FAULT.lock() = None;
+        let mut slot = Some(f);
+        // SAFETY: `ctx` outlives the call and is only jumped to while CATCH points at it;
+        // the trampoline's argument is `slot`, of the type it expects.
+        let r = unsafe { hal_catch_call(&mut ctx, trampoline::<F>, &mut slot as *mut Option<F> as *mut u8) };
+        CATCH.store(core::ptr::null_mut(), Ordering::Release);
+        if r == 0 {
+            Ok(())
+        } else {
+            // A longjmp skipped F's destructors (its captures may leak), as a panic=abort
+            // world must accept.
+            core::mem::forget(slot);
+            match LAST_RECOVERED_FAULT.lock().take() {
+                Some(fault) => Err(Caught::Fault(fault)),
+                None => Err(Caught::Panic),
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        f();
+        Ok(())
+    }
+}
+
+/// Called by the panic handler: if a [`catch`] is armed, return to it (never returns);
+/// otherwise returns so the caller can stop the machine.
+pub fn recover_from_panic() {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let ctx = CATCH.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        if !ctx.is_null() {
+            RECOVERED.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: `ctx` was armed by a `catch` frame that is still on the stack below
+            // us (it disarms before returning), so its saved registers are valid.
+            unsafe { hal_catch_longjmp(ctx) }
+        }
+    }
+}
+
+/// Faults and panics recovered by [`catch`] since boot.
+pub fn recovered_count() -> u64 {
+    RECOVERED.load(Ordering::Relaxed)
+}
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn fixup_for(pc: u64) -> Option<u64> {
+    // SAFETY: link.ld brackets the __ex_table section (pairs of u64) with these symbols.
+    let table = unsafe {
+        let start = __ex_table_start.as_ptr();
+        let end = __ex_table_end.as_ptr();
+        core::slice::from_raw_parts(start, (end as usize - start as usize) / 8)
+    };
+    table.chunks_exact(2).find(|e| e[0] == pc).map(|e| e[1])
+}
+
+const KIND_NAMES: [&str; 6] = ["synchronous", "IRQ", "FIQ", "SError", "from lower EL", "from AArch32"];
+
+/// Prints the full report of an exception to the emergency console.
+pub fn report(frame: &TrapFrame, kind: u64, out: &mut dyn fmt::Write) {
+    let fault = Fault { esr: frame.esr, far: frame.far, elr: frame.elr };
+    let kind_name = KIND_NAMES.get(kind as usize).copied().unwrap_or("?");
+    let _ = writeln!(out, "\n*** EXCEPTION ({kind_name}): {fault}");
+    if matches!(fault.class(), ExceptionClass::DataAbort | ExceptionClass::InstructionAbort) {
+        if let Some(name) = guard_region_name(frame.far) {
+            let _ = writeln!(out, "*** {name} (fault address {:#x} is in its guard page)", frame.far);
+        }
+        let _ = write!(out, "*** ");
+        if !explain(frame.far, out) {
+            let _ = write!(out, "no owner known for {:#x}", frame.far);
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out, "    ELR {:#018x}  SPSR {:#010x}  SP_EL0 {:#018x}", frame.elr, frame.spsr, frame.sp_el0);
+    for row in 0..8 {
+        for col in 0..4 {
+            let i = row * 4 + col;
+            if i < 31 {
+                let _ = write!(out, "    x{i:<2} {:#018x}", frame.x[i]);
+            }
+        }
+        let _ = writeln!(out);
+    }
+}
+
+/// Rust side of every exception from thread context (`asm/vectors.S`).
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+#[unsafe(no_mangle)]
+extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
+    if kind == 0 {
+        if let Some(fixup) = fixup_for(frame.elr) {
+            PROBE_ESR.store(frame.esr, Ordering::Release);
+            PROBE_FAR.store(frame.far, Ordering::Release);
+            PROBE_ELR.store(frame.elr, Ordering::Release);
+            frame.elr = fixup;
+            return;
+        }
+        if ExceptionClass::from_esr(frame.esr) == ExceptionClass::InstructionAbort
+            && EXEC_PROBE_ARMED.load(Ordering::Acquire) != 0
+        {
+            PROBE_ESR.store(frame.esr, Ordering::Release);
+            PROBE_FAR.store(frame.far, Ordering::Release);
+            PROBE_ELR.store(frame.elr, Ordering::Release);
+            frame.elr = hal_probe_exec_fixup as *const () as u64;
+            return;
+        }
+    }
+    report(frame, kind, &mut EmergencyConsole);
+    let ctx = CATCH.swap(core::ptr::null_mut(), Ordering::AcqRel);
+    if !ctx.is_null() {
+        RECOVERED.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut last) = LAST_RECOVERED_FAULT.try_lock() {
+            *last = Some(Fault { esr: frame.esr, far: frame.far, elr: frame.elr });
+        }
+        // Resume in hal_catch_longjmp(ctx) at EL1 on SP_EL0 with interrupts masked.
+        frame.x[0] = ctx as u64;
+        frame.elr = hal_catch_longjmp as *const () as u64;
+        frame.spsr = 0x3c4;
+        return;
+    }
+    let _ = writeln!(EmergencyConsole, "*** fatal: stopping");
+    crate::exit::exit(crate::exit::EXIT_FAULT);
+}
+
+/// Rust side of an exception taken while already handling one: report and stop.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+#[unsafe(no_mangle)]
+extern "C" fn hal_trap_nested(frame: &mut TrapFrame, kind: u64) -> ! {
+    let _ = writeln!(EmergencyConsole, "\n*** EXCEPTION INSIDE AN EXCEPTION HANDLER (exception stack reset)");
+    report(frame, kind, &mut EmergencyConsole);
+    crate::exit::exit(crate::exit::EXIT_FAULT);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_translation_fault_write() {
+        // EC 0x25 (data abort, same EL), WnR, DFSC 0x07 (translation fault, level 3).
+        let esr = (0x25 << 26) | (1 << 25) | (1 << 6) | 0x07;
+        let f = Fault { esr, far: 0xdead_0000, elr: 0x4020_0000 };
+        assert_eq!(f.class(), ExceptionClass::DataAbort);
+        assert!(f.is_write());
+        let text = format!("{f}");
+        assert!(text.contains("translation fault, level 3, write) at 0xdead0000"), "{text}");
+    }
+
+    #[test]
+    fn permission_fault_and_unknown() {
+        let esr = (0x21 << 26) | 0x0f;
+        assert_eq!(ExceptionClass::from_esr(esr), ExceptionClass::InstructionAbort);
+        assert_eq!(fault_status_name(esr), "permission fault");
+        assert_eq!(ExceptionClass::from_esr(0), ExceptionClass::Unknown);
+    }
+}

@@ -1,0 +1,667 @@
+//! The 4-level walker: map, unmap, protect and translate over tables reached through the
+//! [`LinearMap`].
+//!
+//! ```text
+//!  VA bits   63..48    47..39     38..30     29..21     20..12     11..0
+//!           all 0/1   L0 index   L1 index   L2 index   L3 index   page offset
+//!  one entry maps      512 GiB    1 GiB      2 MiB      4 KiB
+//!  leaf allowed?       no         block      block      page
+//! ```
+//!
+//! Table pages come from a [`TableAlloc`] (the buddy allocator on target, a heap arena in
+//! host tests) and are reached through the linear map, so the same walker runs on both.
+//!
+//! ## All or nothing
+//! Every mutation runs twice over the same code path: a *plan* pass reads the tree, refuses
+//! the whole request if any part of it is wrong, and counts the table pages the *apply* pass
+//! will need; those pages are taken before the first write. A failed call therefore changes
+//! no descriptor and holds on to no page, and the apply pass cannot fail half-way.
+//!
+//! ## Live tables
+//! The walker never changes a valid leaf into another valid leaf (that would need
+//! break-before-make): mapping over anything already mapped is
+//! [`MmuError::AlreadyMapped`], and a range that cuts through a block is
+//! [`MmuError::WouldSplitBlock`]. Table pages, once installed, stay until [`PageTable::free_all`]:
+//! a walk cache may still hold a pointer to them. New descriptors are published with the
+//! barriers the architecture asks for before `map` returns; invalidating stale TLB entries
+//! after `unmap` or `protect` is the caller's job ([`super::tlb`]), so that it can be batched.
+
+use core::ptr;
+
+use super::arch;
+use super::attr::{Attributes, Permissions};
+use super::descriptor::{Descriptor, Entry, PA_LIMIT};
+use super::MmuError;
+use crate::addr::{AddrError, PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
+use crate::linear::LinearMap;
+
+/// Entries in one table (4 KiB of 8-byte descriptors).
+pub const ENTRIES: usize = 512;
+/// Virtual address bits translated by one table tree (`T0SZ = T1SZ = 16`).
+pub const VA_BITS: u32 = 48;
+/// The root level; levels run 0 (root) to 3 (pages).
+pub const ROOT_LEVEL: usize = 0;
+/// The level whose entries map single pages.
+pub const PAGE_LEVEL: usize = 3;
+
+/// log2 of the bytes one entry at `level` (0-3) maps: 39, 30, 21, 12.
+pub const fn level_shift(level: usize) -> u32 {
+    12 + 9 * (PAGE_LEVEL - level) as u32
+}
+
+/// Bytes one entry at `level` (0-3) maps: 512 GiB, 1 GiB, 2 MiB, 4 KiB.
+pub const fn level_size(level: usize) -> u64 {
+    1 << level_shift(level)
+}
+
+const fn index_at(va: u64, level: usize) -> usize {
+    ((va >> level_shift(level)) as usize) & (ENTRIES - 1)
+}
+
+/// Which half of the address space a table tree translates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VaRange {
+    /// `0 ..= 0x0000_ffff_ffff_ffff`, through `TTBR0_EL1`.
+    Lower,
+    /// `0xffff_0000_0000_0000 ..= u64::MAX`, through `TTBR1_EL1`.
+    Upper,
+}
+
+impl VaRange {
+    /// The first address of the half.
+    pub const fn start(self) -> VirtAddr {
+        match self {
+            VaRange::Lower => VirtAddr::new(0),
+            VaRange::Upper => VirtAddr::new(u64::MAX << VA_BITS),
+        }
+    }
+
+    /// The last address of the half (inclusive: the upper half ends at `u64::MAX`).
+    pub const fn last(self) -> VirtAddr {
+        match self {
+            VaRange::Lower => VirtAddr::new((1 << VA_BITS) - 1),
+            VaRange::Upper => VirtAddr::new(u64::MAX),
+        }
+    }
+
+    /// Whether `va` lies in this half.
+    pub const fn contains(self, va: VirtAddr) -> bool {
+        va.as_u64() >= self.start().as_u64() && va.as_u64() <= self.last().as_u64()
+    }
+}
+
+/// Where table pages come from.
+///
+/// # Safety
+/// A page returned by `alloc_table` must belong to the walker alone until it is handed back
+/// through `free_table`: no reference to it, no other user writing it. The walker checks that
+/// the page is 4 KiB aligned and inside its [`LinearMap`] (and refuses it otherwise); it
+/// cannot check ownership.
+pub unsafe trait TableAlloc {
+    /// A 4 KiB page for a translation table (contents need not be zeroed), or `None` when
+    /// memory is exhausted.
+    fn alloc_table(&mut self) -> Option<PhysAddr>;
+
+    /// Take back a page that `alloc_table` returned.
+    ///
+    /// # Safety
+    /// `page` came from this allocator's `alloc_table`, has not been freed since, and no
+    /// translation table (nor a walk cache) refers to it any more.
+    unsafe fn free_table(&mut self, page: PhysAddr);
+}
+
+/// Whether a contiguous mapping may use 1 GiB and 2 MiB blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockPolicy {
+    /// Only 4 KiB pages: every page can later be unmapped or protected on its own.
+    PagesOnly,
+    /// Blocks wherever virtual and physical addresses are both aligned to the block and the
+    /// range covers it, and no table is already installed at that entry; pages elsewhere.
+    /// Later `unmap`/`protect` must then cover whole blocks.
+    AllowBlocks,
+}
+
+/// What [`PageTable::translate`] found for an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The physical address the virtual address maps to (page offset included).
+    pub phys: PhysAddr,
+    /// The mapping's attributes; `None` if its bits are not ones this module writes.
+    pub attributes: Option<Attributes>,
+    /// The level of the leaf: 1 (1 GiB block), 2 (2 MiB block) or 3 (4 KiB page).
+    pub level: usize,
+}
+
+impl Translation {
+    /// Bytes mapped by the leaf that holds the address.
+    pub const fn leaf_size(&self) -> u64 {
+        level_size(self.level)
+    }
+}
+
+/// A translation table tree for one half of the address space.
+///
+/// Mapping is safe: creating a translation does not by itself let safe code reach anything.
+/// Unmapping and changing permissions can pull memory from under a live reference, so those
+/// are `unsafe`. Dropping a `PageTable` does not free its tables (it may be live in a
+/// `TTBR`); [`PageTable::free_all`] does.
+#[derive(Debug)]
+pub struct PageTable {
+    root: PhysAddr,
+    linear: LinearMap,
+    va_range: VaRange,
+    tables: usize,
+}
+
+/// The pass of a two-pass mutation.
+enum Pass {
+    /// Read only: validate and count the table pages the apply pass will install.
+    Plan { tables: usize },
+    /// Write, taking new tables from the reserve.
+    Apply(Reserve),
+}
+
+/// Table pages taken before an apply pass, chained through their first word.
+struct Reserve {
+    head: PhysAddr,
+    len: usize,
+}
+
+/// Where the output address of each page of a mapping comes from.
+enum Source<'a> {
+    /// Physically contiguous: `pa + (va - va0)`.
+    Contiguous { va0: u64, pa0: u64 },
+    /// One frame per page.
+    Frames { va0: u64, frames: &'a [PhysAddr] },
+}
+
+impl Source<'_> {
+    fn pa(&self, va: u64) -> Option<PhysAddr> {
+        match *self {
+            Source::Contiguous { va0, pa0 } => Some(PhysAddr::new(pa0 + (va - va0))),
+            Source::Frames { va0, frames } => {
+                frames.get(((va - va0) / PAGE_SIZE as u64) as usize).copied()
+            }
+        }
+    }
+
+    fn can_use_block(&self, va: u64, size: u64) -> bool {
+        match *self {
+            Source::Contiguous { va0, pa0 } => (pa0 + (va - va0)) & (size - 1) == 0,
+            Source::Frames { .. } => false,
+        }
+    }
+}
+
+/// An inclusive span of virtual addresses, page aligned at both ends (`last` ends a page).
+#[derive(Clone, Copy)]
+struct Span {
+    first: u64,
+    last: u64,
+}
+
+impl PageTable {
+    /// An empty tree for `va_range`, its root taken from `alloc`; every table is reached
+    /// through `linear`.
+    ///
+    /// # Errors
+    /// [`MmuError::OutOfMemory`] or [`MmuError::BadTablePage`] from the allocator.
+    pub fn new(
+        linear: LinearMap,
+        va_range: VaRange,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<Self, MmuError> {
+        let mut table = Self { root: PhysAddr::new(0), linear, va_range, tables: 0 };
+        table.root = table.take_table(alloc)?;
+        table.zero_table(table.root);
+        table.tables = 1;
+        Ok(table)
+    }
+
+    /// Physical address of the root table (for `TTBR0_EL1` / `TTBR1_EL1`).
+    pub const fn root(&self) -> PhysAddr {
+        self.root
+    }
+
+    /// The half of the address space this tree translates.
+    pub const fn va_range(&self) -> VaRange {
+        self.va_range
+    }
+
+    /// Table pages in the tree, the root included.
+    pub const fn table_pages(&self) -> usize {
+        self.tables
+    }
+
+    /// Map the physically contiguous `phys .. phys + virt.size()` at `virt`.
+    ///
+    /// # Errors
+    /// - [`AddrError::Misaligned`] (as [`MmuError::Addr`]) when `virt` or `phys` is not page
+    ///   aligned;
+    /// - [`MmuError::OutsideVaRange`] when `virt` leaves this tree's half;
+    /// - [`MmuError::PhysTooHigh`] when the physical range passes 2^48;
+    /// - [`MmuError::AlreadyMapped`] when any page of `virt` is mapped already;
+    /// - [`MmuError::OutOfMemory`] / [`MmuError::BadTablePage`] when a table page cannot be had.
+    ///
+    /// On error nothing has changed.
+    pub fn map(
+        &mut self,
+        virt: VirtRange,
+        phys: PhysAddr,
+        attributes: Attributes,
+        policy: BlockPolicy,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<(), MmuError> {
+        let span = self.span(virt.start(), virt.size())?;
+        if !phys.is_page_aligned() {
+            return Err(MmuError::Addr(AddrError::Misaligned));
+        }
+        match phys.checked_add(virt.size()) {
+            Ok(end) if end.as_u64() <= PA_LIMIT => {}
+            _ => return Err(MmuError::PhysTooHigh(phys)),
+        }
+        let src = Source::Contiguous { va0: span.first, pa0: phys.as_u64() };
+        self.map_span(span, &src, attributes, policy, alloc)
+    }
+
+    /// Map `frames[i]` at `start + i * PAGE_SIZE`, with pages only (the frames need not be
+    /// contiguous): the vmalloc path.
+    ///
+    /// # Errors
+    /// As [`PageTable::map`], and [`AddrError::Empty`] for no frames; a misaligned frame is
+    /// [`AddrError::Misaligned`]; [`AddrError::Overflow`] when the range would end at 2^64
+    /// (the top page of the upper half is never mapped). On error nothing has changed.
+    pub fn map_frames(
+        &mut self,
+        start: VirtAddr,
+        frames: &[PhysAddr],
+        attributes: Attributes,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<(), MmuError> {
+        let size = (frames.len() as u64)
+            .checked_mul(PAGE_SIZE as u64)
+            .ok_or(MmuError::Addr(AddrError::Overflow))?;
+        let span = self.span(start, size)?;
+        for &frame in frames {
+            if !frame.is_page_aligned() {
+                return Err(MmuError::Addr(AddrError::Misaligned));
+            }
+            if frame.as_u64() >= PA_LIMIT {
+                return Err(MmuError::PhysTooHigh(frame));
+            }
+        }
+        let src = Source::Frames { va0: span.first, frames };
+        self.map_span(span, &src, attributes, BlockPolicy::PagesOnly, alloc)
+    }
+
+    /// Unmap every page and block inside `virt`; holes are skipped. Returns the number of
+    /// 4 KiB pages that were mapped (a 2 MiB block counts 512). Table pages are kept.
+    ///
+    /// The old translations may live on in TLBs until the caller invalidates them
+    /// ([`super::tlb`]); until then the range must not be mapped again by another owner.
+    ///
+    /// # Safety
+    /// Nothing the program still uses may live in `virt`: no reference into it, no stack,
+    /// no code, no device another driver talks to (the next access faults).
+    ///
+    /// # Errors
+    /// [`AddrError::Misaligned`] / [`MmuError::OutsideVaRange`] as for [`PageTable::map`];
+    /// [`MmuError::WouldSplitBlock`] when `virt` covers only part of a block. On error nothing
+    /// has changed.
+    pub unsafe fn unmap(&mut self, virt: VirtRange) -> Result<u64, MmuError> {
+        let span = self.span(virt.start(), virt.size())?;
+        let root = self.root;
+        let mut pages = 0;
+        self.unmap_level(false, root, ROOT_LEVEL, span, &mut pages)?;
+        pages = 0;
+        self.unmap_level(true, root, ROOT_LEVEL, span, &mut pages)?;
+        arch::publish_descriptors();
+        Ok(pages)
+    }
+
+    /// Give every page and block in `virt` the permissions `permissions`, keeping its output
+    /// address and memory type (a permission change needs no break-before-make).
+    ///
+    /// Stale TLB entries keep the old permissions until the caller invalidates the range.
+    ///
+    /// # Safety
+    /// No reference the program holds into `virt` may be invalidated by the change: nothing
+    /// borrowed mutably may become read-only, and no code being executed non-executable.
+    ///
+    /// # Errors
+    /// [`AddrError::Misaligned`] / [`MmuError::OutsideVaRange`] as for [`PageTable::map`];
+    /// [`MmuError::NotMapped`] at the first hole; [`MmuError::WouldSplitBlock`];
+    /// [`MmuError::ExecutableDevice`] when asking for execute on device memory;
+    /// [`MmuError::ForeignDescriptor`] on a leaf whose bits this module did not write.
+    /// On error nothing has changed.
+    pub unsafe fn protect(
+        &mut self,
+        virt: VirtRange,
+        permissions: Permissions,
+    ) -> Result<(), MmuError> {
+        let span = self.span(virt.start(), virt.size())?;
+        let root = self.root;
+        self.protect_level(false, root, ROOT_LEVEL, span, permissions)?;
+        self.protect_level(true, root, ROOT_LEVEL, span, permissions)?;
+        arch::publish_descriptors();
+        Ok(())
+    }
+
+    /// Where `va` translates to, or `None` when it is unmapped or outside this tree's half.
+    pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
+        if !self.va_range.contains(va) {
+            return None;
+        }
+        let raw = va.as_u64();
+        let mut table = self.root;
+        for level in ROOT_LEVEL..=PAGE_LEVEL {
+            match self.read(table, index_at(raw, level)).decode(level) {
+                Entry::Invalid => return None,
+                Entry::Table(next) => table = next,
+                Entry::Leaf { phys, attributes } => {
+                    let offset = raw & (level_size(level) - 1);
+                    return Some(Translation { phys: phys.add(offset), attributes, level });
+                }
+            }
+        }
+        None
+    }
+
+    /// Give every table page of the tree, the root included, back to `alloc`. Pages that
+    /// leaves map are not touched: they belong to whoever mapped them.
+    ///
+    /// # Safety
+    /// The tree is in no `TTBR` of any core and no TLB or walk cache holds entries from it
+    /// (after the last `TTBR` change a full invalidation has completed); `alloc` is the
+    /// allocator its tables came from.
+    pub unsafe fn free_all(self, alloc: &mut impl TableAlloc) {
+        self.free_level(self.root, ROOT_LEVEL, alloc);
+        // SAFETY: the root came from `alloc` (caller's promise) and, by the caller's promise,
+        // nothing refers to the tree any more.
+        unsafe { alloc.free_table(self.root) };
+    }
+
+    // ---- the walks -----------------------------------------------------------------------
+
+    /// Validate `start .. start + size` and turn it into an inclusive span.
+    fn span(&self, start: VirtAddr, size: u64) -> Result<Span, MmuError> {
+        if size == 0 {
+            return Err(MmuError::Addr(AddrError::Empty));
+        }
+        if !start.is_page_aligned() || size % PAGE_SIZE as u64 != 0 {
+            return Err(MmuError::Addr(AddrError::Misaligned));
+        }
+        // The end must be representable: a `VirtRange` cannot end at 2^64, so the last page
+        // of the upper half is never mapped (it could never be unmapped).
+        let end = start.checked_add(size)?;
+        let last = end.as_u64() - 1;
+        if !self.va_range.contains(start) || !self.va_range.contains(VirtAddr::new(last)) {
+            return Err(MmuError::OutsideVaRange(start));
+        }
+        Ok(Span { first: start.as_u64(), last })
+    }
+
+    fn map_span(
+        &mut self,
+        span: Span,
+        src: &Source<'_>,
+        attributes: Attributes,
+        policy: BlockPolicy,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<(), MmuError> {
+        let root = Some(self.root);
+        let mut plan = Pass::Plan { tables: 0 };
+        self.map_level(&mut plan, root, ROOT_LEVEL, span, src, attributes, policy)?;
+        let Pass::Plan { tables: needed } = plan else {
+            return Err(MmuError::OutOfMemory);
+        };
+
+        let mut reserve = Reserve { head: PhysAddr::new(0), len: 0 };
+        while reserve.len < needed {
+            match self.take_table(alloc) {
+                Ok(page) => self.reserve_push(&mut reserve, page),
+                Err(e) => {
+                    self.reserve_release(&mut reserve, alloc);
+                    return Err(e);
+                }
+            }
+        }
+
+        let mut apply = Pass::Apply(reserve);
+        let result = self.map_level(&mut apply, root, ROOT_LEVEL, span, src, attributes, policy);
+        if let Pass::Apply(mut left) = apply {
+            // The plan counted exactly what apply takes; anything left is given back.
+            debug_assert_eq!(left.len, 0);
+            self.tables += needed - left.len;
+            self.reserve_release(&mut left, alloc);
+        }
+        arch::publish_descriptors();
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn map_level(
+        &mut self,
+        pass: &mut Pass,
+        table: Option<PhysAddr>,
+        level: usize,
+        span: Span,
+        src: &Source<'_>,
+        attributes: Attributes,
+        policy: BlockPolicy,
+    ) -> Result<(), MmuError> {
+        let size = level_size(level);
+        let mut va = span.first;
+        loop {
+            let last = (va | (size - 1)).min(span.last);
+            let index = index_at(va, level);
+            let whole = va & (size - 1) == 0 && last - va == size - 1;
+            let leaf_here = level == PAGE_LEVEL
+                || (level >= 1
+                    && whole
+                    && policy == BlockPolicy::AllowBlocks
+                    && src.can_use_block(va, size));
+            let current = match table {
+                Some(t) => self.read(t, index).decode(level),
+                None => Entry::Invalid,
+            };
+            let sub = Span { first: va, last };
+            match current {
+                Entry::Leaf { .. } => return Err(MmuError::AlreadyMapped(VirtAddr::new(va))),
+                Entry::Table(next) => {
+                    self.map_level(pass, Some(next), level + 1, sub, src, attributes, policy)?;
+                }
+                Entry::Invalid if leaf_here => {
+                    let pa = src.pa(va).ok_or(MmuError::Addr(AddrError::Overflow))?;
+                    if let (Pass::Apply(_), Some(t)) = (&*pass, table) {
+                        self.write(t, index, Descriptor::new_leaf(level, pa, attributes));
+                    }
+                }
+                Entry::Invalid => {
+                    let next = match (&mut *pass, table) {
+                        (Pass::Plan { tables }, _) => {
+                            *tables += 1;
+                            None
+                        }
+                        (Pass::Apply(reserve), Some(t)) => {
+                            let new = self.reserve_pop(reserve).ok_or(MmuError::OutOfMemory)?;
+                            self.zero_table(new);
+                            // The zeroes must reach memory before the pointer to them does.
+                            arch::publish_new_table();
+                            self.write(t, index, Descriptor::new_table(new));
+                            Some(new)
+                        }
+                        (Pass::Apply(_), None) => return Err(MmuError::OutOfMemory),
+                    };
+                    self.map_level(pass, next, level + 1, sub, src, attributes, policy)?;
+                }
+            }
+            if last == span.last {
+                return Ok(());
+            }
+            va = last + 1;
+        }
+    }
+
+    fn unmap_level(
+        &mut self,
+        apply: bool,
+        table: PhysAddr,
+        level: usize,
+        span: Span,
+        pages: &mut u64,
+    ) -> Result<(), MmuError> {
+        let size = level_size(level);
+        let mut va = span.first;
+        loop {
+            let last = (va | (size - 1)).min(span.last);
+            let index = index_at(va, level);
+            match self.read(table, index).decode(level) {
+                Entry::Invalid => {}
+                Entry::Table(next) => {
+                    self.unmap_level(apply, next, level + 1, Span { first: va, last }, pages)?;
+                }
+                Entry::Leaf { .. } => {
+                    if va & (size - 1) != 0 || last - va != size - 1 {
+                        return Err(MmuError::WouldSplitBlock(VirtAddr::new(va)));
+                    }
+                    if apply {
+                        self.write(table, index, Descriptor::INVALID);
+                    }
+                    *pages += size / PAGE_SIZE as u64;
+                }
+            }
+            if last == span.last {
+                return Ok(());
+            }
+            va = last + 1;
+        }
+    }
+
+    fn protect_level(
+        &mut self,
+        apply: bool,
+        table: PhysAddr,
+        level: usize,
+        span: Span,
+        permissions: Permissions,
+    ) -> Result<(), MmuError> {
+        let size = level_size(level);
+        let mut va = span.first;
+        loop {
+            let last = (va | (size - 1)).min(span.last);
+            let index = index_at(va, level);
+            let descriptor = self.read(table, index);
+            match descriptor.decode(level) {
+                Entry::Invalid => return Err(MmuError::NotMapped(VirtAddr::new(va))),
+                Entry::Table(next) => {
+                    let sub = Span { first: va, last };
+                    self.protect_level(apply, next, level + 1, sub, permissions)?;
+                }
+                Entry::Leaf { attributes, .. } => {
+                    if va & (size - 1) != 0 || last - va != size - 1 {
+                        return Err(MmuError::WouldSplitBlock(VirtAddr::new(va)));
+                    }
+                    let current = attributes.ok_or(MmuError::ForeignDescriptor(VirtAddr::new(va)))?;
+                    current.with_permissions(permissions)?;
+                    if apply {
+                        self.write(table, index, descriptor.with_permissions(permissions));
+                    }
+                }
+            }
+            if last == span.last {
+                return Ok(());
+            }
+            va = last + 1;
+        }
+    }
+
+    fn free_level(&self, table: PhysAddr, level: usize, alloc: &mut impl TableAlloc) {
+        if level == PAGE_LEVEL {
+            return;
+        }
+        for index in 0..ENTRIES {
+            if let Entry::Table(next) = self.read(table, index).decode(level) {
+                self.free_level(next, level + 1, alloc);
+                // SAFETY: `next` is a table this tree took from `alloc` (`free_all`'s caller
+                // promises it is the same allocator) and `free_all`'s caller promises nothing
+                // refers to the tree any more; it is freed once, after its children.
+                unsafe { alloc.free_table(next) };
+            }
+        }
+    }
+
+    // ---- table memory ----------------------------------------------------------------------
+
+    /// A page from `alloc`, checked usable as a table: 4 KiB aligned, below 2^48, inside the
+    /// linear map at a 4 KiB aligned virtual address.
+    fn take_table(&self, alloc: &mut impl TableAlloc) -> Result<PhysAddr, MmuError> {
+        let page = alloc.alloc_table().ok_or(MmuError::OutOfMemory)?;
+        let last = page.checked_add(PAGE_SIZE as u64 - 1);
+        let usable = page.is_page_aligned()
+            && page.as_u64() < PA_LIMIT
+            && last.is_ok_and(|l| self.linear.covers(l))
+            && self.linear.phys_to_virt(page).is_some_and(|va| va.is_page_aligned());
+        if usable {
+            Ok(page)
+        } else {
+            // SAFETY: the page came from this allocator a moment ago and was never used.
+            unsafe { alloc.free_table(page) };
+            Err(MmuError::BadTablePage(page))
+        }
+    }
+
+    /// A pointer to entry `index` of the table at `table`.
+    ///
+    /// Every `table` passed here is the root or a page installed by this tree: each went
+    /// through `take_table`, so it lies wholly inside the linear map at a 4 KiB aligned
+    /// virtual address, and `index < ENTRIES` keeps the pointer inside that page.
+    fn entry(&self, table: PhysAddr, index: usize) -> *mut u64 {
+        debug_assert!(index < ENTRIES);
+        self.linear.ptr::<u64>(table).wrapping_add(index)
+    }
+
+    fn read(&self, table: PhysAddr, index: usize) -> Descriptor {
+        // SAFETY: `entry` points at an aligned u64 inside a table page this tree owns (see
+        // `entry`), readable through the linear map (`LinearMap::new`'s contract). Volatile:
+        // the MMU reads the same memory, so the access must be a single 64-bit load.
+        Descriptor::from_raw(unsafe { ptr::read_volatile(self.entry(table, index)) })
+    }
+
+    fn write(&mut self, table: PhysAddr, index: usize, descriptor: Descriptor) {
+        // SAFETY: as in `read`; the page is owned by this tree alone (`TableAlloc`'s contract)
+        // and `&mut self` excludes other writers. Volatile: one 64-bit store, so a concurrent
+        // table walk never sees half a descriptor.
+        unsafe { ptr::write_volatile(self.entry(table, index), descriptor.raw()) }
+    }
+
+    fn zero_table(&mut self, table: PhysAddr) {
+        // SAFETY: a page from `take_table` (whole inside the linear map, ours alone by
+        // `TableAlloc`'s contract) not yet reachable from the tree.
+        unsafe { ptr::write_bytes(self.linear.ptr::<u8>(table), 0, PAGE_SIZE) }
+    }
+
+    fn reserve_push(&mut self, reserve: &mut Reserve, page: PhysAddr) {
+        // The first word of each reserved page holds the next one; `len` says how many.
+        self.write(page, 0, Descriptor::from_raw(reserve.head.as_u64()));
+        reserve.head = page;
+        reserve.len += 1;
+    }
+
+    fn reserve_pop(&mut self, reserve: &mut Reserve) -> Option<PhysAddr> {
+        if reserve.len == 0 {
+            return None;
+        }
+        let page = reserve.head;
+        reserve.head = PhysAddr::new(self.read(page, 0).raw());
+        reserve.len -= 1;
+        Some(page)
+    }
+
+    fn reserve_release(&mut self, reserve: &mut Reserve, alloc: &mut impl TableAlloc) {
+        while let Some(page) = self.reserve_pop(reserve) {
+            // SAFETY: taken from `alloc` by this call and never installed in the tree.
+            unsafe { alloc.free_table(page) };
+        }
+    }
+}

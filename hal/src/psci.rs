@@ -1,0 +1,55 @@
+//! PSCI calls through the conduit the device tree names (`/psci` `method`), by the
+//! `smccc` crate.
+
+use crate::dtb::Conduit;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+/// 0: unknown (no call is made), 1: HVC, 2: SMC.
+static CONDUIT: AtomicU8 = AtomicU8::new(0);
+
+/// Records the conduit found in the device tree.
+pub fn set_conduit(conduit: Option<Conduit>) {
+    let v = match conduit {
+        None => 0,
+        Some(Conduit::Hvc) => 1,
+        Some(Conduit::Smc) => 2,
+    };
+    CONDUIT.store(v, Ordering::Release);
+}
+
+/// The conduit in use, if known.
+pub fn conduit() -> Option<Conduit> {
+    match CONDUIT.load(Ordering::Acquire) {
+        1 => Some(Conduit::Hvc),
+        2 => Some(Conduit::Smc),
+        _ => None,
+    }
+}
+
+/// The PSCI version as (major, minor), if a conduit is known and answers.
+pub fn version() -> Option<(u16, u16)> {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let v = match conduit()? {
+            Conduit::Hvc => smccc::psci::version::<smccc::Hvc>(),
+            Conduit::Smc => smccc::psci::version::<smccc::Smc>(),
+        };
+        v.ok().map(|v| (v.major, v.minor))
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        None
+    }
+}
+
+/// Powers the machine off; returns only if there is no conduit or the call fails.
+pub fn system_off() {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let _ = match conduit() {
+            Some(Conduit::Hvc) => smccc::psci::system_off::<smccc::Hvc>(),
+            Some(Conduit::Smc) => smccc::psci::system_off::<smccc::Smc>(),
+            None => Ok(()),
+        };
+    }
+}

@@ -1,0 +1,1235 @@
+//! Physical frame allocator: a binary buddy system over the machine's RAM regions.
+//!
+//! [`BuddyAllocator`] hands out naturally aligned blocks of `2^order` frames
+//! (`order` in `0..=`[`MAX_ORDER`], 4 KiB to 4 MiB) out of one or more disjoint physical
+//! RAM regions minus reserved ranges (device tree blob, kernel image, boot tables,
+//! `/memreserve/` entries...). It reaches RAM through a [`LinearMap`]: the linear map of
+//! RAM on target, a heap buffer in host tests.
+//!
+//! # Algorithm
+//! One doubly linked free list per order, kept *inside* the free blocks themselves (the
+//! first 16 bytes of a free block hold the frame numbers of its neighbours), plus a
+//! bitmask of the non-empty lists. `alloc(order)` finds the smallest non-empty list at or
+//! above `order` with one `trailing_zeros`, pops its head and splits it down, pushing the
+//! upper halves. `free(pa, order)` merges with the buddy (`pfn ^ (1 << order)`) while the
+//! buddy is a free block of the same order in the same region; the buddy is unlinked in
+//! O(1) because the lists are doubly linked. No operation scans memory or divides; the
+//! work per call is bounded by the number of splits or merges (at most [`MAX_ORDER`]).
+//! Blocks are aligned on their size in *physical* frame numbers, so an order-9 block is a
+//! 2 MiB-aligned physical block (usable for a block mapping).
+//!
+//! # Metadata, and its cost
+//! Two arrays of one byte per frame of every region (reserved frames included), carved
+//! at initialisation from the first free, page-aligned stretch of the managed RAM (no heap
+//! exists then):
+//! - the *state* byte: not managed (reserved, hole, metadata), free block head (with its
+//!   order), allocated block head (with its order), or interior frame of a block. Raw
+//!   [`BuddyAllocator::free`] checks it, so freeing a frame that is not the head of an
+//!   allocated block of exactly that order is an error, not corruption;
+//! - the *owner tag* byte ([`FrameTags`]): free for the owner of an allocated block to
+//!   record what the frame is (the slab allocator records its cache there, which makes
+//!   its `kfree` ownership check O(1) and exact). The buddy allocator never reads it.
+//!
+//! That is 2 bytes per 4,096-byte frame = **0.0488 %** of RAM, rounded up to whole pages:
+//! 16 pages (64 KiB) for 128 MiB, 512 pages (2 MiB) for 4 GiB. The free lists cost
+//! nothing (they live in the free memory), and the fixed part (`BuddyAllocator` itself,
+//! about 400 bytes) lives wherever the value lives (a `static` on target). A state array
+//! alone would be 0.024 %; per-frame list links (2 × u32) would have brought the total to
+//! 0.22 %, over the 0.2 % budget, hence the intrusive lists. See [`metadata_bytes`].
+//!
+//! # Strict mode
+//! With `strict`, every free frame is filled with [`POISON_BYTE`] (except the 16-byte list
+//! node at the head of each free block), and every allocation checks the poison before
+//! handing the block out. A mismatch (someone wrote to memory after freeing it) is logged
+//! with `log::error!` (address and first bad offset) and counted in
+//! [`BuddyStats::corruptions`]; the block is still handed out.
+//!
+//! # Global instance
+//! [`init`] builds the allocator of the running kernel in a `spin::Mutex` inside a
+//! `spin::Once`; [`alloc_pages`], [`free_pages`], [`alloc_pages_bulk`], [`Frames`] and
+//! friends use it. The struct itself works without the global (host tests build many).
+//! The buddy allocator never allocates and never calls the slab allocator, so any other
+//! lock may be held while its lock is taken (lock order: slab caches, then buddy).
+
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use hal::addr::{PhysAddr, PhysRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
+use hal::linear::LinearMap;
+use spin::{Mutex, Once};
+
+#[cfg(test)]
+pub(crate) mod testram;
+#[cfg(test)]
+mod tests;
+
+/// The largest block order: blocks of `2^10` frames (4 MiB), as Linux's default.
+pub const MAX_ORDER: usize = 10;
+/// Number of orders, `0..=MAX_ORDER`.
+pub const NR_ORDERS: usize = MAX_ORDER + 1;
+/// The most RAM regions one allocator manages.
+pub const MAX_REGIONS: usize = 8;
+/// The byte strict mode fills free frames with (Linux's `PAGE_POISON`).
+pub const POISON_BYTE: u8 = 0xaa;
+/// Bytes of metadata per frame (state byte and owner tag).
+pub const METADATA_BYTES_PER_FRAME: usize = 2;
+
+/// Size of the free-list node at the head of every free block.
+const NODE_BYTES: usize = core::mem::size_of::<FreeNode>();
+/// End of a free list.
+const NIL: u64 = u64::MAX;
+
+// Per-frame state byte.
+/// Interior frame of a block (free or allocated), or a usable frame during init.
+const ST_TAIL: u8 = 0x00;
+/// Head of a free block; low bits: order.
+const ST_FREE: u8 = 0x40;
+/// Head of an allocated block; low bits: order.
+const ST_ALLOC: u8 = 0x80;
+/// Not managed: reserved, metadata.
+const ST_NONE: u8 = 0xff;
+/// Order bits of a state byte.
+const ST_ORDER: u8 = 0x0f;
+
+/// The list node kept in the first bytes of every free block.
+#[repr(C)]
+struct FreeNode {
+    /// Frame number of the next free block of the same order, or [`NIL`].
+    next: u64,
+    /// Frame number of the previous free block of the same order, or [`NIL`].
+    prev: u64,
+}
+
+/// Why a buddy allocator operation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuddyError {
+    /// No free block of the requested order (after splitting larger ones).
+    OutOfMemory,
+    /// An order above [`MAX_ORDER`].
+    BadOrder,
+    /// An address that is not page aligned, or not aligned on the block size of the order.
+    Misaligned,
+    /// An address outside every managed RAM region.
+    OutOfRange,
+    /// A frame in a reserved range (or the allocator's own metadata): never handed out.
+    Reserved,
+    /// The frame is not the head of an allocated block: it is free (a double free) or
+    /// inside a larger block.
+    NotAllocated,
+    /// The block is allocated, but with a different order.
+    WrongOrder {
+        /// The order the block was allocated with.
+        allocated: u8,
+    },
+    /// Initialisation: no region given, or no usable frame left after the reservations.
+    NoMemory,
+    /// Initialisation: more than [`MAX_REGIONS`] regions.
+    TooManyRegions,
+    /// Initialisation: two RAM regions overlap.
+    OverlappingRegions,
+    /// Initialisation: a RAM region is not covered by the linear map.
+    OutsideLinearMap,
+    /// Initialisation: no free stretch of RAM large enough for the metadata.
+    NoRoomForMetadata,
+    /// The global allocator was already initialised.
+    AlreadyInitialized,
+    /// The global allocator is not initialised yet.
+    NotInitialized,
+    /// A free list points outside managed RAM: memory was overwritten after being freed.
+    Corrupted,
+}
+
+impl fmt::Display for BuddyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuddyError::OutOfMemory => f.write_str("out of physical memory"),
+            BuddyError::BadOrder => write!(f, "block order above {MAX_ORDER}"),
+            BuddyError::Misaligned => f.write_str("address not aligned on its block size"),
+            BuddyError::OutOfRange => f.write_str("address outside managed RAM"),
+            BuddyError::Reserved => f.write_str("address in a reserved range"),
+            BuddyError::NotAllocated => {
+                f.write_str("frame is not the head of an allocated block (double free?)")
+            }
+            BuddyError::WrongOrder { allocated } => {
+                write!(f, "block was allocated with order {allocated}")
+            }
+            BuddyError::NoMemory => f.write_str("no usable RAM"),
+            BuddyError::TooManyRegions => write!(f, "more than {MAX_REGIONS} RAM regions"),
+            BuddyError::OverlappingRegions => f.write_str("RAM regions overlap"),
+            BuddyError::OutsideLinearMap => f.write_str("RAM region outside the linear map"),
+            BuddyError::NoRoomForMetadata => f.write_str("no free RAM for the frame metadata"),
+            BuddyError::AlreadyInitialized => f.write_str("frame allocator already initialised"),
+            BuddyError::NotInitialized => f.write_str("frame allocator not initialised"),
+            BuddyError::Corrupted => f.write_str("free list corrupted"),
+        }
+    }
+}
+
+/// One managed RAM region as seen by the metadata arrays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RegionInfo {
+    /// First frame of the region.
+    start_pfn: u64,
+    /// Number of frames.
+    frames: u64,
+    /// Index of the region's first frame in the metadata arrays.
+    index: usize,
+}
+
+/// The map from physical frames to their index in the per-frame metadata arrays.
+///
+/// Frames of all regions are numbered densely, region after region, in address order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameMap {
+    regions: [RegionInfo; MAX_REGIONS],
+    len: usize,
+    frames: usize,
+}
+
+impl FrameMap {
+    /// The metadata index of the frame holding `pa`, or `None` outside every region.
+    #[inline]
+    pub fn index(&self, pa: PhysAddr) -> Option<usize> {
+        self.index_of_pfn(pa.as_u64() >> PAGE_SHIFT)
+    }
+
+    /// Number of frames covered (reserved frames included).
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// The regions, in address order.
+    pub fn regions(&self) -> impl Iterator<Item = PhysRange> + '_ {
+        self.regions[..self.len].iter().filter_map(|r| {
+            PhysRange::new(PhysAddr::new(r.start_pfn << PAGE_SHIFT), r.frames << PAGE_SHIFT).ok()
+        })
+    }
+
+    /// The region holding frame `pfn`.
+    #[inline(always)]
+    fn region_of(&self, pfn: u64) -> Option<&RegionInfo> {
+        // The first region is checked on its own: it is the only one on most machines.
+        let first = &self.regions[0];
+        if pfn.wrapping_sub(first.start_pfn) < first.frames {
+            return Some(first);
+        }
+        self.regions[1..self.len].iter().find(|r| pfn.wrapping_sub(r.start_pfn) < r.frames)
+    }
+
+    #[inline(always)]
+    fn index_of_pfn(&self, pfn: u64) -> Option<usize> {
+        self.region_of(pfn).map(|r| r.index + (pfn - r.start_pfn) as usize)
+    }
+}
+
+/// The per-frame owner tags: one byte per frame that the owner of an allocated block may
+/// use to record what the frame holds (the slab allocator stores its cache number there).
+///
+/// Every tag is 0 after [`BuddyAllocator::new`]. The buddy allocator itself never reads
+/// or writes them afterwards: an owner that sets tags must reset them to 0 before it
+/// frees the block. Accesses are atomic, so tags can be read without the allocator lock.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameTags {
+    base: *const AtomicU8,
+    map: FrameMap,
+}
+
+// SAFETY: the tags are atomics in RAM that the allocator reserved for them for its whole
+// lifetime (see `BuddyAllocator::new`); sharing the pointer between threads is sharing
+// atomics.
+unsafe impl Send for FrameTags {}
+// SAFETY: as for `Send`: every access goes through `AtomicU8`.
+unsafe impl Sync for FrameTags {}
+
+impl FrameTags {
+    /// The tag of the frame holding `pa`, or `None` outside managed RAM.
+    #[inline]
+    pub fn tag(&self, pa: PhysAddr) -> Option<&AtomicU8> {
+        let idx = self.map.index(pa)?;
+        // SAFETY: `idx < map.frames`, the length of the tag array, which stays reserved
+        // for the tags while the allocator (and the linear map it was built from) lives.
+        Some(unsafe { &*self.base.add(idx) })
+    }
+
+    /// The frame map the tags are indexed by.
+    pub fn frame_map(&self) -> &FrameMap {
+        &self.map
+    }
+}
+
+/// A snapshot of the allocator's counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuddyStats {
+    /// Frames managed (free or allocated): RAM minus reservations and metadata.
+    pub total_pages: usize,
+    /// Frames free now.
+    pub free_pages: usize,
+    /// Free blocks per order.
+    pub free_blocks: [usize; NR_ORDERS],
+    /// Frames of the regions that are reserved (not managed), metadata excluded.
+    pub reserved_pages: usize,
+    /// Frames the metadata occupies.
+    pub metadata_pages: usize,
+    /// Allocation calls that failed (a bulk call that came up short counts once).
+    pub alloc_failures: u64,
+    /// Strict mode: blocks found with corrupted poison on allocation.
+    pub corruptions: u64,
+}
+
+impl BuddyStats {
+    /// The free-block counts in the format of Linux's `/proc/buddyinfo`.
+    pub fn buddyinfo(&self) -> BuddyInfo {
+        BuddyInfo { free_blocks: self.free_blocks }
+    }
+}
+
+/// Free block counts per order, displayed as a Linux `/proc/buddyinfo` line:
+/// `Node 0, zone   Normal` followed by one right-aligned count per order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuddyInfo {
+    /// Free blocks per order.
+    pub free_blocks: [usize; NR_ORDERS],
+}
+
+impl fmt::Display for BuddyInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Node 0, zone   Normal")?;
+        for n in self.free_blocks {
+            // Linux prints "%6lu " after "Normal ": a space then six columns. Same as
+            // `{:>7}` below a million, and still separated above.
+            write!(f, " {n:>6}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of metadata [`BuddyAllocator::new`] carves for `regions` (before rounding up to
+/// whole pages), or `None` when the frame count overflows.
+///
+/// [`METADATA_BYTES_PER_FRAME`] bytes for each frame of each region (rounded inward to
+/// pages).
+pub fn metadata_bytes(regions: &[PhysRange]) -> Option<u64> {
+    let mut frames = 0u64;
+    for r in regions {
+        let (s, e) = page_bounds_inward(r);
+        frames = frames.checked_add(e.saturating_sub(s))?;
+    }
+    frames.checked_mul(METADATA_BYTES_PER_FRAME as u64)
+}
+
+/// The frame bounds `[start, end)` of the whole pages inside `r`.
+fn page_bounds_inward(r: &PhysRange) -> (u64, u64) {
+    let start = r.start().as_u64().div_ceil(PAGE_SIZE as u64);
+    let end = r.end().as_u64() >> PAGE_SHIFT;
+    (start, end)
+}
+
+/// The frame bounds `[start, end)` of the pages touched by `r`.
+fn page_bounds_outward(r: &PhysRange) -> (u64, u64) {
+    let start = r.start().as_u64() >> PAGE_SHIFT;
+    let end = r.end().as_u64().div_ceil(PAGE_SIZE as u64);
+    (start, end)
+}
+
+/// A binary buddy allocator of physical frames. See the [module documentation](self).
+pub struct BuddyAllocator {
+    map: FrameMap,
+    /// State byte array (virtual address through the linear map).
+    state: *mut u8,
+    /// Owner tag array, right after the state array.
+    tags: *const AtomicU8,
+    /// `virtual = physical + va_delta` (wrapping) inside the linear map.
+    va_delta: u64,
+    linear: LinearMap,
+    /// Where the metadata lives.
+    meta: PhysRange,
+    heads: [u64; NR_ORDERS],
+    counts: [usize; NR_ORDERS],
+    /// Bit `o` set when the free list of order `o` is not empty.
+    nonempty: u32,
+    free_pages: usize,
+    total_pages: usize,
+    reserved_pages: usize,
+    alloc_failures: u64,
+    corruptions: u64,
+    strict: bool,
+}
+
+// SAFETY: the raw pointers lead to the allocator's own metadata and to free RAM it owns
+// exclusively (the contract of `BuddyAllocator::new`); nothing ties them to a thread.
+unsafe impl Send for BuddyAllocator {}
+
+impl fmt::Debug for BuddyAllocator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BuddyAllocator")
+            .field("total_pages", &self.total_pages)
+            .field("free_pages", &self.free_pages)
+            .field("metadata", &self.meta)
+            .field("strict", &self.strict)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BuddyAllocator {
+    /// An allocator of the frames of `regions` minus `reserved`, reached through `linear`.
+    ///
+    /// Regions are rounded inward to whole pages and may come in any order; reserved
+    /// ranges are rounded outward and may extend beyond RAM. The metadata is carved from
+    /// the first free stretch of RAM that fits (in address order) and then counts as
+    /// reserved. With `strict`, free memory is poisoned (see the module docs).
+    ///
+    /// # Errors
+    /// - [`BuddyError::TooManyRegions`]: more than [`MAX_REGIONS`] regions;
+    /// - [`BuddyError::OverlappingRegions`]: two regions share a page;
+    /// - [`BuddyError::OutsideLinearMap`]: a region is not inside `linear`;
+    /// - [`BuddyError::NoRoomForMetadata`]: no free stretch is large enough for the
+    ///   metadata (see [`metadata_bytes`]);
+    /// - [`BuddyError::NoMemory`]: no region, or no usable frame left.
+    ///
+    /// Nothing is written to RAM when an error is returned.
+    ///
+    /// # Safety
+    /// Every byte of `regions` outside `reserved` must be RAM that nothing else uses, for
+    /// as long as the allocator or any block it hands out is in use: the allocator
+    /// writes its metadata and free lists there. `linear` must satisfy its own contract
+    /// for that long.
+    pub unsafe fn new(
+        regions: &[PhysRange],
+        reserved: &[PhysRange],
+        linear: LinearMap,
+        strict: bool,
+    ) -> Result<Self, BuddyError> {
+        if regions.len() > MAX_REGIONS {
+            return Err(BuddyError::TooManyRegions);
+        }
+        let window = page_bounds_inward(&linear.phys_range());
+        let mut infos = [RegionInfo::default(); MAX_REGIONS];
+        let mut len = 0;
+        for r in regions {
+            let (s, e) = page_bounds_inward(r);
+            if e <= s {
+                continue;
+            }
+            if s < window.0 || e > window.1 {
+                return Err(BuddyError::OutsideLinearMap);
+            }
+            // Insertion sort by start frame.
+            let mut i = len;
+            while i > 0 && infos[i - 1].start_pfn > s {
+                infos[i] = infos[i - 1];
+                i -= 1;
+            }
+            infos[i] = RegionInfo { start_pfn: s, frames: e - s, index: 0 };
+            len += 1;
+        }
+        if len == 0 {
+            return Err(BuddyError::NoMemory);
+        }
+        let mut frames = 0usize;
+        for i in 0..len {
+            if i + 1 < len && infos[i].start_pfn + infos[i].frames > infos[i + 1].start_pfn {
+                return Err(BuddyError::OverlappingRegions);
+            }
+            infos[i].index = frames;
+            frames += infos[i].frames as usize;
+        }
+        let map = FrameMap { regions: infos, len, frames };
+
+        // Carve the metadata: the lowest page-aligned stretch of a region that touches
+        // no reserved range.
+        let meta_frames = (frames * METADATA_BYTES_PER_FRAME).div_ceil(PAGE_SIZE) as u64;
+        let meta_start = Self::find_metadata_room(&map, reserved, meta_frames)
+            .ok_or(BuddyError::NoRoomForMetadata)?;
+        let meta = PhysRange::new(
+            PhysAddr::new(meta_start << PAGE_SHIFT),
+            meta_frames << PAGE_SHIFT,
+        )
+        .map_err(|_| BuddyError::NoRoomForMetadata)?;
+
+        let window_start = linear.phys_range().start();
+        let va_delta = linear.phys_to_virt(window_start).map_or(0, VirtAddr::as_u64)
+            .wrapping_sub(window_start.as_u64());
+        let state = (meta.start().as_u64().wrapping_add(va_delta)) as usize as *mut u8;
+        let mut alloc = BuddyAllocator {
+            map,
+            state,
+            // SAFETY: the metadata block holds `2 * frames` bytes: states then tags.
+            tags: unsafe { state.add(frames) } as *const AtomicU8,
+            va_delta,
+            linear,
+            meta,
+            heads: [NIL; NR_ORDERS],
+            counts: [0; NR_ORDERS],
+            nonempty: 0,
+            free_pages: 0,
+            total_pages: 0,
+            reserved_pages: 0,
+            alloc_failures: 0,
+            corruptions: 0,
+            strict,
+        };
+        alloc.build(reserved, meta_start, meta_frames);
+        if alloc.total_pages == 0 {
+            return Err(BuddyError::NoMemory);
+        }
+        Ok(alloc)
+    }
+
+    /// The first frame of the lowest stretch of `need` frames inside one region that
+    /// overlaps no reserved range.
+    fn find_metadata_room(map: &FrameMap, reserved: &[PhysRange], need: u64) -> Option<u64> {
+        for r in &map.regions[..map.len] {
+            let end = r.start_pfn + r.frames;
+            let mut cand = r.start_pfn;
+            'search: while cand + need <= end {
+                for res in reserved {
+                    let (rs, re) = page_bounds_outward(res);
+                    if rs < cand + need && cand < re {
+                        cand = re;
+                        continue 'search;
+                    }
+                }
+                return Some(cand);
+            }
+        }
+        None
+    }
+
+    /// Fills the metadata and the free lists (called once, from `new`).
+    fn build(&mut self, reserved: &[PhysRange], meta_start: u64, meta_frames: u64) {
+        let frames = self.map.frames;
+        // SAFETY: the metadata block (2 * frames bytes, inside a region, touching no
+        // reserved range) belongs to the allocator by the contract of `new`.
+        unsafe {
+            core::ptr::write_bytes(self.state, ST_TAIL, frames);
+            core::ptr::write_bytes(self.tags as *mut u8, 0, frames);
+        }
+        let map = self.map;
+        let mut mark_none = |s: u64, e: u64| {
+            for r in &map.regions[..map.len] {
+                let lo = s.max(r.start_pfn);
+                let hi = e.min(r.start_pfn + r.frames);
+                if lo < hi {
+                    let idx = r.index + (lo - r.start_pfn) as usize;
+                    // SAFETY: `[lo, hi)` lies inside region `r`, so the indices are
+                    // inside the state array.
+                    unsafe { core::ptr::write_bytes(self.state.add(idx), ST_NONE, (hi - lo) as usize) };
+                }
+            }
+        };
+        for res in reserved {
+            let (s, e) = page_bounds_outward(res);
+            mark_none(s, e);
+        }
+        mark_none(meta_start, meta_start + meta_frames);
+
+        // Runs of usable frames become maximal aligned blocks, appended in address
+        // order so that low memory is handed out first.
+        let mut tails = [NIL; NR_ORDERS];
+        let mut none = 0usize;
+        for ri in 0..map.len {
+            let r = map.regions[ri];
+            let mut i = 0u64;
+            while i < r.frames {
+                if self.state_at(r.index + i as usize) == ST_NONE {
+                    none += 1;
+                    i += 1;
+                    continue;
+                }
+                let run_start = i;
+                while i < r.frames && self.state_at(r.index + i as usize) != ST_NONE {
+                    i += 1;
+                }
+                let (s, e) = (r.start_pfn + run_start, r.start_pfn + i);
+                if self.strict {
+                    // SAFETY: usable frames of a region, owned by the allocator.
+                    unsafe {
+                        core::ptr::write_bytes(self.va::<u8>(s), POISON_BYTE, ((e - s) as usize) << PAGE_SHIFT)
+                    };
+                }
+                let mut p = s;
+                while p < e {
+                    let fit = 63 - (e - p).leading_zeros();
+                    let order = (p.trailing_zeros().min(fit) as usize).min(MAX_ORDER);
+                    self.set_state(r.index + (p - r.start_pfn) as usize, ST_FREE | order as u8);
+                    self.append(&mut tails, p, order);
+                    p += 1 << order;
+                }
+                self.total_pages += (e - s) as usize;
+            }
+        }
+        self.free_pages = self.total_pages;
+        self.reserved_pages = none - meta_frames as usize;
+    }
+
+    // ----- raw metadata and memory access -----
+
+    #[inline(always)]
+    fn state_at(&self, idx: usize) -> u8 {
+        debug_assert!(idx < self.map.frames);
+        // SAFETY: callers pass indices from the frame map, below `map.frames`, the length
+        // of the state array.
+        unsafe { *self.state.add(idx) }
+    }
+
+    #[inline(always)]
+    fn set_state(&mut self, idx: usize, v: u8) {
+        debug_assert!(idx < self.map.frames);
+        // SAFETY: as in `state_at`.
+        unsafe { *self.state.add(idx) = v }
+    }
+
+    /// The virtual address of frame `pfn` through the linear map.
+    #[inline(always)]
+    fn va<T>(&self, pfn: u64) -> *mut T {
+        (pfn << PAGE_SHIFT).wrapping_add(self.va_delta) as usize as *mut T
+    }
+
+    #[inline(always)]
+    fn node(&self, pfn: u64) -> *mut FreeNode {
+        self.va(pfn)
+    }
+
+    /// Pushes the free block at `pfn` on the list of `order`.
+    #[inline(always)]
+    fn push(&mut self, pfn: u64, order: usize) {
+        let head = self.heads[order];
+        let n = self.node(pfn);
+        // SAFETY: `pfn` heads a free block of managed RAM (owned by the allocator, mapped
+        // by the linear map); `head`, when not NIL, heads another one.
+        unsafe {
+            (*n).next = head;
+            (*n).prev = NIL;
+            if head != NIL {
+                (*self.node(head)).prev = pfn;
+            }
+        }
+        self.heads[order] = pfn;
+        self.counts[order] += 1;
+        self.nonempty |= 1 << order;
+    }
+
+    /// Appends the free block at `pfn` to the list of `order` (init only).
+    fn append(&mut self, tails: &mut [u64; NR_ORDERS], pfn: u64, order: usize) {
+        let tail = tails[order];
+        let n = self.node(pfn);
+        // SAFETY: as in `push`.
+        unsafe {
+            (*n).next = NIL;
+            (*n).prev = tail;
+            if tail != NIL {
+                (*self.node(tail)).next = pfn;
+            }
+        }
+        if tail == NIL {
+            self.heads[order] = pfn;
+        }
+        tails[order] = pfn;
+        self.counts[order] += 1;
+        self.nonempty |= 1 << order;
+    }
+
+    /// Removes the free block at `pfn` from the list of `order`.
+    #[inline(always)]
+    fn unlink(&mut self, pfn: u64, order: usize) {
+        let n = self.node(pfn);
+        // SAFETY: `pfn` heads a free block on the list of `order`; its neighbours are
+        // free blocks too.
+        let (next, prev) = unsafe { ((*n).next, (*n).prev) };
+        if prev == NIL {
+            self.heads[order] = next;
+        } else {
+            // SAFETY: `prev` heads a free block (list invariant).
+            unsafe { (*self.node(prev)).next = next };
+        }
+        if next != NIL {
+            // SAFETY: `next` heads a free block (list invariant).
+            unsafe { (*self.node(next)).prev = prev };
+        }
+        self.counts[order] -= 1;
+        if self.heads[order] == NIL {
+            self.nonempty &= !(1 << order);
+        }
+    }
+
+    /// Pops the head of the (non-empty) list of `order`.
+    #[inline(always)]
+    fn pop(&mut self, order: usize) -> u64 {
+        let pfn = self.heads[order];
+        debug_assert_ne!(pfn, NIL);
+        // SAFETY: the list is not empty, so `pfn` heads a free block.
+        let next = unsafe { (*self.node(pfn)).next };
+        self.heads[order] = next;
+        if next == NIL {
+            self.nonempty &= !(1 << order);
+        } else {
+            // SAFETY: `next` heads a free block (list invariant).
+            unsafe { (*self.node(next)).prev = NIL };
+        }
+        self.counts[order] -= 1;
+        pfn
+    }
+
+    // ----- allocation -----
+
+    /// Allocates a block of `2^order` frames, aligned on its size.
+    ///
+    /// # Errors
+    /// [`BuddyError::BadOrder`] above [`MAX_ORDER`]; [`BuddyError::OutOfMemory`] when no
+    /// block is free; [`BuddyError::Corrupted`] when a free list was overwritten. Only the
+    /// failure counter changes.
+    #[inline]
+    pub fn alloc(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
+        if order > MAX_ORDER {
+            self.alloc_failures += 1;
+            return Err(BuddyError::BadOrder);
+        }
+        let avail = self.nonempty >> order;
+        if avail == 0 {
+            self.alloc_failures += 1;
+            return Err(BuddyError::OutOfMemory);
+        }
+        let mut o = order + avail.trailing_zeros() as usize;
+        let Some(r) = self.map.region_of(self.heads[o]).copied() else {
+            return Err(self.corrupted_list(o));
+        };
+        let pfn = self.pop(o);
+        let idx = r.index + (pfn - r.start_pfn) as usize;
+        while o > order {
+            o -= 1;
+            self.push(pfn + (1 << o), o);
+            self.set_state(idx + (1 << o), ST_FREE | o as u8);
+        }
+        self.set_state(idx, ST_ALLOC | order as u8);
+        self.free_pages -= 1 << order;
+        if self.strict {
+            self.check_poison(pfn, ((1usize << order) << PAGE_SHIFT) - NODE_BYTES, NODE_BYTES);
+        }
+        Ok(PhysAddr::new(pfn << PAGE_SHIFT))
+    }
+
+    /// Allocates a block of `2^order` frames filled with zeroes.
+    ///
+    /// # Errors
+    /// As [`Self::alloc`].
+    pub fn alloc_zeroed(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
+        let pa = self.alloc(order)?;
+        // SAFETY: the block was just allocated: the allocator owns it until it returns.
+        unsafe {
+            core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE << order)
+        };
+        Ok(pa)
+    }
+
+    /// Reports a free-list head outside managed RAM, and drops the list.
+    #[cold]
+    fn corrupted_list(&mut self, order: usize) -> BuddyError {
+        log::error!(
+            "buddy: free list of order {order} points at frame {:#x}, outside RAM; list dropped",
+            self.heads[order]
+        );
+        self.corruptions += 1;
+        self.alloc_failures += 1;
+        self.heads[order] = NIL;
+        self.free_pages -= self.counts[order] << order;
+        self.counts[order] = 0;
+        self.nonempty &= !(1 << order);
+        BuddyError::Corrupted
+    }
+
+    /// Strict mode: checks that `len` bytes from `skip` into frame `pfn` hold the poison.
+    #[cold]
+    fn check_poison(&mut self, pfn: u64, len: usize, skip: usize) {
+        let base = self.va::<u8>(pfn);
+        // SAFETY: the block was allocated by the caller and is owned by the allocator
+        // until it returns; `skip + len` stays inside it.
+        let bytes = unsafe { core::slice::from_raw_parts(base.add(skip), len) };
+        if let Some(bad) = bytes.iter().position(|&b| b != POISON_BYTE) {
+            self.corruptions += 1;
+            log::error!(
+                "buddy: poison overwritten in free memory at {:#x} (block {:#x}, offset {:#x}): \
+                 use after free?",
+                (pfn << PAGE_SHIFT) + (skip + bad) as u64,
+                pfn << PAGE_SHIFT,
+                skip + bad
+            );
+        }
+    }
+
+    /// Allocates order-0 frames into `out` until it is full or memory runs out; returns
+    /// how many were allocated (`out[..n]`). Large blocks are broken up whole when the
+    /// request is big enough, so the cost per frame stays a few stores.
+    ///
+    /// A call that comes up short counts as one allocation failure.
+    pub fn alloc_bulk(&mut self, out: &mut [PhysAddr]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            if self.nonempty & 1 != 0 {
+                let Some(r) = self.map.region_of(self.heads[0]).copied() else {
+                    self.corrupted_list(0);
+                    continue;
+                };
+                let pfn = self.pop(0);
+                self.set_state(r.index + (pfn - r.start_pfn) as usize, ST_ALLOC);
+                if self.strict {
+                    self.check_poison(pfn, PAGE_SIZE - NODE_BYTES, NODE_BYTES);
+                }
+                out[n] = PhysAddr::new(pfn << PAGE_SHIFT);
+                n += 1;
+                continue;
+            }
+            if self.nonempty == 0 {
+                break;
+            }
+            let o = self.nonempty.trailing_zeros() as usize;
+            let Some(r) = self.map.region_of(self.heads[o]).copied() else {
+                self.corrupted_list(o);
+                continue;
+            };
+            let want = out.len() - n;
+            if want < 1 << o {
+                // Split down to order 0 the usual way; the loop then takes order-0 frames.
+                let pfn = self.pop(o);
+                let idx = r.index + (pfn - r.start_pfn) as usize;
+                let mut k = o;
+                while k > 0 {
+                    k -= 1;
+                    self.push(pfn + (1 << k), k);
+                    self.set_state(idx + (1 << k), ST_FREE | k as u8);
+                }
+                self.set_state(idx, ST_FREE);
+                self.push(pfn, 0);
+                self.free_pages -= 0; // the frames are still free, only split
+                continue;
+            }
+            // Hand out the whole block frame by frame.
+            let pfn = self.pop(o);
+            let idx = r.index + (pfn - r.start_pfn) as usize;
+            for i in 0..(1u64 << o) {
+                self.set_state(idx + i as usize, ST_ALLOC);
+                out[n] = PhysAddr::new((pfn + i) << PAGE_SHIFT);
+                n += 1;
+            }
+            if self.strict {
+                self.check_poison(pfn, (PAGE_SIZE << o) - NODE_BYTES, NODE_BYTES);
+            }
+        }
+        self.free_pages -= n;
+        if n < out.len() {
+            self.alloc_failures += 1;
+        }
+        n
+    }
+
+    // ----- freeing -----
+
+    /// Checks that `pa` heads an allocated block of `order`; returns its region.
+    #[inline(always)]
+    fn check_allocated(&self, pa: PhysAddr, order: usize) -> Result<(RegionInfo, usize), BuddyError> {
+        if order > MAX_ORDER {
+            return Err(BuddyError::BadOrder);
+        }
+        let pfn = pa.as_u64() >> PAGE_SHIFT;
+        if !pa.is_page_aligned() || pfn & ((1 << order) - 1) != 0 {
+            return Err(BuddyError::Misaligned);
+        }
+        let r = *self.map.region_of(pfn).ok_or(BuddyError::OutOfRange)?;
+        let idx = r.index + (pfn - r.start_pfn) as usize;
+        let st = self.state_at(idx);
+        if st == ST_ALLOC | order as u8 {
+            return Ok((r, idx));
+        }
+        Err(match st {
+            ST_NONE => BuddyError::Reserved,
+            s if s & ST_ALLOC != 0 => BuddyError::WrongOrder { allocated: s & ST_ORDER },
+            _ => BuddyError::NotAllocated,
+        })
+    }
+
+    /// Frees the block of `2^order` frames at `pa`, merging it with its free buddies.
+    ///
+    /// # Errors
+    /// Nothing changes when an error is returned:
+    /// - [`BuddyError::BadOrder`]: `order` above [`MAX_ORDER`];
+    /// - [`BuddyError::Misaligned`]: `pa` not aligned on `PAGE_SIZE << order`;
+    /// - [`BuddyError::OutOfRange`]: `pa` outside every managed region;
+    /// - [`BuddyError::Reserved`]: `pa` in a reserved range or the metadata;
+    /// - [`BuddyError::NotAllocated`]: `pa` is free (double free) or inside a block;
+    /// - [`BuddyError::WrongOrder`]: the block was allocated with another order.
+    #[inline]
+    pub fn free(&mut self, pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
+        let (r, idx) = self.check_allocated(pa, order)?;
+        self.free_checked(r, idx, pa.as_u64() >> PAGE_SHIFT, order);
+        Ok(())
+    }
+
+    /// Frees a block already checked by `check_allocated`.
+    #[inline(always)]
+    fn free_checked(&mut self, r: RegionInfo, idx: usize, pfn: u64, order: usize) {
+        if self.strict {
+            // SAFETY: the block is allocated, and its owner gave it back.
+            unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, PAGE_SIZE << order) };
+        }
+        self.set_state(idx, ST_TAIL);
+        self.free_pages += 1 << order;
+        let (mut pfn, mut idx, mut o) = (pfn, idx, order);
+        while o < MAX_ORDER {
+            let buddy = pfn ^ (1 << o);
+            if buddy.wrapping_sub(r.start_pfn) >= r.frames {
+                break;
+            }
+            let bidx = r.index + (buddy - r.start_pfn) as usize;
+            if self.state_at(bidx) != ST_FREE | o as u8 {
+                break;
+            }
+            self.unlink(buddy, o);
+            self.set_state(bidx, ST_TAIL);
+            if self.strict {
+                // The buddy's list node becomes the inside of a larger free block.
+                // SAFETY: the buddy is free memory owned by the allocator.
+                unsafe { core::ptr::write_bytes(self.va::<u8>(buddy), POISON_BYTE, NODE_BYTES) };
+            }
+            if buddy < pfn {
+                pfn = buddy;
+                idx = bidx;
+            }
+            o += 1;
+        }
+        self.set_state(idx, ST_FREE | o as u8);
+        self.push(pfn, o);
+    }
+
+    /// Frees order-0 frames. Every valid entry is freed, even after an invalid one.
+    ///
+    /// # Errors
+    /// The error of the first invalid entry (as [`Self::free`] with order 0); invalid
+    /// entries are left as they were.
+    pub fn free_bulk(&mut self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
+        let mut first_err = Ok(());
+        for &pa in frames {
+            match self.check_allocated(pa, 0) {
+                Ok((r, idx)) => self.free_checked(r, idx, pa.as_u64() >> PAGE_SHIFT, 0),
+                Err(e) => {
+                    if first_err.is_ok() {
+                        first_err = Err(e);
+                    }
+                }
+            }
+        }
+        first_err
+    }
+
+    // ----- page-table frames -----
+
+    /// A zeroed 4 KiB frame for a translation table, or `None` when memory is exhausted
+    /// (the semantics of `hal::mmu::FrameAllocator::alloc_table`).
+    pub fn alloc_table(&mut self) -> Option<PhysAddr> {
+        self.alloc_zeroed(0).ok()
+    }
+
+    /// Frees a frame from [`Self::alloc_table`]. An invalid frame is reported with
+    /// `log::error!` and ignored (the semantics of `hal::mmu::FrameAllocator::free_table`).
+    pub fn free_table(&mut self, pa: PhysAddr) {
+        if let Err(e) = self.free(pa, 0) {
+            log::error!("buddy: free_table({pa:#x}): {e}");
+        }
+    }
+
+    // ----- introspection -----
+
+    /// Frames free now.
+    pub fn free_pages(&self) -> usize {
+        self.free_pages
+    }
+
+    /// Frames managed (free or allocated).
+    pub fn total_pages(&self) -> usize {
+        self.total_pages
+    }
+
+    /// Free blocks per order.
+    pub fn free_blocks(&self) -> [usize; NR_ORDERS] {
+        self.counts
+    }
+
+    /// Whether strict mode (poisoning) is on.
+    pub fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    /// The physical range of the allocator's metadata.
+    pub fn metadata_range(&self) -> PhysRange {
+        self.meta
+    }
+
+    /// The linear map the allocator reaches RAM through.
+    pub fn linear_map(&self) -> &LinearMap {
+        &self.linear
+    }
+
+    /// The frame-number-to-metadata-index map.
+    pub fn frame_map(&self) -> &FrameMap {
+        &self.map
+    }
+
+    /// The per-frame owner tags (see [`FrameTags`]). The handle stays valid as long as
+    /// the RAM the allocator was built over stays mapped (the contract of [`Self::new`]).
+    pub fn frame_tags(&self) -> FrameTags {
+        FrameTags { base: self.tags, map: self.map }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BuddyStats {
+        BuddyStats {
+            total_pages: self.total_pages,
+            free_pages: self.free_pages,
+            free_blocks: self.counts,
+            reserved_pages: self.reserved_pages,
+            metadata_pages: self.meta.pages() as usize,
+            alloc_failures: self.alloc_failures,
+            corruptions: self.corruptions,
+        }
+    }
+
+    /// The `/proc/buddyinfo` line.
+    pub fn buddyinfo(&self) -> BuddyInfo {
+        BuddyInfo { free_blocks: self.counts }
+    }
+
+    /// Walks every free list and the whole state array and checks that they agree:
+    /// list links, counts, states, alignment, that no two free buddies were left
+    /// unmerged, and that the free frame count matches. O(frames): for tests and
+    /// debugging.
+    ///
+    /// # Errors
+    /// A description of the first inconsistency found.
+    pub fn check_consistency(&self) -> Result<(), &'static str> {
+        let mut free = 0usize;
+        for o in 0..NR_ORDERS {
+            let mut n = 0;
+            let mut prev = NIL;
+            let mut pfn = self.heads[o];
+            if (self.nonempty >> o) & 1 != (pfn != NIL) as u32 {
+                return Err("non-empty mask disagrees with a list head");
+            }
+            while pfn != NIL {
+                let r = self.map.region_of(pfn).ok_or("free block outside RAM")?;
+                if pfn & ((1 << o) - 1) != 0 {
+                    return Err("free block misaligned");
+                }
+                if pfn + (1 << o) > r.start_pfn + r.frames {
+                    return Err("free block crosses a region end");
+                }
+                let idx = r.index + (pfn - r.start_pfn) as usize;
+                if self.state_at(idx) != ST_FREE | o as u8 {
+                    return Err("listed block's state is not free with its order");
+                }
+                for i in 1..(1usize << o) {
+                    if self.state_at(idx + i) != ST_TAIL {
+                        return Err("frame inside a free block is not a tail");
+                    }
+                }
+                if o < MAX_ORDER {
+                    let b = pfn ^ (1 << o);
+                    if let Some(bidx) = self.map.index_of_pfn(b) {
+                        if self.map.region_of(b).map(|x| x.start_pfn) == Some(r.start_pfn)
+                            && self.state_at(bidx) == ST_FREE | o as u8
+                        {
+                            return Err("two free buddies left unmerged");
+                        }
+                    }
+                }
+                // SAFETY: `pfn` heads a free block (checked against its state above).
+                let node = unsafe { &*self.node(pfn) };
+                if node.prev != prev {
+                    return Err("broken prev link");
+                }
+                prev = pfn;
+                pfn = node.next;
+                n += 1;
+                if n > self.map.frames {
+                    return Err("free list loops");
+                }
+            }
+            if n != self.counts[o] {
+                return Err("free block count disagrees with its list");
+            }
+            free += n << o;
+        }
+        if free != self.free_pages {
+            return Err("free page count disagrees with the lists");
+        }
+        let heads = (0..self.map.frames)
+            .filter(|&i| {
+                let s = self.state_at(i);
+                s != ST_NONE && s & ST_FREE != 0
+            })
+            .count();
+        if heads != self.counts.iter().sum::<usize>() {
+            return Err("free heads in the state array disagree with the lists");
+        }
+        Ok(())
+    }
+}
+
+// ----- the global instance -----
+
+static BUDDY: Once<Mutex<BuddyAllocator>> = Once::new();
+static INIT_STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Builds the kernel's frame allocator (see [`BuddyAllocator::new`]).
+///
+/// # Errors
+/// [`BuddyError::AlreadyInitialized`] on a second call, or an error of
+/// [`BuddyAllocator::new`] (then nothing is written to RAM, and `init` may be retried).
+///
+/// # Safety
+/// The contract of [`BuddyAllocator::new`], for the rest of the program's life.
+pub unsafe fn init(
+    regions: &[PhysRange],
+    reserved: &[PhysRange],
+    linear_map: LinearMap,
+    strict: bool,
+) -> Result<(), BuddyError> {
+    if INIT_STARTED.swap(true, Ordering::AcqRel) {
+        return Err(BuddyError::AlreadyInitialized);
+    }
+    // SAFETY: forwarded to our caller.
+    match unsafe { BuddyAllocator::new(regions, reserved, linear_map, strict) } {
+        Ok(a) => {
+            BUDDY.call_once(|| Mutex::new(a));
+            Ok(())
+        }
+        Err(e) => {
+            INIT_STARTED.store(false, Ordering::Release);
+            Err(e)
+        }
+    }
+}
+
+/// The global allocator, once [`init`] has run.
+pub fn global() -> Option<&'static Mutex<BuddyAllocator>> {
+    BUDDY.get()
+}
+
+fn with<R>(f: impl FnOnce(&mut BuddyAllocator) -> R) -> Result<R, BuddyError> {
+    let m = BUDDY.get().ok_or(BuddyError::NotInitialized)?;
+    Ok(f(&mut m.lock()))
+}
+
+/// [`BuddyAllocator::alloc`] on the global allocator.
+///
+/// # Errors
+/// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::alloc`].
+pub fn alloc_pages(order: usize) -> Result<PhysAddr, BuddyError> {
+    with(|a| a.alloc(order))?
+}
+
+/// [`BuddyAllocator::alloc_zeroed`] on the global allocator.
+///
+/// # Errors
+/// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::alloc`].
+pub fn alloc_zeroed_pages(order: usize) -> Result<PhysAddr, BuddyError> {
+    with(|a| a.alloc_zeroed(order))?
+}
+
+/// [`BuddyAllocator::free`] on the global allocator.
+///
+/// # Errors
+/// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::free`].
+pub fn free_pages(pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
+    with(|a| a.free(pa, order))?
+}
+
+/// [`BuddyAllocator::alloc_bulk`] on the global allocator (one lock hold); 0 before
+/// [`init`].
+pub fn alloc_pages_bulk(out: &mut [PhysAddr]) -> usize {
+    with(|a| a.alloc_bulk(out)).unwrap_or(0)
+}
+
+/// [`BuddyAllocator::free_bulk`] on the global allocator (one lock hold).
+///
+/// # Errors
+/// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::free_bulk`].
+pub fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
+    with(|a| a.free_bulk(frames))?
+}
+
+/// The global allocator's counters, or `None` before [`init`].
+pub fn stats() -> Option<BuddyStats> {
+    with(|a| a.stats()).ok()
+}
+
+/// An owned block of `2^order` frames from the global allocator, freed when dropped.
+///
+/// It cannot be freed twice: freeing consumes it, and it is neither `Clone` nor `Copy`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frames {
+    pa: PhysAddr,
+    order: u8,
+}
+
+impl Frames {
+    /// Allocates a block of `2^order` frames.
+    ///
+    /// # Errors
+    /// As [`alloc_pages`].
+    pub fn alloc(order: usize) -> Result<Self, BuddyError> {
+        Ok(Frames { pa: alloc_pages(order)?, order: order as u8 })
+    }
+
+    /// Allocates a block of `2^order` zeroed frames.
+    ///
+    /// # Errors
+    /// As [`alloc_pages`].
+    pub fn alloc_zeroed(order: usize) -> Result<Self, BuddyError> {
+        Ok(Frames { pa: alloc_zeroed_pages(order)?, order: order as u8 })
+    }
+
+    /// Physical address of the first frame.
+    pub fn phys(&self) -> PhysAddr {
+        self.pa
+    }
+
+    /// The block's order.
+    pub fn order(&self) -> usize {
+        self.order as usize
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        PAGE_SIZE << self.order
+    }
+
+    /// The block's virtual address in the linear map.
+    pub fn virt(&self) -> VirtAddr {
+        // The global exists: `self` came from it.
+        global()
+            .and_then(|m| m.lock().linear.phys_to_virt(self.pa))
+            .unwrap_or_default()
+    }
+
+    /// Gives up ownership without freeing; returns the physical address.
+    pub fn into_raw(self) -> PhysAddr {
+        let pa = self.pa;
+        core::mem::forget(self);
+        pa
+    }
+
+    /// Takes ownership of a block allocated from the global allocator.
+    ///
+    /// # Safety
+    /// `pa` must head a block of `order` allocated from the global allocator, owned by
+    /// the caller and not used after the returned value drops (which frees it).
+    pub unsafe fn from_raw(pa: PhysAddr, order: usize) -> Self {
+        Frames { pa, order: order as u8 }
+    }
+}
+
+impl Drop for Frames {
+    fn drop(&mut self) {
+        if let Err(e) = free_pages(self.pa, self.order as usize) {
+            log::error!("buddy: dropping Frames at {:#x}: {e}", self.pa);
+        }
+    }
+}

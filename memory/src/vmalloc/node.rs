@@ -1,0 +1,266 @@
+//! Area records: one heap object per virtual range, living in exactly one place at a time.
+//!
+//! A record ([`Node`]) describes `[start, end)` of the vmalloc window. Like Linux's
+//! `struct vmap_area` it moves between homes without being copied:
+//!
+//! ```text
+//!   spare pool ──clip──▶ busy tree (live) ──vfree──▶ busy tree (parked) ──purge──▶ free tree
+//!        ▲                                                                          │
+//!        └────────────────────── merged into a neighbour hole ◀─────────────────────┘
+//! ```
+//!
+//! Records are reached through [`NodePtr`], a raw pointer to a `Box`-allocated node. All
+//! fields are `Cell`s, so a record is only ever accessed through shared references and no
+//! two `&mut` to one record can exist; the only `unsafe` is turning the pointer into a
+//! reference, justified once by the ownership invariant below.
+//!
+//! **Ownership invariant.** Every `NodePtr` ever created comes from [`NodePool::alloc_new`]
+//! (a leaked `Box<Node>`) and is owned by exactly one pool or allocator. It is freed only by
+//! [`NodePool::free_one`], which is called on a record that has been unlinked from every
+//! tree and list, after which no copy of the pointer is used again.
+
+use alloc::boxed::Box;
+use core::cell::Cell;
+use core::panic::Location;
+use core::ptr::NonNull;
+
+use super::AreaKind;
+
+/// An optional link to a record.
+pub(crate) type Link = Option<NodePtr>;
+
+/// Where a record currently lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// In a spare pool, its range meaningless.
+    Spare,
+    /// A hole in the free tree.
+    Free,
+    /// A live area in the busy tree.
+    Busy,
+    /// A freed area in the busy tree, unmapped but waiting for its TLB flush.
+    Parked,
+}
+
+/// One range record. Tree links first: the search and rebalance loops touch only the first
+/// 64 bytes.
+pub(crate) struct Node {
+    pub left: Cell<Link>,
+    pub right: Cell<Link>,
+    pub parent: Cell<Link>,
+    /// First byte of the range.
+    pub start: Cell<u64>,
+    /// First byte past the range (for areas: past the guard page).
+    pub end: Cell<u64>,
+    /// Free tree only: the largest `end - start` in this subtree.
+    pub max: Cell<u64>,
+    /// AVL height of the subtree rooted here (a leaf is 1).
+    pub height: Cell<u8>,
+    pub state: Cell<State>,
+    pub kind: Cell<AreaKind>,
+    /// [`super::VmFlags`] bits the area was made with.
+    pub flags: Cell<u8>,
+    /// log2 of the area's requested alignment (pointer alignment for end-aligned areas).
+    pub align_shift: Cell<u8>,
+    /// Offset of the pointer handed out from `start` (end-aligned placement, ioremap).
+    pub offset: Cell<u32>,
+    /// Pages mapped from `start`.
+    pub pages: Cell<usize>,
+    /// Bytes requested.
+    pub bytes: Cell<usize>,
+    /// Ioremap: the page-aligned physical base.
+    pub phys: Cell<u64>,
+    /// Who created the area.
+    pub caller: Cell<&'static Location<'static>>,
+    /// Who freed it (parked areas).
+    pub freer: Cell<Option<&'static Location<'static>>>,
+    /// Spare pool or parked list link.
+    pub next: Cell<Link>,
+}
+
+impl Node {
+    fn blank() -> Self {
+        Self {
+            left: Cell::new(None),
+            right: Cell::new(None),
+            parent: Cell::new(None),
+            start: Cell::new(0),
+            end: Cell::new(0),
+            max: Cell::new(0),
+            height: Cell::new(0),
+            state: Cell::new(State::Spare),
+            kind: Cell::new(AreaKind::Vmalloc),
+            flags: Cell::new(0),
+            align_shift: Cell::new(0),
+            offset: Cell::new(0),
+            pages: Cell::new(0),
+            bytes: Cell::new(0),
+            phys: Cell::new(0),
+            caller: Cell::new(Location::caller()),
+            freer: Cell::new(None),
+            next: Cell::new(None),
+        }
+    }
+
+    /// Size of the range in bytes.
+    #[inline(always)]
+    pub fn size(&self) -> u64 {
+        self.end.get() - self.start.get()
+    }
+}
+
+/// A pointer to a live record (see the module's ownership invariant).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct NodePtr(NonNull<Node>);
+
+impl NodePtr {
+    /// The record. The reference must not be kept past the record's release.
+    #[inline(always)]
+    pub fn get<'a>(self) -> &'a Node {
+        // SAFETY: by the ownership invariant the pointer comes from a leaked `Box<Node>` that
+        // is freed only after being unlinked everywhere, so it is live and well aligned here;
+        // all fields are `Cell`s, so shared references never alias a `&mut`.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+/// A stack of spare records, linked through `next`.
+pub(crate) struct NodePool {
+    head: Link,
+    len: usize,
+    /// Records allocated from the heap and not yet freed, wherever they are now.
+    pub live_records: usize,
+}
+
+impl NodePool {
+    pub const fn new() -> Self {
+        Self { head: None, len: 0, live_records: 0 }
+    }
+
+    /// Spare records on the stack.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// A fresh record from the heap (the global allocator).
+    pub fn alloc_new(&mut self) -> NodePtr {
+        self.live_records += 1;
+        NodePtr(NonNull::from(Box::leak(Box::new(Node::blank()))))
+    }
+
+    /// Allocate records from the heap until `len() >= want`.
+    pub fn fill_to(&mut self, want: usize) {
+        while self.len < want {
+            let n = self.alloc_new();
+            self.push(n);
+        }
+    }
+
+    /// Take a spare record.
+    #[inline(always)]
+    pub fn pop(&mut self) -> Option<NodePtr> {
+        let n = self.head?;
+        self.head = n.get().next.get();
+        self.len -= 1;
+        n.get().next.set(None);
+        Some(n)
+    }
+
+    /// Keep a record that is linked nowhere else.
+    #[inline(always)]
+    pub fn push(&mut self, n: NodePtr) {
+        let node = n.get();
+        node.state.set(State::Spare);
+        node.left.set(None);
+        node.right.set(None);
+        node.parent.set(None);
+        node.next.set(self.head);
+        self.head = Some(n);
+        self.len += 1;
+    }
+
+    /// Return one record to the heap.
+    pub fn free_one(&mut self, n: NodePtr) {
+        self.live_records -= 1;
+        // SAFETY: the record came from `Box::leak` in `alloc_new` and, by the ownership
+        // invariant, is linked nowhere and its pointer is not used after this call.
+        drop(unsafe { Box::from_raw(n.0.as_ptr()) });
+    }
+
+    /// Move spare records beyond `keep` into `out`.
+    pub fn split_excess(&mut self, keep: usize, out: &mut NodePool) {
+        while self.len > keep {
+            if let Some(n) = self.pop() {
+                self.live_records -= 1;
+                out.live_records += 1;
+                out.push(n);
+            }
+        }
+    }
+
+    /// Move every record of `other` here.
+    pub fn absorb(&mut self, other: &mut NodePool) {
+        while let Some(n) = other.pop() {
+            other.live_records -= 1;
+            self.live_records += 1;
+            self.push(n);
+        }
+    }
+
+    /// Free spare records beyond `keep`.
+    pub fn trim(&mut self, keep: usize) {
+        while self.len > keep {
+            if let Some(n) = self.pop() {
+                self.free_one(n);
+            }
+        }
+    }
+}
+
+impl Drop for NodePool {
+    fn drop(&mut self) {
+        self.trim(0);
+    }
+}
+
+// SAFETY: a pool owns its records exclusively (ownership invariant); moving it to another
+// thread moves that ownership with it, and nothing else points into the records.
+unsafe impl Send for NodePool {}
+
+/// Records allocated outside the vmalloc lock, to be handed to an allocator with
+/// [`super::Vmalloc::add_spares`], or records it gave back with
+/// [`super::Vmalloc::take_excess_spares`], freed when dropped (outside the lock).
+pub struct Spares {
+    pub(crate) pool: NodePool,
+}
+
+impl Spares {
+    /// No records.
+    pub const fn empty() -> Self {
+        Self { pool: NodePool::new() }
+    }
+
+    /// `n` fresh records from the global allocator.
+    pub fn new(n: usize) -> Self {
+        let mut pool = NodePool::new();
+        pool.fill_to(n);
+        Self { pool }
+    }
+
+    /// How many records this holds.
+    pub fn len(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Whether this holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.pool.len() == 0
+    }
+}
+
+impl core::fmt::Debug for Spares {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Spares({})", self.len())
+    }
+}
