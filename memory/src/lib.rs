@@ -1,2 +1,4 @@
 //! # memory — physical and virtual memory management (placeholder)
 #![cfg_attr(not(test), no_std)]
+
+pub mod buddy;

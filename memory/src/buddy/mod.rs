@@ -56,6 +56,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use hal::addr::{PhysAddr, PhysRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
 use hal::linear::LinearMap;
+use hal::mmu::TableAlloc;
 use spin::{Mutex, Once};
 
 #[cfg(test)]
@@ -201,7 +202,11 @@ impl FrameMap {
     /// The regions, in address order.
     pub fn regions(&self) -> impl Iterator<Item = PhysRange> + '_ {
         self.regions[..self.len].iter().filter_map(|r| {
-            PhysRange::new(PhysAddr::new(r.start_pfn << PAGE_SHIFT), r.frames << PAGE_SHIFT).ok()
+            PhysRange::new(
+                PhysAddr::new(r.start_pfn << PAGE_SHIFT),
+                r.frames << PAGE_SHIFT,
+            )
+            .ok()
         })
     }
 
@@ -213,12 +218,15 @@ impl FrameMap {
         if pfn.wrapping_sub(first.start_pfn) < first.frames {
             return Some(first);
         }
-        self.regions[1..self.len].iter().find(|r| pfn.wrapping_sub(r.start_pfn) < r.frames)
+        self.regions[1..self.len]
+            .iter()
+            .find(|r| pfn.wrapping_sub(r.start_pfn) < r.frames)
     }
 
     #[inline(always)]
     fn index_of_pfn(&self, pfn: u64) -> Option<usize> {
-        self.region_of(pfn).map(|r| r.index + (pfn - r.start_pfn) as usize)
+        self.region_of(pfn)
+            .map(|r| r.index + (pfn - r.start_pfn) as usize)
     }
 }
 
@@ -279,7 +287,9 @@ pub struct BuddyStats {
 impl BuddyStats {
     /// The free-block counts in the format of Linux's `/proc/buddyinfo`.
     pub fn buddyinfo(&self) -> BuddyInfo {
-        BuddyInfo { free_blocks: self.free_blocks }
+        BuddyInfo {
+            free_blocks: self.free_blocks,
+        }
     }
 }
 
@@ -386,7 +396,8 @@ impl BuddyAllocator {
     ///   metadata (see [`metadata_bytes`]);
     /// - [`BuddyError::NoMemory`]: no region, or no usable frame left.
     ///
-    /// Nothing is written to RAM when an error is returned.
+    /// When an error is returned, nothing was written to RAM, except for
+    /// [`BuddyError::NoMemory`] after the metadata was placed (in RAM that is free anyway).
     ///
     /// # Safety
     /// Every byte of `regions` outside `reserved` must be RAM that nothing else uses, for
@@ -419,7 +430,11 @@ impl BuddyAllocator {
                 infos[i] = infos[i - 1];
                 i -= 1;
             }
-            infos[i] = RegionInfo { start_pfn: s, frames: e - s, index: 0 };
+            infos[i] = RegionInfo {
+                start_pfn: s,
+                frames: e - s,
+                index: 0,
+            };
             len += 1;
         }
         if len == 0 {
@@ -433,7 +448,11 @@ impl BuddyAllocator {
             infos[i].index = frames;
             frames += infos[i].frames as usize;
         }
-        let map = FrameMap { regions: infos, len, frames };
+        let map = FrameMap {
+            regions: infos,
+            len,
+            frames,
+        };
 
         // Carve the metadata: the lowest page-aligned stretch of a region that touches
         // no reserved range.
@@ -447,7 +466,9 @@ impl BuddyAllocator {
         .map_err(|_| BuddyError::NoRoomForMetadata)?;
 
         let window_start = linear.phys_range().start();
-        let va_delta = linear.phys_to_virt(window_start).map_or(0, VirtAddr::as_u64)
+        let va_delta = linear
+            .phys_to_virt(window_start)
+            .map_or(0, VirtAddr::as_u64)
             .wrapping_sub(window_start.as_u64());
         let state = (meta.start().as_u64().wrapping_add(va_delta)) as usize as *mut u8;
         let mut alloc = BuddyAllocator {
@@ -505,7 +526,7 @@ impl BuddyAllocator {
             core::ptr::write_bytes(self.tags as *mut u8, 0, frames);
         }
         let map = self.map;
-        let mut mark_none = |s: u64, e: u64| {
+        let mark_none = |s: u64, e: u64| {
             for r in &map.regions[..map.len] {
                 let lo = s.max(r.start_pfn);
                 let hi = e.min(r.start_pfn + r.frames);
@@ -513,7 +534,9 @@ impl BuddyAllocator {
                     let idx = r.index + (lo - r.start_pfn) as usize;
                     // SAFETY: `[lo, hi)` lies inside region `r`, so the indices are
                     // inside the state array.
-                    unsafe { core::ptr::write_bytes(self.state.add(idx), ST_NONE, (hi - lo) as usize) };
+                    unsafe {
+                        core::ptr::write_bytes(self.state.add(idx), ST_NONE, (hi - lo) as usize)
+                    };
                 }
             }
         };
@@ -544,7 +567,11 @@ impl BuddyAllocator {
                 if self.strict {
                     // SAFETY: usable frames of a region, owned by the allocator.
                     unsafe {
-                        core::ptr::write_bytes(self.va::<u8>(s), POISON_BYTE, ((e - s) as usize) << PAGE_SHIFT)
+                        core::ptr::write_bytes(
+                            self.va::<u8>(s),
+                            POISON_BYTE,
+                            ((e - s) as usize) << PAGE_SHIFT,
+                        )
                     };
                 }
                 let mut p = s;
@@ -703,7 +730,11 @@ impl BuddyAllocator {
         self.set_state(idx, ST_ALLOC | order as u8);
         self.free_pages -= 1 << order;
         if self.strict {
-            self.check_poison(pfn, ((1usize << order) << PAGE_SHIFT) - NODE_BYTES, NODE_BYTES);
+            self.check_poison(
+                pfn,
+                ((1usize << order) << PAGE_SHIFT) - NODE_BYTES,
+                NODE_BYTES,
+            );
         }
         Ok(PhysAddr::new(pfn << PAGE_SHIFT))
     }
@@ -716,7 +747,11 @@ impl BuddyAllocator {
         let pa = self.alloc(order)?;
         // SAFETY: the block was just allocated: the allocator owns it until it returns.
         unsafe {
-            core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE << order)
+            core::ptr::write_bytes(
+                self.va::<u8>(pa.as_u64() >> PAGE_SHIFT),
+                0,
+                PAGE_SIZE << order,
+            )
         };
         Ok(pa)
     }
@@ -825,7 +860,11 @@ impl BuddyAllocator {
 
     /// Checks that `pa` heads an allocated block of `order`; returns its region.
     #[inline(always)]
-    fn check_allocated(&self, pa: PhysAddr, order: usize) -> Result<(RegionInfo, usize), BuddyError> {
+    fn check_allocated(
+        &self,
+        pa: PhysAddr,
+        order: usize,
+    ) -> Result<(RegionInfo, usize), BuddyError> {
         if order > MAX_ORDER {
             return Err(BuddyError::BadOrder);
         }
@@ -841,7 +880,9 @@ impl BuddyAllocator {
         }
         Err(match st {
             ST_NONE => BuddyError::Reserved,
-            s if s & ST_ALLOC != 0 => BuddyError::WrongOrder { allocated: s & ST_ORDER },
+            s if s & ST_ALLOC != 0 => BuddyError::WrongOrder {
+                allocated: s & ST_ORDER,
+            },
             _ => BuddyError::NotAllocated,
         })
     }
@@ -921,14 +962,14 @@ impl BuddyAllocator {
 
     // ----- page-table frames -----
 
-    /// A zeroed 4 KiB frame for a translation table, or `None` when memory is exhausted
-    /// (the semantics of `hal::mmu::FrameAllocator::alloc_table`).
+    /// A zeroed 4 KiB frame for a translation table, or `None` when memory is exhausted.
+    /// The [`TableAlloc`] implementation calls this.
     pub fn alloc_table(&mut self) -> Option<PhysAddr> {
         self.alloc_zeroed(0).ok()
     }
 
     /// Frees a frame from [`Self::alloc_table`]. An invalid frame is reported with
-    /// `log::error!` and ignored (the semantics of `hal::mmu::FrameAllocator::free_table`).
+    /// `log::error!` and ignored. The [`TableAlloc`] implementation calls this.
     pub fn free_table(&mut self, pa: PhysAddr) {
         if let Err(e) = self.free(pa, 0) {
             log::error!("buddy: free_table({pa:#x}): {e}");
@@ -975,7 +1016,10 @@ impl BuddyAllocator {
     /// The per-frame owner tags (see [`FrameTags`]). The handle stays valid as long as
     /// the RAM the allocator was built over stays mapped (the contract of [`Self::new`]).
     pub fn frame_tags(&self) -> FrameTags {
-        FrameTags { base: self.tags, map: self.map }
+        FrameTags {
+            base: self.tags,
+            map: self.map,
+        }
     }
 
     /// A snapshot of the counters.
@@ -993,7 +1037,9 @@ impl BuddyAllocator {
 
     /// The `/proc/buddyinfo` line.
     pub fn buddyinfo(&self) -> BuddyInfo {
-        BuddyInfo { free_blocks: self.counts }
+        BuddyInfo {
+            free_blocks: self.counts,
+        }
     }
 
     /// Walks every free list and the whole state array and checks that they agree:
@@ -1069,6 +1115,19 @@ impl BuddyAllocator {
             return Err("free heads in the state array disagree with the lists");
         }
         Ok(())
+    }
+}
+
+// SAFETY: `alloc_table` hands out frames allocated from this allocator, which belong to
+// the caller alone until it gives them back; they are zeroed, 4 KiB aligned and inside
+// the linear map the allocator was built over.
+unsafe impl TableAlloc for BuddyAllocator {
+    fn alloc_table(&mut self) -> Option<PhysAddr> {
+        BuddyAllocator::alloc_table(self)
+    }
+
+    unsafe fn free_table(&mut self, page: PhysAddr) {
+        BuddyAllocator::free_table(self, page)
     }
 }
 
@@ -1160,6 +1219,25 @@ pub fn stats() -> Option<BuddyStats> {
     with(|a| a.stats()).ok()
 }
 
+/// The global allocator as a [`TableAlloc`] for page-table pages (zeroed frames), taking
+/// the lock for each call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GlobalTableAlloc;
+
+// SAFETY: as for `BuddyAllocator`: the frames come from the global allocator and belong
+// to the caller until it hands them back.
+unsafe impl TableAlloc for GlobalTableAlloc {
+    fn alloc_table(&mut self) -> Option<PhysAddr> {
+        with(|a| a.alloc_table()).ok().flatten()
+    }
+
+    unsafe fn free_table(&mut self, page: PhysAddr) {
+        if with(|a| a.free_table(page)).is_err() {
+            log::error!("buddy: free_table({page:#x}) before init");
+        }
+    }
+}
+
 /// An owned block of `2^order` frames from the global allocator, freed when dropped.
 ///
 /// It cannot be freed twice: freeing consumes it, and it is neither `Clone` nor `Copy`.
@@ -1175,7 +1253,10 @@ impl Frames {
     /// # Errors
     /// As [`alloc_pages`].
     pub fn alloc(order: usize) -> Result<Self, BuddyError> {
-        Ok(Frames { pa: alloc_pages(order)?, order: order as u8 })
+        Ok(Frames {
+            pa: alloc_pages(order)?,
+            order: order as u8,
+        })
     }
 
     /// Allocates a block of `2^order` zeroed frames.
@@ -1183,7 +1264,10 @@ impl Frames {
     /// # Errors
     /// As [`alloc_pages`].
     pub fn alloc_zeroed(order: usize) -> Result<Self, BuddyError> {
-        Ok(Frames { pa: alloc_zeroed_pages(order)?, order: order as u8 })
+        Ok(Frames {
+            pa: alloc_zeroed_pages(order)?,
+            order: order as u8,
+        })
     }
 
     /// Physical address of the first frame.
@@ -1222,7 +1306,10 @@ impl Frames {
     /// `pa` must head a block of `order` allocated from the global allocator, owned by
     /// the caller and not used after the returned value drops (which frees it).
     pub unsafe fn from_raw(pa: PhysAddr, order: usize) -> Self {
-        Frames { pa, order: order as u8 }
+        Frames {
+            pa,
+            order: order as u8,
+        }
     }
 }
 
