@@ -337,14 +337,8 @@ mod tests {
     #[test]
     fn ranges_refuse_overflow_and_empty() {
         assert_eq!(VirtRange::new(VirtAddr::new(0x1000), 0), Err(AddrError::Empty));
-        assert_eq!(
-            VirtRange::new(VirtAddr::new(u64::MAX - 1), 2),
-            Err(AddrError::Overflow)
-        );
-        assert_eq!(
-            PhysRange::covering_pages(PhysAddr::new(u64::MAX - 0x10), 4),
-            Err(AddrError::Overflow)
-        );
+        assert_eq!(VirtRange::new(VirtAddr::new(u64::MAX - 1), 2), Err(AddrError::Overflow));
+        assert_eq!(PhysRange::covering_pages(PhysAddr::new(u64::MAX - 0x10), 4), Err(AddrError::Overflow));
         let r = PhysRange::covering_pages(PhysAddr::new(0x0900_0004), 4).unwrap();
         assert_eq!((r.start().as_u64(), r.end().as_u64()), (0x0900_0000, 0x0900_1000));
         assert_eq!(r.pages(), 1);

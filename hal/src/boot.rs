@@ -5,7 +5,7 @@
 
 use crate::addr::{PhysAddr, PhysRange};
 use crate::cmdline::CommandLine;
-use crate::dtb::{DtbError, Platform};
+use crate::dtb::Platform;
 use core::fmt;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
@@ -150,7 +150,7 @@ macro_rules! entry {
 }
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), DtbError> {
+fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), crate::dtb::DtbError> {
     if x0 != 0 {
         // SAFETY: the boot protocol puts a DTB at x0 and nothing overwrites it: it lies
         // outside the image, and the frame allocator reserves it.

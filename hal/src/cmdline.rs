@@ -44,9 +44,7 @@ impl<'a> CommandLine<'a> {
         self.raw.split_ascii_whitespace().map(|word| {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             let key_ok = !key.is_empty()
-                && key
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
             if key_ok {
                 Ok(Param { key, value })
             } else {
@@ -58,11 +56,7 @@ impl<'a> CommandLine<'a> {
     /// The value of the last well-formed parameter named `key` (the last one wins, as in
     /// Linux).
     pub fn get(&self, key: &str) -> Option<&'a str> {
-        self.params()
-            .filter_map(Result::ok)
-            .filter(|p| p.key == key)
-            .last()
-            .map(|p| p.value)
+        self.params().filter_map(Result::ok).filter(|p| p.key == key).last().map(|p| p.value)
     }
 
     /// `key` parsed as an unsigned number (decimal, or hex with `0x`).

@@ -177,10 +177,7 @@ impl Platform {
 
         let mut ram = RangeList::new();
         for node in fdt.all_nodes() {
-            let is_memory = node
-                .property("device_type")
-                .and_then(|p| p.as_str())
-                .is_some_and(|s| s == "memory");
+            let is_memory = node.property("device_type").and_then(|p| p.as_str()).is_some_and(|s| s == "memory");
             if !is_memory {
                 continue;
             }
@@ -222,16 +219,13 @@ impl Platform {
             .filter(|n| n.compatible().is_some_and(|c| c.all().any(|s| s == "arm,pl011")));
         let uart = stdout_uart.or_else(|| fdt.find_compatible(&["arm,pl011"])).and_then(first_reg);
 
-        let gic_distributor = fdt
-            .find_compatible(&["arm,cortex-a15-gic", "arm,gic-400", "arm,gic-v3"])
-            .and_then(first_reg);
+        let gic_distributor =
+            fdt.find_compatible(&["arm,cortex-a15-gic", "arm,gic-400", "arm,gic-v3"]).and_then(first_reg);
 
-        let psci = fdt.find_node("/psci").and_then(|n| {
-            match n.property("method").and_then(|p| p.as_str()) {
-                Some("hvc") => Some(Conduit::Hvc),
-                Some("smc") => Some(Conduit::Smc),
-                _ => None,
-            }
+        let psci = fdt.find_node("/psci").and_then(|n| match n.property("method").and_then(|p| p.as_str()) {
+            Some("hvc") => Some(Conduit::Hvc),
+            Some("smc") => Some(Conduit::Smc),
+            _ => None,
         });
 
         let model = fdt.root().ok().map(|r| r.model()).unwrap_or("unknown");
@@ -247,9 +241,8 @@ impl Platform {
     pub fn fdt(&self) -> Fdt<'static> {
         // SAFETY: `dtb` was checked by `parse` and, by its contract, stays readable and
         // unchanged for the program's lifetime.
-        let blob = unsafe {
-            core::slice::from_raw_parts(self.dtb.start().as_usize() as *const u8, self.dtb.size() as usize)
-        };
+        let blob =
+            unsafe { core::slice::from_raw_parts(self.dtb.start().as_usize() as *const u8, self.dtb.size() as usize) };
         Fdt::new(blob).expect("device tree checked at boot")
     }
 }

@@ -10,9 +10,14 @@
 //! 3. **Fatal** — the fault is reported (with the explanation of the fault-report hook,
 //!    e.g. "guard page of area X") and the machine exits with a failure status.
 
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 use crate::console::EmergencyConsole;
-use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::fmt;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+use core::fmt::Write;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+use core::sync::atomic::AtomicPtr;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Registers saved on exception entry (layout shared with `asm/vectors.S`).
 #[repr(C)]
@@ -213,6 +218,7 @@ static PROBE_ESR: AtomicU64 = AtomicU64::new(0);
 static PROBE_FAR: AtomicU64 = AtomicU64::new(0);
 static PROBE_ELR: AtomicU64 = AtomicU64::new(0);
 /// Armed while `probe::exec` runs: an instruction abort then resumes at its fixup.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub(crate) static EXEC_PROBE_ARMED: AtomicUsize = AtomicUsize::new(0);
 
 /// The fault the last failing probe absorbed.
@@ -225,6 +231,7 @@ pub fn last_probe_fault() -> Fault {
 }
 
 /// Saved callee-saved state of a [`catch`] (layout shared with `asm/probe.S`).
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 #[repr(C)]
 #[derive(Default)]
 struct CatchContext {
@@ -233,9 +240,11 @@ struct CatchContext {
     sp: u64,
 }
 
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 static CATCH: AtomicPtr<CatchContext> = AtomicPtr::new(core::ptr::null_mut());
 /// How many faults and panics were recovered by [`catch`].
 static RECOVERED: AtomicU64 = AtomicU64::new(0);
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 static LAST_RECOVERED_FAULT: spin::Mutex<Option<Fault>> = spin::Mutex::new(None);
 
 /// Why a [`catch`] did not return normally.
@@ -273,10 +282,7 @@ pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
             }
         }
         let mut ctx = CatchContext::default();
-        if CATCH
-            .compare_exchange(core::ptr::null_mut(), &mut ctx, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if CATCH.compare_exchange(core::ptr::null_mut(), &mut ctx, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return Err(Caught::Panic);
         }
         *LAST_RECOVERED_FAULT.lock() = None;

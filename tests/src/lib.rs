@@ -1,2 +1,145 @@
-//! On-target test runner (placeholder).
+//! # On-target test runner
+//!
+//! Each file in `tests/tests/` is a `harness = false` test binary: a bootable image whose
+//! `main` hands a list of tests to [`run`]. Cargo's `runner` (`tools/qemu-run`) boots it in
+//! QEMU. The output is libtest's:
+//!
+//! ```text
+//! running 3 tests
+//! test mmu::null_read_faults ... ok
+//! test mmu::stack_overflow_is_reported ... ok
+//! test vmalloc::guard_page_traps ... FAILED
+//! 2 passed, 1 failed
+//! ```
+//!
+//! A test that panics or takes a fatal exception is reported (with the fault report) and
+//! counted as failed, and the run goes on with the next test: each test runs inside
+//! [`hal::exception::catch`]. A test can also *expect* a fault ([`Expect::Fault`]). The exit
+//! status is 0 only when every test passed; `qemu-run` also checks the summary line, because
+//! a PSCI power-off (no semihosting) always exits 0.
 #![no_std]
+
+use core::fmt::Write;
+use hal::exception::{catch, Caught};
+use hal::println;
+
+/// What a test must do to pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Return normally.
+    Pass,
+    /// Take a fatal exception (e.g. touch a guard page directly, without a probe).
+    Fault,
+    /// Panic.
+    Panic,
+}
+
+/// One on-target test.
+#[derive(Clone, Copy, Debug)]
+pub struct Test {
+    /// `module::name`, printed in the report.
+    pub name: &'static str,
+    /// The test body; it fails by panicking (use `assert!`) or faulting.
+    pub run: fn(),
+    /// What counts as a pass.
+    pub expect: Expect,
+}
+
+impl Test {
+    /// A test that must return normally.
+    pub const fn new(name: &'static str, run: fn()) -> Self {
+        Self { name, run, expect: Expect::Pass }
+    }
+
+    /// A test that must take a fatal exception.
+    pub const fn expect_fault(name: &'static str, run: fn()) -> Self {
+        Self { name, run, expect: Expect::Fault }
+    }
+
+    /// A test that must panic.
+    pub const fn expect_panic(name: &'static str, run: fn()) -> Self {
+        Self { name, run, expect: Expect::Panic }
+    }
+}
+
+/// Builds a [`Test`] named after the function: `test!(path::to::function)`.
+#[macro_export]
+macro_rules! test {
+    ($f:path) => {
+        $crate::Test::new(stringify!($f), $f)
+    };
+    ($f:path, fault) => {
+        $crate::Test::expect_fault(stringify!($f), $f)
+    };
+    ($f:path, panic) => {
+        $crate::Test::expect_panic(stringify!($f), $f)
+    };
+}
+
+/// Counts of one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Tests that behaved as expected.
+    pub passed: usize,
+    /// Tests that did not.
+    pub failed: usize,
+    /// Tests skipped by the `test.filter=` boot parameter.
+    pub filtered: usize,
+}
+
+/// Runs `tests` in order, prints libtest-style lines and the summary, and returns the
+/// counts. Tests whose name does not contain the `test.filter=` boot parameter (when
+/// given) are skipped.
+pub fn run_tests(tests: &[Test]) -> Summary {
+    let filter = hal::boot::boot_info().and_then(|i| i.cmdline().get("test.filter"));
+    let selected = tests.iter().filter(|t| filter.is_none_or(|f| t.name.contains(f)));
+    let total = selected.clone().count();
+    let mut summary = Summary { filtered: tests.len() - total, ..Summary::default() };
+    println!("\nrunning {total} tests");
+    for t in selected {
+        // Printed before the test runs: if it hangs, qemu-run names it from this line.
+        hal::print!("test {} ... ", t.name);
+        let result = catch(t.run);
+        let ok = matches!(
+            (t.expect, result),
+            (Expect::Pass, Ok(())) | (Expect::Fault, Err(Caught::Fault(_))) | (Expect::Panic, Err(Caught::Panic))
+        );
+        if ok {
+            summary.passed += 1;
+            println!("ok");
+        } else {
+            summary.failed += 1;
+            let why = match (t.expect, result) {
+                (_, Ok(())) => "returned, but a fault or panic was expected",
+                (Expect::Pass, Err(Caught::Panic)) => "panicked",
+                (Expect::Pass, Err(Caught::Fault(_))) => "faulted",
+                (_, Err(_)) => "failed in another way than expected",
+            };
+            println!("FAILED ({why})");
+            println!("test {} ... FAILED", t.name);
+        }
+    }
+    summary
+}
+
+/// Runs `tests`, prints the summary line and exits QEMU: status 0 only if all passed.
+pub fn run(tests: &[Test]) -> ! {
+    let s = run_tests(tests);
+    let mut out = hal::console::Console;
+    if s.filtered > 0 {
+        let _ = writeln!(out, "({} tests filtered out)", s.filtered);
+    }
+    let _ = writeln!(out, "{} passed, {} failed", s.passed, s.failed);
+    hal::exit::exit(if s.failed == 0 { hal::exit::EXIT_SUCCESS } else { hal::exit::EXIT_FAILURE })
+}
+
+/// Declares a test binary's entry: `tests::main!(test!(a), test!(b, fault), ...)`.
+#[macro_export]
+macro_rules! main {
+    ($($t:expr),* $(,)?) => {
+        hal::entry!(__test_main);
+        fn __test_main(_info: &'static hal::boot::BootInfo) -> ! {
+            $crate::run(&[$($t),*])
+        }
+    };
+}

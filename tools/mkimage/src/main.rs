@@ -60,9 +60,7 @@ fn flatten(elf: &[u8]) -> Result<Vec<u8>, String> {
     let mem_end = segs.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(base);
     let mut image = vec![0u8; (file_end - base) as usize];
     for s in segs.iter().filter(|s| s.filesz > 0) {
-        let src = elf
-            .get(s.offset as usize..(s.offset + s.filesz) as usize)
-            .ok_or("segment outside the file")?;
+        let src = elf.get(s.offset as usize..(s.offset + s.filesz) as usize).ok_or("segment outside the file")?;
         let at = (s.paddr - base) as usize;
         image[at..at + src.len()].copy_from_slice(src);
     }
