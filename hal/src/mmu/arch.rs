@@ -99,19 +99,14 @@ const TGRAN4_NOT_SUPPORTED: u64 = 0b1111;
 /// [`MmuError::GranuleUnsupported`] when `TGran4` reads `0b1111`. (`0b0001` means 4 KiB
 /// *with* 52-bit addresses, still supported.)
 pub fn tcr_el1(id_aa64mmfr0: u64, upper: bool) -> Result<u64, MmuError> {
-    let mmfr0 =
-        tock_registers::LocalRegisterCopy::<u64, ID_AA64MMFR0_EL1::Register>::new(id_aa64mmfr0);
+    let mmfr0 = tock_registers::LocalRegisterCopy::<u64, ID_AA64MMFR0_EL1::Register>::new(id_aa64mmfr0);
     if mmfr0.read(ID_AA64MMFR0_EL1::TGran4) == TGRAN4_NOT_SUPPORTED {
         return Err(MmuError::GranuleUnsupported);
     }
     // PARange and IPS share encodings 0 (32 bits) to 5 (48 bits).
     let ips = mmfr0.read(ID_AA64MMFR0_EL1::PARange).min(0b101);
     let t_sz = 64 - u64::from(VA_BITS);
-    let walks1 = if upper {
-        TCR_EL1::EPD1::EnableTTBR1Walks
-    } else {
-        TCR_EL1::EPD1::DisableTTBR1Walks
-    };
+    let walks1 = if upper { TCR_EL1::EPD1::EnableTTBR1Walks } else { TCR_EL1::EPD1::DisableTTBR1Walks };
     Ok((TCR_EL1::T0SZ.val(t_sz)
         + TCR_EL1::T1SZ.val(t_sz)
         + TCR_EL1::TG0::KiB_4
@@ -132,8 +127,7 @@ pub fn tcr_el1(id_aa64mmfr0: u64, upper: bool) -> Result<u64, MmuError> {
 /// The `SCTLR_EL1` bits [`enable`] sets: MMU on, data and instruction caches on, and
 /// `WXN` (any writable page is also execute-never: W^X enforced by the hardware too).
 pub fn sctlr_el1_enable_bits() -> u64 {
-    (SCTLR_EL1::M::Enable + SCTLR_EL1::C::Cacheable + SCTLR_EL1::I::Cacheable + SCTLR_EL1::WXN::Enable)
-        .value
+    (SCTLR_EL1::M::Enable + SCTLR_EL1::C::Cacheable + SCTLR_EL1::I::Cacheable + SCTLR_EL1::WXN::Enable).value
 }
 
 fn read_id_aa64mmfr0() -> u64 {
@@ -167,8 +161,7 @@ fn read_id_aa64mmfr0() -> u64 {
 /// [`VaRange::Upper`] one; [`MmuError::GranuleUnsupported`] when the CPU lacks 4 KiB granules.
 /// Nothing is written on error.
 pub unsafe fn enable(lower: &PageTable, upper: Option<&PageTable>) -> Result<(), MmuError> {
-    if lower.va_range() != VaRange::Lower || upper.is_some_and(|u| u.va_range() != VaRange::Upper)
-    {
+    if lower.va_range() != VaRange::Lower || upper.is_some_and(|u| u.va_range() != VaRange::Upper) {
         return Err(MmuError::WrongVaRange);
     }
     let tcr = tcr_el1(read_id_aa64mmfr0(), upper.is_some())?;
@@ -240,7 +233,8 @@ mod tests {
     #[test]
     fn tlbi_operand_keeps_va_55_12() {
         assert_eq!(tlbi_operand(0x4000_0fff), 0x4_0000);
-        assert_eq!(tlbi_operand(0xffff_8000_0000_1000), 0xf_8000_0000_1);
+        // VA[55:48] of an upper-half address are kept (0xff), VA[63:56] dropped.
+        assert_eq!(tlbi_operand(0xffff_8000_0000_1000), 0xff8_0000_0001);
         assert_eq!(tlbi_operand(u64::MAX), (1 << 44) - 1);
     }
 }

@@ -114,25 +114,13 @@ pub struct Attributes {
 
 impl Attributes {
     /// Kernel text: cacheable RAM, read + execute.
-    pub const CODE: Self = Self {
-        memory: MemoryType::NormalCacheable,
-        permissions: Permissions::ReadExecute,
-    };
+    pub const CODE: Self = Self { memory: MemoryType::NormalCacheable, permissions: Permissions::ReadExecute };
     /// Read-only data: cacheable RAM, read only, never executable.
-    pub const RODATA: Self = Self {
-        memory: MemoryType::NormalCacheable,
-        permissions: Permissions::ReadOnly,
-    };
+    pub const RODATA: Self = Self { memory: MemoryType::NormalCacheable, permissions: Permissions::ReadOnly };
     /// Data, bss, heap, stacks, vmalloc: cacheable RAM, read + write, never executable.
-    pub const DATA: Self = Self {
-        memory: MemoryType::NormalCacheable,
-        permissions: Permissions::ReadWrite,
-    };
+    pub const DATA: Self = Self { memory: MemoryType::NormalCacheable, permissions: Permissions::ReadWrite };
     /// MMIO registers: Device-nGnRE, read + write, never executable.
-    pub const DEVICE: Self = Self {
-        memory: MemoryType::DeviceNGnRE,
-        permissions: Permissions::ReadWrite,
-    };
+    pub const DEVICE: Self = Self { memory: MemoryType::DeviceNGnRE, permissions: Permissions::ReadWrite };
 
     /// Attributes of the given memory type and permissions.
     ///
@@ -204,13 +192,7 @@ mod tests {
             let r = Attributes::new(m, Permissions::ReadExecute);
             assert_eq!(r.is_err(), m.is_device(), "{m:?}");
         }
-        assert_eq!(
-            Attributes::DEVICE.with_permissions(Permissions::ReadExecute),
-            Err(MmuError::ExecutableDevice)
-        );
-        assert_eq!(
-            Attributes::DATA.with_permissions(Permissions::ReadOnly),
-            Ok(Attributes::RODATA)
-        );
+        assert_eq!(Attributes::DEVICE.with_permissions(Permissions::ReadExecute), Err(MmuError::ExecutableDevice));
+        assert_eq!(Attributes::DATA.with_permissions(Permissions::ReadOnly), Ok(Attributes::RODATA));
     }
 }

@@ -15,6 +15,7 @@ use core::fmt;
 use tock_registers::{register_bitfields, LocalRegisterCopy};
 
 use super::attr::{Attributes, MemoryType, Permissions};
+use super::table::level_size;
 use crate::addr::PhysAddr;
 
 register_bitfields! [u64,
@@ -103,12 +104,7 @@ impl Descriptor {
     /// 2^48; the walker checks both before calling). No hierarchical restrictions.
     pub fn new_table(next: PhysAddr) -> Self {
         debug_assert!(next.is_page_aligned() && next.as_u64() < PA_LIMIT);
-        Self(
-            (STAGE1::VALID::SET
-                + STAGE1::TYPE::TableOrPage
-                + STAGE1::OUTPUT_ADDR.val(next.as_u64() >> 12))
-            .value,
-        )
+        Self((STAGE1::VALID::SET + STAGE1::TYPE::TableOrPage + STAGE1::OUTPUT_ADDR.val(next.as_u64() >> 12)).value)
     }
 
     /// A leaf descriptor at `level` (1 or 2: block, 3: page) mapping `phys`, which must be
@@ -119,11 +115,7 @@ impl Descriptor {
     pub fn new_leaf(level: usize, phys: PhysAddr, attributes: Attributes) -> Self {
         debug_assert!((1..=3).contains(&level));
         debug_assert!(phys.as_u64() < PA_LIMIT);
-        let kind = if level == 3 {
-            STAGE1::TYPE::TableOrPage
-        } else {
-            STAGE1::TYPE::Block
-        };
+        let kind = if level == 3 { STAGE1::TYPE::TableOrPage } else { STAGE1::TYPE::Block };
         let bits = STAGE1::VALID::SET
             + kind
             + STAGE1::ATTR_INDX.val(attributes.memory_type().mair_index())
@@ -161,7 +153,8 @@ impl Descriptor {
         match (level, table_or_page) {
             (0..=2, true) => Entry::Table(self.output_address()),
             (1 | 2, false) | (3, true) => Entry::Leaf {
-                phys: self.output_address(),
+                // Below the level's span the address bits are RES0: the MMU ignores them.
+                phys: PhysAddr::new(self.0 & OUTPUT_ADDR_MASK & !(level_size(level) - 1)),
                 attributes: self.leaf_attributes(),
             },
             // A block at level 0, or a block encoding at level 3: reserved, faults.
@@ -201,11 +194,7 @@ impl fmt::Debug for Descriptor {
 mod tests {
     use super::*;
 
-    const PERMS: [Permissions; 3] = [
-        Permissions::ReadOnly,
-        Permissions::ReadWrite,
-        Permissions::ReadExecute,
-    ];
+    const PERMS: [Permissions; 3] = [Permissions::ReadOnly, Permissions::ReadWrite, Permissions::ReadExecute];
 
     #[test]
     fn kernel_data_page_matches_a_hand_encoding() {
@@ -227,14 +216,12 @@ mod tests {
         for level in 1..=3 {
             for m in MemoryType::ALL {
                 for p in PERMS {
-                    let Ok(a) = Attributes::new(m, p) else { continue };
+                    let Ok(a) = Attributes::new(m, p) else {
+                        continue;
+                    };
                     let pa = PhysAddr::new(0x0000_fff0_0000_0000);
                     let d = Descriptor::new_leaf(level, pa, a);
-                    assert_eq!(
-                        d.decode(level),
-                        Entry::Leaf { phys: pa, attributes: Some(a) },
-                        "{level} {a}"
-                    );
+                    assert_eq!(d.decode(level), Entry::Leaf { phys: pa, attributes: Some(a) }, "{level} {a}");
                     for q in PERMS {
                         if let Ok(b) = a.with_permissions(q) {
                             let e = d.with_permissions(q).decode(level);
@@ -259,10 +246,10 @@ mod tests {
         assert_eq!(Descriptor::from_raw(0x4000_0702).decode(3), Entry::Invalid);
         // Writable and executable: mapped, but not attributes we could have written.
         let wx = Descriptor::from_raw(page.raw() & !(1 << 53));
-        assert_eq!(
-            wx.decode(3),
-            Entry::Leaf { phys: PhysAddr::new(0x1000), attributes: None }
-        );
+        assert_eq!(wx.decode(3), Entry::Leaf { phys: PhysAddr::new(0x1000), attributes: None });
+        // Address bits below a block's span are RES0 and do not take part in translation.
+        let sloppy = Descriptor::from_raw(block.raw() | 0x1f_f000);
+        assert!(matches!(sloppy.decode(2), Entry::Leaf { phys, .. } if phys == PhysAddr::new(0x20_0000)));
         // An unprogrammed MAIR slot.
         let slot7 = Descriptor::from_raw(page.raw() | (7 << 2));
         assert!(matches!(slot7.decode(3), Entry::Leaf { attributes: None, .. }));

@@ -179,9 +179,7 @@ impl Source<'_> {
     fn pa(&self, va: u64) -> Option<PhysAddr> {
         match *self {
             Source::Contiguous { va0, pa0 } => Some(PhysAddr::new(pa0 + (va - va0))),
-            Source::Frames { va0, frames } => {
-                frames.get(((va - va0) / PAGE_SIZE as u64) as usize).copied()
-            }
+            Source::Frames { va0, frames } => frames.get(((va - va0) / PAGE_SIZE as u64) as usize).copied(),
         }
     }
 
@@ -206,11 +204,7 @@ impl PageTable {
     ///
     /// # Errors
     /// [`MmuError::OutOfMemory`] or [`MmuError::BadTablePage`] from the allocator.
-    pub fn new(
-        linear: LinearMap,
-        va_range: VaRange,
-        alloc: &mut impl TableAlloc,
-    ) -> Result<Self, MmuError> {
+    pub fn new(linear: LinearMap, va_range: VaRange, alloc: &mut impl TableAlloc) -> Result<Self, MmuError> {
         let mut table = Self { root: PhysAddr::new(0), linear, va_range, tables: 0 };
         table.root = table.take_table(alloc)?;
         table.zero_table(table.root);
@@ -278,9 +272,7 @@ impl PageTable {
         attributes: Attributes,
         alloc: &mut impl TableAlloc,
     ) -> Result<(), MmuError> {
-        let size = (frames.len() as u64)
-            .checked_mul(PAGE_SIZE as u64)
-            .ok_or(MmuError::Addr(AddrError::Overflow))?;
+        let size = (frames.len() as u64).checked_mul(PAGE_SIZE as u64).ok_or(MmuError::Addr(AddrError::Overflow))?;
         let span = self.span(start, size)?;
         for &frame in frames {
             if !frame.is_page_aligned() {
@@ -309,14 +301,32 @@ impl PageTable {
     /// [`MmuError::WouldSplitBlock`] when `virt` covers only part of a block. On error nothing
     /// has changed.
     pub unsafe fn unmap(&mut self, virt: VirtRange) -> Result<u64, MmuError> {
+        let mut pages = 0;
+        // SAFETY: the caller's promise, passed on unchanged.
+        unsafe { self.unmap_with(virt, |_, _, bytes| pages += bytes / PAGE_SIZE as u64) }?;
+        Ok(pages)
+    }
+
+    /// As [`PageTable::unmap`], calling `on_leaf(va, pa, bytes)` for each page or block as it
+    /// is cleared, in ascending order: how vfree learns which frames to free without a
+    /// second walk.
+    ///
+    /// # Safety
+    /// As [`PageTable::unmap`].
+    ///
+    /// # Errors
+    /// As [`PageTable::unmap`]; on error `on_leaf` has not been called.
+    pub unsafe fn unmap_with<F: FnMut(VirtAddr, PhysAddr, u64)>(
+        &mut self,
+        virt: VirtRange,
+        mut on_leaf: F,
+    ) -> Result<(), MmuError> {
         let span = self.span(virt.start(), virt.size())?;
         let root = self.root;
-        let mut pages = 0;
-        self.unmap_level(false, root, ROOT_LEVEL, span, &mut pages)?;
-        pages = 0;
-        self.unmap_level(true, root, ROOT_LEVEL, span, &mut pages)?;
+        self.unmap_level::<F>(None, root, ROOT_LEVEL, span)?;
+        self.unmap_level(Some(&mut on_leaf), root, ROOT_LEVEL, span)?;
         arch::publish_descriptors();
-        Ok(pages)
+        Ok(())
     }
 
     /// Give every page and block in `virt` the permissions `permissions`, keeping its output
@@ -334,11 +344,7 @@ impl PageTable {
     /// [`MmuError::ExecutableDevice`] when asking for execute on device memory;
     /// [`MmuError::ForeignDescriptor`] on a leaf whose bits this module did not write.
     /// On error nothing has changed.
-    pub unsafe fn protect(
-        &mut self,
-        virt: VirtRange,
-        permissions: Permissions,
-    ) -> Result<(), MmuError> {
+    pub unsafe fn protect(&mut self, virt: VirtRange, permissions: Permissions) -> Result<(), MmuError> {
         let span = self.span(virt.start(), virt.size())?;
         let root = self.root;
         self.protect_level(false, root, ROOT_LEVEL, span, permissions)?;
@@ -388,7 +394,7 @@ impl PageTable {
         if size == 0 {
             return Err(MmuError::Addr(AddrError::Empty));
         }
-        if !start.is_page_aligned() || size % PAGE_SIZE as u64 != 0 {
+        if !start.is_page_aligned() || !size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MmuError::Addr(AddrError::Misaligned));
         }
         // The end must be representable: a `VirtRange` cannot end at 2^64, so the last page
@@ -457,10 +463,7 @@ impl PageTable {
             let index = index_at(va, level);
             let whole = va & (size - 1) == 0 && last - va == size - 1;
             let leaf_here = level == PAGE_LEVEL
-                || (level >= 1
-                    && whole
-                    && policy == BlockPolicy::AllowBlocks
-                    && src.can_use_block(va, size));
+                || (level >= 1 && whole && policy == BlockPolicy::AllowBlocks && src.can_use_block(va, size));
             let current = match table {
                 Some(t) => self.read(t, index).decode(level),
                 None => Entry::Invalid,
@@ -503,13 +506,13 @@ impl PageTable {
         }
     }
 
-    fn unmap_level(
+    /// Plan (`apply` is `None`: only check) or apply (clear, then report to `apply`).
+    fn unmap_level<F: FnMut(VirtAddr, PhysAddr, u64)>(
         &mut self,
-        apply: bool,
+        mut apply: Option<&mut F>,
         table: PhysAddr,
         level: usize,
         span: Span,
-        pages: &mut u64,
     ) -> Result<(), MmuError> {
         let size = level_size(level);
         let mut va = span.first;
@@ -519,16 +522,17 @@ impl PageTable {
             match self.read(table, index).decode(level) {
                 Entry::Invalid => {}
                 Entry::Table(next) => {
-                    self.unmap_level(apply, next, level + 1, Span { first: va, last }, pages)?;
+                    let sub = Span { first: va, last };
+                    self.unmap_level(apply.as_deref_mut(), next, level + 1, sub)?;
                 }
-                Entry::Leaf { .. } => {
+                Entry::Leaf { phys, .. } => {
                     if va & (size - 1) != 0 || last - va != size - 1 {
                         return Err(MmuError::WouldSplitBlock(VirtAddr::new(va)));
                     }
-                    if apply {
+                    if let Some(on_leaf) = apply.as_deref_mut() {
                         self.write(table, index, Descriptor::INVALID);
+                        on_leaf(VirtAddr::new(va), phys, size);
                     }
-                    *pages += size / PAGE_SIZE as u64;
                 }
             }
             if last == span.last {

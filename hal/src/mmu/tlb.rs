@@ -47,11 +47,7 @@ pub enum FlushKind {
 /// [`MAX_PAGE_INVALIDATIONS`], otherwise all at once. `pages` is the caller's count of the
 /// pages in `ranges`; it only chooses the method (a wrong count costs time, not safety, as
 /// long as it is not zero for a non-empty list).
-pub fn flush<T: Tlb + ?Sized>(
-    tlb: &T,
-    pages: u64,
-    ranges: &mut dyn Iterator<Item = VirtRange>,
-) -> FlushKind {
+pub fn flush<T: Tlb + ?Sized>(tlb: &T, pages: u64, ranges: &mut dyn Iterator<Item = VirtRange>) -> FlushKind {
     if pages == 0 {
         FlushKind::Nothing
     } else if pages <= MAX_PAGE_INVALIDATIONS {
@@ -210,8 +206,7 @@ mod tests {
     #[test]
     fn a_range_ending_at_the_top_of_the_address_space_terminates() {
         // VirtRange cannot end at 2^64, but the last page boundary below it can be reached.
-        let top = VirtRange::from_bounds(VirtAddr::new(u64::MAX - 0x1fff), VirtAddr::new(u64::MAX))
-            .unwrap();
+        let top = VirtRange::from_bounds(VirtAddr::new(u64::MAX - 0x1fff), VirtAddr::new(u64::MAX)).unwrap();
         let tlb = RecordingTlb::new();
         tlb.invalidate_pages(&mut core::iter::once(top));
         assert_eq!(tlb.counts().pages, 2);
