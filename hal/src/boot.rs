@@ -223,7 +223,7 @@ pub fn log_platform(info: &BootInfo) {
     log::info!("DTB      {:#012x}-{:#012x} ({} KiB)", p.dtb.start(), p.dtb.end().as_u64(), p.dtb.size() >> 10);
     let i = &info.image;
     log::info!(
-        "hal: image    {:#012x}-{:#012x} (text {} KiB, rodata {} KiB, data+bss {} KiB, stacks {} KiB)",
+        "image    {:#012x}-{:#012x} (text {} KiB, rodata {} KiB, data+bss {} KiB, stacks {} KiB)",
         i.whole.start(),
         i.whole.end().as_u64(),
         i.text.size() >> 10,

@@ -351,12 +351,13 @@ pub fn report(frame: &TrapFrame, kind: u64, out: &mut dyn fmt::Write) {
     if matches!(fault.class(), ExceptionClass::DataAbort | ExceptionClass::InstructionAbort) {
         if let Some(name) = guard_region_name(frame.far) {
             let _ = writeln!(out, "*** {name} (fault address {:#x} is in its guard page)", frame.far);
+        } else {
+            let _ = write!(out, "*** ");
+            if !explain(frame.far, out) {
+                let _ = write!(out, "no owner known for {:#x}", frame.far);
+            }
+            let _ = writeln!(out);
         }
-        let _ = write!(out, "*** ");
-        if !explain(frame.far, out) {
-            let _ = write!(out, "no owner known for {:#x}", frame.far);
-        }
-        let _ = writeln!(out);
     }
     let _ = writeln!(out, "    ELR {:#018x}  SPSR {:#010x}  SP_EL0 {:#018x}", frame.elr, frame.spsr, frame.sp_el0);
     for row in 0..8 {

@@ -1,7 +1,202 @@
-//! The kernel address space built at boot (placeholder until the MMU layer lands: the
-//! image runs with the MMU off).
+//! The kernel address space, built at boot from the device tree and `link.ld`.
+//!
+//! ```text
+//!  TTBR0 (lower half): identity map, VA == PA
+//!  0x0000_0000_0000_0000  ┌──────────────────────────────┐
+//!                         │ unmapped (page 0 and up)     │
+//!  uart page              ├──────────────────────────────┤ Device-nGnRE, RW, XN (early console)
+//!                         │ unmapped                     │
+//!  RAM start              ├──────────────────────────────┤ Normal WB, RW, XN — 1 GiB / 2 MiB blocks
+//!  image start            ├──────────────────────────────┤
+//!                         │ .text          R X           │
+//!                         │ .rodata        R   XN        │
+//!                         │ .data .bss     RW  XN        │
+//!                         │ boot tables    RW  XN        │
+//!                         │ guard page     unmapped      │
+//!                         │ boot stack     RW  XN        │
+//!                         │ guard page     unmapped      │
+//!                         │ exception stk  RW  XN        │
+//!  image end              ├──────────────────────────────┤ Normal WB, RW, XN
+//!  RAM end                └──────────────────────────────┘
+//!
+//!  TTBR1 (upper half): the vmalloc / ioremap window, filled by `memory`
+//!  VMALLOC_START 0xffff_0000_0000_0000 … VMALLOC_END 0xffff_ffff_fe00_0000
+//! ```
+//!
+//! The image runs from its place in the linear map (identity), so the only mapping of its
+//! text is its own, read-only and executable: no writable alias of code exists anywhere.
+//! Everything else is execute-never (and `SCTLR_EL1.WXN` is set).
 
-use crate::boot::BootInfo;
+use crate::addr::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
+use crate::boot::{BootInfo, ImageLayout};
+use crate::linear::LinearMap;
+use crate::mmu::{Attributes, BlockPolicy, MmuError, PageTable, TableAlloc, VaRange};
+use spin::{Mutex, Once};
 
-/// Builds the kernel tables and turns the MMU on.
-pub fn init(_info: &BootInfo) {}
+/// First address of the vmalloc / ioremap window (upper half, `TTBR1_EL1`).
+pub const VMALLOC_START: u64 = 0xffff_0000_0000_0000;
+/// First address past the vmalloc / ioremap window. The top 32 MiB of the address space
+/// stay unused so that no range end computation can reach 2^64.
+pub const VMALLOC_END: u64 = 0xffff_ffff_fe00_0000;
+
+/// The kernel's translation tables.
+#[derive(Debug)]
+pub struct KernelSpace {
+    /// The identity-mapped lower half: RAM, the image, early devices.
+    pub lower: PageTable,
+    /// The upper half: the vmalloc/ioremap window.
+    pub upper: PageTable,
+    /// How physical memory is reached (identity over RAM).
+    pub linear: LinearMap,
+}
+
+static KERNEL: Once<Mutex<KernelSpace>> = Once::new();
+static LINEAR: Once<LinearMap> = Once::new();
+static BOOT_TABLES_USED: Once<PhysRange> = Once::new();
+
+/// The kernel's tables, once [`init`] has turned the MMU on.
+pub fn kernel_space() -> Option<&'static Mutex<KernelSpace>> {
+    KERNEL.get()
+}
+
+/// The linear map of RAM, once [`init`] has run.
+pub fn linear_map() -> Option<LinearMap> {
+    LINEAR.get().copied()
+}
+
+/// The boot-table pages handed out at boot (reserved from the frame allocator).
+pub fn boot_tables_used() -> Option<PhysRange> {
+    BOOT_TABLES_USED.get().copied()
+}
+
+/// Hands out pages of the `link.ld` boot-table region, never frees them.
+pub struct BumpTableAlloc {
+    next: u64,
+    end: u64,
+    /// Pages handed out.
+    pub used: usize,
+}
+
+impl BumpTableAlloc {
+    /// A bump allocator over `region` (page aligned).
+    pub const fn new(region: PhysRange) -> Self {
+        Self { next: region.start().as_u64(), end: region.end().as_u64(), used: 0 }
+    }
+}
+
+// SAFETY: every page handed out is a distinct, page-aligned page of the region, which
+// link.ld reserves for this purpose only, and is never handed out twice.
+unsafe impl TableAlloc for BumpTableAlloc {
+    fn alloc_table(&mut self) -> Option<PhysAddr> {
+        if self.next + PAGE_SIZE as u64 > self.end {
+            return None;
+        }
+        let pa = PhysAddr::new(self.next);
+        self.next += PAGE_SIZE as u64;
+        self.used += 1;
+        Some(pa)
+    }
+
+    unsafe fn free_table(&mut self, _page: PhysAddr) {
+        // Boot tables stay for the program's lifetime.
+    }
+}
+
+fn boot_table_region() -> PhysRange {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        unsafe extern "C" {
+            static __boot_tables_start: u8;
+            static __boot_tables_end: u8;
+        }
+        // SAFETY: only the addresses of the linker symbols are taken.
+        let (s, e) = unsafe { (&__boot_tables_start as *const u8 as u64, &__boot_tables_end as *const u8 as u64) };
+        PhysRange::from_bounds(PhysAddr::new(s), PhysAddr::new(e)).expect("link.ld boot tables")
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        PhysRange::new(PhysAddr::new(0x4030_0000), 64 * PAGE_SIZE as u64).expect("constant range")
+    }
+}
+
+fn identity(range: PhysRange) -> VirtRange {
+    VirtRange::new(VirtAddr::new(range.start().as_u64()), range.size()).expect("a PhysRange is a valid VirtRange")
+}
+
+/// Maps `ram` minus the image's extent as data, using blocks where possible.
+fn map_ram_around_image(
+    table: &mut PageTable,
+    ram: PhysRange,
+    image: &ImageLayout,
+    alloc: &mut BumpTableAlloc,
+) -> Result<(), MmuError> {
+    let (is, ie) = (image.whole.start().as_u64(), image.whole.end().as_u64());
+    let (rs, re) = (ram.start().as_u64(), ram.end().as_u64());
+    let pieces = [(rs, is.min(re).max(rs)), (ie.max(rs).min(re), re)];
+    for (s, e) in pieces {
+        if let Ok(r) = PhysRange::from_bounds(PhysAddr::new(s), PhysAddr::new(e)) {
+            table.map(identity(r), r.start(), Attributes::DATA, BlockPolicy::AllowBlocks, alloc)?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the kernel tables (see the module docs) without touching the MMU.
+///
+/// # Errors
+/// An [`MmuError`] when a mapping is refused or the boot-table region runs out.
+pub fn build(info: &BootInfo, linear: LinearMap, alloc: &mut BumpTableAlloc) -> Result<KernelSpace, MmuError> {
+    let mut lower = PageTable::new(linear, VaRange::Lower, alloc)?;
+    let upper = PageTable::new(linear, VaRange::Upper, alloc)?;
+    let img = &info.image;
+    for ram in info.platform.ram.iter() {
+        map_ram_around_image(&mut lower, ram, img, alloc)?;
+    }
+    let pages = BlockPolicy::PagesOnly;
+    lower.map(identity(img.text), img.text.start(), Attributes::CODE, pages, alloc)?;
+    lower.map(identity(img.rodata), img.rodata.start(), Attributes::RODATA, pages, alloc)?;
+    // .data, .bss and the boot tables (everything up to the boot stack's guard page).
+    lower.map(identity(img.data), img.data.start(), Attributes::DATA, pages, alloc)?;
+    lower.map(identity(img.boot_stack), img.boot_stack.start(), Attributes::DATA, pages, alloc)?;
+    lower.map(identity(img.exception_stack), img.exception_stack.start(), Attributes::DATA, pages, alloc)?;
+    if let Some(uart) = info.platform.uart {
+        let page = PhysRange::covering_pages(uart.start(), uart.size())?;
+        lower.map(identity(page), page.start(), Attributes::DEVICE, pages, alloc)?;
+    }
+    Ok(KernelSpace { lower, upper, linear })
+}
+
+/// Builds the kernel address space and turns the MMU on with caches. Called once by boot.
+pub fn init(info: &BootInfo) {
+    let Some(ram0) = info.platform.ram.iter().next() else { return };
+    // One window over every RAM region: from the lowest start to the highest end. The walker
+    // only touches table pages, which are in RAM.
+    let lo = info.platform.ram.iter().map(|r| r.start().as_u64()).min().unwrap_or(ram0.start().as_u64());
+    let hi = info.platform.ram.iter().map(|r| r.end().as_u64()).max().unwrap_or(ram0.end().as_u64());
+    let window = PhysRange::from_bounds(PhysAddr::new(lo), PhysAddr::new(hi)).expect("RAM bounds");
+    // SAFETY: VA == PA for all of RAM: with the MMU off by construction, and after `enable`
+    // because `build` maps RAM at its physical address.
+    let linear = unsafe { LinearMap::new(window, VirtAddr::new(lo)) };
+    let region = boot_table_region();
+    let mut alloc = BumpTableAlloc::new(region);
+    let space = match build(info, linear, &mut alloc) {
+        Ok(space) => space,
+        Err(e) => panic!("kernel address space: {e}"),
+    };
+    // SAFETY: `build` maps the code, stacks, data and console at their current (physical)
+    // addresses with fitting permissions, so every access after the switch translates to
+    // what it did before; the tables live in the reserved boot-table region for good.
+    if let Err(e) = unsafe { crate::mmu::arch::enable(&space.lower, Some(&space.upper)) } {
+        panic!("MMU enable: {e}");
+    }
+    let used = PhysRange::new(region.start(), (alloc.used * PAGE_SIZE) as u64).ok();
+    if let Some(used) = used {
+        BOOT_TABLES_USED.call_once(|| used);
+    }
+    LINEAR.call_once(|| linear);
+    log::info!(
+        "MMU on: 4 KiB granule, 48-bit VA; {} boot table pages; text RX, rodata R, data RW+XN, stack guards unmapped",
+        alloc.used
+    );
+    KERNEL.call_once(|| Mutex::new(space));
+}

@@ -76,6 +76,14 @@ macro_rules! test {
     };
 }
 
+static LAST_CAUGHT: spin::Mutex<Option<Caught>> = spin::Mutex::new(None);
+
+/// How the previous test that panicked or faulted ended (for a follow-up test that checks
+/// the details, e.g. that a stack overflow hit the guard page).
+pub fn last_caught() -> Option<Caught> {
+    *LAST_CAUGHT.lock()
+}
+
 /// Counts of one run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -100,6 +108,9 @@ pub fn run_tests(tests: &[Test]) -> Summary {
         // Printed before the test runs: if it hangs, qemu-run names it from this line.
         hal::print!("test {} ... ", t.name);
         let result = catch(t.run);
+        if let Err(c) = result {
+            *LAST_CAUGHT.lock() = Some(c);
+        }
         let ok = matches!(
             (t.expect, result),
             (Expect::Pass, Ok(())) | (Expect::Fault, Err(Caught::Fault(_))) | (Expect::Panic, Err(Caught::Panic))
