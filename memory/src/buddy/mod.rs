@@ -148,9 +148,7 @@ impl fmt::Display for BuddyError {
             BuddyError::Misaligned => f.write_str("address not aligned on its block size"),
             BuddyError::OutOfRange => f.write_str("address outside managed RAM"),
             BuddyError::Reserved => f.write_str("address in a reserved range"),
-            BuddyError::NotAllocated => {
-                f.write_str("frame is not the head of an allocated block (double free?)")
-            }
+            BuddyError::NotAllocated => f.write_str("frame is not the head of an allocated block (double free?)"),
             BuddyError::WrongOrder { allocated } => {
                 write!(f, "block was allocated with order {allocated}")
             }
@@ -201,13 +199,9 @@ impl FrameMap {
 
     /// The regions, in address order.
     pub fn regions(&self) -> impl Iterator<Item = PhysRange> + '_ {
-        self.regions[..self.len].iter().filter_map(|r| {
-            PhysRange::new(
-                PhysAddr::new(r.start_pfn << PAGE_SHIFT),
-                r.frames << PAGE_SHIFT,
-            )
-            .ok()
-        })
+        self.regions[..self.len]
+            .iter()
+            .filter_map(|r| PhysRange::new(PhysAddr::new(r.start_pfn << PAGE_SHIFT), r.frames << PAGE_SHIFT).ok())
     }
 
     /// The region holding frame `pfn`.
@@ -218,15 +212,12 @@ impl FrameMap {
         if pfn.wrapping_sub(first.start_pfn) < first.frames {
             return Some(first);
         }
-        self.regions[1..self.len]
-            .iter()
-            .find(|r| pfn.wrapping_sub(r.start_pfn) < r.frames)
+        self.regions[1..self.len].iter().find(|r| pfn.wrapping_sub(r.start_pfn) < r.frames)
     }
 
     #[inline(always)]
     fn index_of_pfn(&self, pfn: u64) -> Option<usize> {
-        self.region_of(pfn)
-            .map(|r| r.index + (pfn - r.start_pfn) as usize)
+        self.region_of(pfn).map(|r| r.index + (pfn - r.start_pfn) as usize)
     }
 }
 
@@ -259,6 +250,21 @@ impl FrameTags {
         Some(unsafe { &*self.base.add(idx) })
     }
 
+    /// The tags of `frames` consecutive frames from the one holding `pa`, or `None` unless
+    /// they all lie in one region.
+    #[inline]
+    pub fn tags(&self, pa: PhysAddr, frames: usize) -> Option<&[AtomicU8]> {
+        let pfn = pa.as_u64() >> PAGE_SHIFT;
+        let r = self.map.region_of(pfn)?;
+        let first = pfn - r.start_pfn;
+        if first + frames as u64 > r.frames {
+            return None;
+        }
+        // SAFETY: `[r.index + first, + frames)` lies inside the region's part of the tag
+        // array, which stays reserved for the tags (see `tag`).
+        Some(unsafe { core::slice::from_raw_parts(self.base.add(r.index + first as usize), frames) })
+    }
+
     /// The frame map the tags are indexed by.
     pub fn frame_map(&self) -> &FrameMap {
         &self.map
@@ -287,9 +293,7 @@ pub struct BuddyStats {
 impl BuddyStats {
     /// The free-block counts in the format of Linux's `/proc/buddyinfo`.
     pub fn buddyinfo(&self) -> BuddyInfo {
-        BuddyInfo {
-            free_blocks: self.free_blocks,
-        }
+        BuddyInfo { free_blocks: self.free_blocks }
     }
 }
 
@@ -430,11 +434,7 @@ impl BuddyAllocator {
                 infos[i] = infos[i - 1];
                 i -= 1;
             }
-            infos[i] = RegionInfo {
-                start_pfn: s,
-                frames: e - s,
-                index: 0,
-            };
+            infos[i] = RegionInfo { start_pfn: s, frames: e - s, index: 0 };
             len += 1;
         }
         if len == 0 {
@@ -448,28 +448,18 @@ impl BuddyAllocator {
             infos[i].index = frames;
             frames += infos[i].frames as usize;
         }
-        let map = FrameMap {
-            regions: infos,
-            len,
-            frames,
-        };
+        let map = FrameMap { regions: infos, len, frames };
 
         // Carve the metadata: the lowest page-aligned stretch of a region that touches
         // no reserved range.
         let meta_frames = (frames * METADATA_BYTES_PER_FRAME).div_ceil(PAGE_SIZE) as u64;
-        let meta_start = Self::find_metadata_room(&map, reserved, meta_frames)
-            .ok_or(BuddyError::NoRoomForMetadata)?;
-        let meta = PhysRange::new(
-            PhysAddr::new(meta_start << PAGE_SHIFT),
-            meta_frames << PAGE_SHIFT,
-        )
-        .map_err(|_| BuddyError::NoRoomForMetadata)?;
+        let meta_start = Self::find_metadata_room(&map, reserved, meta_frames).ok_or(BuddyError::NoRoomForMetadata)?;
+        let meta = PhysRange::new(PhysAddr::new(meta_start << PAGE_SHIFT), meta_frames << PAGE_SHIFT)
+            .map_err(|_| BuddyError::NoRoomForMetadata)?;
 
         let window_start = linear.phys_range().start();
-        let va_delta = linear
-            .phys_to_virt(window_start)
-            .map_or(0, VirtAddr::as_u64)
-            .wrapping_sub(window_start.as_u64());
+        let va_delta =
+            linear.phys_to_virt(window_start).map_or(0, VirtAddr::as_u64).wrapping_sub(window_start.as_u64());
         let state = (meta.start().as_u64().wrapping_add(va_delta)) as usize as *mut u8;
         let mut alloc = BuddyAllocator {
             map,
@@ -534,9 +524,7 @@ impl BuddyAllocator {
                     let idx = r.index + (lo - r.start_pfn) as usize;
                     // SAFETY: `[lo, hi)` lies inside region `r`, so the indices are
                     // inside the state array.
-                    unsafe {
-                        core::ptr::write_bytes(self.state.add(idx), ST_NONE, (hi - lo) as usize)
-                    };
+                    unsafe { core::ptr::write_bytes(self.state.add(idx), ST_NONE, (hi - lo) as usize) };
                 }
             }
         };
@@ -566,13 +554,7 @@ impl BuddyAllocator {
                 let (s, e) = (r.start_pfn + run_start, r.start_pfn + i);
                 if self.strict {
                     // SAFETY: usable frames of a region, owned by the allocator.
-                    unsafe {
-                        core::ptr::write_bytes(
-                            self.va::<u8>(s),
-                            POISON_BYTE,
-                            ((e - s) as usize) << PAGE_SHIFT,
-                        )
-                    };
+                    unsafe { core::ptr::write_bytes(self.va::<u8>(s), POISON_BYTE, ((e - s) as usize) << PAGE_SHIFT) };
                 }
                 let mut p = s;
                 while p < e {
@@ -730,11 +712,7 @@ impl BuddyAllocator {
         self.set_state(idx, ST_ALLOC | order as u8);
         self.free_pages -= 1 << order;
         if self.strict {
-            self.check_poison(
-                pfn,
-                ((1usize << order) << PAGE_SHIFT) - NODE_BYTES,
-                NODE_BYTES,
-            );
+            self.check_poison(pfn, ((1usize << order) << PAGE_SHIFT) - NODE_BYTES, NODE_BYTES);
         }
         Ok(PhysAddr::new(pfn << PAGE_SHIFT))
     }
@@ -746,13 +724,7 @@ impl BuddyAllocator {
     pub fn alloc_zeroed(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
         let pa = self.alloc(order)?;
         // SAFETY: the block was just allocated: the allocator owns it until it returns.
-        unsafe {
-            core::ptr::write_bytes(
-                self.va::<u8>(pa.as_u64() >> PAGE_SHIFT),
-                0,
-                PAGE_SIZE << order,
-            )
-        };
+        unsafe { core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE << order) };
         Ok(pa)
     }
 
@@ -860,11 +832,7 @@ impl BuddyAllocator {
 
     /// Checks that `pa` heads an allocated block of `order`; returns its region.
     #[inline(always)]
-    fn check_allocated(
-        &self,
-        pa: PhysAddr,
-        order: usize,
-    ) -> Result<(RegionInfo, usize), BuddyError> {
+    fn check_allocated(&self, pa: PhysAddr, order: usize) -> Result<(RegionInfo, usize), BuddyError> {
         if order > MAX_ORDER {
             return Err(BuddyError::BadOrder);
         }
@@ -880,9 +848,7 @@ impl BuddyAllocator {
         }
         Err(match st {
             ST_NONE => BuddyError::Reserved,
-            s if s & ST_ALLOC != 0 => BuddyError::WrongOrder {
-                allocated: s & ST_ORDER,
-            },
+            s if s & ST_ALLOC != 0 => BuddyError::WrongOrder { allocated: s & ST_ORDER },
             _ => BuddyError::NotAllocated,
         })
     }
@@ -897,8 +863,13 @@ impl BuddyAllocator {
     /// - [`BuddyError::Reserved`]: `pa` in a reserved range or the metadata;
     /// - [`BuddyError::NotAllocated`]: `pa` is free (double free) or inside a block;
     /// - [`BuddyError::WrongOrder`]: the block was allocated with another order.
+    ///
+    /// # Safety
+    /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
+    /// program still reaches it through): the allocator writes to it and hands it out
+    /// again. The checks catch wrong addresses and orders, not memory still in use.
     #[inline]
-    pub fn free(&mut self, pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
+    pub unsafe fn free(&mut self, pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
         let (r, idx) = self.check_allocated(pa, order)?;
         self.free_checked(r, idx, pa.as_u64() >> PAGE_SHIFT, order);
         Ok(())
@@ -945,7 +916,12 @@ impl BuddyAllocator {
     /// # Errors
     /// The error of the first invalid entry (as [`Self::free`] with order 0); invalid
     /// entries are left as they were.
-    pub fn free_bulk(&mut self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
+    ///
+    /// # Safety
+    /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
+    /// program still reaches it through): the allocator writes to it and hands it out
+    /// again. The checks catch wrong addresses and orders, not memory still in use.
+    pub unsafe fn free_bulk(&mut self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
         let mut first_err = Ok(());
         for &pa in frames {
             match self.check_allocated(pa, 0) {
@@ -970,8 +946,14 @@ impl BuddyAllocator {
 
     /// Frees a frame from [`Self::alloc_table`]. An invalid frame is reported with
     /// `log::error!` and ignored. The [`TableAlloc`] implementation calls this.
-    pub fn free_table(&mut self, pa: PhysAddr) {
-        if let Err(e) = self.free(pa, 0) {
+    ///
+    /// # Safety
+    /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
+    /// program still reaches it through): the allocator writes to it and hands it out
+    /// again. The checks catch wrong addresses and orders, not memory still in use.
+    pub unsafe fn free_table(&mut self, pa: PhysAddr) {
+        // SAFETY: forwarded to our caller.
+        if let Err(e) = unsafe { self.free(pa, 0) } {
             log::error!("buddy: free_table({pa:#x}): {e}");
         }
     }
@@ -1016,10 +998,7 @@ impl BuddyAllocator {
     /// The per-frame owner tags (see [`FrameTags`]). The handle stays valid as long as
     /// the RAM the allocator was built over stays mapped (the contract of [`Self::new`]).
     pub fn frame_tags(&self) -> FrameTags {
-        FrameTags {
-            base: self.tags,
-            map: self.map,
-        }
+        FrameTags { base: self.tags, map: self.map }
     }
 
     /// A snapshot of the counters.
@@ -1037,9 +1016,7 @@ impl BuddyAllocator {
 
     /// The `/proc/buddyinfo` line.
     pub fn buddyinfo(&self) -> BuddyInfo {
-        BuddyInfo {
-            free_blocks: self.counts,
-        }
+        BuddyInfo { free_blocks: self.counts }
     }
 
     /// Walks every free list and the whole state array and checks that they agree:
@@ -1127,7 +1104,8 @@ unsafe impl TableAlloc for BuddyAllocator {
     }
 
     unsafe fn free_table(&mut self, page: PhysAddr) {
-        BuddyAllocator::free_table(self, page)
+        // SAFETY: the trait's contract: no table or walk cache refers to `page` any more.
+        unsafe { BuddyAllocator::free_table(self, page) }
     }
 }
 
@@ -1196,8 +1174,12 @@ pub fn alloc_zeroed_pages(order: usize) -> Result<PhysAddr, BuddyError> {
 ///
 /// # Errors
 /// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::free`].
-pub fn free_pages(pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
-    with(|a| a.free(pa, order))?
+///
+/// # Safety
+/// As [`BuddyAllocator::free`].
+pub unsafe fn free_pages(pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
+    // SAFETY: forwarded to our caller.
+    with(|a| unsafe { a.free(pa, order) })?
 }
 
 /// [`BuddyAllocator::alloc_bulk`] on the global allocator (one lock hold); 0 before
@@ -1210,8 +1192,12 @@ pub fn alloc_pages_bulk(out: &mut [PhysAddr]) -> usize {
 ///
 /// # Errors
 /// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::free_bulk`].
-pub fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
-    with(|a| a.free_bulk(frames))?
+///
+/// # Safety
+/// As [`BuddyAllocator::free_bulk`].
+pub unsafe fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
+    // SAFETY: forwarded to our caller.
+    with(|a| unsafe { a.free_bulk(frames) })?
 }
 
 /// The global allocator's counters, or `None` before [`init`].
@@ -1232,7 +1218,8 @@ unsafe impl TableAlloc for GlobalTableAlloc {
     }
 
     unsafe fn free_table(&mut self, page: PhysAddr) {
-        if with(|a| a.free_table(page)).is_err() {
+        // SAFETY: the trait's contract: no table or walk cache refers to `page` any more.
+        if with(|a| unsafe { a.free_table(page) }).is_err() {
             log::error!("buddy: free_table({page:#x}) before init");
         }
     }
@@ -1253,10 +1240,7 @@ impl Frames {
     /// # Errors
     /// As [`alloc_pages`].
     pub fn alloc(order: usize) -> Result<Self, BuddyError> {
-        Ok(Frames {
-            pa: alloc_pages(order)?,
-            order: order as u8,
-        })
+        Ok(Frames { pa: alloc_pages(order)?, order: order as u8 })
     }
 
     /// Allocates a block of `2^order` zeroed frames.
@@ -1264,10 +1248,7 @@ impl Frames {
     /// # Errors
     /// As [`alloc_pages`].
     pub fn alloc_zeroed(order: usize) -> Result<Self, BuddyError> {
-        Ok(Frames {
-            pa: alloc_zeroed_pages(order)?,
-            order: order as u8,
-        })
+        Ok(Frames { pa: alloc_zeroed_pages(order)?, order: order as u8 })
     }
 
     /// Physical address of the first frame.
@@ -1288,9 +1269,7 @@ impl Frames {
     /// The block's virtual address in the linear map.
     pub fn virt(&self) -> VirtAddr {
         // The global exists: `self` came from it.
-        global()
-            .and_then(|m| m.lock().linear.phys_to_virt(self.pa))
-            .unwrap_or_default()
+        global().and_then(|m| m.lock().linear.phys_to_virt(self.pa)).unwrap_or_default()
     }
 
     /// Gives up ownership without freeing; returns the physical address.
@@ -1306,16 +1285,14 @@ impl Frames {
     /// `pa` must head a block of `order` allocated from the global allocator, owned by
     /// the caller and not used after the returned value drops (which frees it).
     pub unsafe fn from_raw(pa: PhysAddr, order: usize) -> Self {
-        Frames {
-            pa,
-            order: order as u8,
-        }
+        Frames { pa, order: order as u8 }
     }
 }
 
 impl Drop for Frames {
     fn drop(&mut self) {
-        if let Err(e) = free_pages(self.pa, self.order as usize) {
+        // SAFETY: `self` owned the block, and ownership ends here.
+        if let Err(e) = unsafe { free_pages(self.pa, self.order as usize) } {
             log::error!("buddy: dropping Frames at {:#x}: {e}", self.pa);
         }
     }

@@ -78,6 +78,7 @@ pub(crate) fn global_lock() -> MutexGuard<'static, ()> {
         let linear = ram.leak();
         // SAFETY: the leaked buffer is used by nothing else, for the rest of the process.
         unsafe { crate::buddy::init(&[whole], &[], linear, false) }.unwrap();
+        crate::slab::init(false).unwrap();
     });
     g
 }

@@ -1,0 +1,1230 @@
+//! Small-object allocation: slab caches, `kmalloc`/`kfree`, and the kernel's
+//! [`GlobalAlloc`].
+//!
+//! # Caches
+//! A cache hands out objects of one size from *slabs*: buddy blocks of `2^order` frames
+//! (order 0 to [`MAX_SLAB_ORDER`]) cut into equal slots. `kmalloc` has one cache per size
+//! class ([`KMALLOC_SIZES`]: 8 to 2048 bytes, with 96 and 192 as Linux has); larger
+//! requests (or alignments above 2048) take whole buddy blocks of the right order. Named
+//! caches for fixed-size objects come from [`SlabAllocator::create_cache`] (or
+//! [`KmemCache::new`] on the global instance), like Linux's `kmem_cache_create`; they show
+//! in [`SlabAllocator::slabinfo`] next to the kmalloc caches.
+//!
+//! # Layout of a slab
+//! ```text
+//!  block start (aligned on the block size)
+//!  ┌────────────────────────────┬──────────┬──────────┬─────┬──────────┬───────┐
+//!  │ header: magic, in-use,      │ object 0 │ object 1 │ ... │ object n │ waste │
+//!  │ free-list head, list links, │ [+ red   │          │     │          │       │
+//!  │ free bitmap (1 bit/object)  │   zone]  │          │     │          │       │
+//!  └────────────────────────────┴──────────┴──────────┴─────┴──────────┴───────┘
+//! ```
+//! Each free object holds the index of the next free object of its slab (a LIFO free
+//! list: alloc and free are a few loads and stores, no scan). The bitmap records which
+//! objects are free, so a double free is detected exactly. Slabs with a free object sit
+//! on their cache's doubly linked *partial* list; full slabs are on no list. The slab
+//! order is the smallest whose waste (header and tail) is at most 1/8 of the block.
+//!
+//! # Ownership check (always on)
+//! The buddy allocator keeps one owner tag byte per frame ([`FrameTags`]); the slab
+//! allocator writes the cache number there for every frame of its slabs, and the order for
+//! the first frame of a large allocation. `kfree(ptr)` turns the pointer into a frame,
+//! reads the tag, and then, under the cache lock, finds the slab header (blocks are aligned
+//! on their size), checks that the pointer is the start of an object (exact division by a
+//! multiplication with a reciprocal) and that its bitmap bit says allocated. Any failure
+//! is a [`SlabError`] and changes nothing. All of it is O(1).
+//!
+//! # Strict mode
+//! Objects get a red zone (at least 8 bytes of [`RED_ZONE_BYTE`]) after them, checked on
+//! free; freed objects are filled with [`POISON_FREE_BYTE`] (past the 4-byte free-list
+//! link), checked when handed out again. Corruption is reported with `log::error!` (the
+//! address and first bad offset) and counted in [`SlabStats::corruptions`].
+//!
+//! # Empty slabs
+//! A cache keeps at most one empty slab, so an alloc/free ping-pong does not go to the
+//! buddy allocator each time; another slab that becomes empty goes back at once.
+//! [`SlabAllocator::shrink`] gives the kept ones back too.
+//!
+//! # Locking
+//! Each cache is behind its own `spin::Mutex` (different sizes do not contend; one lock for
+//! all would serialise every `kmalloc`). A cache lock may be held while taking the buddy
+//! lock (to get or give back a slab): the buddy allocator never allocates nor calls back
+//! into the slab, so the order "cache, then buddy" cannot deadlock. Large allocations take
+//! only the buddy lock; their tags are claimed with atomic compare-exchange so two
+//! racing frees of one block cannot both succeed. Nothing here may be called from an
+//! interrupt handler that can interrupt a holder of these locks.
+//!
+//! # Global instance
+//! [`init`] builds the slab allocator of the running kernel over the global buddy
+//! allocator; [`kmalloc`], [`kfree`], [`KmemCache`] and [`KernelAllocator`] (the
+//! `#[global_allocator]`) use it. [`KernelAllocator`] never calls vmalloc.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::fmt;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use hal::addr::{PhysAddr, PAGE_SIZE};
+use spin::{Mutex, Once};
+
+use crate::buddy::{self, BuddyAllocator, FrameTags, MAX_ORDER};
+
+#[cfg(test)]
+mod tests;
+
+/// The kmalloc size classes.
+pub const KMALLOC_SIZES: [usize; NR_KMALLOC] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048];
+/// The alignment each kmalloc class guarantees (its largest power-of-two divisor).
+pub const KMALLOC_ALIGNS: [usize; NR_KMALLOC] = [8, 16, 32, 64, 32, 128, 64, 256, 512, 1024, 2048];
+const KMALLOC_NAMES: [&str; NR_KMALLOC] = [
+    "kmalloc-8",
+    "kmalloc-16",
+    "kmalloc-32",
+    "kmalloc-64",
+    "kmalloc-96",
+    "kmalloc-128",
+    "kmalloc-192",
+    "kmalloc-256",
+    "kmalloc-512",
+    "kmalloc-1024",
+    "kmalloc-2048",
+];
+/// Number of kmalloc size classes.
+pub const NR_KMALLOC: usize = 11;
+/// Largest request served from a kmalloc cache; above, whole buddy blocks.
+pub const KMALLOC_MAX_CACHE_SIZE: usize = 2048;
+/// Most caches (kmalloc classes included) one slab allocator holds.
+pub const MAX_CACHES: usize = 32;
+/// Largest slab block order (32 KiB).
+pub const MAX_SLAB_ORDER: usize = 3;
+/// Strict mode: the byte freed objects are filled with (Linux's `POISON_FREE`).
+pub const POISON_FREE_BYTE: u8 = 0x6b;
+/// Strict mode: the byte red zones are filled with (Linux's `SLUB_RED_ACTIVE`).
+pub const RED_ZONE_BYTE: u8 = 0xcc;
+/// Strict mode: the least red zone after an object.
+const RED_ZONE_MIN: usize = 8;
+/// Smallest object alignment (and size): the free-list link and 64-bit users.
+const MIN_ALIGN: usize = 8;
+/// Bytes of the free-list link at the start of a free object.
+const LINK_BYTES: usize = 4;
+/// End of a slab's free list.
+const NIL: u32 = u32::MAX;
+/// Header magic; the cache slot is or-ed in.
+const SLAB_MAGIC: u32 = 0x51ab_0000;
+
+// Owner tags (one byte per frame, see `FrameTags`).
+/// Frame not owned by the slab allocator.
+const TAG_NONE: u8 = 0;
+/// Frame inside (not first) of a large allocation.
+const TAG_LARGE_TAIL: u8 = 0x40;
+/// First frame of a large allocation; low bits: order.
+const TAG_LARGE: u8 = 0x80;
+// 1..=MAX_CACHES: frame of a slab of cache `tag - 1`.
+
+/// Why a slab operation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlabError {
+    /// The buddy allocator has no block left for a slab or a large allocation.
+    OutOfMemory,
+    /// A request for zero bytes.
+    ZeroSize,
+    /// A request larger than the largest buddy block (or an alignment above it).
+    TooLarge,
+    /// An alignment that is not a power of two, or an object a cache cannot hold.
+    BadLayout,
+    /// The pointer was not handed out by this allocator (or its slab is gone).
+    NotOwned,
+    /// The pointer is inside an object or large block, not at its start.
+    NotObjectStart,
+    /// The object is already free.
+    DoubleFree,
+    /// The object belongs to another cache than the one it was freed to.
+    WrongCache,
+    /// The cache still has objects in use.
+    CacheBusy,
+    /// All [`MAX_CACHES`] cache slots are taken.
+    TooManyCaches,
+    /// A slab header does not match its owner tag: memory was overwritten.
+    Corrupted,
+    /// The linear map's offset is not aligned on the largest buddy block, so virtual
+    /// addresses would not keep the alignment of physical ones.
+    MisalignedLinearMap,
+    /// The global slab allocator is not initialised (or the buddy allocator is not).
+    NotInitialized,
+    /// The global slab allocator is already initialised.
+    AlreadyInitialized,
+}
+
+impl fmt::Display for SlabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SlabError::OutOfMemory => "out of memory",
+            SlabError::ZeroSize => "zero-sized request",
+            SlabError::TooLarge => "request larger than the largest block",
+            SlabError::BadLayout => "bad size or alignment",
+            SlabError::NotOwned => "pointer not allocated by the slab allocator",
+            SlabError::NotObjectStart => "pointer not at the start of an object",
+            SlabError::DoubleFree => "object already free (double free)",
+            SlabError::WrongCache => "object freed to another cache",
+            SlabError::CacheBusy => "cache still has objects in use",
+            SlabError::TooManyCaches => "no free cache slot",
+            SlabError::Corrupted => "slab header overwritten",
+            SlabError::MisalignedLinearMap => "linear map offset not aligned on 4 MiB",
+            SlabError::NotInitialized => "slab allocator not initialised",
+            SlabError::AlreadyInitialized => "slab allocator already initialised",
+        })
+    }
+}
+
+/// Size class index for a request of `size` bytes (`size <= 2048`), by `(size + 7) / 8`.
+const SIZE_INDEX: [u8; KMALLOC_MAX_CACHE_SIZE / 8 + 1] = {
+    let mut t = [0u8; KMALLOC_MAX_CACHE_SIZE / 8 + 1];
+    let mut i = 0;
+    while i < t.len() {
+        let mut c = 0;
+        while KMALLOC_SIZES[c] < i * 8 {
+            c += 1;
+        }
+        t[i] = c as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The kmalloc class serving `size` bytes aligned on `align`, or `None` for whole pages.
+#[inline(always)]
+fn kmalloc_class(size: usize, align: usize) -> Option<usize> {
+    if size > KMALLOC_MAX_CACHE_SIZE {
+        return None;
+    }
+    let mut c = SIZE_INDEX[(size + 7) >> 3] as usize;
+    while KMALLOC_ALIGNS[c] < align {
+        c += 1;
+        if c == NR_KMALLOC {
+            return None;
+        }
+    }
+    Some(c)
+}
+
+/// The buddy order of a large allocation of `size` bytes aligned on `align`.
+fn large_order(size: usize, align: usize) -> Result<usize, SlabError> {
+    let bytes = size.max(align).max(PAGE_SIZE);
+    let pages = bytes.div_ceil(PAGE_SIZE);
+    let order = pages.next_power_of_two().trailing_zeros() as usize;
+    if order > MAX_ORDER {
+        return Err(SlabError::TooLarge);
+    }
+    Ok(order)
+}
+
+/// How a cache cuts its slabs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Geometry {
+    /// Usable object size.
+    size: usize,
+    /// Guaranteed alignment of objects.
+    align: usize,
+    /// Distance between objects (size, plus the red zone in strict mode).
+    stride: usize,
+    /// Slab block order.
+    order: usize,
+    /// Objects per slab.
+    objs: usize,
+    /// Offset of object 0 from the block start.
+    first: usize,
+    /// `ceil(2^32 / stride)`: `(rel * recip) >> 32 == rel / stride` for `rel < 2^16`.
+    recip: u64,
+}
+
+/// Size of the fixed part of a slab header.
+const HEADER_BYTES: usize = core::mem::size_of::<SlabHeader>();
+
+impl Geometry {
+    /// The geometry for objects of `size` bytes aligned on `align`.
+    fn new(size: usize, align: usize, strict: bool) -> Option<Geometry> {
+        if size == 0 || !align.is_power_of_two() || align > PAGE_SIZE {
+            return None;
+        }
+        let align = align.max(MIN_ALIGN);
+        let size = size.checked_next_multiple_of(align)?;
+        let stride = if strict { (size + RED_ZONE_MIN).next_multiple_of(align) } else { size };
+        let mut best: Option<Geometry> = None;
+        for order in 0..=MAX_SLAB_ORDER {
+            let bytes = PAGE_SIZE << order;
+            let mut objs = bytes / stride;
+            let first = loop {
+                if objs == 0 {
+                    break 0;
+                }
+                let first = (HEADER_BYTES + objs.div_ceil(64) * 8).next_multiple_of(align);
+                if first + objs * stride <= bytes {
+                    break first;
+                }
+                objs -= 1;
+            };
+            if objs == 0 {
+                continue;
+            }
+            let g = Geometry { size, align, stride, order, objs, first, recip: (1u64 << 32).div_ceil(stride as u64) };
+            let waste = bytes - objs * stride;
+            if waste * 8 <= bytes {
+                return Some(g);
+            }
+            // Otherwise keep the order with the least waste per byte.
+            if best.is_none_or(|b| waste * (PAGE_SIZE << b.order) < b.waste() * bytes) {
+                best = Some(g);
+            }
+        }
+        best
+    }
+
+    fn waste(&self) -> usize {
+        (PAGE_SIZE << self.order) - self.objs * self.stride
+    }
+
+    fn slab_bytes(&self) -> usize {
+        PAGE_SIZE << self.order
+    }
+}
+
+/// The header at the start of every slab block; the free bitmap follows it.
+#[repr(C)]
+struct SlabHeader {
+    /// [`SLAB_MAGIC`] | cache slot.
+    magic: u32,
+    /// Objects in use.
+    inuse: u32,
+    /// Index of the first free object, or [`NIL`].
+    free: u32,
+    _pad: u32,
+    /// Partial list links.
+    next: *mut SlabHeader,
+    prev: *mut SlabHeader,
+}
+
+impl SlabHeader {
+    /// The free bitmap (bit set: object free).
+    #[inline(always)]
+    fn bitmap(s: *mut SlabHeader) -> *mut u64 {
+        s.wrapping_add(1).cast()
+    }
+}
+
+/// One cache: geometry, slab lists, counters. Always behind its slot's lock.
+struct Cache {
+    name: &'static str,
+    /// Whether the slot holds a cache.
+    live: bool,
+    geo: Geometry,
+    /// Slabs with at least one free object (doubly linked through their headers).
+    partial: *mut SlabHeader,
+    /// The one empty slab kept (it is on the partial list too), or null.
+    empty: *mut SlabHeader,
+    /// Objects in use.
+    active: usize,
+    /// Slabs held.
+    slabs: usize,
+}
+
+// SAFETY: the pointers lead to slabs this cache owns (buddy blocks it allocated), touched
+// only under the cache's lock.
+unsafe impl Send for Cache {}
+
+impl Cache {
+    const VACANT: Cache = Cache {
+        name: "",
+        live: false,
+        geo: Geometry { size: 0, align: 0, stride: 0, order: 0, objs: 0, first: 0, recip: 0 },
+        partial: ptr::null_mut(),
+        empty: ptr::null_mut(),
+        active: 0,
+        slabs: 0,
+    };
+
+    /// Puts `s` at the head of the partial list.
+    #[inline(always)]
+    fn push(&mut self, s: *mut SlabHeader) {
+        let head = self.partial;
+        // SAFETY: `s` and `head` (when not null) are slab headers of this cache.
+        unsafe {
+            (*s).next = head;
+            (*s).prev = ptr::null_mut();
+            if !head.is_null() {
+                (*head).prev = s;
+            }
+        }
+        self.partial = s;
+    }
+
+    /// Takes `s` off the partial list.
+    #[inline(always)]
+    fn unlink(&mut self, s: *mut SlabHeader) {
+        // SAFETY: `s` is a slab header of this cache on the partial list; its neighbours
+        // are too.
+        unsafe {
+            let (next, prev) = ((*s).next, (*s).prev);
+            if prev.is_null() {
+                self.partial = next;
+            } else {
+                (*prev).next = next;
+            }
+            if !next.is_null() {
+                (*next).prev = prev;
+            }
+        }
+    }
+
+    fn stats(&self) -> CacheStats {
+        CacheStats {
+            name: self.name,
+            active_objs: self.active,
+            num_objs: self.slabs * self.geo.objs,
+            objsize: self.geo.size,
+            objperslab: self.geo.objs,
+            pagesperslab: 1 << self.geo.order,
+            slabs: self.slabs,
+        }
+    }
+}
+
+/// One cache's counters, as a `/proc/slabinfo` line shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheStats {
+    /// The cache's name.
+    pub name: &'static str,
+    /// Objects in use.
+    pub active_objs: usize,
+    /// Objects in all slabs (in use or free).
+    pub num_objs: usize,
+    /// Object size.
+    pub objsize: usize,
+    /// Objects per slab.
+    pub objperslab: usize,
+    /// Frames per slab.
+    pub pagesperslab: usize,
+    /// Slabs held.
+    pub slabs: usize,
+}
+
+impl CacheStats {
+    /// Frames held by the cache.
+    pub fn pages(&self) -> usize {
+        self.slabs * self.pagesperslab
+    }
+}
+
+impl fmt::Display for CacheStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<17} {:>6} {:>6} {:>6} {:>4} {:>4}",
+            self.name, self.active_objs, self.num_objs, self.objsize, self.objperslab, self.pagesperslab
+        )
+    }
+}
+
+/// Whole-allocator counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlabStats {
+    /// Frames held by all caches' slabs.
+    pub slab_pages: usize,
+    /// Live large allocations (whole buddy blocks).
+    pub large_allocs: usize,
+    /// Frames held by large allocations.
+    pub large_pages: usize,
+    /// Allocation calls that failed.
+    pub alloc_failures: u64,
+    /// Frees refused (pointer not owned, not an object start, already free, ...).
+    pub invalid_frees: u64,
+    /// Strict mode: red zones or poison found overwritten.
+    pub corruptions: u64,
+}
+
+/// A named cache of a [`SlabAllocator`]. Not `Copy`: destroying the cache consumes it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CacheId(u8);
+
+/// A slab allocator over a buddy allocator. See the [module documentation](self).
+pub struct SlabAllocator<'b> {
+    buddy: &'b Mutex<BuddyAllocator>,
+    tags: FrameTags,
+    /// `virtual = physical + va_delta` (wrapping) in the linear map.
+    va_delta: u64,
+    strict: bool,
+    caches: [Mutex<Cache>; MAX_CACHES],
+    large_allocs: AtomicUsize,
+    large_pages: AtomicUsize,
+    alloc_failures: AtomicU64,
+    invalid_frees: AtomicU64,
+    corruptions: AtomicU64,
+}
+
+impl fmt::Debug for SlabAllocator<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlabAllocator")
+            .field("strict", &self.strict)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'b> SlabAllocator<'b> {
+    /// A slab allocator taking its pages from `buddy`, with the kmalloc caches set up
+    /// (no page is taken until the first allocation). `strict` adds red zones and
+    /// poisoning (see the module docs).
+    ///
+    /// # Errors
+    /// [`SlabError::MisalignedLinearMap`] when the buddy allocator's linear map offset is
+    /// not a multiple of the largest buddy block (4 MiB).
+    pub fn new(buddy: &'b Mutex<BuddyAllocator>, strict: bool) -> Result<Self, SlabError> {
+        let (tags, linear) = {
+            let b = buddy.lock();
+            (b.frame_tags(), *b.linear_map())
+        };
+        let start = linear.phys_range().start();
+        let va = linear.phys_to_virt(start).ok_or(SlabError::MisalignedLinearMap)?;
+        let va_delta = va.as_u64().wrapping_sub(start.as_u64());
+        if va_delta & ((PAGE_SIZE << MAX_ORDER) as u64 - 1) != 0 {
+            return Err(SlabError::MisalignedLinearMap);
+        }
+        let s = SlabAllocator {
+            buddy,
+            tags,
+            va_delta,
+            strict,
+            caches: core::array::from_fn(|_| Mutex::new(Cache::VACANT)),
+            large_allocs: AtomicUsize::new(0),
+            large_pages: AtomicUsize::new(0),
+            alloc_failures: AtomicU64::new(0),
+            invalid_frees: AtomicU64::new(0),
+            corruptions: AtomicU64::new(0),
+        };
+        for (i, slot) in s.caches[..NR_KMALLOC].iter().enumerate() {
+            let geo = Geometry::new(KMALLOC_SIZES[i], KMALLOC_ALIGNS[i], strict).ok_or(SlabError::BadLayout)?;
+            *slot.lock() = Cache { name: KMALLOC_NAMES[i], live: true, geo, ..Cache::VACANT };
+        }
+        Ok(s)
+    }
+
+    /// Whether strict mode is on.
+    pub fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    #[inline(always)]
+    fn va(&self, pa: u64) -> *mut u8 {
+        pa.wrapping_add(self.va_delta) as usize as *mut u8
+    }
+
+    #[inline(always)]
+    fn pa(&self, va: *const u8) -> PhysAddr {
+        PhysAddr::new((va as usize as u64).wrapping_sub(self.va_delta))
+    }
+
+    #[cold]
+    fn fail<T>(&self, e: SlabError) -> Result<T, SlabError> {
+        self.alloc_failures.fetch_add(1, Ordering::Relaxed);
+        Err(e)
+    }
+
+    // ----- kmalloc -----
+
+    /// Allocates `size` bytes aligned on `align` (a power of two): from the smallest
+    /// kmalloc class that fits both, or as a whole buddy block above 2048 bytes.
+    ///
+    /// # Errors
+    /// [`SlabError::ZeroSize`], [`SlabError::BadLayout`] (alignment not a power of two),
+    /// [`SlabError::TooLarge`] (above 4 MiB), [`SlabError::OutOfMemory`]. Only the failure
+    /// counter changes.
+    #[inline]
+    pub fn kmalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
+        if size == 0 {
+            return self.fail(SlabError::ZeroSize);
+        }
+        if !align.is_power_of_two() {
+            return self.fail(SlabError::BadLayout);
+        }
+        match kmalloc_class(size, align) {
+            Some(c) => self.alloc_from(c),
+            None => self.alloc_large(size, align),
+        }
+    }
+
+    /// As [`Self::kmalloc`], with the memory zeroed.
+    ///
+    /// # Errors
+    /// As [`Self::kmalloc`].
+    pub fn kzalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
+        let p = self.kmalloc(size, align)?;
+        // SAFETY: `p` was just allocated with at least `size` bytes.
+        unsafe { p.as_ptr().write_bytes(0, size) };
+        Ok(p)
+    }
+
+    /// Frees memory from [`Self::kmalloc`] (or from a named cache).
+    ///
+    /// # Errors
+    /// Nothing changes when an error is returned (but the invalid-free counter):
+    /// [`SlabError::NotOwned`] (not from this allocator), [`SlabError::NotObjectStart`],
+    /// [`SlabError::DoubleFree`], [`SlabError::Corrupted`] (slab header overwritten).
+    ///
+    /// # Safety
+    /// Nothing may use the object after this call: it is handed out again. The checks
+    /// catch pointers that are not live objects, not objects still in use.
+    #[inline]
+    pub unsafe fn kfree(&self, ptr: NonNull<u8>) -> Result<(), SlabError> {
+        let r = self.free_inner(ptr, None);
+        if r.is_err() {
+            self.invalid_frees.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// The usable size of the object or large block at `ptr`.
+    ///
+    /// # Errors
+    /// [`SlabError::NotOwned`] or [`SlabError::NotObjectStart`] as for [`Self::kfree`]
+    /// (whether the object is currently allocated is not checked).
+    pub fn ksize(&self, ptr: NonNull<u8>) -> Result<usize, SlabError> {
+        let pa = self.pa(ptr.as_ptr());
+        let tag = self.tags.tag(pa).ok_or(SlabError::NotOwned)?.load(Ordering::Acquire);
+        match tag {
+            TAG_NONE => Err(SlabError::NotOwned),
+            TAG_LARGE_TAIL => Err(SlabError::NotObjectStart),
+            t if t & TAG_LARGE != 0 => {
+                if pa.page_offset() != 0 {
+                    return Err(SlabError::NotObjectStart);
+                }
+                Ok(PAGE_SIZE << (t & !TAG_LARGE))
+            }
+            t => {
+                let c = self.caches.get(t as usize - 1).ok_or(SlabError::Corrupted)?.lock();
+                let g = c.geo;
+                let off = pa.as_u64() & (g.slab_bytes() as u64 - 1);
+                let rel = off.checked_sub(g.first as u64).ok_or(SlabError::NotObjectStart)?;
+                if rel % g.stride as u64 != 0 || rel / g.stride as u64 >= g.objs as u64 {
+                    return Err(SlabError::NotObjectStart);
+                }
+                Ok(g.size)
+            }
+        }
+    }
+
+    fn alloc_large(&self, size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
+        let order = match large_order(size, align) {
+            Ok(o) => o,
+            Err(e) => return self.fail(e),
+        };
+        let Ok(pa) = self.buddy.lock().alloc(order) else {
+            return self.fail(SlabError::OutOfMemory);
+        };
+        let Some(tags) = self.tags.tags(pa, 1 << order) else {
+            // Unreachable: a buddy block lies in one region.
+            return self.fail(SlabError::Corrupted);
+        };
+        for t in &tags[1..] {
+            t.store(TAG_LARGE_TAIL, Ordering::Relaxed);
+        }
+        tags[0].store(TAG_LARGE | order as u8, Ordering::Release);
+        self.large_allocs.fetch_add(1, Ordering::Relaxed);
+        self.large_pages.fetch_add(1 << order, Ordering::Relaxed);
+        // SAFETY: a block of managed RAM is never at address 0 of the linear map.
+        Ok(unsafe { NonNull::new_unchecked(self.va(pa.as_u64())) })
+    }
+
+    fn free_large(&self, pa: PhysAddr, tag: u8, head: &AtomicU8) -> Result<(), SlabError> {
+        if pa.page_offset() != 0 {
+            return Err(SlabError::NotObjectStart);
+        }
+        let order = (tag & !TAG_LARGE) as usize;
+        // Claim the block: of two racing frees, one wins, the other sees NotOwned.
+        if head.compare_exchange(tag, TAG_NONE, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return Err(SlabError::NotOwned);
+        }
+        if let Some(tags) = self.tags.tags(pa, 1 << order) {
+            for t in &tags[1..] {
+                t.store(TAG_NONE, Ordering::Relaxed);
+            }
+        }
+        // SAFETY: the block was a live large allocation (its tag said so and we claimed
+        // it); our caller's contract says nothing uses it any more.
+        if let Err(e) = unsafe { self.buddy.lock().free(pa, order) } {
+            log::error!("slab: large block {pa:#x} (order {order}) refused by the buddy: {e}");
+            return Err(SlabError::Corrupted);
+        }
+        self.large_allocs.fetch_sub(1, Ordering::Relaxed);
+        self.large_pages.fetch_sub(1 << order, Ordering::Relaxed);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn free_inner(&self, ptr: NonNull<u8>, cache: Option<usize>) -> Result<(), SlabError> {
+        let pa = self.pa(ptr.as_ptr());
+        let tag_ref = self.tags.tag(pa).ok_or(SlabError::NotOwned)?;
+        let tag = tag_ref.load(Ordering::Acquire);
+        match tag {
+            TAG_NONE => Err(SlabError::NotOwned),
+            TAG_LARGE_TAIL => Err(SlabError::NotObjectStart),
+            t if t & TAG_LARGE != 0 => {
+                if cache.is_some() {
+                    return Err(SlabError::WrongCache);
+                }
+                self.free_large(pa, t, tag_ref)
+            }
+            t => {
+                let id = t as usize - 1;
+                if cache.is_some_and(|c| c != id) {
+                    return Err(SlabError::WrongCache);
+                }
+                self.free_object(id, ptr.as_ptr(), pa, tag_ref)
+            }
+        }
+    }
+
+    // ----- cache internals -----
+
+    /// Allocates an object from cache `id`.
+    #[inline(always)]
+    fn alloc_from(&self, id: usize) -> Result<NonNull<u8>, SlabError> {
+        let mut guard = self.caches[id].lock();
+        let c = &mut *guard;
+        if c.partial.is_null() {
+            if let Err(e) = self.grow(c, id) {
+                drop(guard);
+                return self.fail(e);
+            }
+        }
+        let s = c.partial;
+        let g = c.geo;
+        // SAFETY: `s` heads the partial list: a slab of this cache with a free object;
+        // its header, bitmap and objects lie inside its block, owned by the cache.
+        unsafe {
+            let idx = (*s).free as usize;
+            let obj = s.cast::<u8>().add(g.first + idx * g.stride);
+            let next = obj.cast::<u32>().read();
+            if next != NIL && next as usize >= g.objs {
+                self.repair_free_list(s, &g, obj);
+            } else {
+                (*s).free = next;
+            }
+            *SlabHeader::bitmap(s).add(idx >> 6) &= !(1u64 << (idx & 63));
+            if (*s).inuse == 0 && s == c.empty {
+                c.empty = ptr::null_mut();
+            }
+            (*s).inuse += 1;
+            if (*s).free == NIL {
+                c.unlink(s);
+            }
+            c.active += 1;
+            if self.strict {
+                self.check_free_object(c.name, &g, obj);
+            }
+            Ok(NonNull::new_unchecked(obj))
+        }
+    }
+
+    /// A free object's link was overwritten (it points past the slab): rebuild the free
+    /// list from the bitmap, which stays exact.
+    #[cold]
+    fn repair_free_list(&self, s: *mut SlabHeader, g: &Geometry, obj: *mut u8) {
+        self.corruptions.fetch_add(1, Ordering::Relaxed);
+        log::error!("slab: free object at {obj:p} has a corrupted link (use after free?)");
+        // SAFETY: `s` is a slab of the caller's (locked) cache.
+        unsafe {
+            let popped = (*s).free as usize;
+            let map = SlabHeader::bitmap(s);
+            let mut head = NIL;
+            for i in (0..g.objs).rev() {
+                if i != popped && *map.add(i >> 6) & (1u64 << (i & 63)) != 0 {
+                    s.cast::<u8>().add(g.first + i * g.stride).cast::<u32>().write(head);
+                    head = i as u32;
+                }
+            }
+            (*s).free = head;
+        }
+    }
+
+    /// Strict mode: checks the poison and red zone of an object about to be handed out.
+    #[cold]
+    fn check_free_object(&self, name: &str, g: &Geometry, obj: *mut u8) {
+        // SAFETY: `obj` is an object slot (with its red zone) of a slab of a locked cache.
+        let (body, rz) = unsafe {
+            (
+                core::slice::from_raw_parts(obj.add(LINK_BYTES), g.size - LINK_BYTES),
+                core::slice::from_raw_parts(obj.add(g.size), g.stride - g.size),
+            )
+        };
+        if let Some(bad) = body.iter().position(|&b| b != POISON_FREE_BYTE) {
+            self.corruptions.fetch_add(1, Ordering::Relaxed);
+            log::error!("slab {name}: free object {obj:p} written after free at offset {:#x}", bad + LINK_BYTES);
+        }
+        if let Some(bad) = rz.iter().position(|&b| b != RED_ZONE_BYTE) {
+            self.corruptions.fetch_add(1, Ordering::Relaxed);
+            log::error!("slab {name}: red zone of free object {obj:p} overwritten at offset {:#x}", g.size + bad);
+        }
+    }
+
+    /// Gets a new slab for cache `c` (whose lock the caller holds) from the buddy
+    /// allocator and puts it on the partial list.
+    #[inline(never)]
+    fn grow(&self, c: &mut Cache, id: usize) -> Result<(), SlabError> {
+        let g = c.geo;
+        // Lock order: cache, then buddy. The buddy never calls back into the slab.
+        let pa = self.buddy.lock().alloc(g.order).map_err(|_| SlabError::OutOfMemory)?;
+        let tags = self.tags.tags(pa, 1 << g.order).ok_or(SlabError::Corrupted)?;
+        let s = self.va(pa.as_u64()).cast::<SlabHeader>();
+        // SAFETY: the block was just allocated to us; header, bitmap and objects lie inside
+        // it (`Geometry::new` made sure they fit).
+        unsafe {
+            s.write(SlabHeader {
+                magic: SLAB_MAGIC | id as u32,
+                inuse: 0,
+                free: 0,
+                _pad: 0,
+                next: ptr::null_mut(),
+                prev: ptr::null_mut(),
+            });
+            let map = SlabHeader::bitmap(s);
+            let words = g.objs.div_ceil(64);
+            for w in 0..words {
+                let bits = (g.objs - w * 64).min(64);
+                *map.add(w) = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            }
+            let base = s.cast::<u8>();
+            for i in 0..g.objs {
+                let obj = base.add(g.first + i * g.stride);
+                if self.strict {
+                    obj.write_bytes(POISON_FREE_BYTE, g.size);
+                    obj.add(g.size).write_bytes(RED_ZONE_BYTE, g.stride - g.size);
+                }
+                let next = if i + 1 < g.objs { i as u32 + 1 } else { NIL };
+                obj.cast::<u32>().write(next);
+            }
+        }
+        for t in tags {
+            t.store(id as u8 + 1, Ordering::Release);
+        }
+        c.push(s);
+        c.slabs += 1;
+        Ok(())
+    }
+
+    /// Gives an empty slab of cache `c` (lock held) back to the buddy allocator.
+    fn release(&self, c: &mut Cache, s: *mut SlabHeader) {
+        c.unlink(s);
+        c.slabs -= 1;
+        let pa = self.pa(s.cast());
+        if let Some(tags) = self.tags.tags(pa, 1 << c.geo.order) {
+            for t in tags {
+                t.store(TAG_NONE, Ordering::Release);
+            }
+        }
+        // SAFETY: the slab is empty (no object in use) and off every list; its tags are
+        // cleared, so no `kfree` can reach it any more.
+        if let Err(e) = unsafe { self.buddy.lock().free(pa, c.geo.order) } {
+            log::error!("slab {}: slab {pa:#x} refused by the buddy: {e}", c.name);
+        }
+    }
+
+    /// Frees the object at `ptr` (frame tag says cache `id`).
+    #[inline(always)]
+    fn free_object(&self, id: usize, ptr: *mut u8, pa: PhysAddr, tag: &AtomicU8) -> Result<(), SlabError> {
+        let Some(slot) = self.caches.get(id) else {
+            return Err(SlabError::NotOwned);
+        };
+        let mut guard = slot.lock();
+        let c = &mut *guard;
+        // Under the lock the tag is stable; it may have changed since it was read.
+        if tag.load(Ordering::Relaxed) != id as u8 + 1 {
+            return Err(SlabError::NotOwned);
+        }
+        let g = c.geo;
+        let off = pa.as_u64() as usize & (g.slab_bytes() - 1);
+        let base = ptr.wrapping_sub(off);
+        let s = base.cast::<SlabHeader>();
+        // SAFETY: the tag says the frame belongs to a slab of this cache, whose block is
+        // aligned on its size, so its header is at `base`; the cache's lock is held.
+        let magic = unsafe { (*s).magic };
+        if magic != SLAB_MAGIC | id as u32 {
+            self.corruptions.fetch_add(1, Ordering::Relaxed);
+            log::error!("slab {}: header of slab {base:p} overwritten", c.name);
+            return Err(SlabError::Corrupted);
+        }
+        let Some(rel) = off.checked_sub(g.first) else {
+            return Err(SlabError::NotObjectStart);
+        };
+        let idx = ((rel as u64 * g.recip) >> 32) as usize;
+        if idx >= g.objs || idx * g.stride != rel {
+            return Err(SlabError::NotObjectStart);
+        }
+        let map = SlabHeader::bitmap(s);
+        let bit = 1u64 << (idx & 63);
+        // SAFETY: `idx < objs`, so the word is inside the bitmap of this slab.
+        let word = unsafe { &mut *map.add(idx >> 6) };
+        if *word & bit != 0 {
+            return Err(SlabError::DoubleFree);
+        }
+        if self.strict {
+            self.check_red_zone(c.name, &g, ptr);
+            // SAFETY: the object is allocated and being freed; its slot is `size` bytes.
+            unsafe { ptr.write_bytes(POISON_FREE_BYTE, g.size) };
+        }
+        *word |= bit;
+        // SAFETY: the header of this slab (as for `magic`); the object slot holds at least
+        // 8 bytes.
+        let (was_full, now_empty) = unsafe {
+            let free = (*s).free;
+            ptr.cast::<u32>().write(free);
+            (*s).free = idx as u32;
+            (*s).inuse -= 1;
+            (free == NIL, (*s).inuse == 0)
+        };
+        c.active -= 1;
+        if was_full {
+            c.push(s);
+        }
+        if now_empty {
+            if c.empty.is_null() {
+                c.empty = s;
+            } else {
+                self.release(c, s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Strict mode: checks (and restores) the red zone of an object being freed.
+    #[cold]
+    fn check_red_zone(&self, name: &str, g: &Geometry, obj: *mut u8) {
+        // SAFETY: the red zone follows the object inside its slot.
+        let rz = unsafe { core::slice::from_raw_parts_mut(obj.add(g.size), g.stride - g.size) };
+        if let Some(bad) = rz.iter().position(|&b| b != RED_ZONE_BYTE) {
+            self.corruptions.fetch_add(1, Ordering::Relaxed);
+            log::error!("slab {name}: red zone of object {obj:p} overwritten at offset {:#x} (overflow)", g.size + bad);
+            rz.fill(RED_ZONE_BYTE);
+        }
+    }
+
+    // ----- named caches -----
+
+    /// Creates a cache of objects of `size` bytes aligned on `align` (at least 8), named
+    /// `name` in [`Self::slabinfo`] (like Linux's `kmem_cache_create`).
+    ///
+    /// # Errors
+    /// [`SlabError::BadLayout`] for a zero size, an alignment that is not a power of two
+    /// or above 4096, or an object that does not fit a 32 KiB slab;
+    /// [`SlabError::TooManyCaches`] when the [`MAX_CACHES`] slots are taken.
+    pub fn create_cache(&self, name: &'static str, size: usize, align: usize) -> Result<CacheId, SlabError> {
+        let geo = Geometry::new(size, align, self.strict).ok_or(SlabError::BadLayout)?;
+        for (i, slot) in self.caches.iter().enumerate().skip(NR_KMALLOC) {
+            let mut c = slot.lock();
+            if !c.live {
+                *c = Cache { name, live: true, geo, ..Cache::VACANT };
+                return Ok(CacheId(i as u8));
+            }
+        }
+        Err(SlabError::TooManyCaches)
+    }
+
+    /// Allocates an object from a named cache.
+    ///
+    /// # Errors
+    /// [`SlabError::OutOfMemory`].
+    pub fn cache_alloc(&self, cache: &CacheId) -> Result<NonNull<u8>, SlabError> {
+        self.alloc_from(cache.0 as usize)
+    }
+
+    /// Frees an object of a named cache.
+    ///
+    /// # Errors
+    /// As [`Self::kfree`], and [`SlabError::WrongCache`] for an object of another cache.
+    ///
+    /// # Safety
+    /// As [`Self::kfree`].
+    pub unsafe fn cache_free(&self, cache: &CacheId, ptr: NonNull<u8>) -> Result<(), SlabError> {
+        let r = self.free_inner(ptr, Some(cache.0 as usize));
+        if r.is_err() {
+            self.invalid_frees.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// The object size of a named cache.
+    pub fn cache_object_size(&self, cache: &CacheId) -> usize {
+        self.caches[cache.0 as usize].lock().geo.size
+    }
+
+    /// Destroys a named cache, giving its pages back.
+    ///
+    /// # Errors
+    /// [`SlabError::CacheBusy`] when objects are still in use: the cache then stays (as
+    /// Linux's `kmem_cache_destroy`, it cannot free what others hold), under its name.
+    pub fn destroy_cache(&self, cache: CacheId) -> Result<(), SlabError> {
+        let mut guard = self.caches[cache.0 as usize].lock();
+        let c = &mut *guard;
+        if c.active != 0 {
+            return Err(SlabError::CacheBusy);
+        }
+        // Every slab is empty, so at most the kept one is left.
+        while !c.partial.is_null() {
+            let s = c.partial;
+            self.release(c, s);
+        }
+        *c = Cache::VACANT;
+        Ok(())
+    }
+
+    // ----- housekeeping and statistics -----
+
+    /// Gives every cache's kept empty slab back to the buddy allocator; returns the number
+    /// of frames given back.
+    pub fn shrink(&self) -> usize {
+        let mut pages = 0;
+        for slot in &self.caches {
+            let mut guard = slot.lock();
+            let c = &mut *guard;
+            if !c.empty.is_null() {
+                let s = c.empty;
+                c.empty = ptr::null_mut();
+                self.release(c, s);
+                pages += 1 << c.geo.order;
+            }
+        }
+        pages
+    }
+
+    /// The counters of every cache, in slot order (kmalloc classes first).
+    pub fn cache_stats(&self) -> impl Iterator<Item = CacheStats> + '_ {
+        self.caches.iter().filter_map(|slot| {
+            let c = slot.lock();
+            c.live.then(|| c.stats())
+        })
+    }
+
+    /// Whole-allocator counters.
+    pub fn stats(&self) -> SlabStats {
+        SlabStats {
+            slab_pages: self.cache_stats().map(|c| c.pages()).sum(),
+            large_allocs: self.large_allocs.load(Ordering::Relaxed),
+            large_pages: self.large_pages.load(Ordering::Relaxed),
+            alloc_failures: self.alloc_failures.load(Ordering::Relaxed),
+            invalid_frees: self.invalid_frees.load(Ordering::Relaxed),
+            corruptions: self.corruptions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The caches in the format of Linux's `/proc/slabinfo` (newest cache first).
+    pub fn slabinfo(&self) -> SlabInfo<'_, 'b> {
+        SlabInfo(self)
+    }
+}
+
+/// Displays a slab allocator's caches like Linux's `/proc/slabinfo`: a header line
+/// `# name <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab>`, then one line
+/// per cache, newest first.
+pub struct SlabInfo<'a, 'b>(&'a SlabAllocator<'b>);
+
+impl fmt::Display for SlabInfo<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab>")?;
+        for slot in self.0.caches.iter().rev() {
+            let stats = {
+                let c = slot.lock();
+                if !c.live {
+                    continue;
+                }
+                c.stats()
+            };
+            writeln!(f, "{stats}")?;
+        }
+        Ok(())
+    }
+}
+
+// ----- the global instance -----
+
+static SLAB: Once<SlabAllocator<'static>> = Once::new();
+
+/// Builds the kernel's slab allocator over the global buddy allocator
+/// ([`buddy::init`] first).
+///
+/// # Errors
+/// [`SlabError::NotInitialized`] before [`buddy::init`], [`SlabError::AlreadyInitialized`]
+/// on a second call, or an error of [`SlabAllocator::new`].
+pub fn init(strict: bool) -> Result<(), SlabError> {
+    let b = buddy::global().ok_or(SlabError::NotInitialized)?;
+    if SLAB.is_completed() {
+        return Err(SlabError::AlreadyInitialized);
+    }
+    SLAB.try_call_once(|| SlabAllocator::new(b, strict)).map(|_| ())
+}
+
+/// The global slab allocator, once [`init`] has run.
+pub fn global() -> Option<&'static SlabAllocator<'static>> {
+    SLAB.get()
+}
+
+/// [`SlabAllocator::kmalloc`] on the global allocator.
+///
+/// # Errors
+/// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::kmalloc`].
+pub fn kmalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
+    SLAB.get().ok_or(SlabError::NotInitialized)?.kmalloc(size, align)
+}
+
+/// [`SlabAllocator::kzalloc`] on the global allocator.
+///
+/// # Errors
+/// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::kmalloc`].
+pub fn kzalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
+    SLAB.get().ok_or(SlabError::NotInitialized)?.kzalloc(size, align)
+}
+
+/// [`SlabAllocator::kfree`] on the global allocator.
+///
+/// # Errors
+/// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::kfree`].
+///
+/// # Safety
+/// As [`SlabAllocator::kfree`].
+pub unsafe fn kfree(ptr: NonNull<u8>) -> Result<(), SlabError> {
+    // SAFETY: forwarded to our caller.
+    unsafe { SLAB.get().ok_or(SlabError::NotInitialized)?.kfree(ptr) }
+}
+
+/// [`SlabAllocator::ksize`] on the global allocator.
+///
+/// # Errors
+/// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::ksize`].
+pub fn ksize(ptr: NonNull<u8>) -> Result<usize, SlabError> {
+    SLAB.get().ok_or(SlabError::NotInitialized)?.ksize(ptr)
+}
+
+/// [`SlabAllocator::shrink`] on the global allocator (0 before [`init`]).
+pub fn shrink() -> usize {
+    SLAB.get().map_or(0, SlabAllocator::shrink)
+}
+
+/// The global allocator's counters, or `None` before [`init`].
+pub fn stats() -> Option<SlabStats> {
+    SLAB.get().map(SlabAllocator::stats)
+}
+
+/// The global allocator's `/proc/slabinfo`, or `None` before [`init`].
+pub fn slabinfo() -> Option<SlabInfo<'static, 'static>> {
+    SLAB.get().map(SlabAllocator::slabinfo)
+}
+
+/// A named cache of the global slab allocator (`kmem_cache_create`). Keep it in a
+/// `static` (`spin::Once`) or a long-lived structure; it is not `Clone`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KmemCache(CacheId);
+
+impl KmemCache {
+    /// Creates a cache of `size`-byte objects aligned on `align`, shown as `name`.
+    ///
+    /// # Errors
+    /// [`SlabError::NotInitialized`] before [`init`], else as
+    /// [`SlabAllocator::create_cache`].
+    pub fn new(name: &'static str, size: usize, align: usize) -> Result<Self, SlabError> {
+        let s = SLAB.get().ok_or(SlabError::NotInitialized)?;
+        s.create_cache(name, size, align).map(KmemCache)
+    }
+
+    /// The global allocator (a `KmemCache` only exists after `init`).
+    fn slab() -> Result<&'static SlabAllocator<'static>, SlabError> {
+        SLAB.get().ok_or(SlabError::NotInitialized)
+    }
+
+    /// Allocates an object.
+    ///
+    /// # Errors
+    /// [`SlabError::OutOfMemory`].
+    pub fn alloc(&self) -> Result<NonNull<u8>, SlabError> {
+        Self::slab()?.cache_alloc(&self.0)
+    }
+
+    /// Frees an object of this cache.
+    ///
+    /// # Errors
+    /// As [`SlabAllocator::cache_free`].
+    ///
+    /// # Safety
+    /// As [`SlabAllocator::kfree`].
+    pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), SlabError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::slab()?.cache_free(&self.0, ptr) }
+    }
+
+    /// The object size.
+    pub fn object_size(&self) -> usize {
+        Self::slab().map_or(0, |s| s.cache_object_size(&self.0))
+    }
+
+    /// Destroys the cache.
+    ///
+    /// # Errors
+    /// As [`SlabAllocator::destroy_cache`].
+    pub fn destroy(self) -> Result<(), SlabError> {
+        Self::slab()?.destroy_cache(self.0)
+    }
+}
+
+/// The kernel heap: [`GlobalAlloc`] over the global slab and buddy allocators.
+///
+/// Before [`init`], allocation returns null. `dealloc` of a pointer the allocator does
+/// not own is reported with `log::error!` (and counted in [`SlabStats::invalid_frees`]);
+/// the allocator stays consistent. Never calls vmalloc.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelAllocator;
+
+// SAFETY: blocks come from the slab allocator, which hands out each byte to one owner at a
+// time, sized and aligned as the layout asks (kmalloc honours alignment).
+unsafe impl GlobalAlloc for KernelAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match SLAB.get() {
+            Some(s) => s.kmalloc(layout.size(), layout.align()).map_or(ptr::null_mut(), NonNull::as_ptr),
+            None => ptr::null_mut(),
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match SLAB.get() {
+            Some(s) => s.kzalloc(layout.size(), layout.align()).map_or(ptr::null_mut(), NonNull::as_ptr),
+            None => ptr::null_mut(),
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let (Some(s), Some(p)) = (SLAB.get(), NonNull::new(ptr)) else {
+            log::error!("kernel heap: dealloc({ptr:p}, {layout:?}) of memory it never gave");
+            return;
+        };
+        // SAFETY: `GlobalAlloc`'s contract: `ptr` came from this allocator and is not used
+        // after. Should it not have, `kfree` refuses it without touching anything.
+        if let Err(e) = unsafe { s.kfree(p) } {
+            log::error!("kernel heap: dealloc({ptr:p}, {layout:?}): {e}");
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let (Some(s), Some(p)) = (SLAB.get(), NonNull::new(ptr)) else {
+            return ptr::null_mut();
+        };
+        // Still fits (and the alignment is unchanged): keep it.
+        if s.ksize(p).is_ok_and(|cap| new_size <= cap) {
+            return ptr;
+        }
+        let Ok(new) = s.kmalloc(new_size, layout.align()) else {
+            return ptr::null_mut();
+        };
+        // SAFETY: both blocks are live and distinct; the old one holds `layout.size()`
+        // bytes, the new one `new_size`.
+        unsafe {
+            ptr::copy_nonoverlapping(ptr, new.as_ptr(), layout.size().min(new_size));
+            self.dealloc(ptr, layout);
+        }
+        new.as_ptr()
+    }
+}

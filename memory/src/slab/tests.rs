@@ -1,0 +1,583 @@
+//! Host tests of the slab allocator: geometry, a model test, misuse, named caches,
+//! strict mode, empty-slab caching, threads, the global `KernelAllocator`.
+
+use std::collections::BTreeMap;
+
+use hal::addr::PAGE_SIZE;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use spin::Mutex;
+
+use super::*;
+use crate::buddy::testram::{self, TestRam};
+use crate::buddy::{BuddyAllocator, BuddyStats};
+
+const MIB: u64 = 1 << 20;
+const BASE: u64 = 0x8000_0000;
+
+/// Simulated RAM and a buddy allocator over it (one region, with a reserved hole).
+struct Env {
+    _ram: TestRam,
+    buddy: Mutex<BuddyAllocator>,
+}
+
+impl Env {
+    fn new(mib: u64, strict: bool) -> Self {
+        let ram = TestRam::new(BASE, (mib * MIB) as usize);
+        let reserved = [ram.range(0, 0x8000), ram.range(5 * MIB + 0x3000, 0x1000)];
+        // SAFETY: the test RAM is used by nothing else and outlives the allocator.
+        let buddy = unsafe { BuddyAllocator::new(&[ram.whole()], &reserved, ram.linear(), strict) }.unwrap();
+        Env { _ram: ram, buddy: Mutex::new(buddy) }
+    }
+
+    fn bstats(&self) -> BuddyStats {
+        self.buddy.lock().stats()
+    }
+}
+
+fn kfree(s: &SlabAllocator<'_>, p: NonNull<u8>) -> Result<(), SlabError> {
+    // SAFETY: the tests free each object once and never use it afterwards (misuse tests
+    // pass pointers the allocator must refuse without touching them).
+    unsafe { s.kfree(p) }
+}
+
+fn fill(p: NonNull<u8>, len: usize, v: u8) {
+    // SAFETY: the object is allocated to the test with at least `len` bytes.
+    unsafe { p.as_ptr().write_bytes(v, len) }
+}
+
+fn holds(p: NonNull<u8>, len: usize, v: u8) -> bool {
+    // SAFETY: as for `fill`.
+    unsafe { core::slice::from_raw_parts(p.as_ptr(), len) }.iter().all(|&b| b == v)
+}
+
+fn stats_of(s: &SlabAllocator<'_>, name: &str) -> CacheStats {
+    s.cache_stats().find(|c| c.name == name).unwrap()
+}
+
+#[test]
+fn geometry_of_the_classes() {
+    for strict in [false, true] {
+        for (i, &size) in KMALLOC_SIZES.iter().enumerate() {
+            let g = Geometry::new(size, KMALLOC_ALIGNS[i], strict).unwrap();
+            assert_eq!(g.size, size);
+            assert_eq!(g.first % g.align, 0);
+            assert_eq!(g.stride % g.align, 0);
+            assert!(g.first >= HEADER_BYTES + g.objs.div_ceil(64) * 8);
+            assert!(g.first + g.objs * g.stride <= g.slab_bytes());
+            if !strict {
+                assert!(g.waste() * 8 <= g.slab_bytes(), "{size}: {g:?}");
+            } else {
+                assert!(g.stride >= size + RED_ZONE_MIN);
+            }
+        }
+    }
+    let g = Geometry::new(64, 64, false).unwrap();
+    assert_eq!((g.order, g.objs, g.first), (0, 63, 64));
+    let g = Geometry::new(8, 8, false).unwrap();
+    assert_eq!((g.order, g.objs, g.first), (0, 500, 96));
+    let g = Geometry::new(2048, 2048, false).unwrap();
+    assert_eq!((g.order, g.objs), (2, 7));
+    assert_eq!(Geometry::new(0, 8, false), None);
+    assert_eq!(Geometry::new(8, 3, false), None);
+    assert_eq!(Geometry::new(8, 8192, false), None);
+    assert_eq!(Geometry::new(40_000, 8, false), None);
+    assert!(Geometry::new(5, 1, false).is_some_and(|g| g.size == 8 && g.align == 8));
+}
+
+/// The reciprocal replaces the division by the stride: exact for every offset of a slab.
+#[test]
+fn reciprocal_division_is_exact() {
+    let max = PAGE_SIZE << MAX_SLAB_ORDER;
+    for stride in (8..=max / 2).step_by(8) {
+        let recip = (1u64 << 32).div_ceil(stride as u64);
+        for rel in 0..max as u64 {
+            assert_eq!((rel * recip) >> 32, rel / stride as u64, "stride {stride}, rel {rel}");
+        }
+    }
+}
+
+#[test]
+fn size_classes() {
+    let cases = [
+        (1, 1, Some(0)),
+        (8, 8, Some(0)),
+        (9, 1, Some(1)),
+        (64, 8, Some(3)),
+        (65, 8, Some(4)),
+        (96, 8, Some(4)),
+        (96, 64, Some(5)),
+        (150, 64, Some(6)),
+        (97, 8, Some(5)),
+        (130, 8, Some(6)),
+        (193, 8, Some(7)),
+        (8, 512, Some(8)),
+        (2048, 8, Some(10)),
+        (2049, 8, None),
+        (8, 4096, None),
+    ];
+    for (size, align, class) in cases {
+        assert_eq!(kmalloc_class(size, align), class, "{size}/{align}");
+    }
+    assert_eq!(large_order(2049, 8), Ok(0));
+    assert_eq!(large_order(4097, 8), Ok(1));
+    assert_eq!(large_order(8, 8192), Ok(1));
+    assert_eq!(large_order(4 << 20, 8), Ok(10));
+    assert_eq!(large_order((4 << 20) + 1, 8), Err(SlabError::TooLarge));
+}
+
+#[test]
+fn kmalloc_basics_and_slabinfo() {
+    let env = Env::new(16, false);
+    let s = SlabAllocator::new(&env.buddy, false).unwrap();
+    let base = env.bstats().free_pages;
+    let a = s.kmalloc(64, 8).unwrap();
+    assert_eq!(a.as_ptr() as usize % 64, 0);
+    assert_eq!(s.ksize(a), Ok(64));
+    let b = s.kmalloc(100, 8).unwrap();
+    assert_eq!(s.ksize(b), Ok(128));
+    let c = s.kmalloc(3000, 8).unwrap();
+    assert_eq!(s.ksize(c), Ok(4096));
+    assert_eq!(c.as_ptr() as usize % 4096, 0);
+    let d = s.kmalloc(10, 8192).unwrap();
+    assert_eq!(d.as_ptr() as usize % 8192, 0);
+    assert_eq!(s.ksize(d), Ok(8192));
+    let z = s.kzalloc(200, 8).unwrap();
+    assert!(holds(z, 200, 0));
+    assert_eq!(s.kmalloc(0, 8), Err(SlabError::ZeroSize));
+    assert_eq!(s.kmalloc(8, 3), Err(SlabError::BadLayout));
+    assert_eq!(s.kmalloc(5 << 20, 8), Err(SlabError::TooLarge));
+    assert_eq!(s.stats().alloc_failures, 3);
+    let st = s.stats();
+    assert_eq!((st.large_allocs, st.large_pages), (2, 3));
+    assert_eq!(st.slab_pages, 3); // kmalloc-64, -128, -256
+    assert_eq!(env.bstats().free_pages, base - 6);
+
+    let info = s.slabinfo().to_string();
+    let mut lines = info.lines();
+    assert_eq!(lines.next(), Some("# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab>"));
+    assert_eq!(lines.next(), Some("kmalloc-2048           0      0   2048    7    4"));
+    assert!(info.contains("\nkmalloc-64             1     63     64   63    1\n"));
+    assert!(info.contains("\nkmalloc-128            1     31    128   31    1\n"));
+    assert_eq!(info.lines().count(), 1 + NR_KMALLOC);
+
+    for p in [a, b, c, d, z] {
+        kfree(&s, p).unwrap();
+    }
+    assert_eq!(s.stats().large_pages, 0);
+    // One empty slab kept per cache used; shrink gives them back.
+    assert_eq!(env.bstats().free_pages, base - 3);
+    assert_eq!(s.shrink(), 3);
+    assert_eq!(env.bstats().free_pages, base);
+    env.buddy.lock().check_consistency().unwrap();
+}
+
+/// A live allocation in the model.
+struct Live {
+    ptr: NonNull<u8>,
+    size: usize,
+    fill: u8,
+    large: bool,
+}
+
+fn random_layout(rng: &mut SmallRng) -> (usize, usize) {
+    let r: u32 = rng.random_range(0..1000);
+    let size = if r < 600 {
+        rng.random_range(1..=256)
+    } else if r < 950 {
+        rng.random_range(257..=2048)
+    } else if r < 995 {
+        rng.random_range(2049..=40_000)
+    } else {
+        rng.random_range(40_001..=1 << 20)
+    };
+    let align = if rng.random_range(0..10) < 7 { 8 } else { 1 << rng.random_range(0..=12) };
+    (size, align)
+}
+
+/// Random alloc/free of mixed sizes and alignments against a model.
+fn model(strict: bool, ops: u32, seed: u64) {
+    let env = Env::new(96, strict);
+    let s = SlabAllocator::new(&env.buddy, strict).unwrap();
+    let start = env.bstats();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut live: Vec<Live> = Vec::new();
+    let mut spans: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut failures = 0;
+    for step in 0..ops {
+        let alloc = live.is_empty() || (live.len() < 8_000 && rng.random_range(0..100) < 55);
+        if alloc {
+            let (size, align) = random_layout(&mut rng);
+            let p = match s.kmalloc(size, align) {
+                Ok(p) => p,
+                Err(SlabError::OutOfMemory) => {
+                    failures += 1;
+                    continue;
+                }
+                Err(e) => panic!("kmalloc({size}, {align}): {e}"),
+            };
+            let a = p.as_ptr() as usize;
+            assert_eq!(a % align, 0, "kmalloc({size}, {align}) misaligned");
+            let cap = s.ksize(p).unwrap();
+            assert!(cap >= size);
+            if let Some((_, &end)) = spans.range(..a + size).next_back() {
+                assert!(end <= a, "object {a:#x} overlaps another");
+            }
+            spans.insert(a, a + size);
+            let fill = step as u8 | 1;
+            fill_obj(p, size, fill);
+            live.push(Live { ptr: p, size, fill, large: size > KMALLOC_MAX_CACHE_SIZE || align > 2048 });
+        } else {
+            let i = rng.random_range(0..live.len());
+            let l = live.swap_remove(i);
+            assert!(holds(l.ptr, l.size, l.fill), "object {:p} contents changed", l.ptr);
+            spans.remove(&(l.ptr.as_ptr() as usize));
+            kfree(&s, l.ptr).unwrap();
+        }
+        if step % 2_000 == 0 {
+            check_accounting(&env, &s, &start, &live);
+        }
+    }
+    check_accounting(&env, &s, &start, &live);
+    assert_eq!(s.stats().alloc_failures, failures);
+    for l in live.drain(..) {
+        assert!(holds(l.ptr, l.size, l.fill));
+        kfree(&s, l.ptr).unwrap();
+    }
+    for c in s.cache_stats() {
+        assert_eq!(c.active_objs, 0, "{}", c.name);
+        assert!(c.slabs <= 1, "{} keeps {} slabs", c.name, c.slabs);
+    }
+    let kept: usize = s.cache_stats().map(|c| c.pages()).sum();
+    assert_eq!(env.bstats().free_pages, start.free_pages - kept);
+    assert_eq!(s.shrink(), kept);
+    let end = env.bstats();
+    assert_eq!(end.free_pages, start.free_pages);
+    assert_eq!(end.free_blocks, start.free_blocks);
+    assert_eq!(end.corruptions, 0);
+    let st = s.stats();
+    assert_eq!((st.slab_pages, st.large_allocs, st.large_pages, st.invalid_frees, st.corruptions), (0, 0, 0, 0, 0));
+    env.buddy.lock().check_consistency().unwrap();
+}
+
+fn fill_obj(p: NonNull<u8>, len: usize, v: u8) {
+    fill(p, len, v);
+}
+
+fn check_accounting(env: &Env, s: &SlabAllocator<'_>, start: &BuddyStats, live: &[Live]) {
+    let small = live.iter().filter(|l| !l.large).count();
+    let large = live.iter().filter(|l| l.large).count();
+    let active: usize = s.cache_stats().map(|c| c.active_objs).sum();
+    assert_eq!(active, small);
+    let st = s.stats();
+    assert_eq!(st.large_allocs, large);
+    let b = env.bstats();
+    assert_eq!(b.free_pages + st.slab_pages + st.large_pages, start.free_pages);
+    for c in s.cache_stats() {
+        assert!(c.active_objs <= c.num_objs);
+    }
+}
+
+#[test]
+fn model_random_ops() {
+    model(false, 100_000, 0x51ab);
+}
+
+#[test]
+fn model_random_ops_strict() {
+    model(true, 30_000, 0x5eed);
+}
+
+#[test]
+fn misuse_is_refused_and_changes_nothing() {
+    let env = Env::new(16, false);
+    let s = SlabAllocator::new(&env.buddy, false).unwrap();
+    let obj = s.kmalloc(32, 8).unwrap();
+    let other = s.kmalloc(32, 8).unwrap();
+    let large = s.kmalloc(9000, 8).unwrap();
+    let page = env.buddy.lock().alloc(0).unwrap();
+    let page_va = NonNull::new(env.buddy.lock().linear_map().ptr::<u8>(page)).unwrap();
+    let mut local = 0u64;
+    let stack = NonNull::from(&mut local).cast::<u8>();
+    let slab_base = NonNull::new(obj.as_ptr().wrapping_sub(obj.as_ptr() as usize % PAGE_SIZE)).unwrap();
+    let at = |p: NonNull<u8>, off: usize| NonNull::new(p.as_ptr().wrapping_add(off)).unwrap();
+    let cases = [
+        (page_va, SlabError::NotOwned),
+        (at(page_va, 64), SlabError::NotOwned),
+        (stack, SlabError::NotOwned),
+        (at(obj, 8), SlabError::NotObjectStart),
+        (at(obj, 1), SlabError::NotObjectStart),
+        (slab_base, SlabError::NotObjectStart),
+        (at(large, 8), SlabError::NotObjectStart),
+        (at(large, PAGE_SIZE), SlabError::NotObjectStart),
+        (at(large, 2 * PAGE_SIZE + 16), SlabError::NotObjectStart),
+    ];
+    let before = (env.bstats(), stats_of(&s, "kmalloc-32"));
+    for (i, (p, err)) in cases.into_iter().enumerate() {
+        assert_eq!(kfree(&s, p), Err(err), "case {i}: {p:p}");
+        assert_eq!((env.bstats(), stats_of(&s, "kmalloc-32")), before);
+        assert_eq!(s.stats().invalid_frees, i as u64 + 1);
+    }
+    assert_eq!(s.ksize(at(obj, 8)), Err(SlabError::NotObjectStart));
+    assert_eq!(s.ksize(page_va), Err(SlabError::NotOwned));
+
+    kfree(&s, obj).unwrap();
+    let after = (env.bstats(), stats_of(&s, "kmalloc-32"));
+    assert_eq!(kfree(&s, obj), Err(SlabError::DoubleFree));
+    assert_eq!((env.bstats(), stats_of(&s, "kmalloc-32")), after);
+    kfree(&s, large).unwrap();
+    assert_eq!(kfree(&s, large), Err(SlabError::NotOwned), "large block is back in the buddy");
+    // A slab given back to the buddy: its objects are no longer ours.
+    kfree(&s, other).unwrap();
+    assert_eq!(s.shrink(), 1);
+    assert_eq!(kfree(&s, other), Err(SlabError::NotOwned));
+    // SAFETY: allocated above, unused.
+    unsafe { env.buddy.lock().free(page, 0) }.unwrap();
+    env.buddy.lock().check_consistency().unwrap();
+}
+
+#[test]
+fn named_caches() {
+    let env = Env::new(16, false);
+    let s = SlabAllocator::new(&env.buddy, false).unwrap();
+    let base = env.bstats().free_pages;
+    let areas = s.create_cache("vmap_area", 40, 8).unwrap();
+    let nodes = s.create_cache("test_node", 24, 32).unwrap();
+    assert_eq!(s.cache_object_size(&areas), 40);
+    assert_eq!(s.cache_object_size(&nodes), 32);
+    let mut objs = Vec::new();
+    for _ in 0..250 {
+        let p = s.cache_alloc(&areas).unwrap();
+        assert_eq!(p.as_ptr() as usize % 8, 0);
+        objs.push(p);
+    }
+    let n = s.cache_alloc(&nodes).unwrap();
+    assert_eq!(n.as_ptr() as usize % 32, 0);
+    let st = stats_of(&s, "vmap_area");
+    assert_eq!((st.active_objs, st.objperslab, st.pagesperslab), (250, 101, 1));
+    assert_eq!(st.num_objs, 303);
+    let info = s.slabinfo().to_string();
+    let mut lines = info.lines().skip(1);
+    assert_eq!(lines.next(), Some("test_node              1    126     32  126    1"));
+    assert_eq!(lines.next(), Some("vmap_area            250    303     40  101    1"));
+    // SAFETY: `n` is live and not used after; the wrong cache must refuse it.
+    assert_eq!(unsafe { s.cache_free(&areas, n) }, Err(SlabError::WrongCache));
+    let k = s.kmalloc(40, 8).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { s.cache_free(&areas, k) }, Err(SlabError::WrongCache));
+    kfree(&s, k).unwrap();
+    assert_eq!(s.destroy_cache(nodes), Err(SlabError::CacheBusy));
+    // kfree takes named caches' objects too.
+    kfree(&s, n).unwrap();
+    for p in objs {
+        // SAFETY: live objects of `areas`, not used after.
+        unsafe { s.cache_free(&areas, p) }.unwrap();
+    }
+    s.destroy_cache(areas).unwrap();
+    assert!(!s.slabinfo().to_string().contains("vmap_area"));
+    s.shrink();
+    assert_eq!(env.bstats().free_pages, base);
+    // Slots run out.
+    let mut ids = Vec::new();
+    loop {
+        match s.create_cache("filler", 16, 8) {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                assert_eq!(e, SlabError::TooManyCaches);
+                break;
+            }
+        }
+    }
+    assert_eq!(ids.len(), MAX_CACHES - NR_KMALLOC - 1); // "test_node" is still there
+    assert_eq!(s.create_cache("bad", 0, 8), Err(SlabError::BadLayout));
+    for id in ids {
+        s.destroy_cache(id).unwrap();
+    }
+}
+
+#[test]
+fn strict_mode_detects_overflow_and_use_after_free() {
+    let env = Env::new(16, true);
+    let s = SlabAllocator::new(&env.buddy, true).unwrap();
+    let a = s.kmalloc(64, 8).unwrap();
+    assert_eq!(s.stats().corruptions, 0);
+    // Overflow by one byte into the red zone: reported on free, the free still happens.
+    fill(a, 65, 0x11);
+    kfree(&s, a).unwrap();
+    assert_eq!(s.stats().corruptions, 1);
+    // Freed objects are poisoned past the link.
+    assert!(holds(NonNull::new(a.as_ptr().wrapping_add(4)).unwrap(), 60, POISON_FREE_BYTE));
+    // Write after free: reported when the object is handed out again (LIFO: same one).
+    // SAFETY: a deliberate stray write into a free object of the simulated RAM.
+    unsafe { a.as_ptr().add(10).write(0) };
+    let b = s.kmalloc(64, 8).unwrap();
+    assert_eq!(b, a);
+    assert_eq!(s.stats().corruptions, 2);
+    // A clean cycle reports nothing.
+    kfree(&s, b).unwrap();
+    let c = s.kmalloc(64, 8).unwrap();
+    assert_eq!(s.stats().corruptions, 2);
+    // Smash the free-list link of a free object: detected, list rebuilt from the bitmap.
+    let d = s.kmalloc(64, 8).unwrap();
+    kfree(&s, d).unwrap();
+    // SAFETY: as above.
+    unsafe { d.as_ptr().cast::<u32>().write(0xffff_ff00) };
+    let mut got = vec![s.kmalloc(64, 8).unwrap()];
+    assert_eq!(got[0], d);
+    assert!(s.stats().corruptions >= 3);
+    for _ in 0..200 {
+        got.push(s.kmalloc(64, 8).unwrap());
+    }
+    got.push(c);
+    let mut addrs: Vec<usize> = got.iter().map(|p| p.as_ptr() as usize).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    assert_eq!(addrs.len(), got.len(), "an object handed out twice after the repair");
+    for p in got {
+        kfree(&s, p).unwrap();
+    }
+    s.shrink();
+    env.buddy.lock().check_consistency().unwrap();
+}
+
+#[test]
+fn empty_slabs_are_kept_once_and_ping_pong_does_not_thrash() {
+    let env = Env::new(16, false);
+    let s = SlabAllocator::new(&env.buddy, false).unwrap();
+    let base = env.bstats().free_pages;
+    let first = s.kmalloc(64, 8).unwrap();
+    kfree(&s, first).unwrap();
+    let held = env.bstats().free_pages;
+    assert_eq!(held, base - 1);
+    for _ in 0..10_000 {
+        let p = s.kmalloc(64, 8).unwrap();
+        kfree(&s, p).unwrap();
+        assert_eq!(env.bstats().free_pages, held);
+    }
+    // Three slabs' worth, all freed: one slab kept.
+    let objs: Vec<_> = (0..3 * 63).map(|_| s.kmalloc(64, 8).unwrap()).collect();
+    assert_eq!(stats_of(&s, "kmalloc-64").slabs, 3);
+    for p in objs {
+        kfree(&s, p).unwrap();
+    }
+    let st = stats_of(&s, "kmalloc-64");
+    assert_eq!((st.slabs, st.active_objs), (1, 0));
+    assert_eq!(env.bstats().free_pages, base - 1);
+    assert_eq!(s.shrink(), 1);
+    assert_eq!(s.shrink(), 0);
+    assert_eq!(env.bstats().free_pages, base);
+}
+
+#[test]
+fn threads_share_the_allocator() {
+    let env = Env::new(64, false);
+    let s = SlabAllocator::new(&env.buddy, false).unwrap();
+    let base = env.bstats().free_pages;
+    // Objects travel between threads through a shared pool: frees happen on the other
+    // thread half of the time.
+    let pool: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for t in 0..2u64 {
+            let (s, pool) = (&s, &pool);
+            sc.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(t);
+                for _ in 0..50_000 {
+                    if rng.random_range(0..2) == 0 {
+                        let (size, align) = random_layout(&mut rng);
+                        let size = size.min(5000);
+                        let p = s.kmalloc(size, align).unwrap();
+                        fill(p, 8.min(size), 0x77);
+                        pool.lock().unwrap().push(p.as_ptr() as usize);
+                    } else {
+                        let p = {
+                            let mut v = pool.lock().unwrap();
+                            if v.is_empty() {
+                                continue;
+                            }
+                            let i = rng.random_range(0..v.len());
+                            v.swap_remove(i)
+                        };
+                        kfree(s, NonNull::new(p as *mut u8).unwrap()).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    for p in pool.into_inner().unwrap() {
+        kfree(&s, NonNull::new(p as *mut u8).unwrap()).unwrap();
+    }
+    s.shrink();
+    assert_eq!(env.bstats().free_pages, base);
+    assert_eq!(s.stats().invalid_frees, 0);
+    env.buddy.lock().check_consistency().unwrap();
+}
+
+#[test]
+fn misaligned_linear_map_is_refused() {
+    let ram = TestRam::new(BASE, (8 * MIB) as usize);
+    // A linear map whose offset is 4 KiB off the buffer's 4 MiB alignment.
+    let phys = ram.range(0, 7 * MIB);
+    let virt = hal::addr::VirtAddr::new(ram.linear().ptr::<u8>(ram.range(0x1000, 1).start()) as u64);
+    // SAFETY: the window is inside the test RAM, which outlives the allocator.
+    let linear = unsafe { hal::linear::LinearMap::new(phys, virt) };
+    // SAFETY: as above.
+    let buddy = Mutex::new(unsafe { BuddyAllocator::new(&[phys], &[], linear, false) }.unwrap());
+    assert_eq!(SlabAllocator::new(&buddy, false).err(), Some(SlabError::MisalignedLinearMap));
+}
+
+#[test]
+fn global_kernel_allocator() {
+    let _g = testram::global_lock();
+    let a = KernelAllocator;
+    shrink();
+    let before = crate::buddy::stats().unwrap().free_pages;
+    let layouts = [
+        Layout::from_size_align(1, 1).unwrap(),
+        Layout::from_size_align(24, 8).unwrap(),
+        Layout::from_size_align(100, 64).unwrap(),
+        Layout::from_size_align(3000, 8).unwrap(),
+        Layout::from_size_align(64, 4096).unwrap(),
+        Layout::from_size_align(100_000, 16).unwrap(),
+    ];
+    let mut ptrs = Vec::new();
+    for l in layouts {
+        // SAFETY: non-zero sizes.
+        let p = unsafe { a.alloc(l) };
+        assert!(!p.is_null());
+        assert_eq!(p as usize % l.align(), 0);
+        ptrs.push((p, l));
+    }
+    // SAFETY: non-zero size.
+    let z = unsafe { a.alloc_zeroed(Layout::from_size_align(500, 8).unwrap()) };
+    assert!(holds(NonNull::new(z).unwrap(), 500, 0));
+    // realloc within the class keeps the pointer, beyond moves and keeps the contents.
+    let l = Layout::from_size_align(40, 8).unwrap();
+    // SAFETY: non-zero size; reallocations follow GlobalAlloc's rules.
+    unsafe {
+        let p = a.alloc(l);
+        p.write_bytes(0x5c, 40);
+        assert_eq!(a.realloc(p, l, 64), p);
+        let q = a.realloc(p, Layout::from_size_align(64, 8).unwrap(), 5000);
+        assert!(holds(NonNull::new(q).unwrap(), 40, 0x5c));
+        a.dealloc(q, Layout::from_size_align(5000, 8).unwrap());
+        a.dealloc(z, Layout::from_size_align(500, 8).unwrap());
+        for (p, l) in ptrs {
+            a.dealloc(p, l);
+        }
+    }
+    let invalid = stats().unwrap().invalid_frees;
+    let mut x = 0u8;
+    // SAFETY: a pointer the allocator never gave: reported and ignored.
+    unsafe { a.dealloc(&mut x, Layout::new::<u8>()) };
+    assert_eq!(stats().unwrap().invalid_frees, invalid + 1);
+    // Named cache on the global instance.
+    let c = KmemCache::new("global_test", 48, 16).unwrap();
+    let o = c.alloc().unwrap();
+    assert!(slabinfo().unwrap().to_string().contains("global_test"));
+    // SAFETY: live object of `c`, not used after.
+    unsafe { c.free(o) }.unwrap();
+    c.destroy().unwrap();
+    assert_eq!(init(false), Err(SlabError::AlreadyInitialized));
+    shrink();
+    assert_eq!(crate::buddy::stats().unwrap().free_pages, before);
+}
