@@ -3,3 +3,4 @@
 
 pub mod buddy;
 pub mod slab;
+pub mod vmalloc;

@@ -19,7 +19,7 @@
 //! [`NodePool::free_one`], which is called on a record that has been unlinked from every
 //! tree and list, after which no copy of the pointer is used again.
 
-use alloc::boxed::Box;
+use super::alloc::boxed::Box;
 use core::cell::Cell;
 use core::panic::Location;
 use core::ptr::NonNull;

@@ -1,0 +1,276 @@
+//! Reports: `/proc/vmallocinfo`, fault attribution, the history of freed areas, purge timings.
+
+use core::fmt::{self, Write};
+use core::panic::Location;
+
+use hal::VirtAddr;
+
+use super::node::{NodePtr, State};
+use super::tree::Tree;
+use super::{AreaKind, VmBackend, Vmalloc, PAGE};
+
+/// How many freed areas [`Vmalloc::explain_fault`] remembers after their purge.
+pub const HISTORY_LEN: usize = 64;
+
+#[derive(Clone, Copy)]
+struct Freed {
+    start: u64,
+    end: u64,
+    ptr: u64,
+    bytes: usize,
+    caller: &'static Location<'static>,
+    freer: &'static Location<'static>,
+}
+
+/// A ring of the last [`HISTORY_LEN`] freed areas (copies, not records).
+pub(crate) struct History {
+    ring: [Option<Freed>; HISTORY_LEN],
+    next: usize,
+}
+
+impl History {
+    pub const fn new() -> Self {
+        Self { ring: [None; HISTORY_LEN], next: 0 }
+    }
+
+    pub fn push(&mut self, n: NodePtr) {
+        let nd = n.get();
+        let f = Freed {
+            start: nd.start.get(),
+            end: nd.end.get(),
+            ptr: nd.start.get() + u64::from(nd.offset.get()),
+            bytes: nd.bytes.get(),
+            caller: nd.caller.get(),
+            freer: nd.freer.get().unwrap_or(nd.caller.get()),
+        };
+        if let Some(slot) = self.ring.get_mut(self.next) {
+            *slot = Some(f);
+        }
+        self.next = (self.next + 1) % HISTORY_LEN;
+    }
+
+    /// Newest first.
+    fn iter(&self) -> impl Iterator<Item = &Freed> {
+        (1..=HISTORY_LEN).filter_map(move |i| {
+            let idx = (self.next + HISTORY_LEN - i) % HISTORY_LEN;
+            self.ring.get(idx).and_then(Option::as_ref)
+        })
+    }
+
+    /// Whether `ptr` is the pointer of a remembered freed area.
+    pub fn freed_pointer(&self, ptr: u64) -> bool {
+        self.iter().any(|f| f.ptr == ptr)
+    }
+
+    fn containing(&self, addr: u64) -> Option<&Freed> {
+        self.iter().find(|f| (f.start..f.end).contains(&addr))
+    }
+}
+
+/// Purge durations in log-linear buckets: exact below 8 ns, then 8 buckets per power of two
+/// (an upper bound within 12.5 %).
+pub(crate) struct PurgeHistogram {
+    counts: [u32; BUCKETS],
+    max: u64,
+}
+
+const BUCKETS: usize = 8 + 61 * 8;
+
+fn bucket(v: u64) -> usize {
+    if v < 8 {
+        return v as usize;
+    }
+    let msb = 63 - v.leading_zeros() as usize;
+    let sub = ((v >> (msb - 3)) & 7) as usize;
+    8 + (msb - 3) * 8 + sub
+}
+
+fn bucket_upper(b: usize) -> u64 {
+    if b < 8 {
+        return b as u64;
+    }
+    let msb = (b - 8) / 8 + 3;
+    let sub = ((b - 8) % 8) as u64;
+    let lower = (1u64 << msb) | (sub << (msb - 3));
+    lower.saturating_add((1u64 << (msb - 3)) - 1)
+}
+
+impl PurgeHistogram {
+    pub const fn new() -> Self {
+        Self { counts: [0; BUCKETS], max: 0 }
+    }
+
+    pub fn record(&mut self, ns: u64) {
+        if let Some(c) = self.counts.get_mut(bucket(ns)) {
+            *c = c.saturating_add(1);
+        }
+        self.max = self.max.max(ns);
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// The `p`-th percentile (bucket upper bound, capped at the maximum), 0 when empty.
+    pub fn percentile(&self, p: u64) -> u64 {
+        let total: u64 = self.counts.iter().map(|&c| u64::from(c)).sum();
+        if total == 0 {
+            return 0;
+        }
+        let target = (total * p).div_ceil(100).max(1);
+        let mut seen = 0u64;
+        for (b, &c) in self.counts.iter().enumerate() {
+            seen += u64::from(c);
+            if seen >= target {
+                return bucket_upper(b).min(self.max);
+            }
+        }
+        self.max
+    }
+}
+
+/// What [`Vmalloc::explain_fault`] made of an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultClass {
+    /// Outside the vmalloc window: not ours to explain (nothing written).
+    NotVmalloc,
+    /// In a guard page (or the unmapped tail of a shrunk area).
+    GuardPage,
+    /// In a parked range or a recently freed area.
+    UseAfterFree,
+    /// Inside the mapped pages of a live area (a permission fault, e.g. a write to a
+    /// read-only vmap).
+    LiveArea,
+    /// In vmalloc space that no live or remembered area covers.
+    Unallocated,
+}
+
+/// `/proc/vmallocinfo` for a [`Vmalloc`]: [`Vmalloc::info`].
+pub struct VmallocInfo<'a, B: VmBackend>(&'a Vmalloc<B>);
+
+impl<B: VmBackend> fmt::Display for VmallocInfo<'_, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.write_info(f)
+    }
+}
+
+impl<B: VmBackend> Vmalloc<B> {
+    /// `/proc/vmallocinfo`, as Linux's `s_show` prints it, in address order: for each live
+    /// area `0xSTART-0xEND SIZE CALLER [pages=N] [phys=0x…] vmalloc|vmap|ioremap`, SIZE with
+    /// the guard page (`pages=` is omitted for ioremap, `phys=` printed only for it); for
+    /// each parked range `0xSTART-0xEND SIZE unpurged vm_area`. O(n): not for exception
+    /// context.
+    ///
+    /// # Errors
+    /// Whatever `out` returns.
+    pub fn write_info(&self, out: &mut dyn Write) -> fmt::Result {
+        let mut cur = self.busy.first();
+        while let Some(n) = cur {
+            let nd = n.get();
+            write!(out, "0x{:016x}-0x{:016x} {:>7}", nd.start.get(), nd.end.get(), nd.size())?;
+            if nd.state.get() == State::Parked {
+                out.write_str(" unpurged vm_area\n")?;
+            } else {
+                write!(out, " {}", nd.caller.get())?;
+                let kind = nd.kind.get();
+                if kind != AreaKind::Ioremap && nd.pages.get() > 0 {
+                    write!(out, " pages={}", nd.pages.get())?;
+                }
+                if kind == AreaKind::Ioremap && nd.phys.get() != 0 {
+                    write!(out, " phys=0x{:016x}", nd.phys.get())?;
+                }
+                writeln!(out, " {kind}")?;
+            }
+            cur = Tree::<false>::next(n);
+        }
+        Ok(())
+    }
+
+    /// A `Display` of [`Self::write_info`].
+    pub fn info(&self) -> VmallocInfo<'_, B> {
+        VmallocInfo(self)
+    }
+
+    /// Explain a fault at `addr` in one line on `out`:
+    /// - guard page: `vmalloc: guard page hit at VA, N bytes past area START-END (SIZE)
+    ///   allocated at CALLER`, where START-END is the object (`[pointer, pointer + size)`),
+    ///   SIZE its byte count and N counts from its end (1 = the first byte after it);
+    /// - parked range or remembered freed area: `vmalloc: use after vfree at VA: area
+    ///   START-END (SIZE) allocated at CALLER, freed at CALLER`;
+    /// - otherwise a line saying the address is in a live area or unallocated space.
+    ///
+    /// Nothing is written for an address outside the window. O(log n), no allocation, takes
+    /// `&self`: callable from an exception handler holding only a try-lock.
+    pub fn explain_fault(&self, addr: VirtAddr, out: &mut dyn Write) -> FaultClass {
+        let a = addr.as_u64();
+        if !self.is_vmalloc_addr(addr) {
+            return FaultClass::NotVmalloc;
+        }
+        if let Some(n) = self.busy.find_containing(a) {
+            let nd = n.get();
+            let ptr = nd.start.get() + u64::from(nd.offset.get());
+            let data_end = ptr + nd.bytes.get() as u64;
+            let mapped_end = nd.start.get() + nd.pages.get() as u64 * PAGE;
+            let caller = nd.caller.get();
+            let bytes = nd.bytes.get();
+            if nd.state.get() == State::Parked {
+                let freer = nd.freer.get().unwrap_or(caller);
+                let _ = writeln!(
+                    out,
+                    "vmalloc: use after vfree at {a:#x}: area {ptr:#x}-{data_end:#x} ({bytes}) allocated at {caller}, freed at {freer}"
+                );
+                return FaultClass::UseAfterFree;
+            }
+            if a >= mapped_end {
+                let past = a - data_end + 1;
+                let _ = writeln!(
+                    out,
+                    "vmalloc: guard page hit at {a:#x}, {past} bytes past area {ptr:#x}-{data_end:#x} ({bytes}) allocated at {caller}"
+                );
+                return FaultClass::GuardPage;
+            }
+            let _ = writeln!(
+                out,
+                "vmalloc: fault at {a:#x} inside live {} area {ptr:#x}-{data_end:#x} ({bytes}) allocated at {caller}",
+                nd.kind.get()
+            );
+            return FaultClass::LiveArea;
+        }
+        if let Some(f) = self.history.containing(a) {
+            let _ = writeln!(
+                out,
+                "vmalloc: use after vfree at {a:#x}: area {:#x}-{:#x} ({}) allocated at {}, freed at {}",
+                f.ptr,
+                f.ptr + f.bytes as u64,
+                f.bytes,
+                f.caller,
+                f.freer
+            );
+            return FaultClass::UseAfterFree;
+        }
+        let _ = writeln!(out, "vmalloc: fault at {a:#x} in unallocated vmalloc space");
+        FaultClass::Unallocated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_bound_values() {
+        for v in [0u64, 1, 7, 8, 9, 15, 16, 100, 1000, 123_456, u64::MAX / 3, u64::MAX] {
+            let b = bucket(v);
+            assert!(b < BUCKETS);
+            assert!(bucket_upper(b) >= v, "{v}");
+            assert!(bucket_upper(b) - v <= v / 8 + 1, "{v}");
+        }
+        let mut h = PurgeHistogram::new();
+        for v in 1..=100u64 {
+            h.record(v * 1000);
+        }
+        assert_eq!(h.max(), 100_000);
+        let p99 = h.percentile(99);
+        assert!((99_000..=100_000).contains(&p99), "{p99}");
+    }
+}

@@ -1,0 +1,1212 @@
+//! # vmalloc — virtually contiguous memory with guard pages and lazy, batched TLB flushes
+//!
+//! ## The window
+//! ```text
+//!   range.start                                                              range.end
+//!   │ area A (3 pages)    │G│ area B │G│   hole   │ parked C │G│      hole          │
+//!   ├──┬──┬──┬──┼──┼──┼──┼──┼─ ─ ─ ─ ─┼──┼──┼──┼─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ┤
+//!   G = guard page: part of the area's range, never mapped, so an overflow traps.
+//!   parked = freed: PTEs cleared and frames freed at once, range kept out of the free
+//!            tree until one batched TLB flush (the purge) makes it safe to reuse.
+//! ```
+//! Each area's range (guard included) is one record that lives in the **busy tree** (AVL,
+//! by address) while live or parked, and whose range returns to the **free tree** (AVL
+//! augmented with the largest hole per subtree, see [`FreeSpace`]) when purged. Allocation is
+//! lowest-address first fit with any power-of-two alignment in O(log n); freeing never walks
+//! the areas.
+//!
+//! ## A call, as data flows
+//! 1. `vmalloc(size)`: round up to pages, add a guard page (unless [`VmFlags::NO_GUARD`]).
+//! 2. Lowest fit in the free tree; the hole is clipped (Linux's `va_clip`) and the area's
+//!    record, taken from a spare pool filled *before* the lock, enters the busy tree.
+//! 3. Frames from [`VmBackend::alloc_frames`] in chunks of up to 64, mapped with
+//!    [`VmBackend::map_pages`]. The guard page stays unmapped.
+//! 4. Any failure part-way: unmap what was mapped, free every frame, flush those pages,
+//!    give the range back. Nothing leaks (see [`VmallocStats`]).
+//! 5. `vfree(ptr)`: unmap (no TLB operation), free the frames, park the range.
+//! 6. Purge, when the parked pages pass [`VmallocConfig::lazy_max_pages`] or an allocation
+//!    finds no hole: one flush for every parked range — per-page TLBIs when they cover at most
+//!    [`VmallocConfig::flush_page_threshold`] mapped pages, a full flush otherwise — then the
+//!    ranges merge back into the free tree.
+//!
+//! ## Records and the lock
+//! [`Vmalloc`] itself takes `&mut self`; a global instance wraps it in a lock
+//! ([`LockedVmalloc`]). No method allocates from the heap while it runs **if** the spare pool
+//! holds the two records an allocation may need: [`LockedVmalloc`] tops the pool up outside
+//! its lock ([`Vmalloc::spares_wanted`], [`Vmalloc::add_spares`]) and frees surplus records
+//! after unlocking ([`Vmalloc::take_excess_spares`]). A bare `Vmalloc` with
+//! [`VmallocConfig::refill_inline`] (the default) tops up and trims itself.
+//!
+//! ## Exception context
+//! Only [`Vmalloc::explain_fault`], [`Vmalloc::find_area`], [`Vmalloc::vmalloc_to_phys`] and
+//! [`Vmalloc::is_vmalloc_addr`] take `&self` and never allocate; from an exception handler
+//! call them only through [`LockedVmalloc::try_explain_fault`] (a try-lock) or a similar
+//! try-lock, never through a blocking lock.
+//!
+//! ## Example
+//! ```ignore
+//! use memory::vmalloc::{Vmalloc, VmallocConfig, sim::SimBackend};
+//! let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 1 << 30)?;
+//! let mut vm = Vmalloc::new(SimBackend::new(range, 4096), range, VmallocConfig::default())?;
+//! let p = vm.vzalloc(10_000)?;          // 3 pages + 1 guard page
+//! let p = vm.vrealloc(p, 20_000)?;      // grows, contents kept
+//! vm.vfree(p)?;                         // no TLB flush yet
+//! println!("{}", vm.info());            // /proc/vmallocinfo
+//! ```
+
+// Declared here so this module does not depend on the crate root declaring it.
+extern crate alloc;
+
+mod backend;
+mod free;
+mod info;
+mod locked;
+mod node;
+pub mod sim;
+mod tree;
+
+use core::fmt;
+use core::panic::Location;
+
+use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
+
+pub use backend::{DeviceAttr, MapError, Prot, VmBackend};
+pub use free::{FreeSpace, SearchStats};
+pub use info::{FaultClass, VmallocInfo};
+pub use locked::LockedVmalloc;
+pub use node::Spares;
+
+use info::{History, PurgeHistogram};
+use node::{Link, NodePtr, State};
+use tree::Tree;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Frames taken and mapped per backend call.
+const CHUNK: usize = 64;
+/// Upper bound of [`VmallocConfig::flush_page_threshold`] (size of the stack buffer of ranges).
+pub const MAX_FLUSH_PAGE_THRESHOLD: usize = 256;
+/// Records an allocation may need: the area, and the right part of a hole split in the middle.
+const RECORDS_PER_CALL: usize = 2;
+/// How many records [`Vmalloc`] allocates at once when it refills itself.
+const REFILL_BATCH: usize = 16;
+
+/// What an area maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AreaKind {
+    /// Frames allocated (and freed) by vmalloc.
+    Vmalloc,
+    /// Frames owned by the caller ([`Vmalloc::vmap`]); never freed by vmalloc.
+    Vmap,
+    /// A device's physical range ([`Vmalloc::ioremap`]); no frames.
+    Ioremap,
+}
+
+impl AreaKind {
+    /// The word vmallocinfo prints.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AreaKind::Vmalloc => "vmalloc",
+            AreaKind::Vmap => "vmap",
+            AreaKind::Ioremap => "ioremap",
+        }
+    }
+}
+
+impl fmt::Display for AreaKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Options for an allocation; combine with `|`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmFlags(u8);
+
+impl VmFlags {
+    /// Nothing special: one guard page, start of the area returned, contents undefined.
+    pub const NONE: Self = Self(0);
+    /// Zero the pages (and keep bytes past the size zero across [`Vmalloc::vrealloc`]).
+    pub const ZERO: Self = Self(1);
+    /// Omit the guard page (like `VM_NO_GUARD` / `vm_map_ram`).
+    pub const NO_GUARD: Self = Self(2);
+    /// Place the object at the end of its last page, like KFENCE, so a one-byte overflow of
+    /// any size hits the guard page. The alignment argument then aligns the pointer (at most
+    /// `PAGE_SIZE`); the overflow traps at once when the size is a multiple of it.
+    pub const END_ALIGNED: Self = Self(4);
+
+    /// Whether every flag of `other` is set.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The raw bits.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+}
+
+impl core::ops::BitOr for VmFlags {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
+/// Why a vmalloc call failed. Every failure leaves the allocator as it was before the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmallocError {
+    /// A size of zero (or an empty frame list).
+    ZeroSize,
+    /// The size (with its guard page) is larger than the whole window.
+    TooLarge,
+    /// The alignment is not a power of two, or above `PAGE_SIZE` for an end-aligned area.
+    BadAlignment,
+    /// A frame or physical address is not page aligned.
+    Misaligned,
+    /// The address is not the pointer of a live area (interior pointers are refused).
+    NotAnArea,
+    /// The address is the pointer of an area already freed (parked or recently purged).
+    DoubleFree,
+    /// The area is not of the kind this call frees (e.g. `vfree` of a `vmap` area).
+    WrongKind,
+    /// No hole fits, even after a purge.
+    NoVirtualSpace,
+    /// The backend ran out of frames.
+    NoFrames,
+    /// The backend could not map.
+    MapFailed(MapError),
+    /// No spare area record and inline refill is off: top up with [`Vmalloc::add_spares`].
+    NoRecords,
+    /// Ioremap of a range that touches RAM.
+    RamRange,
+    /// An address computation overflowed.
+    Overflow,
+    /// The range given to [`Vmalloc::new`] is not page aligned or is empty.
+    BadRange,
+}
+
+impl fmt::Display for VmallocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmallocError::ZeroSize => f.write_str("size is zero"),
+            VmallocError::TooLarge => f.write_str("size larger than the vmalloc range"),
+            VmallocError::BadAlignment => f.write_str("alignment is not a power of two (or too large for end-aligned)"),
+            VmallocError::Misaligned => f.write_str("address is not page aligned"),
+            VmallocError::NotAnArea => f.write_str("not the start of a live vmalloc area"),
+            VmallocError::DoubleFree => f.write_str("area already freed (double free)"),
+            VmallocError::WrongKind => f.write_str("area is of another kind (vmalloc/vmap/ioremap)"),
+            VmallocError::NoVirtualSpace => f.write_str("out of vmalloc space"),
+            VmallocError::NoFrames => f.write_str("out of page frames"),
+            VmallocError::MapFailed(e) => write!(f, "mapping failed: {e}"),
+            VmallocError::NoRecords => f.write_str("no spare area record"),
+            VmallocError::RamRange => f.write_str("ioremap of RAM"),
+            VmallocError::Overflow => f.write_str("address arithmetic overflows"),
+            VmallocError::BadRange => f.write_str("vmalloc range is empty or not page aligned"),
+        }
+    }
+}
+
+/// Tunables (Linux's boot parameters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmallocConfig {
+    /// Purge once more than this many pages (guard pages included, as Linux counts) are
+    /// parked. Default 8192 (32 MiB), Linux's `lazy_max_pages()` on one CPU.
+    pub lazy_max_pages: usize,
+    /// Flush the TLB at every free instead of parking (Linux `debug_pagealloc`-like).
+    pub strict: bool,
+    /// A purge covering at most this many mapped pages issues one `TLBI VALE1IS` per page;
+    /// more, one `TLBI VMALLE1IS`. Default 64: a per-page TLBI costs about as much as one
+    /// TLB refill after a full flush, and a kernel's working set holds far more than 64 live
+    /// entries, so below 64 pages the targeted flush is cheaper (arm64 Linux switches at 512
+    /// pages of *span*, `MAX_TLBI_OPS`). Clamped to [`MAX_FLUSH_PAGE_THRESHOLD`].
+    pub flush_page_threshold: usize,
+    /// Allocate missing spare records (and free surplus ones) inside calls. Turn off when a
+    /// lock wraps the allocator; [`LockedVmalloc`] does.
+    pub refill_inline: bool,
+    /// Spare records kept after a purge; the rest are freed or handed out.
+    pub spare_high: usize,
+}
+
+impl Default for VmallocConfig {
+    fn default() -> Self {
+        Self { lazy_max_pages: 8192, strict: false, flush_page_threshold: 64, refill_inline: true, spare_high: 64 }
+    }
+}
+
+/// A live area, as [`Vmalloc::find_area`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AreaInfo {
+    /// First byte of the area's range.
+    pub start: VirtAddr,
+    /// First byte past the range, guard page included.
+    pub end: VirtAddr,
+    /// `end - start`, as vmallocinfo prints it.
+    pub size: u64,
+    /// The pointer handed out (`start` plus the end-aligned or ioremap offset).
+    pub addr: VirtAddr,
+    /// Bytes requested.
+    pub bytes: usize,
+    /// Pages mapped from `start`.
+    pub pages: usize,
+    /// What the area maps.
+    pub kind: AreaKind,
+    /// Who created it.
+    pub caller: &'static Location<'static>,
+    /// Ioremap: the page-aligned physical base.
+    pub phys: Option<PhysAddr>,
+    /// Whether a guard page follows the area.
+    pub guard: bool,
+}
+
+/// Counters. Every count of things held goes back to its baseline when everything is freed
+/// and purged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmallocStats {
+    /// Live areas.
+    pub live_areas: usize,
+    /// Pages mapped by live areas (all kinds).
+    pub mapped_pages: usize,
+    /// Frames held by live vmalloc areas.
+    pub owned_frames: usize,
+    /// Parked (freed, not yet flushed) areas.
+    pub parked_areas: usize,
+    /// Pages of parked ranges, guard pages included (compared with `lazy_max_pages`).
+    pub parked_pages: usize,
+    /// Pages of parked ranges that were mapped (what the purge must flush).
+    pub parked_mapped_pages: usize,
+    /// Holes in the free tree.
+    pub free_holes: usize,
+    /// Largest hole, in bytes.
+    pub largest_hole: u64,
+    /// Area records on the heap (in trees, parked, or spare).
+    pub records: usize,
+    /// Spare records.
+    pub spare_records: usize,
+    /// Purges done.
+    pub purges: u64,
+    /// Per-page TLB invalidations issued.
+    pub tlb_page_ops: u64,
+    /// Batches of per-page invalidations (each ends with one barrier pair).
+    pub tlb_page_batches: u64,
+    /// Full TLB flushes.
+    pub tlb_full_flushes: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Frames taken from the backend, ever.
+    pub frames_taken: u64,
+    /// Frames given back to the backend, ever.
+    pub frames_returned: u64,
+    /// Longest purge, in backend clock nanoseconds.
+    pub purge_ns_max: u64,
+    /// 99th percentile of purge times (bucket upper bound, within 12.5 %).
+    pub purge_ns_p99: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    live_areas: usize,
+    mapped_pages: usize,
+    owned_frames: usize,
+    parked_areas: usize,
+    parked_pages: usize,
+    parked_mapped: usize,
+    purges: u64,
+    tlb_page_ops: u64,
+    tlb_page_batches: u64,
+    tlb_full: u64,
+    failures: u64,
+    frames_taken: u64,
+    frames_returned: u64,
+}
+
+/// A vmalloc allocator over one window of virtual addresses.
+pub struct Vmalloc<B: VmBackend> {
+    backend: B,
+    range: VirtRange,
+    start: u64,
+    end: u64,
+    free: FreeSpace,
+    busy: Tree<false>,
+    parked_head: Link,
+    config: VmallocConfig,
+    c: Counters,
+    purge_hist: PurgeHistogram,
+    history: History,
+}
+
+// SAFETY: the allocator owns its records exclusively (see `node`'s ownership invariant): no
+// pointer to them leaves it, so moving it to another thread moves every record with it.
+unsafe impl<B: VmBackend + Send> Send for Vmalloc<B> {}
+
+impl<B: VmBackend> Vmalloc<B> {
+    /// An allocator handing out addresses of `range` (page aligned), with `backend`.
+    ///
+    /// # Errors
+    /// [`VmallocError::BadRange`] when the range is not page aligned.
+    pub fn new(backend: B, range: VirtRange, config: VmallocConfig) -> Result<Self, VmallocError> {
+        if !range.is_page_aligned() {
+            return Err(VmallocError::BadRange);
+        }
+        let (start, end) = (range.start().as_u64(), range.end().as_u64());
+        let free = FreeSpace::new(start, end).ok_or(VmallocError::BadRange)?;
+        let mut config = config;
+        config.flush_page_threshold = config.flush_page_threshold.min(MAX_FLUSH_PAGE_THRESHOLD);
+        let mut v = Self {
+            backend,
+            range,
+            start,
+            end,
+            free,
+            busy: Tree::new(),
+            parked_head: None,
+            config,
+            c: Counters::default(),
+            purge_hist: PurgeHistogram::new(),
+            history: History::new(),
+        };
+        if v.config.refill_inline {
+            v.free.pool.fill_to(REFILL_BATCH);
+        }
+        Ok(v)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably (tests inject faults through it).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// The window.
+    pub fn range(&self) -> VirtRange {
+        self.range
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &VmallocConfig {
+        &self.config
+    }
+
+    /// Set the purge threshold (Linux's `lazy_max_pages`); purges at once if already past it.
+    pub fn set_lazy_max_pages(&mut self, pages: usize) {
+        self.config.lazy_max_pages = pages;
+        if self.c.parked_pages > pages {
+            self.purge();
+        }
+    }
+
+    /// Switch strict mode (flush at every free); turning it on purges what is parked.
+    pub fn set_strict(&mut self, strict: bool) {
+        self.config.strict = strict;
+        if strict {
+            self.purge();
+        }
+    }
+
+    /// Set the per-page/full flush threshold (clamped to [`MAX_FLUSH_PAGE_THRESHOLD`]).
+    pub fn set_flush_page_threshold(&mut self, pages: usize) {
+        self.config.flush_page_threshold = pages.min(MAX_FLUSH_PAGE_THRESHOLD);
+    }
+
+    /// Whether `addr` lies in the vmalloc window.
+    #[inline]
+    pub fn is_vmalloc_addr(&self, addr: VirtAddr) -> bool {
+        (self.start..self.end).contains(&addr.as_u64())
+    }
+
+    // ----- records -----
+
+    /// How many spare records must be added before the next call can run without
+    /// allocating (0 when enough are there).
+    #[inline]
+    pub fn spares_wanted(&self) -> usize {
+        RECORDS_PER_CALL.saturating_sub(self.free.pool.len())
+    }
+
+    /// Hand over records allocated outside the lock.
+    pub fn add_spares(&mut self, mut spares: Spares) {
+        self.free.pool.absorb(&mut spares.pool);
+    }
+
+    /// Take the spare records beyond [`VmallocConfig::spare_high`], to be dropped after
+    /// unlocking.
+    pub fn take_excess_spares(&mut self) -> Spares {
+        let mut out = Spares::empty();
+        if self.free.pool.len() > self.config.spare_high {
+            self.free.pool.split_excess(self.config.spare_high, &mut out.pool);
+        }
+        out
+    }
+
+    #[inline]
+    fn ensure_records(&mut self) -> Result<(), VmallocError> {
+        if self.free.pool.len() >= RECORDS_PER_CALL {
+            return Ok(());
+        }
+        if self.config.refill_inline {
+            self.free.pool.fill_to(REFILL_BATCH);
+            Ok(())
+        } else {
+            Err(VmallocError::NoRecords)
+        }
+    }
+
+    // ----- allocation -----
+
+    /// Allocate `size` bytes of virtually contiguous, page-backed memory.
+    ///
+    /// # Errors
+    /// [`VmallocError::ZeroSize`], [`VmallocError::TooLarge`],
+    /// [`VmallocError::NoVirtualSpace`], [`VmallocError::NoFrames`],
+    /// [`VmallocError::MapFailed`], [`VmallocError::NoRecords`].
+    #[track_caller]
+    pub fn vmalloc(&mut self, size: usize) -> Result<VirtAddr, VmallocError> {
+        self.vmalloc_with(size, PAGE_SIZE, VmFlags::NONE)
+    }
+
+    /// As [`Self::vmalloc`], the memory zeroed.
+    ///
+    /// # Errors
+    /// As [`Self::vmalloc`].
+    #[track_caller]
+    pub fn vzalloc(&mut self, size: usize) -> Result<VirtAddr, VmallocError> {
+        self.vmalloc_with(size, PAGE_SIZE, VmFlags::ZERO)
+    }
+
+    /// As [`Self::vmalloc`], the area aligned to `align` (a power of two; below a page
+    /// means a page).
+    ///
+    /// # Errors
+    /// As [`Self::vmalloc`], and [`VmallocError::BadAlignment`].
+    #[track_caller]
+    pub fn vmalloc_aligned(&mut self, size: usize, align: usize) -> Result<VirtAddr, VmallocError> {
+        self.vmalloc_with(size, align, VmFlags::NONE)
+    }
+
+    /// The general allocation call: `size` bytes, `align` (power of two), `flags`.
+    ///
+    /// # Errors
+    /// As [`Self::vmalloc_aligned`].
+    #[track_caller]
+    pub fn vmalloc_with(&mut self, size: usize, align: usize, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+        let caller = Location::caller();
+        let r = self.vmalloc_inner(size, align, flags, caller);
+        if r.is_err() {
+            self.c.failures += 1;
+        }
+        r.map(|n| self.pointer(n))
+    }
+
+    #[inline]
+    fn pointer(&self, n: NodePtr) -> VirtAddr {
+        let nd = n.get();
+        VirtAddr::new(nd.start.get() + u64::from(nd.offset.get()))
+    }
+
+    fn vmalloc_inner(
+        &mut self,
+        size: usize,
+        align: usize,
+        flags: VmFlags,
+        caller: &'static Location<'static>,
+    ) -> Result<NodePtr, VmallocError> {
+        if size == 0 {
+            return Err(VmallocError::ZeroSize);
+        }
+        if !align.is_power_of_two() || (flags.contains(VmFlags::END_ALIGNED) && align > PAGE_SIZE) {
+            return Err(VmallocError::BadAlignment);
+        }
+        let pages = size.div_ceil(PAGE_SIZE);
+        let area_align = align.max(PAGE_SIZE) as u64;
+        let node = self.alloc_area(pages, area_align, flags, caller)?;
+        let nd = node.get();
+        nd.kind.set(AreaKind::Vmalloc);
+        nd.bytes.set(size);
+        nd.align_shift.set(align.trailing_zeros() as u8);
+        if flags.contains(VmFlags::END_ALIGNED) {
+            let off = ((pages * PAGE_SIZE - size) & !(align - 1)) as u32;
+            nd.offset.set(off);
+        }
+        let start = nd.start.get();
+        if let Err(e) = self.populate(start, pages, flags.contains(VmFlags::ZERO)) {
+            self.abort_area(node);
+            return Err(e);
+        }
+        nd.pages.set(pages);
+        self.c.live_areas += 1;
+        self.c.mapped_pages += pages;
+        self.c.owned_frames += pages;
+        Ok(node)
+    }
+
+    /// Find, clip and record a range of `pages` (+ guard) at `align`; purges and retries
+    /// once when nothing fits. The record is in the busy tree, with nothing mapped.
+    fn alloc_area(
+        &mut self,
+        pages: usize,
+        align: u64,
+        flags: VmFlags,
+        caller: &'static Location<'static>,
+    ) -> Result<NodePtr, VmallocError> {
+        let guard = !flags.contains(VmFlags::NO_GUARD);
+        let total = (pages as u64)
+            .checked_add(u64::from(guard))
+            .and_then(|p| p.checked_mul(PAGE))
+            .ok_or(VmallocError::TooLarge)?;
+        if total > self.end - self.start {
+            return Err(VmallocError::TooLarge);
+        }
+        self.ensure_records()?;
+        let found = match self.free.lowest_fit(total, align) {
+            Some(f) => Some(f),
+            None if self.parked_head.is_some() => {
+                self.purge();
+                self.free.lowest_fit(total, align)
+            }
+            None => None,
+        };
+        let (hole, at) = found.ok_or(VmallocError::NoVirtualSpace)?;
+        let node = self.free.clip(hole, at, total).ok_or(VmallocError::NoRecords)?;
+        let nd = node.get();
+        nd.state.set(State::Busy);
+        nd.flags.set(flags.bits());
+        nd.offset.set(0);
+        nd.pages.set(0);
+        nd.phys.set(0);
+        nd.caller.set(caller);
+        nd.freer.set(None);
+        nd.next.set(None);
+        self.busy.insert(node);
+        Ok(node)
+    }
+
+    /// Undo [`Self::alloc_area`] for an area with nothing mapped (or mapped and flushed).
+    fn abort_area(&mut self, node: NodePtr) {
+        self.busy.remove(node);
+        self.free.give_back(node);
+    }
+
+    /// Take and map frames for `pages` pages from `va`. On error nothing stays mapped or
+    /// taken, and pages that were mapped have been flushed.
+    fn populate(&mut self, va: u64, pages: usize, zero: bool) -> Result<(), VmallocError> {
+        let mut buf = [PhysAddr::new(0); CHUNK];
+        let mut done = 0usize;
+        while done < pages {
+            let n = (pages - done).min(CHUNK);
+            let frames = &mut buf[..n];
+            let got = self.backend.alloc_frames(frames);
+            self.c.frames_taken += got as u64;
+            let err = if got < n {
+                Some(VmallocError::NoFrames)
+            } else {
+                if zero {
+                    self.backend.zero_frames(frames);
+                }
+                let at = VirtAddr::new(va + (done * PAGE_SIZE) as u64);
+                self.backend.map_pages(at, frames, Prot::ReadWrite).err().map(VmallocError::MapFailed)
+            };
+            if let Some(e) = err {
+                self.backend.free_frames(&buf[..got]);
+                self.c.frames_returned += got as u64;
+                if done > 0 {
+                    self.unmap_free(va, done);
+                    self.flush_now(va, done);
+                }
+                return Err(e);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Unmap `pages` from `va` (no TLB operation) and give their frames back.
+    fn unmap_free(&mut self, va: u64, pages: usize) {
+        let mut buf = [PhysAddr::new(0); CHUNK];
+        let mut done = 0usize;
+        while done < pages {
+            let n = (pages - done).min(CHUNK);
+            let mut k = 0usize;
+            let at = VirtAddr::new(va + (done * PAGE_SIZE) as u64);
+            self.backend.unmap_pages(at, n, |pa| {
+                if let Some(slot) = buf.get_mut(k) {
+                    *slot = pa;
+                    k += 1;
+                }
+            });
+            self.backend.free_frames(&buf[..k]);
+            self.c.frames_returned += k as u64;
+            done += n;
+        }
+    }
+
+    /// Flush `pages` from `va` now (failure paths, shrink, strict mode).
+    fn flush_now(&mut self, va: u64, pages: usize) {
+        if pages == 0 {
+            return;
+        }
+        if pages <= self.config.flush_page_threshold {
+            self.backend.tlb_flush_pages(&[(VirtAddr::new(va), pages)]);
+            self.c.tlb_page_ops += pages as u64;
+            self.c.tlb_page_batches += 1;
+        } else {
+            self.backend.tlb_flush_all();
+            self.c.tlb_full += 1;
+        }
+    }
+
+    /// Map caller-owned `frames` contiguously (read-write), with a guard page.
+    ///
+    /// # Errors
+    /// [`VmallocError::ZeroSize`] for no frames, [`VmallocError::Misaligned`], and as
+    /// [`Self::vmalloc`] (never [`VmallocError::NoFrames`]).
+    #[track_caller]
+    pub fn vmap(&mut self, frames: &[PhysAddr], prot: Prot) -> Result<VirtAddr, VmallocError> {
+        self.vmap_with(frames, prot, VmFlags::NONE)
+    }
+
+    /// [`Self::vmap`] with flags ([`VmFlags::NO_GUARD`] for `vm_map_ram`-style mappings;
+    /// other flags are ignored).
+    ///
+    /// # Errors
+    /// As [`Self::vmap`].
+    #[track_caller]
+    pub fn vmap_with(&mut self, frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+        let caller = Location::caller();
+        let r = self.vmap_inner(frames, prot, flags, caller);
+        if r.is_err() {
+            self.c.failures += 1;
+        }
+        r.map(|n| self.pointer(n))
+    }
+
+    fn vmap_inner(
+        &mut self,
+        frames: &[PhysAddr],
+        prot: Prot,
+        flags: VmFlags,
+        caller: &'static Location<'static>,
+    ) -> Result<NodePtr, VmallocError> {
+        if frames.is_empty() {
+            return Err(VmallocError::ZeroSize);
+        }
+        if frames.iter().any(|f| !f.is_page_aligned()) {
+            return Err(VmallocError::Misaligned);
+        }
+        let flags = VmFlags(flags.0 & VmFlags::NO_GUARD.0);
+        let node = self.alloc_area(frames.len(), PAGE, flags, caller)?;
+        let nd = node.get();
+        if let Err(e) = self.backend.map_pages(VirtAddr::new(nd.start.get()), frames, prot) {
+            self.abort_area(node);
+            return Err(VmallocError::MapFailed(e));
+        }
+        nd.kind.set(AreaKind::Vmap);
+        nd.pages.set(frames.len());
+        nd.bytes.set(frames.len() * PAGE_SIZE);
+        nd.align_shift.set(PAGE_SIZE.trailing_zeros() as u8);
+        self.c.live_areas += 1;
+        self.c.mapped_pages += frames.len();
+        Ok(node)
+    }
+
+    /// Map the device range `[phys, phys + size)` with `attr`; returns the address of
+    /// `phys` (the sub-page offset kept: `ioremap(0x0900_0004, 4)` gives `base + 4`).
+    ///
+    /// # Errors
+    /// [`VmallocError::ZeroSize`], [`VmallocError::Overflow`], [`VmallocError::RamRange`]
+    /// when any page is RAM, and as [`Self::vmalloc`] (never [`VmallocError::NoFrames`]).
+    #[track_caller]
+    pub fn ioremap(&mut self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, VmallocError> {
+        let caller = Location::caller();
+        let r = self.ioremap_inner(phys, size, attr, caller);
+        if r.is_err() {
+            self.c.failures += 1;
+        }
+        r.map(|n| self.pointer(n))
+    }
+
+    fn ioremap_inner(
+        &mut self,
+        phys: PhysAddr,
+        size: usize,
+        attr: DeviceAttr,
+        caller: &'static Location<'static>,
+    ) -> Result<NodePtr, VmallocError> {
+        if size == 0 {
+            return Err(VmallocError::ZeroSize);
+        }
+        let range = PhysRange::covering_pages(phys, size as u64).map_err(|_| VmallocError::Overflow)?;
+        let pages = usize::try_from(range.pages()).map_err(|_| VmallocError::TooLarge)?;
+        if self.backend.phys_is_ram(range.start(), pages) {
+            return Err(VmallocError::RamRange);
+        }
+        let node = self.alloc_area(pages, PAGE, VmFlags::NONE, caller)?;
+        let nd = node.get();
+        if let Err(e) = self.backend.map_device(VirtAddr::new(nd.start.get()), range.start(), pages, attr) {
+            self.abort_area(node);
+            return Err(VmallocError::MapFailed(e));
+        }
+        nd.kind.set(AreaKind::Ioremap);
+        nd.pages.set(pages);
+        nd.bytes.set(size);
+        nd.phys.set(range.start().as_u64());
+        nd.offset.set(phys.page_offset() as u32);
+        nd.align_shift.set(PAGE_SIZE.trailing_zeros() as u8);
+        self.c.live_areas += 1;
+        self.c.mapped_pages += pages;
+        Ok(node)
+    }
+
+    // ----- freeing -----
+
+    /// The live area whose pointer is `ptr`, or why there is none.
+    fn lookup_live(&self, ptr: VirtAddr) -> Result<NodePtr, VmallocError> {
+        let p = ptr.as_u64();
+        match self.busy.find_containing(p) {
+            Some(n) => {
+                let nd = n.get();
+                if nd.start.get() + u64::from(nd.offset.get()) != p {
+                    return Err(VmallocError::NotAnArea);
+                }
+                match nd.state.get() {
+                    State::Busy => Ok(n),
+                    State::Parked => Err(VmallocError::DoubleFree),
+                    _ => Err(VmallocError::NotAnArea),
+                }
+            }
+            None if self.history.freed_pointer(p) => Err(VmallocError::DoubleFree),
+            None => Err(VmallocError::NotAnArea),
+        }
+    }
+
+    /// Free a [`Self::vmalloc`] area: unmap it, give its frames back, park its range.
+    ///
+    /// # Errors
+    /// [`VmallocError::NotAnArea`] (unknown or interior pointer),
+    /// [`VmallocError::DoubleFree`], [`VmallocError::WrongKind`]; the state is unchanged.
+    #[track_caller]
+    pub fn vfree(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
+        self.release(ptr, AreaKind::Vmalloc, Location::caller())
+    }
+
+    /// Unmap a [`Self::vmap`] area; its frames stay the caller's.
+    ///
+    /// # Errors
+    /// As [`Self::vfree`].
+    #[track_caller]
+    pub fn vunmap(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
+        self.release(ptr, AreaKind::Vmap, Location::caller())
+    }
+
+    /// Unmap an [`Self::ioremap`] area (pass the address ioremap returned).
+    ///
+    /// # Errors
+    /// As [`Self::vfree`].
+    #[track_caller]
+    pub fn iounmap(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
+        self.release(ptr, AreaKind::Ioremap, Location::caller())
+    }
+
+    fn release(
+        &mut self,
+        ptr: VirtAddr,
+        kind: AreaKind,
+        freer: &'static Location<'static>,
+    ) -> Result<(), VmallocError> {
+        let node = match self.lookup_live(ptr) {
+            Ok(n) if n.get().kind.get() == kind => n,
+            Ok(_) => {
+                self.c.failures += 1;
+                return Err(VmallocError::WrongKind);
+            }
+            Err(e) => {
+                self.c.failures += 1;
+                return Err(e);
+            }
+        };
+        let nd = node.get();
+        let (start, pages) = (nd.start.get(), nd.pages.get());
+        if kind == AreaKind::Vmalloc {
+            self.unmap_free(start, pages);
+            self.c.owned_frames -= pages;
+        } else {
+            self.backend.unmap_pages(VirtAddr::new(start), pages, |_| {});
+        }
+        self.c.live_areas -= 1;
+        self.c.mapped_pages -= pages;
+        nd.freer.set(Some(freer));
+        self.history.push(node);
+        if self.config.strict {
+            self.flush_now(start, pages);
+            self.busy.remove(node);
+            self.free.give_back(node);
+            self.trim_spares();
+        } else {
+            nd.state.set(State::Parked);
+            nd.next.set(self.parked_head);
+            self.parked_head = Some(node);
+            self.c.parked_areas += 1;
+            self.c.parked_pages += (nd.size() / PAGE) as usize;
+            self.c.parked_mapped += pages;
+            if self.c.parked_pages > self.config.lazy_max_pages {
+                self.purge();
+            }
+        }
+        Ok(())
+    }
+
+    fn trim_spares(&mut self) {
+        if self.config.refill_inline {
+            self.free.pool.trim(self.config.spare_high);
+        }
+    }
+
+    /// Flush the TLB for every parked range (once) and return the ranges to free space.
+    pub fn purge(&mut self) {
+        let Some(head) = self.parked_head.take() else { return };
+        let t0 = self.backend.now_ns();
+        let mapped = self.c.parked_mapped;
+        if mapped > 0 && mapped <= self.config.flush_page_threshold {
+            let mut ranges = [(VirtAddr::new(0), 0usize); MAX_FLUSH_PAGE_THRESHOLD];
+            let mut n = 0;
+            let mut cur = Some(head);
+            while let Some(p) = cur {
+                let pn = p.get();
+                if pn.pages.get() > 0 {
+                    if let Some(slot) = ranges.get_mut(n) {
+                        *slot = (VirtAddr::new(pn.start.get()), pn.pages.get());
+                        n += 1;
+                    }
+                }
+                cur = pn.next.get();
+            }
+            self.backend.tlb_flush_pages(&ranges[..n]);
+            self.c.tlb_page_ops += mapped as u64;
+            self.c.tlb_page_batches += 1;
+        } else if mapped > 0 {
+            self.backend.tlb_flush_all();
+            self.c.tlb_full += 1;
+        }
+        // Return the ranges, first joining neighbours met in list order (a run of areas
+        // freed in address order joins into one range before touching the free tree).
+        let mut acc: Option<NodePtr> = None;
+        let mut cur = Some(head);
+        while let Some(n) = cur {
+            let nd = n.get();
+            cur = nd.next.get();
+            nd.next.set(None);
+            self.busy.remove(n);
+            match acc {
+                None => acc = Some(n),
+                Some(a) => {
+                    let an = a.get();
+                    if nd.end.get() == an.start.get() {
+                        an.start.set(nd.start.get());
+                        self.free.pool.push(n);
+                    } else if nd.start.get() == an.end.get() {
+                        an.end.set(nd.end.get());
+                        self.free.pool.push(n);
+                    } else {
+                        self.free.give_back(a);
+                        acc = Some(n);
+                    }
+                }
+            }
+        }
+        if let Some(a) = acc {
+            self.free.give_back(a);
+        }
+        self.c.parked_areas = 0;
+        self.c.parked_pages = 0;
+        self.c.parked_mapped = 0;
+        self.c.purges += 1;
+        let dt = self.backend.now_ns().saturating_sub(t0);
+        self.purge_hist.record(dt);
+        self.trim_spares();
+    }
+
+    // ----- vrealloc -----
+
+    /// Resize a [`Self::vmalloc`] area to `new_size` bytes, keeping its contents up to the
+    /// smaller size. In place when the area's reserved pages suffice (shrinking unmaps and
+    /// frees the tail at once) or when the hole after it can take the growth; otherwise
+    /// allocate, copy, free. Returns the (possibly moved) pointer.
+    ///
+    /// # Errors
+    /// As [`Self::vfree`] for `ptr`, [`VmallocError::ZeroSize`], and as [`Self::vmalloc`];
+    /// on error the old area is untouched.
+    #[track_caller]
+    pub fn vrealloc(&mut self, ptr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocError> {
+        let caller = Location::caller();
+        let r = self.vrealloc_inner(ptr, new_size, caller);
+        if r.is_err() {
+            self.c.failures += 1;
+        }
+        r
+    }
+
+    fn vrealloc_inner(
+        &mut self,
+        ptr: VirtAddr,
+        new_size: usize,
+        caller: &'static Location<'static>,
+    ) -> Result<VirtAddr, VmallocError> {
+        if new_size == 0 {
+            return Err(VmallocError::ZeroSize);
+        }
+        let node = self.lookup_live(ptr)?;
+        let nd = node.get();
+        if nd.kind.get() != AreaKind::Vmalloc {
+            return Err(VmallocError::WrongKind);
+        }
+        let flags = VmFlags(nd.flags.get());
+        let zero = flags.contains(VmFlags::ZERO);
+        let old_bytes = nd.bytes.get();
+        let new_pages = new_size.div_ceil(PAGE_SIZE);
+        if nd.offset.get() == 0 {
+            let guard = usize::from(!flags.contains(VmFlags::NO_GUARD));
+            let reserved = (nd.size() / PAGE) as usize - guard;
+            if new_pages <= reserved {
+                self.resize_mapped(node, new_pages, new_size, zero)?;
+                return Ok(ptr);
+            }
+            // Grow into the hole right after the area's range, if it is big enough.
+            let extra = ((new_pages - reserved) * PAGE_SIZE) as u64;
+            if let Some(hole) = self.free.hole_at(nd.end.get()).filter(|h| h.get().size() >= extra) {
+                self.ensure_records()?;
+                let old_end = nd.end.get();
+                self.free.take_front(hole, extra);
+                nd.end.set(old_end + extra);
+                if let Err(e) = self.resize_mapped(node, new_pages, new_size, zero) {
+                    // Give the growth back (the records were ensured above).
+                    nd.end.set(old_end);
+                    if let Some(r) = self.free.pool.pop() {
+                        r.get().start.set(old_end);
+                        r.get().end.set(old_end + extra);
+                        self.free.give_back(r);
+                    }
+                    return Err(e);
+                }
+                return Ok(ptr);
+            }
+        }
+        let align = 1usize << nd.align_shift.get();
+        let new = self.vmalloc_inner(new_size, align, flags, caller)?;
+        let new_ptr = self.pointer(new);
+        self.backend.copy_mapped(new_ptr, ptr, old_bytes.min(new_size));
+        self.release(ptr, AreaKind::Vmalloc, caller)?;
+        Ok(new_ptr)
+    }
+
+    /// Map or unmap pages so that `node` (a live vmalloc area, not end-aligned, whose range
+    /// has room) has `new_pages` mapped and `new_size` bytes.
+    fn resize_mapped(
+        &mut self,
+        node: NodePtr,
+        new_pages: usize,
+        new_size: usize,
+        zero: bool,
+    ) -> Result<(), VmallocError> {
+        let nd = node.get();
+        let (start, old_pages, old_bytes) = (nd.start.get(), nd.pages.get(), nd.bytes.get());
+        let page = PAGE_SIZE as u64;
+        if new_pages > old_pages {
+            self.populate(start + old_pages as u64 * page, new_pages - old_pages, zero)?;
+            self.c.mapped_pages += new_pages - old_pages;
+            self.c.owned_frames += new_pages - old_pages;
+        } else if new_pages < old_pages {
+            let tail = start + new_pages as u64 * page;
+            self.unmap_free(tail, old_pages - new_pages);
+            // The tail may be mapped again by a later grow: flush it now.
+            self.flush_now(tail, old_pages - new_pages);
+            self.c.mapped_pages -= old_pages - new_pages;
+            self.c.owned_frames -= old_pages - new_pages;
+        }
+        if zero && new_size < old_bytes {
+            let upto = old_bytes.min(new_pages * PAGE_SIZE);
+            if upto > new_size {
+                self.backend.zero_mapped(VirtAddr::new(start + new_size as u64), upto - new_size);
+            }
+        }
+        nd.pages.set(new_pages);
+        nd.bytes.set(new_size);
+        Ok(())
+    }
+
+    // ----- queries -----
+
+    /// The live area containing `addr` (guard page included).
+    pub fn find_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
+        let n = self.busy.find_containing(addr.as_u64())?;
+        (n.get().state.get() == State::Busy).then(|| Self::area_info(n))
+    }
+
+    fn area_info(n: NodePtr) -> AreaInfo {
+        let nd = n.get();
+        let phys = nd.phys.get();
+        AreaInfo {
+            start: VirtAddr::new(nd.start.get()),
+            end: VirtAddr::new(nd.end.get()),
+            size: nd.size(),
+            addr: VirtAddr::new(nd.start.get() + u64::from(nd.offset.get())),
+            bytes: nd.bytes.get(),
+            pages: nd.pages.get(),
+            kind: nd.kind.get(),
+            caller: nd.caller.get(),
+            phys: (nd.kind.get() == AreaKind::Ioremap).then_some(PhysAddr::new(phys)),
+            guard: !VmFlags(nd.flags.get()).contains(VmFlags::NO_GUARD),
+        }
+    }
+
+    /// Call `f` on every live area in address order (O(n)).
+    pub fn for_each_area(&self, mut f: impl FnMut(&AreaInfo)) {
+        let mut cur = self.busy.first();
+        while let Some(n) = cur {
+            if n.get().state.get() == State::Busy {
+                f(&Self::area_info(n));
+            }
+            cur = Tree::<false>::next(n);
+        }
+    }
+
+    /// The physical address behind `addr`, walking the tables (through the backend).
+    pub fn vmalloc_to_phys(&self, addr: VirtAddr) -> Option<PhysAddr> {
+        if !self.is_vmalloc_addr(addr) {
+            return None;
+        }
+        self.backend.translate(addr)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> VmallocStats {
+        VmallocStats {
+            live_areas: self.c.live_areas,
+            mapped_pages: self.c.mapped_pages,
+            owned_frames: self.c.owned_frames,
+            parked_areas: self.c.parked_areas,
+            parked_pages: self.c.parked_pages,
+            parked_mapped_pages: self.c.parked_mapped,
+            free_holes: self.free.holes(),
+            largest_hole: self.free.largest(),
+            records: self.free.records(),
+            spare_records: self.free.pool.len(),
+            purges: self.c.purges,
+            tlb_page_ops: self.c.tlb_page_ops,
+            tlb_page_batches: self.c.tlb_page_batches,
+            tlb_full_flushes: self.c.tlb_full,
+            failures: self.c.failures,
+            frames_taken: self.c.frames_taken,
+            frames_returned: self.c.frames_returned,
+            purge_ns_max: self.purge_hist.max(),
+            purge_ns_p99: self.purge_hist.percentile(99),
+        }
+    }
+
+    /// The free-space index (read only): for tests and diagnostics.
+    pub fn free_space(&self) -> &FreeSpace {
+        &self.free
+    }
+
+    /// Statistics of the last free-space search.
+    pub fn last_search(&self) -> SearchStats {
+        self.free.last_search()
+    }
+
+    /// Full self-test, O(n): both trees (order, balance, recomputed augmented values), holes
+    /// page aligned and never adjacent, busy and free ranges disjoint and together covering
+    /// the window exactly, counters consistent with the records.
+    ///
+    /// # Errors
+    /// A description of the first violation found.
+    pub fn check(&self) -> Result<(), &'static str> {
+        self.free.check()?;
+        self.busy.check()?;
+        // Merge-walk both trees in address order: they must tile the window.
+        let mut f = self.free.tree.first();
+        let mut b = self.busy.first();
+        let mut at = self.start;
+        let (mut live, mut parked, mut parked_pages, mut mapped) = (0usize, 0usize, 0usize, 0usize);
+        loop {
+            let fs = f.map(|n| n.get().start.get());
+            let bs = b.map(|n| n.get().start.get());
+            let n = match (fs, bs) {
+                (None, None) => break,
+                (Some(x), Some(y)) if x < y => f.take(),
+                (Some(_), None) => f.take(),
+                _ => b.take(),
+            };
+            let Some(n) = n else { break };
+            let nd = n.get();
+            if nd.start.get() != at {
+                return Err("free and busy ranges do not tile the window");
+            }
+            at = nd.end.get();
+            match nd.state.get() {
+                State::Free => f = Tree::<true>::next(n),
+                State::Busy => {
+                    live += 1;
+                    mapped += nd.pages.get();
+                    b = Tree::<false>::next(n);
+                }
+                State::Parked => {
+                    parked += 1;
+                    parked_pages += (nd.size() / PAGE) as usize;
+                    b = Tree::<false>::next(n);
+                }
+                State::Spare => return Err("spare record in a tree"),
+            }
+            if nd.state.get() != State::Free {
+                let guard = u64::from(!VmFlags(nd.flags.get()).contains(VmFlags::NO_GUARD));
+                if (nd.pages.get() as u64 + guard) * PAGE > nd.size() {
+                    return Err("area maps into its guard page");
+                }
+            }
+        }
+        if at != self.end {
+            return Err("free and busy ranges do not reach the end of the window");
+        }
+        if live != self.c.live_areas || mapped != self.c.mapped_pages {
+            return Err("live area counters disagree with the busy tree");
+        }
+        if parked != self.c.parked_areas || parked_pages != self.c.parked_pages {
+            return Err("parked counters disagree with the busy tree");
+        }
+        let mut listed = 0usize;
+        let mut cur = self.parked_head;
+        while let Some(n) = cur {
+            if n.get().state.get() != State::Parked {
+                return Err("non-parked record on the parked list");
+            }
+            listed += 1;
+            cur = n.get().next.get();
+        }
+        if listed != parked {
+            return Err("parked list length disagrees with the busy tree");
+        }
+        if self.free.tree.len + self.busy.len + self.free.pool.len() != self.free.records() {
+            return Err("area records leaked or double counted");
+        }
+        Ok(())
+    }
+}
+
+impl<B: VmBackend> Drop for Vmalloc<B> {
+    /// Frees the records only: live areas' mappings and frames are left as they are.
+    fn drop(&mut self) {
+        let pool = &mut self.free.pool;
+        self.busy.drain(|n| pool.free_one(n));
+        self.parked_head = None;
+    }
+}
+
+impl<B: VmBackend> fmt::Debug for Vmalloc<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vmalloc")
+            .field("start", &VirtAddr::new(self.start))
+            .field("end", &VirtAddr::new(self.end))
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
