@@ -155,6 +155,9 @@ fn read_id_aa64mmfr0() -> u64 {
 /// - The trees stay alive and installed for as long as they are in use: not freed, and not
 ///   changed except through [`PageTable`]'s own methods (whose contracts then apply).
 /// - Nothing else is running on other cores with different expectations of EL1 translation.
+/// - Table walks are cacheable (`TCR_EL1.IRGN/ORGN`): if the tables were written with the
+///   MMU or data cache off, no stale line for them may remain in any cache (invalidate them
+///   by VA first on hardware; QEMU does not model caches, so it cannot catch this).
 ///
 /// # Errors
 /// [`MmuError::WrongVaRange`] when `lower` is not a [`VaRange::Lower`] tree or `upper` not a

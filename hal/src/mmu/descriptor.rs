@@ -126,6 +126,28 @@ impl Descriptor {
         Self(bits.value).with_permissions(attributes.permissions())
     }
 
+    /// This descriptor with its output address (bits 47:12) replaced by `phys`, which must be
+    /// aligned for the descriptor's level and below 2^48: stamping pages out of one template.
+    pub fn with_output_address(self, phys: PhysAddr) -> Self {
+        debug_assert!(phys.is_page_aligned() && phys.as_u64() < PA_LIMIT);
+        Self((self.0 & !OUTPUT_ADDR_MASK) | phys.as_u64())
+    }
+
+    /// The output address of a leaf (block or page) at `level`, `None` for anything else:
+    /// the part of [`Descriptor::decode`] that unmapping needs.
+    pub fn leaf_address(self, level: usize) -> Option<PhysAddr> {
+        let raw = Raw::new(self.0);
+        if !raw.is_set(STAGE1::VALID) {
+            return None;
+        }
+        let table_or_page = raw.matches_all(STAGE1::TYPE::TableOrPage);
+        match (level, table_or_page) {
+            // Below the level's span the address bits are RES0: the MMU ignores them.
+            (1 | 2, false) | (3, true) => Some(PhysAddr::new(self.0 & OUTPUT_ADDR_MASK & !(level_size(level) - 1))),
+            _ => None,
+        }
+    }
+
     /// This leaf with its access permission and execute-never bits replaced; every other
     /// bit (output address, memory type, shareability) is kept.
     pub fn with_permissions(self, permissions: Permissions) -> Self {
@@ -145,20 +167,15 @@ impl Descriptor {
 
     /// Decode as a descriptor found at `level` (0-3).
     pub fn decode(self, level: usize) -> Entry {
-        let raw = Raw::new(self.0);
-        if !raw.is_set(STAGE1::VALID) {
-            return Entry::Invalid;
+        if let Some(phys) = self.leaf_address(level) {
+            return Entry::Leaf { phys, attributes: self.leaf_attributes() };
         }
-        let table_or_page = raw.matches_all(STAGE1::TYPE::TableOrPage);
-        match (level, table_or_page) {
-            (0..=2, true) => Entry::Table(self.output_address()),
-            (1 | 2, false) | (3, true) => Entry::Leaf {
-                // Below the level's span the address bits are RES0: the MMU ignores them.
-                phys: PhysAddr::new(self.0 & OUTPUT_ADDR_MASK & !(level_size(level) - 1)),
-                attributes: self.leaf_attributes(),
-            },
-            // A block at level 0, or a block encoding at level 3: reserved, faults.
-            _ => Entry::Invalid,
+        let raw = Raw::new(self.0);
+        if level <= 2 && raw.is_set(STAGE1::VALID) && raw.matches_all(STAGE1::TYPE::TableOrPage) {
+            Entry::Table(self.output_address())
+        } else {
+            // Invalid; or a block at level 0 or a block encoding at level 3: reserved, faults.
+            Entry::Invalid
         }
     }
 
@@ -209,6 +226,10 @@ mod tests {
         assert_eq!(d.raw(), 0x0060_0000_0800_0705);
         let d = Descriptor::new_table(PhysAddr::new(0x4123_4000));
         assert_eq!(d.raw(), 0x4123_4003);
+        // Stamping from a template equals encoding afresh.
+        let template = Descriptor::new_leaf(3, PhysAddr::new(0), Attributes::CODE);
+        let fresh = Descriptor::new_leaf(3, PhysAddr::new(0xfff_ffff_f000), Attributes::CODE);
+        assert_eq!(template.with_output_address(PhysAddr::new(0xfff_ffff_f000)), fresh);
     }
 
     #[test]
