@@ -445,6 +445,8 @@ impl PageTable {
             {
                 return Err(MmuError::AlreadyMapped(VirtAddr::new(va)));
             }
+            // Spans are built from the source's own length, so every page has an address; the
+            // last one is checked before any write all the same, so a slip could never half-map.
             src.pa(span.last & !(PAGE_SIZE as u64 - 1)).ok_or(MmuError::Addr(AddrError::Overflow))?;
             let template = Descriptor::new_leaf(PAGE_LEVEL, PhysAddr::new(0), attributes);
             for (index, va) in page_entries(span) {
@@ -459,8 +461,9 @@ impl PageTable {
         let root = Some(self.root);
         let mut plan = Pass::Plan { tables: 0 };
         self.map_level(&mut plan, root, ROOT_LEVEL, span, src, attributes, policy)?;
-        let Pass::Plan { tables: needed } = plan else {
-            return Err(MmuError::OutOfMemory);
+        let needed = match plan {
+            Pass::Plan { tables } => tables,
+            Pass::Apply(_) => 0,
         };
 
         let mut reserve = Reserve { head: PhysAddr::new(0), len: 0 };
