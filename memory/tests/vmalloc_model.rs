@@ -1,0 +1,287 @@
+//! A million random vmalloc / vfree / vmap / vrealloc / ioremap operations on the simulated
+//! MMU, checked against a model, with the page tables audited every 10,000 operations.
+
+use std::collections::HashSet;
+
+use hal::{PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
+use memory::vmalloc::sim::SimBackend;
+use memory::vmalloc::{AreaKind, DeviceAttr, Prot, VmFlags, Vmalloc, VmallocConfig, VmallocError};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const BASE: u64 = 0xffff_8000_0000_0000;
+const PAGE: u64 = PAGE_SIZE as u64;
+const WINDOW_PAGES: u64 = 1 << 16; // 256 MiB: full enough to purge on exhaustion
+const FRAMES: usize = 40_000; // fewer than the areas want at times
+const OPS: u32 = 1_000_000;
+const AUDIT_EVERY: u32 = 10_000;
+const TARGET_LIVE: usize = 1500;
+/// Caller-owned frames for vmap live outside the simulated RAM.
+const VMAP_FRAMES: u64 = 0x1_0000_0000;
+const DEVICE: u64 = 0x0900_0000;
+
+#[derive(Clone, Debug)]
+struct Area {
+    ptr: VirtAddr,
+    bytes: usize,
+    kind: AreaKind,
+    /// vmap: first caller frame (frames are consecutive); ioremap: physical address.
+    phys: u64,
+    /// First 8 bytes written at allocation (vmalloc areas, when tagged).
+    tag: Option<u64>,
+    guard: bool,
+}
+
+fn size_pages(rng: &mut SmallRng) -> usize {
+    match rng.random_range(0..100) {
+        0..=69 => rng.random_range(1..=8),
+        70..=94 => rng.random_range(9..=64),
+        _ => rng.random_range(65..=512),
+    }
+}
+
+fn audit(vm: &Vmalloc<SimBackend>, model: &[Area]) {
+    vm.check().unwrap();
+    let sim = vm.backend();
+    assert_eq!(sim.counters.violations, 0, "backend contract violated");
+    // Model areas, as the allocator reports them, sorted: no overlap of areas or guard pages.
+    let mut areas: Vec<_> = model
+        .iter()
+        .map(|m| {
+            let a = vm.find_area(m.ptr).expect("live area not found");
+            assert_eq!((a.addr, a.kind, a.bytes, a.guard), (m.ptr, m.kind, m.bytes, m.guard));
+            assert!(a.pages * PAGE_SIZE >= m.bytes + (m.ptr.as_u64() - a.start.as_u64()) as usize);
+            // vrealloc shrinks in place keeping the range: mapped pages + guard fit in it.
+            assert!(a.size >= (a.pages as u64 + u64::from(a.guard)) * PAGE, "maps into its guard page");
+            (a, m)
+        })
+        .collect();
+    areas.sort_by_key(|(a, _)| a.start);
+    for w in areas.windows(2) {
+        assert!(w[0].0.end <= w[1].0.start, "areas overlap: {:?} {:?}", w[0].0, w[1].0);
+    }
+    let stats = vm.stats();
+    assert_eq!(stats.live_areas, model.len());
+    let owned: usize = areas.iter().filter(|(a, _)| a.kind == AreaKind::Vmalloc).map(|(a, _)| a.pages).sum();
+    assert_eq!(stats.owned_frames, owned);
+    assert_eq!(sim.counters.frames_in_use, owned, "frames leaked or lost");
+    // Every valid PTE belongs to the mapped part of a live area (never a guard page, never a
+    // parked or free range) and points where it should; every mapped page has its PTE.
+    let mut i = 0usize;
+    let mut ptes = 0usize;
+    let mut frames_seen = HashSet::new();
+    sim.for_each_pte(|va, pa| {
+        while i < areas.len() && areas[i].0.start.as_u64() + areas[i].0.pages as u64 * PAGE <= va.as_u64() {
+            i += 1;
+        }
+        let (a, m) = areas.get(i).unwrap_or_else(|| panic!("PTE at {va:?} beyond every area"));
+        assert!(a.start <= va, "PTE at {va:?} outside any area's mapped pages (guard, parked or free)");
+        let page = (va.as_u64() - a.start.as_u64()) / PAGE;
+        match a.kind {
+            AreaKind::Vmalloc => {
+                assert!(frames_seen.insert(pa), "frame {pa:?} mapped twice");
+                assert!(pa.as_u64() >= SimBackend::FRAME_BASE);
+            }
+            AreaKind::Vmap => assert_eq!(pa.as_u64(), m.phys + page * PAGE),
+            AreaKind::Ioremap => assert_eq!(pa.as_u64(), (m.phys & !(PAGE - 1)) + page * PAGE),
+        }
+        ptes += 1;
+    });
+    assert_eq!(ptes, stats.mapped_pages);
+    assert_eq!(ptes, areas.iter().map(|(a, _)| a.pages).sum::<usize>());
+    // Tags written at allocation survive (and moved with vrealloc).
+    for m in model {
+        if let Some(tag) = m.tag {
+            let mut b = [0u8; 8];
+            assert!(sim.read(m.ptr, &mut b));
+            assert_eq!(u64::from_le_bytes(b), tag);
+        }
+    }
+}
+
+#[test]
+fn a_million_random_operations() {
+    let mut rng = SmallRng::seed_from_u64(0x7e57_0001);
+    let window = VirtRange::new(VirtAddr::new(BASE), WINDOW_PAGES * PAGE).unwrap();
+    let cfg = VmallocConfig { lazy_max_pages: 8192, ..VmallocConfig::default() };
+    let mut vm = Vmalloc::new(SimBackend::new(window, FRAMES), window, cfg).unwrap();
+    let baseline_records = vm.stats().records;
+    let mut model: Vec<Area> = Vec::new();
+    let mut next_vmap = VMAP_FRAMES;
+    let mut counts = [0u32; 8];
+    let mut tag_seq = 0u64;
+    for op in 0..OPS {
+        let r = rng.random_range(0..100);
+        let want_alloc = model.len() < TARGET_LIVE;
+        match r {
+            // vmalloc family
+            0..=44 if want_alloc || r < 20 => {
+                let pages = size_pages(&mut rng);
+                let bytes = if rng.random_bool(0.3) {
+                    (pages - 1) * PAGE_SIZE + rng.random_range(1..=PAGE_SIZE)
+                } else {
+                    pages * PAGE_SIZE
+                };
+                let mut flags = VmFlags::NONE;
+                if rng.random_bool(0.1) {
+                    flags = flags | VmFlags::ZERO;
+                }
+                if rng.random_bool(0.1) {
+                    flags = flags | VmFlags::NO_GUARD;
+                }
+                let end_aligned = rng.random_bool(0.1);
+                let align = if end_aligned {
+                    flags = flags | VmFlags::END_ALIGNED;
+                    1 << rng.random_range(0..=12)
+                } else if rng.random_bool(0.3) {
+                    PAGE_SIZE << rng.random_range(0..=10)
+                } else {
+                    PAGE_SIZE
+                };
+                match vm.vmalloc_with(bytes, align, flags) {
+                    Ok(p) => {
+                        if end_aligned {
+                            // Ends within `align` bytes of its last page's end: the guard is right there.
+                            assert!(p.is_aligned(align as u64));
+                            let a = vm.find_area(p).unwrap();
+                            let page_end = a.start.as_u64() + a.pages as u64 * PAGE;
+                            let end = p.as_u64() + bytes as u64;
+                            assert!(end <= page_end && page_end - end < align as u64);
+                        } else {
+                            assert!(p.is_aligned(align as u64), "{p:?} align {align:#x}");
+                        }
+                        let tag = (bytes >= 8 && rng.random_bool(0.1)).then(|| {
+                            tag_seq += 1;
+                            assert!(vm.backend_mut().write(p, &tag_seq.to_le_bytes()));
+                            tag_seq
+                        });
+                        if flags.contains(VmFlags::ZERO) && tag.is_none() {
+                            let mut b = [1u8; 8];
+                            assert!(vm.backend().read(p, &mut b));
+                            assert_eq!(b, [0; 8]);
+                        }
+                        model.push(Area {
+                            ptr: p,
+                            bytes,
+                            kind: AreaKind::Vmalloc,
+                            phys: 0,
+                            tag,
+                            guard: !flags.contains(VmFlags::NO_GUARD),
+                        });
+                        counts[0] += 1;
+                    }
+                    Err(VmallocError::NoFrames | VmallocError::NoVirtualSpace) => counts[1] += 1,
+                    Err(e) => panic!("op {op}: unexpected {e:?}"),
+                }
+            }
+            // vmap of caller frames
+            45..=51 if want_alloc => {
+                let pages = size_pages(&mut rng).min(64);
+                let frames: Vec<_> = (0..pages as u64).map(|i| PhysAddr::new(next_vmap + i * PAGE)).collect();
+                let flags = if rng.random_bool(0.3) { VmFlags::NO_GUARD } else { VmFlags::NONE };
+                match vm.vmap_with(&frames, Prot::ReadWrite, flags) {
+                    Ok(p) => {
+                        model.push(Area {
+                            ptr: p,
+                            bytes: pages * PAGE_SIZE,
+                            kind: AreaKind::Vmap,
+                            phys: next_vmap,
+                            tag: None,
+                            guard: flags == VmFlags::NONE,
+                        });
+                        next_vmap += pages as u64 * PAGE;
+                        counts[2] += 1;
+                    }
+                    Err(VmallocError::NoVirtualSpace) => counts[1] += 1,
+                    Err(e) => panic!("op {op}: unexpected {e:?}"),
+                }
+            }
+            52 if want_alloc => {
+                let phys = DEVICE + rng.random_range(0..1 << 20);
+                let bytes = rng.random_range(1..=4 * PAGE_SIZE);
+                if let Ok(p) = vm.ioremap(PhysAddr::new(phys), bytes, DeviceAttr::DeviceNGnRE) {
+                    assert_eq!(p.page_offset(), phys % PAGE);
+                    model.push(Area { ptr: p, bytes, kind: AreaKind::Ioremap, phys, tag: None, guard: true });
+                }
+            }
+            // vrealloc
+            53..=56 if !model.is_empty() => {
+                let i = rng.random_range(0..model.len());
+                if model[i].kind == AreaKind::Vmalloc {
+                    let bytes = size_pages(&mut rng) * PAGE_SIZE - rng.random_range(0..PAGE_SIZE);
+                    let keep = model[i].tag.is_some() && bytes >= 8;
+                    match vm.vrealloc(model[i].ptr, bytes) {
+                        Ok(p) => {
+                            model[i].ptr = p;
+                            model[i].bytes = bytes;
+                            if !keep {
+                                model[i].tag = None;
+                            }
+                            counts[3] += 1;
+                        }
+                        Err(VmallocError::NoFrames | VmallocError::NoVirtualSpace) => counts[1] += 1,
+                        Err(e) => panic!("op {op}: unexpected {e:?}"),
+                    }
+                }
+            }
+            // bad frees: interior pointers, double frees
+            57 if !model.is_empty() => {
+                let m = &model[rng.random_range(0..model.len())];
+                if m.bytes >= 2 {
+                    let before = vm.stats();
+                    let inside = m.ptr.add(rng.random_range(1..m.bytes) as u64);
+                    let r = match m.kind {
+                        AreaKind::Vmalloc => vm.vfree(inside),
+                        AreaKind::Vmap => vm.vunmap(inside),
+                        AreaKind::Ioremap => vm.iounmap(inside),
+                    };
+                    assert_eq!(r, Err(VmallocError::NotAnArea));
+                    assert_eq!(vm.stats().live_areas, before.live_areas);
+                    counts[4] += 1;
+                }
+            }
+            // free
+            _ if !model.is_empty() => {
+                let m = model.swap_remove(rng.random_range(0..model.len()));
+                match m.kind {
+                    AreaKind::Vmalloc => vm.vfree(m.ptr).unwrap(),
+                    AreaKind::Vmap => vm.vunmap(m.ptr).unwrap(),
+                    AreaKind::Ioremap => vm.iounmap(m.ptr).unwrap(),
+                }
+                if rng.random_bool(0.05) {
+                    assert_eq!(vm.vfree(m.ptr), Err(VmallocError::DoubleFree));
+                }
+                counts[5] += 1;
+            }
+            _ => {}
+        }
+        if op % AUDIT_EVERY == AUDIT_EVERY - 1 {
+            audit(&vm, &model);
+        }
+    }
+    audit(&vm, &model);
+    let s = vm.stats();
+    println!(
+        "ops: {} vmalloc, {} vmap, {} vrealloc, {} frees, {} bad frees, {} out of space/frames; {} purges, {} full flushes, {} page TLBIs in {} batches",
+        counts[0], counts[2], counts[3], counts[5], counts[4], counts[1], s.purges, s.tlb_full_flushes, s.tlb_page_ops, s.tlb_page_batches
+    );
+    assert!(s.purges > 10 && counts[1] > 0, "the run should purge and hit exhaustion");
+    for m in model.drain(..) {
+        match m.kind {
+            AreaKind::Vmalloc => vm.vfree(m.ptr).unwrap(),
+            AreaKind::Vmap => vm.vunmap(m.ptr).unwrap(),
+            AreaKind::Ioremap => vm.iounmap(m.ptr).unwrap(),
+        }
+    }
+    vm.purge();
+    audit(&vm, &model);
+    let s = vm.stats();
+    assert_eq!((s.live_areas, s.mapped_pages, s.parked_areas, s.free_holes), (0, 0, 0, 1));
+    assert_eq!(s.largest_hole, WINDOW_PAGES * PAGE);
+    assert_eq!(s.records, 1 + s.spare_records, "records leaked");
+    assert!(s.records <= baseline_records.max(1 + vm.config().spare_high));
+    assert_eq!(vm.backend().counters.frames_in_use, 0);
+    assert_eq!(vm.backend().counters.mapped, 0);
+    assert_eq!(vm.backend().free_frames_count(), FRAMES);
+    assert_eq!(s.frames_taken, s.frames_returned);
+}
