@@ -1,0 +1,382 @@
+//! Host benchmark: our buddy allocator against `buddy_system_allocator::FrameAllocator`,
+//! our kmalloc against `talc`. Median of 5 runs, plain `Instant`; prints a table.
+//!
+//! Run with `cargo bench -p memory --bench alloc`.
+
+use std::alloc::{alloc_zeroed, Layout};
+use std::hint::black_box;
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use buddy_system_allocator::FrameAllocator;
+use hal::addr::{PhysAddr, PhysRange, VirtAddr, PAGE_SHIFT};
+use hal::linear::LinearMap;
+use memory::buddy::{BuddyAllocator, MAX_ORDER};
+use memory::slab::SlabAllocator;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use talc::base::Talc;
+use talc::source::Manual;
+use talc::DefaultBinning;
+
+const RUNS: usize = 5;
+const RAM_BASE: u64 = 0x4000_0000;
+const RAM_BYTES: usize = 256 << 20;
+const FRAMES: usize = RAM_BYTES >> PAGE_SHIFT;
+
+/// Simulated RAM, 4 MiB aligned, leaked (the benchmark process is short-lived).
+fn ram() -> LinearMap {
+    let layout = Layout::from_size_align(RAM_BYTES, 4 << 20).unwrap();
+    // SAFETY: non-zero size.
+    let p = unsafe { alloc_zeroed(layout) };
+    assert!(!p.is_null());
+    let phys = PhysRange::new(PhysAddr::new(RAM_BASE), RAM_BYTES as u64).unwrap();
+    // SAFETY: the buffer is leaked and only reached through this map.
+    unsafe { LinearMap::new(phys, VirtAddr::new(p as u64)) }
+}
+
+fn ours(linear: LinearMap) -> BuddyAllocator {
+    // SAFETY: every run builds a fresh allocator over the same buffer, after the previous
+    // one (and everything it handed out) is gone.
+    unsafe { BuddyAllocator::new(&[linear.phys_range()], &[], linear, false) }.unwrap()
+}
+
+fn theirs() -> FrameAllocator<{ MAX_ORDER + 1 }> {
+    let mut f = FrameAllocator::<{ MAX_ORDER + 1 }>::new();
+    let first = (RAM_BASE >> PAGE_SHIFT) as usize;
+    f.add_frame(first, first + FRAMES);
+    f
+}
+
+fn median(mut f: impl FnMut() -> Duration) -> Duration {
+    let mut v: Vec<Duration> = (0..RUNS).map(|_| f()).collect();
+    v.sort();
+    v[RUNS / 2]
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Alloc { order: u8, slot: u32 },
+    Free { slot: u32 },
+}
+
+/// A random sequence of mixed-order allocations and frees that keeps at most half of RAM
+/// in use, so neither allocator runs dry.
+fn buddy_ops(n: usize) -> (Vec<Op>, usize) {
+    let mut rng = SmallRng::seed_from_u64(42);
+    let mut ops = Vec::with_capacity(n);
+    let mut live: Vec<(u32, u8)> = Vec::new();
+    let mut used = 0usize;
+    let mut slots = 0u32;
+    while ops.len() < n {
+        let order = ((rng.random::<u32>() | 1 << MAX_ORDER).trailing_zeros()) as u8;
+        if !live.is_empty() && (rng.random_range(0..2) == 0 || used + (1 << order) > FRAMES / 2) {
+            let (slot, o) = live.swap_remove(rng.random_range(0..live.len()));
+            used -= 1 << o;
+            ops.push(Op::Free { slot });
+        } else {
+            live.push((slots, order));
+            used += 1 << order;
+            ops.push(Op::Alloc { order, slot: slots });
+            slots += 1;
+        }
+    }
+    (ops, slots as usize)
+}
+
+struct Row {
+    name: &'static str,
+    ops: usize,
+    ours: Duration,
+    other_name: &'static str,
+    other: Duration,
+}
+
+fn ns(d: Duration, ops: usize) -> f64 {
+    d.as_nanos() as f64 / ops as f64
+}
+
+fn buddy_rows(linear: LinearMap, rows: &mut Vec<Row>) {
+    // (a) the same random sequence on both.
+    let (ops, nslots) = buddy_ops(200_000);
+    let mut orders = vec![0u8; nslots];
+    for op in &ops {
+        if let Op::Alloc { order, slot } = *op {
+            orders[slot as usize] = order;
+        }
+    }
+    let mine = median(|| {
+        let mut a = ours(linear);
+        let mut slots = vec![PhysAddr::new(0); nslots];
+        let t = Instant::now();
+        for op in &ops {
+            match *op {
+                Op::Alloc { order, slot } => {
+                    slots[slot as usize] = a.alloc(order as usize).unwrap_or(PhysAddr::new(0));
+                }
+                Op::Free { slot } => {
+                    let pa = slots[slot as usize];
+                    if pa.as_u64() != 0 {
+                        // SAFETY: allocated by this sequence, freed once, never touched.
+                        unsafe { a.free(pa, orders[slot as usize] as usize) }.unwrap();
+                    }
+                }
+            }
+        }
+        t.elapsed()
+    });
+    let other = median(|| {
+        let mut f = theirs();
+        let mut slots = vec![usize::MAX; nslots];
+        let t = Instant::now();
+        for op in &ops {
+            match *op {
+                Op::Alloc { order, slot } => {
+                    slots[slot as usize] = f.alloc(1 << order).unwrap_or(usize::MAX);
+                }
+                Op::Free { slot } => {
+                    let s = slots[slot as usize];
+                    if s != usize::MAX {
+                        f.dealloc(s, 1 << orders[slot as usize]);
+                    }
+                }
+            }
+        }
+        t.elapsed()
+    });
+    rows.push(Row {
+        name: "buddy: random mixed orders 0..=10",
+        ops: ops.len(),
+        ours: mine,
+        other_name: "buddy_system_allocator",
+        other,
+    });
+
+    // Order 0: alloc N, then free N.
+    const N: usize = 10_000;
+    const ROUNDS: usize = 20;
+    let mine = median(|| {
+        let mut a = ours(linear);
+        let mut v = vec![PhysAddr::new(0); N];
+        let t = Instant::now();
+        for _ in 0..ROUNDS {
+            for p in v.iter_mut() {
+                *p = a.alloc(0).unwrap();
+            }
+            for &p in &v {
+                // SAFETY: allocated just above, freed once.
+                unsafe { a.free(p, 0) }.unwrap();
+            }
+        }
+        t.elapsed()
+    });
+    let other = median(|| {
+        let mut f = theirs();
+        let mut v = vec![0usize; N];
+        let t = Instant::now();
+        for _ in 0..ROUNDS {
+            for p in v.iter_mut() {
+                *p = f.alloc(1).unwrap();
+            }
+            for &p in &v {
+                f.dealloc(p, 1);
+            }
+        }
+        t.elapsed()
+    });
+    rows.push(Row {
+        name: "buddy: order 0, alloc 10k then free 10k",
+        ops: 2 * N * ROUNDS,
+        ours: mine,
+        other_name: "buddy_system_allocator",
+        other,
+    });
+
+    // Order 0 ping-pong.
+    const PP: usize = 1_000_000;
+    let mine = median(|| {
+        let mut a = ours(linear);
+        let t = Instant::now();
+        for _ in 0..PP {
+            let p = black_box(a.alloc(0).unwrap());
+            // SAFETY: allocated just above, freed once.
+            unsafe { a.free(p, 0) }.unwrap();
+        }
+        t.elapsed()
+    });
+    let other = median(|| {
+        let mut f = theirs();
+        let t = Instant::now();
+        for _ in 0..PP {
+            let p = black_box(f.alloc(1).unwrap());
+            f.dealloc(p, 1);
+        }
+        t.elapsed()
+    });
+    rows.push(Row {
+        name: "buddy: order 0 ping-pong alloc/free",
+        ops: 2 * PP,
+        ours: mine,
+        other_name: "buddy_system_allocator",
+        other,
+    });
+
+    // Bulk order 0 (ours only has it; compared with single calls of the other).
+    let mine = median(|| {
+        let mut a = ours(linear);
+        let mut v = vec![PhysAddr::new(0); N];
+        let t = Instant::now();
+        for _ in 0..ROUNDS {
+            assert_eq!(a.alloc_bulk(&mut v), N);
+            // SAFETY: allocated just above, freed once.
+            unsafe { a.free_bulk(&v) }.unwrap();
+        }
+        t.elapsed()
+    });
+    rows.push(Row {
+        name: "buddy: alloc_bulk 10k + free_bulk 10k",
+        ops: 2 * N * ROUNDS,
+        ours: mine,
+        other_name: "buddy_system_allocator (single)",
+        other: rows[1].other,
+    });
+}
+
+type TalcHeap = Talc<Manual, DefaultBinning>;
+
+/// A fresh Talc heap over `arena` (each run starts from a clean heap).
+fn talc_heap(arena: *mut u8) -> TalcHeap {
+    let mut t = Talc::new(Manual);
+    // SAFETY: the arena is leaked memory that only one heap at a time uses.
+    unsafe { t.claim(arena, TALC_ARENA) }.unwrap();
+    t
+}
+
+const TALC_ARENA: usize = 32 << 20;
+
+fn slab_rows(linear: LinearMap, rows: &mut Vec<Row>) {
+    const N: usize = 10_000;
+    const ROUNDS: usize = 50;
+    const PP: usize = 1_000_000;
+    let l64 = Layout::from_size_align(64, 8).unwrap();
+    let arena = Box::leak(vec![0u8; TALC_ARENA].into_boxed_slice()).as_mut_ptr();
+    let buddy = spin::Mutex::new(ours(linear));
+    let slab = SlabAllocator::new(&buddy, false).unwrap();
+
+    let kmalloc_loop = || {
+        let mut v = vec![NonNull::<u8>::dangling(); N];
+        let t = Instant::now();
+        for _ in 0..ROUNDS {
+            for p in v.iter_mut() {
+                *p = slab.kmalloc(64, 8).unwrap();
+            }
+            for &p in &v {
+                // SAFETY: allocated just above, freed once, never used.
+                unsafe { slab.kfree(p) }.unwrap();
+            }
+        }
+        t.elapsed()
+    };
+    let talc_loop = |locked: bool| {
+        let mut heap = spin::Mutex::new(talc_heap(arena));
+        let mut v = vec![NonNull::<u8>::dangling(); N];
+        let t = Instant::now();
+        for _ in 0..ROUNDS {
+            for p in v.iter_mut() {
+                // SAFETY: non-zero size.
+                *p = unsafe {
+                    if locked {
+                        heap.lock().allocate(l64)
+                    } else {
+                        heap.get_mut().allocate(l64)
+                    }
+                }
+                .unwrap();
+            }
+            for &p in &v {
+                // SAFETY: allocated just above with this layout, freed once.
+                unsafe {
+                    if locked {
+                        heap.lock().deallocate(p.as_ptr(), l64)
+                    } else {
+                        heap.get_mut().deallocate(p.as_ptr(), l64)
+                    }
+                }
+            }
+        }
+        t.elapsed()
+    };
+    let mine = median(kmalloc_loop);
+    rows.push(Row {
+        name: "kmalloc 64 B: alloc 10k then free 10k",
+        ops: 2 * N * ROUNDS,
+        ours: mine,
+        other_name: "talc (spin::Mutex)",
+        other: median(|| talc_loop(true)),
+    });
+    rows.push(Row {
+        name: "kmalloc 64 B: alloc 10k then free 10k",
+        ops: 2 * N * ROUNDS,
+        ours: mine,
+        other_name: "talc (&mut, no lock)",
+        other: median(|| talc_loop(false)),
+    });
+
+    let kmalloc_pp = || {
+        let t = Instant::now();
+        for _ in 0..PP {
+            let p = black_box(slab.kmalloc(64, 8).unwrap());
+            // SAFETY: allocated just above, freed once, never used.
+            unsafe { slab.kfree(p) }.unwrap();
+        }
+        t.elapsed()
+    };
+    let talc_pp = |locked: bool| {
+        let mut heap = spin::Mutex::new(talc_heap(arena));
+        let t = Instant::now();
+        for _ in 0..PP {
+            // SAFETY: non-zero size; freed once with the same layout.
+            unsafe {
+                if locked {
+                    let p = black_box(heap.lock().allocate(l64).unwrap());
+                    heap.lock().deallocate(p.as_ptr(), l64);
+                } else {
+                    let p = black_box(heap.get_mut().allocate(l64).unwrap());
+                    heap.get_mut().deallocate(p.as_ptr(), l64);
+                }
+            }
+        }
+        t.elapsed()
+    };
+    let mine = median(kmalloc_pp);
+    rows.push(Row {
+        name: "kmalloc 64 B: ping-pong alloc/free",
+        ops: 2 * PP,
+        ours: mine,
+        other_name: "talc (spin::Mutex)",
+        other: median(|| talc_pp(true)),
+    });
+    rows.push(Row {
+        name: "kmalloc 64 B: ping-pong alloc/free",
+        ops: 2 * PP,
+        ours: mine,
+        other_name: "talc (&mut, no lock)",
+        other: median(|| talc_pp(false)),
+    });
+    slab.shrink();
+}
+
+fn main() {
+    let linear = ram();
+    let mut rows = Vec::new();
+    buddy_rows(linear, &mut rows);
+    slab_rows(linear, &mut rows);
+    println!(
+        "{:<42} {:>10} {:>12} {:<32} {:>12} {:>8}",
+        "benchmark (median of 5)", "ops", "ours ns/op", "other", "other ns/op", "speedup"
+    );
+    for r in &rows {
+        let (o, t) = (ns(r.ours, r.ops), ns(r.other, r.ops));
+        println!("{:<42} {:>10} {:>12.1} {:<32} {:>12.1} {:>7.2}x", r.name, r.ops, o, r.other_name, t, t / o);
+    }
+}
