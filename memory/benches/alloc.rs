@@ -367,10 +367,28 @@ fn slab_rows(linear: LinearMap, rows: &mut Vec<Row>) {
 }
 
 fn main() {
+    // `cargo bench -p memory --bench alloc -- buddy|kmalloc` runs one group.
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let want = |g: &str| filter.is_empty() || filter.iter().any(|f| f == g);
     let linear = ram();
     let mut rows = Vec::new();
-    buddy_rows(linear, &mut rows);
-    slab_rows(linear, &mut rows);
+    if want("buddy") {
+        buddy_rows(linear, &mut rows);
+    }
+    if want("kmalloc") {
+        slab_rows(linear, &mut rows);
+    }
+    if want("lock") {
+        let m = spin::Mutex::new(0u64);
+        let d = median(|| {
+            let t = Instant::now();
+            for _ in 0..2_000_000 {
+                *black_box(&m).lock() += 1;
+            }
+            t.elapsed()
+        });
+        println!("spin lock+unlock: {:.2} ns", ns(d, 2_000_000));
+    }
     println!(
         "{:<42} {:>10} {:>12} {:<32} {:>12} {:>8}",
         "benchmark (median of 5)", "ops", "ours ns/op", "other", "other ns/op", "speedup"

@@ -319,7 +319,8 @@ struct Cache {
     geo: Geometry,
     /// Slabs with at least one free object (doubly linked through their headers).
     partial: *mut SlabHeader,
-    /// The one empty slab kept (it is on the partial list too), or null.
+    /// The one empty slab kept (it is on the partial list too), or null. May name a slab
+    /// that has been allocated from since (see `free_object`).
     empty: *mut SlabHeader,
     /// Objects in use.
     active: usize,
@@ -696,29 +697,25 @@ impl<'b> SlabAllocator<'b> {
             }
         }
         let s = c.partial;
-        let g = c.geo;
         // SAFETY: `s` heads the partial list: a slab of this cache with a free object;
         // its header, bitmap and objects lie inside its block, owned by the cache.
         unsafe {
             let idx = (*s).free as usize;
-            let obj = s.cast::<u8>().add(g.first + idx * g.stride);
+            let obj = s.cast::<u8>().add(c.geo.first + idx * c.geo.stride);
             let next = obj.cast::<u32>().read();
-            if next != NIL && next as usize >= g.objs {
-                self.repair_free_list(s, &g, obj);
+            if next != NIL && next as usize >= c.geo.objs {
+                self.repair_free_list(s, &c.geo, obj);
             } else {
                 (*s).free = next;
             }
             *SlabHeader::bitmap(s).add(idx >> 6) &= !(1u64 << (idx & 63));
-            if (*s).inuse == 0 && s == c.empty {
-                c.empty = ptr::null_mut();
-            }
             (*s).inuse += 1;
             if (*s).free == NIL {
                 c.unlink(s);
             }
             c.active += 1;
             if self.strict {
-                self.check_free_object(c.name, &g, obj);
+                self.check_free_object(c.name, &c.geo, obj);
             }
             Ok(NonNull::new_unchecked(obj))
         }
@@ -839,7 +836,8 @@ impl<'b> SlabAllocator<'b> {
         if tag.load(Ordering::Relaxed) != id as u8 + 1 {
             return Err(SlabError::NotOwned);
         }
-        let g = c.geo;
+        let g = &c.geo;
+        let (first, stride, objs, size) = (g.first, g.stride, g.objs, g.size);
         let off = pa.as_u64() as usize & (g.slab_bytes() - 1);
         let base = ptr.wrapping_sub(off);
         let s = base.cast::<SlabHeader>();
@@ -851,11 +849,11 @@ impl<'b> SlabAllocator<'b> {
             log::error!("slab {}: header of slab {base:p} overwritten", c.name);
             return Err(SlabError::Corrupted);
         }
-        let Some(rel) = off.checked_sub(g.first) else {
+        let Some(rel) = off.checked_sub(first) else {
             return Err(SlabError::NotObjectStart);
         };
-        let idx = ((rel as u64 * g.recip) >> 32) as usize;
-        if idx >= g.objs || idx * g.stride != rel {
+        let idx = ((rel as u64 * c.geo.recip) >> 32) as usize;
+        if idx >= objs || idx * stride != rel {
             return Err(SlabError::NotObjectStart);
         }
         let map = SlabHeader::bitmap(s);
@@ -866,9 +864,9 @@ impl<'b> SlabAllocator<'b> {
             return Err(SlabError::DoubleFree);
         }
         if self.strict {
-            self.check_red_zone(c.name, &g, ptr);
+            self.check_red_zone(c.name, &c.geo, ptr);
             // SAFETY: the object is allocated and being freed; its slot is `size` bytes.
-            unsafe { ptr.write_bytes(POISON_FREE_BYTE, g.size) };
+            unsafe { ptr.write_bytes(POISON_FREE_BYTE, size) };
         }
         *word |= bit;
         // SAFETY: the header of this slab (as for `magic`); the object slot holds at least
@@ -885,7 +883,13 @@ impl<'b> SlabAllocator<'b> {
             c.push(s);
         }
         if now_empty {
-            if c.empty.is_null() {
+            // At most one empty slab, and `c.empty` points at it when there is one. The
+            // slab `c.empty` names may have been allocated from since (it is not cleared
+            // then, to keep the alloc path short): then it is not empty, and `s` replaces it.
+            let e = c.empty;
+            // SAFETY: `c.empty` always names a slab the cache still holds (it is cleared
+            // before that slab is given back).
+            if e.is_null() || e == s || unsafe { (*e).inuse } != 0 {
                 c.empty = s;
             } else {
                 self.release(c, s);
@@ -984,9 +988,10 @@ impl<'b> SlabAllocator<'b> {
         for slot in &self.caches {
             let mut guard = slot.lock();
             let c = &mut *guard;
-            if !c.empty.is_null() {
-                let s = c.empty;
-                c.empty = ptr::null_mut();
+            let s = c.empty;
+            c.empty = ptr::null_mut();
+            // SAFETY: `c.empty` names a slab the cache holds (see `free_object`).
+            if !s.is_null() && unsafe { (*s).inuse } == 0 {
                 self.release(c, s);
                 pages += 1 << c.geo.order;
             }
