@@ -12,7 +12,11 @@ const ALIGN: usize = 4 << 20;
 
 /// Simulated RAM: `size` bytes reached as physical addresses from `base`.
 pub(crate) struct TestRam {
+    /// What the host allocator returned.
+    raw: *mut u8,
+    /// The 4 MiB aligned start of the simulated RAM.
     ptr: *mut u8,
+    size: usize,
     layout: Layout,
     base: u64,
 }
@@ -20,12 +24,24 @@ pub(crate) struct TestRam {
 impl TestRam {
     /// `size` bytes of zeroed simulated RAM at physical address `base` (4 MiB aligned).
     pub(crate) fn new(base: u64, size: usize) -> Self {
+        Self::try_new(base, size).expect("test RAM allocation failed")
+    }
+
+    /// As `new`, or `None` when the host refuses the memory. Large buffers are zeroed
+    /// lazily by the host, so only the pages touched cost memory.
+    pub(crate) fn try_new(base: u64, size: usize) -> Option<Self> {
         assert_eq!(base % ALIGN as u64, 0);
-        let layout = Layout::from_size_align(size, ALIGN).unwrap();
+        // A small alignment gets `calloc`, which maps fresh zero pages for a large size
+        // (a large alignment would be zeroed by a memset, touching every page); the
+        // 4 MiB alignment is obtained by over-allocating.
+        let layout = Layout::from_size_align(size + ALIGN, 16).unwrap();
         // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "test RAM allocation failed");
-        TestRam { ptr, layout, base }
+        let raw = unsafe { alloc_zeroed(layout) };
+        if raw.is_null() {
+            return None;
+        }
+        let ptr = raw.wrapping_add(raw.align_offset(ALIGN));
+        Some(TestRam { raw, ptr, size, layout, base })
     }
 
     /// The physical range `[base + off, base + off + len)`.
@@ -35,7 +51,7 @@ impl TestRam {
 
     /// The whole buffer as a physical range.
     pub(crate) fn whole(&self) -> PhysRange {
-        self.range(0, self.layout.size() as u64)
+        self.range(0, self.size as u64)
     }
 
     /// A linear map of the buffer.
@@ -55,8 +71,8 @@ impl TestRam {
 
 impl Drop for TestRam {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.ptr, self.layout) };
+        // SAFETY: allocated in `try_new` with this layout.
+        unsafe { dealloc(self.raw, self.layout) };
     }
 }
 

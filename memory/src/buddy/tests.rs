@@ -390,6 +390,35 @@ fn metadata_overhead() {
     assert_eq!(a.total_pages(), 32768 - 16);
 }
 
+/// 4 GiB of RAM, above the 4 GiB physical line, without code changes: only the metadata
+/// and the block heads are touched, so the host commits a few MiB of the buffer.
+#[test]
+fn four_gib_of_ram() {
+    let Some(ram) = TestRam::try_new(BASE, (4096 * MIB) as usize) else {
+        eprintln!("four_gib_of_ram: the host refused 4 GiB of address space; skipped");
+        return;
+    };
+    // SAFETY: the test RAM is used by nothing else and outlives the allocator.
+    let mut a = unsafe { BuddyAllocator::new(&[ram.whole()], &[], ram.linear(), false) }.unwrap();
+    assert_eq!(a.metadata_range().size(), 2 * MIB);
+    assert_eq!(a.total_pages(), (1 << 20) - 512);
+    // 1024 blocks of 4 MiB, less the one that holds the metadata (split into the rest).
+    assert_eq!(a.free_blocks()[MAX_ORDER], 1023);
+    assert_eq!(a.free_blocks()[9], 1);
+    let mut blocks = Vec::new();
+    while let Ok(pa) = a.alloc(MAX_ORDER) {
+        blocks.push(pa);
+    }
+    assert_eq!(blocks.len(), 1023);
+    assert_eq!(blocks.last().unwrap().as_u64(), BASE + 4096 * MIB - 4 * MIB);
+    assert_eq!(a.free_pages(), 512);
+    for pa in blocks {
+        free(&mut a, pa, MAX_ORDER).unwrap();
+    }
+    a.check_consistency().unwrap();
+    assert_eq!(a.free_pages(), a.total_pages());
+}
+
 #[test]
 fn tables_are_zeroed() {
     let m = Machine::new();
