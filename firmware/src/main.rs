@@ -1,13 +1,52 @@
-//! The firmware image: boots, shows the memory system at work, and exits.
+//! The firmware image: boots, brings up the memory system and shows it at work, then
+//! exits. With `test_vmalloc.*` boot parameters it runs Linux's `test_vmalloc` workloads
+//! instead (see `bench.rs`).
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
+mod report;
+
 use hal::boot::BootInfo;
+use memory::kernel::{self, MemoryConfig};
+
+/// Small objects (`Box`, `Vec`, `BTreeMap`) come from the slab allocator.
+#[global_allocator]
+static HEAP: memory::slab::KernelAllocator = memory::slab::KernelAllocator;
 
 hal::entry!(main);
 
+/// Boot parameters the firmware itself reads (besides `memory::kernel::BOOT_PARAMS`).
+const FIRMWARE_PARAMS: &[&str] = &["loglevel", "shell", "bench", "seed", "test.filter"];
+
+fn warn_unknown_params(info: &BootInfo) {
+    for p in info.cmdline().params().flatten() {
+        let known = FIRMWARE_PARAMS.contains(&p.key)
+            || kernel::BOOT_PARAMS.contains(&p.key)
+            || p.key.starts_with("test_vmalloc.");
+        if !known {
+            log::warn!("ignoring unknown boot parameter \"{}\"", p.key);
+        }
+    }
+}
+
 fn main(info: &'static BootInfo) -> ! {
-    log::info!("hello from EL1, {} MiB of RAM", info.platform.ram.total() >> 20);
-    log::info!("boot report complete");
+    warn_unknown_params(info);
+    let config = MemoryConfig::from_cmdline(&info.cmdline());
+    // SAFETY: called once, after hal turned the MMU on, with boot's own BootInfo.
+    if let Err(e) = unsafe { kernel::init(info, config) } {
+        panic!("memory init: {e}");
+    }
+    log::info!(
+        "memory system up: buddy, slab, vmalloc [{:#x}, {:#x})",
+        hal::kmap::VMALLOC_START,
+        hal::kmap::VMALLOC_END
+    );
+    report::run(info);
+    log::info!(
+        "boot report complete in {} ms",
+        hal::cpu::ticks_to_ns(hal::cpu::counter() - info.start_ticks) / 1_000_000
+    );
     hal::exit::exit(hal::exit::EXIT_SUCCESS)
 }

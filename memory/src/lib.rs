@@ -2,5 +2,6 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod buddy;
+pub mod kernel;
 pub mod slab;
 pub mod vmalloc;

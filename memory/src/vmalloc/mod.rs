@@ -83,12 +83,16 @@ use tree::Tree;
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Frames taken and mapped per backend call.
 const CHUNK: usize = 64;
+/// The stack buffer for small areas (less to initialise on the hot path).
+const SMALL_CHUNK: usize = 4;
 /// Upper bound of [`VmallocConfig::flush_page_threshold`] (size of the stack buffer of ranges).
 pub const MAX_FLUSH_PAGE_THRESHOLD: usize = 256;
 /// Records an allocation may need: the area, and the right part of a hole split in the middle.
 const RECORDS_PER_CALL: usize = 2;
 /// How many records [`Vmalloc`] allocates at once when it refills itself.
 const REFILL_BATCH: usize = 16;
+/// At most this many spare records are kept after a purge (see [`Vmalloc::take_excess_spares`]).
+const SPARE_CAP: usize = 4096;
 
 /// What an area maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +187,8 @@ pub enum VmallocError {
     Overflow,
     /// The range given to [`Vmalloc::new`] is not page aligned or is empty.
     BadRange,
+    /// The global instance is used before `memory::kernel::init`.
+    NotInitialized,
 }
 
 impl fmt::Display for VmallocError {
@@ -202,6 +208,7 @@ impl fmt::Display for VmallocError {
             VmallocError::RamRange => f.write_str("ioremap of RAM"),
             VmallocError::Overflow => f.write_str("address arithmetic overflows"),
             VmallocError::BadRange => f.write_str("vmalloc range is empty or not page aligned"),
+            VmallocError::NotInitialized => f.write_str("vmalloc used before memory::kernel::init"),
         }
     }
 }
@@ -223,7 +230,9 @@ pub struct VmallocConfig {
     /// Allocate missing spare records (and free surplus ones) inside calls. Turn off when a
     /// lock wraps the allocator; [`LockedVmalloc`] does.
     pub refill_inline: bool,
-    /// Spare records kept after a purge; the rest are freed or handed out.
+    /// Spare records always kept. After a purge up to as many as it released are kept too
+    /// (at most 4096, ~512 KiB), so a steady alloc/free workload does not churn the heap;
+    /// [`Vmalloc::release_spares`] gives them back.
     pub spare_high: usize,
 }
 
@@ -330,6 +339,9 @@ pub struct Vmalloc<B: VmBackend> {
     parked_head: Link,
     config: VmallocConfig,
     c: Counters,
+    /// Spare records to keep: `spare_high`, or as many as the last purge released (capped),
+    /// since the same workload will need them again before the next purge.
+    spare_keep: usize,
     purge_hist: PurgeHistogram,
     history: History,
 }
@@ -361,6 +373,7 @@ impl<B: VmBackend> Vmalloc<B> {
             parked_head: None,
             config,
             c: Counters::default(),
+            spare_keep: config.spare_high,
             purge_hist: PurgeHistogram::new(),
             history: History::new(),
         };
@@ -431,14 +444,21 @@ impl<B: VmBackend> Vmalloc<B> {
         self.free.pool.absorb(&mut spares.pool);
     }
 
-    /// Take the spare records beyond [`VmallocConfig::spare_high`], to be dropped after
-    /// unlocking.
+    /// Take the spare records beyond what the allocator keeps (see
+    /// [`VmallocConfig::spare_high`]), to be dropped after unlocking.
     pub fn take_excess_spares(&mut self) -> Spares {
         let mut out = Spares::empty();
-        if self.free.pool.len() > self.config.spare_high {
-            self.free.pool.split_excess(self.config.spare_high, &mut out.pool);
+        if self.free.pool.len() > self.spare_keep {
+            self.free.pool.split_excess(self.spare_keep, &mut out.pool);
         }
         out
+    }
+
+    /// Take every spare record beyond [`VmallocConfig::spare_high`] (memory pressure), to be
+    /// dropped after unlocking.
+    pub fn release_spares(&mut self) -> Spares {
+        self.spare_keep = self.config.spare_high;
+        self.take_excess_spares()
     }
 
     #[inline]
@@ -591,11 +611,20 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// Take and map frames for `pages` pages from `va`. On error nothing stays mapped or
     /// taken, and pages that were mapped have been flushed.
+    #[inline]
     fn populate(&mut self, va: u64, pages: usize, zero: bool) -> Result<(), VmallocError> {
-        let mut buf = [PhysAddr::new(0); CHUNK];
+        if pages <= SMALL_CHUNK {
+            self.populate_with::<SMALL_CHUNK>(va, pages, zero)
+        } else {
+            self.populate_with::<CHUNK>(va, pages, zero)
+        }
+    }
+
+    fn populate_with<const N: usize>(&mut self, va: u64, pages: usize, zero: bool) -> Result<(), VmallocError> {
+        let mut buf = [PhysAddr::new(0); N];
         let mut done = 0usize;
         while done < pages {
-            let n = (pages - done).min(CHUNK);
+            let n = (pages - done).min(N);
             let frames = &mut buf[..n];
             let got = self.backend.alloc_frames(frames);
             self.c.frames_taken += got as u64;
@@ -623,11 +652,20 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// Unmap `pages` from `va` (no TLB operation) and give their frames back.
+    #[inline]
     fn unmap_free(&mut self, va: u64, pages: usize) {
-        let mut buf = [PhysAddr::new(0); CHUNK];
+        if pages <= SMALL_CHUNK {
+            self.unmap_free_with::<SMALL_CHUNK>(va, pages);
+        } else {
+            self.unmap_free_with::<CHUNK>(va, pages);
+        }
+    }
+
+    fn unmap_free_with<const N: usize>(&mut self, va: u64, pages: usize) {
+        let mut buf = [PhysAddr::new(0); N];
         let mut done = 0usize;
         while done < pages {
-            let n = (pages - done).min(CHUNK);
+            let n = (pages - done).min(N);
             let mut k = 0usize;
             let at = VirtAddr::new(va + (done * PAGE_SIZE) as u64);
             self.backend.unmap_pages(at, n, |pa| {
@@ -859,7 +897,7 @@ impl<B: VmBackend> Vmalloc<B> {
 
     fn trim_spares(&mut self) {
         if self.config.refill_inline {
-            self.free.pool.trim(self.config.spare_high);
+            self.free.pool.trim(self.spare_keep);
         }
     }
 
@@ -918,6 +956,7 @@ impl<B: VmBackend> Vmalloc<B> {
         if let Some(a) = acc {
             self.free.give_back(a);
         }
+        self.spare_keep = self.config.spare_high.max(self.c.parked_areas.min(SPARE_CAP));
         self.c.parked_areas = 0;
         self.c.parked_pages = 0;
         self.c.parked_mapped = 0;

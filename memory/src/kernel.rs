@@ -1,0 +1,512 @@
+//! The kernel's memory system: the global buddy, slab and vmalloc instances, wired to
+//! `hal`'s translation tables, TLB and device tree. This is the API drivers call.
+//!
+//! ```no_run
+//! // after memory::kernel::init(info) at boot:
+//! let buf = memory::kernel::vzalloc(64 * 1024)?;            // 16 pages + a guard page
+//! // SAFETY: 64 KiB were just mapped at `buf`, zeroed, and belong to us.
+//! unsafe { buf.as_mut_ptr::<u8>().write(1) };
+//! memory::kernel::vfree(buf)?;                             // unmapped now, TLB flush batched
+//! # Ok::<(), memory::vmalloc::VmallocError>(())
+//! ```
+//!
+//! ## Locks and exception context
+//! Lock order: vmalloc → kernel page tables → buddy. The buddy never calls up, and the slab
+//! never calls vmalloc, so no cycle exists. From exception context call only
+//! [`explain_fault`] (a try-lock); every other function here may spin on a lock the
+//! interrupted code holds.
+
+use core::fmt;
+use core::ops::{Deref, DerefMut};
+use core::ptr::NonNull;
+
+use hal::boot::BootInfo;
+use hal::dtb::RangeList;
+use hal::kmap::{VMALLOC_END, VMALLOC_START};
+use hal::linear::LinearMap;
+use hal::mmu::{Attributes, BlockPolicy, HardwareTlb, MemoryType, Permissions, Tlb};
+use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
+use spin::Once;
+
+use crate::buddy::{self, BuddyError, GlobalTableAlloc};
+use crate::slab::{self, SlabError};
+use crate::vmalloc::{
+    AreaInfo, DeviceAttr, FaultClass, LockedVmalloc, MapError, Prot, VmBackend, VmFlags, Vmalloc, VmallocConfig,
+    VmallocError, VmallocStats,
+};
+
+/// [`VmBackend`] of the kernel: frames from the global buddy allocator, pages mapped in the
+/// TTBR1 tree of [`hal::kmap`], TLB maintenance by the CPU.
+pub struct KernelBackend {
+    linear: LinearMap,
+    ram: RangeList,
+}
+
+fn map_err(e: hal::mmu::MmuError) -> MapError {
+    match e {
+        hal::mmu::MmuError::OutOfMemory => MapError::NoMemory,
+        hal::mmu::MmuError::AlreadyMapped(_) => MapError::AlreadyMapped,
+        _ => MapError::OutOfRange,
+    }
+}
+
+impl KernelBackend {
+    fn frame_ptr(&self, pa: PhysAddr) -> *mut u8 {
+        self.linear.ptr(pa)
+    }
+}
+
+impl VmBackend for KernelBackend {
+    fn alloc_frames(&mut self, out: &mut [PhysAddr]) -> usize {
+        buddy::alloc_pages_bulk(out)
+    }
+
+    fn free_frames(&mut self, frames: &[PhysAddr]) {
+        // SAFETY: vmalloc hands back only frames it took from `alloc_frames` and has
+        // unmapped; nothing refers to them any more.
+        if let Err(e) = unsafe { buddy::free_pages_bulk(frames) } {
+            log::error!("vmalloc: freeing {} frames: {e}", frames.len());
+        }
+    }
+
+    fn zero_frames(&mut self, frames: &[PhysAddr]) {
+        for &pa in frames {
+            // SAFETY: a frame just taken from the buddy allocator, reached through the linear
+            // map, owned by the caller and not yet mapped anywhere else.
+            unsafe { core::ptr::write_bytes(self.frame_ptr(pa), 0, PAGE_SIZE) };
+        }
+    }
+
+    fn map_pages(&mut self, va: VirtAddr, frames: &[PhysAddr], prot: Prot) -> Result<(), MapError> {
+        let attrs = match prot {
+            Prot::ReadWrite => Attributes::DATA,
+            Prot::ReadOnly => Attributes::RODATA,
+        };
+        let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
+        space.lock().upper.map_frames(va, frames, attrs, &mut GlobalTableAlloc).map_err(map_err)
+    }
+
+    fn map_device(&mut self, va: VirtAddr, pa: PhysAddr, pages: usize, attr: DeviceAttr) -> Result<(), MapError> {
+        let memory = match attr {
+            DeviceAttr::DeviceNGnRnE => MemoryType::DeviceNGnRnE,
+            DeviceAttr::DeviceNGnRE => MemoryType::DeviceNGnRE,
+            DeviceAttr::NormalNonCacheable => MemoryType::NormalNonCacheable,
+        };
+        let attrs = Attributes::new(memory, Permissions::ReadWrite).map_err(map_err)?;
+        let range = VirtRange::new(va, (pages * PAGE_SIZE) as u64).map_err(|_| MapError::OutOfRange)?;
+        let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
+        space.lock().upper.map(range, pa, attrs, BlockPolicy::PagesOnly, &mut GlobalTableAlloc).map_err(map_err)
+    }
+
+    fn unmap_pages<F: FnMut(PhysAddr)>(&mut self, va: VirtAddr, pages: usize, mut on_frame: F) {
+        let Ok(range) = VirtRange::new(va, (pages * PAGE_SIZE) as u64) else { return };
+        let Some(space) = hal::kmap::kernel_space() else { return };
+        // SAFETY: vmalloc unmaps only the pages of an area it is freeing (or rolling back);
+        // nothing the program still uses lives there.
+        let r = unsafe {
+            space.lock().upper.unmap_with(range, |_va, pa, size| {
+                for i in 0..size / PAGE_SIZE as u64 {
+                    on_frame(pa.add(i * PAGE_SIZE as u64));
+                }
+            })
+        };
+        if let Err(e) = r {
+            log::error!("vmalloc: unmap {va:#x} ({pages} pages): {e}");
+        }
+    }
+
+    fn tlb_flush_pages(&mut self, ranges: &[(VirtAddr, usize)]) {
+        let mut iter = ranges.iter().filter_map(|&(va, n)| VirtRange::new(va, (n * PAGE_SIZE) as u64).ok());
+        HardwareTlb.invalidate_pages(&mut iter);
+    }
+
+    fn tlb_flush_all(&mut self) {
+        HardwareTlb.invalidate_all();
+    }
+
+    fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
+        hal::kmap::kernel_space()?.lock().upper.translate(va).map(|t| t.phys)
+    }
+
+    fn phys_is_ram(&self, pa: PhysAddr, pages: usize) -> bool {
+        match PhysRange::new(pa, (pages * PAGE_SIZE) as u64) {
+            Ok(r) => self.ram.overlaps(&r),
+            Err(_) => true,
+        }
+    }
+
+    fn copy_mapped(&mut self, dst: VirtAddr, src: VirtAddr, bytes: usize) {
+        // SAFETY: vmalloc calls this only on mapped bytes of two distinct live areas.
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr::<u8>(), dst.as_mut_ptr::<u8>(), bytes) };
+    }
+
+    fn zero_mapped(&mut self, va: VirtAddr, bytes: usize) {
+        // SAFETY: vmalloc calls this only on mapped bytes of a live area it owns.
+        unsafe { core::ptr::write_bytes(va.as_mut_ptr::<u8>(), 0, bytes) };
+    }
+
+    fn now_ns(&self) -> u64 {
+        hal::cpu::uptime_ns()
+    }
+}
+
+static VMALLOC: Once<LockedVmalloc<KernelBackend>> = Once::new();
+
+/// Why [`init`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitError {
+    /// The MMU is not on (hal's kernel address space is missing).
+    NoKernelSpace,
+    /// The buddy allocator refused the memory map.
+    Buddy(BuddyError),
+    /// The slab allocator could not start.
+    Slab(SlabError),
+    /// vmalloc could not start.
+    Vmalloc(VmallocError),
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitError::NoKernelSpace => f.write_str("no kernel address space (MMU off)"),
+            InitError::Buddy(e) => write!(f, "buddy: {e}"),
+            InitError::Slab(e) => write!(f, "slab: {e}"),
+            InitError::Vmalloc(e) => write!(f, "vmalloc: {e}"),
+        }
+    }
+}
+
+/// Tunables, from the command line (`buddy.strict=1 slab.strict=1 vmalloc.strict=1
+/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryConfig {
+    /// Poison freed pages and check the poison on allocation.
+    pub buddy_strict: bool,
+    /// Red zones and poisoning for small objects.
+    pub slab_strict: bool,
+    /// vmalloc's tunables.
+    pub vmalloc: VmallocConfig,
+}
+
+impl MemoryConfig {
+    /// Reads the tunables from the boot command line; bad values are logged and ignored.
+    pub fn from_cmdline(cmdline: &hal::cmdline::CommandLine<'_>) -> Self {
+        let mut c = Self::default();
+        let flag = |key: &str| match cmdline.get_bool(key) {
+            Ok(v) => v.unwrap_or(false),
+            Err(_) => {
+                log::warn!("ignoring {key}={:?}: not a boolean", cmdline.get(key).unwrap_or(""));
+                false
+            }
+        };
+        let number = |key: &str| match cmdline.get_u64(key) {
+            Ok(v) => v,
+            Err(_) => {
+                log::warn!("ignoring {key}={:?}: not a number", cmdline.get(key).unwrap_or(""));
+                None
+            }
+        };
+        c.buddy_strict = flag("buddy.strict");
+        c.slab_strict = flag("slab.strict");
+        c.vmalloc.strict = flag("vmalloc.strict");
+        if let Some(n) = number("vmalloc.lazy_max_pages") {
+            c.vmalloc.lazy_max_pages = n as usize;
+        }
+        if let Some(n) = number("vmalloc.flush_page_threshold") {
+            c.vmalloc.flush_page_threshold = n as usize;
+        }
+        c
+    }
+}
+
+/// The boot parameters this crate reads (for the firmware's unknown-parameter check).
+pub const BOOT_PARAMS: &[&str] =
+    &["buddy.strict", "slab.strict", "vmalloc.strict", "vmalloc.lazy_max_pages", "vmalloc.flush_page_threshold"];
+
+/// Starts the memory system: the buddy allocator over the RAM the device tree names (less
+/// `/memreserve/`, `/reserved-memory`, the DTB and the whole image — boot tables and stacks
+/// included), the slab allocator, vmalloc over `[VMALLOC_START, VMALLOC_END)`, and the
+/// fault-report hook.
+///
+/// # Errors
+/// An [`InitError`]; calling it twice fails with the buddy's `AlreadyInitialized`.
+///
+/// # Safety
+/// Called once, after `hal` turned the MMU on, with the `BootInfo` boot produced: the RAM it
+/// names outside the reserved ranges must be unused by anything else for the rest of the
+/// program (the allocators hand it out).
+pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitError> {
+    let linear = hal::kmap::linear_map().ok_or(InitError::NoKernelSpace)?;
+    let p = &info.platform;
+    let mut regions = [PhysRange::new(PhysAddr::new(0), 1).expect("non-empty"); hal::dtb::MAX_RANGES];
+    let mut nr = 0;
+    for r in p.ram.iter() {
+        regions[nr] = r;
+        nr += 1;
+    }
+    let mut reserved = [PhysRange::new(PhysAddr::new(0), 1).expect("non-empty"); hal::dtb::MAX_RANGES + 2];
+    let mut nres = 0;
+    for r in p.reserved.iter().chain([p.dtb, info.image.whole]) {
+        reserved[nres] = r;
+        nres += 1;
+    }
+    // SAFETY: forwarded to our caller: RAM outside the reserved ranges is ours to hand out,
+    // and `linear` is hal's identity map of RAM, valid for the program's life.
+    let t0 = hal::cpu::uptime_ns();
+    unsafe { buddy::init(&regions[..nr], &reserved[..nres], linear, config.buddy_strict) }.map_err(InitError::Buddy)?;
+    let t1 = hal::cpu::uptime_ns();
+    slab::init(config.slab_strict).map_err(InitError::Slab)?;
+    let t2 = hal::cpu::uptime_ns();
+    log::debug!("buddy init {} us, slab init {} us", (t1 - t0) / 1000, (t2 - t1) / 1000);
+    let range = VirtRange::from_bounds(VirtAddr::new(VMALLOC_START), VirtAddr::new(VMALLOC_END))
+        .map_err(|_| InitError::Vmalloc(VmallocError::BadRange))?;
+    let backend = KernelBackend { linear, ram: p.ram };
+    let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
+    VMALLOC.call_once(|| LockedVmalloc::new(vm));
+    hal::exception::set_fault_explainer(explain_fault);
+    Ok(())
+}
+
+/// The global vmalloc instance, once [`init`] has run.
+pub fn vmalloc_instance() -> Option<&'static LockedVmalloc<KernelBackend>> {
+    VMALLOC.get()
+}
+
+fn vm() -> Result<&'static LockedVmalloc<KernelBackend>, VmallocError> {
+    VMALLOC.get().ok_or(VmallocError::NotInitialized)
+}
+
+/// The fault-report hook `init` registers with `hal`: explains addresses of the vmalloc
+/// window (guard page hit, use after vfree) with a try-lock. Safe in exception context.
+pub fn explain_fault(addr: u64, out: &mut dyn fmt::Write) -> bool {
+    match VMALLOC.get() {
+        Some(v) => !matches!(v.try_explain_fault(VirtAddr::new(addr), out), None | Some(FaultClass::NotVmalloc)),
+        None => false,
+    }
+}
+
+/// Allocates `size` bytes of virtually contiguous memory (whole pages, plus an unmapped
+/// guard page after them). Not zeroed.
+///
+/// # Errors
+/// [`VmallocError::ZeroSize`], [`VmallocError::TooLarge`], [`VmallocError::NoVirtualSpace`],
+/// [`VmallocError::NoFrames`] (everything taken is given back first), or
+/// [`VmallocError::NotInitialized`].
+#[track_caller]
+pub fn vmalloc(size: usize) -> Result<VirtAddr, VmallocError> {
+    vm()?.vmalloc(size)
+}
+
+/// [`vmalloc`], zeroed.
+///
+/// # Errors
+/// As [`vmalloc`].
+#[track_caller]
+pub fn vzalloc(size: usize) -> Result<VirtAddr, VmallocError> {
+    vm()?.vzalloc(size)
+}
+
+/// [`vmalloc`] with the start aligned to `align` (a power of two, at least a page).
+///
+/// # Errors
+/// As [`vmalloc`], and [`VmallocError::BadAlignment`].
+#[track_caller]
+pub fn vmalloc_aligned(size: usize, align: usize) -> Result<VirtAddr, VmallocError> {
+    vm()?.vmalloc_with(size, align, VmFlags::NONE)
+}
+
+/// [`vmalloc`] with flags: [`VmFlags::ZERO`], [`VmFlags::NO_GUARD`] (no guard page),
+/// [`VmFlags::END_ALIGNED`] (the object ends at its last page's end, so one byte past any
+/// size traps).
+///
+/// # Errors
+/// As [`vmalloc_aligned`].
+#[track_caller]
+pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+    vm()?.vmalloc_with(size, align, flags)
+}
+
+/// Frees an area from [`vmalloc`]: unmapped and its frames freed now; its virtual range is
+/// reused after the next batched TLB flush.
+///
+/// # Errors
+/// [`VmallocError::NotAnArea`] for an address that is not the start of a live area (interior
+/// pointers are refused), [`VmallocError::DoubleFree`]; nothing changes then.
+#[track_caller]
+pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
+    vm()?.vfree(addr)
+}
+
+/// Resizes an area, keeping its contents (in place when possible).
+///
+/// # Errors
+/// As [`vmalloc`] and [`vfree`]; on error the old area is untouched.
+#[track_caller]
+pub fn vrealloc(addr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocError> {
+    vm()?.vrealloc(addr, new_size)
+}
+
+/// Maps frames the caller owns contiguously (no frames are taken or freed by us).
+///
+/// # Errors
+/// As [`vmalloc`].
+#[track_caller]
+pub fn vmap(frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+    vm()?.vmap_with(frames, prot, flags)
+}
+
+/// Unmaps a [`vmap`] area (the frames stay the caller's).
+///
+/// # Errors
+/// As [`vfree`].
+#[track_caller]
+pub fn vunmap(addr: VirtAddr) -> Result<(), VmallocError> {
+    vm()?.vunmap(addr)
+}
+
+/// Maps a device's physical MMIO range with device attributes, allocating no frames. The
+/// sub-page offset of `phys` is kept in the returned address.
+///
+/// # Errors
+/// [`VmallocError::RamRange`] when any page of the range is RAM, [`VmallocError::ZeroSize`],
+/// [`VmallocError::Overflow`], or as [`vmalloc`].
+#[track_caller]
+pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, VmallocError> {
+    vm()?.ioremap(phys, size, attr)
+}
+
+/// Undoes an ioremap.
+///
+/// # Errors
+/// As [`vfree`].
+#[track_caller]
+pub fn iounmap(addr: VirtAddr) -> Result<(), VmallocError> {
+    vm()?.iounmap(addr)
+}
+
+/// Flushes the TLB for every parked range and returns them to free space now.
+pub fn purge() {
+    if let Ok(v) = vm() {
+        v.purge();
+    }
+}
+
+/// The live area holding `addr`, if any.
+pub fn find_area(addr: VirtAddr) -> Option<AreaInfo> {
+    vm().ok()?.find_area(addr)
+}
+
+/// The physical address behind a vmalloc address (walks the tables).
+pub fn vmalloc_to_phys(addr: VirtAddr) -> Option<PhysAddr> {
+    vm().ok()?.vmalloc_to_phys(addr)
+}
+
+/// Whether `addr` is inside the vmalloc/ioremap window.
+pub fn is_vmalloc_addr(addr: VirtAddr) -> bool {
+    (VMALLOC_START..VMALLOC_END).contains(&addr.as_u64())
+}
+
+/// vmalloc's counters.
+pub fn vmalloc_stats() -> Option<VmallocStats> {
+    vm().ok().map(|v| v.stats())
+}
+
+/// Writes `/proc/vmallocinfo`.
+///
+/// # Errors
+/// A formatter error from `out`.
+pub fn write_vmallocinfo(out: &mut dyn fmt::Write) -> fmt::Result {
+    match vm() {
+        Ok(v) => write!(out, "{}", v.lock().info()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Largest size [`kvmalloc`] serves from the slab; larger requests go to vmalloc.
+pub const KVMALLOC_SLAB_MAX: usize = slab::KMALLOC_MAX_CACHE_SIZE;
+
+/// Allocates `size` bytes: from the slab when small (physically contiguous), else from
+/// vmalloc. Free with [`kvfree`], which sends the pointer to the right allocator.
+///
+/// # Errors
+/// [`VmallocError::ZeroSize`], or the error of the allocator that served it.
+#[track_caller]
+pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
+    if size == 0 {
+        return Err(VmallocError::ZeroSize);
+    }
+    if size <= KVMALLOC_SLAB_MAX {
+        if let Ok(p) = slab::kmalloc(size, 8) {
+            return Ok(p);
+        }
+    }
+    let va = vmalloc(size)?;
+    NonNull::new(va.as_mut_ptr()).ok_or(VmallocError::NotAnArea)
+}
+
+/// Frees memory from [`kvmalloc`].
+///
+/// # Errors
+/// [`VmallocError::NotAnArea`] when the pointer belongs to neither allocator.
+///
+/// # Safety
+/// `ptr` came from [`kvmalloc`] and is not used afterwards.
+#[track_caller]
+pub unsafe fn kvfree(ptr: NonNull<u8>) -> Result<(), VmallocError> {
+    let va = VirtAddr::from_ptr(ptr.as_ptr());
+    if is_vmalloc_addr(va) {
+        return vfree(va);
+    }
+    // SAFETY: forwarded: the pointer came from kvmalloc's slab branch.
+    unsafe { slab::kfree(ptr) }.map_err(|_| VmallocError::NotAnArea)
+}
+
+/// An owned vmalloc area: `Deref` to its bytes, `vfree` on drop.
+pub struct VBox {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl VBox {
+    /// A zeroed area of `len` bytes.
+    ///
+    /// # Errors
+    /// As [`vzalloc`].
+    #[track_caller]
+    pub fn zeroed(len: usize) -> Result<Self, VmallocError> {
+        let va = vzalloc(len)?;
+        let ptr = NonNull::new(va.as_mut_ptr()).ok_or(VmallocError::NotAnArea)?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The area's address.
+    pub fn addr(&self) -> VirtAddr {
+        VirtAddr::from_ptr(self.ptr.as_ptr())
+    }
+}
+
+impl Deref for VBox {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` bytes are mapped, zero-initialised and owned by this box.
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for VBox {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access unique.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for VBox {
+    fn drop(&mut self) {
+        if let Err(e) = vfree(self.addr()) {
+            log::error!("VBox drop: vfree({:#x}): {e}", self.addr());
+        }
+    }
+}
+
+// SAFETY: the box owns its area exclusively; vmalloc's state is behind a lock.
+unsafe impl Send for VBox {}
