@@ -16,7 +16,8 @@
 //! O(1) because the lists are doubly linked. No operation scans memory or divides; the
 //! work per call is bounded by the number of splits or merges (at most [`MAX_ORDER`]).
 //! Blocks are aligned on their size in *physical* frame numbers, so an order-9 block is a
-//! 2 MiB-aligned physical block (usable for a block mapping).
+//! 2 MiB-aligned physical block (usable for a block mapping). A block never spans two
+//! regions (nor a reserved frame), even when regions touch.
 //!
 //! # Metadata, and its cost
 //! Two arrays of one byte per frame of every region (reserved frames included), carved
@@ -33,7 +34,7 @@
 //! That is 2 bytes per 4,096-byte frame = **0.0488 %** of RAM, rounded up to whole pages:
 //! 16 pages (64 KiB) for 128 MiB, 512 pages (2 MiB) for 4 GiB. The free lists cost
 //! nothing (they live in the free memory), and the fixed part (`BuddyAllocator` itself,
-//! about 400 bytes) lives wherever the value lives (a `static` on target). A state array
+//! about 500 bytes) lives wherever the value lives (a `static` on target). A state array
 //! alone would be 0.024 %; per-frame list links (2 × u32) would have brought the total to
 //! 0.22 %, over the 0.2 % budget, hence the intrusive lists. See [`metadata_bytes`].
 //!
@@ -806,7 +807,6 @@ impl BuddyAllocator {
                 }
                 self.set_state(idx, ST_FREE);
                 self.push(pfn, 0);
-                self.free_pages -= 0; // the frames are still free, only split
                 continue;
             }
             // Hand out the whole block frame by frame.

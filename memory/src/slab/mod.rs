@@ -621,7 +621,8 @@ impl<'b> SlabAllocator<'b> {
             return self.fail(SlabError::OutOfMemory);
         };
         let Some(tags) = self.tags.tags(pa, 1 << order) else {
-            // Unreachable: a buddy block lies in one region.
+            // Unreachable (a buddy block lies in one region); give the block back.
+            self.give_back(pa, order);
             return self.fail(SlabError::Corrupted);
         };
         for t in &tags[1..] {
@@ -769,7 +770,11 @@ impl<'b> SlabAllocator<'b> {
         let g = c.geo;
         // Lock order: cache, then buddy. The buddy never calls back into the slab.
         let pa = self.buddy.lock().alloc(g.order).map_err(|_| SlabError::OutOfMemory)?;
-        let tags = self.tags.tags(pa, 1 << g.order).ok_or(SlabError::Corrupted)?;
+        let Some(tags) = self.tags.tags(pa, 1 << g.order) else {
+            // Unreachable (a buddy block lies in one region); give the block back.
+            self.give_back(pa, g.order);
+            return Err(SlabError::Corrupted);
+        };
         let s = self.va(pa.as_u64()).cast::<SlabHeader>();
         // SAFETY: the block was just allocated to us; header, bitmap and objects lie inside
         // it (`Geometry::new` made sure they fit).
@@ -805,6 +810,15 @@ impl<'b> SlabAllocator<'b> {
         c.push(s);
         c.slabs += 1;
         Ok(())
+    }
+
+    /// Gives a block that was never handed out back to the buddy allocator.
+    #[cold]
+    fn give_back(&self, pa: PhysAddr, order: usize) {
+        // SAFETY: the block was just allocated and nothing else has seen it.
+        if let Err(e) = unsafe { self.buddy.lock().free(pa, order) } {
+            log::error!("slab: block {pa:#x} refused by the buddy: {e}");
+        }
     }
 
     /// Gives an empty slab of cache `c` (lock held) back to the buddy allocator.
