@@ -19,8 +19,10 @@
 //!  image end              ├──────────────────────────────┤ Normal WB, RW, XN
 //!  RAM end                └──────────────────────────────┘
 //!
-//!  TTBR1 (upper half): the vmalloc / ioremap window, filled by `memory`
-//!  VMALLOC_START 0xffff_0000_0000_0000 … VMALLOC_END 0xffff_ffff_fe00_0000
+//!  TTBR1 (upper half)
+//!  0xffff_0000_0000_0000  VMALLOC_START: the vmalloc / ioremap window (128 TiB), filled by `memory`
+//!  0xffff_8000_0000_0000  VMALLOC_END = SCRATCH_START: windows for test and bench instances
+//!  0xffff_ffff_fe00_0000  SCRATCH_END (the top 32 MiB stay unused)
 //! ```
 //!
 //! The image runs from its place in the linear map (identity), so the only mapping of its
@@ -35,9 +37,15 @@ use spin::{Mutex, Once};
 
 /// First address of the vmalloc / ioremap window (upper half, `TTBR1_EL1`).
 pub const VMALLOC_START: u64 = 0xffff_0000_0000_0000;
-/// First address past the vmalloc / ioremap window. The top 32 MiB of the address space
-/// stay unused so that no range end computation can reach 2^64.
-pub const VMALLOC_END: u64 = 0xffff_ffff_fe00_0000;
+/// First address past the vmalloc / ioremap window (128 TiB, 2^47 bytes, about Linux's
+/// arm64 vmalloc size: like Linux, an allocation aligned to 2^47 cannot fit).
+pub const VMALLOC_END: u64 = 0xffff_8000_0000_0000;
+/// Start of the scratch window: private vmalloc instances of tests and benches live here,
+/// in the same TTBR1 tree, never overlapping the global window.
+pub const SCRATCH_START: u64 = VMALLOC_END;
+/// End of the scratch window. The top 32 MiB of the address space stay unused so that no
+/// range end computation can reach 2^64.
+pub const SCRATCH_END: u64 = 0xffff_ffff_fe00_0000;
 
 /// The kernel's translation tables.
 #[derive(Debug)]

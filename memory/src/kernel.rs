@@ -51,6 +51,16 @@ fn map_err(e: hal::mmu::MmuError) -> MapError {
 }
 
 impl KernelBackend {
+    /// A backend over the kernel's tables, for a private [`Vmalloc`] instance in the scratch
+    /// window (`hal::kmap::SCRATCH_START..SCRATCH_END`), as tests and benches use.
+    ///
+    /// # Errors
+    /// [`InitError::NoKernelSpace`] before boot turned the MMU on.
+    pub fn new(info: &BootInfo) -> Result<Self, InitError> {
+        let linear = hal::kmap::linear_map().ok_or(InitError::NoKernelSpace)?;
+        Ok(Self { linear, ram: info.platform.ram })
+    }
+
     fn frame_ptr(&self, pa: PhysAddr) -> *mut u8 {
         self.linear.ptr(pa)
     }

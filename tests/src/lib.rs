@@ -19,6 +19,8 @@
 //! a PSCI power-off (no semihosting) always exits 0.
 #![no_std]
 
+extern crate alloc;
+
 use core::fmt::Write;
 use hal::exception::{catch, Caught};
 use hal::println;
@@ -144,12 +146,27 @@ pub fn run(tests: &[Test]) -> ! {
     hal::exit::exit(if s.failed == 0 { hal::exit::EXIT_SUCCESS } else { hal::exit::EXIT_FAILURE })
 }
 
-/// Declares a test binary's entry: `tests::main!(test!(a), test!(b, fault), ...)`.
+/// Every test image's heap: the slab allocator, as in the firmware.
+#[global_allocator]
+static HEAP: memory::slab::KernelAllocator = memory::slab::KernelAllocator;
+
+/// Brings up the memory system as the firmware does (boot parameters included).
+pub fn init_memory(info: &'static hal::boot::BootInfo) {
+    let config = memory::kernel::MemoryConfig::from_cmdline(&info.cmdline());
+    // SAFETY: called once per boot, by `main!`, after hal turned the MMU on.
+    if let Err(e) = unsafe { memory::kernel::init(info, config) } {
+        panic!("memory init: {e}");
+    }
+}
+
+/// Declares a test binary's entry: `tests::main!(test!(a), test!(b, fault), ...)`. The
+/// memory system is up before the first test runs.
 #[macro_export]
 macro_rules! main {
     ($($t:expr),* $(,)?) => {
         hal::entry!(__test_main);
-        fn __test_main(_info: &'static hal::boot::BootInfo) -> ! {
+        fn __test_main(info: &'static hal::boot::BootInfo) -> ! {
+            $crate::init_memory(info);
             $crate::run(&[$($t),*])
         }
     };
