@@ -6,6 +6,7 @@
 
 extern crate alloc;
 
+mod bench;
 mod report;
 
 use hal::boot::BootInfo;
@@ -43,6 +44,10 @@ fn main(info: &'static BootInfo) -> ! {
         hal::kmap::VMALLOC_START,
         hal::kmap::VMALLOC_END
     );
+    if bench::requested(info) {
+        let ok = bench::run(info);
+        hal::exit::exit(if ok { hal::exit::EXIT_SUCCESS } else { hal::exit::EXIT_FAILURE });
+    }
     report::run(info);
     log::info!(
         "boot report complete in {} ms",

@@ -416,6 +416,13 @@ pub fn is_vmalloc_addr(addr: VirtAddr) -> bool {
     (VMALLOC_START..VMALLOC_END).contains(&addr.as_u64())
 }
 
+/// Translation-table pages of the upper half (vmalloc, ioremap and scratch windows). They
+/// are kept once created, so after a purge the buddy's free count is back at its baseline
+/// less the growth of this number.
+pub fn vmalloc_table_pages() -> usize {
+    hal::kmap::kernel_space().map_or(0, |k| k.lock().upper.table_pages())
+}
+
 /// vmalloc's counters.
 pub fn vmalloc_stats() -> Option<VmallocStats> {
     vm().ok().map(|v| v.stats())
