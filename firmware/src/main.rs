@@ -8,6 +8,7 @@ extern crate alloc;
 
 mod bench;
 mod report;
+mod shell;
 
 use hal::boot::BootInfo;
 use memory::kernel::{self, MemoryConfig};
@@ -49,6 +50,9 @@ fn main(info: &'static BootInfo) -> ! {
         hal::exit::exit(if ok { hal::exit::EXIT_SUCCESS } else { hal::exit::EXIT_FAILURE });
     }
     report::run(info);
+    if info.cmdline().get_bool("shell").unwrap_or(None).unwrap_or(false) {
+        shell::run();
+    }
     log::info!(
         "boot report complete in {} ms",
         hal::cpu::ticks_to_ns(hal::cpu::counter() - info.start_ticks) / 1_000_000
