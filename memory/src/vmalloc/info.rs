@@ -155,11 +155,11 @@ impl<B: VmBackend> fmt::Display for VmallocInfo<'_, B> {
 }
 
 impl<B: VmBackend> Vmalloc<B> {
-    /// `/proc/vmallocinfo`, as Linux's `s_show` prints it, in address order: for each live
-    /// area `0xSTART-0xEND SIZE CALLER [pages=N] [phys=0x…] vmalloc|vmap|ioremap`, SIZE with
-    /// the guard page (`pages=` is omitted for ioremap, `phys=` printed only for it); for
-    /// each parked range `0xSTART-0xEND SIZE unpurged vm_area`. O(n): not for exception
-    /// context.
+    /// `/proc/vmallocinfo`, as Linux's `s_show` prints it: for each live area in address
+    /// order `0xSTART-0xEND SIZE CALLER [pages=N] [phys=0x…] vmalloc|vmap|ioremap`, SIZE with
+    /// the guard page (`pages=` is omitted for ioremap, `phys=` printed only for it); then,
+    /// as Linux's `show_purge_info`, each parked range as `0xSTART-0xEND SIZE unpurged
+    /// vm_area` (most recently freed first). O(n): not for exception context.
     ///
     /// # Errors
     /// Whatever `out` returns.
@@ -167,21 +167,21 @@ impl<B: VmBackend> Vmalloc<B> {
         let mut cur = self.busy.first();
         while let Some(n) = cur {
             let nd = n.get();
-            write!(out, "0x{:016x}-0x{:016x} {:>7}", nd.start.get(), nd.end.get(), nd.size())?;
-            if nd.state.get() == State::Parked {
-                out.write_str(" unpurged vm_area\n")?;
-            } else {
-                write!(out, " {}", nd.caller.get())?;
-                let kind = nd.kind.get();
-                if kind != AreaKind::Ioremap && nd.pages.get() > 0 {
-                    write!(out, " pages={}", nd.pages.get())?;
-                }
-                if kind == AreaKind::Ioremap && nd.phys.get() != 0 {
-                    write!(out, " phys=0x{:016x}", nd.phys.get())?;
-                }
-                writeln!(out, " {kind}")?;
+            write!(out, "0x{:016x}-0x{:016x} {:>7} {}", nd.start.get(), nd.end.get(), nd.size(), nd.caller.get())?;
+            let kind = nd.kind.get();
+            if kind != AreaKind::Ioremap && nd.pages.get() > 0 {
+                write!(out, " pages={}", nd.pages.get())?;
             }
+            if kind == AreaKind::Ioremap && nd.phys.get() != 0 {
+                write!(out, " phys=0x{:016x}", nd.phys.get())?;
+            }
+            writeln!(out, " {kind}")?;
             cur = Tree::<false>::next(n);
+        }
+        // Like Linux's show_purge_info: the lazily freed ranges after the busy ones.
+        for n in self.parked_iter() {
+            let nd = n.get();
+            writeln!(out, "0x{:016x}-0x{:016x} {:>7} unpurged vm_area", nd.start.get(), nd.end.get(), nd.size())?;
         }
         Ok(())
     }
@@ -206,7 +206,12 @@ impl<B: VmBackend> Vmalloc<B> {
         if !self.is_vmalloc_addr(addr) {
             return FaultClass::NotVmalloc;
         }
-        if let Some(n) = self.busy.find_containing(a) {
+        // Live areas first, then parked ranges (a short list: a fault is a slow path anyway).
+        let found = self
+            .busy
+            .find_containing(a)
+            .or_else(|| self.parked_iter().find(|n| (n.get().start.get()..n.get().end.get()).contains(&a)));
+        if let Some(n) = found {
             let nd = n.get();
             let ptr = nd.start.get() + u64::from(nd.offset.get());
             let data_end = ptr + nd.bytes.get() as u64;

@@ -76,6 +76,7 @@ pub use info::{FaultClass, VmallocInfo};
 pub use locked::LockedVmalloc;
 pub use node::Spares;
 
+use alloc::vec::Vec;
 use info::{History, PurgeHistogram};
 use node::{Link, NodePtr, State};
 use tree::Tree;
@@ -802,20 +803,16 @@ impl<B: VmBackend> Vmalloc<B> {
     /// The live area whose pointer is `ptr`, or why there is none.
     fn lookup_live(&self, ptr: VirtAddr) -> Result<NodePtr, VmallocError> {
         let p = ptr.as_u64();
-        match self.busy.find_containing(p) {
-            Some(n) => {
-                let nd = n.get();
-                if nd.start.get() + u64::from(nd.offset.get()) != p {
-                    return Err(VmallocError::NotAnArea);
-                }
-                match nd.state.get() {
-                    State::Busy => Ok(n),
-                    State::Parked => Err(VmallocError::DoubleFree),
-                    _ => Err(VmallocError::NotAnArea),
-                }
-            }
-            None if self.history.freed_pointer(p) => Err(VmallocError::DoubleFree),
-            None => Err(VmallocError::NotAnArea),
+        if let Some(n) = self.busy.find_containing(p) {
+            let nd = n.get();
+            return if nd.start.get() + u64::from(nd.offset.get()) == p { Ok(n) } else { Err(VmallocError::NotAnArea) };
+        }
+        // Error path only: parked ranges (a list, at most lazy_max_pages / 2 long) and history.
+        let parked = self.parked_iter().any(|n| n.get().start.get() + u64::from(n.get().offset.get()) == p);
+        if parked || self.history.freed_pointer(p) {
+            Err(VmallocError::DoubleFree)
+        } else {
+            Err(VmallocError::NotAnArea)
         }
     }
 
@@ -876,9 +873,9 @@ impl<B: VmBackend> Vmalloc<B> {
         self.c.mapped_pages -= pages;
         nd.freer.set(Some(freer));
         self.history.push(node);
+        self.busy.remove(node);
         if self.config.strict {
             self.flush_now(start, pages);
-            self.busy.remove(node);
             self.free.give_back(node);
             self.trim_spares();
         } else {
@@ -935,7 +932,6 @@ impl<B: VmBackend> Vmalloc<B> {
             let nd = n.get();
             cur = nd.next.get();
             nd.next.set(None);
-            self.busy.remove(n);
             match acc {
                 None => acc = Some(n),
                 Some(a) => {
@@ -1078,8 +1074,12 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// The live area containing `addr` (guard page included).
     pub fn find_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
-        let n = self.busy.find_containing(addr.as_u64())?;
-        (n.get().state.get() == State::Busy).then(|| Self::area_info(n))
+        self.busy.find_containing(addr.as_u64()).map(Self::area_info)
+    }
+
+    /// The parked records, most recently freed first.
+    fn parked_iter(&self) -> impl Iterator<Item = NodePtr> + '_ {
+        core::iter::successors(self.parked_head, |n| n.get().next.get())
     }
 
     fn area_info(n: NodePtr) -> AreaInfo {
@@ -1103,9 +1103,7 @@ impl<B: VmBackend> Vmalloc<B> {
     pub fn for_each_area(&self, mut f: impl FnMut(&AreaInfo)) {
         let mut cur = self.busy.first();
         while let Some(n) = cur {
-            if n.get().state.get() == State::Busy {
-                f(&Self::area_info(n));
-            }
+            f(&Self::area_info(n));
             cur = Tree::<false>::next(n);
         }
     }
@@ -1162,38 +1160,45 @@ impl<B: VmBackend> Vmalloc<B> {
     pub fn check(&self) -> Result<(), &'static str> {
         self.free.check()?;
         self.busy.check()?;
-        // Merge-walk both trees in address order: they must tile the window.
-        let mut f = self.free.tree.first();
-        let mut b = self.busy.first();
+        // Free holes, live areas and parked ranges must tile the window.
+        let mut all: Vec<NodePtr> = Vec::with_capacity(self.free.tree.len + self.busy.len);
+        let mut cur = self.free.tree.first();
+        while let Some(n) = cur {
+            all.push(n);
+            cur = Tree::<true>::next(n);
+        }
+        let mut cur = self.busy.first();
+        while let Some(n) = cur {
+            if n.get().state.get() != State::Busy {
+                return Err("non-live record in the busy tree");
+            }
+            all.push(n);
+            cur = Tree::<false>::next(n);
+        }
+        let mut parked = 0usize;
+        for n in self.parked_iter() {
+            if n.get().state.get() != State::Parked {
+                return Err("non-parked record on the parked list");
+            }
+            parked += 1;
+            all.push(n);
+        }
+        all.sort_unstable_by_key(|n| n.get().start.get());
         let mut at = self.start;
-        let (mut live, mut parked, mut parked_pages, mut mapped) = (0usize, 0usize, 0usize, 0usize);
-        loop {
-            let fs = f.map(|n| n.get().start.get());
-            let bs = b.map(|n| n.get().start.get());
-            let n = match (fs, bs) {
-                (None, None) => break,
-                (Some(x), Some(y)) if x < y => f.take(),
-                (Some(_), None) => f.take(),
-                _ => b.take(),
-            };
-            let Some(n) = n else { break };
+        let (mut live, mut parked_pages, mut mapped) = (0usize, 0usize, 0usize);
+        for n in &all {
             let nd = n.get();
             if nd.start.get() != at {
-                return Err("free and busy ranges do not tile the window");
+                return Err("free, live and parked ranges do not tile the window");
             }
             at = nd.end.get();
             match nd.state.get() {
-                State::Free => f = Tree::<true>::next(n),
+                State::Free => {}
                 State::Busy => {
                     live += 1;
                     mapped += nd.pages.get();
-                    b = Tree::<false>::next(n);
                 }
-                State::Parked => {
-                    parked += 1;
-                    parked_pages += (nd.size() / PAGE) as usize;
-                    b = Tree::<false>::next(n);
-                }
+                State::Parked => parked_pages += (nd.size() / PAGE) as usize,
                 State::Spare => return Err("spare record in a tree"),
             }
             if nd.state.get() != State::Free {
@@ -1204,27 +1209,15 @@ impl<B: VmBackend> Vmalloc<B> {
             }
         }
         if at != self.end {
-            return Err("free and busy ranges do not reach the end of the window");
+            return Err("free, live and parked ranges do not reach the end of the window");
         }
         if live != self.c.live_areas || mapped != self.c.mapped_pages {
             return Err("live area counters disagree with the busy tree");
         }
         if parked != self.c.parked_areas || parked_pages != self.c.parked_pages {
-            return Err("parked counters disagree with the busy tree");
+            return Err("parked counters disagree with the parked list");
         }
-        let mut listed = 0usize;
-        let mut cur = self.parked_head;
-        while let Some(n) = cur {
-            if n.get().state.get() != State::Parked {
-                return Err("non-parked record on the parked list");
-            }
-            listed += 1;
-            cur = n.get().next.get();
-        }
-        if listed != parked {
-            return Err("parked list length disagrees with the busy tree");
-        }
-        if self.free.tree.len + self.busy.len + self.free.pool.len() != self.free.records() {
+        if self.free.tree.len + self.busy.len + parked + self.free.pool.len() != self.free.records() {
             return Err("area records leaked or double counted");
         }
         Ok(())
@@ -1236,7 +1229,11 @@ impl<B: VmBackend> Drop for Vmalloc<B> {
     fn drop(&mut self) {
         let pool = &mut self.free.pool;
         self.busy.drain(|n| pool.free_one(n));
-        self.parked_head = None;
+        let mut cur = self.parked_head.take();
+        while let Some(n) = cur {
+            cur = n.get().next.get();
+            pool.free_one(n);
+        }
     }
 }
 

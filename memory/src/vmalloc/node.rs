@@ -42,8 +42,9 @@ pub(crate) enum State {
     Parked,
 }
 
-/// One range record. Tree links first: the search and rebalance loops touch only the first
-/// 64 bytes.
+/// One range record. Tree links and keys first, the record cache-line aligned: the search
+/// and rebalance loops touch only its first 64-byte line.
+#[repr(C, align(64))]
 pub(crate) struct Node {
     pub left: Cell<Link>,
     pub right: Cell<Link>,

@@ -160,10 +160,23 @@ impl<const AUG: bool> Tree<AUG> {
         }
     }
 
-    /// After `n`'s own size changed (its key order unchanged): recompute `max` upward.
+    /// After `n`'s own size changed (its key order unchanged): recompute `max` upward,
+    /// stopping at the first ancestor whose `max` comes out unchanged. Heights are untouched.
     #[inline]
     pub fn size_changed(&mut self, n: NodePtr) {
-        self.retrace(Some(n), None);
+        if !AUG {
+            return;
+        }
+        let mut cur = Some(n);
+        while let Some(c) = cur {
+            let cn = c.get();
+            let m = cn.size().max(sub_max(cn.left.get())).max(sub_max(cn.right.get()));
+            if m == cn.max.get() && c != n {
+                return;
+            }
+            cn.max.set(m);
+            cur = cn.parent.get();
+        }
     }
 
     /// Insert a record whose range overlaps none in the tree.
