@@ -1,10 +1,14 @@
 //! The instructions behind the MMU layer: barriers, TLB invalidation, and turning the MMU on.
 //!
-//! Only the `asm!` lines are conditional (`target_arch = "aarch64"`): on the host the same
-//! functions run their logic and skip the instruction (a compiler fence stands in for a
-//! barrier), so everything that calls them is tested there.
+//! Only the `asm!` lines are conditional (`target_arch = "aarch64"` *and* `target_os = "none"`,
+//! so a host test on an AArch64 Linux machine does not execute EL1 instructions at EL0): on
+//! the host the same functions run their logic and skip the instruction (a compiler fence
+//! stands in for a barrier), so everything that calls them is tested there.
+//!
+//! No `asm!` here is marked `nomem`, so the compiler also treats each as a full compiler
+//! barrier: no descriptor store is moved across a barrier or a TLBI.
 
-#[cfg(target_arch = "aarch64")]
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 use core::arch::asm;
 use core::sync::atomic::{compiler_fence, Ordering};
 
@@ -18,7 +22,7 @@ use super::MmuError;
 /// descriptor that points at it: `dmb ishst`.
 pub(crate) fn publish_new_table() {
     compiler_fence(Ordering::SeqCst);
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     // SAFETY: a barrier; it touches no memory the compiler tracks.
     unsafe {
         asm!("dmb ishst", options(nostack, preserves_flags))
@@ -28,62 +32,83 @@ pub(crate) fn publish_new_table() {
 /// Make descriptor writes visible to table walks, and this core's later instructions see
 /// them: `dsb ishst; isb`. Without it a new mapping may fault (spuriously) when first used.
 pub(crate) fn publish_descriptors() {
+    dsb_ishst();
+    isb();
+}
+
+/// `dsb ishst`: every earlier store (descriptor writes) is complete for the inner shareable
+/// domain before any later instruction — in particular a TLBI — is executed.
+pub(crate) fn dsb_ishst() {
     compiler_fence(Ordering::SeqCst);
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: barriers only.
-    unsafe {
-        asm!("dsb ishst", "isb", options(nostack, preserves_flags))
-    };
-}
-
-/// `tlbi vaae1is` for the page holding `va`: every level's entry for that address, all
-/// ASIDs, every core in the inner shareable domain. Does not wait for completion.
-pub(crate) fn tlbi_page(va: u64) {
-    let operand = tlbi_operand(va);
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: TLB maintenance removes cached translations only; the next access walks the
-    // tables again.
-    unsafe {
-        asm!("tlbi vaae1is, {0}", in(reg) operand, options(nostack, preserves_flags))
-    };
-    #[cfg(not(target_arch = "aarch64"))]
-    let _ = operand;
-}
-
-/// The register operand of a TLBI by VA: VA[55:12] in bits 43:0 (ASID field zero).
-const fn tlbi_operand(va: u64) -> u64 {
-    (va >> 12) & ((1 << 44) - 1)
-}
-
-/// `tlbi vmalle1is`: every EL1&0 entry on every core of the inner shareable domain.
-/// Does not wait for completion.
-pub(crate) fn tlbi_all() {
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: as in `tlbi_page`.
-    unsafe {
-        asm!("tlbi vmalle1is", options(nostack, preserves_flags))
-    };
-}
-
-/// Order table writes before the invalidations that follow: `dsb ishst`.
-pub(crate) fn before_tlbi() {
-    compiler_fence(Ordering::SeqCst);
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: a barrier.
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: a barrier; it changes no state the program relies on.
     unsafe {
         asm!("dsb ishst", options(nostack, preserves_flags))
     };
 }
 
-/// Wait for every invalidation issued so far to complete on all cores, then resynchronise
-/// this core: `dsb ish; isb`.
-pub(crate) fn after_tlbi() {
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: barriers only.
+/// `dsb ish`: wait until every earlier TLBI has completed on every core of the inner
+/// shareable domain (and every earlier memory access is complete).
+pub(crate) fn dsb_ish() {
+    compiler_fence(Ordering::SeqCst);
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: a barrier.
     unsafe {
-        asm!("dsb ish", "isb", options(nostack, preserves_flags))
+        asm!("dsb ish", options(nostack, preserves_flags))
+    };
+}
+
+/// `isb`: later instructions on this core are fetched and translated afresh.
+pub(crate) fn isb() {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: a context synchronisation; no memory effect.
+    unsafe {
+        asm!("isb", options(nostack, preserves_flags))
     };
     compiler_fence(Ordering::SeqCst);
+}
+
+/// `tlbi vaale1is`: the *last-level* (leaf) entry translating `va`, any ASID, every core of
+/// the inner shareable domain. Walk caches are untouched. Does not wait for completion.
+pub(crate) fn tlbi_vaale1is(va: u64) {
+    let operand = tlbi_operand(va);
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: TLB maintenance removes cached translations only; the next access walks the
+    // tables again.
+    unsafe {
+        asm!("tlbi vaale1is, {0}", in(reg) operand, options(nostack, preserves_flags))
+    };
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    let _ = operand;
+}
+
+/// `tlbi vaae1is`: every level's entry used to translate `va` — the leaf and the table
+/// entries cached in walk caches — any ASID, every core of the inner shareable domain.
+/// Does not wait for completion.
+pub(crate) fn tlbi_vaae1is(va: u64) {
+    let operand = tlbi_operand(va);
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: as in `tlbi_vaale1is`.
+    unsafe {
+        asm!("tlbi vaae1is, {0}", in(reg) operand, options(nostack, preserves_flags))
+    };
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    let _ = operand;
+}
+
+/// The register operand of a TLBI by VA: VA[55:12] in bits 43:0 (ASID and TTL fields zero).
+const fn tlbi_operand(va: u64) -> u64 {
+    (va >> 12) & ((1 << 44) - 1)
+}
+
+/// `tlbi vmalle1is`: every EL1&0 entry, walk caches included, on every core of the inner
+/// shareable domain. Does not wait for completion.
+pub(crate) fn tlbi_vmalle1is() {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: as in `tlbi_vaale1is`.
+    unsafe {
+        asm!("tlbi vmalle1is", options(nostack, preserves_flags))
+    };
 }
 
 /// `ID_AA64MMFR0_EL1.TGran4` value meaning "4 KiB granule not implemented".
@@ -131,7 +156,7 @@ pub fn sctlr_el1_enable_bits() -> u64 {
 }
 
 fn read_id_aa64mmfr0() -> u64 {
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     let value: u64 = {
         let v;
         // SAFETY: reading an ID register has no side effect.
@@ -139,7 +164,7 @@ fn read_id_aa64mmfr0() -> u64 {
         v
     };
     // Off target, a Cortex-A72: 4 KiB granule, 44-bit physical addresses.
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
     let value: u64 = 0b0100;
     value
 }
@@ -172,7 +197,7 @@ pub unsafe fn enable(lower: &PageTable, upper: Option<&PageTable>) -> Result<(),
     let ttbr0 = lower.root().as_u64();
     let ttbr1 = upper.map_or(0, |u| u.root().as_u64());
     let sctlr_bits = sctlr_el1_enable_bits();
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     // SAFETY: the caller promises EL1 and trees that map everything the program uses with
     // fitting attributes, so the instruction after `msr sctlr_el1` and every later access
     // translate to what they did before. The `isb`s make the register writes take effect in
@@ -201,7 +226,7 @@ pub unsafe fn enable(lower: &PageTable, upper: Option<&PageTable>) -> Result<(),
             options(nostack),
         )
     };
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
     let _ = (tcr, mair, ttbr0, ttbr1, sctlr_bits);
     Ok(())
 }

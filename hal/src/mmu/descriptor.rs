@@ -189,8 +189,10 @@ impl Descriptor {
             (STAGE1::AP::Value::RO_EL1, true) => Permissions::ReadExecute,
             _ => return None,
         };
-        // Anything else we never set: EL0-executable, not accessed, non-global, not inner shareable.
+        // Anything else we never set: EL0-executable, not accessed, non-global, not inner
+        // shareable, the contiguous hint (a split would have to rewrite 15 neighbours too).
         if !raw.is_set(STAGE1::UXN)
+            || raw.is_set(STAGE1::CONTIGUOUS)
             || !raw.is_set(STAGE1::AF)
             || raw.is_set(STAGE1::NG)
             || !raw.matches_all(STAGE1::SH::InnerShareable)
@@ -274,5 +276,7 @@ mod tests {
         // An unprogrammed MAIR slot.
         let slot7 = Descriptor::from_raw(page.raw() | (7 << 2));
         assert!(matches!(slot7.decode(3), Entry::Leaf { attributes: None, .. }));
+        let contiguous = Descriptor::from_raw(block.raw() | (1 << 52));
+        assert!(matches!(contiguous.decode(2), Entry::Leaf { attributes: None, .. }));
     }
 }

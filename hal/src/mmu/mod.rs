@@ -10,18 +10,22 @@
 //! - [`descriptor`]: the 64-bit entry format (tock-registers bitfields), encode and decode only.
 //! - [`table`]: [`PageTable`], the walker. Map, unmap, protect and translate over table pages
 //!   from a [`TableAlloc`], reached through the [`LinearMap`](crate::linear::LinearMap); every
-//!   mutation is all-or-nothing; no descriptor is changed in a way that would need
-//!   break-before-make.
-//! - [`tlb`]: the [`Tlb`] interface, the hardware version and a counting one, and [`flush`],
-//!   which batches.
+//!   mutation is all-or-nothing. A block that `unmap`/`protect` cut through is split by
+//!   break-before-make; `unmap_and_reclaim` frees emptied tables after a walk-cache
+//!   invalidation; `map_frames`/`unmap_with` are vmalloc's TLB-free fast paths.
+//! - [`tlb`]: the [`Tlb`] interface (one instruction at a time, batches with their barriers
+//!   built on it), the hardware version, a recording one that logs every operation in
+//!   order, [`TlbBatch`] and [`flush`], which batch.
 //! - [`arch`]: the instructions (barriers, `tlbi`, `msr`), conditional on the target so the
 //!   rest runs in host tests; [`arch::enable`] turns the MMU on.
 //!
 //! ## Who does what
 //! ```text
-//!   memory::vmalloc ──map_frames/unmap──▶ PageTable ──alloc_table──▶ TableAlloc (buddy)
-//!          │                                  │ descriptors via LinearMap
-//!          └──────────── flush ─────────────▶ Tlb (HardwareTlb | RecordingTlb)
+//!   memory::vmalloc ──map_frames/unmap_with──▶ PageTable ──alloc_table──▶ TableAlloc (buddy)
+//!          │                                   │ descriptors via LinearMap
+//!          └──────────── flush ──────────────▶ Tlb (HardwareTlb | RecordingTlb)
+//!   kernel code ──unmap/protect/unmap_and_reclaim(.., tlb, alloc)──▶ PageTable ──▶ Tlb
+//!                 (splits blocks by break-before-make, invalidates before returning)
 //!   firmware boot ──map(.., AllowBlocks)──▶ PageTable ──▶ arch::enable(lower, upper)
 //! ```
 //!
@@ -53,7 +57,9 @@ mod tests;
 
 pub use attr::{mair_el1, Attributes, MemoryType, Permissions};
 pub use table::{BlockPolicy, PageTable, TableAlloc, Translation, VaRange};
-pub use tlb::{flush, FlushKind, HardwareTlb, RecordingTlb, Tlb, TlbCounts};
+pub use tlb::{
+    flush, EntryWrite, FlushKind, HardwareTlb, Levels, RecordingTlb, Tlb, TlbBatch, TlbCounts, TlbEvent, TlbLog, TlbOp,
+};
 
 /// Why a translation-table operation was refused. Every refusal leaves the tables as they
 /// were and holds on to no memory.
@@ -70,8 +76,14 @@ pub enum MmuError {
     AlreadyMapped(VirtAddr),
     /// `protect` met an unmapped page.
     NotMapped(VirtAddr),
-    /// The range cuts through a block mapping, which would have to be split.
+    /// The range cuts through a block mapping, which would have to be split: only from
+    /// [`PageTable::unmap_with`], the TLB-free path (the other edits split blocks).
     WouldSplitBlock(VirtAddr),
+    /// Splitting the block at this address would unmap, for the break-before-make window,
+    /// the table page the walker writes to end that window (it lies inside the block in the
+    /// linear map, and this tree translates the linear map): the walker would fault on its
+    /// own write. Split through another mapping, or map that region with pages first.
+    SplitWouldUnmapTable(VirtAddr),
     /// A mapped leaf carries bits this module never writes, so it will not rewrite it.
     ForeignDescriptor(VirtAddr),
     /// Device memory cannot be made executable.
@@ -103,6 +115,9 @@ impl fmt::Display for MmuError {
             MmuError::AlreadyMapped(va) => write!(f, "{va} is already mapped"),
             MmuError::NotMapped(va) => write!(f, "{va} is not mapped"),
             MmuError::WouldSplitBlock(va) => write!(f, "range cuts through the block at {va}"),
+            MmuError::SplitWouldUnmapTable(va) => {
+                write!(f, "splitting the block at {va} would unmap the table that holds its entry")
+            }
             MmuError::ForeignDescriptor(va) => {
                 write!(f, "descriptor for {va} has bits this walker does not write")
             }

@@ -23,19 +23,28 @@
 //! one-page map + unmap from about 1.1 µs to 0.3 µs.
 //!
 //! ## Live tables
-//! The walker never changes a valid leaf into another valid leaf (that would need
-//! break-before-make): mapping over anything already mapped is
-//! [`MmuError::AlreadyMapped`], and a range that cuts through a block is
-//! [`MmuError::WouldSplitBlock`]. Table pages, once installed, stay until [`PageTable::free_all`]:
-//! a walk cache may still hold a pointer to them. New descriptors are published with the
-//! barriers the architecture asks for before `map` returns; invalidating stale TLB entries
-//! after `unmap` or `protect` is the caller's job ([`super::tlb`]), so that it can be batched.
+//! Which changes to a live entry need break-before-make, and what the walker does:
+//!
+//! | change                                   | rule                    | walker                          |
+//! |------------------------------------------|-------------------------|---------------------------------|
+//! | invalid → leaf or table (`map`)          | none; publish (`dsb`)   | `map`, `map_frames`             |
+//! | leaf → another leaf (new address/type)   | break-before-make       | refused: [`MmuError::AlreadyMapped`] |
+//! | leaf → same leaf, other permissions      | none; TLBI after        | `protect`                       |
+//! | block → table (split)                    | break-before-make       | `unmap`, `protect`              |
+//! | leaf → invalid                           | TLBI after              | `unmap` (flushes), `unmap_with` (caller flushes) |
+//! | table → invalid, page freed              | walk-cache TLBI, then free | `unmap_and_reclaim`          |
+//!
+//! Tables are otherwise kept until [`PageTable::free_all`]: a walk cache may still hold a
+//! pointer to them, and vmalloc, which unmaps lazily, reuses them. The TLB maintenance of
+//! `unmap`, `unmap_and_reclaim` and `protect` goes through the [`Tlb`] they are given, so
+//! a [`RecordingTlb`](super::RecordingTlb) sees the whole sequence, barriers included.
 
 use core::ptr;
 
 use super::arch;
 use super::attr::{Attributes, Permissions};
 use super::descriptor::{Descriptor, Entry, PA_LIMIT};
+use super::tlb::{EntryWrite, Tlb, TlbBatch, TlbOp};
 use super::MmuError;
 use crate::addr::{AddrError, PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
 use crate::linear::LinearMap;
@@ -196,6 +205,81 @@ impl Source<'_> {
     }
 }
 
+/// What an edit of existing mappings does to each leaf.
+#[derive(Clone, Copy)]
+enum Edit {
+    /// Clear it; with `reclaim`, also free the tables left empty.
+    Unmap { reclaim: bool },
+    /// Give it these permissions.
+    Protect(Permissions),
+}
+
+/// The pass of an edit ([`PageTable::unmap`], [`PageTable::protect`]). One lives on the
+/// stack per call (no allocator to box it in), so the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum EditPass<'t, T: Tlb + ?Sized> {
+    /// Read only: validate and count the tables splits will take.
+    Plan { tables: usize },
+    /// Write.
+    Apply(EditApply<'t, T>),
+}
+
+/// State of an edit's apply pass.
+struct EditApply<'t, T: Tlb + ?Sized> {
+    tlb: &'t T,
+    /// Tables for splits, taken before the pass.
+    reserve: Reserve,
+    /// What to invalidate once every write is done.
+    batch: TlbBatch,
+    /// Emptied tables, to be freed after `batch` has completed.
+    freed: Reserve,
+    /// 4 KiB pages unmapped.
+    pages: u64,
+}
+
+/// A live block entry about to be split.
+struct Block {
+    /// The table holding the entry, and its index there.
+    table: PhysAddr,
+    index: usize,
+    level: usize,
+    /// First virtual address it maps, its output address, its attributes.
+    base: u64,
+    phys: PhysAddr,
+    attributes: Attributes,
+}
+
+/// The part of `span` inside the entry mapping `va .. va + size` (`va` aligned), when the
+/// span covers some but not all of it: the entry has to be split.
+fn cut(span: Span, va: u64, size: u64) -> Option<Span> {
+    let last = va + (size - 1);
+    let first = span.first.max(va);
+    let end = span.last.min(last);
+    if first > end || (first == va && end == last) {
+        None
+    } else {
+        Some(Span { first, last: end })
+    }
+}
+
+/// Tables a split of a block at `level` takes when `span` (inside the block, not covering
+/// it) is edited: one, plus the subtables for the (at most two) children it cuts through.
+fn split_tables(level: usize, span: Span) -> usize {
+    let child = level + 1;
+    if child == PAGE_LEVEL {
+        return 1;
+    }
+    let size = level_size(child);
+    let (first, last) = (span.first & !(size - 1), span.last & !(size - 1));
+    let ends = if first == last { [Some(first), None] } else { [Some(first), Some(last)] };
+    1 + ends
+        .into_iter()
+        .flatten()
+        .filter_map(|va| cut(span, va, size))
+        .map(|part| split_tables(child, part))
+        .sum::<usize>()
+}
+
 /// An inclusive span of virtual addresses, page aligned at both ends (`last` ends a page).
 #[derive(Clone, Copy)]
 struct Span {
@@ -298,36 +382,90 @@ impl PageTable {
         self.map_span(span, &src, attributes, BlockPolicy::PagesOnly, alloc)
     }
 
-    /// Unmap every page and block inside `virt`; holes are skipped. Returns the number of
-    /// 4 KiB pages that were mapped (a 2 MiB block counts 512). Table pages are kept.
+    /// Unmap every page and block inside `virt` (holes are skipped), splitting a block that
+    /// `virt` only partly covers, and invalidate the TLB entries of what was unmapped before
+    /// returning. Returns the number of 4 KiB pages that were mapped (a 2 MiB block counts
+    /// 512). Table pages are kept (see [`PageTable::unmap_and_reclaim`]).
     ///
-    /// The old translations may live on in TLBs until the caller invalidates them
-    /// ([`super::tlb`]); until then the range must not be mapped again by another owner.
+    /// A block that `virt` cuts through is replaced, by break-before-make, with a table
+    /// mapping the same output addresses with the same attributes (see [`PageTable::protect`]
+    /// for the sequence); then the pages inside `virt` are cleared from it. The tables a split
+    /// needs are taken from `alloc` before anything is written. The invalidation after the
+    /// edit is one TLBI per cleared leaf (`tlbi vaale1is`, a block needing one) while there
+    /// are at most [`MAX_PAGE_INVALIDATIONS`](super::tlb::MAX_PAGE_INVALIDATIONS), otherwise
+    /// one `tlbi vmalle1is`.
+    ///
+    /// The lazy, TLB-free road for callers that batch their own flushes (vmalloc) is
+    /// [`PageTable::unmap_with`].
     ///
     /// # Safety
-    /// Nothing the program still uses may live in `virt`: no reference into it, no stack,
-    /// no code, no device another driver talks to (the next access faults).
+    /// - Nothing the program still uses may live in `virt`: no reference into it, no stack,
+    ///   no code, no device another driver talks to (the next access faults).
+    /// - When `virt` cuts through a block, the *whole* block is unmapped for the few
+    ///   instructions between the break and the make: nothing may touch any part of it in
+    ///   that window — not the code running the split, the current stack, the exception
+    ///   vectors and stack, `tlb` itself, nor anything another core or an interrupt handler
+    ///   uses (this kernel runs EL1 with interrupts masked; the rule is about the *block*,
+    ///   not only `virt`). The table page the walker must write to end the window is
+    ///   checked: see [`MmuError::SplitWouldUnmapTable`].
+    /// - `tlb` reaches every core that may hold translations from this tree.
+    ///
+    /// # Errors
+    /// - [`AddrError::Misaligned`] / [`AddrError::Empty`] (as [`MmuError::Addr`]) and
+    ///   [`MmuError::OutsideVaRange`] as for [`PageTable::map`];
+    /// - [`MmuError::ForeignDescriptor`] when a block to split carries bits this module
+    ///   never writes (it could not be copied faithfully);
+    /// - [`MmuError::SplitWouldUnmapTable`];
+    /// - [`MmuError::OutOfMemory`] / [`MmuError::BadTablePage`] when a table for a split
+    ///   cannot be had.
+    ///
+    /// On error nothing has changed and no page is held.
+    pub unsafe fn unmap<T: Tlb + ?Sized>(
+        &mut self,
+        virt: VirtRange,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<u64, MmuError> {
+        self.edit(virt, Edit::Unmap { reclaim: false }, tlb, alloc)
+    }
+
+    /// As [`PageTable::unmap`], and give back to `alloc` every table page (never the root)
+    /// that the unmapping left empty.
+    ///
+    /// A table page may be reused only once no walk cache can reach it: each emptied table's
+    /// descriptor is cleared, then one batch invalidates the cleared leaves *and* those table
+    /// entries with walk caches (`tlbi vaae1is` at the region each covered, or `tlbi
+    /// vmalle1is` above [`MAX_PAGE_INVALIDATIONS`](super::tlb::MAX_PAGE_INVALIDATIONS)
+    /// operations), waits for completion, and only then frees the pages.
+    ///
+    /// # Safety
+    /// As [`PageTable::unmap`]; `alloc` is the allocator this tree's tables came from.
+    ///
+    /// # Errors
+    /// As [`PageTable::unmap`]. On error nothing has changed and no page is held or freed.
+    pub unsafe fn unmap_and_reclaim<T: Tlb + ?Sized>(
+        &mut self,
+        virt: VirtRange,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<u64, MmuError> {
+        self.edit(virt, Edit::Unmap { reclaim: true }, tlb, alloc)
+    }
+
+    /// As [`PageTable::unmap`] without splitting, flushing or freeing, calling
+    /// `on_leaf(va, pa, bytes)` for each page or block as it is cleared, in ascending order:
+    /// how vfree learns which frames to free without a second walk. The vmalloc fast path.
+    ///
+    /// The old translations live on in TLBs until the caller invalidates them ([`super::tlb`]);
+    /// until then the range must not be mapped again. Table pages are kept.
+    ///
+    /// # Safety
+    /// Nothing the program still uses may live in `virt` (as for [`PageTable::unmap`]).
     ///
     /// # Errors
     /// [`AddrError::Misaligned`] / [`MmuError::OutsideVaRange`] as for [`PageTable::map`];
-    /// [`MmuError::WouldSplitBlock`] when `virt` covers only part of a block. On error nothing
-    /// has changed.
-    pub unsafe fn unmap(&mut self, virt: VirtRange) -> Result<u64, MmuError> {
-        let mut pages = 0;
-        // SAFETY: the caller's promise, passed on unchanged.
-        unsafe { self.unmap_with(virt, |_, _, bytes| pages += bytes / PAGE_SIZE as u64) }?;
-        Ok(pages)
-    }
-
-    /// As [`PageTable::unmap`], calling `on_leaf(va, pa, bytes)` for each page or block as it
-    /// is cleared, in ascending order: how vfree learns which frames to free without a
-    /// second walk.
-    ///
-    /// # Safety
-    /// As [`PageTable::unmap`].
-    ///
-    /// # Errors
-    /// As [`PageTable::unmap`]; on error `on_leaf` has not been called.
+    /// [`MmuError::WouldSplitBlock`] when `virt` covers only part of a block. On error
+    /// nothing has changed and `on_leaf` has not been called.
     pub unsafe fn unmap_with<F: FnMut(VirtAddr, PhysAddr, u64)>(
         &mut self,
         virt: VirtRange,
@@ -352,27 +490,52 @@ impl PageTable {
     }
 
     /// Give every page and block in `virt` the permissions `permissions`, keeping its output
-    /// address and memory type (a permission change needs no break-before-make).
+    /// address and memory type, and invalidate the TLB entries of what changed before
+    /// returning.
     ///
-    /// Stale TLB entries keep the old permissions until the caller invalidates the range.
+    /// A leaf that `virt` wholly covers is rewritten in place: a permission-only change needs
+    /// no break-before-make, so the mapping never goes away (protecting live code or a live
+    /// stack is allowed, within the rule below). A leaf that already has `permissions` is
+    /// left alone. A block that `virt` cuts through (and whose permissions differ) is split
+    /// first, by break-before-make:
+    ///
+    /// ```text
+    ///  build the next-level table: same output addresses and attributes   (off-line)
+    ///  block entry = invalid ; dsb ishst                                   break
+    ///  tlbi vaae1is <block base> ; dsb ish ; isb                           (one TLBI drops
+    ///  entry = table descriptor ; dsb ishst ; isb                           the whole block) make
+    /// ```
+    ///
+    /// One `tlbi vaae1is` suffices: a TLBI by VA drops every cached entry that would
+    /// translate the address, and a block translates every address inside it, however a TLB
+    /// has stored it (Linux flushes a split huge page the same way, one TLBI per block).
+    /// A full `tlbi vmalle1is` would also work but costs every other core's TLB contents.
+    /// Nested cuts (a 1 GiB block cut inside one of its 2 MiB parts) are built off-line as
+    /// a small subtree, so there is one break-before-make per block of the live tree.
     ///
     /// # Safety
-    /// No reference the program holds into `virt` may be invalidated by the change: nothing
-    /// borrowed mutably may become read-only, and no code being executed non-executable.
+    /// - No reference the program holds into `virt` may be invalidated by the change:
+    ///   nothing borrowed mutably may become read-only, and no code being executed
+    ///   non-executable.
+    /// - When a block is split, the rule of [`PageTable::unmap`] for the break-before-make
+    ///   window applies to the whole block.
+    /// - `tlb` reaches every core that may hold translations from this tree.
     ///
     /// # Errors
     /// [`AddrError::Misaligned`] / [`MmuError::OutsideVaRange`] as for [`PageTable::map`];
-    /// [`MmuError::NotMapped`] at the first hole; [`MmuError::WouldSplitBlock`];
-    /// [`MmuError::ExecutableDevice`] when asking for execute on device memory;
-    /// [`MmuError::ForeignDescriptor`] on a leaf whose bits this module did not write.
-    /// On error nothing has changed.
-    pub unsafe fn protect(&mut self, virt: VirtRange, permissions: Permissions) -> Result<(), MmuError> {
-        let span = self.span(virt.start(), virt.size())?;
-        let root = self.root;
-        self.protect_level(false, root, ROOT_LEVEL, span, permissions)?;
-        self.protect_level(true, root, ROOT_LEVEL, span, permissions)?;
-        arch::publish_descriptors();
-        Ok(())
+    /// [`MmuError::NotMapped`] at the first hole; [`MmuError::ExecutableDevice`] when asking
+    /// for execute on device memory; [`MmuError::ForeignDescriptor`] on a leaf whose bits
+    /// this module did not write; for a split, [`MmuError::SplitWouldUnmapTable`],
+    /// [`MmuError::OutOfMemory`] and [`MmuError::BadTablePage`]. On error nothing has
+    /// changed and no page is held.
+    pub unsafe fn protect<T: Tlb + ?Sized>(
+        &mut self,
+        virt: VirtRange,
+        permissions: Permissions,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<(), MmuError> {
+        self.edit(virt, Edit::Protect(permissions), tlb, alloc).map(|_| ())
     }
 
     /// Where `va` translates to, or `None` when it is unmapped or outside this tree's half.
@@ -466,17 +629,7 @@ impl PageTable {
             Pass::Apply(_) => 0,
         };
 
-        let mut reserve = Reserve { head: PhysAddr::new(0), len: 0 };
-        while reserve.len < needed {
-            match self.take_table(alloc) {
-                Ok(page) => self.reserve_push(&mut reserve, page),
-                Err(e) => {
-                    self.reserve_release(&mut reserve, alloc);
-                    return Err(e);
-                }
-            }
-        }
-
+        let reserve = self.reserve(needed, alloc)?;
         let mut apply = Pass::Apply(reserve);
         let result = self.map_level(&mut apply, root, ROOT_LEVEL, span, src, attributes, policy);
         if let Pass::Apply(mut left) = apply {
@@ -586,34 +739,131 @@ impl PageTable {
         }
     }
 
-    fn protect_level(
+    /// Unmap or protect `virt` (see [`PageTable::unmap`] and [`PageTable::protect`]): plan,
+    /// take the split tables, apply, invalidate, free emptied tables.
+    fn edit<T: Tlb + ?Sized>(
         &mut self,
-        apply: bool,
+        virt: VirtRange,
+        edit: Edit,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<u64, MmuError> {
+        let span = self.span(virt.start(), virt.size())?;
+        let root = self.root;
+        let mut plan: EditPass<'_, T> = EditPass::Plan { tables: 0 };
+        self.edit_level(&mut plan, edit, root, ROOT_LEVEL, span)?;
+        let needed = match plan {
+            EditPass::Plan { tables } => tables,
+            EditPass::Apply(_) => 0,
+        };
+        let reserve = self.reserve(needed, alloc)?;
+
+        let empty = Reserve { head: PhysAddr::new(0), len: 0 };
+        let mut pass = EditPass::Apply(EditApply { tlb, reserve, batch: TlbBatch::new(), freed: empty, pages: 0 });
+        // The plan checked everything the apply pass could refuse, so this cannot fail; were
+        // it to, what was written is still invalidated and accounted for below.
+        let result = self.edit_level(&mut pass, edit, root, ROOT_LEVEL, span);
+        debug_assert!(result.is_ok(), "apply refused what the plan accepted: {result:?}");
+        let EditPass::Apply(mut done) = pass else { unreachable!("the apply pass stays an apply pass") };
+        debug_assert_eq!(done.reserve.len, 0, "the plan counts exactly the tables a split takes");
+        self.tables += needed - done.reserve.len;
+        self.reserve_release(&mut done.reserve, alloc);
+
+        // Writes reach memory, every changed leaf and cleared table entry is dropped from
+        // every TLB and walk cache, and only then may emptied tables be reused.
+        done.batch.issue(tlb);
+        self.tables -= done.freed.len;
+        while let Some(page) = self.reserve_pop(&mut done.freed) {
+            // SAFETY: `page` is a table of this tree, from `alloc` (the caller's promise for
+            // `unmap_and_reclaim`, the only edit that frees); its descriptor was cleared and the
+            // batch above, complete on return, invalidated the walk caches for the region it
+            // covered: nothing can reach it any more.
+            unsafe { alloc.free_table(page) };
+        }
+        result.map(|()| done.pages)
+    }
+
+    /// One level of [`PageTable::edit`]. In the plan pass it only reads: it checks the whole
+    /// request and counts the tables splits will take; in the apply pass it writes.
+    fn edit_level<T: Tlb + ?Sized>(
+        &mut self,
+        pass: &mut EditPass<'_, T>,
+        edit: Edit,
         table: PhysAddr,
         level: usize,
         span: Span,
-        permissions: Permissions,
     ) -> Result<(), MmuError> {
         let size = level_size(level);
         let mut va = span.first;
         loop {
             let last = (va | (size - 1)).min(span.last);
             let index = index_at(va, level);
+            let base = va & !(size - 1);
+            let whole = va == base && last - va == size - 1;
+            let sub = Span { first: va, last };
             let descriptor = self.read(table, index);
             match descriptor.decode(level) {
-                Entry::Invalid => return Err(MmuError::NotMapped(VirtAddr::new(va))),
-                Entry::Table(next) => {
-                    let sub = Span { first: va, last };
-                    self.protect_level(apply, next, level + 1, sub, permissions)?;
-                }
-                Entry::Leaf { attributes, .. } => {
-                    if va & (size - 1) != 0 || last - va != size - 1 {
-                        return Err(MmuError::WouldSplitBlock(VirtAddr::new(va)));
+                Entry::Invalid => {
+                    if let Edit::Protect(_) = edit {
+                        return Err(MmuError::NotMapped(VirtAddr::new(va)));
                     }
-                    let current = attributes.ok_or(MmuError::ForeignDescriptor(VirtAddr::new(va)))?;
-                    current.with_permissions(permissions)?;
-                    if apply {
-                        self.write(table, index, descriptor.with_permissions(permissions));
+                }
+                Entry::Table(next) => {
+                    self.edit_level(pass, edit, next, level + 1, sub)?;
+                    if let (Edit::Unmap { reclaim: true }, EditPass::Apply(apply)) = (edit, &mut *pass) {
+                        if self.table_is_empty(next) {
+                            self.write(table, index, Descriptor::INVALID);
+                            let write = EntryWrite {
+                                va: VirtAddr::new(base),
+                                level: level as u8,
+                                descriptor: Descriptor::INVALID,
+                            };
+                            apply.tlb.note_write(write);
+                            apply.batch.walk(VirtAddr::new(base));
+                            // The chain link written into the dead table is a page-aligned
+                            // address: read as a descriptor by a stale walk, it is invalid.
+                            self.reserve_push(&mut apply.freed, next);
+                        }
+                    }
+                }
+                Entry::Leaf { phys, attributes } => {
+                    let new = match edit {
+                        Edit::Unmap { .. } => Descriptor::INVALID,
+                        Edit::Protect(permissions) => {
+                            let current = attributes.ok_or(MmuError::ForeignDescriptor(VirtAddr::new(va)))?;
+                            current.with_permissions(permissions)?;
+                            if current.permissions() == permissions {
+                                // Nothing to change: no write, no invalidation, no split.
+                                if last == span.last {
+                                    return Ok(());
+                                }
+                                va = last + 1;
+                                continue;
+                            }
+                            descriptor.with_permissions(permissions)
+                        }
+                    };
+                    if whole {
+                        if let EditPass::Apply(apply) = pass {
+                            self.write(table, index, new);
+                            apply.batch.leaf(VirtAddr::new(base));
+                            if let Edit::Unmap { .. } = edit {
+                                apply.pages += size / PAGE_SIZE as u64;
+                            }
+                        }
+                    } else {
+                        let attributes = attributes.ok_or(MmuError::ForeignDescriptor(VirtAddr::new(base)))?;
+                        match pass {
+                            EditPass::Plan { tables } => {
+                                self.check_split_window(table, base, size)?;
+                                *tables += split_tables(level, sub);
+                            }
+                            EditPass::Apply(apply) => {
+                                let block = Block { table, index, level, base, phys, attributes };
+                                let next = self.split(apply, block, sub)?;
+                                self.edit_level(pass, edit, next, level + 1, sub)?;
+                            }
+                        }
                     }
                 }
             }
@@ -622,6 +872,77 @@ impl PageTable {
             }
             va = last + 1;
         }
+    }
+
+    /// Refuse to split the block at `base` (`size` bytes) when the table holding its entry,
+    /// `table`, is itself reached through that block in the linear map: the walker would
+    /// fault on its own write ending the break-before-make window.
+    fn check_split_window(&self, table: PhysAddr, base: u64, size: u64) -> Result<(), MmuError> {
+        match self.linear.phys_to_virt(table) {
+            Some(va) if self.va_range.contains(va) && va.as_u64() >= base && va.as_u64() - base < size => {
+                Err(MmuError::SplitWouldUnmapTable(VirtAddr::new(base)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Replace a live block by a table mapping the same addresses with the same attributes,
+    /// by break-before-make (see [`PageTable::protect`]). Parts of it that `span` cuts
+    /// through are split further, off-line. Returns the new table.
+    fn split<T: Tlb + ?Sized>(
+        &mut self,
+        apply: &mut EditApply<'_, T>,
+        block: Block,
+        span: Span,
+    ) -> Result<PhysAddr, MmuError> {
+        let new = self.build_split(&mut apply.reserve, block.level, block.base, block.phys, block.attributes, span)?;
+        let (tlb, level, va) = (apply.tlb, block.level as u8, VirtAddr::new(block.base));
+        // Break: after `dsb ish` no core holds the block in a TLB, and none can load it again.
+        self.write(block.table, block.index, Descriptor::INVALID);
+        tlb.note_write(EntryWrite { va, level, descriptor: Descriptor::INVALID });
+        tlb.issue(TlbOp::DsbIshst);
+        tlb.issue(TlbOp::AllLevels(va));
+        tlb.issue(TlbOp::DsbIsh);
+        tlb.issue(TlbOp::Isb);
+        // Make. The new table's contents were written before the `dsb ishst` above.
+        let table = Descriptor::new_table(new);
+        self.write(block.table, block.index, table);
+        tlb.note_write(EntryWrite { va, level, descriptor: table });
+        tlb.publish();
+        Ok(new)
+    }
+
+    /// A table for level `level + 1` holding what the block at `level` (`base`, `phys`,
+    /// `attributes`) maps, entry by entry; a child that `span` cuts through (not a page) is
+    /// itself built as a subtable. Not reachable from the tree yet: no barrier needed here.
+    fn build_split(
+        &mut self,
+        reserve: &mut Reserve,
+        level: usize,
+        base: u64,
+        phys: PhysAddr,
+        attributes: Attributes,
+        span: Span,
+    ) -> Result<PhysAddr, MmuError> {
+        let new = self.reserve_pop(reserve).ok_or(MmuError::OutOfMemory)?;
+        let child = level + 1;
+        let child_size = level_size(child);
+        for index in 0..ENTRIES {
+            let offset = index as u64 * child_size;
+            let (va, pa) = (base + offset, phys.add(offset));
+            let descriptor = match cut(span, va, child_size) {
+                Some(part) if child < PAGE_LEVEL => {
+                    Descriptor::new_table(self.build_split(reserve, child, va, pa, attributes, part)?)
+                }
+                _ => Descriptor::new_leaf(child, pa, attributes),
+            };
+            self.write(new, index, descriptor);
+        }
+        Ok(new)
+    }
+
+    fn table_is_empty(&self, table: PhysAddr) -> bool {
+        (0..ENTRIES).all(|index| !self.read(table, index).is_valid())
     }
 
     fn free_level(&self, table: PhysAddr, level: usize, alloc: &mut impl TableAlloc) {
@@ -705,6 +1026,21 @@ impl PageTable {
         // SAFETY: a page from `take_table` (whole inside the linear map, ours alone by
         // `TableAlloc`'s contract) not yet reachable from the tree.
         unsafe { ptr::write_bytes(self.linear.ptr::<u8>(table), 0, PAGE_SIZE) }
+    }
+
+    /// `needed` table pages from `alloc`, all or none.
+    fn reserve(&mut self, needed: usize, alloc: &mut impl TableAlloc) -> Result<Reserve, MmuError> {
+        let mut reserve = Reserve { head: PhysAddr::new(0), len: 0 };
+        while reserve.len < needed {
+            match self.take_table(alloc) {
+                Ok(page) => self.reserve_push(&mut reserve, page),
+                Err(e) => {
+                    self.reserve_release(&mut reserve, alloc);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(reserve)
     }
 
     fn reserve_push(&mut self, reserve: &mut Reserve, page: PhysAddr) {
