@@ -6,7 +6,7 @@ use core::panic::Location;
 use hal::VirtAddr;
 
 use super::node::{NodePtr, State};
-use super::tree::Tree;
+use super::treap::Treap;
 use super::{AreaKind, VmBackend, Vmalloc, PAGE};
 
 /// How many freed areas [`Vmalloc::explain_fault`] remembers after their purge.
@@ -176,7 +176,7 @@ impl<B: VmBackend> Vmalloc<B> {
                 write!(out, " phys=0x{:016x}", nd.phys.get())?;
             }
             writeln!(out, " {kind}")?;
-            cur = Tree::<false>::next(n);
+            cur = Treap::next(n);
         }
         // Like Linux's show_purge_info: the lazily freed ranges after the busy ones.
         for n in self.parked_iter() {

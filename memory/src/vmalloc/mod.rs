@@ -9,11 +9,13 @@
 //!   parked = freed: PTEs cleared and frames freed at once, range kept out of the free
 //!            tree until one batched TLB flush (the purge) makes it safe to reuse.
 //! ```
-//! Each area's range (guard included) is one record that lives in the **busy tree** (AVL,
-//! by address) while live or parked, and whose range returns to the **free tree** (AVL
+//! Each area's range (guard included) is one record that lives in the **busy tree** (a
+//! treap by address, O(1) expected rotations per update) while live, on the **parked list**
+//! (Linux's purge list) once freed, and whose range returns to the **free tree** (AVL
 //! augmented with the largest hole per subtree, see [`FreeSpace`]) when purged. Allocation is
 //! lowest-address first fit with any power-of-two alignment in O(log n); freeing never walks
-//! the areas.
+//! the areas (only error and fault paths scan the parked list, at most
+//! `lazy_max_pages / 2` long).
 //!
 //! ## A call, as data flows
 //! 1. `vmalloc(size)`: round up to pages, add a guard page (unless [`VmFlags::NO_GUARD`]).
@@ -63,6 +65,7 @@ mod info;
 mod locked;
 mod node;
 pub mod sim;
+mod treap;
 mod tree;
 
 use core::fmt;
@@ -79,6 +82,7 @@ pub use node::Spares;
 use alloc::vec::Vec;
 use info::{History, PurgeHistogram};
 use node::{Link, NodePtr, State};
+use treap::Treap;
 use tree::Tree;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -336,7 +340,7 @@ pub struct Vmalloc<B: VmBackend> {
     start: u64,
     end: u64,
     free: FreeSpace,
-    busy: Tree<false>,
+    busy: Treap,
     parked_head: Link,
     config: VmallocConfig,
     c: Counters,
@@ -370,7 +374,7 @@ impl<B: VmBackend> Vmalloc<B> {
             start,
             end,
             free,
-            busy: Tree::new(),
+            busy: Treap::new(),
             parked_head: None,
             config,
             c: Counters::default(),
@@ -1104,7 +1108,7 @@ impl<B: VmBackend> Vmalloc<B> {
         let mut cur = self.busy.first();
         while let Some(n) = cur {
             f(&Self::area_info(n));
-            cur = Tree::<false>::next(n);
+            cur = Treap::next(n);
         }
     }
 
@@ -1173,7 +1177,7 @@ impl<B: VmBackend> Vmalloc<B> {
                 return Err("non-live record in the busy tree");
             }
             all.push(n);
-            cur = Tree::<false>::next(n);
+            cur = Treap::next(n);
         }
         let mut parked = 0usize;
         for n in self.parked_iter() {

@@ -268,23 +268,6 @@ impl<const AUG: bool> Tree<AUG> {
         self.len -= 1;
     }
 
-    /// The record whose range contains `addr`.
-    #[inline]
-    pub fn find_containing(&self, addr: u64) -> Option<NodePtr> {
-        let mut cur = self.root;
-        while let Some(c) = cur {
-            let cn = c.get();
-            if addr < cn.start.get() {
-                cur = cn.left.get();
-            } else if addr >= cn.end.get() {
-                cur = cn.right.get();
-            } else {
-                return Some(c);
-            }
-        }
-        None
-    }
-
     /// The record starting exactly at `start`.
     pub fn find_start(&self, start: u64) -> Option<NodePtr> {
         let mut cur = self.root;
