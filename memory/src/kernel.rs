@@ -139,10 +139,14 @@ impl VmBackend for KernelBackend {
     }
 
     fn phys_is_ram(&self, pa: PhysAddr, pages: usize) -> bool {
-        match PhysRange::new(pa, (pages * PAGE_SIZE) as u64) {
-            Ok(r) => self.ram.overlaps(&r),
-            Err(_) => true,
+        let Some(r) = (pages as u64).checked_mul(PAGE_SIZE as u64).and_then(|b| PhysRange::new(pa, b).ok()) else {
+            return true;
+        };
+        if self.ram.dropped() > 0 {
+            // More memory ranges than `RangeList` keeps: ask the device tree itself.
+            return dtb_memory_overlaps(&r);
         }
+        self.ram.overlaps(&r)
     }
 
     fn copy_mapped(&mut self, dst: VirtAddr, src: VirtAddr, bytes: usize) {
@@ -158,6 +162,23 @@ impl VmBackend for KernelBackend {
     fn now_ns(&self) -> u64 {
         hal::cpu::uptime_ns()
     }
+}
+
+/// Whether `range` overlaps a `reg` entry of any `device_type = "memory"` node of the boot
+/// device tree (all of them, however many): ioremap's RAM check when the platform's RAM list
+/// had to drop ranges. Without boot information every range counts as RAM.
+fn dtb_memory_overlaps(range: &PhysRange) -> bool {
+    let Some(info) = hal::boot::boot_info() else { return true };
+    let fdt = info.platform.fdt();
+    let found = fdt
+        .all_nodes()
+        .filter(|n| n.property("device_type").and_then(|p| p.as_str()).is_some_and(|s| s == "memory"))
+        .flat_map(|n| n.reg())
+        .any(|r| {
+            let size = r.size.unwrap_or(0) as u64;
+            PhysRange::new(PhysAddr::new(r.starting_address as u64), size).is_ok_and(|m| m.overlaps(range))
+        });
+    found
 }
 
 static VMALLOC: Once<LockedVmalloc<KernelBackend>> = Once::new();
@@ -260,9 +281,9 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
         reserved[nres] = r;
         nres += 1;
     }
+    let t0 = hal::cpu::uptime_ns();
     // SAFETY: forwarded to our caller: RAM outside the reserved ranges is ours to hand out,
     // and `linear` is hal's identity map of RAM, valid for the program's life.
-    let t0 = hal::cpu::uptime_ns();
     unsafe { buddy::init(&regions[..nr], &reserved[..nres], linear, config.buddy_strict) }.map_err(InitError::Buddy)?;
     let t1 = hal::cpu::uptime_ns();
     slab::init(config.slab_strict).map_err(InitError::Slab)?;

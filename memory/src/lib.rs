@@ -2,6 +2,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod buddy;
+pub mod ioremap;
 pub mod kernel;
 pub mod slab;
 pub mod vmalloc;

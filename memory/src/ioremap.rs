@@ -1,0 +1,926 @@
+//! # ioremap — device MMIO in the vmalloc window, with typed register access for drivers
+//!
+//! A device's registers live at physical addresses outside RAM. [`ioremap`] maps them into
+//! the vmalloc window (the same free-space index, guard page and lazy purge as
+//! [`crate::kernel::vmalloc`]) with a device memory type, allocating no frames (page-table
+//! pages aside), and returns the virtual address of `phys` itself:
+//!
+//! ```text
+//!   ioremap(PA 0x0900_0004, 4)             vmalloc window
+//!   ┌──────────── PA page 0x0900_0000 ───┐   ┌─ mapped page ──┬─ guard ─┐
+//!   │    ▲ +4                            │ → │    ▲ base + 4  │ unmapped│
+//!   └────┴───────────────────────────────┘   └────┴───────────┴─────────┘
+//! ```
+//!
+//! | call            | memory type          | use                                     |
+//! |-----------------|----------------------|-----------------------------------------|
+//! | [`ioremap`]     | Device-nGnRE         | registers: the usual choice             |
+//! | [`ioremap_np`]  | Device-nGnRnE        | non-posted writes (the write is acknowledged by the device) |
+//! | [`ioremap_wc`]  | Normal non-cacheable | write-combining: framebuffers, no side-effect reads |
+//!
+//! ## What is refused (each with its [`IoremapError`])
+//! - a zero size ([`IoremapError::ZeroSize`]);
+//! - a range whose end (rounded up to a page) does not fit in 64 bits
+//!   ([`IoremapError::Overflow`]) or lies above the 48-bit physical address space a
+//!   descriptor holds ([`IoremapError::PhysTooHigh`]);
+//! - a range of which **any** page is RAM — every `device_type = "memory"` node of the
+//!   device tree, reserved parts included ([`IoremapError::Ram`]). Linux checks only the
+//!   first page; a range that starts below RAM and ends in it is refused here.
+//!
+//! [`iounmap`] takes the address ioremap returned (offset included). An address that is not
+//! the start of a live mapping ([`IoremapError::NotMapped`]), the address of a vmalloc or
+//! vmap area ([`IoremapError::NotIoremap`]) and a second iounmap
+//! ([`IoremapError::AlreadyUnmapped`]) are refused and change nothing. The PTEs are
+//! cleared at once; the virtual range is parked until the next batched TLB flush, exactly
+//! as for `vfree`.
+//!
+//! ## Typed register access
+//! Drivers should not handle raw addresses: [`IoMem`] owns a mapping (iounmap on drop) and
+//! hands out `tock-registers` register blocks at checked offsets ([`IoMem::regs`]:
+//! `offset + size_of::<R>() <= len`, the address aligned for `R`); [`Mmio<R>`] is the same
+//! for a mapping that is one register block, dereferencing to it. A driver declares its
+//! registers once with [`tock_registers::register_structs!`], promises once that the type
+//! is a register block ([`RegisterBlock`], the only `unsafe` line it needs) and never does
+//! pointer arithmetic:
+//!
+//! ```ignore
+//! use hal::PhysAddr;
+//! use memory::ioremap::tock_registers::interfaces::{Readable, Writeable};
+//! use memory::ioremap::tock_registers::registers::{ReadOnly, ReadWrite};
+//! use memory::ioremap::tock_registers::{register_bitfields, register_structs};
+//! use memory::ioremap::{Mmio, RegisterBlock};
+//!
+//! register_bitfields![u32,
+//!     FR [ RXFE OFFSET(4) NUMBITS(1) [], TXFF OFFSET(5) NUMBITS(1) [] ]
+//! ];
+//! register_structs! {
+//!     /// The PL011 registers this driver uses.
+//!     Pl011 {
+//!         (0x000 => dr: ReadWrite<u32>),
+//!         (0x004 => _reserved0),
+//!         (0x018 => fr: ReadOnly<u32, FR::Register>),
+//!         (0x01c => @END),
+//!     }
+//! }
+//! // SAFETY: every field is a tock-registers register (volatile accesses only) or padding
+//! // that is never read, and the layout is the PL011's (checked by register_structs!).
+//! unsafe impl RegisterBlock for Pl011 {}
+//!
+//! let uart: Mmio<Pl011> = Mmio::new(PhysAddr::new(0x0900_0000))?; // Device-nGnRE
+//! while uart.fr.is_set(FR::TXFF) {}
+//! uart.dr.set(u32::from(b'A'));
+//! drop(uart); // iounmap; the range is reused after the next lazy purge
+//! # Ok::<(), memory::ioremap::IoremapError>(())
+//! ```
+//!
+//! A mapping larger than one block (a GIC distributor's 64 KiB) is an [`IoMem`] from which
+//! several blocks are taken: `io.regs::<GicdCore>(0)?`, `io.regs::<[ReadWrite<u32>; 32]>(0x100)?`.
+//!
+//! ## Instances
+//! The free functions and [`IoMem::new`] use the kernel's global vmalloc ([`KernelIo`]).
+//! [`IoMem::map_in`] takes any [`IoSpace`]: a [`LockedVmalloc`] of any backend (host tests
+//! use the simulated MMU of [`crate::vmalloc::sim`]); register access needs a
+//! [`MappedIoSpace`], one whose addresses are real mappings.
+//!
+//! ## Locks
+//! Every call takes vmalloc's lock (and, mapping, the kernel page tables' and the buddy's):
+//! never from exception context. Register accesses take no lock.
+//!
+//! ## Boot devices
+//! [`switch_console_to_ioremap`] moves the console to an ioremap of the device tree's
+//! PL011, and [`probe_gic`] maps the GIC distributor and reads `GICD_TYPER`; both mappings
+//! are kept for the program's life and show in vmallocinfo as `ioremap` with `phys=`.
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::mem::{align_of, size_of};
+use core::ops::Deref;
+
+use hal::boot::BootInfo;
+use hal::{PhysAddr, PhysRange, VirtAddr};
+use spin::Once;
+
+/// The `tock-registers` crate drivers declare their registers with (the version this
+/// module's [`RegisterBlock`] impls are for).
+pub use tock_registers;
+
+use tock_registers::interfaces::Readable;
+use tock_registers::registers::{Aliased, ReadOnly, ReadWrite, WriteOnly};
+use tock_registers::{register_structs, RegisterLongName, UIntLike};
+
+use crate::kernel::KernelBackend;
+pub use crate::vmalloc::DeviceAttr;
+use crate::vmalloc::{LockedVmalloc, MapError, VmBackend, VmallocError};
+
+/// One past the highest physical address a translation descriptor holds (48 bits).
+pub const PHYS_LIMIT: u64 = hal::mmu::descriptor::PA_LIMIT;
+
+// ----- errors -----
+
+/// Why an ioremap or iounmap was refused. Every refusal leaves the system as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoremapError {
+    /// `ioremap` of zero bytes.
+    ZeroSize,
+    /// `phys + size`, rounded up to a page, does not fit in 64 bits.
+    Overflow,
+    /// The range reaches above [`PHYS_LIMIT`], more than a descriptor can map.
+    PhysTooHigh,
+    /// Some page of the range is RAM (a memory node of the device tree, reserved parts
+    /// included): RAM is reached through the linear map, never remapped as a device.
+    Ram,
+    /// The range (plus its guard page) is larger than the vmalloc window.
+    TooLarge,
+    /// No hole of the vmalloc window fits, even after a purge.
+    NoVirtualSpace,
+    /// The page tables could not map the range (no memory for a table page, …).
+    MapFailed(MapError),
+    /// `iounmap` of an address that is not the start of a live mapping (an interior
+    /// address, a foreign pointer, or an address never mapped).
+    NotMapped,
+    /// `iounmap` of the address of a vmalloc or vmap area: free those with `vfree` /
+    /// `vunmap`.
+    NotIoremap,
+    /// `iounmap` of a mapping already unmapped (still parked, or recently purged).
+    AlreadyUnmapped,
+    /// The kernel's vmalloc is used before `memory::kernel::init`.
+    NotInitialized,
+    /// The device tree names no such device ([`switch_console_to_ioremap`], [`probe_gic`]).
+    NoDevice,
+    /// A register block does not fit the mapping or is misaligned ([`Mmio`]).
+    Regs(RegsError),
+    /// Another vmalloc error (e.g. `NoRecords` from an instance without record refill).
+    Vmalloc(VmallocError),
+}
+
+impl From<VmallocError> for IoremapError {
+    fn from(e: VmallocError) -> Self {
+        match e {
+            VmallocError::ZeroSize => IoremapError::ZeroSize,
+            VmallocError::Overflow => IoremapError::Overflow,
+            VmallocError::RamRange => IoremapError::Ram,
+            VmallocError::TooLarge => IoremapError::TooLarge,
+            VmallocError::NoVirtualSpace => IoremapError::NoVirtualSpace,
+            VmallocError::MapFailed(m) => IoremapError::MapFailed(m),
+            VmallocError::NotAnArea => IoremapError::NotMapped,
+            VmallocError::WrongKind => IoremapError::NotIoremap,
+            VmallocError::DoubleFree => IoremapError::AlreadyUnmapped,
+            VmallocError::NotInitialized => IoremapError::NotInitialized,
+            other => IoremapError::Vmalloc(other),
+        }
+    }
+}
+
+impl From<RegsError> for IoremapError {
+    fn from(e: RegsError) -> Self {
+        IoremapError::Regs(e)
+    }
+}
+
+impl fmt::Display for IoremapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IoremapError::ZeroSize => f.write_str("ioremap of zero bytes"),
+            IoremapError::Overflow => f.write_str("physical range overflows 64 bits"),
+            IoremapError::PhysTooHigh => f.write_str("physical range above the 48-bit address space"),
+            IoremapError::Ram => f.write_str("physical range touches RAM"),
+            IoremapError::TooLarge => f.write_str("range larger than the vmalloc window"),
+            IoremapError::NoVirtualSpace => f.write_str("out of vmalloc space"),
+            IoremapError::MapFailed(e) => write!(f, "mapping failed: {e}"),
+            IoremapError::NotMapped => f.write_str("not the address of a live ioremap mapping"),
+            IoremapError::NotIoremap => f.write_str("a vmalloc/vmap area, not an ioremap mapping"),
+            IoremapError::AlreadyUnmapped => f.write_str("mapping already unmapped (double iounmap)"),
+            IoremapError::NotInitialized => f.write_str("vmalloc used before memory::kernel::init"),
+            IoremapError::NoDevice => f.write_str("the device tree names no such device"),
+            IoremapError::Regs(e) => write!(f, "register block: {e}"),
+            IoremapError::Vmalloc(e) => write!(f, "vmalloc: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for IoremapError {}
+
+/// Why [`IoMem::regs`] refused a register block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegsError {
+    /// `offset + size` is past the mapping's `len` bytes (or overflows).
+    OutOfBounds {
+        /// Offset asked for, from the mapping's address.
+        offset: usize,
+        /// Size of the block.
+        size: usize,
+        /// Bytes the mapping covers from its address.
+        len: usize,
+    },
+    /// The block's address is not a multiple of its alignment.
+    Misaligned {
+        /// The address the block would have.
+        addr: VirtAddr,
+        /// The alignment it needs.
+        align: usize,
+    },
+}
+
+impl fmt::Display for RegsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            RegsError::OutOfBounds { offset, size, len } => {
+                write!(f, "{size} bytes at offset {offset:#x} do not fit a {len:#x}-byte mapping")
+            }
+            RegsError::Misaligned { addr, align } => write!(f, "address {addr:#x} is not {align}-byte aligned"),
+        }
+    }
+}
+
+impl core::error::Error for RegsError {}
+
+/// The page-aligned physical range an ioremap of `size` bytes at `phys` maps, after the
+/// checks every ioremap makes before looking at RAM: a size of zero, an end that overflows
+/// when rounded up to a page, an end above [`PHYS_LIMIT`].
+///
+/// # Errors
+/// [`IoremapError::ZeroSize`], [`IoremapError::Overflow`], [`IoremapError::PhysTooHigh`].
+pub fn covering_range(phys: PhysAddr, size: usize) -> Result<PhysRange, IoremapError> {
+    if size == 0 {
+        return Err(IoremapError::ZeroSize);
+    }
+    let bytes = u64::try_from(size).map_err(|_| IoremapError::Overflow)?;
+    let range = PhysRange::covering_pages(phys, bytes).map_err(|_| IoremapError::Overflow)?;
+    if range.end().as_u64() > PHYS_LIMIT {
+        return Err(IoremapError::PhysTooHigh);
+    }
+    Ok(range)
+}
+
+/// Where a block of `size` bytes aligned to `align` lies at `offset` in a mapping of `len`
+/// bytes at `base`.
+fn register_window(
+    base: VirtAddr,
+    len: usize,
+    offset: usize,
+    size: usize,
+    align: usize,
+) -> Result<VirtAddr, RegsError> {
+    let oob = RegsError::OutOfBounds { offset, size, len };
+    match offset.checked_add(size) {
+        Some(end) if end <= len => {}
+        _ => return Err(oob),
+    }
+    let addr = base.checked_add(offset as u64).map_err(|_| oob)?;
+    if !addr.is_aligned(align as u64) {
+        return Err(RegsError::Misaligned { addr, align });
+    }
+    Ok(addr)
+}
+
+// ----- where mappings come from -----
+
+/// A vmalloc instance that makes and removes device mappings: the kernel's ([`KernelIo`])
+/// or any [`LockedVmalloc`] (`&LockedVmalloc<B>`).
+pub trait IoSpace {
+    /// Maps `size` bytes of device memory at `phys` with `attr`; returns the address of
+    /// `phys` (sub-page offset kept).
+    ///
+    /// # Errors
+    /// As [`ioremap`].
+    #[track_caller]
+    fn map_io(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError>;
+
+    /// Removes a mapping made by [`Self::map_io`] (pass the address it returned).
+    ///
+    /// # Errors
+    /// As [`iounmap`].
+    #[track_caller]
+    fn unmap_io(&self, addr: VirtAddr) -> Result<(), IoremapError>;
+}
+
+/// An [`IoSpace`] whose addresses are real mappings of the device in the current address
+/// space, so that [`IoMem::regs`] may hand out references to them.
+///
+/// # Safety
+/// Every address [`IoSpace::map_io`] returns for `(phys, size)` must be readable and
+/// writable memory of the device at `phys`, `size` bytes long from that address, mapped
+/// with the requested attribute, until the matching [`IoSpace::unmap_io`]; and `unmap_io`
+/// must be the only way that mapping goes away.
+pub unsafe trait MappedIoSpace: IoSpace {}
+
+impl<B: VmBackend> IoSpace for &LockedVmalloc<B> {
+    #[track_caller]
+    fn map_io(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+        covering_range(phys, size)?;
+        LockedVmalloc::ioremap(self, phys, size, attr).map_err(IoremapError::from)
+    }
+
+    #[track_caller]
+    fn unmap_io(&self, addr: VirtAddr) -> Result<(), IoremapError> {
+        LockedVmalloc::iounmap(self, addr).map_err(IoremapError::from)
+    }
+}
+
+// SAFETY: `KernelBackend::map_device` maps the device's pages in the kernel's live TTBR1
+// tables before vmalloc returns the address, and only `iounmap` of that area clears them.
+unsafe impl MappedIoSpace for &LockedVmalloc<KernelBackend> {}
+
+/// The kernel's global vmalloc instance (`memory::kernel::init` must have run).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelIo;
+
+impl KernelIo {
+    fn instance() -> Result<&'static LockedVmalloc<KernelBackend>, IoremapError> {
+        crate::kernel::vmalloc_instance().ok_or(IoremapError::NotInitialized)
+    }
+}
+
+impl IoSpace for KernelIo {
+    #[track_caller]
+    fn map_io(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+        Self::instance()?.map_io(phys, size, attr)
+    }
+
+    #[track_caller]
+    fn unmap_io(&self, addr: VirtAddr) -> Result<(), IoremapError> {
+        Self::instance()?.unmap_io(addr)
+    }
+}
+
+// SAFETY: forwards to `&LockedVmalloc<KernelBackend>`, a `MappedIoSpace`.
+unsafe impl MappedIoSpace for KernelIo {}
+
+// ----- the free functions -----
+
+/// Maps `size` bytes of device registers at `phys` as Device-nGnRE into the vmalloc window
+/// (whole pages and a guard page; no frames allocated) and returns the address of `phys`
+/// itself: `ioremap(0x0900_0004, 4)` gives `base + 4`. Undo with [`iounmap`]; prefer
+/// [`IoMem`], which does it on drop and gives typed register access.
+///
+/// # Errors
+/// [`IoremapError::ZeroSize`], [`IoremapError::Overflow`], [`IoremapError::PhysTooHigh`],
+/// [`IoremapError::Ram`] (any page of the range is RAM), [`IoremapError::TooLarge`],
+/// [`IoremapError::NoVirtualSpace`], [`IoremapError::MapFailed`],
+/// [`IoremapError::NotInitialized`].
+#[track_caller]
+pub fn ioremap(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError> {
+    KernelIo.map_io(phys, size, DeviceAttr::DeviceNGnRE)
+}
+
+/// [`ioremap`] as Device-nGnRnE ("non-posted": no early write acknowledgement).
+///
+/// # Errors
+/// As [`ioremap`].
+#[track_caller]
+pub fn ioremap_np(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError> {
+    KernelIo.map_io(phys, size, DeviceAttr::DeviceNGnRnE)
+}
+
+/// [`ioremap`] as Normal non-cacheable memory (write-combining: framebuffers and other
+/// memory-like device ranges; reads may be speculative, so never for registers with read
+/// side effects).
+///
+/// # Errors
+/// As [`ioremap`].
+#[track_caller]
+pub fn ioremap_wc(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError> {
+    KernelIo.map_io(phys, size, DeviceAttr::NormalNonCacheable)
+}
+
+/// [`ioremap`] with the memory type given.
+///
+/// # Errors
+/// As [`ioremap`].
+#[track_caller]
+pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+    KernelIo.map_io(phys, size, attr)
+}
+
+/// Unmaps what [`ioremap`] (or a variant) mapped: pass the address it returned, offset
+/// included. The PTEs are cleared now; the virtual range is reused after the next batched
+/// TLB flush (the lazy purge `vfree` uses).
+///
+/// # Errors
+/// [`IoremapError::NotMapped`] (not the start of a live mapping: an interior or foreign
+/// address), [`IoremapError::NotIoremap`] (a vmalloc or vmap area),
+/// [`IoremapError::AlreadyUnmapped`] (a second iounmap), [`IoremapError::NotInitialized`];
+/// nothing changes then.
+#[track_caller]
+pub fn iounmap(addr: VirtAddr) -> Result<(), IoremapError> {
+    KernelIo.unmap_io(addr)
+}
+
+// ----- register blocks -----
+
+/// A type that describes device registers, so that [`IoMem::regs`] may hand out a
+/// reference to it placed over MMIO.
+///
+/// Implemented for `tock-registers`' [`ReadOnly`], [`ReadWrite`], [`WriteOnly`] and
+/// [`Aliased`] registers and for arrays of register blocks; a driver implements it for its
+/// [`register_structs!`] types.
+///
+/// # Safety
+/// Implement it only for a type that is a faithful description of device registers:
+/// - every byte of it is reached only through volatile accesses: each field is a
+///   `tock-registers` register type, an array of them, another `RegisterBlock`, or
+///   padding that is never read (the `_reserved` fields `register_structs!` makes);
+/// - no field is a plain integer, `Cell`, reference or anything else the compiler may
+///   read, write or cache as ordinary memory;
+/// - its layout is the device's (`#[repr(C)]`, offsets as the datasheet gives them:
+///   `register_structs!` checks them at compile time).
+///
+/// A wrong offset or access width is a driver bug the device may punish, but with these
+/// rules no Rust code reads or writes the MMIO range other than through volatile register
+/// accesses.
+pub unsafe trait RegisterBlock {}
+
+// SAFETY: a tock-registers register is a `repr(transparent)` `UnsafeCell` accessed only by
+// `read_volatile` / `write_volatile`.
+unsafe impl<T: UIntLike, R: RegisterLongName> RegisterBlock for ReadOnly<T, R> {}
+// SAFETY: as for `ReadOnly`.
+unsafe impl<T: UIntLike, R: RegisterLongName> RegisterBlock for ReadWrite<T, R> {}
+// SAFETY: as for `ReadOnly`.
+unsafe impl<T: UIntLike, R: RegisterLongName> RegisterBlock for WriteOnly<T, R> {}
+// SAFETY: as for `ReadOnly` (one cell, read and written with different meanings).
+unsafe impl<T: UIntLike, R: RegisterLongName, W: RegisterLongName> RegisterBlock for Aliased<T, R, W> {}
+// SAFETY: an array of register blocks is laid out element after element, each accessed
+// only as its own type allows.
+unsafe impl<B: RegisterBlock, const N: usize> RegisterBlock for [B; N] {}
+
+// ----- the owned mapping -----
+
+/// An owned device mapping: `len` bytes of MMIO from [`Self::addr`]. Unmapped on drop
+/// (errors logged); register blocks are taken from it with [`Self::regs`].
+///
+/// `Send` (a mapping can move to another core) but not `Sync`: register types are not
+/// `Sync`, so two cores never share a block through one handle.
+pub struct IoMem<S: IoSpace = KernelIo> {
+    space: S,
+    addr: VirtAddr,
+    phys: PhysAddr,
+    len: usize,
+    attr: DeviceAttr,
+    /// False once unmapped or leaked: `Drop` then does nothing.
+    live: bool,
+    _not_sync: PhantomData<*const ()>,
+}
+
+// SAFETY: the handle owns its mapping outright; moving it to another core moves that
+// ownership (register accesses need no per-core state). `S` itself must be `Send`.
+unsafe impl<S: IoSpace + Send> Send for IoMem<S> {}
+
+impl IoMem<KernelIo> {
+    /// [`ioremap`] of `size` bytes at `phys` (Device-nGnRE), owned.
+    ///
+    /// # Errors
+    /// As [`ioremap`].
+    #[track_caller]
+    pub fn new(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
+        Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRE)
+    }
+
+    /// [`ioremap_np`], owned.
+    ///
+    /// # Errors
+    /// As [`ioremap`].
+    #[track_caller]
+    pub fn new_np(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
+        Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRnE)
+    }
+
+    /// [`ioremap_wc`], owned.
+    ///
+    /// # Errors
+    /// As [`ioremap`].
+    #[track_caller]
+    pub fn new_wc(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
+        Self::map_in(KernelIo, phys, size, DeviceAttr::NormalNonCacheable)
+    }
+
+    /// [`ioremap_attr`], owned.
+    ///
+    /// # Errors
+    /// As [`ioremap`].
+    #[track_caller]
+    pub fn with_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
+        Self::map_in(KernelIo, phys, size, attr)
+    }
+}
+
+impl<S: IoSpace> IoMem<S> {
+    /// Maps `size` bytes at `phys` with `attr` in `space`, owned.
+    ///
+    /// # Errors
+    /// As [`ioremap`].
+    #[track_caller]
+    pub fn map_in(space: S, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
+        let addr = space.map_io(phys, size, attr)?;
+        Ok(Self { space, addr, phys, len: size, attr, live: true, _not_sync: PhantomData })
+    }
+
+    /// The address of the physical address mapped (offset inside its page included).
+    pub fn addr(&self) -> VirtAddr {
+        self.addr
+    }
+
+    /// The physical address mapped.
+    pub fn phys(&self) -> PhysAddr {
+        self.phys
+    }
+
+    /// Bytes mapped from [`Self::addr`] (as asked; the mapping covers whole pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a mapping has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory type.
+    pub fn attr(&self) -> DeviceAttr {
+        self.attr
+    }
+
+    /// Where a block of type `R` at `offset` would lie, after the checks [`Self::regs`]
+    /// makes. Needs no [`MappedIoSpace`]: nothing is dereferenced.
+    ///
+    /// # Errors
+    /// [`RegsError::OutOfBounds`] when `offset + size_of::<R>() > len` (or overflows),
+    /// [`RegsError::Misaligned`] when `addr + offset` is not a multiple of `align_of::<R>()`.
+    pub fn reg_addr<R>(&self, offset: usize) -> Result<VirtAddr, RegsError> {
+        register_window(self.addr, self.len, offset, size_of::<R>(), align_of::<R>())
+    }
+
+    /// Unmaps now, reporting an error instead of logging it as `drop` does.
+    ///
+    /// # Errors
+    /// As [`iounmap`] (never expected: the handle owns a live mapping).
+    #[track_caller]
+    pub fn unmap(mut self) -> Result<(), IoremapError> {
+        self.live = false;
+        self.space.unmap_io(self.addr)
+    }
+
+    /// Keeps the mapping for the rest of the program and returns its address (for
+    /// devices the kernel never gives back: the console, the interrupt controller).
+    pub fn leak(mut self) -> VirtAddr {
+        self.live = false;
+        self.addr
+    }
+}
+
+impl<S: MappedIoSpace> IoMem<S> {
+    /// The register block `R` at `offset` bytes from [`Self::addr`], borrowed from the
+    /// handle (so the mapping outlives it). `R` is a [`RegisterBlock`]: every access is a
+    /// volatile register access.
+    ///
+    /// # Errors
+    /// As [`Self::reg_addr`].
+    pub fn regs<R: RegisterBlock>(&self, offset: usize) -> Result<&R, RegsError> {
+        let at = self.reg_addr::<R>(offset)?;
+        // SAFETY: `[at, at + size_of::<R>())` lies inside the `len` bytes mapped from
+        // `addr` (checked above), which `S: MappedIoSpace` guarantees are the device's
+        // memory, mapped until `unmap_io` — which only `drop`/`unmap` of this handle call,
+        // and the borrow of `self` keeps them from running while the reference lives. The
+        // address is aligned for `R` (checked), and `R: RegisterBlock` means the memory is
+        // only ever accessed through volatile register operations, so placing `&R` over
+        // MMIO neither reads it nor lets it be cached.
+        Ok(unsafe { &*at.as_ptr::<R>() })
+    }
+}
+
+impl<S: IoSpace> Drop for IoMem<S> {
+    fn drop(&mut self) {
+        if self.live {
+            self.live = false;
+            if let Err(e) = self.space.unmap_io(self.addr) {
+                log::error!("IoMem drop: iounmap({:#x}) of PA {:#x}: {e}", self.addr, self.phys);
+            }
+        }
+    }
+}
+
+impl<S: IoSpace> fmt::Debug for IoMem<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoMem")
+            .field("addr", &self.addr)
+            .field("phys", &self.phys)
+            .field("len", &self.len)
+            .field("attr", &self.attr)
+            .finish()
+    }
+}
+
+/// An owned mapping that is one register block `R` (of `size_of::<R>()` bytes), which it
+/// dereferences to. Unmapped on drop.
+///
+/// ```ignore
+/// let gicd: Mmio<GicDistributor> = Mmio::new(PhysAddr::new(0x0800_0000))?;
+/// let lines = 32 * (gicd.typer.read(GICD_TYPER::ITLinesNumber) + 1);
+/// ```
+pub struct Mmio<R: RegisterBlock, S: IoSpace = KernelIo> {
+    io: IoMem<S>,
+    _regs: PhantomData<R>,
+}
+
+impl<R: RegisterBlock> Mmio<R, KernelIo> {
+    /// Maps `R` at `phys` as Device-nGnRE.
+    ///
+    /// # Errors
+    /// As [`ioremap`], and [`IoremapError::Regs`] when `phys` is not aligned for `R` (the
+    /// mapping is undone then).
+    #[track_caller]
+    pub fn new(phys: PhysAddr) -> Result<Self, IoremapError> {
+        Self::map_in(KernelIo, phys, DeviceAttr::DeviceNGnRE)
+    }
+
+    /// Maps `R` at `phys` with `attr`.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    #[track_caller]
+    pub fn with_attr(phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
+        Self::map_in(KernelIo, phys, attr)
+    }
+}
+
+impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
+    /// Maps `R` at `phys` with `attr` in `space`.
+    ///
+    /// # Errors
+    /// As [`Mmio::new`].
+    #[track_caller]
+    pub fn map_in(space: S, phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
+        Self::from_io(IoMem::map_in(space, phys, size_of::<R>(), attr)?)
+    }
+
+    /// Takes a mapping whose first bytes are `R`.
+    ///
+    /// # Errors
+    /// [`IoremapError::Regs`] when `R` does not fit at offset 0 (the mapping is dropped,
+    /// so unmapped, then).
+    pub fn from_io(io: IoMem<S>) -> Result<Self, IoremapError> {
+        io.reg_addr::<R>(0)?;
+        Ok(Self { io, _regs: PhantomData })
+    }
+
+    /// The mapping.
+    pub fn io(&self) -> &IoMem<S> {
+        &self.io
+    }
+
+    /// The mapping, no longer typed.
+    pub fn into_io(self) -> IoMem<S> {
+        self.io
+    }
+
+    /// Keeps the mapping for the rest of the program; returns its address.
+    pub fn leak(self) -> VirtAddr {
+        self.io.leak()
+    }
+}
+
+impl<R: RegisterBlock, S: MappedIoSpace> Deref for Mmio<R, S> {
+    type Target = R;
+
+    fn deref(&self) -> &R {
+        // SAFETY: `from_io` checked that `R` fits at offset 0 and is aligned; the rest is
+        // `IoMem::regs`'s argument: `S: MappedIoSpace` keeps the device mapped while `self`
+        // (borrowed by the result) owns the mapping, and `R: RegisterBlock` is only ever
+        // accessed through volatile register operations.
+        unsafe { &*self.io.addr.as_ptr::<R>() }
+    }
+}
+
+impl<R: RegisterBlock, S: IoSpace> fmt::Debug for Mmio<R, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Mmio").field(&self.io).finish()
+    }
+}
+
+// ----- boot devices: the console and the GIC distributor -----
+
+static CONSOLE: Once<(VirtAddr, PhysAddr)> = Once::new();
+
+/// Moves the console (and with it the logger) to an ioremap of the device tree's PL011
+/// (Device-nGnRE), and returns the new address. Call once the memory system is up; later
+/// calls return the same address without mapping again.
+///
+/// The mapping is kept for the program's life on purpose (its [`IoMem`] is leaked): the
+/// console writes to it from any context, panics and faults included, so it must never
+/// go away. It shows in vmallocinfo as `ioremap` with `phys=` the UART's page.
+///
+/// # Errors
+/// [`IoremapError::NoDevice`] when the device tree names no PL011, or as [`ioremap`]; the
+/// console then stays where it was.
+pub fn switch_console_to_ioremap(info: &BootInfo) -> Result<VirtAddr, IoremapError> {
+    let &(va, pa) = CONSOLE.try_call_once(|| {
+        let uart = info.platform.uart.ok_or(IoremapError::NoDevice)?;
+        let size = usize::try_from(uart.size()).map_err(|_| IoremapError::TooLarge)?;
+        let io = IoMem::new(uart.start(), size)?;
+        let va = io.leak();
+        // SAFETY: `va` maps the device tree's console PL011 as Device-nGnRE, leaked above so
+        // it stays mapped for the rest of the program; the console driver is the only
+        // user of that UART and `rebase` replaces its previous instance (whose identity
+        // mapping stays valid meanwhile).
+        unsafe { hal::console::rebase(va) };
+        Ok::<_, IoremapError>((va, uart.start()))
+    })?;
+    log::info!("console: PL011 at PA {pa:#x} now reached through ioremap at {va:#x}");
+    Ok(va)
+}
+
+/// The console's ioremap address, once [`switch_console_to_ioremap`] has succeeded.
+pub fn console_mapping() -> Option<VirtAddr> {
+    CONSOLE.get().map(|&(va, _)| va)
+}
+
+/// The GIC distributor registers [`probe_gic`] reads (their layout is the same in GICv2
+/// and GICv3).
+#[allow(missing_docs)] // generated by tock-registers: constants named by the field list
+pub mod gicd {
+    use tock_registers::register_bitfields;
+
+    register_bitfields![u32,
+        /// `GICD_TYPER`, offset 0x004.
+        pub GICD_TYPER [
+            /// Interrupt lines: 32 × (N + 1).
+            ITLinesNumber OFFSET(0) NUMBITS(5) [],
+            /// Implemented CPU interfaces minus one (GICv2; zero with affinity routing).
+            CPUNumber OFFSET(5) NUMBITS(3) [],
+            /// Whether the GIC implements the Security Extensions.
+            SecurityExtn OFFSET(10) NUMBITS(1) [],
+            /// Lockable shared peripheral interrupts (GICv2).
+            LSPI OFFSET(11) NUMBITS(5) []
+        ],
+        /// `GICD_IIDR`, offset 0x008.
+        pub GICD_IIDR [
+            /// JEP106 code of the implementer (0x43b: Arm).
+            Implementer OFFSET(0) NUMBITS(12) [],
+            /// Revision.
+            Revision OFFSET(12) NUMBITS(4) [],
+            /// Variant.
+            Variant OFFSET(16) NUMBITS(4) [],
+            /// Product identifier.
+            ProductID OFFSET(24) NUMBITS(8) []
+        ]
+    ];
+}
+
+register_structs! {
+    /// The first registers of a GIC distributor.
+    pub GicDistributorRegs {
+        /// `GICD_CTLR`: distributor control.
+        (0x000 => pub ctlr: ReadWrite<u32>),
+        /// `GICD_TYPER`: what the distributor implements.
+        (0x004 => pub typer: ReadOnly<u32, gicd::GICD_TYPER::Register>),
+        /// `GICD_IIDR`: implementer identification.
+        (0x008 => pub iidr: ReadOnly<u32, gicd::GICD_IIDR::Register>),
+        (0x00c => @END),
+    }
+}
+
+// SAFETY: every field is a tock-registers register, laid out as the GIC architecture
+// specification gives (`register_structs!` checks the offsets).
+unsafe impl RegisterBlock for GicDistributorRegs {}
+
+/// What [`probe_gic`] read from the GIC distributor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GicInfo {
+    /// The distributor's physical base (device tree).
+    pub phys: PhysAddr,
+    /// Its ioremap address (kept for the program's life).
+    pub base: VirtAddr,
+    /// Bytes mapped (the device tree's `reg` size).
+    pub size: usize,
+    /// `GICD_TYPER` as read.
+    pub typer: u32,
+    /// `GICD_IIDR` as read.
+    pub iidr: u32,
+    /// Interrupt lines, 32 × (ITLinesNumber + 1) (INTIDs 1020–1023 are special even when
+    /// this says 1024).
+    pub lines: u32,
+    /// CPU interfaces, CPUNumber + 1.
+    pub cpus: u32,
+}
+
+impl GicInfo {
+    /// Decodes `GICD_TYPER` and `GICD_IIDR` of the distributor at `phys`, mapped at `base`.
+    pub fn decode(phys: PhysAddr, base: VirtAddr, size: usize, typer: u32, iidr: u32) -> Self {
+        let t = tock_registers::LocalRegisterCopy::<u32, gicd::GICD_TYPER::Register>::new(typer);
+        let lines = 32 * (t.read(gicd::GICD_TYPER::ITLinesNumber) + 1);
+        let cpus = t.read(gicd::GICD_TYPER::CPUNumber) + 1;
+        Self { phys, base, size, typer, iidr, lines, cpus }
+    }
+}
+
+impl fmt::Display for GicInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "GIC distributor at PA {:#x} (ioremap {:#x}): GICD_TYPER={:#010x}: {} interrupt lines, {} CPU interface(s); GICD_IIDR={:#010x}",
+            self.phys, self.base, self.typer, self.lines, self.cpus, self.iidr
+        )
+    }
+}
+
+static GIC: Once<GicInfo> = Once::new();
+
+/// Maps the GIC distributor the device tree names (Device-nGnRE) and reads `GICD_TYPER`
+/// (and `GICD_IIDR`) through [`GicDistributorRegs`]; logs and returns what it found. Call
+/// once the memory system is up; later calls return the same answer without mapping again.
+///
+/// The mapping is kept for the program's life (its [`IoMem`] is leaked deliberately: the
+/// interrupt controller is never given back; an interrupt driver takes its address from
+/// [`GicInfo::base`]). It shows in vmallocinfo as `ioremap` with `phys=` the distributor.
+///
+/// # Errors
+/// [`IoremapError::NoDevice`] when the device tree names no GIC, as [`ioremap`], or
+/// [`IoremapError::Regs`] when its `reg` is too small for the registers read.
+pub fn probe_gic(info: &BootInfo) -> Result<GicInfo, IoremapError> {
+    let gic = *GIC.try_call_once(|| {
+        let dist = info.platform.gic_distributor.ok_or(IoremapError::NoDevice)?;
+        let size = usize::try_from(dist.size()).map_err(|_| IoremapError::TooLarge)?;
+        let io = IoMem::new(dist.start(), size)?;
+        let regs = io.regs::<GicDistributorRegs>(0)?;
+        let (typer, iidr) = (regs.typer.get(), regs.iidr.get());
+        let gic = GicInfo::decode(dist.start(), io.addr(), size, typer, iidr);
+        io.leak();
+        Ok::<_, IoremapError>(gic)
+    })?;
+    log::info!("{gic}");
+    Ok(gic)
+}
+
+/// What [`probe_gic`] found, once it has succeeded.
+pub fn gic_info() -> Option<GicInfo> {
+    GIC.get().copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covering_range_rounds_to_pages_and_refuses() {
+        let r = covering_range(PhysAddr::new(0x0900_0004), 4).unwrap();
+        assert_eq!((r.start().as_u64(), r.end().as_u64()), (0x0900_0000, 0x0900_1000));
+        let r = covering_range(PhysAddr::new(0x0900_0ffc), 8).unwrap();
+        assert_eq!((r.start().as_u64(), r.pages()), (0x0900_0000, 2));
+        assert_eq!(covering_range(PhysAddr::new(0x0900_0000), 0), Err(IoremapError::ZeroSize));
+        assert_eq!(covering_range(PhysAddr::new(u64::MAX - 8), 100), Err(IoremapError::Overflow));
+        assert_eq!(
+            covering_range(PhysAddr::new(u64::MAX - 0xfff), 1),
+            Err(IoremapError::Overflow),
+            "end rounds to 2^64"
+        );
+        assert_eq!(covering_range(PhysAddr::new(1), usize::MAX), Err(IoremapError::Overflow));
+        assert_eq!(covering_range(PhysAddr::new(PHYS_LIMIT - 0x1000), 0x1000).map(|r| r.pages()), Ok(1));
+        assert_eq!(covering_range(PhysAddr::new(PHYS_LIMIT - 0x1000), 0x1001), Err(IoremapError::PhysTooHigh));
+        assert_eq!(covering_range(PhysAddr::new(PHYS_LIMIT), 4), Err(IoremapError::PhysTooHigh));
+    }
+
+    #[test]
+    fn register_window_checks_bounds_and_alignment() {
+        let base = VirtAddr::new(0xffff_0000_0000_0004);
+        assert_eq!(register_window(base, 0x20, 0, 4, 4), Ok(base));
+        assert_eq!(register_window(base, 0x20, 0x1c, 4, 4), Ok(base.add(0x1c)), "last word");
+        assert_eq!(
+            register_window(base, 0x20, 0x1d, 4, 4),
+            Err(RegsError::OutOfBounds { offset: 0x1d, size: 4, len: 0x20 })
+        );
+        assert_eq!(
+            register_window(base, 0x20, 0x20, 4, 4),
+            Err(RegsError::OutOfBounds { offset: 0x20, size: 4, len: 0x20 })
+        );
+        assert_eq!(register_window(base, 0x20, 0x20, 0, 1), Ok(base.add(0x20)), "empty block at the end");
+        assert!(matches!(register_window(base, 0x20, usize::MAX, 4, 4), Err(RegsError::OutOfBounds { .. })));
+        assert_eq!(register_window(base, 0x20, 2, 4, 4), Err(RegsError::Misaligned { addr: base.add(2), align: 4 }));
+        assert_eq!(register_window(base, 0x20, 4, 8, 8), Ok(base.add(4)), "base + 4 is 8-aligned");
+        assert_eq!(register_window(base, 0x20, 0, 8, 8), Err(RegsError::Misaligned { addr: base, align: 8 }));
+        let top = VirtAddr::new(u64::MAX - 3);
+        assert!(matches!(register_window(top, usize::MAX, 8, 4, 4), Err(RegsError::OutOfBounds { .. })));
+    }
+
+    #[test]
+    fn vmalloc_errors_map_to_ioremap_errors() {
+        assert_eq!(IoremapError::from(VmallocError::RamRange), IoremapError::Ram);
+        assert_eq!(IoremapError::from(VmallocError::NotAnArea), IoremapError::NotMapped);
+        assert_eq!(IoremapError::from(VmallocError::WrongKind), IoremapError::NotIoremap);
+        assert_eq!(IoremapError::from(VmallocError::DoubleFree), IoremapError::AlreadyUnmapped);
+        assert_eq!(IoremapError::from(VmallocError::NoRecords), IoremapError::Vmalloc(VmallocError::NoRecords));
+    }
+
+    #[test]
+    fn gic_typer_decodes() {
+        // QEMU virt, GICv2, 288 lines, 1 CPU: ITLinesNumber 8, CPUNumber 0.
+        let g =
+            GicInfo::decode(PhysAddr::new(0x0800_0000), VirtAddr::new(0xffff_0000_0000_0000), 0x1_0000, 0x0000_fc08, 0);
+        assert_eq!((g.lines, g.cpus), (288, 1));
+        let g = GicInfo::decode(PhysAddr::new(0), VirtAddr::new(0), 0, 0x1f | (7 << 5), 0);
+        assert_eq!((g.lines, g.cpus), (1024, 8));
+        assert!(alloc_free_format(&g).contains("1024 interrupt lines, 8 CPU interface(s)"));
+    }
+
+    fn alloc_free_format(g: &GicInfo) -> std::string::String {
+        std::format!("{g}")
+    }
+}
