@@ -72,9 +72,11 @@ pub fn run(info: &BootInfo) {
     let mut out = hal::console::Console;
     println!("  /proc/vmallocinfo:");
     let _ = kernel::write_vmallocinfo(&mut out);
+    let _ = kernel::write_vmalloc_map(&mut out, 64);
     kernel::vfree(b).expect("vfree");
     println!("  after vfree({b:#x}) — parked until the next purge:");
     let _ = kernel::write_vmallocinfo(&mut out);
+    let _ = kernel::write_vmalloc_map(&mut out, 64);
     kernel::vfree(a).expect("vfree");
     kernel::vfree(c).expect("vfree");
     if let Some(Ok(u)) = uart {

@@ -108,7 +108,7 @@ impl ExceptionClass {
     }
 }
 
-/// The fault status of an abort (ESR ISS bits [5:0]), decoded.
+/// The fault status of an abort (ESR ISS bits `[5:0]`), decoded.
 pub const fn fault_status_name(esr: u64) -> &'static str {
     match esr & 0x3f {
         0x00..=0x03 => "address size fault",

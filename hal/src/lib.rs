@@ -31,4 +31,4 @@ pub mod mmu;
 pub mod probe;
 pub mod psci;
 
-pub use addr::{PhysAddr, PhysRange, Pfn, VirtAddr, VirtRange, PAGE_SHIFT, PAGE_SIZE};
+pub use addr::{Pfn, PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SHIFT, PAGE_SIZE};

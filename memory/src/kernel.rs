@@ -460,6 +460,64 @@ pub fn write_vmallocinfo(out: &mut dyn fmt::Write) -> fmt::Result {
     }
 }
 
+/// Draws the used part of the vmalloc window, one character per chunk of `cols` equal
+/// chunks: `#` mapped vmalloc/vmap pages, `i` ioremap, `g` guard page, `p` parked (freed,
+/// awaiting the purge), `.` free. The picture spans from `VMALLOC_START` to the end of the
+/// highest area.
+///
+/// # Errors
+/// A formatter error from `out`.
+pub fn write_vmalloc_map(out: &mut dyn fmt::Write, cols: usize) -> fmt::Result {
+    const MAX_COLS: usize = 128;
+    let Ok(v) = vm() else { return Ok(()) };
+    let cols = cols.clamp(8, MAX_COLS);
+    let vm = v.lock();
+    let mut top = VMALLOC_START;
+    vm.for_each_area(|a| top = top.max(a.end.as_u64()));
+    vm.for_each_parked(|_, e| top = top.max(e.as_u64()));
+    let span = (top - VMALLOC_START).max(PAGE_SIZE as u64);
+    let chunk = span.div_ceil(cols as u64).next_multiple_of(PAGE_SIZE as u64);
+    // Rank per column: the most telling thing in it wins.
+    let mut rank = [0u8; MAX_COLS];
+    let mut paint = |s: u64, e: u64, r: u8| {
+        if e <= s {
+            return;
+        }
+        let first = ((s - VMALLOC_START) / chunk) as usize;
+        let last = ((e - 1 - VMALLOC_START) / chunk) as usize;
+        for c in rank.iter_mut().take(last.min(cols - 1) + 1).skip(first) {
+            *c = (*c).max(r);
+        }
+    };
+    vm.for_each_parked(|s, e| paint(s.as_u64(), e.as_u64(), 2));
+    vm.for_each_area(|a| {
+        let mapped_end = a.start.as_u64() + (a.pages * PAGE_SIZE) as u64;
+        paint(mapped_end, a.end.as_u64(), 1);
+        let r = if a.kind == crate::vmalloc::AreaKind::Ioremap { 4 } else { 3 };
+        paint(a.start.as_u64(), mapped_end, r);
+    });
+    drop(vm);
+    writeln!(
+        out,
+        "  {:#x} .. {:#x}, {} KiB per character:",
+        VMALLOC_START,
+        VMALLOC_START + chunk * cols as u64,
+        chunk >> 10
+    )?;
+    out.write_str("  [")?;
+    for &r in &rank[..cols] {
+        out.write_char(match r {
+            0 => '.',
+            1 => 'g',
+            2 => 'p',
+            3 => '#',
+            _ => 'i',
+        })?;
+    }
+    writeln!(out, "]")?;
+    writeln!(out, "  # vmalloc/vmap pages  i ioremap  g guard page  p parked (awaiting purge)  . free")
+}
+
 /// Largest size [`kvmalloc`] serves from the slab; larger requests go to vmalloc.
 pub const KVMALLOC_SLAB_MAX: usize = slab::KMALLOC_MAX_CACHE_SIZE;
 

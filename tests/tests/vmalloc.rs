@@ -7,7 +7,6 @@
 extern crate alloc;
 
 use alloc::string::String;
-use core::fmt::Write;
 use hal::kmap::SCRATCH_START;
 use hal::{probe, VirtAddr, VirtRange, PAGE_SIZE};
 use memory::kernel::{self, KernelBackend};

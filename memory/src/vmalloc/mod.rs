@@ -1103,6 +1103,17 @@ impl<B: VmBackend> Vmalloc<B> {
         }
     }
 
+    /// Call `f` with the range (guard page included) of every parked area: freed, not yet
+    /// purged (O(parked), in no particular order).
+    pub fn for_each_parked(&self, mut f: impl FnMut(VirtAddr, VirtAddr)) {
+        let mut cur = self.parked_head;
+        while let Some(n) = cur {
+            let nd = n.get();
+            f(VirtAddr::new(nd.start.get()), VirtAddr::new(nd.end.get()));
+            cur = nd.next.get();
+        }
+    }
+
     /// Call `f` on every live area in address order (O(n)).
     pub fn for_each_area(&self, mut f: impl FnMut(&AreaInfo)) {
         let mut cur = self.busy.first();
