@@ -44,6 +44,16 @@ pub(crate) fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
 /// FNV-1a's starting value.
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
+/// The checksum [`demo`] reports for `bytes` bytes, computed without a device (to check a
+/// report against).
+pub fn expected_checksum(bytes: usize) -> u64 {
+    let mut hash = FNV_OFFSET;
+    for offset in 0..bytes {
+        hash = fnv1a(hash, &[pattern(offset)]);
+    }
+    hash
+}
+
 /// Creates a scullv device with the defaults (64 KiB vmalloc quanta, sets of 500), writes
 /// `megabytes` MiB of a pattern in 3000-byte writes, reads it back in 5000-byte reads,
 /// checks every byte and the checksum, and trims: on return every quantum has been

@@ -103,7 +103,7 @@ use core::ptr::NonNull;
 
 use memory::vmalloc::VmallocError;
 
-pub use demo::{demo, demo_on, DemoReport};
+pub use demo::{demo, demo_on, expected_checksum, DemoReport};
 pub use quantum::{QuantumAlloc, VmallocQuanta};
 
 /// The page size quanta are counted in (`hal::PAGE_SIZE`).
@@ -317,6 +317,18 @@ impl<A: QuantumAlloc> ScullV<A> {
     /// trim).
     pub fn is_allocated(&self, offset: usize) -> bool {
         self.quantum_ptr(self.pos(offset)).is_some()
+    }
+
+    /// Where the byte at `offset` is stored — inside a vmalloc area with [`VmallocQuanta`] —
+    /// or `None` in a hole. For debugging (`memory::kernel::find_area`, `vmalloc_to_phys`)
+    /// or for mapping the quantum elsewhere, as LDD's scullv `mmap` does with
+    /// `vmalloc_to_page`. The pointer stays valid until the next [`trim`](Self::trim) or
+    /// drop; dereferencing it is `unsafe`, and must not race with a write to the device.
+    pub fn addr_of(&self, offset: usize) -> Option<NonNull<u8>> {
+        let at = self.pos(offset);
+        let q = self.quantum_ptr(at)?;
+        // `off < quantum`: the result stays inside the quantum's allocation.
+        NonNull::new(q.as_ptr().wrapping_add(at.off))
     }
 
     /// Writes all of `data` at `offset`, allocating the quanta (and quantum sets) it lands
@@ -538,16 +550,18 @@ impl<A: QuantumAlloc> ScullV<A> {
         }
         self.arrays += arrays.len();
         self.quanta += quanta.len();
+        // In allocation order, so quanta at higher offsets usually sit at higher addresses.
+        let (mut arrays, mut quanta) = (arrays.into_iter(), quanta.into_iter());
         for item in items {
             let slots = self.slots(item, first, last);
-            let set = self.data[item].get_or_insert_with(|| arrays.pop().expect("one array per missing item"));
+            let set = self.data[item].get_or_insert_with(|| arrays.next().expect("one array per missing item"));
             for slot in &mut set[slots] {
                 if slot.is_none() {
-                    *slot = Some(quanta.pop().expect("one quantum per missing slot"));
+                    *slot = Some(quanta.next().expect("one quantum per missing slot"));
                 }
             }
         }
-        debug_assert!(arrays.is_empty() && quanta.is_empty());
+        debug_assert!(arrays.next().is_none() && quanta.next().is_none());
         Ok(())
     }
 }

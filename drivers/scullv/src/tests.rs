@@ -154,6 +154,11 @@ fn sparse_writes_allocate_only_what_is_written() {
     assert_eq!((s.quanta, s.qset_arrays), (2, 2));
     assert_eq!(mock.live(), 2);
     assert!(dev.is_allocated(0) && dev.is_allocated(far) && !dev.is_allocated(Q));
+    assert_eq!(dev.addr_of(Q), None);
+    let tail = dev.addr_of(far + 3).unwrap();
+    assert_eq!(mock.0.borrow().live.get(&(tail.as_ptr() as usize - (far + 3) % Q)), Some(&Q));
+    // SAFETY: the byte is inside a live quantum of `dev`, which is not borrowed now.
+    assert_eq!(unsafe { tail.as_ptr().read() }, b'l');
     // The hole reads as zeros with `read`...
     let mut buf = vec![0xee; 3 * Q];
     assert_eq!(dev.read(far - 2 * Q, &mut buf), Ok(2 * Q + 4), "short: the data ends first");
@@ -323,6 +328,7 @@ fn demo_writes_reads_back_and_trims() {
             checksum: fnv1a(FNV_OFFSET, &expected)
         }
     );
+    assert_eq!(r.checksum, expected_checksum(3 << 20));
     assert_eq!(mock.live(), 0);
     assert_eq!(dev.size(), 0);
     // Small quanta, small sets: many arrays.
