@@ -38,8 +38,9 @@
 //! | per call | at most to the end of one quantum (short counts) | the whole buffer |
 //! | read of a hole (a quantum never written, below `size`) | returns 0, which a reader takes for end of file | reads zeros, like a sparse file |
 //! | read at or past `size` | 0 | 0; a read crossing `size` is short |
-//! | write allocation failure | `-ENOMEM`, earlier quanta of the same item stay | error, and the device is exactly as before: no quantum, array or byte changed |
+//! | write allocation failure | `-ENOMEM`; a quantum-set array allocated for the call stays (trim frees it) | error, and the device is exactly as before: no quantum, array or byte changed |
 //! | zero-length write | still allocates the quantum at the offset | does nothing |
+//! | allocation on read | `scullv_follow` adds list items (unchecked `kmalloc`) | none |
 //!
 //! [`ScullV::read_quantum`] and [`ScullV::write_quantum`] keep LDD's per-call semantics
 //! (at most one quantum, 0 at a hole) for a file interface that wants them. New quanta come
