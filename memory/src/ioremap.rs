@@ -698,7 +698,7 @@ impl<R: RegisterBlock, S: IoSpace> fmt::Debug for Mmio<R, S> {
 
 // ----- boot devices: the console and the GIC distributor -----
 
-static CONSOLE: Once<(VirtAddr, PhysAddr)> = Once::new();
+static CONSOLE: Once<VirtAddr> = Once::new();
 
 /// Moves the console (and with it the logger) to an ioremap of the device tree's PL011
 /// (Device-nGnRE), and returns the new address. Call once the memory system is up; later
@@ -712,7 +712,7 @@ static CONSOLE: Once<(VirtAddr, PhysAddr)> = Once::new();
 /// [`IoremapError::NoDevice`] when the device tree names no PL011, or as [`ioremap`]; the
 /// console then stays where it was.
 pub fn switch_console_to_ioremap(info: &BootInfo) -> Result<VirtAddr, IoremapError> {
-    let &(va, pa) = CONSOLE.try_call_once(|| {
+    let &va = CONSOLE.try_call_once(|| {
         let uart = info.platform.uart.ok_or(IoremapError::NoDevice)?;
         let size = usize::try_from(uart.size()).map_err(|_| IoremapError::TooLarge)?;
         let io = IoMem::new(uart.start(), size)?;
@@ -722,15 +722,15 @@ pub fn switch_console_to_ioremap(info: &BootInfo) -> Result<VirtAddr, IoremapErr
         // user of that UART and `rebase` replaces its previous instance (whose identity
         // mapping stays valid meanwhile).
         unsafe { hal::console::rebase(va) };
-        Ok::<_, IoremapError>((va, uart.start()))
+        log::info!("console: PL011 at PA {:#x} now reached through ioremap at {va:#x}", uart.start());
+        Ok::<_, IoremapError>(va)
     })?;
-    log::info!("console: PL011 at PA {pa:#x} now reached through ioremap at {va:#x}");
     Ok(va)
 }
 
 /// The console's ioremap address, once [`switch_console_to_ioremap`] has succeeded.
 pub fn console_mapping() -> Option<VirtAddr> {
-    CONSOLE.get().map(|&(va, _)| va)
+    CONSOLE.get().copied()
 }
 
 /// The GIC distributor registers [`probe_gic`] reads (their layout is the same in GICv2
@@ -826,7 +826,8 @@ static GIC: Once<GicInfo> = Once::new();
 
 /// Maps the GIC distributor the device tree names (Device-nGnRE) and reads `GICD_TYPER`
 /// (and `GICD_IIDR`) through [`GicDistributorRegs`]; logs and returns what it found. Call
-/// once the memory system is up; later calls return the same answer without mapping again.
+/// once the memory system is up; later calls return the same answer without mapping (or
+/// logging) again.
 ///
 /// The mapping is kept for the program's life (its [`IoMem`] is leaked deliberately: the
 /// interrupt controller is never given back; an interrupt driver takes its address from
@@ -844,9 +845,9 @@ pub fn probe_gic(info: &BootInfo) -> Result<GicInfo, IoremapError> {
         let (typer, iidr) = (regs.typer.get(), regs.iidr.get());
         let gic = GicInfo::decode(dist.start(), io.addr(), size, typer, iidr);
         io.leak();
+        log::info!("{gic}");
         Ok::<_, IoremapError>(gic)
     })?;
-    log::info!("{gic}");
     Ok(gic)
 }
 
