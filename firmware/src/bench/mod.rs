@@ -1,0 +1,386 @@
+//! Linux's `lib/test_vmalloc.c` workloads on our vmalloc, run from the kernel command line
+//! exactly as Linux's built-in test module:
+//!
+//! ```text
+//! test_vmalloc.run_test_mask=M test_vmalloc.test_loop_count=L test_vmalloc.nr_pages=P
+//! test_vmalloc.test_repeat_count=R      (defaults: all, 1,000,000, 1, 1 — as Linux)
+//! test_vmalloc.scaling=1                the scaling table (see `scaling.rs`) after the cases
+//! test_vmalloc.nr_pcpu_objects=N        pcpu_alloc_test's object count (35,000)
+//! seed=S (or test_vmalloc.seed=S)       the generator of the random cases
+//! ```
+//!
+//! Cases by mask bit, as Linux's: 1 fix_size, 2 full_fit, 4 long_busy_list, 8 random_size,
+//! 16 fix_align, 32 random_size_align, 64 align_shift (expected to fail: xfailed), 128
+//! pcpu_alloc_test (kmalloc stands in for the per-cpu allocator we do not have), 256/512
+//! kvfree_rcu_* (skipped: no RCU), 1024 vm_map_ram, 2048 no_block_alloc (Linux 6.17: xfail
+//! there; our vmalloc never sleeps), 4096 vrealloc (Linux 6.15). Cases run in bit order
+//! (Linux's `sequential_test_order=1`) on the boot CPU (`nr_threads=1`).
+//!
+//! Each case prints Linux's line `Summary: NAME passed: N failed: N xfailed: N repeat: R
+//! loops: L avg: U usec` (µs for one whole case, setup included, averaged over repeats),
+//! then what it did: frames taken and returned, PTEs written, TLB operations and purges —
+//! checked against what the workload implies ([`check::Model`]) — and the pages whose
+//! translation was verified (every page of every [`cases::SAMPLE_EVERY`]th iteration).
+//! Before and after each repeat everything parked is purged and buddy, slab, page tables and
+//! vmallocinfo are compared ([`check::Baseline`]); any difference fails the repeat. At the
+//! end a table compares the times with Linux's (`../shared/bench/linux-test_vmalloc.md`).
+//! The run exits 0 when no case failed.
+
+mod cases;
+mod check;
+mod scaling;
+
+use hal::boot::BootInfo;
+use hal::println;
+use memory::kernel;
+
+use cases::{Ctx, Outcome, Rng};
+use check::{Baseline, Measured, Model};
+
+/// Whether the command line asks for the bench instead of the boot report.
+pub fn requested(info: &BootInfo) -> bool {
+    info.cmdline().params().flatten().any(|p| p.key.starts_with("test_vmalloc."))
+}
+
+/// The parameters, with Linux's defaults.
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    mask: u64,
+    loops: u32,
+    nr_pages: usize,
+    repeat: u32,
+    nr_pcpu: usize,
+    seed: u64,
+    scaling: bool,
+}
+
+const DEFAULT_SEED: u64 = 0x7e57_5eed;
+
+/// The `test_vmalloc.*` parameters we read (others are warned about).
+const KNOWN: &[&str] = &[
+    "run_test_mask",
+    "test_loop_count",
+    "nr_pages",
+    "test_repeat_count",
+    "nr_threads",
+    "sequential_test_order",
+    "use_huge",
+    "nr_pcpu_objects",
+    "scaling",
+    "seed",
+];
+
+impl Params {
+    fn from_cmdline(info: &BootInfo) -> Self {
+        let cmd = info.cmdline();
+        let num = |key: &str, default: u64| match cmd.get_u64(key) {
+            Ok(v) => v.unwrap_or(default),
+            Err(_) => {
+                log::warn!("test_vmalloc: {key}={:?} is not a number; using {default}", cmd.get(key).unwrap_or(""));
+                default
+            }
+        };
+        for p in cmd.params().flatten() {
+            if let Some(k) = p.key.strip_prefix("test_vmalloc.") {
+                if !KNOWN.contains(&k) {
+                    log::warn!("test_vmalloc: unknown parameter {k}");
+                }
+            }
+        }
+        if num("test_vmalloc.nr_threads", 0) > 1 {
+            log::warn!("test_vmalloc: nr_threads > 1 is not supported; running one worker");
+        }
+        if num("test_vmalloc.use_huge", 0) != 0 || cmd.get("test_vmalloc.use_huge").is_some_and(|v| v == "Y") {
+            log::warn!("test_vmalloc: use_huge is not supported; fix_size_alloc_test maps 4 KiB pages");
+        }
+        let seed = num("seed", DEFAULT_SEED);
+        Self {
+            mask: num("test_vmalloc.run_test_mask", i32::MAX as u64),
+            // Linux: values <= 0 mean 1.
+            loops: num("test_vmalloc.test_loop_count", 1_000_000).clamp(1, i32::MAX as u64) as u32,
+            nr_pages: num("test_vmalloc.nr_pages", 0).clamp(1, 1 << 20) as usize,
+            repeat: num("test_vmalloc.test_repeat_count", 1).clamp(1, i32::MAX as u64) as u32,
+            nr_pcpu: num("test_vmalloc.nr_pcpu_objects", 35_000).clamp(1, 1 << 22) as usize,
+            seed: num("test_vmalloc.seed", seed),
+            scaling: matches!(cmd.get_bool("test_vmalloc.scaling"), Ok(Some(true))),
+        }
+    }
+}
+
+/// What a case does here.
+#[derive(Clone, Copy)]
+enum Body {
+    Run(fn(&mut Ctx) -> Outcome),
+    Skip(&'static str),
+}
+
+struct Case {
+    name: &'static str,
+    body: Body,
+    /// Linux's `xfail`: a failure of the workload is expected.
+    xfail: bool,
+    /// Linux 6.1's median time for 1,000,000 loops (µs), from
+    /// `../shared/bench/linux-test_vmalloc.md` (`/work/shared/bench/linux-test_vmalloc.md`).
+    linux_us: Option<u64>,
+}
+
+/// Linux's cases, in mask-bit order.
+const CASES: [Case; 13] = [
+    Case {
+        name: "fix_size_alloc_test",
+        body: Body::Run(cases::fix_size_alloc_test),
+        xfail: false,
+        linux_us: Some(4_612_497),
+    },
+    Case {
+        name: "full_fit_alloc_test",
+        body: Body::Run(cases::full_fit_alloc_test),
+        xfail: false,
+        linux_us: Some(5_906_250),
+    },
+    Case {
+        name: "long_busy_list_alloc_test",
+        body: Body::Run(cases::long_busy_list_alloc_test),
+        xfail: false,
+        linux_us: Some(44_310_873),
+    },
+    Case {
+        name: "random_size_alloc_test",
+        body: Body::Run(cases::random_size_alloc_test),
+        xfail: false,
+        linux_us: Some(29_795_534),
+    },
+    Case {
+        name: "fix_align_alloc_test",
+        body: Body::Run(cases::fix_align_alloc_test),
+        xfail: false,
+        linux_us: Some(13_581_402),
+    },
+    Case {
+        name: "random_size_align_alloc_test",
+        body: Body::Run(cases::random_size_align_alloc_test),
+        xfail: false,
+        linux_us: Some(20_602_964),
+    },
+    Case {
+        name: "align_shift_alloc_test",
+        body: Body::Run(cases::align_shift_alloc_test),
+        xfail: true,
+        linux_us: None,
+    },
+    Case { name: "pcpu_alloc_test", body: Body::Run(cases::pcpu_alloc_test), xfail: false, linux_us: None },
+    Case {
+        name: "kvfree_rcu_1_arg_vmalloc_test",
+        body: Body::Skip("no RCU (kvfree_rcu needs grace periods)"),
+        xfail: false,
+        linux_us: None,
+    },
+    Case {
+        name: "kvfree_rcu_2_arg_vmalloc_test",
+        body: Body::Skip("no RCU (kvfree_rcu needs grace periods)"),
+        xfail: false,
+        linux_us: None,
+    },
+    Case { name: "vm_map_ram_test", body: Body::Run(cases::vm_map_ram_test), xfail: false, linux_us: None },
+    Case { name: "no_block_alloc_test", body: Body::Run(cases::no_block_alloc_test), xfail: true, linux_us: None },
+    Case { name: "vrealloc_test", body: Body::Run(cases::vrealloc_test), xfail: false, linux_us: None },
+];
+
+/// A case's tallies, Linux's fields.
+#[derive(Clone, Copy, Default)]
+struct Tally {
+    passed: u32,
+    failed: u32,
+    xfailed: u32,
+    avg_us: u64,
+}
+
+/// Touches every free frame once (QEMU backs guest RAM lazily with host huge pages; the
+/// first touch of each 2 MiB costs milliseconds), as a booted Linux's RAM has been: takes
+/// every free block, largest first, writes each page, and gives them all back.
+fn warm_up() {
+    let Some(lin) = hal::kmap::linear_map() else { return };
+    let t0 = hal::cpu::counter();
+    let mut head: Option<hal::PhysAddr> = None;
+    let mut pages = 0usize;
+    for order in (0..=memory::buddy::MAX_ORDER).rev() {
+        while let Ok(pa) = memory::buddy::alloc_pages(order) {
+            let p = lin.ptr::<u64>(pa);
+            // SAFETY: the block of 2^order frames was just taken from the buddy allocator and
+            // is ours until freed below; the identity map covers it. Each page's first word is
+            // written, and the block's first two words then link it into our list.
+            unsafe {
+                for i in 0..1usize << order {
+                    p.wrapping_add(i * hal::PAGE_SIZE / 8).write_volatile(0);
+                }
+                p.write(head.map_or(0, hal::PhysAddr::as_u64));
+                p.add(1).write(order as u64);
+            }
+            head = Some(pa);
+            pages += 1 << order;
+        }
+    }
+    while let Some(pa) = head {
+        let p = lin.ptr::<u64>(pa);
+        // SAFETY: a block linked above: its first two words hold the next block and its order.
+        let (next, order) = unsafe { (p.read(), p.add(1).read() as usize) };
+        // SAFETY: the block came from alloc_pages(order) above and nothing else refers to it.
+        if let Err(e) = unsafe { memory::buddy::free_pages(pa, order) } {
+            log::error!("test_vmalloc: warm-up free {pa:#x}: {e}");
+        }
+        head = (next != 0).then_some(hal::PhysAddr::new(next));
+    }
+    let ms = hal::cpu::ticks_to_ns(hal::cpu::counter() - t0) / 1_000_000;
+    println!("test_vmalloc: warm-up touched {pages} free pages in {ms} ms");
+}
+
+/// Runs one case `repeat` times with the checks around each repeat.
+fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> Tally {
+    let mut t = Tally::default();
+    let mut ticks = 0u64;
+    let (mut model, mut measured) = (Model::default(), Measured::default());
+    let (mut verified, mut tables, mut slab_moved, mut in_place, mut moved) = (0u64, 0isize, 0isize, 0u64, 0u64);
+    let mut align_fail = None;
+    for r in 0..p.repeat {
+        let seed = p.seed ^ (idx as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(r) << 48;
+        let mut c = Ctx::new(p.loops, p.nr_pages, p.nr_pcpu, Rng::new(seed));
+        c.purge();
+        let before = Baseline::take();
+        let s0 = kernel::vmalloc_stats().unwrap_or_default();
+        let t0 = hal::cpu::counter();
+        let outcome = f(&mut c);
+        ticks += hal::cpu::counter() - t0;
+        c.purge();
+        let after = Baseline::take();
+        let s1 = kernel::vmalloc_stats().unwrap_or_default();
+        let m = Measured::delta(&s0, &s1);
+        let mut checks = after.matches(&before, case.name);
+        if !m.agrees(&c.model) {
+            println!("  {}: CHECK FAILED: counters {m:?}", case.name);
+            println!("  {}: but the workload implies {:?}", case.name, c.model);
+            checks = false;
+        }
+        if c.bad > 0 {
+            println!("  {}: CHECK FAILED: {} verification failures", case.name, c.bad);
+            checks = false;
+        }
+        match (outcome, checks) {
+            (Ok(()), true) => t.passed += 1,
+            (Err(()), true) if case.xfail => t.xfailed += 1,
+            _ => t.failed += 1,
+        }
+        model.add(&c.model);
+        measured.add(&m);
+        verified += c.verified_pages;
+        tables += after.tables_grown(&before);
+        slab_moved += after.slab_pages_moved(&before);
+        in_place += c.realloc_in_place;
+        moved += c.realloc_moved;
+        align_fail = align_fail.or(c.align_fail);
+    }
+    t.avg_us = hal::cpu::ticks_to_ns(ticks) / 1000 / u64::from(p.repeat);
+    println!(
+        "Summary: {} passed: {} failed: {} xfailed: {} repeat: {} loops: {} avg: {} usec",
+        case.name, t.passed, t.failed, t.xfailed, p.repeat, p.loops, t.avg_us
+    );
+    let per_loop = hal::cpu::ticks_to_ns(ticks) / u64::from(p.repeat) / u64::from(p.loops);
+    let agree = if measured.agrees(&model) { "as the workload implies" } else { "MISMATCH (see above)" };
+    println!(
+        "  {per_loop} ns/loop; frames {} taken, {} returned; {} PTEs written; TLB: {} full flushes, {} page ops in {} \
+         batches; {} purges; {} failed calls — {agree}",
+        measured.frames_taken,
+        measured.frames_returned,
+        model.ptes,
+        measured.full,
+        measured.page_ops,
+        measured.batches,
+        measured.purges,
+        measured.failures,
+    );
+    println!(
+        "  translation verified for {verified} pages (every page, every {}th iteration); page tables kept: {tables:+}; \
+         slab pages {slab_moved:+} (same objects)",
+        cases::SAMPLE_EVERY
+    );
+    if let Some(s) = align_fail {
+        println!("  first failure at align 2^{s} (Linux arm64: 2^47; our window is 2^47 bytes)");
+    }
+    if in_place + moved > 0 {
+        println!("  vrealloc: {in_place} resized in place, {moved} moved");
+    }
+    t
+}
+
+fn comparison(p: &Params, tallies: &[Option<Tally>]) {
+    let scaled = p.loops != 1_000_000;
+    println!("\ntest_vmalloc vs Linux 6.1 on the same QEMU (../shared/bench/linux-test_vmalloc.md, median of 5 boots)");
+    if scaled {
+        println!("  (Linux's 1,000,000-loop figures scaled to {} loops: setup is not scaled, no verdict)", p.loops);
+    }
+    println!("  {:<30} {:>12} {:>12} {:>7}  goal <= 0.50", "case", "ours usec", "Linux usec", "ratio");
+    for (case, t) in CASES.iter().zip(tallies) {
+        let Some(t) = t else { continue };
+        let linux = case.linux_us.filter(|_| !(case.name == "fix_size_alloc_test" && p.nr_pages != 1));
+        match linux {
+            Some(l) => {
+                let l = l * u64::from(p.loops) / 1_000_000;
+                let r = t.avg_us as f64 / l.max(1) as f64;
+                let verdict = match (scaled, r <= 0.5) {
+                    (true, _) => "-",
+                    (false, true) => "met",
+                    (false, false) => "MISSED",
+                };
+                println!("  {:<30} {:>12} {:>12} {:>7.2}  {verdict}", case.name, t.avg_us, l, r);
+            }
+            None => println!("  {:<30} {:>12} {:>12} {:>7}", case.name, t.avg_us, "-", "-"),
+        }
+    }
+}
+
+/// Runs the cases the command line selects and returns whether all passed.
+pub fn run(info: &BootInfo) -> bool {
+    let p = Params::from_cmdline(info);
+    println!(
+        "test_vmalloc: run_test_mask={:#x} test_loop_count={} nr_pages={} test_repeat_count={} seed={:#x}{}",
+        p.mask,
+        p.loops,
+        p.nr_pages,
+        p.repeat,
+        p.seed,
+        if p.scaling { " scaling=1" } else { "" }
+    );
+    warm_up();
+    let mut tallies: [Option<Tally>; CASES.len()] = [None; CASES.len()];
+    let (mut skipped, mut total) = (0u32, Tally::default());
+    for (idx, case) in CASES.iter().enumerate() {
+        if p.mask & (1 << idx) == 0 {
+            continue;
+        }
+        match case.body {
+            Body::Skip(why) => {
+                println!("{}: skipped: {why}", case.name);
+                skipped += 1;
+            }
+            Body::Run(f) => {
+                let t = run_case(idx, case, f, &p);
+                total.passed += t.passed;
+                total.failed += t.failed;
+                total.xfailed += t.xfailed;
+                tallies[idx] = Some(t);
+            }
+        }
+    }
+    let scaling_ok = !p.scaling || scaling::run();
+    comparison(&p, &tallies);
+    if let Some(s) = kernel::vmalloc_stats() {
+        println!("\n  purge time: max {} us, p99 {} us", s.purge_ns_max / 1000, s.purge_ns_p99 / 1000);
+    }
+    if !scaling_ok {
+        total.failed += 1;
+    }
+    println!(
+        "test_vmalloc: {} passed, {} failed ({} xfailed, {} skipped)",
+        total.passed, total.failed, total.xfailed, skipped
+    );
+    total.failed == 0
+}
