@@ -1,11 +1,13 @@
 //! Host benchmark: our buddy allocator against `buddy_system_allocator::FrameAllocator`,
 //! our kmalloc against `talc`. Median of 5 runs, plain `Instant`; prints a table.
 //!
-//! Run with `cargo bench -p memory --bench alloc`.
+//! Run with `cargo bench -p memory --bench alloc`; `-- buddy` or `-- kmalloc` runs one
+//! group, `-- nohot` turns the buddy's order-0 hot list off (to measure what it buys).
 
 use std::alloc::{alloc_zeroed, Layout};
 use std::hint::black_box;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use buddy_system_allocator::FrameAllocator;
@@ -35,10 +37,17 @@ fn ram() -> LinearMap {
     unsafe { LinearMap::new(phys, VirtAddr::new(p as u64)) }
 }
 
+/// `-- nohot`: the buddy allocators are built with their hot list off.
+static NO_HOT: AtomicBool = AtomicBool::new(false);
+
 fn ours(linear: LinearMap) -> BuddyAllocator {
     // SAFETY: every run builds a fresh allocator over the same buffer, after the previous
     // one (and everything it handed out) is gone.
-    unsafe { BuddyAllocator::new(&[linear.phys_range()], &[], linear, false) }.unwrap()
+    let mut a = unsafe { BuddyAllocator::new(&[linear.phys_range()], &[], linear, false) }.unwrap();
+    if NO_HOT.load(Ordering::Relaxed) {
+        a.set_hot_limits(0, 1);
+    }
+    a
 }
 
 fn theirs() -> FrameAllocator<{ MAX_ORDER + 1 }> {
@@ -240,6 +249,42 @@ fn buddy_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         other_name: "buddy_system_allocator (single)",
         other: rows[1].other,
     });
+
+    // vmalloc's hot path: 16 frames (a 64 KiB area) in bulk, given back in bulk.
+    const SMALL: usize = 16;
+    const SMALL_ROUNDS: usize = 100_000;
+    let mine = median(|| {
+        let mut a = ours(linear);
+        let mut v = [PhysAddr::new(0); SMALL];
+        let t = Instant::now();
+        for _ in 0..SMALL_ROUNDS {
+            assert_eq!(a.alloc_bulk(black_box(&mut v)), SMALL);
+            // SAFETY: allocated just above, freed once.
+            unsafe { a.free_bulk(black_box(&v)) }.unwrap();
+        }
+        t.elapsed()
+    });
+    let other = median(|| {
+        let mut f = theirs();
+        let mut v = [0usize; SMALL];
+        let t = Instant::now();
+        for _ in 0..SMALL_ROUNDS {
+            for p in v.iter_mut() {
+                *p = f.alloc(1).unwrap();
+            }
+            for &p in black_box(&v) {
+                f.dealloc(p, 1);
+            }
+        }
+        t.elapsed()
+    });
+    rows.push(Row {
+        name: "buddy: alloc_bulk 16 + free_bulk 16",
+        ops: 2 * SMALL * SMALL_ROUNDS,
+        ours: mine,
+        other_name: "buddy_system_allocator (single)",
+        other,
+    });
 }
 
 type TalcHeap = Talc<Manual, DefaultBinning>;
@@ -368,7 +413,11 @@ fn slab_rows(linear: LinearMap, rows: &mut Vec<Row>) {
 
 fn main() {
     // `cargo bench -p memory --bench alloc -- buddy|kmalloc` runs one group.
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let mut filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    if let Some(i) = filter.iter().position(|a| a == "nohot") {
+        NO_HOT.store(true, Ordering::Relaxed);
+        filter.remove(i);
+    }
     let want = |g: &str| filter.is_empty() || filter.iter().any(|f| f == g);
     let linear = ram();
     let mut rows = Vec::new();

@@ -19,6 +19,38 @@
 //! 2 MiB-aligned physical block (usable for a block mapping). A block never spans two
 //! regions (nor a reserved frame), even when regions touch.
 //!
+//! # Order-0 hot list
+//! Most allocations are single frames (page tables, slabs, vmalloc's pages), and a lone
+//! order-0 alloc/free pair would otherwise split a block down through every order and merge
+//! it back up. Like Linux's per-CPU page lists (one CPU here), the allocator keeps a small
+//! cache of free order-0 frames outside the buddy lists: [`BuddyAllocator::alloc`] of order 0
+//! and [`BuddyAllocator::alloc_bulk`] take from it first (the most recently freed frame
+//! first: its lines are likely still in the data cache), and order-0 frees put frames on it.
+//! When it is empty, an order-0 allocation refills it with `batch` frames taken from the
+//! lists at once; when a free takes it above `high` frames, the `batch` coldest ones go back
+//! to the lists (and merge). Defaults: [`HOT_HIGH`] 64 and [`HOT_BATCH`] 16, as Linux's
+//! `pcp->high`/`pcp->batch` on a small zone; [`BuddyAllocator::set_hot_limits`] changes them
+//! (`high` 0 turns the hot list off). An alloc/free ping-pong of order 0 thus never touches
+//! the lists. The hot list is a ring of at most [`HOT_CAPACITY`] frame numbers inside the
+//! allocator value: it writes nothing to the frames (except the poison in strict mode).
+//!
+//! Accounting stays exact:
+//! - a frame on the hot list is *free*: it counts in [`BuddyAllocator::free_pages`] and
+//!   [`BuddyStats::free_pages`], and apart in [`BuddyStats::hot_pages`];
+//! - as in Linux, whose `/proc/buddyinfo` does not count per-CPU pages, the free-block
+//!   counts ([`BuddyAllocator::free_blocks`], [`BuddyInfo`]) are those of the buddy lists
+//!   only, so `free_pages == Σ free_blocks[o] << o + hot_pages`. Call
+//!   [`BuddyAllocator::drain_hot`] (or [`drain_hot`] on the global instance) first for the
+//!   buddyinfo of fully merged memory, e.g. to compare it with the boot state;
+//! - a hot frame has its own state byte ("free, hot"): freeing it again is
+//!   [`BuddyError::NotAllocated`], exactly as for a frame on the lists, and it is never
+//!   merged with its buddy until it is drained;
+//! - an allocation of order > 0 that finds no block drains the hot list and retries, so it
+//!   fails only when the memory really is not there; order 0 fails only when both the hot
+//!   list and the lists are empty;
+//! - [`BuddyAllocator::check_consistency`] checks the hot list too (states, no duplicates,
+//!   the counts).
+//!
 //! # Metadata, and its cost
 //! Two arrays of one byte per frame of every region (reserved frames included), carved
 //! at initialisation from the first free, page-aligned stretch of the managed RAM (no heap
@@ -34,13 +66,15 @@
 //! That is 2 bytes per 4,096-byte frame = **0.0488 %** of RAM, rounded up to whole pages:
 //! 16 pages (64 KiB) for 128 MiB, 512 pages (2 MiB) for 4 GiB. The free lists cost
 //! nothing (they live in the free memory), and the fixed part (`BuddyAllocator` itself,
-//! about 500 bytes) lives wherever the value lives (a `static` on target). A state array
+//! about 1.6 KiB with the hot list's ring) lives wherever the value lives (a `static` on
+//! target). A state array
 //! alone would be 0.024 %; per-frame list links (2 × u32) would have brought the total to
 //! 0.22 %, over the 0.2 % budget, hence the intrusive lists. See [`metadata_bytes`].
 //!
 //! # Strict mode
 //! With `strict`, every free frame is filled with [`POISON_BYTE`] (except the 16-byte list
-//! node at the head of each free block), and every allocation checks the poison before
+//! node at the head of each block on the lists; frames on the hot list are poisoned whole),
+//! and every allocation checks the poison before
 //! handing the block out. A mismatch (someone wrote to memory after freeing it) is logged
 //! with `log::error!` (address and first bad offset) and counted in
 //! [`BuddyStats::corruptions`]; the block is still handed out.
@@ -75,6 +109,17 @@ pub const MAX_REGIONS: usize = 8;
 pub const POISON_BYTE: u8 = 0xaa;
 /// Bytes of metadata per frame (state byte and owner tag).
 pub const METADATA_BYTES_PER_FRAME: usize = 2;
+/// Most frames the order-0 hot list can hold (its `high` watermark is at most one less).
+pub const HOT_CAPACITY: usize = 128;
+/// Default high watermark of the hot list: a free that takes it above this many frames
+/// gives a batch back to the lists.
+pub const HOT_HIGH: usize = 64;
+/// Default batch of the hot list: frames taken from the lists when it is empty, and given
+/// back when it is above its high watermark.
+pub const HOT_BATCH: usize = 16;
+
+// A hot-list entry packs a frame number with its region's slot in 3 bits.
+const _: () = assert!(MAX_REGIONS <= 8 && HOT_CAPACITY.is_power_of_two());
 
 /// Size of the free-list node at the head of every free block.
 const NODE_BYTES: usize = core::mem::size_of::<FreeNode>();
@@ -88,6 +133,8 @@ const ST_TAIL: u8 = 0x00;
 const ST_FREE: u8 = 0x40;
 /// Head of an allocated block; low bits: order.
 const ST_ALLOC: u8 = 0x80;
+/// A free order-0 frame on the hot list (not on any buddy list).
+const ST_HOT: u8 = 0x20;
 /// Not managed: reserved, metadata.
 const ST_NONE: u8 = 0xff;
 /// Order bits of a state byte.
@@ -100,6 +147,71 @@ struct FreeNode {
     next: u64,
     /// Frame number of the previous free block of the same order, or [`NIL`].
     prev: u64,
+}
+
+/// The order-0 hot list: a ring of entries `pfn << 3 | region slot`, used as a stack at
+/// its top (the most recently freed frame is handed out first) and drained from its
+/// bottom (the coldest frames go back to the lists first).
+#[derive(Clone, Copy)]
+struct HotList {
+    ring: [u64; HOT_CAPACITY],
+    /// Ring index of the bottom (oldest) entry.
+    bottom: usize,
+    /// Entries held.
+    len: usize,
+    /// A free that takes `len` above `high` gives `batch` frames back; 0: hot list off.
+    high: usize,
+    /// Frames moved at once between the hot list and the buddy lists (`1..=high`).
+    batch: usize,
+}
+
+impl HotList {
+    const MASK: usize = HOT_CAPACITY - 1;
+
+    const fn new() -> Self {
+        HotList { ring: [0; HOT_CAPACITY], bottom: 0, len: 0, high: HOT_HIGH, batch: HOT_BATCH }
+    }
+
+    #[inline(always)]
+    fn entry(pfn: u64, slot: usize) -> u64 {
+        pfn << 3 | slot as u64
+    }
+
+    #[inline(always)]
+    fn push_top(&mut self, e: u64) {
+        debug_assert!(self.len < HOT_CAPACITY);
+        self.ring[(self.bottom + self.len) & Self::MASK] = e;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    fn pop_top(&mut self) -> u64 {
+        debug_assert!(self.len > 0);
+        self.len -= 1;
+        self.ring[(self.bottom + self.len) & Self::MASK]
+    }
+
+    #[inline(always)]
+    fn push_bottom(&mut self, e: u64) {
+        debug_assert!(self.len < HOT_CAPACITY);
+        self.bottom = (self.bottom + Self::MASK) & Self::MASK;
+        self.ring[self.bottom] = e;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    fn pop_bottom(&mut self) -> u64 {
+        debug_assert!(self.len > 0);
+        let e = self.ring[self.bottom];
+        self.bottom = (self.bottom + 1) & Self::MASK;
+        self.len -= 1;
+        e
+    }
+
+    /// The entries, bottom to top.
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.len).map(|i| self.ring[(self.bottom + i) & Self::MASK])
+    }
 }
 
 /// Why a buddy allocator operation was refused.
@@ -174,6 +286,8 @@ struct RegionInfo {
     frames: u64,
     /// Index of the region's first frame in the metadata arrays.
     index: usize,
+    /// The region's slot in [`FrameMap`] (what hot-list entries record).
+    slot: usize,
 }
 
 /// The map from physical frames to their index in the per-frame metadata arrays.
@@ -279,8 +393,11 @@ pub struct BuddyStats {
     pub total_pages: usize,
     /// Frames free now.
     pub free_pages: usize,
-    /// Free blocks per order.
+    /// Free blocks per order on the buddy lists (the hot list's frames are not counted
+    /// here, as Linux's buddyinfo does not count per-CPU pages).
     pub free_blocks: [usize; NR_ORDERS],
+    /// Free order-0 frames on the hot list (included in `free_pages`).
+    pub hot_pages: usize,
     /// Frames of the regions that are reserved (not managed), metadata excluded.
     pub reserved_pages: usize,
     /// Frames the metadata occupies.
@@ -292,7 +409,8 @@ pub struct BuddyStats {
 }
 
 impl BuddyStats {
-    /// The free-block counts in the format of Linux's `/proc/buddyinfo`.
+    /// The free-block counts of the buddy lists in the format of Linux's
+    /// `/proc/buddyinfo` (hot-list frames not included; see the module docs).
     pub fn buddyinfo(&self) -> BuddyInfo {
         BuddyInfo { free_blocks: self.free_blocks }
     }
@@ -368,6 +486,8 @@ pub struct BuddyAllocator {
     alloc_failures: u64,
     corruptions: u64,
     strict: bool,
+    /// Free order-0 frames kept off the lists (see the module docs).
+    hot: HotList,
 }
 
 // SAFETY: the raw pointers lead to the allocator's own metadata and to free RAM it owns
@@ -379,6 +499,7 @@ impl fmt::Debug for BuddyAllocator {
         f.debug_struct("BuddyAllocator")
             .field("total_pages", &self.total_pages)
             .field("free_pages", &self.free_pages)
+            .field("hot_pages", &self.hot.len)
             .field("metadata", &self.meta)
             .field("strict", &self.strict)
             .finish_non_exhaustive()
@@ -435,7 +556,7 @@ impl BuddyAllocator {
                 infos[i] = infos[i - 1];
                 i -= 1;
             }
-            infos[i] = RegionInfo { start_pfn: s, frames: e - s, index: 0 };
+            infos[i] = RegionInfo { start_pfn: s, frames: e - s, index: 0, slot: 0 };
             len += 1;
         }
         if len == 0 {
@@ -447,6 +568,7 @@ impl BuddyAllocator {
                 return Err(BuddyError::OverlappingRegions);
             }
             infos[i].index = frames;
+            infos[i].slot = i;
             frames += infos[i].frames as usize;
         }
         let map = FrameMap { regions: infos, len, frames };
@@ -479,6 +601,7 @@ impl BuddyAllocator {
             alloc_failures: 0,
             corruptions: 0,
             strict,
+            hot: HotList::new(),
         };
         alloc.build(reserved, meta_start, meta_frames);
         if alloc.total_pages == 0 {
@@ -682,21 +805,83 @@ impl BuddyAllocator {
 
     // ----- allocation -----
 
-    /// Allocates a block of `2^order` frames, aligned on its size.
+    /// Allocates a block of `2^order` frames, aligned on its size. Order 0 comes from the
+    /// hot list (refilled from the lists when empty; see the module docs).
     ///
     /// # Errors
     /// [`BuddyError::BadOrder`] above [`MAX_ORDER`]; [`BuddyError::OutOfMemory`] when no
-    /// block is free; [`BuddyError::Corrupted`] when a free list was overwritten. Only the
-    /// failure counter changes.
+    /// block is free (the hot list was drained first); [`BuddyError::Corrupted`] when a free
+    /// list was overwritten. On `OutOfMemory` and `BadOrder` only the failure counter
+    /// changes, besides the drain of the hot list.
     #[inline]
     pub fn alloc(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
+        if order == 0 && self.hot.high != 0 {
+            if self.hot.len == 0 {
+                self.refill_hot()?;
+            }
+            return Ok(self.alloc_hot());
+        }
         if order > MAX_ORDER {
             self.alloc_failures += 1;
             return Err(BuddyError::BadOrder);
         }
+        let (pfn, idx) = match self.take(order) {
+            Ok(t) => t,
+            Err(e) => self.take_after_drain(order, e)?,
+        };
+        self.set_state(idx, ST_ALLOC | order as u8);
+        self.free_pages -= 1 << order;
+        if self.strict {
+            self.check_poison(pfn, ((1usize << order) << PAGE_SHIFT) - NODE_BYTES, NODE_BYTES);
+        }
+        Ok(PhysAddr::new(pfn << PAGE_SHIFT))
+    }
+
+    /// Hands out the top frame of the (non-empty) hot list.
+    #[inline(always)]
+    fn alloc_hot(&mut self) -> PhysAddr {
+        let e = self.hot.pop_top();
+        let (pfn, idx) = self.hot_entry(e);
+        self.set_state(idx, ST_ALLOC);
+        self.free_pages -= 1;
+        if self.strict {
+            self.check_poison(pfn, PAGE_SIZE, 0);
+        }
+        PhysAddr::new(pfn << PAGE_SHIFT)
+    }
+
+    /// The frame number and metadata index of a hot-list entry.
+    #[inline(always)]
+    fn hot_entry(&self, e: u64) -> (u64, usize) {
+        let r = &self.map.regions[(e & 7) as usize];
+        let pfn = e >> 3;
+        (pfn, r.index + (pfn - r.start_pfn) as usize)
+    }
+
+    /// `take(order)` failed with `err`: when it was for want of memory and the hot list
+    /// holds frames (which may complete a block), drains it and tries again. Counts the
+    /// failure when there is one.
+    #[cold]
+    fn take_after_drain(&mut self, order: usize, err: BuddyError) -> Result<(u64, usize), BuddyError> {
+        let r = if err == BuddyError::OutOfMemory && self.hot.len != 0 {
+            self.drain_hot();
+            self.take(order)
+        } else {
+            Err(err)
+        };
+        if r.is_err() {
+            self.alloc_failures += 1;
+        }
+        r
+    }
+
+    /// Takes a block of `order` off the lists, splitting a larger one when needed (the
+    /// upper halves go back on the lists). Returns its frame number and metadata index; the
+    /// head's state, `free_pages` and the counters are the caller's to update.
+    #[inline(always)]
+    fn take(&mut self, order: usize) -> Result<(u64, usize), BuddyError> {
         let avail = self.nonempty >> order;
         if avail == 0 {
-            self.alloc_failures += 1;
             return Err(BuddyError::OutOfMemory);
         }
         let mut o = order + avail.trailing_zeros() as usize;
@@ -710,12 +895,38 @@ impl BuddyAllocator {
             self.push(pfn + (1 << o), o);
             self.set_state(idx + (1 << o), ST_FREE | o as u8);
         }
-        self.set_state(idx, ST_ALLOC | order as u8);
-        self.free_pages -= 1 << order;
-        if self.strict {
-            self.check_poison(pfn, ((1usize << order) << PAGE_SHIFT) - NODE_BYTES, NODE_BYTES);
+        Ok((pfn, idx))
+    }
+
+    /// Fills the empty hot list with up to `batch` frames from the lists, lowest address on
+    /// top (so that low memory is still handed out first).
+    ///
+    /// # Errors
+    /// The error of the first frame that could not be taken, when none could (then the
+    /// failure is counted).
+    #[cold]
+    fn refill_hot(&mut self) -> Result<(), BuddyError> {
+        debug_assert_eq!(self.hot.len, 0);
+        for _ in 0..self.hot.batch {
+            let (pfn, idx) = match self.take(0) {
+                Ok(t) => t,
+                Err(e) if self.hot.len == 0 => {
+                    self.alloc_failures += 1;
+                    return Err(e);
+                }
+                Err(_) => break,
+            };
+            self.set_state(idx, ST_HOT);
+            if self.strict {
+                // The list node becomes part of a frame poisoned whole. The rest of the
+                // frame is checked when it is handed out.
+                // SAFETY: the frame is free memory owned by the allocator.
+                unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, NODE_BYTES) };
+            }
+            let slot = self.map.region_of(pfn).map_or(0, |r| r.slot);
+            self.hot.push_bottom(HotList::entry(pfn, slot));
         }
-        Ok(PhysAddr::new(pfn << PAGE_SHIFT))
+        Ok(())
     }
 
     /// Allocates a block of `2^order` frames filled with zeroes.
@@ -729,7 +940,8 @@ impl BuddyAllocator {
         Ok(pa)
     }
 
-    /// Reports a free-list head outside managed RAM, and drops the list.
+    /// Reports a free-list head outside managed RAM, and drops the list. The caller counts
+    /// the failed allocation.
     #[cold]
     fn corrupted_list(&mut self, order: usize) -> BuddyError {
         log::error!(
@@ -737,7 +949,6 @@ impl BuddyAllocator {
             self.heads[order]
         );
         self.corruptions += 1;
-        self.alloc_failures += 1;
         self.heads[order] = NIL;
         self.free_pages -= self.counts[order] << order;
         self.counts[order] = 0;
@@ -765,12 +976,18 @@ impl BuddyAllocator {
     }
 
     /// Allocates order-0 frames into `out` until it is full or memory runs out; returns
-    /// how many were allocated (`out[..n]`). Large blocks are broken up whole when the
-    /// request is big enough, so the cost per frame stays a few stores.
+    /// how many were allocated (`out[..n]`). The hot list's frames go first; then large
+    /// blocks are broken up whole when the request is big enough, so the cost per frame
+    /// stays a few stores. The hot list is not refilled.
     ///
     /// A call that comes up short counts as one allocation failure.
     pub fn alloc_bulk(&mut self, out: &mut [PhysAddr]) -> usize {
         let mut n = 0;
+        while n < out.len() && self.hot.len != 0 {
+            out[n] = self.alloc_hot();
+            n += 1;
+        }
+        let from_hot = n;
         while n < out.len() {
             if self.nonempty & 1 != 0 {
                 let Some(r) = self.map.region_of(self.heads[0]).copied() else {
@@ -821,7 +1038,8 @@ impl BuddyAllocator {
                 self.check_poison(pfn, (PAGE_SIZE << o) - NODE_BYTES, NODE_BYTES);
             }
         }
-        self.free_pages -= n;
+        // `alloc_hot` already counted its frames.
+        self.free_pages -= n - from_hot;
         if n < out.len() {
             self.alloc_failures += 1;
         }
@@ -849,11 +1067,13 @@ impl BuddyAllocator {
         Err(match st {
             ST_NONE => BuddyError::Reserved,
             s if s & ST_ALLOC != 0 => BuddyError::WrongOrder { allocated: s & ST_ORDER },
+            // Free on the lists, free on the hot list, or inside a block.
             _ => BuddyError::NotAllocated,
         })
     }
 
-    /// Frees the block of `2^order` frames at `pa`, merging it with its free buddies.
+    /// Frees the block of `2^order` frames at `pa`: an order-0 frame goes on the hot list,
+    /// a larger block merges with its free buddies.
     ///
     /// # Errors
     /// Nothing changes when an error is returned:
@@ -861,7 +1081,8 @@ impl BuddyAllocator {
     /// - [`BuddyError::Misaligned`]: `pa` not aligned on `PAGE_SIZE << order`;
     /// - [`BuddyError::OutOfRange`]: `pa` outside every managed region;
     /// - [`BuddyError::Reserved`]: `pa` in a reserved range or the metadata;
-    /// - [`BuddyError::NotAllocated`]: `pa` is free (double free) or inside a block;
+    /// - [`BuddyError::NotAllocated`]: `pa` is free (double free, on the lists or on the
+    ///   hot list) or inside a block;
     /// - [`BuddyError::WrongOrder`]: the block was allocated with another order.
     ///
     /// # Safety
@@ -871,19 +1092,92 @@ impl BuddyAllocator {
     #[inline]
     pub unsafe fn free(&mut self, pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
         let (r, idx) = self.check_allocated(pa, order)?;
-        self.free_checked(r, idx, pa.as_u64() >> PAGE_SHIFT, order);
+        let pfn = pa.as_u64() >> PAGE_SHIFT;
+        if order == 0 && self.hot.high != 0 {
+            self.free_hot(r.slot, idx, pfn);
+            if self.hot.len > self.hot.high {
+                self.drain_hot_batch(self.hot.batch);
+            }
+        } else {
+            self.free_checked(r, idx, pfn, order);
+        }
         Ok(())
     }
 
-    /// Frees a block already checked by `check_allocated`.
+    /// Puts an allocated order-0 frame (checked) on top of the hot list, which has room.
+    #[inline(always)]
+    fn free_hot(&mut self, slot: usize, idx: usize, pfn: u64) {
+        if self.strict {
+            // SAFETY: the frame is allocated, and its owner gave it back.
+            unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, PAGE_SIZE) };
+        }
+        self.set_state(idx, ST_HOT);
+        self.free_pages += 1;
+        self.hot.push_top(HotList::entry(pfn, slot));
+    }
+
+    /// Gives the `n` coldest frames of the hot list back to the buddy lists.
+    #[cold]
+    fn drain_hot_batch(&mut self, n: usize) {
+        for _ in 0..n.min(self.hot.len) {
+            let e = self.hot.pop_bottom();
+            let r = self.map.regions[(e & 7) as usize];
+            let (pfn, idx) = self.hot_entry(e);
+            // Strict mode: a hot frame is poisoned whole already.
+            self.merge(r, idx, pfn, 0);
+        }
+    }
+
+    /// Gives every frame of the hot list back to the buddy lists, where they merge; returns
+    /// how many. Afterwards [`Self::free_blocks`] describes all free memory, fully merged
+    /// (what a comparison of buddyinfo with an earlier state needs). `free_pages` does not
+    /// change.
+    pub fn drain_hot(&mut self) -> usize {
+        let n = self.hot.len;
+        self.drain_hot_batch(n);
+        n
+    }
+
+    /// Sets the hot list's high watermark and batch (see the module docs): `high` is
+    /// clamped to `HOT_CAPACITY - 1`, `batch` to `1..=high`; `high` 0 turns the hot list
+    /// off (order-0 frees then merge at once, as for other orders). Frames above the new
+    /// watermark go back to the lists.
+    pub fn set_hot_limits(&mut self, high: usize, batch: usize) {
+        let high = high.min(HOT_CAPACITY - 1);
+        self.hot.high = high;
+        self.hot.batch = batch.clamp(1, high.max(1));
+        if self.hot.len > high {
+            self.drain_hot_batch(self.hot.len - high);
+        }
+    }
+
+    /// The hot list's high watermark and batch.
+    pub fn hot_limits(&self) -> (usize, usize) {
+        (self.hot.high, self.hot.batch)
+    }
+
+    /// Free order-0 frames on the hot list now (counted in [`Self::free_pages`], not in
+    /// [`Self::free_blocks`]).
+    pub fn hot_pages(&self) -> usize {
+        self.hot.len
+    }
+
+    /// Frees a block already checked by `check_allocated` to the lists.
     #[inline(always)]
     fn free_checked(&mut self, r: RegionInfo, idx: usize, pfn: u64, order: usize) {
         if self.strict {
             // SAFETY: the block is allocated, and its owner gave it back.
             unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, PAGE_SIZE << order) };
         }
-        self.set_state(idx, ST_TAIL);
         self.free_pages += 1 << order;
+        self.merge(r, idx, pfn, order);
+    }
+
+    /// Puts the free block at `pfn` (already counted free, poisoned in strict mode) on the
+    /// lists, merging it with its free buddies.
+    #[inline(always)]
+    fn merge(&mut self, r: RegionInfo, idx: usize, pfn: u64, order: usize) {
+        self.set_state(idx, ST_TAIL);
         let (mut pfn, mut idx, mut o) = (pfn, idx, order);
         while o < MAX_ORDER {
             let buddy = pfn ^ (1 << o);
@@ -911,7 +1205,8 @@ impl BuddyAllocator {
         self.push(pfn, o);
     }
 
-    /// Frees order-0 frames. Every valid entry is freed, even after an invalid one.
+    /// Frees order-0 frames: onto the hot list while it is below its high watermark, then
+    /// to the lists. Every valid entry is freed, even after an invalid one.
     ///
     /// # Errors
     /// The error of the first invalid entry (as [`Self::free`] with order 0); invalid
@@ -925,7 +1220,14 @@ impl BuddyAllocator {
         let mut first_err = Ok(());
         for &pa in frames {
             match self.check_allocated(pa, 0) {
-                Ok((r, idx)) => self.free_checked(r, idx, pa.as_u64() >> PAGE_SHIFT, 0),
+                Ok((r, idx)) => {
+                    let pfn = pa.as_u64() >> PAGE_SHIFT;
+                    if self.hot.len < self.hot.high {
+                        self.free_hot(r.slot, idx, pfn);
+                    } else {
+                        self.free_checked(r, idx, pfn, 0);
+                    }
+                }
                 Err(e) => {
                     if first_err.is_ok() {
                         first_err = Err(e);
@@ -960,7 +1262,7 @@ impl BuddyAllocator {
 
     // ----- introspection -----
 
-    /// Frames free now.
+    /// Frames free now (on the lists or on the hot list).
     pub fn free_pages(&self) -> usize {
         self.free_pages
     }
@@ -970,7 +1272,8 @@ impl BuddyAllocator {
         self.total_pages
     }
 
-    /// Free blocks per order.
+    /// Free blocks per order on the buddy lists (not counting the hot list; see
+    /// [`Self::drain_hot`]).
     pub fn free_blocks(&self) -> [usize; NR_ORDERS] {
         self.counts
     }
@@ -1007,6 +1310,7 @@ impl BuddyAllocator {
             total_pages: self.total_pages,
             free_pages: self.free_pages,
             free_blocks: self.counts,
+            hot_pages: self.hot.len,
             reserved_pages: self.reserved_pages,
             metadata_pages: self.meta.pages() as usize,
             alloc_failures: self.alloc_failures,
@@ -1014,15 +1318,17 @@ impl BuddyAllocator {
         }
     }
 
-    /// The `/proc/buddyinfo` line.
+    /// The `/proc/buddyinfo` line of the buddy lists (not counting the hot list, as Linux
+    /// does not count per-CPU pages; [`Self::drain_hot`] first for all free memory).
     pub fn buddyinfo(&self) -> BuddyInfo {
         BuddyInfo { free_blocks: self.counts }
     }
 
-    /// Walks every free list and the whole state array and checks that they agree:
-    /// list links, counts, states, alignment, that no two free buddies were left
-    /// unmerged, and that the free frame count matches. O(frames): for tests and
-    /// debugging.
+    /// Walks every free list, the hot list and the whole state array and checks that they
+    /// agree: list links, counts, states, alignment, that no two free buddies were left
+    /// unmerged, that every hot-list entry is a distinct frame in the hot state (and no
+    /// other frame is), the watermark, and that the free frame count matches. O(frames):
+    /// for tests and debugging.
     ///
     /// # Errors
     /// A description of the first inconsistency found.
@@ -1079,17 +1385,41 @@ impl BuddyAllocator {
             }
             free += n << o;
         }
-        if free != self.free_pages {
-            return Err("free page count disagrees with the lists");
+        if self.hot.len > self.hot.high || self.hot.batch == 0 || self.hot.batch > self.hot.high.max(1) {
+            return Err("hot list above its watermark, or bad batch");
         }
-        let heads = (0..self.map.frames)
-            .filter(|&i| {
-                let s = self.state_at(i);
-                s != ST_NONE && s & ST_FREE != 0
-            })
-            .count();
+        for (i, e) in self.hot.iter().enumerate() {
+            let slot = (e & 7) as usize;
+            let pfn = e >> 3;
+            let r = self.map.region_of(pfn).ok_or("hot frame outside RAM")?;
+            if r.slot != slot {
+                return Err("hot entry names the wrong region");
+            }
+            if self.state_at(r.index + (pfn - r.start_pfn) as usize) != ST_HOT {
+                return Err("hot frame's state is not hot");
+            }
+            if self.hot.iter().skip(i + 1).any(|x| x == e) {
+                return Err("frame twice on the hot list");
+            }
+        }
+        free += self.hot.len;
+        if free != self.free_pages {
+            return Err("free page count disagrees with the lists and the hot list");
+        }
+        let (mut heads, mut hot) = (0, 0);
+        for i in 0..self.map.frames {
+            match self.state_at(i) {
+                ST_NONE => {}
+                ST_HOT => hot += 1,
+                s if s & ST_FREE != 0 => heads += 1,
+                _ => {}
+            }
+        }
         if heads != self.counts.iter().sum::<usize>() {
             return Err("free heads in the state array disagree with the lists");
+        }
+        if hot != self.hot.len {
+            return Err("hot frames in the state array disagree with the hot list");
         }
         Ok(())
     }
@@ -1198,6 +1528,13 @@ pub fn alloc_pages_bulk(out: &mut [PhysAddr]) -> usize {
 pub unsafe fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
     // SAFETY: forwarded to our caller.
     with(|a| unsafe { a.free_bulk(frames) })?
+}
+
+/// [`BuddyAllocator::drain_hot`] on the global allocator: gives the hot list back to the
+/// buddy lists, so that [`stats`]' buddyinfo shows all free memory fully merged. Returns
+/// the frames moved (0 before [`init`]).
+pub fn drain_hot() -> usize {
+    with(|a| a.drain_hot()).unwrap_or(0)
 }
 
 /// The global allocator's counters, or `None` before [`init`].

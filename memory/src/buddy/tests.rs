@@ -145,13 +145,37 @@ fn init_layout_and_buddyinfo() {
     assert_eq!(line.len(), "Node 0, zone   Normal".len() + 7 * NR_ORDERS);
 }
 
-/// 100,000 random operations of mixed orders against a model of the live blocks.
+/// 100,000 random operations of mixed orders against a model of the live blocks, with
+/// the default hot list.
 #[test]
 fn model_random_ops() {
+    model(HOT_HIGH, HOT_BATCH, 0xb0dd1e5);
+}
+
+/// The same without the hot list (every order-0 free merges at once).
+#[test]
+fn model_random_ops_no_hot_list() {
+    model(0, 1, 0xb0dd1e6);
+}
+
+/// The same with a tiny hot list, refilled and drained all the time.
+#[test]
+fn model_random_ops_tiny_hot_list() {
+    model(3, 2, 0xb0dd1e7);
+}
+
+/// The same with the largest hot list, batch 1.
+#[test]
+fn model_random_ops_large_hot_list() {
+    model(HOT_CAPACITY - 1, 1, 0xb0dd1e8);
+}
+
+fn model(high: usize, batch: usize, seed: u64) {
     let m = Machine::new();
     let mut a = m.alloc(false);
+    a.set_hot_limits(high, batch);
     let start = a.stats();
-    let mut rng = SmallRng::seed_from_u64(0xb0dd1e5);
+    let mut rng = SmallRng::seed_from_u64(seed);
     // Live blocks: start -> order, and start -> end for the overlap check.
     let mut live: HashMap<u64, usize> = HashMap::new();
     let mut spans: BTreeMap<u64, u64> = BTreeMap::new();
@@ -205,6 +229,7 @@ fn model_random_ops() {
             // Orders skewed small: order k with probability ~ 2^-(k+1).
             let order = (rng.random::<u32>() | 1 << MAX_ORDER).trailing_zeros() as usize;
             let before = a.free_blocks();
+            let hot_before = a.hot_pages();
             match a.alloc(order) {
                 Ok(pa) => {
                     add(pa, order, &mut live, &mut spans, &mut keys, &a);
@@ -212,13 +237,19 @@ fn model_random_ops() {
                 }
                 Err(BuddyError::OutOfMemory) => {
                     failures += 1;
-                    assert_eq!(a.free_blocks(), before, "failed alloc changed the lists");
-                    assert!(before[order..].iter().all(|&n| n == 0));
+                    // The hot list was drained before giving up (order 0 only fails with
+                    // it empty); otherwise nothing changed.
+                    assert_eq!(a.hot_pages(), 0, "failed alloc left frames on the hot list");
+                    if hot_before == 0 {
+                        assert_eq!(a.free_blocks(), before, "failed alloc changed the lists");
+                    }
+                    assert!(a.free_blocks()[order..].iter().all(|&n| n == 0));
                 }
                 Err(e) => panic!("unexpected {e}"),
             }
         }
         assert_eq!(a.free_pages(), start.free_pages - live_pages);
+        assert!(a.hot_pages() <= high);
         if step % 5_000 == 0 {
             a.check_consistency().unwrap();
         }
@@ -233,8 +264,14 @@ fn model_random_ops() {
         free(&mut a, PhysAddr::new(s), order).unwrap();
     }
     a.check_consistency().unwrap();
+    assert_eq!(a.free_pages(), start.free_pages);
+    // The hot list holds up to `high` frames off the lists; drained, memory merges back.
+    let hot = a.hot_pages();
+    assert_eq!(a.drain_hot(), hot);
+    a.check_consistency().unwrap();
     let end = a.stats();
     assert_eq!(end.free_pages, start.free_pages);
+    assert_eq!(end.hot_pages, 0);
     assert_eq!(end.free_blocks, start.free_blocks);
 }
 
@@ -323,9 +360,11 @@ fn bulk_runs_out_part_way() {
     assert_eq!(a.alloc_bulk(&mut out[..1]), 0);
     assert_eq!(a.alloc(0), Err(BuddyError::OutOfMemory));
     free_bulk(&mut a, &out[..n]).unwrap();
+    assert_eq!(a.hot_pages(), HOT_HIGH, "bulk frees fill the hot list up to its watermark");
     free(&mut a, held, 3).unwrap();
     a.check_consistency().unwrap();
     assert_eq!(a.free_pages(), total);
+    a.drain_hot();
     assert_eq!(a.free_blocks(), m.alloc_fresh_blocks());
 }
 
@@ -461,5 +500,256 @@ fn global_instance_and_frames() {
     // SAFETY: the global allocator is already initialised: refused before touching RAM.
     let again = unsafe { init(&[], &[], *global().unwrap().lock().linear_map(), false) };
     assert_eq!(again, Err(BuddyError::AlreadyInitialized));
+    global().unwrap().lock().check_consistency().unwrap();
+}
+
+// ----- the order-0 hot list -----
+
+#[test]
+fn hot_list_ping_pong_never_touches_the_lists() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let fresh = a.stats();
+    assert_eq!((fresh.hot_pages, a.hot_limits()), (0, (HOT_HIGH, HOT_BATCH)));
+    // The first order-0 allocation refills a batch; low memory still comes first.
+    let p = a.alloc(0).unwrap();
+    assert_eq!(p.as_u64(), BASE + 0x20_b000);
+    assert_eq!(a.hot_pages(), HOT_BATCH - 1);
+    assert_eq!(a.free_pages(), fresh.free_pages - 1);
+    free(&mut a, p, 0).unwrap();
+    assert_eq!(a.hot_pages(), HOT_BATCH);
+    let lists = a.free_blocks();
+    for _ in 0..10_000 {
+        let q = a.alloc(0).unwrap();
+        assert_eq!(q, p, "the most recently freed frame comes back first");
+        free(&mut a, q, 0).unwrap();
+    }
+    assert_eq!(a.free_blocks(), lists, "ping-pong touched the lists");
+    assert_eq!(a.hot_pages(), HOT_BATCH);
+    // Hot frames are free: counted in free_pages, not in buddyinfo.
+    let s = a.stats();
+    assert_eq!(s.free_pages, fresh.free_pages);
+    let listed: usize = s.free_blocks.iter().enumerate().map(|(o, n)| n << o).sum();
+    assert_eq!(listed + s.hot_pages, s.free_pages);
+    a.check_consistency().unwrap();
+    assert_eq!(a.drain_hot(), HOT_BATCH);
+    assert_eq!(a.stats().free_blocks, fresh.free_blocks);
+    assert_eq!(a.stats(), fresh);
+}
+
+#[test]
+fn hot_list_watermarks() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let fresh = a.stats();
+    let mut v: Vec<PhysAddr> = (0..200).map(|_| a.alloc(0).unwrap()).collect();
+    // 200 = 12 batches of 16 + 8: 13 refills, 8 frames left hot.
+    assert_eq!(a.hot_pages(), 13 * HOT_BATCH - 200);
+    a.check_consistency().unwrap();
+    let mut max = 0;
+    for (i, &p) in v.iter().enumerate() {
+        free(&mut a, p, 0).unwrap();
+        max = max.max(a.hot_pages());
+        assert!(a.hot_pages() <= HOT_HIGH);
+        if i % 17 == 0 {
+            a.check_consistency().unwrap();
+        }
+    }
+    assert_eq!(max, HOT_HIGH, "drains a batch only above the watermark");
+    // 8 + 200 = 208 frames went through: each drain at 65 leaves 49.
+    assert!(a.hot_pages() > HOT_HIGH - HOT_BATCH);
+    assert_eq!(a.free_pages(), fresh.free_pages);
+    a.check_consistency().unwrap();
+    // Lowering the watermark drains the excess; high 0 turns the hot list off.
+    a.set_hot_limits(10, 100);
+    assert_eq!(a.hot_limits(), (10, 10));
+    assert_eq!(a.hot_pages(), 10);
+    a.check_consistency().unwrap();
+    a.set_hot_limits(0, 16);
+    assert_eq!((a.hot_pages(), a.hot_limits()), (0, (0, 1)));
+    assert_eq!(a.stats(), fresh);
+    v.clear();
+    let p = a.alloc(0).unwrap();
+    free(&mut a, p, 0).unwrap();
+    assert_eq!(a.stats(), fresh, "no hot list: an order-0 free merges at once");
+    a.set_hot_limits(1000, 0);
+    assert_eq!(a.hot_limits(), (HOT_CAPACITY - 1, 1));
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn hot_frames_cannot_be_freed_twice() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let p = a.alloc(0).unwrap();
+    let q = a.alloc(0).unwrap();
+    free(&mut a, p, 0).unwrap();
+    let before = a.stats();
+    assert_eq!(free(&mut a, p, 0), Err(BuddyError::NotAllocated), "double free of a hot frame");
+    assert_eq!(free_bulk(&mut a, &[p]), Err(BuddyError::NotAllocated));
+    // A hot frame aligned like an order-1 block is still "not allocated" as one.
+    let mut held = vec![q];
+    while (held.last().unwrap().as_u64() >> 12) % 2 != 0 {
+        held.push(a.alloc(0).unwrap());
+    }
+    let even = *held.last().unwrap();
+    free_bulk(&mut a, &held).unwrap();
+    let before2 = a.stats();
+    assert_eq!(free(&mut a, even, 1), Err(BuddyError::NotAllocated));
+    assert_eq!(a.stats(), before2);
+    assert_ne!(before, before2);
+    a.check_consistency().unwrap();
+    // A frame still on the hot list (never handed out) is refused as well.
+    let other = a.alloc(0).unwrap();
+    let (e, _) = a.hot_entry(a.hot.ring[(a.hot.bottom + a.hot.len - 1) & (HOT_CAPACITY - 1)]);
+    let untouched = PhysAddr::new(e << 12);
+    assert_ne!(untouched, other);
+    let before3 = a.stats();
+    assert_eq!(free(&mut a, untouched, 0), Err(BuddyError::NotAllocated));
+    assert_eq!(a.stats(), before3);
+    free(&mut a, other, 0).unwrap();
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn larger_orders_drain_the_hot_list_before_failing() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let total = a.total_pages();
+    let mut out = vec![PhysAddr::default(); total];
+    assert_eq!(a.alloc_bulk(&mut out), total);
+    // Give back one aligned 64-frame block's worth of frames: all of it lands on the hot
+    // list, the lists stay empty.
+    let set: std::collections::HashSet<u64> = out.iter().map(|p| p.as_u64()).collect();
+    let start = out
+        .iter()
+        .map(|p| p.as_u64())
+        .find(|&s| s % (64 * PAGE_SIZE as u64) == 0 && (0..64).all(|i| set.contains(&(s + i * PAGE_SIZE as u64))))
+        .unwrap();
+    let block: Vec<PhysAddr> = (0..64).map(|i| PhysAddr::new(start + i * PAGE_SIZE as u64)).collect();
+    free_bulk(&mut a, &block).unwrap();
+    assert_eq!((a.hot_pages(), a.free_pages()), (64, 64));
+    assert_eq!(a.free_blocks(), [0; NR_ORDERS]);
+    a.check_consistency().unwrap();
+    // Order 7 cannot be had even after the drain: fails, hot list drained and merged.
+    let failures = a.stats().alloc_failures;
+    assert_eq!(a.alloc(7), Err(BuddyError::OutOfMemory));
+    assert_eq!(a.stats().alloc_failures, failures + 1);
+    assert_eq!(a.hot_pages(), 0);
+    assert_eq!(a.free_blocks()[6], 1, "the 64 frames merged into one block");
+    // Refill the hot list from that block, then order 6 drains it and succeeds.
+    let p = a.alloc(0).unwrap();
+    free(&mut a, p, 0).unwrap();
+    assert_eq!(a.hot_pages(), HOT_BATCH);
+    assert_eq!(a.alloc(6).unwrap().as_u64(), start);
+    assert_eq!((a.hot_pages(), a.free_pages()), (0, 0));
+    // Order 0 with empty lists and a non-empty hot list is served from the hot list.
+    free(&mut a, out[0], 0).unwrap();
+    assert_eq!(a.free_blocks(), [0; NR_ORDERS]);
+    assert_eq!(a.alloc(0), Ok(out[0]));
+    assert_eq!(a.alloc(0), Err(BuddyError::OutOfMemory));
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn bulk_takes_the_hot_list_first() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let v: Vec<PhysAddr> = (0..40).map(|_| a.alloc(0).unwrap()).collect();
+    free_bulk(&mut a, &v).unwrap();
+    let hot = a.hot_pages();
+    assert_eq!(hot, 40 + 3 * HOT_BATCH - 40);
+    let mut out = vec![PhysAddr::default(); hot + 5];
+    assert_eq!(a.alloc_bulk(&mut out), hot + 5);
+    assert_eq!(a.hot_pages(), 0);
+    // The hot list's top (the last frame freed) came first.
+    assert_eq!(out[0], v[39]);
+    a.check_consistency().unwrap();
+    free_bulk(&mut a, &out).unwrap();
+    assert_eq!(a.hot_pages(), hot + 5);
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn check_consistency_covers_the_hot_list() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let p = a.alloc(0).unwrap();
+    free(&mut a, p, 0).unwrap();
+    a.check_consistency().unwrap();
+    // A duplicated entry.
+    let top = a.hot.pop_top();
+    a.hot.push_top(top);
+    a.hot.push_top(top);
+    a.free_pages += 1;
+    assert_eq!(a.check_consistency(), Err("frame twice on the hot list"));
+    a.hot.pop_top();
+    a.free_pages -= 1;
+    a.check_consistency().unwrap();
+    // A hot frame whose state says allocated.
+    let (_, idx) = a.hot_entry(top);
+    a.set_state(idx, ST_ALLOC);
+    assert_eq!(a.check_consistency(), Err("hot frame's state is not hot"));
+    a.set_state(idx, ST_HOT);
+    // A count that disagrees.
+    a.free_pages += 1;
+    assert!(a.check_consistency().is_err());
+    a.free_pages -= 1;
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn strict_mode_with_the_hot_list() {
+    let m = Machine::new();
+    let mut a = m.alloc(true);
+    let pa = a.alloc(0).unwrap();
+    let p = va(&a, pa) as *mut u8;
+    // SAFETY: the frame is allocated to the test.
+    unsafe { p.write_bytes(0x11, PAGE_SIZE) };
+    free(&mut a, pa, 0).unwrap();
+    assert_eq!(a.hot_pages(), HOT_BATCH);
+    // A hot frame is poisoned whole (no list node in it).
+    assert!(all_bytes(p, PAGE_SIZE, POISON_BYTE));
+    // Clean refills and ping-pongs report nothing.
+    for _ in 0..3 {
+        let q = a.alloc(0).unwrap();
+        free(&mut a, q, 0).unwrap();
+    }
+    assert_eq!(a.stats().corruptions, 0);
+    // A write after free into a hot frame, even in the bytes a list node would cover, is
+    // caught when the frame is handed out again.
+    // SAFETY: a stray write into free simulated RAM: what strict mode detects.
+    unsafe { p.add(3).write(0) };
+    assert_eq!(a.alloc(0).unwrap(), pa);
+    assert_eq!(a.stats().corruptions, 1);
+    free(&mut a, pa, 0).unwrap();
+    // One caught after the frame was drained to the lists and merged.
+    // SAFETY: as above.
+    unsafe { p.add(0x800).write(0) };
+    a.drain_hot();
+    let mut out = vec![PhysAddr::default(); a.total_pages()];
+    assert_eq!(a.alloc_bulk(&mut out), a.total_pages());
+    assert_eq!(a.stats().corruptions, 2);
+    free_bulk(&mut a, &out).unwrap();
+    a.check_consistency().unwrap();
+    // Frames drained from the hot list into the lists keep their poison: nothing new.
+    a.drain_hot();
+    assert_eq!(a.alloc_bulk(&mut out), a.total_pages());
+    assert_eq!(a.stats().corruptions, 2);
+    free_bulk(&mut a, &out).unwrap();
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn global_drain_hot() {
+    let _g = testram::global_lock();
+    let p = alloc_pages(0).unwrap();
+    // SAFETY: allocated just above, never used.
+    unsafe { free_pages(p, 0) }.unwrap();
+    let s = stats().unwrap();
+    assert!(s.hot_pages > 0);
+    assert_eq!(drain_hot(), s.hot_pages);
+    let d = stats().unwrap();
+    assert_eq!((d.hot_pages, d.free_pages), (0, s.free_pages));
     global().unwrap().lock().check_consistency().unwrap();
 }
