@@ -61,6 +61,23 @@ pub fn run(info: &BootInfo) {
     }
     drop((boxed, v, map));
 
+    section("scullv: a RAM device in vmalloc'd quanta (drivers/scullv)");
+    match scullv::demo(4) {
+        Ok(r) => println!(
+            "  wrote and read back {} KiB in {} quanta of {} KiB ({} qset array), checksum {:#018x} (expected {:#018x}), trimmed",
+            r.bytes >> 10,
+            r.quanta,
+            r.quantum_size >> 10,
+            r.qset_arrays,
+            r.checksum,
+            scullv::expected_checksum(r.bytes)
+        ),
+        Err(e) => println!("  scullv demo failed: {e}"),
+    }
+    let parked = kernel::vmalloc_stats().map_or(0, |s| s.parked_areas);
+    kernel::purge();
+    println!("  its {parked} freed quanta were parked (no TLB flush yet); one purge flushed and recycled them");
+
     section("vmalloc at work");
     let a = kernel::vzalloc(3 * 4096).expect("vzalloc");
     let b = kernel::vmalloc(100).expect("vmalloc");

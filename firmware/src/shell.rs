@@ -27,6 +27,7 @@ numbers: decimal or 0x hex; `$` is the last address a command returned, `$+N` ad
 
 struct Shell {
     last: u64,
+    scull: scullv::ScullV,
 }
 
 fn report_fault(what: &str, addr: u64, f: Fault) {
@@ -43,6 +44,45 @@ fn report_fault(what: &str, addr: u64, f: Fault) {
 }
 
 impl Shell {
+    fn scullv(&mut self, sub: Option<&str>, arg: Option<&str>) {
+        match (sub, arg.and_then(parse_u64)) {
+            (Some("write"), Some(kib)) => {
+                let chunk = [0u8; 1024];
+                let mut at = self.scull.size();
+                for i in 0..kib {
+                    let mut buf = chunk;
+                    buf.iter_mut().enumerate().for_each(|(j, b)| *b = (i as usize + j) as u8);
+                    if let Err(e) = self.scull.write(at, &buf) {
+                        println!("scullv write: {e}");
+                        return;
+                    }
+                    at += buf.len();
+                }
+                let s = self.scull.stats();
+                println!("scullv: {} bytes in {} quanta", s.size, s.quanta);
+            }
+            (Some("read"), None) => {
+                let mut buf = [0u8; 4096];
+                let (mut at, mut sum) = (0usize, 0u64);
+                loop {
+                    let n = self.scull.read(at, &mut buf).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    sum = buf[..n].iter().fold(sum, |s, &b| s.wrapping_mul(31).wrapping_add(b as u64));
+                    at += n;
+                }
+                println!("scullv: read {at} bytes, checksum {sum:#018x}");
+            }
+            (Some("trim"), None) => {
+                let q = self.scull.stats().quanta;
+                self.scull.trim();
+                println!("scullv: trimmed, {q} quanta freed");
+            }
+            _ => println!("usage: scullv write KIB | scullv read | scullv trim"),
+        }
+    }
+
     fn number(&self, word: Option<&str>) -> Option<u64> {
         let w = word?;
         if let Some(rest) = w.strip_prefix('$') {
@@ -135,7 +175,7 @@ impl Shell {
                 (Some(_), Some(_)) => println!("poke: address must be 8-byte aligned"),
                 _ => println!("usage: poke ADDR VALUE"),
             },
-            "scullv" => println!("scullv: not built into this image yet"),
+            "scullv" => self.scullv(a, b),
             "poweroff" | "exit" | "quit" => return false,
             other => println!("unknown command '{other}' (try help)"),
         }
@@ -206,7 +246,10 @@ fn read_line(buf: &mut String) -> bool {
 /// Runs the shell until `poweroff` (or Ctrl-D).
 pub fn run() {
     println!("\nmemory shell — type `help`");
-    let mut shell = Shell { last: 0 };
+    let mut shell = Shell {
+        last: 0,
+        scull: scullv::ScullV::new(scullv::DEFAULT_ORDER, scullv::DEFAULT_QSET).expect("default geometry"),
+    };
     let mut line = String::new();
     loop {
         print!("mm> ");
