@@ -300,8 +300,9 @@ pub trait IoSpace {
 /// # Safety
 /// Every address [`IoSpace::map_io`] returns for `(phys, size)` must be readable and
 /// writable memory of the device at `phys`, `size` bytes long from that address, mapped
-/// with the requested attribute, until the matching [`IoSpace::unmap_io`]; and `unmap_io`
-/// must be the only way that mapping goes away.
+/// with the requested attribute, until the matching [`IoSpace::unmap_io`], which [`IoMem`]
+/// calls only when it is dropped or consumed. (Unmapping a handle's address through another
+/// path is the misuse [`IoMem`]'s documentation forbids.)
 pub unsafe trait MappedIoSpace: IoSpace {}
 
 impl<B: VmBackend> IoSpace for &LockedVmalloc<B> {
@@ -450,6 +451,12 @@ unsafe impl<B: RegisterBlock, const N: usize> RegisterBlock for [B; N] {}
 ///
 /// `Send` (a mapping can move to another core) but not `Sync`: register types are not
 /// `Sync`, so two cores never share a block through one handle.
+///
+/// The handle owns its mapping: never pass [`Self::addr`] to [`iounmap`] (or
+/// `memory::kernel::iounmap`, or a [`LockedVmalloc`]'s `iounmap`) while the handle lives.
+/// Those safe calls cannot tell a handle's mapping from a raw one, and the register blocks
+/// borrowed from the handle would then point at a range that a later mapping may reuse —
+/// the same rule as for `vfree` of a `VBox`'s address.
 pub struct IoMem<S: IoSpace = KernelIo> {
     space: S,
     addr: VirtAddr,
