@@ -653,7 +653,15 @@ impl PageTable {
         attributes: Attributes,
         policy: BlockPolicy,
     ) -> Result<(), MmuError> {
+        if let (Pass::Plan { .. }, None, PAGE_LEVEL) = (&*pass, table, level) {
+            // A last-level table still to be made: every entry will be a new page, nothing can
+            // be refused but a source too short, and sources only grow (check the last page).
+            src.pa(span.last & !(PAGE_SIZE as u64 - 1)).ok_or(MmuError::Addr(AddrError::Overflow))?;
+            return Ok(());
+        }
         let size = level_size(level);
+        // Every leaf of this level is stamped from one template.
+        let template = (level >= 1).then(|| Descriptor::new_leaf(level, PhysAddr::new(0), attributes));
         let mut va = span.first;
         loop {
             let last = (va | (size - 1)).min(span.last);
@@ -673,8 +681,8 @@ impl PageTable {
                 }
                 Entry::Invalid if leaf_here => {
                     let pa = src.pa(va).ok_or(MmuError::Addr(AddrError::Overflow))?;
-                    if let (Pass::Apply(_), Some(t)) = (&*pass, table) {
-                        self.write(t, index, Descriptor::new_leaf(level, pa, attributes));
+                    if let (Pass::Apply(_), Some(t), Some(template)) = (&*pass, table, template) {
+                        self.write(t, index, template.with_output_address(pa));
                     }
                 }
                 Entry::Invalid => {
@@ -716,20 +724,20 @@ impl PageTable {
         loop {
             let last = (va | (size - 1)).min(span.last);
             let index = index_at(va, level);
-            match self.read(table, index).decode(level) {
-                Entry::Invalid => {}
-                Entry::Table(next) => {
+            let descriptor = self.read(table, index);
+            if let Some(phys) = descriptor.leaf_address(level) {
+                if va & (size - 1) != 0 || last - va != size - 1 {
+                    return Err(MmuError::WouldSplitBlock(VirtAddr::new(va)));
+                }
+                if let Some(on_leaf) = apply.as_deref_mut() {
+                    self.write(table, index, Descriptor::INVALID);
+                    on_leaf(VirtAddr::new(va), phys, size);
+                }
+            } else if let Some(next) = descriptor.table_address(level) {
+                // Pages cannot be cut: the plan need not look into a last-level table.
+                if apply.is_some() || level + 1 < PAGE_LEVEL {
                     let sub = Span { first: va, last };
                     self.unmap_level(apply.as_deref_mut(), next, level + 1, sub)?;
-                }
-                Entry::Leaf { phys, .. } => {
-                    if va & (size - 1) != 0 || last - va != size - 1 {
-                        return Err(MmuError::WouldSplitBlock(VirtAddr::new(va)));
-                    }
-                    if let Some(on_leaf) = apply.as_deref_mut() {
-                        self.write(table, index, Descriptor::INVALID);
-                        on_leaf(VirtAddr::new(va), phys, size);
-                    }
                 }
             }
             if last == span.last {
@@ -802,14 +810,23 @@ impl PageTable {
             let whole = va == base && last - va == size - 1;
             let sub = Span { first: va, last };
             let descriptor = self.read(table, index);
-            match descriptor.decode(level) {
+            let entry = match (edit, descriptor.leaf_address(level)) {
+                // A whole leaf to unmap: its attributes (the costly part of decoding) are not needed.
+                (Edit::Unmap { .. }, Some(phys)) if whole => Entry::Leaf { phys, attributes: None },
+                _ => descriptor.decode(level),
+            };
+            match entry {
                 Entry::Invalid => {
                     if let Edit::Protect(_) = edit {
                         return Err(MmuError::NotMapped(VirtAddr::new(va)));
                     }
                 }
                 Entry::Table(next) => {
-                    self.edit_level(pass, edit, next, level + 1, sub)?;
+                    // Nothing in a last-level table can refuse an unmap: the plan need not look.
+                    let plan = matches!(pass, EditPass::Plan { .. });
+                    if !(plan && matches!(edit, Edit::Unmap { .. }) && level + 1 == PAGE_LEVEL) {
+                        self.edit_level(pass, edit, next, level + 1, sub)?;
+                    }
                     if let (Edit::Unmap { reclaim: true }, EditPass::Apply(apply)) = (edit, &mut *pass) {
                         if self.table_is_empty(next) {
                             self.write(table, index, Descriptor::INVALID);
