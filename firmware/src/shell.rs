@@ -221,11 +221,7 @@ fn read_line(buf: &mut String) -> bool {
                 println!();
                 return true;
             }
-            0x08 | 0x7f => {
-                if buf.pop().is_some() {
-                    print!("\x08 \x08");
-                }
-            }
+            0x08 | 0x7f if buf.pop().is_some() => print!("\x08 \x08"),
             0x15 => {
                 // Ctrl-U: kill the line.
                 for _ in 0..buf.len() {
