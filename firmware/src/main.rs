@@ -40,6 +40,12 @@ fn main(info: &'static BootInfo) -> ! {
     if let Err(e) = unsafe { kernel::init(info, config) } {
         panic!("memory init: {e}");
     }
+    if let Err(e) = memory::ioremap::switch_console_to_ioremap(info) {
+        log::warn!("console stays on its boot mapping: {e}");
+    }
+    if let Err(e) = memory::ioremap::probe_gic(info) {
+        log::warn!("GIC: {e}");
+    }
     log::info!(
         "memory system up: buddy, slab, vmalloc [{:#x}, {:#x})",
         hal::kmap::VMALLOC_START,

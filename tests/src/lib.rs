@@ -157,6 +157,12 @@ pub fn init_memory(info: &'static hal::boot::BootInfo) {
     if let Err(e) = unsafe { memory::kernel::init(info, config) } {
         panic!("memory init: {e}");
     }
+    if let Err(e) = memory::ioremap::switch_console_to_ioremap(info) {
+        log::warn!("console stays on its boot mapping: {e}");
+    }
+    if let Err(e) = memory::ioremap::probe_gic(info) {
+        log::warn!("GIC: {e}");
+    }
 }
 
 /// Declares a test binary's entry: `tests::main!(test!(a), test!(b, fault), ...)`. The

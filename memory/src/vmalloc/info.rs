@@ -172,7 +172,7 @@ impl<B: VmBackend> Vmalloc<B> {
             if kind != AreaKind::Ioremap && nd.pages.get() > 0 {
                 write!(out, " pages={}", nd.pages.get())?;
             }
-            if kind == AreaKind::Ioremap && nd.phys.get() != 0 {
+            if kind == AreaKind::Ioremap {
                 write!(out, " phys=0x{:016x}", nd.phys.get())?;
             }
             writeln!(out, " {kind}")?;
