@@ -309,6 +309,14 @@ fn vm() -> Result<&'static LockedVmalloc<KernelBackend>, VmallocError> {
 
 /// The fault-report hook `init` registers with `hal`: explains addresses of the vmalloc
 /// window (guard page hit, use after vfree) with a try-lock. Safe in exception context.
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vmalloc(4096)?;
+/// let mut why = alloc::string::String::new();
+/// memory::kernel::explain_fault(p.as_u64() + 4096, &mut why);   // "vmalloc: guard page hit at ..."
+/// # extern crate alloc;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 pub fn explain_fault(addr: u64, out: &mut dyn fmt::Write) -> bool {
     match VMALLOC.get() {
         Some(v) => !matches!(v.try_explain_fault(VirtAddr::new(addr), out), None | Some(FaultClass::NotVmalloc)),
@@ -323,6 +331,15 @@ pub fn explain_fault(addr: u64, out: &mut dyn fmt::Write) -> bool {
 /// [`VmallocError::ZeroSize`], [`VmallocError::TooLarge`], [`VmallocError::NoVirtualSpace`],
 /// [`VmallocError::NoFrames`] (everything taken is given back first), or
 /// [`VmallocError::NotInitialized`].
+/// # Example
+/// ```no_run
+/// // A 1 MiB table a driver fills once: no need for physically contiguous memory.
+/// let table = memory::kernel::vmalloc(1 << 20)?;
+/// // SAFETY: the area is mapped, 1 MiB long and ours until vfree.
+/// unsafe { core::ptr::write_bytes(table.as_mut_ptr::<u8>(), 0xff, 1 << 20) };
+/// memory::kernel::vfree(table)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn vmalloc(size: usize) -> Result<VirtAddr, VmallocError> {
     vm()?.vmalloc(size)
@@ -332,6 +349,12 @@ pub fn vmalloc(size: usize) -> Result<VirtAddr, VmallocError> {
 ///
 /// # Errors
 /// As [`vmalloc`].
+/// # Example
+/// ```no_run
+/// let ring = memory::kernel::vzalloc(64 * 1024)?;   // 16 zeroed pages + a guard page
+/// memory::kernel::vfree(ring)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn vzalloc(size: usize) -> Result<VirtAddr, VmallocError> {
     vm()?.vzalloc(size)
@@ -341,6 +364,13 @@ pub fn vzalloc(size: usize) -> Result<VirtAddr, VmallocError> {
 ///
 /// # Errors
 /// As [`vmalloc`], and [`VmallocError::BadAlignment`].
+/// # Example
+/// ```no_run
+/// let buf = memory::kernel::vmalloc_aligned(5 * 4096, 64 * 1024)?;
+/// assert_eq!(buf.as_u64() % (64 * 1024), 0);
+/// memory::kernel::vfree(buf)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn vmalloc_aligned(size: usize, align: usize) -> Result<VirtAddr, VmallocError> {
     vm()?.vmalloc_with(size, align, VmFlags::NONE)
@@ -352,6 +382,14 @@ pub fn vmalloc_aligned(size: usize, align: usize) -> Result<VirtAddr, VmallocErr
 ///
 /// # Errors
 /// As [`vmalloc_aligned`].
+/// # Example
+/// ```no_run
+/// use memory::vmalloc::VmFlags;
+/// // A 100-byte object whose last byte is the last byte of its page: one byte past traps.
+/// let obj = memory::kernel::vmalloc_with(100, 8, VmFlags::END_ALIGNED | VmFlags::ZERO)?;
+/// memory::kernel::vfree(obj)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
     vm()?.vmalloc_with(size, align, flags)
@@ -363,6 +401,13 @@ pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAdd
 /// # Errors
 /// [`VmallocError::NotAnArea`] for an address that is not the start of a live area (interior
 /// pointers are refused), [`VmallocError::DoubleFree`]; nothing changes then.
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vmalloc(4096)?;
+/// memory::kernel::vfree(p)?;
+/// assert_eq!(memory::kernel::vfree(p), Err(memory::vmalloc::VmallocError::DoubleFree));
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
     vm()?.vfree(addr)
@@ -372,6 +417,13 @@ pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
 ///
 /// # Errors
 /// As [`vmalloc`] and [`vfree`]; on error the old area is untouched.
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vzalloc(4096)?;
+/// let p = memory::kernel::vrealloc(p, 4 * 4096)?;   // grows, first page kept
+/// memory::kernel::vfree(p)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn vrealloc(addr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocError> {
     vm()?.vrealloc(addr, new_size)
@@ -381,6 +433,16 @@ pub fn vrealloc(addr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocErro
 ///
 /// # Errors
 /// As [`vmalloc`].
+/// # Example
+/// ```no_run
+/// use memory::buddy::Frames;
+/// use memory::vmalloc::{Prot, VmFlags};
+/// // Two frames the driver owns, seen as one contiguous 8 KiB window.
+/// let (a, b) = (Frames::alloc_zeroed(0).unwrap(), Frames::alloc_zeroed(0).unwrap());
+/// let va = memory::kernel::vmap(&[a.phys(), b.phys()], Prot::ReadWrite, VmFlags::NONE)?;
+/// memory::kernel::vunmap(va)?;   // the frames stay ours: freed when `a` and `b` drop
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn vmap(frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
     vm()?.vmap_with(frames, prot, flags)
@@ -390,6 +452,8 @@ pub fn vmap(frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr,
 ///
 /// # Errors
 /// As [`vfree`].
+/// # Example
+/// See [`vmap`].
 #[track_caller]
 pub fn vunmap(addr: VirtAddr) -> Result<(), VmallocError> {
     vm()?.vunmap(addr)
@@ -401,6 +465,19 @@ pub fn vunmap(addr: VirtAddr) -> Result<(), VmallocError> {
 /// # Errors
 /// [`VmallocError::RamRange`] when any page of the range is RAM, [`VmallocError::ZeroSize`],
 /// [`VmallocError::Overflow`], or as [`vmalloc`].
+/// # Example
+/// ```no_run
+/// use memory::vmalloc::DeviceAttr;
+/// // The PL011's flag register, 0x18 into its page: the offset is kept.
+/// let fr = memory::kernel::ioremap_attr(hal::PhysAddr::new(0x0900_0018), 4, DeviceAttr::DeviceNGnRE)?;
+/// // SAFETY: a mapped device register, read as the device expects (32-bit, volatile).
+/// let flags = unsafe { fr.as_ptr::<u32>().read_volatile() };
+/// memory::kernel::iounmap(fr)?;
+/// # let _ = flags;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
+/// Drivers usually prefer [`crate::ioremap::IoMem`], which unmaps on drop and hands out
+/// typed register blocks.
 #[track_caller]
 pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, VmallocError> {
     vm()?.ioremap(phys, size, attr)
@@ -410,12 +487,21 @@ pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Vir
 ///
 /// # Errors
 /// As [`vfree`].
+/// # Example
+/// See [`ioremap_attr`].
 #[track_caller]
 pub fn iounmap(addr: VirtAddr) -> Result<(), VmallocError> {
     vm()?.iounmap(addr)
 }
 
 /// Flushes the TLB for every parked range and returns them to free space now.
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vmalloc(4096)?;
+/// memory::kernel::vfree(p)?;          // parked: no TLB flush yet
+/// memory::kernel::purge();            // one flush, the range is free again
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 pub fn purge() {
     if let Ok(v) = vm() {
         v.purge();
@@ -423,16 +509,37 @@ pub fn purge() {
 }
 
 /// The live area holding `addr`, if any.
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vmalloc(3 * 4096)?;
+/// let area = memory::kernel::find_area(p.add(5000)).unwrap();
+/// assert_eq!((area.addr, area.pages), (p, 3));
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 pub fn find_area(addr: VirtAddr) -> Option<AreaInfo> {
     vm().ok()?.find_area(addr)
 }
 
 /// The physical address behind a vmalloc address (walks the tables).
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vmalloc(4096)?;
+/// let pa = memory::kernel::vmalloc_to_phys(p).expect("mapped");
+/// # let _ = pa;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 pub fn vmalloc_to_phys(addr: VirtAddr) -> Option<PhysAddr> {
     vm().ok()?.vmalloc_to_phys(addr)
 }
 
 /// Whether `addr` is inside the vmalloc/ioremap window.
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vmalloc(4096)?;
+/// assert!(memory::kernel::is_vmalloc_addr(p));
+/// assert!(!memory::kernel::is_vmalloc_addr(hal::VirtAddr::new(0x4000_0000)));
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 pub fn is_vmalloc_addr(addr: VirtAddr) -> bool {
     (VMALLOC_START..VMALLOC_END).contains(&addr.as_u64())
 }
@@ -440,11 +547,24 @@ pub fn is_vmalloc_addr(addr: VirtAddr) -> bool {
 /// Translation-table pages of the upper half (vmalloc, ioremap and scratch windows). They
 /// are kept once created, so after a purge the buddy's free count is back at its baseline
 /// less the growth of this number.
+/// # Example
+/// ```no_run
+/// let before = memory::buddy::stats().unwrap().free_pages + memory::kernel::vmalloc_table_pages();
+/// memory::kernel::vfree(memory::kernel::vmalloc(1 << 20)?)?;
+/// memory::kernel::purge();
+/// assert_eq!(memory::buddy::stats().unwrap().free_pages + memory::kernel::vmalloc_table_pages(), before);
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 pub fn vmalloc_table_pages() -> usize {
     hal::kmap::kernel_space().map_or(0, |k| k.lock().upper.table_pages())
 }
 
 /// vmalloc's counters.
+/// # Example
+/// ```no_run
+/// let s = memory::kernel::vmalloc_stats().unwrap();
+/// log::info!("{} areas, {} parked pages, {} purges", s.live_areas, s.parked_pages, s.purges);
+/// ```
 pub fn vmalloc_stats() -> Option<VmallocStats> {
     vm().ok().map(|v| v.stats())
 }
@@ -453,6 +573,11 @@ pub fn vmalloc_stats() -> Option<VmallocStats> {
 ///
 /// # Errors
 /// A formatter error from `out`.
+/// # Example
+/// ```no_run
+/// memory::kernel::write_vmallocinfo(&mut hal::console::Console)?;
+/// # Ok::<(), core::fmt::Error>(())
+/// ```
 pub fn write_vmallocinfo(out: &mut dyn fmt::Write) -> fmt::Result {
     match vm() {
         Ok(v) => write!(out, "{}", v.lock().info()),
@@ -467,6 +592,11 @@ pub fn write_vmallocinfo(out: &mut dyn fmt::Write) -> fmt::Result {
 ///
 /// # Errors
 /// A formatter error from `out`.
+/// # Example
+/// ```no_run
+/// memory::kernel::write_vmalloc_map(&mut hal::console::Console, 64)?;
+/// # Ok::<(), core::fmt::Error>(())
+/// ```
 pub fn write_vmalloc_map(out: &mut dyn fmt::Write, cols: usize) -> fmt::Result {
     const MAX_COLS: usize = 128;
     let Ok(v) = vm() else { return Ok(()) };
@@ -526,6 +656,17 @@ pub const KVMALLOC_SLAB_MAX: usize = slab::KMALLOC_MAX_CACHE_SIZE;
 ///
 /// # Errors
 /// [`VmallocError::ZeroSize`], or the error of the allocator that served it.
+/// # Example
+/// ```no_run
+/// let small = memory::kernel::kvmalloc(256)?;        // slab
+/// let large = memory::kernel::kvmalloc(1 << 20)?;    // vmalloc
+/// // SAFETY: both came from kvmalloc and are not used after.
+/// unsafe {
+///     memory::kernel::kvfree(small)?;
+///     memory::kernel::kvfree(large)?;
+/// }
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
 #[track_caller]
 pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
     if size == 0 {
@@ -547,6 +688,8 @@ pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
 ///
 /// # Safety
 /// `ptr` came from [`kvmalloc`] and is not used afterwards.
+/// # Example
+/// See [`kvmalloc`].
 #[track_caller]
 pub unsafe fn kvfree(ptr: NonNull<u8>) -> Result<(), VmallocError> {
     let va = VirtAddr::from_ptr(ptr.as_ptr());
