@@ -131,7 +131,8 @@ pub enum BlockPolicy {
     PagesOnly,
     /// Blocks wherever virtual and physical addresses are both aligned to the block and the
     /// range covers it, and no table is already installed at that entry; pages elsewhere.
-    /// Later `unmap`/`protect` must then cover whole blocks.
+    /// A later `unmap`/`protect` of part of a block splits it (break-before-make);
+    /// `unmap_with` refuses to.
     AllowBlocks,
 }
 
@@ -944,16 +945,28 @@ impl PageTable {
         let new = self.reserve_pop(reserve).ok_or(MmuError::OutOfMemory)?;
         let child = level + 1;
         let child_size = level_size(child);
+        let template = Descriptor::new_leaf(child, PhysAddr::new(0), attributes).raw();
+        let entries = self.entry(new, 0);
         for index in 0..ENTRIES {
-            let offset = index as u64 * child_size;
-            let (va, pa) = (base + offset, phys.add(offset));
-            let descriptor = match cut(span, va, child_size) {
-                Some(part) if child < PAGE_LEVEL => {
-                    Descriptor::new_table(self.build_split(reserve, child, va, pa, attributes, part)?)
-                }
-                _ => Descriptor::new_leaf(child, pa, attributes),
-            };
-            self.write(new, index, descriptor);
+            let pa = phys.as_u64() + index as u64 * child_size;
+            // SAFETY: `entries` points at the first of the 512 aligned words of a table page
+            // this tree owns (see `entry`), not reachable from the tree yet: plain stores, which
+            // the `dsb` of the break-before-make that installs it orders before the table
+            // descriptor.
+            unsafe { entries.add(index).write(template | pa) };
+        }
+        // Only the children holding the span's ends can be cut through: subtables for them.
+        let ends = [span.first & !(child_size - 1), span.last & !(child_size - 1)];
+        for (i, &va) in ends.iter().enumerate() {
+            if child == PAGE_LEVEL || (i == 1 && va == ends[0]) {
+                continue;
+            }
+            if let Some(part) = cut(span, va, child_size) {
+                let index = ((va - base) / child_size) as usize;
+                let pa = phys.add(va - base);
+                let sub = self.build_split(reserve, child, va, pa, attributes, part)?;
+                self.write(new, index, Descriptor::new_table(sub));
+            }
         }
         Ok(new)
     }
