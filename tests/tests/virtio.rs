@@ -162,6 +162,19 @@ fn a_missing_device_is_a_clear_error_and_the_boot_job_carries_on() {
     }
 }
 
+fn mmio_phys_to_virt_maps_device_registers() {
+    let live = kernel::vmalloc_stats().unwrap().live_areas;
+    let rtc = mmio::find_compatible("arm,pl031").expect("QEMU virt has a PL031");
+    // SAFETY: the PL031's 4 KiB register block is a valid MMIO region.
+    let va = unsafe { VirtioHal::mmio_phys_to_virt(rtc.phys.as_u64(), 0x1000) };
+    assert!(kernel::is_vmalloc_addr(VirtAddr::from_ptr(va.as_ptr())), "mapped by ioremap");
+    // SAFETY: 0xff0 is the PrimeCell id register 0 of the mapped block: a plain read.
+    let cid0 = unsafe { va.as_ptr().cast::<u32>().byte_add(0xff0).read_volatile() };
+    assert_eq!(cid0 & 0xff, 0x0d, "PrimeCell id");
+    memory::ioremap::iounmap(VirtAddr::from_ptr(va.as_ptr())).unwrap();
+    assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live);
+}
+
 fn dma_alloc_gives_zeroed_contiguous_blocks_of_the_right_order() {
     let free = free_pages();
     let (pa, va) = VirtioHal::dma_alloc(3, BufferDirection::Both);
@@ -381,22 +394,24 @@ fn bench_sequential_throughput() {
     let mut d = blk();
     let cap_bytes = d.capacity() * SECTOR_SIZE as u64;
     let total = (32 * MIB as u64).min(cap_bytes / 2);
-    // A contiguous 1 MiB buffer (one buddy block), 64 KiB calls from the same, and a
-    // vmalloc'd scattered one (every request bounced).
+    // A contiguous 1 MiB buffer (one buddy block) in 1 MiB and 64 KiB calls, a vmalloc'd
+    // one (shared in place where its frames are consecutive), and a scattered one (every
+    // request bounced).
     let frames = memory::buddy::Frames::alloc(8).unwrap();
     // SAFETY: the block is 1 MiB of RAM in the linear map, owned by `frames` for this scope.
     let contiguous = unsafe { core::slice::from_raw_parts_mut(frames.virt().as_mut_ptr::<u8>(), MIB) };
-    let r = virtio::bench(&mut d, 1, total, contiguous).unwrap();
-    hal::println!("\n  {r}");
-    let r = virtio::bench(&mut d, 1, total, &mut contiguous[..64 << 10]).unwrap();
-    hal::println!("  {r}");
-    let mut s = Scattered::new(256);
-    let r = virtio::bench(&mut d, 1, total, &mut s).unwrap();
-    assert!(r.bounced);
-    hal::println!("  {r}");
     let mut v = VBox::zeroed(MIB).unwrap();
-    let r = virtio::bench(&mut d, 1, total, &mut v).unwrap();
-    hal::print!("  {r}\n  ");
+    let mut s = Scattered::new(256);
+    hal::println!();
+    let mut run = |what: &str, buf: &mut [u8]| {
+        let r = virtio::bench(&mut d, 1, total, buf, 3).unwrap();
+        hal::println!("  virtio-blk bench: {what}: {r}");
+    };
+    run("contiguous (buddy block)", contiguous);
+    run("contiguous (buddy block)", &mut contiguous[..64 << 10]);
+    run("vmalloc'd (VBox)", &mut v);
+    run("scattered (vmap, frames in reverse)", &mut s);
+    hal::print!("  ");
 }
 
 // ----- persistence -----
@@ -531,6 +546,7 @@ fn main(info: &'static hal::boot::BootInfo) -> ! {
     let always = [
         test!(transports_are_found_and_empty_slots_skipped_quietly),
         test!(a_transport_with_a_bad_header_is_refused_clearly),
+        test!(mmio_phys_to_virt_maps_device_registers),
         test!(dma_alloc_gives_zeroed_contiguous_blocks_of_the_right_order),
         test!(share_is_in_place_when_contiguous_and_bounces_otherwise),
         test!(a_missing_device_is_a_clear_error_and_the_boot_job_carries_on),

@@ -1,17 +1,20 @@
 //! virtio-blk through virtio-drivers' `VirtIOBlk`, with our checks and request splitting.
 //!
-//! [`Blk::read`]/[`Blk::write`] take any buffer. A physically contiguous one goes to the
-//! device in requests of up to [`MAX_DIRECT_REQUEST`] bytes, shared in place. Any other (a
-//! vmalloc'd one whose pages are scattered) is cut into requests of at most
-//! [`DmaPool::max_bounce`] bytes, so that `share` can always bounce a whole request through
-//! this device's pool, with room left for the request header and status byte.
+//! [`Blk::read`]/[`Blk::write`] take any buffer and cut it into requests, each of which one
+//! physical address can carry:
+//! * a physically contiguous stretch of at least [`MIN_DIRECT_RUN`] bytes (or the whole
+//!   rest) goes to the device in place, up to [`MAX_DIRECT_REQUEST`] bytes — all of a heap
+//!   or stack buffer, and the long runs of consecutive frames a vmalloc area often has;
+//! * anything else (pages scattered in physical memory) goes in requests of at most
+//!   [`DmaPool::max_bounce`] bytes, so that `share` can always bounce a whole request through
+//!   this device's pool, with room left for the request header and status byte.
 
 use core::fmt;
 
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::transport::{DeviceType, Transport};
 
-use crate::dma::{contiguous_phys, DmaPool, PoolError, PoolStats, VirtioHal};
+use crate::dma::{contiguous_run, DmaPool, PoolError, PoolStats, VirtioHal};
 use crate::mmio::{probe_devices, MmioDevice, MmioSlot};
 
 /// Bytes per sector.
@@ -20,8 +23,13 @@ pub const SECTOR_SIZE: usize = virtio_drivers::device::blk::SECTOR_SIZE;
 /// The largest request sent for a physically contiguous buffer.
 pub const MAX_DIRECT_REQUEST: usize = 1 << 20;
 
-/// Order of a block device's bounce pool: 256 KiB.
-pub const POOL_ORDER: usize = 6;
+/// The shortest physically contiguous stretch sent in place rather than bounced: below it,
+/// one bounced request of up to the pool's size is cheaper than several small ones.
+pub const MIN_DIRECT_RUN: usize = 64 << 10;
+
+/// Order of a block device's bounce pool: 1 MiB, so a bounced request (1020 KiB) is about
+/// as large as a direct one: on QEMU a request costs tens of microseconds whatever its size.
+pub const POOL_ORDER: usize = 8;
 
 /// Why a block operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,12 +200,13 @@ impl Blk {
         Ok(())
     }
 
-    /// The next request's size for `rest` bytes at `ptr`: as much as one shared address
-    /// can carry.
+    /// The next request's size for `rest` bytes at `ptr`, and whether it will be bounced.
     fn chunk(&self, ptr: *const u8, rest: usize) -> (usize, bool) {
-        let direct = rest.min(MAX_DIRECT_REQUEST);
-        if contiguous_phys(hal::VirtAddr::from_ptr(ptr), direct).is_some() {
-            (direct, false)
+        let want = rest.min(MAX_DIRECT_REQUEST);
+        let run = contiguous_run(hal::VirtAddr::from_ptr(ptr), want).map_or(0, |(_, n)| n);
+        let run = run / SECTOR_SIZE * SECTOR_SIZE;
+        if run > 0 && (run == want || run >= MIN_DIRECT_RUN) {
+            (run, false)
         } else {
             (rest.min(self.max_bounced_request()), true)
         }

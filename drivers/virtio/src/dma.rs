@@ -206,15 +206,17 @@ impl DmaPool {
 
 impl Drop for DmaPool {
     fn drop(&mut self) {
-        let entry = POOLS.lock()[self.slot].take();
         let _ = ACTIVE.compare_exchange(self.slot + 1, 0, Ordering::AcqRel, Ordering::Relaxed);
-        if let Some(e) = entry {
-            if e.bump.live() > 0 {
-                // A device may still write there: leaking is the only safe choice.
-                log::error!("virtio: DMA pool at {:#x} dropped with {} bounces live; leaking it", e.pa, e.bump.live());
-                core::mem::forget(self.frames.take());
-            }
+        let mut pools = POOLS.lock();
+        let live = pools[self.slot].as_ref().map_or(0, |e| e.bump.live());
+        if live == 0 {
+            pools[self.slot] = None;
+            return;
         }
+        // A device may still write there, and `unshare` must still recognise its bounces:
+        // the block and its slot are leaked, never reused.
+        log::error!("virtio: DMA pool at {:#x} dropped with {live} bounces live; leaking it", self.phys());
+        core::mem::forget(self.frames.take());
     }
 }
 
@@ -242,25 +244,35 @@ fn translate(va: VirtAddr) -> Option<PhysAddr> {
 /// The physical address of the `len` bytes at `va` when they are physically contiguous (a
 /// device can reach them with one address), else `None` — also when a page is unmapped.
 pub fn contiguous_phys(va: VirtAddr, len: usize) -> Option<PhysAddr> {
+    match contiguous_run(va, len) {
+        Some((pa, run)) if run == len && len > 0 => Some(pa),
+        _ => None,
+    }
+}
+
+/// How many of the `len` bytes at `va` are physically contiguous from the first one on, and
+/// where they are: `None` when `len` is 0 or the first byte is unmapped. One step for the
+/// linear map; page by page through the tables elsewhere (vmalloc, vmap).
+pub fn contiguous_run(va: VirtAddr, len: usize) -> Option<(PhysAddr, usize)> {
     if len == 0 {
         return None;
     }
     let last = va.checked_add(len as u64 - 1).ok()?;
     if let Some(linear) = hal::kmap::linear_map() {
         if let (Some(pa), Some(_)) = (linear.virt_to_phys(va), linear.virt_to_phys(last)) {
-            return Some(pa);
+            return Some((pa, len));
         }
     }
     let first = translate(va)?;
     let mut page = va.page_down().add(PAGE_SIZE as u64);
     while page <= last {
-        let want = first.add(page.as_u64() - va.as_u64());
-        if translate(page)? != want {
-            return None;
+        let run = (page.as_u64() - va.as_u64()) as usize;
+        if translate(page) != Some(first.add(run as u64)) {
+            return Some((first, run));
         }
         page = page.add(PAGE_SIZE as u64);
     }
-    Some(first)
+    Some((first, len))
 }
 
 fn linear_ptr(pa: PhysAddr) -> *mut u8 {

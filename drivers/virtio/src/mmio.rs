@@ -254,8 +254,8 @@ pub fn probe_all() -> Vec<MmioDevice> {
     probe_devices(true)
 }
 
-/// [`probe_all`], logging found devices at debug level only when `log_found` is false
-/// (failures are always logged).
+/// [`probe_all`], except that found devices are logged at debug level unless `log_found`
+/// (failures are logged either way; transports we already drive are skipped quietly).
 pub fn probe_devices(log_found: bool) -> Vec<MmioDevice> {
     let slots = mmio_slots();
     let mut devices = Vec::new();
