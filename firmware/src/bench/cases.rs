@@ -481,18 +481,18 @@ pub fn random_size_align_alloc_test(c: &mut Ctx) -> Outcome {
     Ok(())
 }
 
-/// Whether every place aligned to `align` for `size` bytes in the vmalloc window overlaps
-/// one of the `parked` ranges (each `size` bytes): then vmalloc finds no hole and purges.
-/// Assumes nothing else is allocated in the window (true while the bench runs).
-fn only_parked_fit(parked: &[u64], align: u64, size: u64) -> bool {
+/// Whether no place aligned to `align` for `size` bytes in the vmalloc window is clear of
+/// the `busy` ranges (`(start, end)`): then vmalloc's lowest fit finds no hole.
+fn no_fit(busy: &[(u64, u64)], align: u64, size: u64) -> bool {
     let (start, end) = (hal::kmap::VMALLOC_START, hal::kmap::VMALLOC_END);
     let Some(mut x) = start.checked_next_multiple_of(align) else { return true };
-    // A parked range overlaps at most two candidates: past that many, one is free.
-    for _ in 0..=2 * parked.len() {
+    // The busy ranges are few and the candidates are tried from the lowest: past this many
+    // blocked candidates some later one is surely free (the window is 2^47 bytes).
+    for _ in 0..1 << 16 {
         if x.checked_add(size).is_none_or(|e| e > end) {
             return true;
         }
-        if !parked.iter().any(|&p| p < x + size && x < p + size) {
+        if !busy.iter().any(|&(s, e)| s < x + size && x < e) {
             return false;
         }
         match x.checked_add(align) {
@@ -504,15 +504,26 @@ fn only_parked_fit(parked: &[u64], align: u64, size: u64) -> bool {
 }
 
 /// `align_shift_alloc_test`: one page aligned to `1 << i` for i in 0..64, stopping at the
-/// first failure (expected). The model needs the geometry here: an alignment whose only
-/// places in the window are parked ranges makes vmalloc purge before it succeeds.
+/// first failure (expected). The model needs the geometry here: when every place with the
+/// alignment is taken by a live area (the boot's ioremaps) or a range this case parked,
+/// vmalloc purges before it succeeds or fails.
 pub fn align_shift_alloc_test(c: &mut Ctx) -> Outcome {
-    let mut parked = [0u64; u64::BITS as usize];
+    const MAX_LIVE: usize = 64;
+    let mut busy = [(0u64, 0u64); MAX_LIVE + u64::BITS as usize];
+    let mut live = 0;
+    if let Some(v) = kernel::vmalloc_instance() {
+        v.lock().for_each_area(|a| {
+            if let Some(slot) = busy.get_mut(live).filter(|_| live < MAX_LIVE) {
+                *slot = (a.start.as_u64(), a.end.as_u64());
+                live += 1;
+            }
+        });
+    }
     let mut np = 0;
     for i in 0..u64::BITS {
         let align = 1usize << i;
         let size = 2 * PAGE;
-        if np > 0 && only_parked_fit(&parked[..np], align.max(PAGE_SIZE) as u64, size) {
+        if np > 0 && no_fit(&busy[..live + np], align.max(PAGE_SIZE) as u64, size) {
             c.model.purge();
             np = 0;
         }
@@ -526,7 +537,7 @@ pub fn align_shift_alloc_test(c: &mut Ctx) -> Outcome {
         }
         c.verify(&a, true, true, None);
         c.vfree(a)?;
-        parked[np] = a.va.as_u64();
+        busy[live + np] = (a.va.as_u64(), a.va.as_u64() + size);
         np += 1;
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! test_vmalloc.run_test_mask=M test_vmalloc.test_loop_count=L test_vmalloc.nr_pages=P
 //! test_vmalloc.test_repeat_count=R      (defaults: all, 1,000,000, 1, 1 — as Linux)
 //! test_vmalloc.scaling=1                the scaling table (see `scaling.rs`) after the cases
+//! test_vmalloc.profile=1                time each layer of a vmalloc + vfree first (`profile.rs`)
 //! test_vmalloc.nr_pcpu_objects=N        pcpu_alloc_test's object count (35,000)
 //! seed=S (or test_vmalloc.seed=S)       the generator of the random cases
 //! ```
@@ -28,6 +29,7 @@
 
 mod cases;
 mod check;
+mod profile;
 mod scaling;
 
 use hal::boot::BootInfo;
@@ -52,6 +54,7 @@ struct Params {
     nr_pcpu: usize,
     seed: u64,
     scaling: bool,
+    profile: bool,
 }
 
 const DEFAULT_SEED: u64 = 0x7e57_5eed;
@@ -67,6 +70,7 @@ const KNOWN: &[&str] = &[
     "use_huge",
     "nr_pcpu_objects",
     "scaling",
+    "profile",
     "seed",
 ];
 
@@ -103,6 +107,7 @@ impl Params {
             nr_pcpu: num("test_vmalloc.nr_pcpu_objects", 35_000).clamp(1, 1 << 22) as usize,
             seed: num("test_vmalloc.seed", seed),
             scaling: matches!(cmd.get_bool("test_vmalloc.scaling"), Ok(Some(true))),
+            profile: matches!(cmd.get_bool("test_vmalloc.profile"), Ok(Some(true))),
         }
     }
 }
@@ -283,10 +288,14 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         "Summary: {} passed: {} failed: {} xfailed: {} repeat: {} loops: {} avg: {} usec",
         case.name, t.passed, t.failed, t.xfailed, p.repeat, p.loops, t.avg_us
     );
-    let per_loop = hal::cpu::ticks_to_ns(ticks) / u64::from(p.repeat) / u64::from(p.loops);
+    // align_shift and pcpu do not loop test_loop_count times.
+    let per_loop = match case.name {
+        "align_shift_alloc_test" | "pcpu_alloc_test" => alloc::string::String::new(),
+        _ => alloc::format!("{} ns/loop; ", hal::cpu::ticks_to_ns(ticks) / u64::from(p.repeat) / u64::from(p.loops)),
+    };
     let agree = if measured.agrees(&model) { "as the workload implies" } else { "MISMATCH (see above)" };
     println!(
-        "  {per_loop} ns/loop; frames {} taken, {} returned; {} PTEs written; TLB: {} full flushes, {} page ops in {} \
+        "  {per_loop}frames {} taken, {} returned; {} PTEs written; TLB: {} full flushes, {} page ops in {} \
          batches; {} purges; {} failed calls — {agree}",
         measured.frames_taken,
         measured.frames_returned,
@@ -350,6 +359,9 @@ pub fn run(info: &BootInfo) -> bool {
         if p.scaling { " scaling=1" } else { "" }
     );
     warm_up();
+    if p.profile {
+        profile::run(info);
+    }
     let mut tallies: [Option<Tally>; CASES.len()] = [None; CASES.len()];
     let (mut skipped, mut total) = (0u32, Tally::default());
     for (idx, case) in CASES.iter().enumerate() {
