@@ -120,6 +120,7 @@ fn transports_are_found_and_empty_slots_skipped_quietly() {
     }
     assert_eq!(empty + devices.len(), slots.len());
     for d in &devices {
+        assert!(d.slot().dma_coherent, "QEMU's virtio-mmio nodes are dma-coherent");
         assert_eq!(d.header().magic, mmio::MAGIC);
         assert!(d.header().version == 1 || d.header().version == 2);
     }
@@ -132,16 +133,16 @@ fn a_transport_with_a_bad_header_is_refused_clearly() {
     let live = kernel::vmalloc_stats().unwrap().live_areas;
     // The PL031 RTC: MMIO, readable, not virtio (offset 0 is its data register).
     let rtc = mmio::find_compatible("arm,pl031").expect("QEMU virt has a PL031");
-    let e = MmioDevice::probe(virtio::MmioSlot { phys: rtc.phys, size: 0x200 }).unwrap_err();
+    let e = MmioDevice::probe(virtio::MmioSlot { size: 0x200, ..rtc }).unwrap_err();
     assert!(matches!(e, ProbeError::BadMagic(_)), "{e:?}");
     let text = e.to_string();
     assert!(text.contains("not a virtio device: bad magic"), "{text}");
     log::warn!("virtio-mmio@{:#x} (pl031): {text}; skipped", rtc.phys);
-    let e = MmioDevice::probe(virtio::MmioSlot { phys: rtc.phys, size: 0x10 }).unwrap_err();
+    let e = MmioDevice::probe(virtio::MmioSlot { size: 0x10, ..rtc }).unwrap_err();
     assert_eq!(e, ProbeError::TooSmall(0x10));
     // RAM is never mapped as a device.
     let ram = hal::boot::boot_info().unwrap().platform.ram.iter().next().unwrap().start();
-    assert!(matches!(MmioDevice::probe(virtio::MmioSlot { phys: ram, size: 0x200 }), Err(ProbeError::Map(_))));
+    assert!(matches!(MmioDevice::probe(virtio::MmioSlot { phys: ram, ..rtc }), Err(ProbeError::Map(_))));
     let h = Header { magic: mmio::MAGIC, version: 7, device_id: 2, vendor_id: 0 };
     assert_eq!(h.classify(), Err(ProbeError::UnsupportedVersion(7)));
     assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live, "nothing stays mapped");
@@ -446,14 +447,14 @@ fn persistence_across_boots() {
         );
     }
     if phase() != Phase::Write {
-        if phase() == Phase::Verify {
-            // A fresh driver on the device, as after a reboot.
-            drop(d);
-            d = blk();
-        }
+        // A fresh driver on the device, as after a reboot.
+        drop(d);
+        d = blk();
+        let when =
+            if phase() == Phase::Verify { "of the previous boot" } else { "written above, read by a new driver," };
         match persist::verify_stamped(&mut d) {
             Ok(st) => log::info!(
-                "virtio-blk: data of the previous boot verified (seed {:#x}, {} KiB in {} extents): nothing lost",
+                "virtio-blk: data {when} verified (seed {:#x}, {} KiB in {} extents): nothing lost",
                 st.seed,
                 st.spread.bytes() >> 10,
                 st.spread.count

@@ -117,7 +117,7 @@ pub fn seed(rng: Option<&mut Rng>) -> (u64, SeedSource) {
     (pattern::mix(hal::cpu::counter()), SeedSource::Counter)
 }
 
-/// Sequential throughput of a block device (see [`bench`]).
+/// Sequential throughput of a block device (see [`bench()`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BenchResult {
     /// Bytes written, then read, per pass.

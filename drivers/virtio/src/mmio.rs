@@ -29,6 +29,9 @@ pub struct MmioSlot {
     pub phys: PhysAddr,
     /// Its size (QEMU's `virt`: 0x200).
     pub size: usize,
+    /// Whether the node says `dma-coherent` (QEMU's do). The adapter does no cache
+    /// maintenance, so a device that is not coherent is logged when probed.
+    pub dma_coherent: bool,
 }
 
 impl fmt::Display for MmioSlot {
@@ -44,8 +47,14 @@ pub fn mmio_slots() -> Vec<MmioSlot> {
     let mut slots: Vec<MmioSlot> = fdt
         .all_nodes()
         .filter(|n| n.compatible().is_some_and(|c| c.all().any(|s| s == "virtio,mmio")))
-        .filter_map(|n| n.reg().next())
-        .map(|r| MmioSlot { phys: PhysAddr::new(r.starting_address as u64), size: r.size.unwrap_or(0x200) })
+        .filter_map(|n| {
+            let r = n.reg().next()?;
+            Some(MmioSlot {
+                phys: PhysAddr::new(r.starting_address as u64),
+                size: r.size.unwrap_or(0x200),
+                dma_coherent: n.property("dma-coherent").is_some(),
+            })
+        })
         .collect();
     slots.sort_by_key(|s| s.phys);
     slots
@@ -55,8 +64,13 @@ pub fn mmio_slots() -> Vec<MmioSlot> {
 /// tests that need a device that is *not* virtio, e.g. `arm,pl031`).
 pub fn find_compatible(compatible: &str) -> Option<MmioSlot> {
     let fdt = hal::boot::boot_info()?.platform.fdt();
-    let r = fdt.find_compatible(&[compatible])?.reg().next()?;
-    Some(MmioSlot { phys: PhysAddr::new(r.starting_address as u64), size: r.size.unwrap_or(0x1000) })
+    let node = fdt.find_compatible(&[compatible])?;
+    let r = node.reg().next()?;
+    Some(MmioSlot {
+        phys: PhysAddr::new(r.starting_address as u64),
+        size: r.size.unwrap_or(0x1000),
+        dma_coherent: node.property("dma-coherent").is_some(),
+    })
 }
 
 /// Reads the 32-bit register at `offset` of a device mapping.
@@ -274,6 +288,9 @@ pub fn probe_devices(log_found: bool) -> Vec<MmioDevice> {
                     if h.version == 1 { "legacy" } else { "modern" },
                     Vendor(h.vendor_id)
                 );
+                if !slot.dma_coherent {
+                    log::warn!("{slot}: not marked dma-coherent, and this adapter does no cache maintenance");
+                }
                 devices.push(d);
             }
             Err(ProbeError::Empty) => empty += 1,
