@@ -167,7 +167,7 @@ pub fn run() {
     let pa = PhysAddr::new(ram.start().as_u64().next_multiple_of(GIB));
     let free_before = memory::buddy::stats().map(|s| s.free_pages);
     hal::println!("mmu bench: map + unmap 1 GiB in a fresh upper-half tree, best of {REPS} (CNTVCT, whole batches)");
-    hal::println!("  layout             leaves  tables     map ms  unmap ms   map ns/page  unmap ns/page");
+    hal::println!("  layout             leaves  tables      map us    unmap us   map ns/page  unmap ns/page");
     let cases = [
         ("4 KiB pages", Layout::Pages),
         ("2 MiB blocks", Layout::Blocks2M),
@@ -177,12 +177,12 @@ pub fn run() {
     let pages = GIB / PG;
     for (name, layout) in cases {
         let Some(r) = case(name, layout, pa, linear) else { continue };
-        let (mm, mt) = per(r.map_ns, 1_000_000);
-        let (um, ut) = per(r.unmap_ns, 1_000_000);
+        let (mm, mt) = per(r.map_ns, 1000);
+        let (um, ut) = per(r.unmap_ns, 1000);
         let (mp, mpt) = per(r.map_ns, pages);
         let (up, upt) = per(r.unmap_ns, pages);
         hal::println!(
-            "  {:<16} {:>8} {:>7} {:>7}.{} {:>7}.{} {:>11}.{} {:>12}.{}",
+            "  {:<16} {:>8} {:>7} {:>9}.{} {:>9}.{} {:>11}.{} {:>12}.{}",
             r.name,
             r.leaves,
             r.tables,
