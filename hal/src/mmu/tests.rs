@@ -931,6 +931,31 @@ fn a_page_out_of_a_2mib_block_splits_it_by_break_before_make() {
 }
 
 #[test]
+fn a_remap_is_an_unmap_whose_flush_completes_before_the_new_map() {
+    let mut arena = Arena::new(16);
+    let mut t = table(&mut arena, VaRange::Lower);
+    let block = 32 * MIB2;
+    t.map(vr(block, MIB2), PhysAddr::new(block), Attributes::DATA, BlockPolicy::AllowBlocks, &mut arena).unwrap();
+    // No in-place change of a live leaf: that would need break-before-make.
+    assert_eq!(
+        t.map(vr(block, PG), PhysAddr::new(0), Attributes::DATA, BlockPolicy::PagesOnly, &mut arena),
+        Err(MmuError::AlreadyMapped(VirtAddr::new(block)))
+    );
+    let tlb = RecordingTlb::new();
+    // Break: the whole block, one TLBI, complete (`dsb ish`) before `unmap` returns ...
+    // SAFETY: a test tree, never live.
+    assert_eq!(unsafe { t.unmap(vr(block, MIB2), &tlb, &mut arena) }, Ok(512));
+    let a = VirtAddr::new(block);
+    assert_eq!(recorded_ops(&tlb), [TlbOp::DsbIshst, TlbOp::LastLevel(a), TlbOp::DsbIsh, TlbOp::Isb].map(op));
+    // ... make: the same addresses as pages of another frame range, no TLB work needed.
+    t.map(vr(block, MIB2), PhysAddr::new(0x7000_0000), Attributes::RODATA, BlockPolicy::PagesOnly, &mut arena).unwrap();
+    assert_eq!(tlb.log().events().len(), 0);
+    let tr = t.translate(VirtAddr::new(block + 5 * PG + 1)).unwrap();
+    assert_eq!((tr.phys.as_u64(), tr.level, tr.attributes), (0x7000_5001, 3, Some(Attributes::RODATA)));
+    release(t, &mut arena);
+}
+
+#[test]
 fn a_page_out_of_a_1gib_block_builds_the_subtree_offline() {
     let mut arena = Arena::new(16);
     let mut t = table(&mut arena, VaRange::Lower);
