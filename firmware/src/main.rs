@@ -7,6 +7,7 @@
 extern crate alloc;
 
 mod bench;
+mod bench_mmu;
 mod report;
 mod shell;
 
@@ -51,6 +52,10 @@ fn main(info: &'static BootInfo) -> ! {
         hal::kmap::VMALLOC_START,
         hal::kmap::VMALLOC_END
     );
+    if info.cmdline().get("bench") == Some("mmu") {
+        bench_mmu::run();
+        hal::exit::exit(hal::exit::EXIT_SUCCESS);
+    }
     if bench::requested(info) {
         let ok = bench::run(info);
         hal::exit::exit(if ok { hal::exit::EXIT_SUCCESS } else { hal::exit::EXIT_FAILURE });
