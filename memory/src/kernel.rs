@@ -66,6 +66,41 @@ impl KernelBackend {
     }
 }
 
+/// Zeroes the page at `p` with pairs of 8-byte stores of the zero register, 64 bytes per
+/// iteration. Under QEMU TCG this takes 0.41 µs a page, against 0.93 µs for `write_bytes`
+/// (compiler-builtins' memset, one 8-byte store per instruction) and 0.91 µs for `DC ZVA`
+/// (a helper call per 64-byte block), as the firmware's `test_vmalloc.profile=1` measures;
+/// on hardware, plain stores of whole lines are as fast as a memset.
+///
+/// # Safety
+/// `p` is page aligned and the whole page is writable memory the caller owns.
+#[inline]
+unsafe fn zero_page(p: *mut u8) {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: forwarded from the caller; the loop writes exactly the PAGE_SIZE bytes from `p`
+    // (PAGE_SIZE / 64 iterations of 64 bytes) and touches no other memory or register.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "stp xzr, xzr, [{p}]",
+            "stp xzr, xzr, [{p}, #16]",
+            "stp xzr, xzr, [{p}, #32]",
+            "stp xzr, xzr, [{p}, #48]",
+            "add {p}, {p}, #64",
+            "subs {n}, {n}, #1",
+            "b.ne 2b",
+            p = inout(reg) p => _,
+            n = inout(reg) PAGE_SIZE / 64 => _,
+            options(nostack)
+        );
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    // SAFETY: forwarded from the caller: the page is ours to write.
+    unsafe {
+        core::ptr::write_bytes(p, 0, PAGE_SIZE);
+    }
+}
+
 impl VmBackend for KernelBackend {
     fn alloc_frames(&mut self, out: &mut [PhysAddr]) -> usize {
         buddy::alloc_pages_bulk(out)
@@ -81,9 +116,9 @@ impl VmBackend for KernelBackend {
 
     fn zero_frames(&mut self, frames: &[PhysAddr]) {
         for &pa in frames {
-            // SAFETY: a frame just taken from the buddy allocator, reached through the linear
-            // map, owned by the caller and not yet mapped anywhere else.
-            unsafe { core::ptr::write_bytes(self.frame_ptr(pa), 0, PAGE_SIZE) };
+            // SAFETY: a frame just taken from the buddy allocator (page aligned), reached
+            // through the linear map, owned by the caller and not yet mapped anywhere else.
+            unsafe { zero_page(self.frame_ptr(pa)) };
         }
     }
 
