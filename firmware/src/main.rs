@@ -27,6 +27,7 @@ fn warn_unknown_params(info: &BootInfo) {
     for p in info.cmdline().params().flatten() {
         let known = FIRMWARE_PARAMS.contains(&p.key)
             || kernel::BOOT_PARAMS.contains(&p.key)
+            || virtio::BOOT_PARAMS.contains(&p.key)
             || p.key.starts_with("test_vmalloc.");
         if !known {
             log::warn!("ignoring unknown boot parameter \"{}\"", p.key);
@@ -61,6 +62,7 @@ fn main(info: &'static BootInfo) -> ! {
         hal::exit::exit(if ok { hal::exit::EXIT_SUCCESS } else { hal::exit::EXIT_FAILURE });
     }
     report::run(info);
+    virtio::boot_job();
     if info.cmdline().get_bool("shell").unwrap_or(None).unwrap_or(false) {
         shell::run();
     }
