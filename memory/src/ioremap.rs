@@ -292,6 +292,30 @@ pub trait IoSpace {
     /// As [`iounmap`].
     #[track_caller]
     fn unmap_io(&self, addr: VirtAddr) -> Result<(), IoremapError>;
+
+    /// [`Self::map_io`] for an owning handle: the mapping is marked
+    /// [`VmFlags::OWNED`](crate::vmalloc::VmFlags::OWNED), so a plain `iounmap` of its
+    /// address is refused while the handle lives. Defaults to [`Self::map_io`].
+    ///
+    /// # Errors
+    /// As [`ioremap`].
+    #[track_caller]
+    fn map_io_owned(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+        self.map_io(phys, size, attr)
+    }
+
+    /// Removes a mapping made by [`Self::map_io_owned`]. Defaults to [`Self::unmap_io`].
+    ///
+    /// # Errors
+    /// As [`iounmap`].
+    ///
+    /// # Safety
+    /// The caller is the handle that owns the mapping and no reference into it outlives the
+    /// call.
+    #[track_caller]
+    unsafe fn unmap_io_owned(&self, addr: VirtAddr) -> Result<(), IoremapError> {
+        self.unmap_io(addr)
+    }
 }
 
 /// An [`IoSpace`] whose addresses are real mappings of the device in the current address
@@ -315,6 +339,18 @@ impl<B: VmBackend> IoSpace for &LockedVmalloc<B> {
     #[track_caller]
     fn unmap_io(&self, addr: VirtAddr) -> Result<(), IoremapError> {
         LockedVmalloc::iounmap(self, addr).map_err(IoremapError::from)
+    }
+
+    #[track_caller]
+    fn map_io_owned(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+        covering_range(phys, size)?;
+        LockedVmalloc::ioremap_with(self, phys, size, attr, crate::vmalloc::VmFlags::OWNED).map_err(IoremapError::from)
+    }
+
+    #[track_caller]
+    unsafe fn unmap_io_owned(&self, addr: VirtAddr) -> Result<(), IoremapError> {
+        // SAFETY: forwarded to our caller (the owning handle).
+        unsafe { LockedVmalloc::iounmap_owned(self, addr) }.map_err(IoremapError::from)
     }
 }
 
@@ -341,6 +377,17 @@ impl IoSpace for KernelIo {
     #[track_caller]
     fn unmap_io(&self, addr: VirtAddr) -> Result<(), IoremapError> {
         Self::instance()?.unmap_io(addr)
+    }
+
+    #[track_caller]
+    fn map_io_owned(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+        Self::instance()?.map_io_owned(phys, size, attr)
+    }
+
+    #[track_caller]
+    unsafe fn unmap_io_owned(&self, addr: VirtAddr) -> Result<(), IoremapError> {
+        // SAFETY: forwarded to our caller (the owning handle).
+        unsafe { Self::instance()?.unmap_io_owned(addr) }
     }
 }
 
@@ -452,11 +499,11 @@ unsafe impl<B: RegisterBlock, const N: usize> RegisterBlock for [B; N] {}
 /// `Send` (a mapping can move to another core) but not `Sync`: register types are not
 /// `Sync`, so two cores never share a block through one handle.
 ///
-/// The handle owns its mapping: never pass [`Self::addr`] to [`iounmap`] (or
-/// `memory::kernel::iounmap`, or a [`LockedVmalloc`]'s `iounmap`) while the handle lives.
-/// Those safe calls cannot tell a handle's mapping from a raw one, and the register blocks
-/// borrowed from the handle would then point at a range that a later mapping may reuse —
-/// the same rule as for `vfree` of a `VBox`'s address.
+/// The handle owns its mapping, marked [`VmFlags::OWNED`](crate::vmalloc::VmFlags::OWNED):
+/// [`iounmap`] (or `memory::kernel::iounmap`, or a [`LockedVmalloc`]'s `iounmap`) of
+/// [`Self::addr`] is refused with `VmallocError::Owned`, so safe code cannot pull the
+/// device from under the register blocks borrowed from the handle — the same rule as for
+/// `vfree` of a `VBox`'s address. Only dropping (or [`Self::unmap`]) unmaps it.
 pub struct IoMem<S: IoSpace = KernelIo> {
     space: S,
     addr: VirtAddr,
@@ -517,7 +564,7 @@ impl<S: IoSpace> IoMem<S> {
     /// As [`ioremap`].
     #[track_caller]
     pub fn map_in(space: S, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
-        let addr = space.map_io(phys, size, attr)?;
+        let addr = space.map_io_owned(phys, size, attr)?;
         Ok(Self { space, addr, phys, len: size, attr, live: true, _not_sync: PhantomData })
     }
 
@@ -563,7 +610,9 @@ impl<S: IoSpace> IoMem<S> {
     #[track_caller]
     pub fn unmap(mut self) -> Result<(), IoremapError> {
         self.live = false;
-        self.space.unmap_io(self.addr)
+        // SAFETY: `self` owns the mapping and is consumed: no register reference it handed
+        // out (all borrow `self`) can outlive this call.
+        unsafe { self.space.unmap_io_owned(self.addr) }
     }
 
     /// Keeps the mapping for the rest of the program and returns its address (for
@@ -598,7 +647,9 @@ impl<S: IoSpace> Drop for IoMem<S> {
     fn drop(&mut self) {
         if self.live {
             self.live = false;
-            if let Err(e) = self.space.unmap_io(self.addr) {
+            // SAFETY: `self` owns the mapping and is being dropped: every register reference
+            // it handed out borrowed it and is gone.
+            if let Err(e) = unsafe { self.space.unmap_io_owned(self.addr) } {
                 log::error!("IoMem drop: iounmap({:#x}) of PA {:#x}: {e}", self.addr, self.phys);
             }
         }

@@ -748,7 +748,8 @@ impl VBox {
     /// As [`vzalloc`].
     #[track_caller]
     pub fn zeroed(len: usize) -> Result<Self, VmallocError> {
-        let va = vzalloc(len)?;
+        // OWNED: a plain `vfree` of this address is refused while the box lives.
+        let va = vm()?.vmalloc_with(len, PAGE_SIZE, VmFlags::ZERO | VmFlags::OWNED)?;
         let ptr = NonNull::new(va.as_mut_ptr()).ok_or(VmallocError::NotAnArea)?;
         Ok(Self { ptr, len })
     }
@@ -776,7 +777,10 @@ impl DerefMut for VBox {
 
 impl Drop for VBox {
     fn drop(&mut self) {
-        if let Err(e) = vfree(self.addr()) {
+        // SAFETY: the box owns the area (allocated OWNED) and `&mut self` in drop means no
+        // borrow of its bytes is alive.
+        let r = vm().and_then(|v| unsafe { v.vfree_owned(self.addr()) });
+        if let Err(e) = r {
             log::error!("VBox drop: vfree({:#x}): {e}", self.addr());
         }
     }

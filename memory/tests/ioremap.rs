@@ -206,7 +206,10 @@ fn the_handle_unmaps_on_drop_and_leaks_on_request() {
     let leaked = IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE).unwrap().leak();
     assert_eq!(lv.stats().live_areas, 1, "leaked: kept");
     assert_eq!(lv.find_area(leaked).unwrap().kind, AreaKind::Ioremap);
-    (&lv).unmap_io(leaked).unwrap();
+    // Still the handle's (OWNED): a plain iounmap is refused; only the owner's path frees it.
+    assert_eq!((&lv).unmap_io(leaked), Err(IoremapError::Vmalloc(memory::vmalloc::VmallocError::Owned)));
+    // SAFETY: the leaked handle is gone and nothing refers into the mapping.
+    unsafe { (&lv).unmap_io_owned(leaked) }.unwrap();
     // A typed handle refuses a misaligned block and undoes its mapping.
     let e = Mmio::<ReadWrite<u32>, _>::map_in(&lv, PhysAddr::new(UART + 2), NGNRE).unwrap_err();
     assert!(matches!(e, IoremapError::Regs(RegsError::Misaligned { align: 4, .. })), "{e:?}");

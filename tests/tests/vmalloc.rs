@@ -239,6 +239,22 @@ fn everything_returns_to_baseline() {
     assert_eq!(snapshot(), before);
 }
 
+fn handles_own_their_areas() {
+    let mut b = kernel::VBox::zeroed(3 * PAGE).unwrap();
+    b[0] = 1;
+    // Safe code cannot free the memory from under the box: the area is OWNED.
+    assert_eq!(kernel::vfree(b.addr()), Err(VmallocError::Owned));
+    assert_eq!(kernel::vrealloc(b.addr(), PAGE), Err(VmallocError::Owned));
+    assert_eq!(b[0], 1);
+    let addr = b.addr();
+    drop(b);
+    assert_eq!(kernel::vfree(addr), Err(VmallocError::DoubleFree), "dropping the box freed it");
+    let uart = hal::boot::boot_info().unwrap().platform.uart.unwrap();
+    let io = memory::ioremap::IoMem::new(uart.start(), 0x1000).unwrap();
+    assert_eq!(kernel::iounmap(io.addr()), Err(VmallocError::Owned));
+    drop(io);
+}
+
 tests::main!(
     test!(areas_up_to_64_mib_hold_their_data),
     test!(one_past_a_page_sized_area_traps_and_is_named),
@@ -249,5 +265,6 @@ tests::main!(
     test!(a_window_full_of_parked_ranges_purges_and_succeeds),
     test!(misuse_is_refused_and_changes_nothing),
     test!(running_out_of_frames_part_way_gives_everything_back),
+    test!(handles_own_their_areas),
     test!(everything_returns_to_baseline),
 );

@@ -149,6 +149,53 @@ impl<B: VmBackend> LockedVmalloc<B> {
         self.done(g, r)
     }
 
+    /// [`Vmalloc::ioremap_with`].
+    ///
+    /// # Errors
+    /// As [`Vmalloc::ioremap`].
+    #[track_caller]
+    pub fn ioremap_with(
+        &self,
+        phys: PhysAddr,
+        size: usize,
+        attr: DeviceAttr,
+        flags: VmFlags,
+    ) -> Result<VirtAddr, VmallocError> {
+        let mut g = self.ready();
+        let r = g.ioremap_with(phys, size, attr, flags);
+        self.done(g, r)
+    }
+
+    /// [`Vmalloc::vfree_owned`].
+    ///
+    /// # Errors
+    /// As [`Vmalloc::vfree`].
+    ///
+    /// # Safety
+    /// As [`Vmalloc::vfree_owned`].
+    #[track_caller]
+    pub unsafe fn vfree_owned(&self, ptr: VirtAddr) -> Result<(), VmallocError> {
+        let mut g = self.inner.lock();
+        // SAFETY: forwarded to our caller.
+        let r = unsafe { g.vfree_owned(ptr) };
+        self.done(g, r)
+    }
+
+    /// [`Vmalloc::iounmap_owned`].
+    ///
+    /// # Errors
+    /// As [`Vmalloc::iounmap`].
+    ///
+    /// # Safety
+    /// As [`Vmalloc::iounmap_owned`].
+    #[track_caller]
+    pub unsafe fn iounmap_owned(&self, ptr: VirtAddr) -> Result<(), VmallocError> {
+        let mut g = self.inner.lock();
+        // SAFETY: forwarded to our caller.
+        let r = unsafe { g.iounmap_owned(ptr) };
+        self.done(g, r)
+    }
+
     /// [`Vmalloc::purge`].
     pub fn purge(&self) {
         let mut g = self.inner.lock();

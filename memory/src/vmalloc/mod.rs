@@ -142,6 +142,11 @@ impl VmFlags {
     /// any size hits the guard page. The alignment argument then aligns the pointer (at most
     /// `PAGE_SIZE`); the overflow traps at once when the size is a multiple of it.
     pub const END_ALIGNED: Self = Self(4);
+    /// The area belongs to an owning handle (`VBox`, `IoMem`) that hands out references into
+    /// it: plain [`Vmalloc::vfree`] / [`Vmalloc::iounmap`] refuse it with
+    /// [`VmallocError::Owned`], so safe code cannot pull the memory from under the handle;
+    /// only the handle frees it ([`Vmalloc::vfree_owned`], [`Vmalloc::iounmap_owned`]).
+    pub const OWNED: Self = Self(8);
 
     /// Whether every flag of `other` is set.
     pub const fn contains(self, other: Self) -> bool {
@@ -194,6 +199,8 @@ pub enum VmallocError {
     BadRange,
     /// The global instance is used before `memory::kernel::init`.
     NotInitialized,
+    /// The area belongs to an owning handle ([`VmFlags::OWNED`]): drop the handle instead.
+    Owned,
 }
 
 impl fmt::Display for VmallocError {
@@ -214,6 +221,7 @@ impl fmt::Display for VmallocError {
             VmallocError::Overflow => f.write_str("address arithmetic overflows"),
             VmallocError::BadRange => f.write_str("vmalloc range is empty or not page aligned"),
             VmallocError::NotInitialized => f.write_str("vmalloc used before memory::kernel::init"),
+            VmallocError::Owned => f.write_str("area belongs to an owning handle (drop the handle)"),
         }
     }
 }
@@ -762,8 +770,25 @@ impl<B: VmBackend> Vmalloc<B> {
     /// when any page is RAM, and as [`Self::vmalloc`] (never [`VmallocError::NoFrames`]).
     #[track_caller]
     pub fn ioremap(&mut self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, VmallocError> {
+        self.ioremap_with(phys, size, attr, VmFlags::NONE)
+    }
+
+    /// [`Self::ioremap`] with flags: [`VmFlags::OWNED`] (for a handle) and
+    /// [`VmFlags::NO_GUARD`] are honoured, the others ignored.
+    ///
+    /// # Errors
+    /// As [`Self::ioremap`].
+    #[track_caller]
+    pub fn ioremap_with(
+        &mut self,
+        phys: PhysAddr,
+        size: usize,
+        attr: DeviceAttr,
+        flags: VmFlags,
+    ) -> Result<VirtAddr, VmallocError> {
         let caller = Location::caller();
-        let r = self.ioremap_inner(phys, size, attr, caller);
+        let flags = VmFlags(flags.0 & (VmFlags::OWNED.0 | VmFlags::NO_GUARD.0));
+        let r = self.ioremap_inner(phys, size, attr, flags, caller);
         if r.is_err() {
             self.c.failures += 1;
         }
@@ -775,6 +800,7 @@ impl<B: VmBackend> Vmalloc<B> {
         phys: PhysAddr,
         size: usize,
         attr: DeviceAttr,
+        flags: VmFlags,
         caller: &'static Location<'static>,
     ) -> Result<NodePtr, VmallocError> {
         if size == 0 {
@@ -785,7 +811,7 @@ impl<B: VmBackend> Vmalloc<B> {
         if self.backend.phys_is_ram(range.start(), pages) {
             return Err(VmallocError::RamRange);
         }
-        let node = self.alloc_area(pages, PAGE, VmFlags::NONE, caller)?;
+        let node = self.alloc_area(pages, PAGE, flags, caller)?;
         let nd = node.get();
         if let Err(e) = self.backend.map_device(VirtAddr::new(nd.start.get()), range.start(), pages, attr) {
             self.abort_area(node);
@@ -827,7 +853,20 @@ impl<B: VmBackend> Vmalloc<B> {
     /// [`VmallocError::DoubleFree`], [`VmallocError::WrongKind`]; the state is unchanged.
     #[track_caller]
     pub fn vfree(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
-        self.release(ptr, AreaKind::Vmalloc, Location::caller())
+        self.release(ptr, AreaKind::Vmalloc, Location::caller(), false)
+    }
+
+    /// [`Self::vfree`] for the owning handle of a [`VmFlags::OWNED`] area (plain areas too).
+    ///
+    /// # Errors
+    /// As [`Self::vfree`].
+    ///
+    /// # Safety
+    /// The caller owns the area (it allocated it with [`VmFlags::OWNED`]) and no reference
+    /// into it outlives this call.
+    #[track_caller]
+    pub unsafe fn vfree_owned(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
+        self.release(ptr, AreaKind::Vmalloc, Location::caller(), true)
     }
 
     /// Unmap a [`Self::vmap`] area; its frames stay the caller's.
@@ -836,7 +875,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// As [`Self::vfree`].
     #[track_caller]
     pub fn vunmap(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
-        self.release(ptr, AreaKind::Vmap, Location::caller())
+        self.release(ptr, AreaKind::Vmap, Location::caller(), false)
     }
 
     /// Unmap an [`Self::ioremap`] area (pass the address ioremap returned).
@@ -845,7 +884,20 @@ impl<B: VmBackend> Vmalloc<B> {
     /// As [`Self::vfree`].
     #[track_caller]
     pub fn iounmap(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
-        self.release(ptr, AreaKind::Ioremap, Location::caller())
+        self.release(ptr, AreaKind::Ioremap, Location::caller(), false)
+    }
+
+    /// [`Self::iounmap`] for the owning handle of a [`VmFlags::OWNED`] mapping.
+    ///
+    /// # Errors
+    /// As [`Self::iounmap`].
+    ///
+    /// # Safety
+    /// The caller owns the mapping (it mapped it with [`VmFlags::OWNED`]) and no reference
+    /// into it outlives this call.
+    #[track_caller]
+    pub unsafe fn iounmap_owned(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
+        self.release(ptr, AreaKind::Ioremap, Location::caller(), true)
     }
 
     fn release(
@@ -853,8 +905,13 @@ impl<B: VmBackend> Vmalloc<B> {
         ptr: VirtAddr,
         kind: AreaKind,
         freer: &'static Location<'static>,
+        owner: bool,
     ) -> Result<(), VmallocError> {
         let node = match self.lookup_live(ptr) {
+            Ok(n) if VmFlags(n.get().flags.get()).contains(VmFlags::OWNED) && !owner => {
+                self.c.failures += 1;
+                return Err(VmallocError::Owned);
+            }
             Ok(n) if n.get().kind.get() == kind => n,
             Ok(_) => {
                 self.c.failures += 1;
@@ -996,6 +1053,9 @@ impl<B: VmBackend> Vmalloc<B> {
             return Err(VmallocError::ZeroSize);
         }
         let node = self.lookup_live(ptr)?;
+        if VmFlags(node.get().flags.get()).contains(VmFlags::OWNED) {
+            return Err(VmallocError::Owned);
+        }
         let nd = node.get();
         if nd.kind.get() != AreaKind::Vmalloc {
             return Err(VmallocError::WrongKind);
@@ -1035,7 +1095,7 @@ impl<B: VmBackend> Vmalloc<B> {
         let new = self.vmalloc_inner(new_size, align, flags, caller)?;
         let new_ptr = self.pointer(new);
         self.backend.copy_mapped(new_ptr, ptr, old_bytes.min(new_size));
-        self.release(ptr, AreaKind::Vmalloc, caller)?;
+        self.release(ptr, AreaKind::Vmalloc, caller, true)?;
         Ok(new_ptr)
     }
 
