@@ -249,6 +249,14 @@ impl Model {
         }
     }
 
+    /// Strict mode switched (`Vmalloc::set_strict`); turning it on purges first.
+    pub fn set_strict(&mut self, strict: bool) {
+        if strict {
+            self.purge();
+        }
+        self.strict = strict;
+    }
+
     /// An allocation that found no hole (after purging, if anything was parked).
     pub fn no_space(&mut self) {
         self.failures += 1;

@@ -295,7 +295,7 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
     };
     let agree = if measured.agrees(&model) { "as the workload implies" } else { "MISMATCH (see above)" };
     println!(
-        "  {per_loop}frames {} taken, {} returned; {} PTEs written; TLB: {} full flushes, {} page ops in {} \
+        "  {per_loop}frames {} taken, {} returned; {} PTEs written (frames + vmap'd pages); TLB: {} full flushes, {} page ops in {} \
          batches; {} purges; {} failed calls — {agree}",
         measured.frames_taken,
         measured.frames_returned,
@@ -364,6 +364,7 @@ pub fn run(info: &BootInfo) -> bool {
     }
     let mut tallies: [Option<Tally>; CASES.len()] = [None; CASES.len()];
     let (mut skipped, mut total) = (0u32, Tally::default());
+    let start = hal::cpu::counter();
     for (idx, case) in CASES.iter().enumerate() {
         if p.mask & (1 << idx) == 0 {
             continue;
@@ -382,6 +383,9 @@ pub fn run(info: &BootInfo) -> bool {
             }
         }
     }
+    // Linux's get_cycles() on arm64 reads the same counter (CNTVCT_EL0); the checks between
+    // repeats are included here.
+    println!("All test took worker0={} cycles", hal::cpu::counter() - start);
     let scaling_ok = !p.scaling || scaling::run();
     comparison(&p, &tallies);
     if let Some(s) = kernel::vmalloc_stats() {
