@@ -133,9 +133,26 @@ fn zero_page_stp(p: *mut u8) {
     };
 }
 
-fn bookkeeping(n: usize) {
+/// Lays out `holes` live one-page areas each followed by a one-page-area hole (full_fit's
+/// layout) in `vm`; returns the live areas (to free afterwards).
+fn holes_layout<B: VmBackend>(vm: &mut Vmalloc<B>, holes: usize) -> alloc::vec::Vec<VirtAddr> {
+    let mut live = alloc::vec::Vec::with_capacity(holes);
+    let mut junk = alloc::vec::Vec::with_capacity(holes);
+    for _ in 0..holes {
+        live.extend(vm.vmalloc(PAGE_SIZE).ok());
+        junk.extend(vm.vmalloc(PAGE_SIZE).ok());
+    }
+    for v in junk {
+        let _ = vm.vfree(v);
+    }
+    vm.purge();
+    live
+}
+
+fn bookkeeping(n: usize, holes: usize) {
     let Ok(range) = VirtRange::new(VirtAddr::new(hal::kmap::SCRATCH_START), 1 << 40) else { return };
     let Ok(mut vm) = Vmalloc::new(NullBackend { next: 0 }, range, VmallocConfig::default()) else { return };
+    let live = holes_layout(&mut vm, holes);
     row(
         "vmalloc + vfree, bookkeeping only (null backend, no lock)",
         time(LOOPS, || {
@@ -156,6 +173,9 @@ fn bookkeeping(n: usize) {
         }
         hal::cpu::ticks_to_ns(ns) / u64::from(LOOPS / 8)
     });
+    for v in live {
+        let _ = vm.vfree(v);
+    }
 }
 
 /// The kernel backend with the time of each call counted (counter read around each call;
@@ -231,7 +251,7 @@ impl VmBackend for Timed {
 
 /// vmalloc + write + vfree on a private instance (scratch window, no lock) whose backend
 /// calls are timed: the split between vmalloc's bookkeeping and each backend call.
-fn split(info: &hal::boot::BootInfo, n: usize) {
+fn split(info: &hal::boot::BootInfo, n: usize, holes: usize) {
     let Ok(inner) = kernel::KernelBackend::new(info) else { return };
     let Ok(range) = VirtRange::new(VirtAddr::new(hal::kmap::SCRATCH_START + (4 << 30)), 1 << 40) else { return };
     let b = Timed { inner, ticks: [0; 5], calls: [0; 5] };
@@ -243,6 +263,7 @@ fn split(info: &hal::boot::BootInfo, n: usize) {
         }
         (hal::cpu::counter() - t0) / u64::from(LOOPS)
     };
+    let live = holes_layout(&mut vm, holes);
     // Warm the tables of the range once.
     for _ in 0..2 * LOOPS {
         if let Ok(v) = vm.vmalloc(n * PAGE_SIZE) {
@@ -260,6 +281,9 @@ fn split(info: &hal::boot::BootInfo, n: usize) {
         }
     }
     let total = hal::cpu::counter() - t0;
+    for v in live {
+        let _ = vm.vfree(v);
+    }
     vm.purge();
     let b = vm.backend();
     let mut backend = 0;
@@ -329,8 +353,8 @@ pub fn run(info: &hal::boot::BootInfo) {
                 }
             }),
         );
-        bookkeeping(n);
-        split(info, n);
+        bookkeeping(n, 0);
+        split(info, n, 0);
         row(
             "vmalloc + write 1 byte + vfree",
             time(LOOPS, || {
@@ -343,6 +367,9 @@ pub fn run(info: &hal::boot::BootInfo) {
         );
         kernel::purge();
     }
+    println!(" 1 page into holes: 8192 live areas each followed by a hole (full_fit_alloc_test's layout):");
+    bookkeeping(1, 8192);
+    split(info, 1, 8192);
     println!(" one page, layer by layer ({LOOPS} distinct pages mapped, then unmapped, then one full flush):");
     let base = hal::kmap::SCRATCH_START + (2 << 30);
     if memory::buddy::alloc_pages_bulk(&mut frames[..1]) != 1 {
