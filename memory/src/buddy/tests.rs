@@ -427,6 +427,9 @@ fn metadata_overhead() {
     let a = unsafe { BuddyAllocator::new(&[ram.whole()], &[], ram.linear(), false) }.unwrap();
     assert_eq!(a.metadata_range().size(), 64 * 1024);
     assert_eq!(a.total_pages(), 32768 - 16);
+    // The fixed part: the allocator value itself, hot list ring included.
+    let fixed = core::mem::size_of::<BuddyAllocator>();
+    assert!(fixed <= 1700, "{fixed}");
 }
 
 /// 4 GiB of RAM, above the 4 GiB physical line, without code changes: only the metadata
