@@ -38,6 +38,10 @@ pub fn run(info: &BootInfo) {
             s.total_pages >> 8,
             memory::buddy::MAX_ORDER
         );
+        println!(
+            "  /proc/buddyinfo (free blocks per order 0..=10; {} more order-0 frames sit on the hot list):",
+            s.hot_pages
+        );
         println!("  {}", s.buddyinfo());
     }
 

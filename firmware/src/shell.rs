@@ -104,7 +104,7 @@ impl Shell {
             "help" | "?" => println!("{HELP}"),
             "meminfo" => meminfo(),
             "buddyinfo" => match memory::buddy::stats() {
-                Some(s) => println!("{}", s.buddyinfo()),
+                Some(s) => println!("{}\n(hot list: {} order-0 frames)", s.buddyinfo(), s.hot_pages),
                 None => println!("buddy allocator not initialised"),
             },
             "slabinfo" => match memory::slab::slabinfo() {
