@@ -370,6 +370,30 @@ pub fn run(info: &hal::boot::BootInfo) {
     println!(" 1 page into holes: 8192 live areas each followed by a hole (full_fit_alloc_test's layout):");
     bookkeeping(1, 8192);
     split(info, 1, 8192);
+    let Some(space) = hal::kmap::kernel_space() else { return };
+    if memory::buddy::alloc_pages_bulk(&mut frames) == frames.len() {
+        let region = 512 * PAGE_SIZE as u64;
+        let base = hal::kmap::SCRATCH_START + (8 << 30);
+        for (what, va) in [
+            ("hal map_frames + unmap_with, 100 pages inside one 2 MiB table", base),
+            ("hal map_frames + unmap_with, 100 pages across a 2 MiB boundary", base + region - 50 * PAGE_SIZE as u64),
+        ] {
+            let va = VirtAddr::new(va);
+            let Ok(r) = VirtRange::new(va, (frames.len() * PAGE_SIZE) as u64) else { break };
+            row(
+                what,
+                time(LOOPS / 4, || {
+                    let mut s = space.lock();
+                    let _ = s.upper.map_frames(va, &frames, Attributes::DATA, &mut GlobalTableAlloc);
+                    // SAFETY: scratch pages mapped just above by us, never accessed.
+                    let _ = unsafe { s.upper.unmap_with(r, |_, _, _| {}) };
+                }),
+            );
+        }
+        HardwareTlb.invalidate_all();
+        // SAFETY: allocated above; their scratch mappings are gone and flushed.
+        let _ = unsafe { memory::buddy::free_pages_bulk(&frames) };
+    }
     println!(" one page, layer by layer ({LOOPS} distinct pages mapped, then unmapped, then one full flush):");
     let base = hal::kmap::SCRATCH_START + (2 << 30);
     if memory::buddy::alloc_pages_bulk(&mut frames[..1]) != 1 {
