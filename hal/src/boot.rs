@@ -174,6 +174,7 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
         Err(_) => crate::exit::exit(crate::exit::EXIT_FAULT),
     };
     crate::psci::set_conduit(platform.psci);
+    crate::exit::detect_semihosting();
     if let Some(uart) = platform.uart {
         // SAFETY: the device tree names this PL011; with the MMU off every address is
         // reached physically as Device memory, and nothing else drives the UART.

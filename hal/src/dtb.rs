@@ -132,6 +132,8 @@ pub struct Platform {
     pub model: &'static str,
     /// The command line (`/chosen/bootargs`), empty when absent.
     pub bootargs: &'static str,
+    /// The blob itself, as checked by `parse` (private: [`Platform::fdt`] reads it).
+    blob: &'static [u8],
 }
 
 fn first_reg(node: flat_device_tree::node::FdtNode<'_, '_>) -> Option<PhysRange> {
@@ -231,7 +233,7 @@ impl Platform {
         let model = fdt.root().ok().map(|r| r.model()).unwrap_or("unknown");
         let bootargs = fdt.chosen().ok().and_then(|c| c.bootargs()).unwrap_or("");
 
-        Ok(Self { dtb, ram, reserved, uart, gic_distributor, psci, model, bootargs })
+        Ok(Self { dtb, ram, reserved, uart, gic_distributor, psci, model, bootargs, blob })
     }
 
     /// The device tree itself, for drivers that look up their own nodes.
@@ -239,11 +241,7 @@ impl Platform {
     /// # Panics
     /// Never for a `Platform` built by [`Platform::parse`], which checked the blob.
     pub fn fdt(&self) -> Fdt<'static> {
-        // SAFETY: `dtb` was checked by `parse` and, by its contract, stays readable and
-        // unchanged for the program's lifetime.
-        let blob =
-            unsafe { core::slice::from_raw_parts(self.dtb.start().as_usize() as *const u8, self.dtb.size() as usize) };
-        Fdt::new(blob).expect("device tree checked at boot")
+        Fdt::new(self.blob).expect("device tree checked at boot")
     }
 }
 

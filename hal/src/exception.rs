@@ -217,7 +217,8 @@ fn guard_region_name(addr: u64) -> Option<&'static str> {
 static PROBE_ESR: AtomicU64 = AtomicU64::new(0);
 static PROBE_FAR: AtomicU64 = AtomicU64::new(0);
 static PROBE_ELR: AtomicU64 = AtomicU64::new(0);
-/// Armed while `probe::exec` runs: an instruction abort then resumes at its fixup.
+/// The address `probe::exec` branches to, while it runs (0 otherwise): an instruction abort
+/// there resumes at its fixup.
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub(crate) static EXEC_PROBE_ARMED: AtomicUsize = AtomicUsize::new(0);
 
@@ -271,7 +272,12 @@ unsafe extern "C" {
 ///
 /// Locks `f` held when it failed stay held: use this to keep a test suite going, not as
 /// an error-handling mechanism.
-pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
+///
+/// # Safety
+/// A failure longjmps over `f`'s frames without running their destructors, which Rust
+/// does not allow in general: `f` must not rely on a destructor running (no pinned data,
+/// no guard whose drop is needed for soundness). For test harnesses.
+pub unsafe fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     {
         extern "C" fn trampoline<F: FnOnce()>(arg: *mut u8) {
@@ -315,6 +321,14 @@ pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
 pub fn recover_from_panic() {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     {
+        // A panic inside an exception handler runs on SP_EL1: a longjmp from there would
+        // leave thread code on the exception stack. Stop instead.
+        let spsel: u64;
+        // SAFETY: reading SPSel has no side effect.
+        unsafe { core::arch::asm!("mrs {}, spsel", out(reg) spsel, options(nomem, nostack)) };
+        if spsel & 1 != 0 {
+            return;
+        }
         let ctx = CATCH.swap(core::ptr::null_mut(), Ordering::AcqRel);
         if !ctx.is_null() {
             RECOVERED.fetch_add(1, Ordering::Relaxed);
@@ -383,9 +397,9 @@ extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
             frame.elr = fixup;
             return;
         }
-        if ExceptionClass::from_esr(frame.esr) == ExceptionClass::InstructionAbort
-            && EXEC_PROBE_ARMED.load(Ordering::Acquire) != 0
-        {
+        // Only the abort at the probed address itself: anything else is a real fault.
+        let armed = EXEC_PROBE_ARMED.load(Ordering::Acquire) as u64;
+        if ExceptionClass::from_esr(frame.esr) == ExceptionClass::InstructionAbort && armed != 0 && frame.elr == armed {
             PROBE_ESR.store(frame.esr, Ordering::Release);
             PROBE_FAR.store(frame.far, Ordering::Release);
             PROBE_ELR.store(frame.elr, Ordering::Release);

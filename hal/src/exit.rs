@@ -5,6 +5,10 @@
 //! trusts the exit status alone and also reads the summary line.
 
 use crate::psci;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+/// Whether semihosting answers: 0 not probed yet, 1 yes, 2 no.
+static SEMIHOSTING: AtomicU8 = AtomicU8::new(0);
 
 /// Clean exit.
 pub const EXIT_SUCCESS: u32 = 0;
@@ -16,6 +20,7 @@ pub const EXIT_FAULT: u32 = 3;
 pub const EXIT_PANIC: u32 = 101;
 
 const SYS_EXIT_EXTENDED: u32 = 0x20;
+const SYS_ERRNO: u32 = 0x13;
 const ADP_STOPPED_APPLICATION_EXIT: u64 = 0x20026;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
@@ -23,9 +28,33 @@ unsafe extern "C" {
     fn hal_semihosting_call(op: u32, arg: usize, out: *mut usize) -> u32;
 }
 
+/// Finds out once, from thread context at boot, whether semihosting answers (a harmless
+/// `SYS_ERRNO` query): the exit path must not try `hlt` from an exception handler when it
+/// would trap, because a trap there is a nested fault.
+pub fn detect_semihosting() -> bool {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let mut out = 0usize;
+        // SAFETY: SYS_ERRNO takes no argument and changes nothing; the hlt is listed in
+        // __ex_table, so without semihosting it traps to a fixup that returns 1.
+        let present = unsafe { hal_semihosting_call(SYS_ERRNO, 0, &mut out) } == 0;
+        SEMIHOSTING.store(if present { 1 } else { 2 }, Ordering::Release);
+        present
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        let _ = SYS_ERRNO;
+        SEMIHOSTING.store(2, Ordering::Release);
+        false
+    }
+}
+
 /// Asks the host to end the run with `code`. Returns `false` when semihosting is not
-/// enabled (the `hlt` trapped and its fixup returned).
+/// enabled (known from [`detect_semihosting`], or the `hlt` trapped and its fixup returned).
 pub fn semihosting_exit(code: u32) -> bool {
+    if SEMIHOSTING.load(Ordering::Acquire) == 2 {
+        return false;
+    }
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     {
         let block = [ADP_STOPPED_APPLICATION_EXIT, code as u64];

@@ -47,15 +47,43 @@ pub const SCRATCH_START: u64 = VMALLOC_END;
 /// range end computation can reach 2^64.
 pub const SCRATCH_END: u64 = 0xffff_ffff_fe00_0000;
 
-/// The kernel's translation tables.
+/// The kernel's translation tables. The trees are live (installed in the TTBRs): reading
+/// them is safe, changing them is `unsafe`, because a mapping placed over memory the
+/// program relies on (a stack guard page, a range another owner has parked until its TLB
+/// flush) breaks guarantees safe code depends on.
 #[derive(Debug)]
 pub struct KernelSpace {
-    /// The identity-mapped lower half: RAM, the image, early devices.
-    pub lower: PageTable,
-    /// The upper half: the vmalloc/ioremap window.
-    pub upper: PageTable,
+    lower: PageTable,
+    upper: PageTable,
+    linear: LinearMap,
+}
+
+impl KernelSpace {
+    /// The identity-mapped lower half (RAM, the image, early devices), for `translate`.
+    pub fn lower(&self) -> &PageTable {
+        &self.lower
+    }
+
+    /// The upper half (vmalloc, ioremap and scratch windows), for `translate`.
+    pub fn upper(&self) -> &PageTable {
+        &self.upper
+    }
+
     /// How physical memory is reached (identity over RAM).
-    pub linear: LinearMap,
+    pub fn linear(&self) -> LinearMap {
+        self.linear
+    }
+
+    /// The upper half, to change.
+    ///
+    /// # Safety
+    /// The caller changes only virtual ranges it owns (the window of its vmalloc instance,
+    /// or a scratch range no instance uses), never maps over a range whose old translation
+    /// may still sit in a TLB (unmapped but not yet flushed), and keeps the contracts of
+    /// the `PageTable` methods it calls.
+    pub unsafe fn upper_mut(&mut self) -> &mut PageTable {
+        &mut self.upper
+    }
 }
 
 static KERNEL: Once<Mutex<KernelSpace>> = Once::new();
@@ -87,7 +115,11 @@ pub struct BumpTableAlloc {
 
 impl BumpTableAlloc {
     /// A bump allocator over `region` (page aligned).
-    pub const fn new(region: PhysRange) -> Self {
+    ///
+    /// # Safety
+    /// `region` is RAM reserved for translation tables (link.ld's boot-table region) that
+    /// nothing else uses: the walker zeroes and writes every page handed out.
+    pub const unsafe fn new(region: PhysRange) -> Self {
         Self { next: region.start().as_u64(), end: region.end().as_u64(), used: 0 }
     }
 }
@@ -153,7 +185,7 @@ fn map_ram_around_image(
 ///
 /// # Errors
 /// An [`MmuError`] when a mapping is refused or the boot-table region runs out.
-pub fn build(info: &BootInfo, linear: LinearMap, alloc: &mut BumpTableAlloc) -> Result<KernelSpace, MmuError> {
+fn build(info: &BootInfo, linear: LinearMap, alloc: &mut BumpTableAlloc) -> Result<KernelSpace, MmuError> {
     let mut lower = PageTable::new(linear, VaRange::Lower, alloc)?;
     let upper = PageTable::new(linear, VaRange::Upper, alloc)?;
     let img = &info.image;
@@ -186,7 +218,8 @@ pub fn init(info: &BootInfo) {
     // because `build` maps RAM at its physical address.
     let linear = unsafe { LinearMap::new(window, VirtAddr::new(lo)) };
     let region = boot_table_region();
-    let mut alloc = BumpTableAlloc::new(region);
+    // SAFETY: link.ld reserves this region for boot tables, and only this call uses it.
+    let mut alloc = unsafe { BumpTableAlloc::new(region) };
     let space = match build(info, linear, &mut alloc) {
         Ok(space) => space,
         Err(e) => panic!("kernel address space: {e}"),

@@ -121,7 +121,7 @@ pub unsafe fn exec(addr: usize) -> Result<(), Fault> {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     {
         use core::sync::atomic::Ordering;
-        crate::exception::EXEC_PROBE_ARMED.store(1, Ordering::Release);
+        crate::exception::EXEC_PROBE_ARMED.store(addr, Ordering::Release);
         // SAFETY: the handler resumes an instruction abort at hal_probe_exec_fixup while
         // armed; if `addr` runs, the caller promised it returns.
         let r = unsafe { ffi::hal_probe_exec(addr) };

@@ -56,7 +56,13 @@ impl KernelBackend {
     ///
     /// # Errors
     /// [`InitError::NoKernelSpace`] before boot turned the MMU on.
-    pub fn new(info: &BootInfo) -> Result<Self, InitError> {
+    ///
+    /// # Safety
+    /// The instance built on it owns its window alone: the window lies in the scratch range,
+    /// overlaps no other live instance's, and the instance purges before it is dropped (or
+    /// the window is never used again), so no stale TLB entry of one owner is reused by
+    /// another.
+    pub unsafe fn new(info: &BootInfo) -> Result<Self, InitError> {
         let linear = hal::kmap::linear_map().ok_or(InitError::NoKernelSpace)?;
         Ok(Self { linear, ram: info.platform.ram })
     }
@@ -128,7 +134,9 @@ impl VmBackend for KernelBackend {
             Prot::ReadOnly => Attributes::RODATA,
         };
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
-        space.lock().upper.map_frames(va, frames, attrs, &mut GlobalTableAlloc).map_err(map_err)
+        // SAFETY: vmalloc maps only pages of its own window that are unmapped and flushed
+        // (the VmBackend contract).
+        unsafe { space.lock().upper_mut().map_frames(va, frames, attrs, &mut GlobalTableAlloc) }.map_err(map_err)
     }
 
     fn map_device(&mut self, va: VirtAddr, pa: PhysAddr, pages: usize, attr: DeviceAttr) -> Result<(), MapError> {
@@ -140,7 +148,9 @@ impl VmBackend for KernelBackend {
         let attrs = Attributes::new(memory, Permissions::ReadWrite).map_err(map_err)?;
         let range = VirtRange::new(va, (pages * PAGE_SIZE) as u64).map_err(|_| MapError::OutOfRange)?;
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
-        space.lock().upper.map(range, pa, attrs, BlockPolicy::PagesOnly, &mut GlobalTableAlloc).map_err(map_err)
+        // SAFETY: as in `map_pages`: a fresh range of vmalloc's own window.
+        unsafe { space.lock().upper_mut().map(range, pa, attrs, BlockPolicy::PagesOnly, &mut GlobalTableAlloc) }
+            .map_err(map_err)
     }
 
     fn unmap_pages<F: FnMut(PhysAddr)>(&mut self, va: VirtAddr, pages: usize, mut on_frame: F) {
@@ -149,7 +159,7 @@ impl VmBackend for KernelBackend {
         // SAFETY: vmalloc unmaps only the pages of an area it is freeing (or rolling back);
         // nothing the program still uses lives there.
         let r = unsafe {
-            space.lock().upper.unmap_with(range, |_va, pa, size| {
+            space.lock().upper_mut().unmap_with(range, |_va, pa, size| {
                 for i in 0..size / PAGE_SIZE as u64 {
                     on_frame(pa.add(i * PAGE_SIZE as u64));
                 }
@@ -161,8 +171,10 @@ impl VmBackend for KernelBackend {
     }
 
     fn tlb_flush_pages(&mut self, ranges: &[(VirtAddr, usize)]) {
+        // Last level only (`tlbi vaale1is`): vmalloc keeps its table pages, so no walk-cache
+        // entry went stale — as Linux's flush_tlb_kernel_range.
         let mut iter = ranges.iter().filter_map(|&(va, n)| VirtRange::new(va, (n * PAGE_SIZE) as u64).ok());
-        HardwareTlb.invalidate_pages(&mut iter);
+        HardwareTlb.invalidate_last_level(&mut iter);
     }
 
     fn tlb_flush_all(&mut self) {
@@ -170,7 +182,7 @@ impl VmBackend for KernelBackend {
     }
 
     fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
-        hal::kmap::kernel_space()?.lock().upper.translate(va).map(|t| t.phys)
+        hal::kmap::kernel_space()?.lock().upper().translate(va).map(|t| t.phys)
     }
 
     fn phys_is_ram(&self, pa: PhysAddr, pages: usize) -> bool {
@@ -448,6 +460,20 @@ pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
     vm()?.vfree(addr)
 }
 
+/// Frees an area allocated with [`VmFlags::OWNED`] (a handle's area), which plain
+/// [`vfree`] refuses.
+///
+/// # Errors
+/// As [`vfree`].
+///
+/// # Safety
+/// The caller owns the area and no reference into it outlives the call.
+#[track_caller]
+pub unsafe fn vfree_owned(addr: VirtAddr) -> Result<(), VmallocError> {
+    // SAFETY: forwarded to our caller.
+    unsafe { vm()?.vfree_owned(addr) }
+}
+
 /// Resizes an area, keeping its contents (in place when possible).
 ///
 /// # Errors
@@ -480,6 +506,14 @@ pub fn vrealloc(addr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocErro
 /// ```
 #[track_caller]
 pub fn vmap(frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+    // Only RAM the kernel does not run from: device memory mapped Normal would allow
+    // speculative reads of registers, and a writable alias of the image would undo W^X.
+    let info = hal::boot::boot_info().ok_or(VmallocError::NotInitialized)?;
+    for &pa in frames {
+        if !info.platform.ram.contains(pa) || info.image.whole.contains(pa) {
+            return Err(VmallocError::NotRam);
+        }
+    }
     vm()?.vmap_with(frames, prot, flags)
 }
 
@@ -591,7 +625,7 @@ pub fn is_vmalloc_addr(addr: VirtAddr) -> bool {
 /// # Ok::<(), memory::vmalloc::VmallocError>(())
 /// ```
 pub fn vmalloc_table_pages() -> usize {
-    hal::kmap::kernel_space().map_or(0, |k| k.lock().upper.table_pages())
+    hal::kmap::kernel_space().map_or(0, |k| k.lock().upper().table_pages())
 }
 
 /// vmalloc's counters.

@@ -61,7 +61,7 @@ fn vmallocinfo() -> String {
 
 fn memory_type(va: VirtAddr) -> MemoryType {
     let space = hal::kmap::kernel_space().unwrap();
-    let t = space.lock().upper.translate(va).expect("mapped");
+    let t = space.lock().upper().translate(va).expect("mapped");
     t.attributes.expect("attributes this module writes").memory_type()
 }
 

@@ -109,7 +109,7 @@ fn no_mapping_is_writable_and_executable() {
     let k = kernel();
     let mut pa = info.image.whole.start();
     while pa < info.image.whole.end() {
-        if let Some(t) = k.lower.translate(VirtAddr::new(pa.as_u64())) {
+        if let Some(t) = k.lower().translate(VirtAddr::new(pa.as_u64())) {
             let a = t.attributes.expect("our own attributes");
             assert!(!(a.permissions().writable() && a.permissions().executable()), "W+X at {pa:?}");
             if info.image.text.contains(pa) {
@@ -122,15 +122,22 @@ fn no_mapping_is_writable_and_executable() {
     }
     // RAM outside the image is mapped with blocks where possible.
     let ram = info.platform.ram.iter().next().unwrap();
-    let t = k.lower.translate(VirtAddr::new(ram.end().as_u64() - 1)).unwrap();
+    let t = k.lower().translate(VirtAddr::new(ram.end().as_u64() - 1)).unwrap();
     assert!(t.level < 3, "end of RAM mapped by a block");
 }
 
 fn uart_is_device_memory() {
     let info = hal::boot::boot_info().unwrap();
     let uart = info.platform.uart.unwrap();
-    let t = kernel().lower.translate(VirtAddr::new(uart.start().as_u64())).unwrap();
+    // The early identity mapping (used before the memory system was up)...
+    let t = kernel().lower().translate(VirtAddr::new(uart.start().as_u64())).unwrap();
     assert_eq!(t.attributes.unwrap().memory_type(), MemoryType::DeviceNGnRE);
+    // ...and the ioremap mapping the console writes through now.
+    let console = memory::ioremap::console_mapping().expect("console switched to ioremap");
+    assert_eq!(hal::console::base(), console.as_usize(), "console writes through the ioremap");
+    let t = kernel().upper().translate(console).unwrap();
+    assert_eq!(t.attributes.unwrap().memory_type(), MemoryType::DeviceNGnRE);
+    assert_eq!(t.phys, uart.start());
     hal::print!("(printed through it) ");
 }
 

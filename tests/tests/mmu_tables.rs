@@ -36,14 +36,16 @@ fn vr(start: u64, size: u64) -> VirtRange {
 }
 
 fn map(va: u64, frames: &Frames, size: u64, attrs: Attributes, policy: BlockPolicy) {
-    kernel().upper.map(vr(va, size), frames.phys(), attrs, policy, &mut GlobalTableAlloc).expect("map");
+    // SAFETY: the test maps fresh pages of the scratch window, which no vmalloc instance uses.
+    unsafe { kernel().upper_mut().map(vr(va, size), frames.phys(), attrs, policy, &mut GlobalTableAlloc) }
+        .expect("map");
 }
 
 /// Unmap `va .. va + size` from the live upper tree, flushing, and free emptied tables.
 fn reclaim(va: u64, size: u64) -> u64 {
     // SAFETY: the range belongs to this test; nothing refers into it any more (every access
     // to it went through probes or volatile reads that are over).
-    unsafe { kernel().upper.unmap_and_reclaim(vr(va, size), &HardwareTlb, &mut GlobalTableAlloc) }.expect("unmap")
+    unsafe { kernel().upper_mut().unmap_and_reclaim(vr(va, size), &HardwareTlb, &mut GlobalTableAlloc) }.expect("unmap")
 }
 
 /// DFSC (`ESR_EL1[5:0]`) kinds: 0b0001xx translation fault, 0b0011xx permission fault.
@@ -72,7 +74,7 @@ fn second_mapping_aliases_the_frame() {
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile((lin + 0xff8) as *mut u64, 0x0bad_cafe) };
     assert_eq!(read(va + 0xff8), 0x0bad_cafe);
-    assert_eq!(kernel().upper.translate(VirtAddr::new(va + 8)).unwrap().phys, frame.phys().add(8));
+    assert_eq!(kernel().upper().translate(VirtAddr::new(va + 8)).unwrap().phys, frame.phys().add(8));
     assert_eq!(reclaim(va, PG), 1);
     drop(frame);
     assert_eq!(free_pages(), free, "frame and table pages all back");
@@ -86,7 +88,7 @@ fn protect_to_read_only_then_write_faults() {
     unsafe { probe::write_u64(va as usize, 7) }.unwrap();
     TLB.clear_log();
     // SAFETY: nothing holds a mutable reference into the page.
-    unsafe { kernel().upper.protect(vr(va, PG), Permissions::ReadOnly, &TLB, &mut GlobalTableAlloc) }.unwrap();
+    unsafe { kernel().upper_mut().protect(vr(va, PG), Permissions::ReadOnly, &TLB, &mut GlobalTableAlloc) }.unwrap();
     // In place (no break), then the stale writable entry is dropped.
     let log = TLB.take_log();
     let expected = [TlbOp::DsbIshst, TlbOp::LastLevel(VirtAddr::new(va)), TlbOp::DsbIsh, TlbOp::Isb];
@@ -97,7 +99,8 @@ fn protect_to_read_only_then_write_faults() {
     assert_eq!(f.far, va);
     assert_eq!(read(va), 7, "still readable, unchanged");
     // SAFETY: as above.
-    unsafe { kernel().upper.protect(vr(va, PG), Permissions::ReadWrite, &HardwareTlb, &mut GlobalTableAlloc) }.unwrap();
+    unsafe { kernel().upper_mut().protect(vr(va, PG), Permissions::ReadWrite, &HardwareTlb, &mut GlobalTableAlloc) }
+        .unwrap();
     // SAFETY: writable again, ours.
     unsafe { probe::write_u64(va as usize, 9) }.unwrap();
     assert_eq!(read(va), 9);
@@ -112,7 +115,7 @@ fn unmap_and_flush_then_read_faults() {
     assert_eq!(read(va), 0);
     TLB.clear_log();
     // SAFETY: nothing refers into the page any more.
-    assert_eq!(unsafe { kernel().upper.unmap(vr(va, PG), &TLB, &mut GlobalTableAlloc) }, Ok(1));
+    assert_eq!(unsafe { kernel().upper_mut().unmap(vr(va, PG), &TLB, &mut GlobalTableAlloc) }, Ok(1));
     assert!(TLB.log().ops().any(|op| op == TlbOp::LastLevel(VirtAddr::new(va))), "unmap flushed the page");
     let f = probe::read_u64(va as usize).expect_err("unmapped page must fault");
     assert_eq!(f.class(), ExceptionClass::DataAbort);
@@ -137,7 +140,7 @@ fn block_split_at_runtime_keeps_the_rest_of_the_block_readable() {
     }
     let block = WINDOW + MIB2;
     map(block, &frames, MIB2, Attributes::DATA, BlockPolicy::AllowBlocks);
-    assert_eq!(kernel().upper.translate(VirtAddr::new(block)).unwrap().level, 2, "mapped as a block");
+    assert_eq!(kernel().upper().translate(VirtAddr::new(block)).unwrap().level, 2, "mapped as a block");
     // Every page through the block: the block entry is in the TLB now.
     for i in 0..512 {
         assert_eq!(read(block + i * PG), marker(i));
@@ -147,7 +150,7 @@ fn block_split_at_runtime_keeps_the_rest_of_the_block_readable() {
     TLB.clear_log();
     // SAFETY: nothing refers into the hole; nothing this code uses (code, stack, `TLB`, the
     // tables) lies in the block, which only aliases frames of this test.
-    assert_eq!(unsafe { kernel().upper.unmap(vr(hole, PG), &TLB, &mut GlobalTableAlloc) }, Ok(1));
+    assert_eq!(unsafe { kernel().upper_mut().unmap(vr(hole, PG), &TLB, &mut GlobalTableAlloc) }, Ok(1));
     let log = TLB.take_log();
     let e = log.events();
     let TlbEvent::Write(make) = e[5] else { panic!("{e:?}") };
@@ -175,7 +178,7 @@ fn block_split_at_runtime_keeps_the_rest_of_the_block_readable() {
     for i in (0..512).filter(|&i| i != 100) {
         assert_eq!(read(block + i * PG), marker(i), "page {i} after the split");
     }
-    assert_eq!(kernel().upper.translate(VirtAddr::new(block)).unwrap().level, 3);
+    assert_eq!(kernel().upper().translate(VirtAddr::new(block)).unwrap().level, 3);
     // Still an alias: a write through it shows in the linear map.
     // SAFETY: writable, ours.
     unsafe { probe::write_u64((block + 5 * PG + 16) as usize, 0xfeed) }.unwrap();
@@ -188,8 +191,10 @@ fn block_split_at_runtime_keeps_the_rest_of_the_block_readable() {
     assert_eq!(read(second + 7 * PG), marker(7));
     TLB.clear_log();
     // SAFETY: nothing borrows the page; the block holds nothing this code uses.
-    unsafe { kernel().upper.protect(vr(second + 7 * PG, PG), Permissions::ReadOnly, &TLB, &mut GlobalTableAlloc) }
-        .unwrap();
+    unsafe {
+        kernel().upper_mut().protect(vr(second + 7 * PG, PG), Permissions::ReadOnly, &TLB, &mut GlobalTableAlloc)
+    }
+    .unwrap();
     assert!(TLB.log().ops().any(|op| op == TlbOp::AllLevels(VirtAddr::new(second))), "the block was broken");
     // SAFETY: expected to fault (read-only now).
     let f = unsafe { probe::write_u64((second + 7 * PG) as usize, 1) }.expect_err("read-only after protect");
@@ -210,7 +215,7 @@ fn block_split_at_runtime_keeps_the_rest_of_the_block_readable() {
 
 fn reclaim_gives_every_table_back() {
     let free = free_pages();
-    let tables = kernel().upper.table_pages();
+    let tables = kernel().upper().table_pages();
     let frame = Frames::alloc_zeroed(0).unwrap();
     // Pages far apart: each needs its own L1, L2 and L3 tables below the root.
     let spots = [WINDOW + 3 * (1 << 30), WINDOW + 5 * (1 << 30) + 7 * MIB2, WINDOW + 9 * (1 << 30) + 123 * PG];
@@ -218,9 +223,9 @@ fn reclaim_gives_every_table_back() {
         map(va, &frame, PG, Attributes::RODATA, BlockPolicy::PagesOnly);
         assert_eq!(read(va), 0);
     }
-    assert!(kernel().upper.table_pages() >= tables + 6);
+    assert!(kernel().upper().table_pages() >= tables + 6);
     assert_eq!(reclaim(WINDOW, 16 << 30), 3);
-    assert_eq!(kernel().upper.table_pages(), tables);
+    assert_eq!(kernel().upper().table_pages(), tables);
     drop(frame);
     assert_eq!(free_pages(), free);
     for va in spots {

@@ -10,6 +10,7 @@ use core::ptr::NonNull;
 
 use hal::VirtAddr;
 use memory::kernel;
+use memory::vmalloc::VmFlags;
 use memory::vmalloc::VmallocError;
 
 /// An allocator of quanta: `bytes`-sized, zero-filled blocks.
@@ -57,17 +58,19 @@ pub unsafe trait QuantumAlloc {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VmallocQuanta;
 
-// SAFETY: `vzalloc(bytes)` maps `bytes` (rounded up to whole pages) of fresh zeroed frames
-// at an address no one else has been given, in the kernel's TTBR1 tables that every CPU
-// shares, and the area stays mapped until `vfree` of that address, which only `free` calls.
+// SAFETY: `vmalloc_with(bytes, .., ZERO | OWNED)` maps `bytes` (rounded up to whole pages)
+// of fresh zeroed frames at an address no one else has been given, in the kernel's TTBR1
+// tables that every CPU shares. OWNED makes a plain `vfree` of that address fail, so the
+// area stays mapped until `vfree_owned`, which only `free` calls.
 unsafe impl QuantumAlloc for VmallocQuanta {
     fn alloc(&mut self, bytes: usize) -> Result<NonNull<u8>, VmallocError> {
         // vmallocinfo names this line as the caller of every quantum.
-        let va = kernel::vzalloc(bytes)?;
+        let va = kernel::vmalloc_with(bytes, hal::PAGE_SIZE, VmFlags::ZERO | VmFlags::OWNED)?;
         // vmalloc never hands out address zero; a null here would be a vmalloc bug, and the
         // area is given back rather than leaked.
         NonNull::new(va.as_mut_ptr::<u8>()).ok_or_else(|| {
-            let _ = kernel::vfree(va);
+            // SAFETY: just allocated, never handed out.
+            let _ = unsafe { kernel::vfree_owned(va) };
             VmallocError::NotAnArea
         })
     }
@@ -75,6 +78,8 @@ unsafe impl QuantumAlloc for VmallocQuanta {
     unsafe fn free(&mut self, ptr: NonNull<u8>, _bytes: usize) -> Result<(), VmallocError> {
         // vfree unmaps the pages and returns the frames to the buddy allocator now; the
         // virtual range is parked until the next batched TLB flush (or `kernel::purge`).
-        kernel::vfree(VirtAddr::from_ptr(ptr.as_ptr()))
+        // SAFETY: the trait's contract: `ptr` came from `alloc` and no reference into the
+        // quantum outlives this call.
+        unsafe { kernel::vfree_owned(VirtAddr::from_ptr(ptr.as_ptr())) }
     }
 }

@@ -238,7 +238,7 @@ fn translate(va: VirtAddr) -> Option<PhysAddr> {
         return kernel::vmalloc_to_phys(va);
     }
     let space = hal::kmap::kernel_space()?.lock();
-    space.upper.translate(va).or_else(|| space.lower.translate(va)).map(|t| t.phys)
+    space.upper().translate(va).or_else(|| space.lower().translate(va)).map(|t| t.phys)
 }
 
 /// The physical address of the `len` bytes at `va` when they are physically contiguous (a

@@ -28,13 +28,14 @@ fn row(what: &str, ns: u64) {
 fn map_unmap(va: VirtAddr, frames: &[PhysAddr]) {
     let Some(space) = hal::kmap::kernel_space() else { return };
     let mut s = space.lock();
-    if s.upper.map_frames(va, frames, Attributes::DATA, &mut GlobalTableAlloc).is_err() {
+    // SAFETY: the profile maps fresh pages of a scratch-window slot no instance uses.
+    if unsafe { s.upper_mut() }.map_frames(va, frames, Attributes::DATA, &mut GlobalTableAlloc).is_err() {
         println!("  profile: map_frames failed");
         return;
     }
     let Ok(range) = VirtRange::new(va, (frames.len() * PAGE_SIZE) as u64) else { return };
     // SAFETY: the scratch-window pages were mapped just above by us and nothing uses them.
-    let _ = unsafe { s.upper.unmap_with(range, |_, _, _| {}) };
+    let _ = unsafe { s.upper_mut().unmap_with(range, |_, _, _| {}) };
     drop(s);
     HardwareTlb.invalidate_pages(&mut core::iter::once(range));
 }
@@ -252,7 +253,9 @@ impl VmBackend for Timed {
 /// vmalloc + write + vfree on a private instance (scratch window, no lock) whose backend
 /// calls are timed: the split between vmalloc's bookkeeping and each backend call.
 fn split(info: &hal::boot::BootInfo, n: usize, holes: usize) {
-    let Ok(inner) = kernel::KernelBackend::new(info) else { return };
+    // SAFETY: the profile's instance alone uses this 1 TiB slot of the scratch window (4 GiB
+    // up, clear of the tests' slots), and purges before it is dropped.
+    let Ok(inner) = (unsafe { kernel::KernelBackend::new(info) }) else { return };
     let Ok(range) = VirtRange::new(VirtAddr::new(hal::kmap::SCRATCH_START + (4 << 30)), 1 << 40) else { return };
     let b = Timed { inner, ticks: [0; 5], calls: [0; 5] };
     let Ok(mut vm) = Vmalloc::new(b, range, VmallocConfig::default()) else { return };
@@ -384,9 +387,10 @@ pub fn run(info: &hal::boot::BootInfo) {
                 what,
                 time(LOOPS / 4, || {
                     let mut s = space.lock();
-                    let _ = s.upper.map_frames(va, &frames, Attributes::DATA, &mut GlobalTableAlloc);
+                    // SAFETY: fresh pages of the profile's own scratch slot.
+                    let _ = unsafe { s.upper_mut() }.map_frames(va, &frames, Attributes::DATA, &mut GlobalTableAlloc);
                     // SAFETY: scratch pages mapped just above by us, never accessed.
-                    let _ = unsafe { s.upper.unmap_with(r, |_, _, _| {}) };
+                    let _ = unsafe { s.upper_mut().unmap_with(r, |_, _, _| {}) };
                 }),
             );
         }
@@ -408,7 +412,8 @@ pub fn run(info: &hal::boot::BootInfo) {
         time(LOOPS, || {
             let va = VirtAddr::new(base + i * PAGE_SIZE as u64);
             i += 1;
-            let _ = space.lock().upper.map_frames(va, &frame, Attributes::DATA, &mut GlobalTableAlloc);
+            // SAFETY: fresh pages of the profile's own scratch slot.
+            let _ = unsafe { space.lock().upper_mut().map_frames(va, &frame, Attributes::DATA, &mut GlobalTableAlloc) };
         }),
     );
     i = 0;
@@ -418,7 +423,7 @@ pub fn run(info: &hal::boot::BootInfo) {
             let Ok(r) = VirtRange::new(VirtAddr::new(base + i * PAGE_SIZE as u64), PAGE_SIZE as u64) else { return };
             i += 1;
             // SAFETY: scratch pages mapped above by us; nothing uses them.
-            let _ = unsafe { space.lock().upper.unmap_with(r, |_, _, _| {}) };
+            let _ = unsafe { space.lock().upper_mut().unmap_with(r, |_, _, _| {}) };
         }),
     );
     HardwareTlb.invalidate_all();
@@ -434,7 +439,7 @@ pub fn run(info: &hal::boot::BootInfo) {
     row(
         "translate (walk, lock included)",
         time(LOOPS, || {
-            let _ = space.lock().upper.translate(VirtAddr::new(base));
+            let _ = space.lock().upper().translate(VirtAddr::new(base));
         }),
     );
     let mut one = [PhysAddr::new(0)];

@@ -42,16 +42,19 @@ primary_entry:
     msr     cptr_el2, x9
     msr     hstr_el2, xzr
     msr     vttbr_el2, xzr
-    mov     x9, #0x0800             // SCTLR_EL1: RES1 bits set later by Rust, MMU off
-    movk    x9, #0x30d0, lsl #16
-    msr     sctlr_el1, x9
     mov     x9, #0x3c5              // SPSR_EL2: EL1h, DAIF masked
     msr     spsr_el2, x9
     adr     x9, 1f
     msr     elr_el2, x9
     eret
 1:
-    // At EL1. FP/SIMD on (CPACR_EL1.FPEN = 0b11): Rust emits SIMD for copies.
+    // At EL1. A known SCTLR_EL1 whatever the loader left: MMU, caches and alignment checks
+    // off, little endian, RES1 bits set (Linux's INIT_SCTLR_EL1_MMU_OFF).
+    mov     x9, #0x0800
+    movk    x9, #0x30d0, lsl #16
+    msr     sctlr_el1, x9
+    isb
+    // FP/SIMD on (CPACR_EL1.FPEN = 0b11): Rust emits SIMD for copies.
     mov     x9, #(3 << 20)
     msr     cpacr_el1, x9
     isb

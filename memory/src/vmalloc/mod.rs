@@ -201,6 +201,8 @@ pub enum VmallocError {
     NotInitialized,
     /// The area belongs to an owning handle ([`VmFlags::OWNED`]): drop the handle instead.
     Owned,
+    /// `vmap` of a frame that is not RAM, or that holds the kernel image.
+    NotRam,
 }
 
 impl fmt::Display for VmallocError {
@@ -222,6 +224,7 @@ impl fmt::Display for VmallocError {
             VmallocError::BadRange => f.write_str("vmalloc range is empty or not page aligned"),
             VmallocError::NotInitialized => f.write_str("vmalloc used before memory::kernel::init"),
             VmallocError::Owned => f.write_str("area belongs to an owning handle (drop the handle)"),
+            VmallocError::NotRam => f.write_str("vmap of a frame that is not free-standing RAM"),
         }
     }
 }
