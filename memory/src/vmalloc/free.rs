@@ -108,6 +108,15 @@ impl FreeSpace {
         let root = self.tree.root?;
         let mut visits = 0u32;
         self.last = SearchStats::default();
+        // Fast path: the lowest hole fits (always so while allocations walk up through a run
+        // of equal holes, as in full_fit). Nothing lower exists, so it is the exact answer.
+        if let Some(first) = self.tree.first() {
+            let f = first.get();
+            if let Some(a) = fit_start(f.start.get(), f.end.get(), size, align) {
+                self.last.visits = 1;
+                return Some((first, a));
+            }
+        }
         if root.get().max.get() < size {
             self.last.visits = 1;
             return None;
@@ -259,12 +268,21 @@ impl FreeSpace {
     pub(crate) fn give_back(&mut self, node: NodePtr) {
         let nd = node.get();
         let (s, e) = (nd.start.get(), nd.end.get());
-        // One descent finds both neighbours and the insertion spot.
+        // One descent finds both neighbours and the insertion spot; a range below the lowest
+        // hole (a purge returns ranges highest first) needs none: its spot is that hole's left.
         let mut pred: Link = None;
         let mut succ: Link = None;
         let mut parent: Link = None;
         let mut left = false;
         let mut cur = self.tree.root;
+        if let Some(f) = self.tree.first() {
+            if e <= f.get().start.get() {
+                succ = Some(f);
+                parent = Some(f);
+                left = true;
+                cur = None;
+            }
+        }
         while let Some(c) = cur {
             parent = Some(c);
             left = s < c.get().start.get();

@@ -6,7 +6,6 @@ use core::panic::Location;
 use hal::VirtAddr;
 
 use super::node::{NodePtr, State};
-use super::treap::Treap;
 use super::{AreaKind, VmBackend, Vmalloc, PAGE};
 
 /// How many freed areas [`Vmalloc::explain_fault`] remembers after their purge.
@@ -164,8 +163,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Errors
     /// Whatever `out` returns.
     pub fn write_info(&self, out: &mut dyn Write) -> fmt::Result {
-        let mut cur = self.busy.first();
-        while let Some(n) = cur {
+        for n in self.live_iter() {
             let nd = n.get();
             write!(out, "0x{:016x}-0x{:016x} {:>7} {}", nd.start.get(), nd.end.get(), nd.size(), nd.caller.get())?;
             let kind = nd.kind.get();
@@ -176,7 +174,6 @@ impl<B: VmBackend> Vmalloc<B> {
                 write!(out, " phys=0x{:016x}", nd.phys.get())?;
             }
             writeln!(out, " {kind}")?;
-            cur = Treap::next(n);
         }
         // Like Linux's show_purge_info: the lazily freed ranges after the busy ones.
         for n in self.parked_iter() {
@@ -208,8 +205,7 @@ impl<B: VmBackend> Vmalloc<B> {
         }
         // Live areas first, then parked ranges (a short list: a fault is a slow path anyway).
         let found = self
-            .busy
-            .find_containing(a)
+            .live_containing(a)
             .or_else(|| self.parked_iter().find(|n| (n.get().start.get()..n.get().end.get()).contains(&a)));
         if let Some(n) = found {
             let nd = n.get();

@@ -321,6 +321,8 @@ pub struct VmallocStats {
     pub frames_taken: u64,
     /// Frames given back to the backend, ever.
     pub frames_returned: u64,
+    /// Pages mapped, ever (all kinds, growth by `vrealloc` included).
+    pub pages_mapped: u64,
     /// Longest purge, in backend clock nanoseconds.
     pub purge_ns_max: u64,
     /// 99th percentile of purge times (bucket upper bound, within 12.5 %).
@@ -342,6 +344,7 @@ struct Counters {
     failures: u64,
     frames_taken: u64,
     frames_returned: u64,
+    pages_mapped: u64,
 }
 
 /// A vmalloc allocator over one window of virtual addresses.
@@ -351,7 +354,12 @@ pub struct Vmalloc<B: VmBackend> {
     start: u64,
     end: u64,
     free: FreeSpace,
+    /// Live areas, except `pending`.
     busy: Treap,
+    /// The area allocated last, live, not yet in `busy`: it goes in when the next area is
+    /// allocated, so the common alloc-use-free pattern never touches the busy tree. Every
+    /// query over live areas looks here too.
+    pending: Link,
     parked_head: Link,
     config: VmallocConfig,
     c: Counters,
@@ -386,6 +394,7 @@ impl<B: VmBackend> Vmalloc<B> {
             end,
             free,
             busy: Treap::new(),
+            pending: None,
             parked_head: None,
             config,
             c: Counters::default(),
@@ -574,6 +583,7 @@ impl<B: VmBackend> Vmalloc<B> {
         nd.pages.set(pages);
         self.c.live_areas += 1;
         self.c.mapped_pages += pages;
+        self.c.pages_mapped += pages as u64;
         self.c.owned_frames += pages;
         Ok(node)
     }
@@ -615,13 +625,15 @@ impl<B: VmBackend> Vmalloc<B> {
         nd.caller.set(caller);
         nd.freer.set(None);
         nd.next.set(None);
-        self.busy.insert(node);
+        if let Some(p) = self.pending.replace(node) {
+            self.busy.insert(p);
+        }
         Ok(node)
     }
 
     /// Undo [`Self::alloc_area`] for an area with nothing mapped (or mapped and flushed).
     fn abort_area(&mut self, node: NodePtr) {
-        self.busy.remove(node);
+        self.unlink_live(node);
         self.free.give_back(node);
     }
 
@@ -762,6 +774,7 @@ impl<B: VmBackend> Vmalloc<B> {
         nd.align_shift.set(PAGE_SIZE.trailing_zeros() as u8);
         self.c.live_areas += 1;
         self.c.mapped_pages += frames.len();
+        self.c.pages_mapped += frames.len() as u64;
         Ok(node)
     }
 
@@ -828,15 +841,43 @@ impl<B: VmBackend> Vmalloc<B> {
         nd.align_shift.set(PAGE_SIZE.trailing_zeros() as u8);
         self.c.live_areas += 1;
         self.c.mapped_pages += pages;
+        self.c.pages_mapped += pages as u64;
         Ok(node)
     }
 
     // ----- freeing -----
 
+    /// Take the live area `node` out of the busy tree (or the pending slot).
+    #[inline(always)]
+    fn unlink_live(&mut self, node: NodePtr) {
+        if self.pending == Some(node) {
+            self.pending = None;
+        } else {
+            self.busy.remove(node);
+        }
+    }
+
+    /// The live area whose range (guard page included) contains `addr`.
+    #[inline]
+    pub(crate) fn live_containing(&self, addr: u64) -> Option<NodePtr> {
+        if let Some(n) = self.pending {
+            let nd = n.get();
+            if (nd.start.get()..nd.end.get()).contains(&addr) {
+                return Some(n);
+            }
+        }
+        self.busy.find_containing(addr)
+    }
+
+    /// Every live area in address order (the busy tree with the pending area merged in).
+    pub(crate) fn live_iter(&self) -> LiveIter {
+        LiveIter { cur: self.busy.first(), pending: self.pending }
+    }
+
     /// The live area whose pointer is `ptr`, or why there is none.
     fn lookup_live(&self, ptr: VirtAddr) -> Result<NodePtr, VmallocError> {
         let p = ptr.as_u64();
-        if let Some(n) = self.busy.find_containing(p) {
+        if let Some(n) = self.live_containing(p) {
             let nd = n.get();
             return if nd.start.get() + u64::from(nd.offset.get()) == p { Ok(n) } else { Err(VmallocError::NotAnArea) };
         }
@@ -937,7 +978,7 @@ impl<B: VmBackend> Vmalloc<B> {
         self.c.mapped_pages -= pages;
         nd.freer.set(Some(freer));
         self.history.push(node);
-        self.busy.remove(node);
+        self.unlink_live(node);
         if self.config.strict {
             self.flush_now(start, pages);
             self.free.give_back(node);
@@ -988,10 +1029,11 @@ impl<B: VmBackend> Vmalloc<B> {
             self.backend.tlb_flush_all();
             self.c.tlb_full += 1;
         }
-        // Return the ranges, first joining neighbours met in list order (a run of areas
-        // freed in address order joins into one range before touching the free tree).
+        // Return the ranges highest first, joining neighbours before touching the free tree.
+        // In that order a range below the lowest hole goes in without a descent (see
+        // `FreeSpace::give_back`): the common case after allocations walked up the holes.
         let mut acc: Option<NodePtr> = None;
-        let mut cur = Some(head);
+        let mut cur = sort_desc(head);
         while let Some(n) = cur {
             let nd = n.get();
             cur = nd.next.get();
@@ -1117,6 +1159,7 @@ impl<B: VmBackend> Vmalloc<B> {
         if new_pages > old_pages {
             self.populate(start + old_pages as u64 * page, new_pages - old_pages, zero)?;
             self.c.mapped_pages += new_pages - old_pages;
+            self.c.pages_mapped += (new_pages - old_pages) as u64;
             self.c.owned_frames += new_pages - old_pages;
         } else if new_pages < old_pages {
             let tail = start + new_pages as u64 * page;
@@ -1141,7 +1184,7 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// The live area containing `addr` (guard page included).
     pub fn find_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
-        self.busy.find_containing(addr.as_u64()).map(Self::area_info)
+        self.live_containing(addr.as_u64()).map(Self::area_info)
     }
 
     /// The parked records, most recently freed first.
@@ -1179,10 +1222,8 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// Call `f` on every live area in address order (O(n)).
     pub fn for_each_area(&self, mut f: impl FnMut(&AreaInfo)) {
-        let mut cur = self.busy.first();
-        while let Some(n) = cur {
+        for n in self.live_iter() {
             f(&Self::area_info(n));
-            cur = Treap::next(n);
         }
     }
 
@@ -1214,6 +1255,7 @@ impl<B: VmBackend> Vmalloc<B> {
             failures: self.c.failures,
             frames_taken: self.c.frames_taken,
             frames_returned: self.c.frames_returned,
+            pages_mapped: self.c.pages_mapped,
             purge_ns_max: self.purge_hist.max(),
             purge_ns_p99: self.purge_hist.percentile(99),
         }
@@ -1238,6 +1280,11 @@ impl<B: VmBackend> Vmalloc<B> {
     pub fn check(&self) -> Result<(), &'static str> {
         self.free.check()?;
         self.busy.check()?;
+        if let Some(p) = self.pending {
+            if self.busy.find_containing(p.get().start.get()).is_some() {
+                return Err("the pending area is also in the busy tree");
+            }
+        }
         // Free holes, live areas and parked ranges must tile the window.
         let mut all: Vec<NodePtr> = Vec::with_capacity(self.free.tree.len + self.busy.len);
         let mut cur = self.free.tree.first();
@@ -1245,13 +1292,13 @@ impl<B: VmBackend> Vmalloc<B> {
             all.push(n);
             cur = Tree::<true>::next(n);
         }
-        let mut cur = self.busy.first();
-        while let Some(n) = cur {
+        let mut live_records = 0usize;
+        for n in self.live_iter() {
             if n.get().state.get() != State::Busy {
                 return Err("non-live record in the busy tree");
             }
             all.push(n);
-            cur = Treap::next(n);
+            live_records += 1;
         }
         let mut parked = 0usize;
         for n in self.parked_iter() {
@@ -1295,11 +1342,99 @@ impl<B: VmBackend> Vmalloc<B> {
         if parked != self.c.parked_areas || parked_pages != self.c.parked_pages {
             return Err("parked counters disagree with the parked list");
         }
-        if self.free.tree.len + self.busy.len + parked + self.free.pool.len() != self.free.records() {
+        if self.free.tree.len + live_records + parked + self.free.pool.len() != self.free.records() {
             return Err("area records leaked or double counted");
         }
         Ok(())
     }
+}
+
+/// Live areas in address order: the busy tree's records with the pending one merged in.
+pub(crate) struct LiveIter {
+    cur: Link,
+    pending: Link,
+}
+
+impl Iterator for LiveIter {
+    type Item = NodePtr;
+
+    fn next(&mut self) -> Option<NodePtr> {
+        match (self.cur, self.pending) {
+            (Some(c), Some(p)) if p.get().start.get() < c.get().start.get() => self.pending.take(),
+            (Some(c), _) => {
+                self.cur = Treap::next(c);
+                Some(c)
+            }
+            (None, _) => self.pending.take(),
+        }
+    }
+}
+
+/// Two lists linked through `next`, each sorted by descending `start`, merged into one.
+fn merge_desc(mut a: Link, mut b: Link) -> Link {
+    let mut head: Link = None;
+    let mut tail: Link = None;
+    loop {
+        let take = match (a, b) {
+            (Some(x), Some(y)) => {
+                if x.get().start.get() >= y.get().start.get() {
+                    a = x.get().next.get();
+                    x
+                } else {
+                    b = y.get().next.get();
+                    y
+                }
+            }
+            (rest, None) | (None, rest) => {
+                match tail {
+                    Some(t) => t.get().next.set(rest),
+                    None => head = rest,
+                }
+                return head;
+            }
+        };
+        match tail {
+            Some(t) => t.get().next.set(Some(take)),
+            None => head = Some(take),
+        }
+        tail = Some(take);
+    }
+}
+
+/// Sort a list linked through `next` by descending `start`, without allocating: O(n) when
+/// it already is (frees in ascending address order park that way), else a bottom-up merge
+/// sort, O(n log n).
+fn sort_desc(head: NodePtr) -> Link {
+    let mut sorted = true;
+    let mut cur = head;
+    while let Some(n) = cur.get().next.get() {
+        if n.get().start.get() > cur.get().start.get() {
+            sorted = false;
+            break;
+        }
+        cur = n;
+    }
+    if sorted {
+        return Some(head);
+    }
+    // bins[i] holds a sorted run of 2^i records (or nothing).
+    let mut bins: [Link; 64] = [None; 64];
+    let mut cur = Some(head);
+    while let Some(n) = cur {
+        cur = n.get().next.get();
+        n.get().next.set(None);
+        let mut carry = Some(n);
+        for bin in bins.iter_mut() {
+            match bin.take() {
+                Some(b) => carry = merge_desc(Some(b), carry),
+                None => {
+                    *bin = carry;
+                    break;
+                }
+            }
+        }
+    }
+    bins.iter().fold(None, |acc, &b| merge_desc(b, acc))
 }
 
 impl<B: VmBackend> Drop for Vmalloc<B> {
@@ -1307,6 +1442,9 @@ impl<B: VmBackend> Drop for Vmalloc<B> {
     fn drop(&mut self) {
         let pool = &mut self.free.pool;
         self.busy.drain(|n| pool.free_one(n));
+        if let Some(n) = self.pending.take() {
+            pool.free_one(n);
+        }
         let mut cur = self.parked_head.take();
         while let Some(n) = cur {
             cur = n.get().next.get();

@@ -36,7 +36,7 @@ pub(crate) enum State {
     Spare,
     /// A hole in the free tree.
     Free,
-    /// A live area in the busy tree.
+    /// A live area, in the busy tree (or the allocator's pending slot).
     Busy,
     /// A freed area in the busy tree, unmapped but waiting for its TLB flush.
     Parked,

@@ -33,11 +33,14 @@ pub(crate) fn sub_max(l: Link) -> u64 {
 pub(crate) struct Tree<const AUG: bool> {
     pub root: Link,
     pub len: usize,
+    /// The leftmost record (lowest address), kept up to date by every operation so the
+    /// lowest hole is reachable in O(1).
+    first: Link,
 }
 
 impl<const AUG: bool> Tree<AUG> {
     pub const fn new() -> Self {
-        Self { root: None, len: 0 }
+        Self { root: None, len: 0, first: None }
     }
 
     /// Recompute `height` (and `max`) of `n` from its children.
@@ -205,10 +208,17 @@ impl<const AUG: bool> Tree<AUG> {
             nd.max.set(nd.size());
         }
         match parent {
-            None => self.root = Some(node),
+            None => {
+                self.root = Some(node);
+                self.first = Some(node);
+            }
             Some(p) => {
                 if left {
                     p.get().left.set(Some(node));
+                    // Only the left child of the leftmost record comes before it.
+                    if self.first == Some(p) {
+                        self.first = Some(node);
+                    }
                 } else {
                     p.get().right.set(Some(node));
                 }
@@ -220,6 +230,9 @@ impl<const AUG: bool> Tree<AUG> {
 
     /// Unlink `n` from the tree.
     pub fn remove(&mut self, n: NodePtr) {
+        if self.first == Some(n) {
+            self.first = Self::next(n);
+        }
         let nd = n.get();
         let (l, r, p) = (nd.left.get(), nd.right.get(), nd.parent.get());
         match (l, r) {
@@ -284,13 +297,10 @@ impl<const AUG: bool> Tree<AUG> {
         None
     }
 
-    /// The first record in address order.
+    /// The first record in address order (O(1)).
+    #[inline(always)]
     pub fn first(&self) -> Link {
-        let mut cur = self.root?;
-        while let Some(l) = cur.get().left.get() {
-            cur = l;
-        }
-        Some(cur)
+        self.first
     }
 
     /// The record after `n` in address order.
@@ -340,6 +350,7 @@ impl<const AUG: bool> Tree<AUG> {
         }
         self.root = None;
         self.len = 0;
+        self.first = None;
     }
 
     /// Verify every invariant listed in the module docs by a full walk, recomputing heights
@@ -352,6 +363,13 @@ impl<const AUG: bool> Tree<AUG> {
             if r.get().parent.get().is_some() {
                 return Err("root has a parent");
             }
+        }
+        let mut leftmost = self.root;
+        while let Some(l) = leftmost.and_then(|n| n.get().left.get()) {
+            leftmost = Some(l);
+        }
+        if leftmost != self.first {
+            return Err("cached first record is not the leftmost");
         }
         let mut count = 0usize;
         let mut last_end: Option<u64> = None;
