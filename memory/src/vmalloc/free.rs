@@ -14,7 +14,9 @@
 //! With a larger alignment an adversary can make many holes big enough yet misaligned, and
 //! the exact walk would visit them all. So the walk gets a budget of O(log n) visits; when
 //! it runs out, the search falls back to the lowest hole of at least
-//! `size + align - PAGE_SIZE` bytes, which fits whatever its alignment (one more descent).
+//! `size + align - PAGE_SIZE` bytes, which fits whatever its alignment (one more descent);
+//! when not even that hole exists, the exact walk finishes without a budget, so "no room"
+//! is only ever answered when no hole fits.
 //! Linux always takes that fallback for `align > PAGE_SIZE`; we take it only when the exact
 //! answer is expensive, so we keep aligned holes usable that Linux skips.
 //! [`FreeSpace::oracle_lowest_fit`] is the linear-scan definition of both answers.
@@ -177,11 +179,28 @@ impl FreeSpace {
         // Budget spent: the lowest hole that fits whatever its alignment.
         self.last.fell_back = true;
         let want = size.checked_add(align - PAGE);
-        let found = want.and_then(|want| self.lowest_at_least(want, &mut visits));
+        if let Some(n) = want.and_then(|want| self.lowest_at_least(want, &mut visits)) {
+            self.last.visits = visits;
+            let a = fit_start(n.get().start.get(), n.get().end.get(), size, align)?;
+            return Some((n, a));
+        }
+        // No hole is big enough to fit at any alignment, yet one may still happen to be
+        // aligned: finish the exact walk without a budget rather than answer "no room"
+        // wrongly. Only an adversarial layout that is also nearly full gets here.
+        let mut cur = self.tree.first();
+        while let Some(n) = cur {
+            visits += 1;
+            let nd = n.get();
+            if nd.size() >= size {
+                if let Some(a) = fit_start(nd.start.get(), nd.end.get(), size, align) {
+                    self.last.visits = visits;
+                    return Some((n, a));
+                }
+            }
+            cur = Tree::<true>::next(n);
+        }
         self.last.visits = visits;
-        let n = found?;
-        let a = fit_start(n.get().start.get(), n.get().end.get(), size, align)?;
-        Some((n, a))
+        None
     }
 
     /// The lowest hole of at least `want` bytes: one descent.
@@ -207,7 +226,8 @@ impl FreeSpace {
     /// The linear-scan definition of [`Self::alloc`]'s answer: `(exact, fallback)` where
     /// `exact` is the lowest fit start and `fallback` the fit start in the lowest hole of at
     /// least `size + align - PAGE_SIZE` bytes. The search returns `exact` unless it reports
-    /// [`SearchStats::fell_back`], then `fallback`.
+    /// [`SearchStats::fell_back`], then `fallback` — or `exact` when there is no such hole
+    /// (so it answers "no room" only when no hole fits at all).
     pub fn oracle_lowest_fit(&self, size: u64, align: u64) -> (Option<u64>, Option<u64>) {
         let mut exact = None;
         let mut fallback = None;
