@@ -166,6 +166,9 @@ fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), cra
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 #[unsafe(no_mangle)]
 extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
+    // The MMU is off: every access is Device memory, where load/store-exclusive pairs (the
+    // atomics behind locks and once-cells) are unpredictable on real hardware. So nothing
+    // here takes a lock or a once-cell until `kmap::init` has turned the MMU and caches on.
     let start_ticks = crate::cpu::counter();
     let image = ImageLayout::current();
     let (platform, dtb_source) = match find_dtb(x0, &image) {
@@ -173,11 +176,19 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
         // No console without a device tree: all we can do is exit with a status.
         Err(_) => crate::exit::exit(crate::exit::EXIT_FAULT),
     };
+    let boot = BootInfo { platform, entry_el: entry_el as u8, dtb_source, image, start_ticks };
+    let boot_tables = match crate::kmap::init(&boot) {
+        Ok(pages) => pages,
+        // No console yet (it is started through the mapping just built).
+        Err(_) => crate::exit::exit(crate::exit::EXIT_FAULT),
+    };
+
+    // MMU on, caches on: locks and atomics behave from here.
     crate::psci::set_conduit(platform.psci);
     crate::exit::detect_semihosting();
     if let Some(uart) = platform.uart {
-        // SAFETY: the device tree names this PL011; with the MMU off every address is
-        // reached physically as Device memory, and nothing else drives the UART.
+        // SAFETY: the device tree names this PL011, and `kmap` mapped its page at the same
+        // address as Device-nGnRE for the program's life; nothing else drives the UART.
         unsafe { crate::console::init(crate::addr::VirtAddr::new(uart.start().as_u64())) };
     }
     let cmdline = CommandLine::new(platform.bootargs);
@@ -200,9 +211,11 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
         "stack overflow: exception stack",
     );
 
-    let info = BOOT_INFO.call_once(|| BootInfo { platform, entry_el: entry_el as u8, dtb_source, image, start_ticks });
+    let info = BOOT_INFO.call_once(|| boot);
     log_platform(info);
-    crate::kmap::init(info);
+    log::info!(
+        "MMU on: 4 KiB granule, 48-bit VA; {boot_tables} boot table pages; text RX, rodata R, data RW+XN, stack guards unmapped"
+    );
 
     unsafe extern "Rust" {
         fn __hal_main(info: &'static BootInfo) -> !;

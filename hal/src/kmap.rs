@@ -206,38 +206,58 @@ fn build(info: &BootInfo, linear: LinearMap, alloc: &mut BumpTableAlloc) -> Resu
     Ok(KernelSpace { lower, upper, linear })
 }
 
-/// Builds the kernel address space and turns the MMU on with caches. Called once by boot.
-pub fn init(info: &BootInfo) {
-    let Some(ram0) = info.platform.ram.iter().next() else { return };
+/// Invalidates the data cache lines of `range` (to the point of coherency), so that reads
+/// through the caches see what was written to memory with the MMU off.
+fn invalidate_dcache(range: PhysRange) {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let ctr: u64;
+        // SAFETY: reading CTR_EL0 has no side effect.
+        unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack)) };
+        let line = 4u64 << ((ctr >> 16) & 0xf);
+        let mut a = range.start().as_u64() & !(line - 1);
+        while a < range.end().as_u64() {
+            // SAFETY: `dc ivac` of lines holding only the boot tables, which were written to
+            // memory with the caches off: no dirty data can be lost.
+            unsafe { core::arch::asm!("dc ivac, {}", in(reg) a, options(nostack)) };
+            a += line;
+        }
+        // SAFETY: a barrier only.
+        unsafe { core::arch::asm!("dsb sy", options(nostack)) };
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    let _ = range;
+}
+
+/// Builds the kernel address space and turns the MMU on with caches. Called once by boot,
+/// with the MMU off; it takes no lock until the MMU is on. Returns the boot-table pages used.
+///
+/// # Errors
+/// An [`MmuError`] when the tables cannot be built or the CPU lacks the 4 KiB granule
+/// (the MMU then stays off).
+pub fn init(info: &BootInfo) -> Result<usize, MmuError> {
+    let Some(ram0) = info.platform.ram.iter().next() else { return Err(MmuError::OutOfMemory) };
     // One window over every RAM region: from the lowest start to the highest end. The walker
     // only touches table pages, which are in RAM.
     let lo = info.platform.ram.iter().map(|r| r.start().as_u64()).min().unwrap_or(ram0.start().as_u64());
     let hi = info.platform.ram.iter().map(|r| r.end().as_u64()).max().unwrap_or(ram0.end().as_u64());
-    let window = PhysRange::from_bounds(PhysAddr::new(lo), PhysAddr::new(hi)).expect("RAM bounds");
+    let window = PhysRange::from_bounds(PhysAddr::new(lo), PhysAddr::new(hi))?;
     // SAFETY: VA == PA for all of RAM: with the MMU off by construction, and after `enable`
     // because `build` maps RAM at its physical address.
     let linear = unsafe { LinearMap::new(window, VirtAddr::new(lo)) };
     let region = boot_table_region();
     // SAFETY: link.ld reserves this region for boot tables, and only this call uses it.
     let mut alloc = unsafe { BumpTableAlloc::new(region) };
-    let space = match build(info, linear, &mut alloc) {
-        Ok(space) => space,
-        Err(e) => panic!("kernel address space: {e}"),
-    };
+    let space = build(info, linear, &mut alloc)?;
+    let used = PhysRange::new(region.start(), (alloc.used.max(1) * PAGE_SIZE) as u64)?;
+    invalidate_dcache(used);
     // SAFETY: `build` maps the code, stacks, data and console at their current (physical)
     // addresses with fitting permissions, so every access after the switch translates to
-    // what it did before; the tables live in the reserved boot-table region for good.
-    if let Err(e) = unsafe { crate::mmu::arch::enable(&space.lower, Some(&space.upper)) } {
-        panic!("MMU enable: {e}");
-    }
-    let used = PhysRange::new(region.start(), (alloc.used * PAGE_SIZE) as u64).ok();
-    if let Some(used) = used {
-        BOOT_TABLES_USED.call_once(|| used);
-    }
+    // what it did before; the tables live in the reserved boot-table region for good, and
+    // no stale cache line covers them (invalidated just above).
+    unsafe { crate::mmu::arch::enable(&space.lower, Some(&space.upper)) }?;
+    BOOT_TABLES_USED.call_once(|| used);
     LINEAR.call_once(|| linear);
-    log::info!(
-        "MMU on: 4 KiB granule, 48-bit VA; {} boot table pages; text RX, rodata R, data RW+XN, stack guards unmapped",
-        alloc.used
-    );
     KERNEL.call_once(|| Mutex::new(space));
+    Ok(alloc.used)
 }
