@@ -63,6 +63,8 @@ fn main(info: &'static BootInfo) -> ! {
     }
     report::run(info);
     virtio::boot_job();
+    hal::println!("\n=== meminfo");
+    shell::meminfo();
     if info.cmdline().get_bool("shell").unwrap_or(None).unwrap_or(false) {
         shell::run();
     }
