@@ -200,6 +200,57 @@ impl Source<'_> {
         }
     }
 
+    /// Refuse frames that are misaligned or too high, the first at fault deciding the error
+    /// (a contiguous source is checked whole by [`PageTable::map`]).
+    fn check_frames(&self) -> Result<(), MmuError> {
+        if let Source::Frames { frames, .. } = *self {
+            // One OR over the frames finds whether any is misaligned or too high (a frame at
+            // or above 2^48 sets a bit there); only then look for the first one at fault.
+            if frame_bits_bad(frames.iter().fold(0, |acc, frame| acc | frame.as_u64())) {
+                for &frame in frames {
+                    if !frame.is_page_aligned() {
+                        return Err(MmuError::Addr(AddrError::Misaligned));
+                    }
+                    if frame.as_u64() >= PA_LIMIT {
+                        return Err(MmuError::PhysTooHigh(frame));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the page descriptors of `run` (within one last-level table) at `entries`, the
+    /// run's first entry: `template` with each page's output address.
+    ///
+    /// # Safety
+    /// `entries .. entries + run.pages()` are entries of one table page of the calling tree,
+    /// which holds `&mut` to it; every output address of the run is page aligned and below
+    /// 2^48 (`map` and `map_frames` check), and the source covers the run.
+    unsafe fn fill(&self, entries: *mut u64, run: Span, template: u64) {
+        let count = run.pages();
+        // OR-ing an output address into the template is `with_output_address`: the template's
+        // own address bits are zero.
+        match *self {
+            Source::Contiguous { va0, pa0 } => {
+                let pa = pa0 + (run.first - va0);
+                for k in 0..count {
+                    // SAFETY: `k < count`: inside the run, so inside the table page (the
+                    // caller's promise). Volatile: one 64-bit store, so a concurrent table walk
+                    // never sees half a descriptor.
+                    unsafe { ptr::write_volatile(entries.add(k), template | (pa + (k * PAGE_SIZE) as u64)) };
+                }
+            }
+            Source::Frames { va0, frames } => {
+                let at = ((run.first - va0) / PAGE_SIZE as u64) as usize;
+                for (k, frame) in frames[at..at + count].iter().enumerate() {
+                    // SAFETY: as for the contiguous source.
+                    unsafe { ptr::write_volatile(entries.add(k), template | frame.as_u64()) };
+                }
+            }
+        }
+    }
+
     fn can_use_block(&self, va: u64, size: u64) -> bool {
         match *self {
             Source::Contiguous { va0, pa0 } => (pa0 + (va - va0)) & (size - 1) == 0,
@@ -302,6 +353,36 @@ impl Span {
 /// a reserved encoding, treated as invalid).
 const PAGE_BITS: u64 = 0b11;
 
+/// Whether the OR of some frames shows one misaligned or at or above 2^48.
+const fn frame_bits_bad(bits: u64) -> bool {
+    bits & (PAGE_SIZE as u64 - 1) != 0 || bits >= PA_LIMIT
+}
+
+/// Bit 0 set when any of the `count` last-level entries at `entries` is a page. No branch
+/// per entry: under QEMU's TCG every branch ends a translation block.
+///
+/// # Safety
+/// `entries .. entries + count` are entries of one table page reached through the linear map.
+unsafe fn pages_among(entries: *const u64, count: usize) -> u64 {
+    let mut pages = 0;
+    for k in 0..count {
+        // SAFETY: inside the table page (the caller's promise). Volatile: the MMU reads the
+        // same memory, so the access must be a single 64-bit load.
+        let raw = unsafe { ptr::read_volatile(entries.add(k)) };
+        pages |= raw & (raw >> 1);
+    }
+    pages
+}
+
+/// The first of the `count` last-level entries at `entries` that is a page.
+///
+/// # Safety
+/// As for [`pages_among`].
+unsafe fn first_page(entries: *const u64, count: usize) -> Option<usize> {
+    // SAFETY: inside the table page (the caller's promise); a single 64-bit load.
+    (0..count).find(|&k| unsafe { ptr::read_volatile(entries.add(k)) } & PAGE_BITS == PAGE_BITS)
+}
+
 impl PageTable {
     /// An empty tree for `va_range`, its root taken from `alloc`; every table is reached
     /// through `linear`.
@@ -378,19 +459,7 @@ impl PageTable {
     ) -> Result<(), MmuError> {
         let size = (frames.len() as u64).checked_mul(PAGE_SIZE as u64).ok_or(MmuError::Addr(AddrError::Overflow))?;
         let span = self.span(start, size)?;
-        // One OR over the frames finds whether any is misaligned or too high (a frame at or
-        // above 2^48 sets a bit there); only then look for the first one at fault.
-        let bits = frames.iter().fold(0, |acc, frame| acc | frame.as_u64());
-        if bits & (PAGE_SIZE as u64 - 1) != 0 || bits >= PA_LIMIT {
-            for &frame in frames {
-                if !frame.is_page_aligned() {
-                    return Err(MmuError::Addr(AddrError::Misaligned));
-                }
-                if frame.as_u64() >= PA_LIMIT {
-                    return Err(MmuError::PhysTooHigh(frame));
-                }
-            }
-        }
+        // The frames are checked by `map_span`, in the fast path together with the entries.
         let src = Source::Frames { va0: span.first, frames };
         self.map_span(span, &src, attributes, BlockPolicy::PagesOnly, alloc)
     }
@@ -623,56 +692,10 @@ impl PageTable {
         alloc: &mut impl TableAlloc,
     ) -> Result<(), MmuError> {
         if let Some(first) = self.page_tables(span) {
-            // Pages of existing last-level tables (the vmalloc case): check every entry, then
-            // write. The general walk below would decide exactly the same, at four times the
-            // cost. Checking first keeps a refused call from writing anything: a page written
-            // and taken back could already sit in a TLB, with nobody to invalidate it.
-            for (table, run) in self.page_runs(span, first) {
-                let (at, count) = (index_at(run.first, PAGE_LEVEL), run.pages());
-                for k in 0..count {
-                    // SAFETY: `table` is the base of a table page of this tree (`page_runs`), and
-                    // `at + k < ENTRIES`. Volatile: a single 64-bit load.
-                    let raw = unsafe { ptr::read_volatile(table.add(at + k)) };
-                    if raw & PAGE_BITS == PAGE_BITS {
-                        return Err(MmuError::AlreadyMapped(VirtAddr::new(run.first + (k * PAGE_SIZE) as u64)));
-                    }
-                }
-            }
-            // Spans are built from the source's own length, so every page has an address; the
-            // last one is checked before any write all the same, so a slip could never half-map.
-            src.pa(span.last & !(PAGE_SIZE as u64 - 1)).ok_or(MmuError::Addr(AddrError::Overflow))?;
-            let template = Descriptor::new_leaf(PAGE_LEVEL, PhysAddr::new(0), attributes).raw();
-            for (table, run) in self.page_runs(span, first) {
-                // SAFETY: `table` is the base of a table page of this tree (`page_runs`); the
-                // run's entries lie within it.
-                let entries = unsafe { table.add(index_at(run.first, PAGE_LEVEL)) };
-                let count = run.pages();
-                // Every output address is page aligned and below 2^48 (checked by `map` and
-                // `map_frames`): OR-ing it into the template is `with_output_address`.
-                match *src {
-                    Source::Contiguous { va0, pa0 } => {
-                        let pa = pa0 + (run.first - va0);
-                        for k in 0..count {
-                            // SAFETY: `k < count`: inside the run, so inside the table page.
-                            // `&mut self` excludes other writers; volatile: one 64-bit store,
-                            // so a concurrent table walk never sees half a descriptor.
-                            unsafe { ptr::write_volatile(entries.add(k), template | (pa + (k * PAGE_SIZE) as u64)) };
-                        }
-                    }
-                    Source::Frames { va0, frames } => {
-                        let at = ((run.first - va0) / PAGE_SIZE as u64) as usize;
-                        // In bounds: the last page's frame was checked above.
-                        for (k, frame) in frames[at..at + count].iter().enumerate() {
-                            // SAFETY: as for the contiguous source.
-                            unsafe { ptr::write_volatile(entries.add(k), template | frame.as_u64()) };
-                        }
-                    }
-                }
-            }
-            arch::publish_descriptors();
-            return Ok(());
+            return self.map_pages(span, first, src, attributes);
         }
 
+        src.check_frames()?;
         let root = Some(self.root);
         let mut plan = Pass::Plan { tables: 0 };
         self.map_level(&mut plan, root, ROOT_LEVEL, span, src, attributes, policy)?;
@@ -694,6 +717,63 @@ impl PageTable {
         result
     }
 
+    /// [`PageTable::map_span`] when every last-level table of `span` exists (the vmalloc
+    /// case), `first` being the first one: check every entry (and frame), then write. The
+    /// general walk would decide exactly the same, at several times the cost. Checking first
+    /// keeps a refused call from writing anything: a page written and taken back could
+    /// already sit in a TLB, with nobody to invalidate it.
+    fn map_pages(
+        &mut self,
+        span: Span,
+        first: *mut u64,
+        src: &Source<'_>,
+        attributes: Attributes,
+    ) -> Result<(), MmuError> {
+        // Spans are built from the source's own length, so every page has an address; the
+        // last one is checked before any access all the same, so a slip could never half-map.
+        src.pa(span.last & !(PAGE_SIZE as u64 - 1)).ok_or(MmuError::Addr(AddrError::Overflow))?;
+        // One pass over entries and frames, no branch per page: ORs, looked at afterwards.
+        let (mut pages, mut bits) = (0, 0);
+        for (table, run) in self.page_runs(span, first) {
+            // SAFETY: `table` is the base of a table page of this tree (`page_runs`); the run's
+            // entries lie within it.
+            let entries = unsafe { table.add(index_at(run.first, PAGE_LEVEL)) };
+            match *src {
+                // SAFETY: as above.
+                Source::Contiguous { .. } => pages |= unsafe { pages_among(entries, run.pages()) },
+                Source::Frames { va0, frames } => {
+                    let at = ((run.first - va0) / PAGE_SIZE as u64) as usize;
+                    for (k, frame) in frames[at..at + run.pages()].iter().enumerate() {
+                        // SAFETY: `k < run.pages()`: inside the run. Volatile: one 64-bit load.
+                        let raw = unsafe { ptr::read_volatile(entries.add(k)) };
+                        pages |= raw & (raw >> 1);
+                        bits |= frame.as_u64();
+                    }
+                }
+            }
+        }
+        if frame_bits_bad(bits) {
+            return src.check_frames();
+        }
+        if pages & 1 != 0 {
+            for (table, run) in self.page_runs(span, first) {
+                // SAFETY: as above.
+                if let Some(k) = unsafe { first_page(table.add(index_at(run.first, PAGE_LEVEL)), run.pages()) } {
+                    return Err(MmuError::AlreadyMapped(VirtAddr::new(run.first + (k * PAGE_SIZE) as u64)));
+                }
+            }
+        }
+        let template = Descriptor::new_leaf(PAGE_LEVEL, PhysAddr::new(0), attributes).raw();
+        for (table, run) in self.page_runs(span, first) {
+            // SAFETY: the run's entries lie in the table page at `table` (`page_runs`), which
+            // this tree owns (`&mut self`); the frames were checked above, a contiguous source
+            // by `map`; the source covers the span.
+            unsafe { src.fill(table.add(index_at(run.first, PAGE_LEVEL)), run, template) };
+        }
+        arch::publish_descriptors();
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn map_level(
         &mut self,
@@ -709,6 +789,31 @@ impl PageTable {
             // A last-level table still to be made: every entry will be a new page, nothing can
             // be refused but a source too short, and sources only grow (check the last page).
             src.pa(span.last & !(PAGE_SIZE as u64 - 1)).ok_or(MmuError::Addr(AddrError::Overflow))?;
+            return Ok(());
+        }
+        if let (PAGE_LEVEL, Some(t)) = (level, table) {
+            // A last-level table: the plan checks its entries in one tight loop (a page there
+            // refuses the call), the apply pass writes them in another.
+            // SAFETY: `t` is a table page of this tree and the span lies within its 2 MiB.
+            let entries = unsafe { self.table_base(t).add(index_at(span.first, PAGE_LEVEL)) };
+            src.pa(span.last & !(PAGE_SIZE as u64 - 1)).ok_or(MmuError::Addr(AddrError::Overflow))?;
+            match pass {
+                Pass::Plan { .. } => {
+                    // SAFETY: as above.
+                    if unsafe { pages_among(entries, span.pages()) } & 1 != 0 {
+                        // SAFETY: as above.
+                        let k = unsafe { first_page(entries, span.pages()) }.unwrap_or(0);
+                        return Err(MmuError::AlreadyMapped(VirtAddr::new(span.first + (k * PAGE_SIZE) as u64)));
+                    }
+                }
+                Pass::Apply(_) => {
+                    let template = Descriptor::new_leaf(PAGE_LEVEL, PhysAddr::new(0), attributes).raw();
+                    // SAFETY: the entries lie in a table page this tree owns (`&mut self`), found
+                    // free by the plan (or zeroed just now); output addresses were checked by
+                    // `map` / `check_frames`; the source covers the span (checked above).
+                    unsafe { src.fill(entries, span, template) };
+                }
+            }
             return Ok(());
         }
         let size = level_size(level);
