@@ -168,6 +168,27 @@ pub struct PageTable {
     linear: LinearMap,
     va_range: VaRange,
     tables: usize,
+    /// The linear map's window as plain numbers, for [`PageTable::table_base`].
+    window: Window,
+}
+
+/// A [`LinearMap`] window: physical `pa .. pa + len` is reached at `va ..`.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    pa: u64,
+    len: u64,
+    va: u64,
+}
+
+impl Window {
+    fn of(linear: &LinearMap) -> Self {
+        let phys = linear.phys_range();
+        match linear.phys_to_virt(phys.start()) {
+            Some(va) => Self { pa: phys.start().as_u64(), len: phys.size(), va: va.as_u64() },
+            // An empty window: every lookup goes to `LinearMap::ptr`, which refuses it.
+            None => Self { pa: 0, len: 0, va: 0 },
+        }
+    }
 }
 
 /// The pass of a two-pass mutation.
@@ -390,7 +411,7 @@ impl PageTable {
     /// # Errors
     /// [`MmuError::OutOfMemory`] or [`MmuError::BadTablePage`] from the allocator.
     pub fn new(linear: LinearMap, va_range: VaRange, alloc: &mut impl TableAlloc) -> Result<Self, MmuError> {
-        let mut table = Self { root: PhysAddr::new(0), linear, va_range, tables: 0 };
+        let mut table = Self { root: PhysAddr::new(0), linear, va_range, tables: 0, window: Window::of(&linear) };
         table.root = table.take_table(alloc)?;
         table.zero_table(table.root);
         table.tables = 1;
@@ -1154,7 +1175,14 @@ impl PageTable {
             // SAFETY: `table` is the base of a table page of this tree (`table_base`) and the
             // index is below `ENTRIES`. Volatile: the MMU reads the same memory.
             let raw = unsafe { ptr::read_volatile(table.add(index_at(va, level))) };
-            table = self.table_base(Descriptor::from_raw(raw).table_address(level)?);
+            // `table_address` and `table_base` in one test: a table descriptor (levels 0-2)
+            // has both low bits set, and its table lies in the window.
+            let off = (raw & OUTPUT_ADDR_MASK).wrapping_sub(self.window.pa);
+            table = if (raw & PAGE_BITS == PAGE_BITS) & (off < self.window.len) {
+                VirtAddr::new(self.window.va + off).as_mut_ptr()
+            } else {
+                self.table_base(Descriptor::from_raw(raw).table_address(level)?)
+            };
         }
         Some(table)
     }
@@ -1226,7 +1254,14 @@ impl PageTable {
     /// installed by this tree (see [`PageTable::entry`]): `add(index)` with `index <
     /// ENTRIES` stays inside the page. Loops over a table take it once.
     fn table_base(&self, table: PhysAddr) -> *mut u64 {
-        self.linear.ptr::<u64>(table)
+        // `LinearMap::ptr` with one comparison: below the window the difference wraps above
+        // `len` (the window ends by 2^64).
+        let off = table.as_u64().wrapping_sub(self.window.pa);
+        if off < self.window.len {
+            VirtAddr::new(self.window.va + off).as_mut_ptr()
+        } else {
+            self.linear.ptr::<u64>(table)
+        }
     }
 
     fn read(&self, table: PhysAddr, index: usize) -> Descriptor {
