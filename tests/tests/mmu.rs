@@ -141,6 +141,26 @@ fn uart_is_device_memory() {
     hal::print!("(printed through it) ");
 }
 
+/// No page of either half is writable and executable, and only the image's text is
+/// executable at all: every leaf of both live trees is checked.
+fn no_leaf_anywhere_is_writable_and_executable() {
+    let info = hal::boot::boot_info().unwrap();
+    let k = kernel();
+    let mut leaves = 0u64;
+    for table in [k.lower(), k.upper()] {
+        table.walk(&mut |va, level, t| {
+            leaves += 1;
+            let a = t.attributes.expect("our own attributes");
+            assert!(!(a.permissions().writable() && a.permissions().executable()), "W+X at {va:?} (level {level})");
+            if a.permissions().executable() {
+                assert!(info.image.text.contains(hal::PhysAddr::new(va.as_u64())), "executable outside text: {va:?}");
+            }
+            assert!(!info.image.boot_stack_guard.contains(t.phys) || level < 3, "stack guard page mapped at {va:?}");
+        });
+    }
+    hal::print!("({leaves} leaves) ");
+}
+
 tests::main!(
     test!(every_ram_page_is_reachable),
     test!(null_read_faults),
@@ -151,4 +171,5 @@ tests::main!(
     test!(stack_overflow_hit_the_guard_page),
     test!(no_mapping_is_writable_and_executable),
     test!(uart_is_device_memory),
+    test!(no_leaf_anywhere_is_writable_and_executable),
 );

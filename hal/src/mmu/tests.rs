@@ -177,6 +177,46 @@ fn one_page_maps_translates_and_unmaps() {
 }
 
 #[test]
+fn walk_lists_every_leaf_in_address_order() {
+    let mut arena = Arena::new(32);
+    for half in [VaRange::Lower, VaRange::Upper] {
+        let mut t = table(&mut arena, half);
+        let base = half.start().as_u64();
+        // A 1 GiB block, two 2 MiB blocks plus a page either side, and a lone page.
+        t.map(vr(base + GIB, GIB), PhysAddr::new(GIB), Attributes::DATA, BlockPolicy::AllowBlocks, &mut arena).unwrap();
+        let start = base + 4 * GIB + MIB2 - PG;
+        t.map(
+            vr(start, 2 * MIB2 + 2 * PG),
+            PhysAddr::new(8 * GIB + MIB2 - PG),
+            Attributes::RODATA,
+            BlockPolicy::AllowBlocks,
+            &mut arena,
+        )
+        .unwrap();
+        t.map(
+            vr(base + 0x7000, PG),
+            PhysAddr::new(0x9000_0000),
+            Attributes::DEVICE,
+            BlockPolicy::PagesOnly,
+            &mut arena,
+        )
+        .unwrap();
+        let mut leaves = Vec::new();
+        t.walk(&mut |va, level, tr| leaves.push((va.as_u64() - base, level, tr.phys.as_u64(), tr.attributes)));
+        let want = vec![
+            (0x7000, 3, 0x9000_0000, Some(Attributes::DEVICE)),
+            (GIB, 1, GIB, Some(Attributes::DATA)),
+            (4 * GIB + MIB2 - PG, 3, 8 * GIB + MIB2 - PG, Some(Attributes::RODATA)),
+            (4 * GIB + MIB2, 2, 8 * GIB + MIB2, Some(Attributes::RODATA)),
+            (4 * GIB + 2 * MIB2, 2, 8 * GIB + 2 * MIB2, Some(Attributes::RODATA)),
+            (4 * GIB + 3 * MIB2, 3, 8 * GIB + 3 * MIB2, Some(Attributes::RODATA)),
+        ];
+        assert_eq!(leaves, want, "{half:?}");
+        release(t, &mut arena);
+    }
+}
+
+#[test]
 fn blocks_are_used_where_both_sides_align() {
     let mut arena = Arena::new(16);
     let mut t = table(&mut arena, VaRange::Lower);
