@@ -644,3 +644,19 @@ fn locked_wrapper_refills_outside_and_try_locks_for_faults() {
     assert_eq!(g.spares_wanted(), 0);
     g.check().unwrap();
 }
+
+/// An end-aligned object keeps ending at its guard page across vrealloc, even when its
+/// size is a page multiple (offset 0), where the in-place path would otherwise apply.
+#[test]
+fn vrealloc_keeps_end_alignment() {
+    let mut vm = new_vm(1024, 1024);
+    let p = vm.vmalloc_with(2 * 4096, 4, VmFlags::END_ALIGNED).unwrap();
+    let q = vm.vrealloc(p, 100).unwrap();
+    assert_eq!((q.as_u64() + 100) % 4096, 0, "ends at its page end");
+    let r = vm.vrealloc(q, 3 * 4096).unwrap();
+    let a = vm.find_area(r).unwrap();
+    assert_eq!(r.as_u64() + 3 * 4096, a.start.as_u64() + (a.pages * 4096) as u64);
+    vm.vfree(r).unwrap();
+    vm.purge();
+    vm.check().unwrap();
+}

@@ -1109,7 +1109,9 @@ impl<B: VmBackend> Vmalloc<B> {
         let zero = flags.contains(VmFlags::ZERO);
         let old_bytes = nd.bytes.get();
         let new_pages = new_size.div_ceil(PAGE_SIZE);
-        if nd.offset.get() == 0 {
+        // In place only when the object starts the area: an end-aligned object must keep
+        // ending at its guard page, so it always moves (even when its offset happens to be 0).
+        if nd.offset.get() == 0 && !flags.contains(VmFlags::END_ALIGNED) {
             let guard = usize::from(!flags.contains(VmFlags::NO_GUARD));
             let reserved = (nd.size() / PAGE) as usize - guard;
             if new_pages <= reserved {
