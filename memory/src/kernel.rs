@@ -81,7 +81,7 @@ impl KernelBackend {
 /// # Safety
 /// `p` is page aligned and the whole page is writable memory the caller owns.
 #[inline]
-unsafe fn zero_page(p: *mut u8) {
+pub unsafe fn zero_page(p: *mut u8) {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     // SAFETY: forwarded from the caller; the loop writes exactly the PAGE_SIZE bytes from `p`
     // (PAGE_SIZE / 64 iterations of 64 bytes) and touches no other memory or register.
