@@ -240,6 +240,14 @@ impl core::error::Error for RegsError {}
 ///
 /// # Errors
 /// [`IoremapError::ZeroSize`], [`IoremapError::Overflow`], [`IoremapError::PhysTooHigh`].
+///
+/// # Example
+/// ```no_run
+/// // The PL011's flag register: 4 bytes at 0x18 into its page map that whole page.
+/// let r = memory::ioremap::covering_range(hal::PhysAddr::new(0x0900_0018), 4)?;
+/// assert_eq!((r.start().as_u64(), r.pages()), (0x0900_0000, 1));
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 pub fn covering_range(phys: PhysAddr, size: usize) -> Result<PhysRange, IoremapError> {
     if size == 0 {
         return Err(IoremapError::ZeroSize);
@@ -406,6 +414,17 @@ unsafe impl MappedIoSpace for KernelIo {}
 /// [`IoremapError::Ram`] (any page of the range is RAM), [`IoremapError::TooLarge`],
 /// [`IoremapError::NoVirtualSpace`], [`IoremapError::MapFailed`],
 /// [`IoremapError::NotInitialized`].
+///
+/// # Example
+/// ```no_run
+/// use memory::ioremap::{ioremap, iounmap};
+/// let fr = ioremap(hal::PhysAddr::new(0x0900_0018), 4)?; // PL011 UARTFR, offset kept
+/// // SAFETY: a mapped device register, read as the device expects (32-bit, volatile).
+/// let flags = unsafe { fr.as_ptr::<u32>().read_volatile() };
+/// iounmap(fr)?;
+/// # let _ = flags;
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 #[track_caller]
 pub fn ioremap(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError> {
     KernelIo.map_io(phys, size, DeviceAttr::DeviceNGnRE)
@@ -415,6 +434,16 @@ pub fn ioremap(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError> {
 ///
 /// # Errors
 /// As [`ioremap`].
+///
+/// # Example
+/// ```no_run
+/// // A doorbell whose write must reach the device before the next instruction goes on.
+/// let bell = memory::ioremap::ioremap_np(hal::PhysAddr::new(0x0a00_0050), 4)?;
+/// // SAFETY: a mapped 32-bit device register; writing it rings the doorbell.
+/// unsafe { bell.as_mut_ptr::<u32>().write_volatile(1) };
+/// memory::ioremap::iounmap(bell)?;
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 #[track_caller]
 pub fn ioremap_np(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError> {
     KernelIo.map_io(phys, size, DeviceAttr::DeviceNGnRnE)
@@ -426,6 +455,16 @@ pub fn ioremap_np(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError>
 ///
 /// # Errors
 /// As [`ioremap`].
+///
+/// # Example
+/// ```no_run
+/// // A 1024×768×32 framebuffer: writes may combine, no register has read side effects.
+/// let fb = memory::ioremap::ioremap_wc(hal::PhysAddr::new(0x1000_0000), 1024 * 768 * 4)?;
+/// // SAFETY: the whole framebuffer is mapped from `fb` and belongs to this driver.
+/// unsafe { core::ptr::write_bytes(fb.as_mut_ptr::<u8>(), 0, 1024 * 768 * 4) };
+/// memory::ioremap::iounmap(fb)?;
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 #[track_caller]
 pub fn ioremap_wc(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError> {
     KernelIo.map_io(phys, size, DeviceAttr::NormalNonCacheable)
@@ -435,6 +474,14 @@ pub fn ioremap_wc(phys: PhysAddr, size: usize) -> Result<VirtAddr, IoremapError>
 ///
 /// # Errors
 /// As [`ioremap`].
+///
+/// # Example
+/// ```no_run
+/// use memory::ioremap::DeviceAttr;
+/// let regs = memory::ioremap::ioremap_attr(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRnE)?;
+/// memory::ioremap::iounmap(regs)?;
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 #[track_caller]
 pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
     KernelIo.map_io(phys, size, attr)
@@ -449,6 +496,15 @@ pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Vir
 /// address), [`IoremapError::NotIoremap`] (a vmalloc or vmap area),
 /// [`IoremapError::AlreadyUnmapped`] (a second iounmap), [`IoremapError::NotInitialized`];
 /// nothing changes then.
+///
+/// # Example
+/// ```no_run
+/// use memory::ioremap::{ioremap, iounmap, IoremapError};
+/// let uart = ioremap(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+/// iounmap(uart)?;
+/// assert_eq!(iounmap(uart), Err(IoremapError::AlreadyUnmapped));
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 #[track_caller]
 pub fn iounmap(addr: VirtAddr) -> Result<(), IoremapError> {
     KernelIo.unmap_io(addr)
@@ -524,6 +580,16 @@ impl IoMem<KernelIo> {
     ///
     /// # Errors
     /// As [`ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::tock_registers::interfaces::Readable;
+    /// use memory::ioremap::{GicDistributorRegs, IoMem};
+    /// let io = IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?; // a GIC distributor, 64 KiB
+    /// let typer = io.regs::<GicDistributorRegs>(0)?.typer.get();
+    /// # let _ = typer;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn new(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
         Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRE)
@@ -533,6 +599,13 @@ impl IoMem<KernelIo> {
     ///
     /// # Errors
     /// As [`ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let io = memory::ioremap::IoMem::new_np(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// # let _ = io;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn new_np(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
         Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRnE)
@@ -542,6 +615,14 @@ impl IoMem<KernelIo> {
     ///
     /// # Errors
     /// As [`ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let fb = memory::ioremap::IoMem::new_wc(hal::PhysAddr::new(0x1000_0000), 1024 * 768 * 4)?;
+    /// // SAFETY: the framebuffer is mapped from `fb.addr()`, `fb.len()` bytes, and is ours.
+    /// unsafe { core::ptr::write_bytes(fb.addr().as_mut_ptr::<u8>(), 0, fb.len()) };
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn new_wc(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
         Self::map_in(KernelIo, phys, size, DeviceAttr::NormalNonCacheable)
@@ -551,6 +632,14 @@ impl IoMem<KernelIo> {
     ///
     /// # Errors
     /// As [`ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{DeviceAttr, IoMem};
+    /// let io = IoMem::with_attr(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE)?;
+    /// # let _ = io;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn with_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
         Self::map_in(KernelIo, phys, size, attr)
@@ -562,6 +651,15 @@ impl<S: IoSpace> IoMem<S> {
     ///
     /// # Errors
     /// As [`ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{DeviceAttr, IoMem, KernelIo};
+    /// // Any `IoSpace`: the kernel's (`KernelIo`), or a `&LockedVmalloc` of another instance.
+    /// let io = IoMem::map_in(KernelIo, hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE)?;
+    /// # let _ = io;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn map_in(space: S, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
         let addr = space.map_io_owned(phys, size, attr)?;
@@ -569,26 +667,62 @@ impl<S: IoSpace> IoMem<S> {
     }
 
     /// The address of the physical address mapped (offset inside its page included).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0018), 4)?;
+    /// assert_eq!(io.addr().as_u64() % 4096, 0x18);        // the sub-page offset is kept
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn addr(&self) -> VirtAddr {
         self.addr
     }
 
     /// The physical address mapped.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// log::info!("PL011 at PA {:#x} mapped at {:#x}", io.phys(), io.addr());
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn phys(&self) -> PhysAddr {
         self.phys
     }
 
     /// Bytes mapped from [`Self::addr`] (as asked; the mapping covers whole pages).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x48)?;
+    /// assert_eq!(io.len(), 0x48);                          // as asked, though a page is mapped
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Always false: a mapping has at least one byte.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// assert!(!io.is_empty());
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The memory type.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{DeviceAttr, IoMem};
+    /// let io = IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// assert_eq!(io.attr(), DeviceAttr::DeviceNGnRE);
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn attr(&self) -> DeviceAttr {
         self.attr
     }
@@ -599,6 +733,15 @@ impl<S: IoSpace> IoMem<S> {
     /// # Errors
     /// [`RegsError::OutOfBounds`] when `offset + size_of::<R>() > len` (or overflows),
     /// [`RegsError::Misaligned`] when `addr + offset` is not a multiple of `align_of::<R>()`.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::tock_registers::registers::ReadOnly;
+    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// let fr = io.reg_addr::<ReadOnly<u32>>(0x18)?;        // where UARTFR is, nothing read
+    /// assert_eq!(fr.as_u64(), io.addr().as_u64() + 0x18);
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn reg_addr<R>(&self, offset: usize) -> Result<VirtAddr, RegsError> {
         register_window(self.addr, self.len, offset, size_of::<R>(), align_of::<R>())
     }
@@ -607,6 +750,13 @@ impl<S: IoSpace> IoMem<S> {
     ///
     /// # Errors
     /// As [`iounmap`] (never expected: the handle owns a live mapping).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// io.unmap()?;                                         // an error is returned, not logged
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn unmap(mut self) -> Result<(), IoremapError> {
         self.live = false;
@@ -617,6 +767,14 @@ impl<S: IoSpace> IoMem<S> {
 
     /// Keeps the mapping for the rest of the program and returns its address (for
     /// devices the kernel never gives back: the console, the interrupt controller).
+    ///
+    /// # Example
+    /// ```no_run
+    /// // The interrupt controller is never given back.
+    /// let gicd = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?.leak();
+    /// # let _ = gicd;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn leak(mut self) -> VirtAddr {
         self.live = false;
         self.addr
@@ -630,6 +788,21 @@ impl<S: MappedIoSpace> IoMem<S> {
     ///
     /// # Errors
     /// As [`Self::reg_addr`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::tock_registers::interfaces::{Readable, Writeable};
+    /// use memory::ioremap::tock_registers::registers::ReadWrite;
+    /// use memory::ioremap::{GicDistributorRegs, IoMem};
+    /// let io = IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?;
+    /// let gicd = io.regs::<GicDistributorRegs>(0)?;
+    /// let lines = 32 * (gicd.typer.get() & 0x1f) + 32;
+    /// // GICD_ISENABLER<n>: 32 set-enable registers from 0x100.
+    /// let isenabler = io.regs::<[ReadWrite<u32>; 32]>(0x100)?;
+    /// isenabler[1].set(1 << 1);                            // enable INTID 33
+    /// # let _ = lines;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn regs<R: RegisterBlock>(&self, offset: usize) -> Result<&R, RegsError> {
         let at = self.reg_addr::<R>(offset)?;
         // SAFETY: `[at, at + size_of::<R>())` lies inside the `len` bytes mapped from
@@ -685,6 +858,37 @@ impl<R: RegisterBlock> Mmio<R, KernelIo> {
     /// # Errors
     /// As [`ioremap`], and [`IoremapError::Regs`] when `phys` is not aligned for `R` (the
     /// mapping is undone then).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use hal::PhysAddr;
+    /// use memory::ioremap::tock_registers::interfaces::{Readable, Writeable};
+    /// use memory::ioremap::tock_registers::registers::{ReadOnly, ReadWrite};
+    /// use memory::ioremap::tock_registers::{register_bitfields, register_structs};
+    /// use memory::ioremap::{Mmio, RegisterBlock};
+    ///
+    /// register_bitfields![u32,
+    ///     FR [ RXFE OFFSET(4) NUMBITS(1) [], TXFF OFFSET(5) NUMBITS(1) [] ]
+    /// ];
+    /// register_structs! {
+    ///     /// The PL011 registers this driver uses.
+    ///     Pl011 {
+    ///         (0x000 => dr: ReadWrite<u32>),
+    ///         (0x004 => _reserved0),
+    ///         (0x018 => fr: ReadOnly<u32, FR::Register>),
+    ///         (0x01c => @END),
+    ///     }
+    /// }
+    /// // SAFETY: every field is a tock-registers register (volatile accesses only) or padding
+    /// // that is never read, and the layout is the PL011's (checked by register_structs!).
+    /// unsafe impl RegisterBlock for Pl011 {}
+    ///
+    /// let uart: Mmio<Pl011> = Mmio::new(PhysAddr::new(0x0900_0000))?; // Device-nGnRE
+    /// while uart.fr.is_set(FR::TXFF) {}
+    /// uart.dr.set(u32::from(b'A'));
+    /// drop(uart); // iounmap; the range is reused after the next lazy purge
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn new(phys: PhysAddr) -> Result<Self, IoremapError> {
         Self::map_in(KernelIo, phys, DeviceAttr::DeviceNGnRE)
@@ -694,6 +898,14 @@ impl<R: RegisterBlock> Mmio<R, KernelIo> {
     ///
     /// # Errors
     /// As [`Self::new`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{DeviceAttr, GicDistributorRegs, Mmio};
+    /// let gicd = Mmio::<GicDistributorRegs>::with_attr(hal::PhysAddr::new(0x0800_0000), DeviceAttr::DeviceNGnRnE)?;
+    /// # let _ = gicd;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn with_attr(phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
         Self::map_in(KernelIo, phys, attr)
@@ -705,6 +917,15 @@ impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
     ///
     /// # Errors
     /// As [`Mmio::new`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{DeviceAttr, GicDistributorRegs, KernelIo, Mmio};
+    /// let gicd: Mmio<GicDistributorRegs> =
+    ///     Mmio::map_in(KernelIo, hal::PhysAddr::new(0x0800_0000), DeviceAttr::DeviceNGnRE)?;
+    /// # let _ = gicd;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     #[track_caller]
     pub fn map_in(space: S, phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
         Self::from_io(IoMem::map_in(space, phys, size_of::<R>(), attr)?)
@@ -715,22 +936,60 @@ impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
     /// # Errors
     /// [`IoremapError::Regs`] when `R` does not fit at offset 0 (the mapping is dropped,
     /// so unmapped, then).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::tock_registers::interfaces::Readable;
+    /// use memory::ioremap::{GicDistributorRegs, IoMem, Mmio};
+    /// // Map the whole 64 KiB distributor, but use it typed as its first registers.
+    /// let io = IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?;
+    /// let gicd = Mmio::<GicDistributorRegs>::from_io(io)?;
+    /// let iidr = gicd.iidr.get();
+    /// # let _ = iidr;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn from_io(io: IoMem<S>) -> Result<Self, IoremapError> {
         io.reg_addr::<R>(0)?;
         Ok(Self { io, _regs: PhantomData })
     }
 
     /// The mapping.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{GicDistributorRegs, Mmio};
+    /// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
+    /// log::info!("GICD at {:#x}", gicd.io().addr());
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn io(&self) -> &IoMem<S> {
         &self.io
     }
 
     /// The mapping, no longer typed.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{GicDistributorRegs, Mmio};
+    /// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
+    /// let io = gicd.into_io();                             // still mapped, untyped
+    /// io.unmap()?;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn into_io(self) -> IoMem<S> {
         self.io
     }
 
     /// Keeps the mapping for the rest of the program; returns its address.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::{GicDistributorRegs, Mmio};
+    /// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
+    /// let base = gicd.leak();                              // mapped for the program's life
+    /// # let _ = base;
+    /// # Ok::<(), memory::ioremap::IoremapError>(())
+    /// ```
     pub fn leak(self) -> VirtAddr {
         self.io.leak()
     }
@@ -769,6 +1028,15 @@ static CONSOLE: Once<VirtAddr> = Once::new();
 /// # Errors
 /// [`IoremapError::NoDevice`] when the device tree names no PL011, or as [`ioremap`]; the
 /// console then stays where it was.
+///
+/// # Example
+/// ```no_run
+/// // after memory::kernel::init(info):
+/// let info = hal::boot::boot_info().unwrap();
+/// let uart = memory::ioremap::switch_console_to_ioremap(info)?;
+/// log::info!("console now at {uart:#x}");
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 pub fn switch_console_to_ioremap(info: &BootInfo) -> Result<VirtAddr, IoremapError> {
     let &va = CONSOLE.try_call_once(|| {
         let uart = info.platform.uart.ok_or(IoremapError::NoDevice)?;
@@ -787,6 +1055,13 @@ pub fn switch_console_to_ioremap(info: &BootInfo) -> Result<VirtAddr, IoremapErr
 }
 
 /// The console's ioremap address, once [`switch_console_to_ioremap`] has succeeded.
+///
+/// # Example
+/// ```no_run
+/// if let Some(uart) = memory::ioremap::console_mapping() {
+///     log::info!("console reached through ioremap at {uart:#x}");
+/// }
+/// ```
 pub fn console_mapping() -> Option<VirtAddr> {
     CONSOLE.get().copied()
 }
@@ -862,6 +1137,14 @@ pub struct GicInfo {
 
 impl GicInfo {
     /// Decodes `GICD_TYPER` and `GICD_IIDR` of the distributor at `phys`, mapped at `base`.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::ioremap::GicInfo;
+    /// // GICD_TYPER of QEMU's virt GICv2: ITLinesNumber 9 (320 lines), CPUNumber 7.
+    /// let gic = GicInfo::decode(hal::PhysAddr::new(0x0800_0000), hal::VirtAddr::new(0), 0x1_0000, 0xe9, 0x43b);
+    /// assert_eq!((gic.lines, gic.cpus), (320, 8));
+    /// ```
     pub fn decode(phys: PhysAddr, base: VirtAddr, size: usize, typer: u32, iidr: u32) -> Self {
         let t = tock_registers::LocalRegisterCopy::<u32, gicd::GICD_TYPER::Register>::new(typer);
         let lines = 32 * (t.read(gicd::GICD_TYPER::ITLinesNumber) + 1);
@@ -894,6 +1177,13 @@ static GIC: Once<GicInfo> = Once::new();
 /// # Errors
 /// [`IoremapError::NoDevice`] when the device tree names no GIC, as [`ioremap`], or
 /// [`IoremapError::Regs`] when its `reg` is too small for the registers read.
+///
+/// # Example
+/// ```no_run
+/// let gic = memory::ioremap::probe_gic(hal::boot::boot_info().unwrap())?;
+/// log::info!("{} interrupt lines; distributor mapped at {:#x}", gic.lines, gic.base);
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
 pub fn probe_gic(info: &BootInfo) -> Result<GicInfo, IoremapError> {
     let gic = *GIC.try_call_once(|| {
         let dist = info.platform.gic_distributor.ok_or(IoremapError::NoDevice)?;
@@ -910,6 +1200,13 @@ pub fn probe_gic(info: &BootInfo) -> Result<GicInfo, IoremapError> {
 }
 
 /// What [`probe_gic`] found, once it has succeeded.
+///
+/// # Example
+/// ```no_run
+/// if let Some(gic) = memory::ioremap::gic_info() {
+///     log::info!("{gic}");
+/// }
+/// ```
 pub fn gic_info() -> Option<GicInfo> {
     GIC.get().copied()
 }

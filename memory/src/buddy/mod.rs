@@ -306,17 +306,40 @@ pub struct FrameMap {
 
 impl FrameMap {
     /// The metadata index of the frame holding `pa`, or `None` outside every region.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let buddy = memory::buddy::global().unwrap().lock();
+    /// let pa = hal::PhysAddr::new(0x4010_0000);
+    /// if let Some(i) = buddy.frame_map().index(pa) {
+    ///     log::debug!("frame {pa:#x} is metadata slot {i} of {}", buddy.frame_map().frames());
+    /// }
+    /// ```
     #[inline]
     pub fn index(&self, pa: PhysAddr) -> Option<usize> {
         self.index_of_pfn(pa.as_u64() >> PAGE_SHIFT)
     }
 
     /// Number of frames covered (reserved frames included).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let frames = memory::buddy::global().unwrap().lock().frame_map().frames();
+    /// log::info!("buddy metadata covers {frames} frames");
+    /// ```
     pub fn frames(&self) -> usize {
         self.frames
     }
 
     /// The regions, in address order.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let buddy = memory::buddy::global().unwrap().lock();
+    /// for r in buddy.frame_map().regions() {
+    ///     log::info!("RAM {:#x}..{:#x}", r.start(), r.end());
+    /// }
+    /// ```
     pub fn regions(&self) -> impl Iterator<Item = PhysRange> + '_ {
         self.regions[..self.len]
             .iter()
@@ -361,6 +384,16 @@ unsafe impl Sync for FrameTags {}
 
 impl FrameTags {
     /// The tag of the frame holding `pa`, or `None` outside managed RAM.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use core::sync::atomic::Ordering;
+    /// let tags = memory::buddy::global().unwrap().lock().frame_tags();
+    /// let f = memory::buddy::Frames::alloc(0)?;
+    /// tags.tag(f.phys()).unwrap().store(0x42, Ordering::Release); // "this frame is a ring buffer"
+    /// tags.tag(f.phys()).unwrap().store(0, Ordering::Release);    // reset before the block is freed
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     #[inline]
     pub fn tag(&self, pa: PhysAddr) -> Option<&AtomicU8> {
         let idx = self.map.index(pa)?;
@@ -371,6 +404,16 @@ impl FrameTags {
 
     /// The tags of `frames` consecutive frames from the one holding `pa`, or `None` unless
     /// they all lie in one region.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use core::sync::atomic::Ordering;
+    /// let tags = memory::buddy::global().unwrap().lock().frame_tags();
+    /// let block = memory::buddy::Frames::alloc(2)?;                // 4 frames
+    /// let all = tags.tags(block.phys(), 4).unwrap();
+    /// assert!(all.iter().all(|t| t.load(Ordering::Acquire) == 0));
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     #[inline]
     pub fn tags(&self, pa: PhysAddr, frames: usize) -> Option<&[AtomicU8]> {
         let pfn = pa.as_u64() >> PAGE_SHIFT;
@@ -385,6 +428,13 @@ impl FrameTags {
     }
 
     /// The frame map the tags are indexed by.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let tags = memory::buddy::global().unwrap().lock().frame_tags();
+    /// let frames = tags.frame_map().frames();
+    /// # let _ = frames;
+    /// ```
     pub fn frame_map(&self) -> &FrameMap {
         &self.map
     }
@@ -415,6 +465,12 @@ pub struct BuddyStats {
 impl BuddyStats {
     /// The free-block counts of the buddy lists in the format of Linux's
     /// `/proc/buddyinfo` (hot-list frames not included; see the module docs).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let stats = memory::buddy::stats().unwrap();
+    /// log::info!("{}", stats.buddyinfo());   // "Node 0, zone   Normal      3      1 ..."
+    /// ```
     pub fn buddyinfo(&self) -> BuddyInfo {
         BuddyInfo { free_blocks: self.free_blocks }
     }
@@ -445,6 +501,13 @@ impl fmt::Display for BuddyInfo {
 ///
 /// [`METADATA_BYTES_PER_FRAME`] bytes for each frame of each region (rounded inward to
 /// pages).
+///
+/// # Example
+/// ```no_run
+/// use hal::{PhysAddr, PhysRange};
+/// let ram = PhysRange::new(PhysAddr::new(0x4000_0000), 128 << 20).unwrap();
+/// assert_eq!(memory::buddy::metadata_bytes(&[ram]), Some(64 * 1024)); // 2 bytes per 4 KiB frame
+/// ```
 pub fn metadata_bytes(regions: &[PhysRange]) -> Option<u64> {
     let mut frames = 0u64;
     for r in regions {
@@ -534,6 +597,22 @@ impl BuddyAllocator {
     /// as long as the allocator or any block it hands out is in use: the allocator
     /// writes its metadata and free lists there. `linear` must satisfy its own contract
     /// for that long.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use hal::linear::LinearMap;
+    /// use hal::{PhysAddr, PhysRange, VirtAddr};
+    /// use memory::buddy::BuddyAllocator;
+    /// // 64 MiB of RAM the driver was given, reached at a fixed offset like the linear map.
+    /// let ram = PhysRange::new(PhysAddr::new(0x4800_0000), 64 << 20).unwrap();
+    /// // SAFETY: `ram` is mapped read-write at that address and no Rust reference points into it.
+    /// let linear = unsafe { LinearMap::new(ram, VirtAddr::new(0xffff_0000_4800_0000)) };
+    /// // SAFETY: nothing else uses `ram` while the allocator and its blocks live.
+    /// let mut buddy = unsafe { BuddyAllocator::new(&[ram], &[], linear, false) }?;
+    /// let pa = buddy.alloc(0)?;
+    /// # let _ = pa;
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub unsafe fn new(
         regions: &[PhysRange],
         reserved: &[PhysRange],
@@ -817,6 +896,14 @@ impl BuddyAllocator {
     /// block is free (the hot list was drained first); [`BuddyError::Corrupted`] when a free
     /// list was overwritten. On `OutOfMemory` and `BadOrder` only the failure counter
     /// changes, besides the drain of the hot list.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// let block = buddy.alloc(9)?;                         // 512 frames, 2 MiB aligned
+    /// assert_eq!(block.as_u64() % (2 << 20), 0);
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     #[inline]
     pub fn alloc(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
         if order == 0 && self.hot.high != 0 {
@@ -937,6 +1024,14 @@ impl BuddyAllocator {
     ///
     /// # Errors
     /// As [`Self::alloc`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// let ring = buddy.alloc_zeroed(1)?;                   // two zeroed frames for a DMA ring
+    /// # let _ = ring;
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn alloc_zeroed(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
         let pa = self.alloc(order)?;
         // SAFETY: the block was just allocated: the allocator owns it until it returns.
@@ -985,6 +1080,14 @@ impl BuddyAllocator {
     /// stays a few stores. The hot list is not refilled.
     ///
     /// A call that comes up short counts as one allocation failure.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut frames = [hal::PhysAddr::new(0); 32];
+    /// let n = memory::buddy::global().unwrap().lock().alloc_bulk(&mut frames);
+    /// let got = &frames[..n];                              // may be short when memory runs out
+    /// # let _ = got;
+    /// ```
     pub fn alloc_bulk(&mut self, out: &mut [PhysAddr]) -> usize {
         let mut n = 0;
         while n < out.len() && self.hot.len != 0 {
@@ -1093,6 +1196,15 @@ impl BuddyAllocator {
     /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
     /// program still reaches it through): the allocator writes to it and hands it out
     /// again. The checks catch wrong addresses and orders, not memory still in use.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// let pa = buddy.alloc(2)?;
+    /// // SAFETY: the block was never mapped nor referenced; nothing uses it after this.
+    /// unsafe { buddy.free(pa, 2) }?;
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     #[inline]
     pub unsafe fn free(&mut self, pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
         let (r, idx) = self.check_allocated(pa, order)?;
@@ -1136,6 +1248,13 @@ impl BuddyAllocator {
     /// how many. Afterwards [`Self::free_blocks`] describes all free memory, fully merged
     /// (what a comparison of buddyinfo with an earlier state needs). `free_pages` does not
     /// change.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// buddy.drain_hot();
+    /// log::info!("{}", buddy.buddyinfo());                 // all free memory, fully merged
+    /// ```
     pub fn drain_hot(&mut self) -> usize {
         let n = self.hot.len;
         self.drain_hot_batch(n);
@@ -1146,6 +1265,11 @@ impl BuddyAllocator {
     /// clamped to `HOT_CAPACITY - 1`, `batch` to `1..=high`; `high` 0 turns the hot list
     /// off (order-0 frees then merge at once, as for other orders). Frames above the new
     /// watermark go back to the lists.
+    ///
+    /// # Example
+    /// ```no_run
+    /// memory::buddy::global().unwrap().lock().set_hot_limits(128, 16);
+    /// ```
     pub fn set_hot_limits(&mut self, high: usize, batch: usize) {
         let high = high.min(HOT_CAPACITY - 1);
         self.hot.high = high;
@@ -1156,12 +1280,24 @@ impl BuddyAllocator {
     }
 
     /// The hot list's high watermark and batch.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let (high, batch) = memory::buddy::global().unwrap().lock().hot_limits();
+    /// # let _ = (high, batch);
+    /// ```
     pub fn hot_limits(&self) -> (usize, usize) {
         (self.hot.high, self.hot.batch)
     }
 
     /// Free order-0 frames on the hot list now (counted in [`Self::free_pages`], not in
     /// [`Self::free_blocks`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let hot = memory::buddy::global().unwrap().lock().hot_pages();
+    /// # let _ = hot;
+    /// ```
     pub fn hot_pages(&self) -> usize {
         self.hot.len
     }
@@ -1220,6 +1356,16 @@ impl BuddyAllocator {
     /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
     /// program still reaches it through): the allocator writes to it and hands it out
     /// again. The checks catch wrong addresses and orders, not memory still in use.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// let mut frames = [hal::PhysAddr::new(0); 16];
+    /// let n = buddy.alloc_bulk(&mut frames);
+    /// // SAFETY: the frames were just allocated and never used.
+    /// unsafe { buddy.free_bulk(&frames[..n]) }?;
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub unsafe fn free_bulk(&mut self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
         let mut first_err = Ok(());
         for &pa in frames {
@@ -1246,6 +1392,12 @@ impl BuddyAllocator {
 
     /// A zeroed 4 KiB frame for a translation table, or `None` when memory is exhausted.
     /// The [`TableAlloc`] implementation calls this.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let table = memory::buddy::global().unwrap().lock().alloc_table(); // zeroed, or None
+    /// # let _ = table;
+    /// ```
     pub fn alloc_table(&mut self) -> Option<PhysAddr> {
         self.alloc_zeroed(0).ok()
     }
@@ -1257,6 +1409,15 @@ impl BuddyAllocator {
     /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
     /// program still reaches it through): the allocator writes to it and hands it out
     /// again. The checks catch wrong addresses and orders, not memory still in use.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// if let Some(table) = buddy.alloc_table() {
+    ///     // SAFETY: the table was never linked into a translation tree.
+    ///     unsafe { buddy.free_table(table) };
+    /// }
+    /// ```
     pub unsafe fn free_table(&mut self, pa: PhysAddr) {
         // SAFETY: forwarded to our caller.
         if let Err(e) = unsafe { self.free(pa, 0) } {
@@ -1267,48 +1428,106 @@ impl BuddyAllocator {
     // ----- introspection -----
 
     /// Frames free now (on the lists or on the hot list).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let free = memory::buddy::global().unwrap().lock().free_pages();
+    /// log::info!("{} KiB free", free * 4);
+    /// ```
     pub fn free_pages(&self) -> usize {
         self.free_pages
     }
 
     /// Frames managed (free or allocated).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let total = memory::buddy::global().unwrap().lock().total_pages();
+    /// # let _ = total;
+    /// ```
     pub fn total_pages(&self) -> usize {
         self.total_pages
     }
 
     /// Free blocks per order on the buddy lists (not counting the hot list; see
     /// [`Self::drain_hot`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let blocks = memory::buddy::global().unwrap().lock().free_blocks();
+    /// let huge = blocks[memory::buddy::MAX_ORDER];         // free 4 MiB blocks
+    /// # let _ = huge;
+    /// ```
     pub fn free_blocks(&self) -> [usize; NR_ORDERS] {
         self.counts
     }
 
     /// Whether strict mode (poisoning) is on.
+    ///
+    /// # Example
+    /// ```no_run
+    /// if memory::buddy::global().unwrap().lock().is_strict() {
+    ///     log::warn!("buddy: strict mode (poisoning) is on");
+    /// }
+    /// ```
     pub fn is_strict(&self) -> bool {
         self.strict
     }
 
     /// The physical range of the allocator's metadata.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let meta = memory::buddy::global().unwrap().lock().metadata_range();
+    /// log::info!("buddy metadata: {} pages at {:#x}", meta.pages(), meta.start());
+    /// ```
     pub fn metadata_range(&self) -> PhysRange {
         self.meta
     }
 
     /// The linear map the allocator reaches RAM through.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// let pa = buddy.alloc_table().unwrap();
+    /// let va = buddy.linear_map().phys_to_virt(pa);        // where the driver reaches it
+    /// # let _ = va;
+    /// ```
     pub fn linear_map(&self) -> &LinearMap {
         &self.linear
     }
 
     /// The frame-number-to-metadata-index map.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let frames = memory::buddy::global().unwrap().lock().frame_map().frames();
+    /// # let _ = frames;
+    /// ```
     pub fn frame_map(&self) -> &FrameMap {
         &self.map
     }
 
     /// The per-frame owner tags (see [`FrameTags`]). The handle stays valid as long as
     /// the RAM the allocator was built over stays mapped (the contract of [`Self::new`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let tags = memory::buddy::global().unwrap().lock().frame_tags(); // usable without the lock
+    /// # let _ = tags;
+    /// ```
     pub fn frame_tags(&self) -> FrameTags {
         FrameTags { base: self.tags, map: self.map }
     }
 
     /// A snapshot of the counters.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let s = memory::buddy::global().unwrap().lock().stats();
+    /// log::info!("{} of {} frames free ({} hot)", s.free_pages, s.total_pages, s.hot_pages);
+    /// ```
     pub fn stats(&self) -> BuddyStats {
         BuddyStats {
             total_pages: self.total_pages,
@@ -1324,6 +1543,13 @@ impl BuddyAllocator {
 
     /// The `/proc/buddyinfo` line of the buddy lists (not counting the hot list, as Linux
     /// does not count per-CPU pages; [`Self::drain_hot`] first for all free memory).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// buddy.drain_hot();
+    /// log::info!("{}", buddy.buddyinfo());
+    /// ```
     pub fn buddyinfo(&self) -> BuddyInfo {
         BuddyInfo { free_blocks: self.counts }
     }
@@ -1336,6 +1562,12 @@ impl BuddyAllocator {
     ///
     /// # Errors
     /// A description of the first inconsistency found.
+    ///
+    /// # Example
+    /// ```no_run
+    /// memory::buddy::global().unwrap().lock().check_consistency()?;
+    /// # Ok::<(), &'static str>(())
+    /// ```
     pub fn check_consistency(&self) -> Result<(), &'static str> {
         let mut free = 0usize;
         for o in 0..NR_ORDERS {
@@ -1456,6 +1688,18 @@ static INIT_STARTED: AtomicBool = AtomicBool::new(false);
 ///
 /// # Safety
 /// The contract of [`BuddyAllocator::new`], for the rest of the program's life.
+///
+/// # Example
+/// ```no_run
+/// use hal::{PhysAddr, PhysRange, VirtAddr};
+/// let ram = PhysRange::new(PhysAddr::new(0x4000_0000), 1 << 30).unwrap();
+/// let image = PhysRange::new(PhysAddr::new(0x4008_0000), 2 << 20).unwrap();
+/// // SAFETY: RAM is mapped read-write at the kernel's linear-map offset.
+/// let linear = unsafe { hal::linear::LinearMap::new(ram, VirtAddr::new(0xffff_0000_4000_0000)) };
+/// // SAFETY: all of `ram` but the kernel image is free for the rest of the program.
+/// unsafe { memory::buddy::init(&[ram], &[image], linear, false) }?;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
 pub unsafe fn init(
     regions: &[PhysRange],
     reserved: &[PhysRange],
@@ -1479,6 +1723,14 @@ pub unsafe fn init(
 }
 
 /// The global allocator, once [`init`] has run.
+///
+/// # Example
+/// ```no_run
+/// let buddy = memory::buddy::global().ok_or(memory::buddy::BuddyError::NotInitialized)?;
+/// let free = buddy.lock().free_pages();
+/// # let _ = free;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
 pub fn global() -> Option<&'static Mutex<BuddyAllocator>> {
     BUDDY.get()
 }
@@ -1492,6 +1744,14 @@ fn with<R>(f: impl FnOnce(&mut BuddyAllocator) -> R) -> Result<R, BuddyError> {
 ///
 /// # Errors
 /// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::alloc`].
+///
+/// # Example
+/// ```no_run
+/// let pa = memory::buddy::alloc_pages(3)?;             // 8 frames, 32 KiB aligned
+/// // SAFETY: the block is ours and nothing refers to it.
+/// unsafe { memory::buddy::free_pages(pa, 3) }?;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
 pub fn alloc_pages(order: usize) -> Result<PhysAddr, BuddyError> {
     with(|a| a.alloc(order))?
 }
@@ -1500,6 +1760,13 @@ pub fn alloc_pages(order: usize) -> Result<PhysAddr, BuddyError> {
 ///
 /// # Errors
 /// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::alloc`].
+///
+/// # Example
+/// ```no_run
+/// let queue = memory::buddy::alloc_zeroed_pages(0)?;   // a zeroed virtqueue page
+/// # let _ = queue;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
 pub fn alloc_zeroed_pages(order: usize) -> Result<PhysAddr, BuddyError> {
     with(|a| a.alloc_zeroed(order))?
 }
@@ -1511,6 +1778,14 @@ pub fn alloc_zeroed_pages(order: usize) -> Result<PhysAddr, BuddyError> {
 ///
 /// # Safety
 /// As [`BuddyAllocator::free`].
+///
+/// # Example
+/// ```no_run
+/// let pa = memory::buddy::alloc_pages(0)?;
+/// // SAFETY: the device is done with the frame and nothing maps it any more.
+/// unsafe { memory::buddy::free_pages(pa, 0) }?;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
 pub unsafe fn free_pages(pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
     // SAFETY: forwarded to our caller.
     with(|a| unsafe { a.free(pa, order) })?
@@ -1518,6 +1793,14 @@ pub unsafe fn free_pages(pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
 
 /// [`BuddyAllocator::alloc_bulk`] on the global allocator (one lock hold); 0 before
 /// [`init`].
+///
+/// # Example
+/// ```no_run
+/// // Receive buffers for a NIC: one frame each, taken under one lock hold.
+/// let mut rx = [hal::PhysAddr::new(0); 64];
+/// let n = memory::buddy::alloc_pages_bulk(&mut rx);
+/// # let _ = n;
+/// ```
 pub fn alloc_pages_bulk(out: &mut [PhysAddr]) -> usize {
     with(|a| a.alloc_bulk(out)).unwrap_or(0)
 }
@@ -1529,6 +1812,15 @@ pub fn alloc_pages_bulk(out: &mut [PhysAddr]) -> usize {
 ///
 /// # Safety
 /// As [`BuddyAllocator::free_bulk`].
+///
+/// # Example
+/// ```no_run
+/// let mut rx = [hal::PhysAddr::new(0); 64];
+/// let n = memory::buddy::alloc_pages_bulk(&mut rx);
+/// // SAFETY: the NIC was reset: no descriptor points to these frames any more.
+/// unsafe { memory::buddy::free_pages_bulk(&rx[..n]) }?;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
 pub unsafe fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
     // SAFETY: forwarded to our caller.
     with(|a| unsafe { a.free_bulk(frames) })?
@@ -1537,11 +1829,25 @@ pub unsafe fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
 /// [`BuddyAllocator::drain_hot`] on the global allocator: gives the hot list back to the
 /// buddy lists, so that [`stats`]' buddyinfo shows all free memory fully merged. Returns
 /// the frames moved (0 before [`init`]).
+///
+/// # Example
+/// ```no_run
+/// memory::buddy::drain_hot();
+/// let info = memory::buddy::stats().unwrap().buddyinfo(); // compare with the boot state
+/// # let _ = info;
+/// ```
 pub fn drain_hot() -> usize {
     with(|a| a.drain_hot()).unwrap_or(0)
 }
 
 /// The global allocator's counters, or `None` before [`init`].
+///
+/// # Example
+/// ```no_run
+/// if let Some(s) = memory::buddy::stats() {
+///     log::info!("{} frames free, {} allocation failures", s.free_pages, s.alloc_failures);
+/// }
+/// ```
 pub fn stats() -> Option<BuddyStats> {
     with(|a| a.stats()).ok()
 }
@@ -1580,6 +1886,13 @@ impl Frames {
     ///
     /// # Errors
     /// As [`alloc_pages`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let block = memory::buddy::Frames::alloc(2)?;        // 16 KiB, freed on drop
+    /// assert_eq!(block.size(), 16 * 1024);
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn alloc(order: usize) -> Result<Self, BuddyError> {
         Ok(Frames { pa: alloc_pages(order)?, order: order as u8 })
     }
@@ -1588,32 +1901,79 @@ impl Frames {
     ///
     /// # Errors
     /// As [`alloc_pages`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let page = memory::buddy::Frames::alloc_zeroed(0)?;
+    /// # let _ = page;
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn alloc_zeroed(order: usize) -> Result<Self, BuddyError> {
         Ok(Frames { pa: alloc_zeroed_pages(order)?, order: order as u8 })
     }
 
     /// Physical address of the first frame.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let ring = memory::buddy::Frames::alloc_zeroed(0)?;
+    /// let dma = ring.phys().as_u64();                      // what the device is told
+    /// # let _ = dma;
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn phys(&self) -> PhysAddr {
         self.pa
     }
 
     /// The block's order.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let block = memory::buddy::Frames::alloc(4)?;
+    /// assert_eq!(block.order(), 4);
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn order(&self) -> usize {
         self.order as usize
     }
 
     /// Size in bytes.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let block = memory::buddy::Frames::alloc(1)?;
+    /// assert_eq!(block.size(), 2 * 4096);
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn size(&self) -> usize {
         PAGE_SIZE << self.order
     }
 
     /// The block's virtual address in the linear map.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let page = memory::buddy::Frames::alloc(0)?;
+    /// // SAFETY: the frame is ours and mapped read-write by the linear map.
+    /// unsafe { page.virt().as_mut_ptr::<u8>().write_bytes(0xff, page.size()) };
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn virt(&self) -> VirtAddr {
         // The global exists: `self` came from it.
         global().and_then(|m| m.lock().linear.phys_to_virt(self.pa)).unwrap_or_default()
     }
 
     /// Gives up ownership without freeing; returns the physical address.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::buddy::Frames;
+    /// let pa = Frames::alloc(0)?.into_raw();               // handed to the device, not freed
+    /// // SAFETY: the device gave the frame back; we own it again.
+    /// let page = unsafe { Frames::from_raw(pa, 0) };       // freed on drop
+    /// # drop(page);
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub fn into_raw(self) -> PhysAddr {
         let pa = self.pa;
         core::mem::forget(self);
@@ -1625,6 +1985,16 @@ impl Frames {
     /// # Safety
     /// `pa` must head a block of `order` allocated from the global allocator, owned by
     /// the caller and not used after the returned value drops (which frees it).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::buddy::Frames;
+    /// let pa = Frames::alloc_zeroed(1)?.into_raw();
+    /// // SAFETY: `pa` heads an order-1 block of the global allocator that only we own.
+    /// let block = unsafe { Frames::from_raw(pa, 1) };
+    /// drop(block);                                         // freed here
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
     pub unsafe fn from_raw(pa: PhysAddr, order: usize) -> Self {
         Frames { pa, order: order as u8 }
     }

@@ -410,6 +410,13 @@ pub struct CacheStats {
 
 impl CacheStats {
     /// Frames held by the cache.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let held: usize = slab.cache_stats().map(|c| c.pages()).sum();
+    /// # let _ = held;
+    /// ```
     pub fn pages(&self) -> usize {
         self.slabs * self.pagesperslab
     }
@@ -478,6 +485,17 @@ impl<'b> SlabAllocator<'b> {
     /// # Errors
     /// [`SlabError::MisalignedLinearMap`] when the buddy allocator's linear map offset is
     /// not a multiple of the largest buddy block (4 MiB).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::slab::{SlabAllocator, SlabError};
+    /// // A private slab allocator for a driver, on the kernel's buddy allocator.
+    /// let buddy = memory::buddy::global().ok_or(SlabError::NotInitialized)?;
+    /// let slab = SlabAllocator::new(buddy, false)?;
+    /// let p = slab.kmalloc(100, 8)?;
+    /// # let _ = p;
+    /// # Ok::<(), SlabError>(())
+    /// ```
     pub fn new(buddy: &'b Mutex<BuddyAllocator>, strict: bool) -> Result<Self, SlabError> {
         let (tags, linear) = {
             let b = buddy.lock();
@@ -509,6 +527,13 @@ impl<'b> SlabAllocator<'b> {
     }
 
     /// Whether strict mode is on.
+    ///
+    /// # Example
+    /// ```no_run
+    /// if memory::slab::global().unwrap().is_strict() {
+    ///     log::warn!("slab: red zones and poisoning on");
+    /// }
+    /// ```
     pub fn is_strict(&self) -> bool {
         self.strict
     }
@@ -538,6 +563,15 @@ impl<'b> SlabAllocator<'b> {
     /// [`SlabError::ZeroSize`], [`SlabError::BadLayout`] (alignment not a power of two),
     /// [`SlabError::TooLarge`] (above 4 MiB), [`SlabError::OutOfMemory`]. Only the failure
     /// counter changes.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let p = slab.kmalloc(100, 8)?;                       // from kmalloc-128
+    /// // SAFETY: `p` came from `slab.kmalloc` and is not used after.
+    /// unsafe { slab.kfree(p) }?;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     #[inline]
     pub fn kmalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
         if size == 0 {
@@ -556,6 +590,13 @@ impl<'b> SlabAllocator<'b> {
     ///
     /// # Errors
     /// As [`Self::kmalloc`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let desc = memory::slab::global().unwrap().kzalloc(64, 64)?; // one zeroed cache line
+    /// # let _ = desc;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn kzalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
         let p = self.kmalloc(size, align)?;
         // SAFETY: `p` was just allocated with at least `size` bytes.
@@ -573,6 +614,15 @@ impl<'b> SlabAllocator<'b> {
     /// # Safety
     /// Nothing may use the object after this call: it is handed out again. The checks
     /// catch pointers that are not live objects, not objects still in use.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let p = slab.kmalloc(32, 8)?;
+    /// // SAFETY: `p` came from `slab.kmalloc` and nothing uses it after this.
+    /// unsafe { slab.kfree(p) }?;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     #[inline]
     pub unsafe fn kfree(&self, ptr: NonNull<u8>) -> Result<(), SlabError> {
         let r = self.free_inner(ptr, None);
@@ -587,6 +637,14 @@ impl<'b> SlabAllocator<'b> {
     /// # Errors
     /// [`SlabError::NotOwned`] or [`SlabError::NotObjectStart`] as for [`Self::kfree`]
     /// (whether the object is currently allocated is not checked).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let p = slab.kmalloc(100, 8)?;
+    /// assert_eq!(slab.ksize(p)?, 128);                      // the whole kmalloc-128 slot is usable
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn ksize(&self, ptr: NonNull<u8>) -> Result<usize, SlabError> {
         let pa = self.pa(ptr.as_ptr());
         let tag = self.tags.tag(pa).ok_or(SlabError::NotOwned)?.load(Ordering::Acquire);
@@ -933,6 +991,15 @@ impl<'b> SlabAllocator<'b> {
     /// [`SlabError::BadLayout`] for a zero size, an alignment that is not a power of two
     /// or above 4096, or an object that does not fit a 32 KiB slab;
     /// [`SlabError::TooManyCaches`] when the [`MAX_CACHES`] slots are taken.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let requests = slab.create_cache("virtio_blk_req", 48, 16)?;
+    /// let req = slab.cache_alloc(&requests)?;
+    /// # let _ = req;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn create_cache(&self, name: &'static str, size: usize, align: usize) -> Result<CacheId, SlabError> {
         let geo = Geometry::new(size, align, self.strict).ok_or(SlabError::BadLayout)?;
         for (i, slot) in self.caches.iter().enumerate().skip(NR_KMALLOC) {
@@ -949,6 +1016,15 @@ impl<'b> SlabAllocator<'b> {
     ///
     /// # Errors
     /// [`SlabError::OutOfMemory`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let cache = slab.create_cache("rx_desc", 32, 16)?;
+    /// let desc = slab.cache_alloc(&cache)?;
+    /// # let _ = desc;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn cache_alloc(&self, cache: &CacheId) -> Result<NonNull<u8>, SlabError> {
         self.alloc_from(cache.0 as usize)
     }
@@ -960,6 +1036,16 @@ impl<'b> SlabAllocator<'b> {
     ///
     /// # Safety
     /// As [`Self::kfree`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let cache = slab.create_cache("rx_desc", 32, 16)?;
+    /// let desc = slab.cache_alloc(&cache)?;
+    /// // SAFETY: `desc` came from `cache` and nothing uses it after this.
+    /// unsafe { slab.cache_free(&cache, desc) }?;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub unsafe fn cache_free(&self, cache: &CacheId, ptr: NonNull<u8>) -> Result<(), SlabError> {
         let r = self.free_inner(ptr, Some(cache.0 as usize));
         if r.is_err() {
@@ -969,6 +1055,14 @@ impl<'b> SlabAllocator<'b> {
     }
 
     /// The object size of a named cache.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let cache = slab.create_cache("rx_desc", 32, 16)?;
+    /// assert_eq!(slab.cache_object_size(&cache), 32);
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn cache_object_size(&self, cache: &CacheId) -> usize {
         self.caches[cache.0 as usize].lock().geo.size
     }
@@ -978,6 +1072,14 @@ impl<'b> SlabAllocator<'b> {
     /// # Errors
     /// [`SlabError::CacheBusy`] when objects are still in use: the cache then stays (as
     /// Linux's `kmem_cache_destroy`, it cannot free what others hold), under its name.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let slab = memory::slab::global().unwrap();
+    /// let cache = slab.create_cache("probe_scratch", 256, 8)?;
+    /// slab.destroy_cache(cache)?;                          // no object in use: pages given back
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn destroy_cache(&self, cache: CacheId) -> Result<(), SlabError> {
         let mut guard = self.caches[cache.0 as usize].lock();
         let c = &mut *guard;
@@ -997,6 +1099,12 @@ impl<'b> SlabAllocator<'b> {
 
     /// Gives every cache's kept empty slab back to the buddy allocator; returns the number
     /// of frames given back.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let freed = memory::slab::global().unwrap().shrink();
+    /// log::info!("slab: {freed} frames given back");
+    /// ```
     pub fn shrink(&self) -> usize {
         let mut pages = 0;
         for slot in &self.caches {
@@ -1014,6 +1122,13 @@ impl<'b> SlabAllocator<'b> {
     }
 
     /// The counters of every cache, in slot order (kmalloc classes first).
+    ///
+    /// # Example
+    /// ```no_run
+    /// for c in memory::slab::global().unwrap().cache_stats() {
+    ///     log::debug!("{}: {} of {} objects in use", c.name, c.active_objs, c.num_objs);
+    /// }
+    /// ```
     pub fn cache_stats(&self) -> impl Iterator<Item = CacheStats> + '_ {
         self.caches.iter().filter_map(|slot| {
             let c = slot.lock();
@@ -1022,6 +1137,12 @@ impl<'b> SlabAllocator<'b> {
     }
 
     /// Whole-allocator counters.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let s = memory::slab::global().unwrap().stats();
+    /// log::info!("slab: {} pages, {} invalid frees", s.slab_pages, s.invalid_frees);
+    /// ```
     pub fn stats(&self) -> SlabStats {
         SlabStats {
             slab_pages: self.cache_stats().map(|c| c.pages()).sum(),
@@ -1034,6 +1155,11 @@ impl<'b> SlabAllocator<'b> {
     }
 
     /// The caches in the format of Linux's `/proc/slabinfo` (newest cache first).
+    ///
+    /// # Example
+    /// ```no_run
+    /// log::info!("{}", memory::slab::global().unwrap().slabinfo());
+    /// ```
     pub fn slabinfo(&self) -> SlabInfo<'_, 'b> {
         SlabInfo(self)
     }
@@ -1071,6 +1197,15 @@ static SLAB: Once<SlabAllocator<'static>> = Once::new();
 /// # Errors
 /// [`SlabError::NotInitialized`] before [`buddy::init`], [`SlabError::AlreadyInitialized`]
 /// on a second call, or an error of [`SlabAllocator::new`].
+///
+/// # Example
+/// ```no_run
+/// // after memory::buddy::init:
+/// memory::slab::init(false)?;
+/// let p = memory::slab::kmalloc(24, 8)?;
+/// # let _ = p;
+/// # Ok::<(), memory::slab::SlabError>(())
+/// ```
 pub fn init(strict: bool) -> Result<(), SlabError> {
     let b = buddy::global().ok_or(SlabError::NotInitialized)?;
     if SLAB.is_completed() {
@@ -1080,6 +1215,14 @@ pub fn init(strict: bool) -> Result<(), SlabError> {
 }
 
 /// The global slab allocator, once [`init`] has run.
+///
+/// # Example
+/// ```no_run
+/// let slab = memory::slab::global().ok_or(memory::slab::SlabError::NotInitialized)?;
+/// let p = slab.kmalloc(24, 8)?;
+/// # let _ = p;
+/// # Ok::<(), memory::slab::SlabError>(())
+/// ```
 pub fn global() -> Option<&'static SlabAllocator<'static>> {
     SLAB.get()
 }
@@ -1088,6 +1231,16 @@ pub fn global() -> Option<&'static SlabAllocator<'static>> {
 ///
 /// # Errors
 /// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::kmalloc`].
+///
+/// # Example
+/// ```no_run
+/// let hdr = memory::slab::kmalloc(40, 8)?;             // from kmalloc-64
+/// // SAFETY: 40 bytes were just allocated at `hdr`, aligned on 8.
+/// unsafe { hdr.cast::<u64>().as_ptr().write(0) };
+/// // SAFETY: `hdr` came from kmalloc and nothing uses it after this.
+/// unsafe { memory::slab::kfree(hdr) }?;
+/// # Ok::<(), memory::slab::SlabError>(())
+/// ```
 pub fn kmalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
     SLAB.get().ok_or(SlabError::NotInitialized)?.kmalloc(size, align)
 }
@@ -1096,6 +1249,13 @@ pub fn kmalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
 ///
 /// # Errors
 /// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::kmalloc`].
+///
+/// # Example
+/// ```no_run
+/// let state = memory::slab::kzalloc(512, 64)?;         // zeroed driver state
+/// # let _ = state;
+/// # Ok::<(), memory::slab::SlabError>(())
+/// ```
 pub fn kzalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
     SLAB.get().ok_or(SlabError::NotInitialized)?.kzalloc(size, align)
 }
@@ -1107,6 +1267,14 @@ pub fn kzalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
 ///
 /// # Safety
 /// As [`SlabAllocator::kfree`].
+///
+/// # Example
+/// ```no_run
+/// let p = memory::slab::kmalloc(64, 8)?;
+/// // SAFETY: `p` came from kmalloc and nothing uses it after this.
+/// unsafe { memory::slab::kfree(p) }?;
+/// # Ok::<(), memory::slab::SlabError>(())
+/// ```
 pub unsafe fn kfree(ptr: NonNull<u8>) -> Result<(), SlabError> {
     // SAFETY: forwarded to our caller.
     unsafe { SLAB.get().ok_or(SlabError::NotInitialized)?.kfree(ptr) }
@@ -1116,21 +1284,49 @@ pub unsafe fn kfree(ptr: NonNull<u8>) -> Result<(), SlabError> {
 ///
 /// # Errors
 /// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::ksize`].
+///
+/// # Example
+/// ```no_run
+/// let p = memory::slab::kmalloc(200, 8)?;
+/// let room = memory::slab::ksize(p)?;                  // 256: the kmalloc-256 slot
+/// # let _ = room;
+/// # Ok::<(), memory::slab::SlabError>(())
+/// ```
 pub fn ksize(ptr: NonNull<u8>) -> Result<usize, SlabError> {
     SLAB.get().ok_or(SlabError::NotInitialized)?.ksize(ptr)
 }
 
 /// [`SlabAllocator::shrink`] on the global allocator (0 before [`init`]).
+///
+/// # Example
+/// ```no_run
+/// let frames = memory::slab::shrink();                 // e.g. under memory pressure
+/// # let _ = frames;
+/// ```
 pub fn shrink() -> usize {
     SLAB.get().map_or(0, SlabAllocator::shrink)
 }
 
 /// The global allocator's counters, or `None` before [`init`].
+///
+/// # Example
+/// ```no_run
+/// if let Some(s) = memory::slab::stats() {
+///     log::info!("slab: {} pages, {} large allocations", s.slab_pages, s.large_allocs);
+/// }
+/// ```
 pub fn stats() -> Option<SlabStats> {
     SLAB.get().map(SlabAllocator::stats)
 }
 
 /// The global allocator's `/proc/slabinfo`, or `None` before [`init`].
+///
+/// # Example
+/// ```no_run
+/// if let Some(info) = memory::slab::slabinfo() {
+///     log::info!("{info}");                            // as /proc/slabinfo
+/// }
+/// ```
 pub fn slabinfo() -> Option<SlabInfo<'static, 'static>> {
     SLAB.get().map(SlabAllocator::slabinfo)
 }
@@ -1146,6 +1342,16 @@ impl KmemCache {
     /// # Errors
     /// [`SlabError::NotInitialized`] before [`init`], else as
     /// [`SlabAllocator::create_cache`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::slab::KmemCache;
+    /// static REQUESTS: spin::Once<KmemCache> = spin::Once::new();
+    /// let cache = REQUESTS.try_call_once(|| KmemCache::new("virtio_blk_req", 48, 16))?;
+    /// let req = cache.alloc()?;
+    /// # let _ = req;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn new(name: &'static str, size: usize, align: usize) -> Result<Self, SlabError> {
         let s = SLAB.get().ok_or(SlabError::NotInitialized)?;
         s.create_cache(name, size, align).map(KmemCache)
@@ -1160,6 +1366,14 @@ impl KmemCache {
     ///
     /// # Errors
     /// [`SlabError::OutOfMemory`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let cache = memory::slab::KmemCache::new("rx_desc", 32, 16)?;
+    /// let desc = cache.alloc()?;
+    /// # let _ = desc;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn alloc(&self) -> Result<NonNull<u8>, SlabError> {
         Self::slab()?.cache_alloc(&self.0)
     }
@@ -1171,12 +1385,28 @@ impl KmemCache {
     ///
     /// # Safety
     /// As [`SlabAllocator::kfree`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let cache = memory::slab::KmemCache::new("rx_desc", 32, 16)?;
+    /// let desc = cache.alloc()?;
+    /// // SAFETY: `desc` came from `cache` and nothing uses it after this.
+    /// unsafe { cache.free(desc) }?;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), SlabError> {
         // SAFETY: forwarded to our caller.
         unsafe { Self::slab()?.cache_free(&self.0, ptr) }
     }
 
     /// The object size.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let cache = memory::slab::KmemCache::new("rx_desc", 32, 16)?;
+    /// assert_eq!(cache.object_size(), 32);
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn object_size(&self) -> usize {
         Self::slab().map_or(0, |s| s.cache_object_size(&self.0))
     }
@@ -1185,6 +1415,13 @@ impl KmemCache {
     ///
     /// # Errors
     /// As [`SlabAllocator::destroy_cache`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let cache = memory::slab::KmemCache::new("probe_scratch", 256, 8)?;
+    /// cache.destroy()?;                                    // refused while objects are in use
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
     pub fn destroy(self) -> Result<(), SlabError> {
         Self::slab()?.destroy_cache(self.0)
     }
@@ -1195,6 +1432,19 @@ impl KmemCache {
 /// Before [`init`], allocation returns null. `dealloc` of a pointer the allocator does
 /// not own is reported with `log::error!` (and counted in [`SlabStats::invalid_frees`]);
 /// the allocator stays consistent. Never calls vmalloc.
+///
+/// # Example
+/// ```no_run
+/// // In the kernel binary's crate root:
+/// #[global_allocator]
+/// static HEAP: memory::slab::KernelAllocator = memory::slab::KernelAllocator;
+///
+/// fn main() {
+///     // after memory::kernel::init: `alloc` collections live on the slab
+///     let v: Vec<u32> = (0..100).collect();
+///     # let _ = v;
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelAllocator;
 

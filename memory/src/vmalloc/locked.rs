@@ -19,6 +19,17 @@ pub struct LockedVmalloc<B: VmBackend> {
 
 impl<B: VmBackend> LockedVmalloc<B> {
     /// Wrap `vm`, switching its inline record refill off (this wrapper refills outside the lock).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{sim::SimBackend, LockedVmalloc, Vmalloc, VmallocConfig};
+    /// let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// let vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let shared = LockedVmalloc::new(vm);                  // usable through `&self`
+    /// let p = shared.vmalloc(4096)?;
+    /// # let _ = p;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn new(mut vm: Vmalloc<B>) -> Self {
         vm.config.refill_inline = false;
         Self { inner: spin::Mutex::new(vm) }
@@ -54,6 +65,14 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::vmalloc`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let p = vm.vmalloc(8192)?;
+    /// vm.vfree(p)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmalloc(&self, size: usize) -> Result<VirtAddr, VmallocError> {
         let mut g = self.ready();
@@ -65,6 +84,14 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::vzalloc`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let p = vm.vzalloc(8192)?;
+    /// # let _ = p;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vzalloc(&self, size: usize) -> Result<VirtAddr, VmallocError> {
         let mut g = self.ready();
@@ -76,6 +103,15 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::vmalloc_with`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmFlags;
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let obj = vm.vmalloc_with(100, 8, VmFlags::END_ALIGNED)?;
+    /// # let _ = obj;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmalloc_with(&self, size: usize, align: usize, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
         let mut g = self.ready();
@@ -87,6 +123,14 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::vfree`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let p = vm.vmalloc(4096)?;
+    /// vm.vfree(p)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vfree(&self, ptr: VirtAddr) -> Result<(), VmallocError> {
         let mut g = self.inner.lock();
@@ -98,6 +142,15 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::vrealloc`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let p = vm.vzalloc(4096)?;
+    /// let p = vm.vrealloc(p, 4 * 4096)?;                   // grows, first page kept
+    /// vm.vfree(p)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vrealloc(&self, ptr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocError> {
         let mut g = self.ready();
@@ -109,6 +162,17 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::vmap_with`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::buddy::Frames;
+    /// use memory::vmalloc::{Prot, VmFlags};
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let (a, b) = (Frames::alloc_zeroed(0).unwrap(), Frames::alloc_zeroed(0).unwrap());
+    /// let va = vm.vmap_with(&[a.phys(), b.phys()], Prot::ReadWrite, VmFlags::NONE)?;
+    /// vm.vunmap(va)?;                                      // the frames stay ours
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmap_with(&self, frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
         let mut g = self.ready();
@@ -120,6 +184,17 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::vunmap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::buddy::Frames;
+    /// use memory::vmalloc::{Prot, VmFlags};
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let page = Frames::alloc(0).unwrap();
+    /// let va = vm.vmap_with(&[page.phys()], Prot::ReadOnly, VmFlags::NONE)?;
+    /// vm.vunmap(va)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vunmap(&self, ptr: VirtAddr) -> Result<(), VmallocError> {
         let mut g = self.inner.lock();
@@ -131,6 +206,15 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::DeviceAttr;
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let uart = vm.ioremap(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE)?;
+    /// vm.iounmap(uart)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn ioremap(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, VmallocError> {
         let mut g = self.ready();
@@ -142,6 +226,15 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::iounmap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::DeviceAttr;
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let fr = vm.ioremap(hal::PhysAddr::new(0x0900_0018), 4, DeviceAttr::DeviceNGnRE)?;
+    /// vm.iounmap(fr)?;                                     // the address ioremap returned
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn iounmap(&self, ptr: VirtAddr) -> Result<(), VmallocError> {
         let mut g = self.inner.lock();
@@ -153,6 +246,16 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Errors
     /// As [`Vmalloc::ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{DeviceAttr, VmFlags};
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let fb = hal::PhysAddr::new(0x1000_0000);
+    /// let fb = vm.ioremap_with(fb, 1 << 20, DeviceAttr::NormalNonCacheable, VmFlags::NONE)?;
+    /// vm.iounmap(fb)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn ioremap_with(
         &self,
@@ -173,6 +276,16 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Safety
     /// As [`Vmalloc::vfree_owned`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmFlags;
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let p = vm.vmalloc_with(4096, 4096, VmFlags::OWNED)?;
+    /// // SAFETY: this code owns the area and keeps no reference into it.
+    /// unsafe { vm.vfree_owned(p) }?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub unsafe fn vfree_owned(&self, ptr: VirtAddr) -> Result<(), VmallocError> {
         let mut g = self.inner.lock();
@@ -188,6 +301,16 @@ impl<B: VmBackend> LockedVmalloc<B> {
     ///
     /// # Safety
     /// As [`Vmalloc::iounmap_owned`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{DeviceAttr, VmFlags};
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let regs = vm.ioremap_with(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE, VmFlags::OWNED)?;
+    /// // SAFETY: this code owns the mapping and no register reference into it is left.
+    /// unsafe { vm.iounmap_owned(regs) }?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub unsafe fn iounmap_owned(&self, ptr: VirtAddr) -> Result<(), VmallocError> {
         let mut g = self.inner.lock();
@@ -197,6 +320,13 @@ impl<B: VmBackend> LockedVmalloc<B> {
     }
 
     /// [`Vmalloc::purge`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// vm.purge();                                          // flush now, not at the threshold
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn purge(&self) {
         let mut g = self.inner.lock();
         g.purge();
@@ -204,16 +334,43 @@ impl<B: VmBackend> LockedVmalloc<B> {
     }
 
     /// [`Vmalloc::find_area`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let p = vm.vmalloc(4096)?;
+    /// if let Some(a) = vm.find_area(p) {
+    ///     log::info!("{:#x}: {} bytes, allocated at {}", a.addr, a.bytes, a.caller);
+    /// }
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn find_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
         self.inner.lock().find_area(addr)
     }
 
     /// [`Vmalloc::vmalloc_to_phys`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let buf = vm.vzalloc(4096)?;
+    /// let pa = vm.vmalloc_to_phys(buf);                    // for a device that needs one page
+    /// # let _ = pa;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn vmalloc_to_phys(&self, addr: VirtAddr) -> Option<PhysAddr> {
         self.inner.lock().vmalloc_to_phys(addr)
     }
 
     /// [`Vmalloc::stats`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let s = vm.stats();
+    /// log::info!("vmalloc: {} live areas, {} pages mapped", s.live_areas, s.mapped_pages);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn stats(&self) -> VmallocStats {
         self.inner.lock().stats()
     }
@@ -221,6 +378,19 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// [`Vmalloc::explain_fault`] if the lock is free; `None` (nothing written) when it is
     /// held — e.g. the fault happened inside vmalloc itself. Safe to call from an exception
     /// handler: it never spins and never allocates.
+    ///
+    /// # Example
+    /// ```no_run
+    /// // In a data-abort handler, with the faulting address from FAR_EL1:
+    /// # let far = 0u64;
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let mut why = alloc::string::String::new();
+    /// if let Some(class) = vm.try_explain_fault(hal::VirtAddr::new(far), &mut why) {
+    ///     log::error!("{class:?}: {why}");
+    /// }
+    /// # extern crate alloc;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn try_explain_fault(&self, addr: VirtAddr, out: &mut dyn Write) -> Option<FaultClass> {
         let g = self.inner.try_lock()?;
         Some(g.explain_fault(addr, out))
@@ -229,6 +399,14 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// The allocator itself, locked (for vmallocinfo, stats, tests). Calls made through the
     /// guard do not get the record protocol: allocations may fail with
     /// [`VmallocError::NoRecords`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// let vm = vm.lock();
+    /// vm.for_each_area(|a| log::info!("{:#x} {} pages", a.addr, a.pages));
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn lock(&self) -> spin::MutexGuard<'_, Vmalloc<B>> {
         self.inner.lock()
     }

@@ -112,6 +112,14 @@ pub enum AreaKind {
 
 impl AreaKind {
     /// The word vmallocinfo prints.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let p = memory::kernel::vmalloc(4096)?;
+    /// let area = memory::kernel::find_area(p).unwrap();
+    /// assert_eq!(area.kind.as_str(), "vmalloc");
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub const fn as_str(self) -> &'static str {
         match self {
             AreaKind::Vmalloc => "vmalloc",
@@ -149,11 +157,24 @@ impl VmFlags {
     pub const OWNED: Self = Self(8);
 
     /// Whether every flag of `other` is set.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmFlags;
+    /// let flags = VmFlags::ZERO | VmFlags::END_ALIGNED;
+    /// assert!(flags.contains(VmFlags::ZERO) && !flags.contains(VmFlags::NO_GUARD));
+    /// ```
     pub const fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }
 
     /// The raw bits.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmFlags;
+    /// assert_eq!((VmFlags::ZERO | VmFlags::NO_GUARD).bits(), 3);
+    /// ```
     pub const fn bits(self) -> u8 {
         self.0
     }
@@ -379,6 +400,17 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// [`VmallocError::BadRange`] when the range is not page aligned.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// // A private instance over a 16 MiB window; on target the backend is the kernel's.
+    /// let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vzalloc(10_000)?;                         // 3 pages + 1 guard page
+    /// vm.vfree(p)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn new(backend: B, range: VirtRange, config: VmallocConfig) -> Result<Self, VmallocError> {
         if !range.is_page_aligned() {
             return Err(VmallocError::BadRange);
@@ -409,26 +441,72 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// The backend.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// log::debug!("{} frames left", vm.backend().free_frames_count());
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
     /// The backend, mutably (tests inject faults through it).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.backend_mut().fail_frames_after(2);               // inject a frame shortage
+    /// assert!(vm.vmalloc(5 * 4096).is_err());             // fails cleanly, nothing leaks
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
     }
 
     /// The window.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// log::info!("vmalloc window {:#x}..{:#x}", vm.range().start(), vm.range().end());
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn range(&self) -> VirtRange {
         self.range
     }
 
     /// The configuration in force.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// assert_eq!(vm.config().lazy_max_pages, 8192);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn config(&self) -> &VmallocConfig {
         &self.config
     }
 
     /// Set the purge threshold (Linux's `lazy_max_pages`); purges at once if already past it.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.set_lazy_max_pages(1024);                         // purge after 4 MiB of parked ranges
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn set_lazy_max_pages(&mut self, pages: usize) {
         self.config.lazy_max_pages = pages;
         if self.c.parked_pages > pages {
@@ -437,6 +515,15 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// Switch strict mode (flush at every free); turning it on purges what is parked.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.set_strict(true);                                 // debugging a use after vfree
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn set_strict(&mut self, strict: bool) {
         self.config.strict = strict;
         if strict {
@@ -445,11 +532,30 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// Set the per-page/full flush threshold (clamped to [`MAX_FLUSH_PAGE_THRESHOLD`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.set_flush_page_threshold(16);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn set_flush_page_threshold(&mut self, pages: usize) {
         self.config.flush_page_threshold = pages.min(MAX_FLUSH_PAGE_THRESHOLD);
     }
 
     /// Whether `addr` lies in the vmalloc window.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc(4096)?;
+    /// assert!(vm.is_vmalloc_addr(p));
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[inline]
     pub fn is_vmalloc_addr(&self, addr: VirtAddr) -> bool {
         (self.start..self.end).contains(&addr.as_u64())
@@ -459,18 +565,49 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// How many spare records must be added before the next call can run without
     /// allocating (0 when enough are there).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::Spares;
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// // Outside any lock: allocate the records the next call needs, then hand them over.
+    /// let spares = Spares::new(vm.spares_wanted());
+    /// vm.add_spares(spares);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[inline]
     pub fn spares_wanted(&self) -> usize {
         RECORDS_PER_CALL.saturating_sub(self.free.pool.len())
     }
 
     /// Hand over records allocated outside the lock.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.add_spares(memory::vmalloc::Spares::new(16));
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn add_spares(&mut self, mut spares: Spares) {
         self.free.pool.absorb(&mut spares.pool);
     }
 
     /// Take the spare records beyond what the allocator keeps (see
     /// [`VmallocConfig::spare_high`]), to be dropped after unlocking.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let excess = vm.take_excess_spares();
+    /// drop(excess);                                        // after unlocking, in a locked wrapper
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn take_excess_spares(&mut self) -> Spares {
         let mut out = Spares::empty();
         if self.free.pool.len() > self.spare_keep {
@@ -481,6 +618,16 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// Take every spare record beyond [`VmallocConfig::spare_high`] (memory pressure), to be
     /// dropped after unlocking.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let spares = vm.release_spares();                    // under memory pressure
+    /// log::info!("vmalloc: {} spare records released", spares.len());
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn release_spares(&mut self) -> Spares {
         self.spare_keep = self.config.spare_high;
         self.take_excess_spares()
@@ -507,6 +654,16 @@ impl<B: VmBackend> Vmalloc<B> {
     /// [`VmallocError::ZeroSize`], [`VmallocError::TooLarge`],
     /// [`VmallocError::NoVirtualSpace`], [`VmallocError::NoFrames`],
     /// [`VmallocError::MapFailed`], [`VmallocError::NoRecords`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let table = vm.vmalloc(1 << 20)?;                    // 256 pages + a guard page
+    /// vm.vfree(table)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmalloc(&mut self, size: usize) -> Result<VirtAddr, VmallocError> {
         self.vmalloc_with(size, PAGE_SIZE, VmFlags::NONE)
@@ -516,6 +673,16 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// As [`Self::vmalloc`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let ring = vm.vzalloc(64 * 1024)?;
+    /// # let _ = ring;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vzalloc(&mut self, size: usize) -> Result<VirtAddr, VmallocError> {
         self.vmalloc_with(size, PAGE_SIZE, VmFlags::ZERO)
@@ -526,6 +693,16 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// As [`Self::vmalloc`], and [`VmallocError::BadAlignment`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let buf = vm.vmalloc_aligned(5 * 4096, 64 * 1024)?;
+    /// assert_eq!(buf.as_u64() % (64 * 1024), 0);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmalloc_aligned(&mut self, size: usize, align: usize) -> Result<VirtAddr, VmallocError> {
         self.vmalloc_with(size, align, VmFlags::NONE)
@@ -535,6 +712,17 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// As [`Self::vmalloc_aligned`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmFlags;
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let obj = vm.vmalloc_with(100, 8, VmFlags::END_ALIGNED | VmFlags::ZERO)?; // one byte past traps
+    /// # let _ = obj;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmalloc_with(&mut self, size: usize, align: usize, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
         let caller = Location::caller();
@@ -728,6 +916,20 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Errors
     /// [`VmallocError::ZeroSize`] for no frames, [`VmallocError::Misaligned`], and as
     /// [`Self::vmalloc`] (never [`VmallocError::NoFrames`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{Prot, VmBackend};
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// // Two frames the driver owns (here from the simulated MMU), seen as one 8 KiB window.
+    /// let mut frames = [hal::PhysAddr::new(0); 2];
+    /// assert_eq!(vm.backend_mut().alloc_frames(&mut frames), 2);
+    /// let va = vm.vmap(&frames, Prot::ReadWrite)?;
+    /// vm.vunmap(va)?;                                      // the frames stay ours
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmap(&mut self, frames: &[PhysAddr], prot: Prot) -> Result<VirtAddr, VmallocError> {
         self.vmap_with(frames, prot, VmFlags::NONE)
@@ -738,6 +940,19 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// As [`Self::vmap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{Prot, VmBackend, VmFlags};
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let mut frames = [hal::PhysAddr::new(0); 4];
+    /// vm.backend_mut().alloc_frames(&mut frames);
+    /// let va = vm.vmap_with(&frames, Prot::ReadOnly, VmFlags::NO_GUARD)?; // vm_map_ram style
+    /// vm.vunmap(va)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vmap_with(&mut self, frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
         let caller = Location::caller();
@@ -784,6 +999,18 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Errors
     /// [`VmallocError::ZeroSize`], [`VmallocError::Overflow`], [`VmallocError::RamRange`]
     /// when any page is RAM, and as [`Self::vmalloc`] (never [`VmallocError::NoFrames`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::DeviceAttr;
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let fr = vm.ioremap(hal::PhysAddr::new(0x0900_0018), 4, DeviceAttr::DeviceNGnRE)?;
+    /// assert_eq!(fr.as_u64() % 4096, 0x18);                // PL011 UARTFR: the offset is kept
+    /// vm.iounmap(fr)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn ioremap(&mut self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, VmallocError> {
         self.ioremap_with(phys, size, attr, VmFlags::NONE)
@@ -794,6 +1021,18 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// As [`Self::ioremap`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{DeviceAttr, VmFlags};
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let uart = hal::PhysAddr::new(0x0900_0000);
+    /// let regs = vm.ioremap_with(uart, 0x1000, DeviceAttr::DeviceNGnRE, VmFlags::NO_GUARD)?;
+    /// vm.iounmap(regs)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn ioremap_with(
         &mut self,
@@ -895,6 +1134,18 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Errors
     /// [`VmallocError::NotAnArea`] (unknown or interior pointer),
     /// [`VmallocError::DoubleFree`], [`VmallocError::WrongKind`]; the state is unchanged.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmallocError;
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc(4096)?;
+    /// vm.vfree(p)?;                                        // unmapped now, flushed at the next purge
+    /// assert_eq!(vm.vfree(p), Err(VmallocError::DoubleFree));
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vfree(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
         self.release(ptr, AreaKind::Vmalloc, Location::caller(), false)
@@ -908,6 +1159,18 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Safety
     /// The caller owns the area (it allocated it with [`VmFlags::OWNED`]) and no reference
     /// into it outlives this call.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmFlags;
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc_with(4096, 4096, VmFlags::OWNED)?; // a handle's area: plain vfree refuses it
+    /// // SAFETY: this code is the area's owner and keeps no reference into it.
+    /// unsafe { vm.vfree_owned(p) }?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub unsafe fn vfree_owned(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
         self.release(ptr, AreaKind::Vmalloc, Location::caller(), true)
@@ -917,6 +1180,19 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// As [`Self::vfree`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{Prot, VmBackend};
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let mut frame = [hal::PhysAddr::new(0); 1];
+    /// vm.backend_mut().alloc_frames(&mut frame);
+    /// let va = vm.vmap(&frame, Prot::ReadWrite)?;
+    /// vm.vunmap(va)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vunmap(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
         self.release(ptr, AreaKind::Vmap, Location::caller(), false)
@@ -926,6 +1202,17 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// As [`Self::vfree`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::DeviceAttr;
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let uart = vm.ioremap(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE)?;
+    /// vm.iounmap(uart)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn iounmap(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
         self.release(ptr, AreaKind::Ioremap, Location::caller(), false)
@@ -939,6 +1226,18 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Safety
     /// The caller owns the mapping (it mapped it with [`VmFlags::OWNED`]) and no reference
     /// into it outlives this call.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::{DeviceAttr, VmFlags};
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let regs = vm.ioremap_with(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE, VmFlags::OWNED)?;
+    /// // SAFETY: this code owns the mapping and no register reference into it is left.
+    /// unsafe { vm.iounmap_owned(regs) }?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub unsafe fn iounmap_owned(&mut self, ptr: VirtAddr) -> Result<(), VmallocError> {
         self.release(ptr, AreaKind::Ioremap, Location::caller(), true)
@@ -1004,6 +1303,17 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// Flush the TLB for every parked range (once) and return the ranges to free space.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc(4096)?;
+    /// vm.vfree(p)?;
+    /// vm.purge();                                          // one TLB flush; the range is reusable
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn purge(&mut self) {
         let Some(head) = self.parked_head.take() else { return };
         let t0 = self.backend.now_ns();
@@ -1078,6 +1388,17 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Errors
     /// As [`Self::vfree`] for `ptr`, [`VmallocError::ZeroSize`], and as [`Self::vmalloc`];
     /// on error the old area is untouched.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vzalloc(10_000)?;
+    /// let p = vm.vrealloc(p, 20_000)?;                     // grows, contents kept
+    /// vm.vfree(p)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     #[track_caller]
     pub fn vrealloc(&mut self, ptr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocError> {
         let caller = Location::caller();
@@ -1185,6 +1506,17 @@ impl<B: VmBackend> Vmalloc<B> {
     // ----- queries -----
 
     /// The live area containing `addr` (guard page included).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc(3 * 4096)?;
+    /// let area = vm.find_area(p).unwrap();
+    /// assert_eq!((area.pages, area.guard), (3, true));
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn find_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
         self.live_containing(addr.as_u64()).map(Self::area_info)
     }
@@ -1213,6 +1545,15 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// Call `f` with the range (guard page included) of every parked area: freed, not yet
     /// purged (O(parked), in no particular order).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.for_each_parked(|start, end| log::debug!("parked {start:#x}..{end:#x}"));
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn for_each_parked(&self, mut f: impl FnMut(VirtAddr, VirtAddr)) {
         let mut cur = self.parked_head;
         while let Some(n) = cur {
@@ -1223,6 +1564,15 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// Call `f` on every live area in address order (O(n)).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.for_each_area(|a| log::info!("{:#x} {} pages, by {}", a.addr, a.pages, a.caller));
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn for_each_area(&self, mut f: impl FnMut(&AreaInfo)) {
         for n in self.live_iter() {
             f(&Self::area_info(n));
@@ -1230,6 +1580,17 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// The physical address behind `addr`, walking the tables (through the backend).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let buf = vm.vzalloc(4096)?;
+    /// let dma = vm.vmalloc_to_phys(buf).unwrap();         // the frame behind the page
+    /// # let _ = dma;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn vmalloc_to_phys(&self, addr: VirtAddr) -> Option<PhysAddr> {
         if !self.is_vmalloc_addr(addr) {
             return None;
@@ -1238,6 +1599,16 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// The counters.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let s = vm.stats();
+    /// log::info!("{} live areas, {} pages parked", s.live_areas, s.parked_pages);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn stats(&self) -> VmallocStats {
         VmallocStats {
             live_areas: self.c.live_areas,
@@ -1264,11 +1635,31 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// The free-space index (read only): for tests and diagnostics.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let fs = vm.free_space();
+    /// log::info!("{} holes, largest {} bytes", fs.holes(), fs.largest());
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn free_space(&self) -> &FreeSpace {
         &self.free
     }
 
     /// Statistics of the last free-space search.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.vmalloc(4096)?;
+    /// log::debug!("lowest fit visited {} nodes", vm.last_search().visits);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn last_search(&self) -> SearchStats {
         self.free.last_search()
     }
@@ -1279,6 +1670,16 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// A description of the first violation found.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default()).unwrap();
+    /// vm.vmalloc(4096).unwrap();
+    /// vm.check()?;
+    /// # Ok::<(), &'static str>(())
+    /// ```
     pub fn check(&self) -> Result<(), &'static str> {
         self.free.check()?;
         self.busy.check()?;
