@@ -162,6 +162,17 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// # Errors
     /// Whatever `out` returns.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc(3 * 4096)?;
+    /// let mut text = String::new();
+    /// vm.write_info(&mut text).unwrap();   // "0x…-0x…   16384 src/x.rs:4:12 pages=3 vmalloc"
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn write_info(&self, out: &mut dyn Write) -> fmt::Result {
         for n in self.live_iter() {
             let nd = n.get();
@@ -184,6 +195,16 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// A `Display` of [`Self::write_info`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc(4096)?;
+    /// log::info!("vmallocinfo:\n{}", vm.info());
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn info(&self) -> VmallocInfo<'_, B> {
         VmallocInfo(self)
     }
@@ -198,6 +219,18 @@ impl<B: VmBackend> Vmalloc<B> {
     ///
     /// Nothing is written for an address outside the window. O(log n), no allocation, takes
     /// `&self`: callable from an exception handler holding only a try-lock.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// use memory::vmalloc::FaultClass;
+    /// let p = vm.vmalloc(4096)?;
+    /// let mut why = String::new();
+    /// assert_eq!(vm.explain_fault(p.add(4096), &mut why), FaultClass::GuardPage);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
     pub fn explain_fault(&self, addr: VirtAddr, out: &mut dyn Write) -> FaultClass {
         let a = addr.as_u64();
         if !self.is_vmalloc_addr(addr) {
