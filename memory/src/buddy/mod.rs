@@ -1346,11 +1346,13 @@ impl BuddyAllocator {
     }
 
     /// Frees order-0 frames: onto the hot list while it is below its high watermark, then
-    /// to the lists. Every valid entry is freed, even after an invalid one.
+    /// to the lists. All entries are checked first: if one is invalid, nothing is freed.
     ///
     /// # Errors
-    /// The error of the first invalid entry (as [`Self::free`] with order 0); invalid
-    /// entries are left as they were.
+    /// The error of the first invalid entry (as [`Self::free`] with order 0), with the
+    /// allocator unchanged. A frame listed twice passes the check and is freed once; its
+    /// second copy is then refused ([`BuddyError::NotAllocated`]), the only case in which
+    /// the call returns an error after freeing.
     ///
     /// # Safety
     /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
@@ -1367,6 +1369,10 @@ impl BuddyAllocator {
     /// # Ok::<(), memory::buddy::BuddyError>(())
     /// ```
     pub unsafe fn free_bulk(&mut self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
+        // Check everything before changing anything (an O(1) state read per frame).
+        for &pa in frames {
+            self.check_allocated(pa, 0)?;
+        }
         let mut first_err = Ok(());
         for &pa in frames {
             match self.check_allocated(pa, 0) {

@@ -760,3 +760,18 @@ fn global_drain_hot() {
     assert_eq!((d.hot_pages, d.free_pages), (0, s.free_pages));
     global().unwrap().lock().check_consistency().unwrap();
 }
+
+#[test]
+fn free_bulk_with_a_bad_entry_frees_nothing() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let good: Vec<PhysAddr> = (0..8).map(|_| a.alloc(0).unwrap()).collect();
+    let before = a.stats();
+    let mut list = good.clone();
+    list.insert(4, PhysAddr::new(good[0].as_u64() + 1)); // misaligned
+    assert!(free_bulk(&mut a, &list).is_err());
+    assert_eq!(a.stats(), before, "nothing freed");
+    a.check_consistency().unwrap();
+    free_bulk(&mut a, &good).unwrap();
+    a.check_consistency().unwrap();
+}
