@@ -59,8 +59,8 @@ fn vmalloc_maps_pages_and_leaves_guard_unmapped() {
     assert!(vm.find_area(VirtAddr::new(BASE + 3 * PAGE + 8)).is_some(), "guard belongs to the area");
     let q = vm.vmalloc(1).unwrap();
     assert_eq!(q.as_u64(), BASE + 4 * PAGE, "lowest fit after the first area's guard");
-    assert!(vm.backend_mut().write(p, &[0xAB; 3 * PAGE_SIZE]));
-    assert!(!vm.backend_mut().write(VirtAddr::new(BASE + 3 * PAGE), &[1]), "guard must fault");
+    assert!(vm.sim_mut().write(p, &[0xAB; 3 * PAGE_SIZE]));
+    assert!(!vm.sim_mut().write(VirtAddr::new(BASE + 3 * PAGE), &[1]), "guard must fault");
     let s = vm.stats();
     assert_eq!((s.live_areas, s.mapped_pages, s.owned_frames), (2, 4, 4));
     vm.vfree(p).unwrap();
@@ -93,8 +93,8 @@ fn alignment_and_flags() {
     // End-aligned: the object ends at its page end, so one byte past traps.
     let p = vm.vmalloc_with(100, 1, VmFlags::END_ALIGNED).unwrap();
     assert_eq!(p.page_offset(), PAGE - 100);
-    assert!(vm.backend_mut().write(p, &[7; 100]));
-    assert!(!vm.backend_mut().write(p.add(100), &[7]));
+    assert!(vm.sim_mut().write(p, &[7; 100]));
+    assert!(!vm.sim_mut().write(p.add(100), &[7]));
     let p8 = vm.vmalloc_with(100, 8, VmFlags::END_ALIGNED).unwrap();
     assert_eq!(p8.page_offset(), (PAGE - 100) & !7);
     vm.vfree(p8).unwrap();
@@ -307,9 +307,9 @@ fn failing_frame_k_of_n_leaves_nothing_behind() {
         let flags = if zero { VmFlags::ZERO } else { VmFlags::NONE };
         for k in 1..=64usize {
             let before = snapshot(&vm);
-            vm.backend_mut().fail_frames_after(k - 1);
+            vm.sim_mut().fail_frames_after(k - 1);
             assert_eq!(vm.vmalloc_with(64 * PAGE_SIZE, PAGE_SIZE, flags), Err(VmallocError::NoFrames), "k={k}");
-            vm.backend_mut().clear_faults();
+            vm.sim_mut().clear_faults();
             assert_eq!(snapshot(&vm), before, "k={k}");
             vm.check().unwrap();
         }
@@ -317,9 +317,9 @@ fn failing_frame_k_of_n_leaves_nothing_behind() {
     // Failures after some chunks were mapped: unmapped, freed and flushed at once.
     for k in [65usize, 100, 128, 129, 199, 200] {
         let before = snapshot(&vm);
-        vm.backend_mut().fail_frames_after(k - 1);
+        vm.sim_mut().fail_frames_after(k - 1);
         assert_eq!(vm.vmalloc(200 * PAGE_SIZE), Err(VmallocError::NoFrames), "k={k}");
-        vm.backend_mut().clear_faults();
+        vm.sim_mut().clear_faults();
         assert_eq!(snapshot(&vm), before, "k={k}");
         assert_eq!(vm.stats().parked_areas, 0);
         vm.check().unwrap();
@@ -327,18 +327,18 @@ fn failing_frame_k_of_n_leaves_nothing_behind() {
     // Mapping failures, at each chunk.
     for m in 0..4usize {
         let before = snapshot(&vm);
-        vm.backend_mut().fail_maps_after(m);
+        vm.sim_mut().fail_maps_after(m);
         assert_eq!(vm.vmalloc(200 * PAGE_SIZE), Err(VmallocError::MapFailed(MapError::NoMemory)));
-        vm.backend_mut().clear_faults();
+        vm.sim_mut().clear_faults();
         assert_eq!(snapshot(&vm), before, "m={m}");
         vm.check().unwrap();
     }
     // vmap and ioremap map failures.
     let before = snapshot(&vm);
-    vm.backend_mut().fail_maps_after(0);
+    vm.sim_mut().fail_maps_after(0);
     assert!(vm.vmap(&[PhysAddr::new(0x8000_0000)], Prot::ReadOnly).is_err());
     assert!(vm.ioremap(PhysAddr::new(0x0900_0000), 16, DeviceAttr::DeviceNGnRE).is_err());
-    vm.backend_mut().clear_faults();
+    vm.sim_mut().clear_faults();
     assert_eq!(snapshot(&vm), before);
     // Out of frames for real.
     assert_eq!(vm.vmalloc(5000 * PAGE_SIZE), Err(VmallocError::NoFrames));
@@ -351,7 +351,7 @@ fn failing_frame_k_of_n_leaves_nothing_behind() {
 fn vzalloc_zeroes_reused_frames() {
     let mut vm = new_vm(1024, 1024);
     let next = vm.backend().next_free_frame().unwrap();
-    vm.backend_mut().scribble_frame(next, 0xEE);
+    vm.sim_mut().scribble_frame(next, 0xEE);
     let p = vm.vzalloc(100).unwrap();
     assert_eq!(vm.vmalloc_to_phys(p), Some(next));
     let mut buf = [1u8; PAGE_SIZE];
@@ -359,7 +359,7 @@ fn vzalloc_zeroes_reused_frames() {
     assert!(buf.iter().all(|&b| b == 0));
     // Without ZERO the old contents show (the simulation does not hide them).
     let next = vm.backend().next_free_frame().unwrap();
-    vm.backend_mut().scribble_frame(next, 0xEE);
+    vm.sim_mut().scribble_frame(next, 0xEE);
     let q = vm.vmalloc(100).unwrap();
     assert!(vm.backend().read(q, &mut buf));
     assert_eq!(buf[0], 0xEE);
@@ -367,7 +367,7 @@ fn vzalloc_zeroes_reused_frames() {
 
 fn fill(vm: &mut Vmalloc<SimBackend>, p: VirtAddr, len: usize, seed: u8) {
     let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
-    assert!(vm.backend_mut().write(p, &data));
+    assert!(vm.sim_mut().write(p, &data));
 }
 
 fn verify(vm: &Vmalloc<SimBackend>, p: VirtAddr, len: usize, seed: u8) {
@@ -438,10 +438,10 @@ fn vrealloc_grows_and_shrinks_in_place_and_keeps_data() {
 
     // A failed grow changes nothing.
     let before = snapshot(&vm);
-    vm.backend_mut().fail_frames_after(1);
+    vm.sim_mut().fail_frames_after(1);
     assert_eq!(vm.vrealloc(moved, 20 * PAGE_SIZE), Err(VmallocError::NoFrames));
     assert_eq!(vm.vrealloc(z, 8 * PAGE_SIZE), Err(VmallocError::NoFrames));
-    vm.backend_mut().clear_faults();
+    vm.sim_mut().clear_faults();
     assert_eq!(snapshot(&vm), before);
     vm.check().unwrap();
     for q in [moved, blocker, z, e2] {

@@ -152,7 +152,7 @@ fn a_million_random_operations() {
                         }
                         let tag = (bytes >= 8 && rng.random_bool(0.1)).then(|| {
                             tag_seq += 1;
-                            assert!(vm.backend_mut().write(p, &tag_seq.to_le_bytes()));
+                            assert!(vm.sim_mut().write(p, &tag_seq.to_le_bytes()));
                             tag_seq
                         });
                         if flags.contains(VmFlags::ZERO) && tag.is_none() {

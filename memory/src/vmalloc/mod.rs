@@ -454,18 +454,25 @@ impl<B: VmBackend> Vmalloc<B> {
         &self.backend
     }
 
-    /// The backend, mutably (tests inject faults through it).
+    /// The backend, mutably.
+    ///
+    /// # Safety
+    /// Calls through it bypass the allocator: the caller must not break the [`VmBackend`]
+    /// contract the allocator relies on — free, unmap, zero or copy only what no live or
+    /// parked area of this instance uses. (A real backend writes memory and page tables.)
+    /// [`Vmalloc::sim_mut`] is the safe accessor for the simulated backend of tests.
     ///
     /// # Example
     /// ```no_run
     /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
     /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
-    /// vm.backend_mut().fail_frames_after(2);               // inject a frame shortage
-    /// assert!(vm.vmalloc(5 * 4096).is_err());             // fails cleanly, nothing leaks
+    /// // SAFETY: only reads a counter of the backend.
+    /// let left = unsafe { vm.backend_mut() }.free_frames_count();
+    /// # let _ = left;
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
-    pub fn backend_mut(&mut self) -> &mut B {
+    pub unsafe fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
     }
 
@@ -925,7 +932,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
     /// // Two frames the driver owns (here from the simulated MMU), seen as one 8 KiB window.
     /// let mut frames = [hal::PhysAddr::new(0); 2];
-    /// assert_eq!(vm.backend_mut().alloc_frames(&mut frames), 2);
+    /// assert_eq!(vm.sim_mut().alloc_frames(&mut frames), 2);
     /// let va = vm.vmap(&frames, Prot::ReadWrite)?;
     /// vm.vunmap(va)?;                                      // the frames stay ours
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
@@ -948,7 +955,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
     /// let mut frames = [hal::PhysAddr::new(0); 4];
-    /// vm.backend_mut().alloc_frames(&mut frames);
+    /// vm.sim_mut().alloc_frames(&mut frames);
     /// let va = vm.vmap_with(&frames, Prot::ReadOnly, VmFlags::NO_GUARD)?; // vm_map_ram style
     /// vm.vunmap(va)?;
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
@@ -1188,7 +1195,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
     /// let mut frame = [hal::PhysAddr::new(0); 1];
-    /// vm.backend_mut().alloc_frames(&mut frame);
+    /// vm.sim_mut().alloc_frames(&mut frame);
     /// let va = vm.vmap(&frame, Prot::ReadWrite)?;
     /// vm.vunmap(va)?;
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
@@ -1838,6 +1845,24 @@ fn sort_desc(head: NodePtr) -> Link {
         }
     }
     bins.iter().fold(None, |acc, &b| merge_desc(b, acc))
+}
+
+impl Vmalloc<sim::SimBackend> {
+    /// The simulated backend, mutably: safe, since it only touches simulated memory (tests
+    /// inject faults and check contents through it).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.sim_mut().fail_frames_after(2);               // inject a frame shortage
+    /// assert!(vm.vmalloc(5 * 4096).is_err());         // fails cleanly, nothing leaks
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
+    pub fn sim_mut(&mut self) -> &mut sim::SimBackend {
+        &mut self.backend
+    }
 }
 
 impl<B: VmBackend> Drop for Vmalloc<B> {
