@@ -27,8 +27,11 @@
 //! and [`PageTable::unmap_and_reclaim`](super::PageTable::unmap_and_reclaim) invalidate what
 //! they changed before they return (gathering the work in a [`TlbBatch`]). The vmalloc fast
 //! path [`PageTable::unmap_with`](super::PageTable::unmap_with) never does: vmalloc parks freed
-//! ranges and purges them later with [`flush`], which picks per-page invalidation or a full one
-//! by page *count* (never by the span the pages happen to cover).
+//! ranges and purges them later in one batch — last-level invalidations per page up to its
+//! `VmallocConfig::flush_page_threshold` (64 by default: a vmalloc purge of few pages follows
+//! frees of live data, whose refill after a full flush it would pay), one full invalidation
+//! above. [`flush`] offers the same policy to other callers with this module's own measured
+//! threshold. Both choose by page *count*, never by the span the pages happen to cover.
 //!
 //! [`HardwareTlb`] issues the instructions (nothing on the host); [`RecordingTlb`] forwards
 //! to it, counts, and keeps an ordered log of every operation and barrier — and of the

@@ -258,7 +258,7 @@ pub struct VmallocConfig {
     pub lazy_max_pages: usize,
     /// Flush the TLB at every free instead of parking (Linux `debug_pagealloc`-like).
     pub strict: bool,
-    /// A purge covering at most this many mapped pages issues one `TLBI VALE1IS` per page;
+    /// A purge covering at most this many mapped pages issues one `TLBI VAALE1IS` per page;
     /// more, one `TLBI VMALLE1IS`. Default 64: a per-page TLBI costs about as much as one
     /// TLB refill after a full flush, and a kernel's working set holds far more than 64 live
     /// entries, so below 64 pages the targeted flush is cheaper (arm64 Linux switches at 512
