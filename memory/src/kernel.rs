@@ -638,7 +638,8 @@ pub fn vmalloc_stats() -> Option<VmallocStats> {
     vm().ok().map(|v| v.stats())
 }
 
-/// Writes `/proc/vmallocinfo`.
+/// Writes `/proc/vmallocinfo`. The vmalloc lock is held while `out` is written to: `out`
+/// may allocate from the slab (a `String`), but must not call vmalloc.
 ///
 /// # Errors
 /// A formatter error from `out`.

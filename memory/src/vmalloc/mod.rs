@@ -14,8 +14,8 @@
 //! (Linux's purge list) once freed, and whose range returns to the **free tree** (AVL
 //! augmented with the largest hole per subtree, see [`FreeSpace`]) when purged. Allocation is
 //! lowest-address first fit with any power-of-two alignment in O(log n); freeing never walks
-//! the areas (only error and fault paths scan the parked list, at most
-//! `lazy_max_pages / 2` long).
+//! the areas (only error and fault paths scan the parked list: at most `lazy_max_pages / 2`
+//! areas with guard pages, `lazy_max_pages` with `NO_GUARD` one-page areas).
 //!
 //! ## A call, as data flows
 //! 1. `vmalloc(size)`: round up to pages, add a guard page (unless [`VmFlags::NO_GUARD`]).
@@ -1127,7 +1127,7 @@ impl<B: VmBackend> Vmalloc<B> {
             let nd = n.get();
             return if nd.start.get() + u64::from(nd.offset.get()) == p { Ok(n) } else { Err(VmallocError::NotAnArea) };
         }
-        // Error path only: parked ranges (a list, at most lazy_max_pages / 2 long) and history.
+        // Error path only: parked ranges (a list of at most lazy_max_pages areas) and history.
         let parked = self.parked_iter().any(|n| n.get().start.get() + u64::from(n.get().offset.get()) == p);
         if parked || self.history.freed_pointer(p) {
             Err(VmallocError::DoubleFree)
