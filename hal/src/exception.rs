@@ -358,7 +358,10 @@ fn fixup_for(pc: u64) -> Option<u64> {
 const KIND_NAMES: [&str; 6] = ["synchronous", "IRQ", "FIQ", "SError", "from lower EL", "from AArch32"];
 
 /// Prints the full report of an exception to the emergency console.
-pub fn report(frame: &TrapFrame, kind: u64, out: &mut dyn fmt::Write) {
+///
+/// The fault-report hook is asked to explain the address unless `hooks` is false (a fault
+/// inside a handler is reported without it: the hook may be what faulted).
+pub fn report(frame: &TrapFrame, kind: u64, out: &mut dyn fmt::Write, hooks: bool) {
     let fault = Fault { esr: frame.esr, far: frame.far, elr: frame.elr };
     let kind_name = KIND_NAMES.get(kind as usize).copied().unwrap_or("?");
     let _ = writeln!(out, "\n*** EXCEPTION ({kind_name}): {fault}");
@@ -367,7 +370,7 @@ pub fn report(frame: &TrapFrame, kind: u64, out: &mut dyn fmt::Write) {
             let _ = writeln!(out, "*** {name} (fault address {:#x} is in its guard page)", frame.far);
         } else {
             let _ = write!(out, "*** ");
-            if !explain(frame.far, out) {
+            if !(hooks && explain(frame.far, out)) {
                 let _ = write!(out, "no owner known for {:#x}", frame.far);
             }
             let _ = writeln!(out);
@@ -407,7 +410,7 @@ extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
             return;
         }
     }
-    report(frame, kind, &mut EmergencyConsole);
+    report(frame, kind, &mut EmergencyConsole, true);
     let ctx = CATCH.swap(core::ptr::null_mut(), Ordering::AcqRel);
     if !ctx.is_null() {
         RECOVERED.fetch_add(1, Ordering::Relaxed);
@@ -428,8 +431,14 @@ extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 #[unsafe(no_mangle)]
 extern "C" fn hal_trap_nested(frame: &mut TrapFrame, kind: u64) -> ! {
+    // A fault while reporting this one (the console itself, say) must not loop: the second
+    // time round, stop at once.
+    static NESTED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    if NESTED.swap(true, Ordering::AcqRel) {
+        crate::exit::exit(crate::exit::EXIT_FAULT);
+    }
     let _ = writeln!(EmergencyConsole, "\n*** EXCEPTION INSIDE AN EXCEPTION HANDLER (exception stack reset)");
-    report(frame, kind, &mut EmergencyConsole);
+    report(frame, kind, &mut EmergencyConsole, false);
     crate::exit::exit(crate::exit::EXIT_FAULT);
 }
 

@@ -70,15 +70,16 @@
 
 // Entry while already on SP_EL1: a fault in a handler. Start again at the top of the
 // exception stack so a handler stack overflow is reported instead of faulting forever.
+// x9 is needed to compute that address: its value is parked in TPIDR_EL1 (unused
+// otherwise) and put back into the frame by hal_nested_entry.
 .macro VECTOR_SPX kind
     .balign 0x80
+    msr     tpidr_el1, x9
     adrp    x9, __exception_stack_top
     add     x9, x9, :lo12:__exception_stack_top
     mov     sp, x9
-    SAVE_FRAME
-    mov     x0, sp
-    mov     x1, #\kind
-    bl      hal_trap_nested          // never returns
+    mov     x9, #\kind
+    b       hal_nested_entry
 .endm
 
 .section .text.vectors, "ax"
@@ -106,3 +107,12 @@ hal_trap_common:
     bl      hal_trap                  // Rust: may edit the frame
     RESTORE_FRAME
     eret
+
+// x9 = kind, the interrupted x9 in TPIDR_EL1, sp = top of the exception stack.
+hal_nested_entry:
+    SAVE_FRAME
+    ldr     x1, [sp, #72]             // the kind, saved in x9's slot
+    mrs     x9, tpidr_el1
+    str     x9, [sp, #72]             // the interrupted x9, for the report
+    mov     x0, sp
+    bl      hal_trap_nested           // never returns
