@@ -112,6 +112,41 @@ impl Write for Console {
     }
 }
 
+/// Bytes written through the emergency path since boot (each call counts once): how often
+/// output had to bypass a busy console lock.
+pub fn emergency_writes() -> usize {
+    EMERGENCY_WRITES.load(Ordering::Relaxed)
+}
+
+/// The console held for several writes in a row (lines from elsewhere cannot interleave).
+/// Output from an exception or a panic meanwhile does not wait for it: it takes the
+/// emergency path.
+pub struct ConsoleGuard {
+    guard: spin::MutexGuard<'static, Option<Uart<'static>>>,
+}
+
+/// Takes the console for several writes in a row (see [`ConsoleGuard`]).
+pub fn lock() -> ConsoleGuard {
+    ConsoleGuard { guard: UART.lock() }
+}
+
+impl Write for ConsoleGuard {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        match self.guard.as_mut() {
+            Some(uart) => {
+                for b in s.bytes() {
+                    if b == b'\n' {
+                        uart.write_word(b'\r');
+                    }
+                    uart.write_word(b);
+                }
+            }
+            None => emergency_write(s),
+        }
+        Ok(())
+    }
+}
+
 /// The emergency path as a `fmt::Write` sink.
 pub struct EmergencyConsole;
 

@@ -83,6 +83,19 @@ impl core::fmt::Write for Buf {
     }
 }
 
+fn output_gets_out_while_the_console_lock_is_held() {
+    use core::fmt::Write;
+    let mut held = hal::console::lock();
+    let _ = write!(held, "(holding the console) ");
+    let before = hal::console::emergency_writes();
+    // What an exception handler or a panic does while the interrupted code holds the lock.
+    hal::print!("(printed around the held lock) ");
+    assert_eq!(hal::console::emergency_writes(), before + 1, "took the emergency path");
+    drop(held);
+    hal::print!("(lock released) ");
+    assert_eq!(hal::console::emergency_writes(), before + 1, "back on the locked path");
+}
+
 tests::main!(
     test!(dtb_found),
     test!(probe_reads_ram),
@@ -91,4 +104,5 @@ tests::main!(
     test!(fault_is_caught, fault),
     test!(fault_hook_is_called),
     test!(catch_runs_and_returns),
+    test!(output_gets_out_while_the_console_lock_is_held),
 );
