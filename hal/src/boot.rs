@@ -176,6 +176,9 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
         // No console without a device tree: all we can do is exit with a status.
         Err(_) => crate::exit::exit(crate::exit::EXIT_FAULT),
     };
+    // Plain stores only: how to leave the machine, known before anything can go wrong.
+    crate::psci::set_conduit(platform.psci);
+    crate::exit::detect_semihosting();
     let boot = BootInfo { platform, entry_el: entry_el as u8, dtb_source, image, start_ticks };
     let boot_tables = match crate::kmap::init(&boot) {
         Ok(pages) => pages,
@@ -184,8 +187,6 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
     };
 
     // MMU on, caches on: locks and atomics behave from here.
-    crate::psci::set_conduit(platform.psci);
-    crate::exit::detect_semihosting();
     if let Some(uart) = platform.uart {
         // SAFETY: the device tree names this PL011, and `kmap` mapped its page at the same
         // address as Device-nGnRE for the program's life; nothing else drives the UART.

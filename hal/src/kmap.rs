@@ -217,8 +217,9 @@ fn invalidate_dcache(range: PhysRange) {
         let line = 4u64 << ((ctr >> 16) & 0xf);
         let mut a = range.start().as_u64() & !(line - 1);
         while a < range.end().as_u64() {
-            // SAFETY: `dc ivac` of lines holding only the boot tables, which were written to
-            // memory with the caches off: no dirty data can be lost.
+            // SAFETY: `dc ivac` of lines written (if at all) with the caches off, so memory
+            // holds their data and no dirty line of ours can be lost; the boot protocol
+            // leaves the rest of the image clean to the point of coherency.
             unsafe { core::arch::asm!("dc ivac, {}", in(reg) a, options(nostack)) };
             a += line;
         }
@@ -250,7 +251,13 @@ pub fn init(info: &BootInfo) -> Result<usize, MmuError> {
     let mut alloc = unsafe { BumpTableAlloc::new(region) };
     let space = build(info, linear, &mut alloc)?;
     let used = PhysRange::new(region.start(), (alloc.used.max(1) * PAGE_SIZE) as u64)?;
+    // Everything written with the caches off and read through them afterwards: the tables
+    // (walked cacheable), and the whole image — .data, the BSS cleared by entry.S, the
+    // stack this code runs on — plus the DTB. Invalidating drops stale clean lines; memory
+    // already holds the data (the boot protocol leaves the image clean to the PoC).
     invalidate_dcache(used);
+    invalidate_dcache(info.image.whole);
+    invalidate_dcache(info.platform.dtb);
     // SAFETY: `build` maps the code, stacks, data and console at their current (physical)
     // addresses with fitting permissions, so every access after the switch translates to
     // what it did before; the tables live in the reserved boot-table region for good, and

@@ -795,7 +795,10 @@ impl PageTable {
             }
         }
         if frame_bits_bad(bits) {
-            return src.check_frames();
+            // The rescan names the first bad frame; it cannot pass when the OR of the same
+            // frames had a bad bit, but never report success with nothing mapped.
+            src.check_frames()?;
+            return Err(MmuError::Addr(AddrError::Misaligned));
         }
         if pages & 1 != 0 {
             for (table, run) in self.page_runs(span, first) {

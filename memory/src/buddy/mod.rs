@@ -66,7 +66,7 @@
 //! That is 2 bytes per 4,096-byte frame = **0.0488 %** of RAM, rounded up to whole pages:
 //! 16 pages (64 KiB) for 128 MiB, 512 pages (2 MiB) for 4 GiB. The free lists cost
 //! nothing (they live in the free memory), and the fixed part (`BuddyAllocator` itself,
-//! about 1.6 KiB with the hot list's ring) lives wherever the value lives (a `static` on
+//! about 8.8 KiB with the hot list's ring) lives wherever the value lives (a `static` on
 //! target). A state array
 //! alone would be 0.024 %; per-frame list links (2 × u32) would have brought the total to
 //! 0.22 %, over the 0.2 % budget, hence the intrusive lists. See [`metadata_bytes`].
