@@ -238,8 +238,10 @@ fn invalidate_dcache(range: PhysRange) {
 /// (the MMU then stays off).
 pub fn init(info: &BootInfo) -> Result<usize, MmuError> {
     let Some(ram0) = info.platform.ram.iter().next() else { return Err(MmuError::OutOfMemory) };
-    // One window over every RAM region: from the lowest start to the highest end. The walker
-    // only touches table pages, which are in RAM.
+    // One window over every RAM region: from the lowest start to the highest end. On a
+    // machine with holes between RAM regions the window spans them unmapped: that is sound
+    // only because its users (the walker, the frame allocator) reach RAM pages alone, never
+    // an address of a hole (QEMU virt has one region; several windows would lift the rule).
     let lo = info.platform.ram.iter().map(|r| r.start().as_u64()).min().unwrap_or(ram0.start().as_u64());
     let hi = info.platform.ram.iter().map(|r| r.end().as_u64()).max().unwrap_or(ram0.end().as_u64());
     let window = PhysRange::from_bounds(PhysAddr::new(lo), PhysAddr::new(hi))?;

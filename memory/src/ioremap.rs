@@ -786,6 +786,12 @@ impl<S: MappedIoSpace> IoMem<S> {
     /// handle (so the mapping outlives it). `R` is a [`RegisterBlock`]: every access is a
     /// volatile register access.
     ///
+    /// This is `tock-registers`' model — a reference to a struct of `UnsafeCell` registers —
+    /// which drivers expect. Rust treats such a reference as dereferenceable, so in principle
+    /// the compiler may add loads of its own (unsafe-code-guidelines #411); for registers
+    /// whose reads have side effects (FIFOs, interrupt acknowledge), [`Self::reg_addr`] gives
+    /// the address for a pointer-based accessor such as `safe-mmio` instead.
+    ///
     /// # Errors
     /// As [`Self::reg_addr`].
     ///
