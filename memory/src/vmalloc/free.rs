@@ -1,4 +1,4 @@
-//! Free space of the vmalloc window: holes in an augmented AVL tree ([`Tree<true>`]).
+//! Free space of the vmalloc window: holes in an augmented AVL tree ([`Tree`](super::tree)).
 //!
 //! Invariants on top of the tree's own: holes are page aligned, lie inside the window, and
 //! never touch (a freed range is always merged with the holes next to it), so the tree
@@ -45,7 +45,7 @@ fn fit_start(s: u64, e: u64, size: u64, align: u64) -> Option<u64> {
 /// The free-space index of one window. Public so tests can drive it alone; [`super::Vmalloc`]
 /// embeds one and takes its busy-area records from the same spare pool.
 pub struct FreeSpace {
-    pub(crate) tree: Tree<true>,
+    pub(crate) tree: Tree,
     pub(crate) pool: NodePool,
     start: u64,
     end: u64,
@@ -100,7 +100,7 @@ impl FreeSpace {
         let mut cur = self.tree.first();
         while let Some(n) = cur {
             f(n.get().start.get(), n.get().end.get());
-            cur = Tree::<true>::next(n);
+            cur = Tree::next(n);
         }
     }
 
@@ -197,7 +197,7 @@ impl FreeSpace {
                     return Some((n, a));
                 }
             }
-            cur = Tree::<true>::next(n);
+            cur = Tree::next(n);
         }
         self.last.visits = visits;
         None

@@ -62,6 +62,7 @@ extern crate alloc;
 mod backend;
 mod free;
 mod info;
+mod links;
 mod locked;
 mod node;
 pub mod sim;
@@ -1700,7 +1701,7 @@ impl<B: VmBackend> Vmalloc<B> {
         let mut cur = self.free.tree.first();
         while let Some(n) = cur {
             all.push(n);
-            cur = Tree::<true>::next(n);
+            cur = Tree::next(n);
         }
         let mut live_records = 0usize;
         for n in self.live_iter() {

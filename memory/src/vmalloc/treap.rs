@@ -13,6 +13,7 @@
 //! least its children's (max-heap); `start` does not change while a record is in the treap
 //! (its priority depends on it).
 
+use super::links;
 use super::node::{Link, NodePtr};
 
 /// The priority of a record: splitmix64 of its start, so adjacent areas get unrelated
@@ -35,51 +36,6 @@ pub(crate) struct Treap {
 impl Treap {
     pub const fn new() -> Self {
         Self { root: None, len: 0 }
-    }
-
-    #[inline(always)]
-    fn replace_child(&mut self, parent: Link, old: NodePtr, new: Link) {
-        match parent {
-            None => self.root = new,
-            Some(p) => {
-                let pn = p.get();
-                if pn.left.get() == Some(old) {
-                    pn.left.set(new);
-                } else {
-                    pn.right.set(new);
-                }
-            }
-        }
-    }
-
-    /// Lift `y`, the right child of `x`, above it.
-    fn rotate_left(&mut self, x: NodePtr, y: NodePtr) {
-        let (xn, yn) = (x.get(), y.get());
-        let b = yn.left.get();
-        xn.right.set(b);
-        if let Some(b) = b {
-            b.get().parent.set(Some(x));
-        }
-        let p = xn.parent.get();
-        yn.parent.set(p);
-        self.replace_child(p, x, Some(y));
-        yn.left.set(Some(x));
-        xn.parent.set(Some(y));
-    }
-
-    /// Lift `y`, the left child of `x`, above it.
-    fn rotate_right(&mut self, x: NodePtr, y: NodePtr) {
-        let (xn, yn) = (x.get(), y.get());
-        let b = yn.right.get();
-        xn.left.set(b);
-        if let Some(b) = b {
-            b.get().parent.set(Some(x));
-        }
-        let p = xn.parent.get();
-        yn.parent.set(p);
-        self.replace_child(p, x, Some(y));
-        yn.right.set(Some(x));
-        xn.parent.set(Some(y));
     }
 
     /// Insert a record whose range overlaps none in the treap.
@@ -110,9 +66,9 @@ impl Treap {
                 break;
             }
             if p.get().left.get() == Some(node) {
-                self.rotate_right(p, node);
+                links::rotate_right(&mut self.root, p, node);
             } else {
-                self.rotate_left(p, node);
+                links::rotate_left(&mut self.root, p, node);
             }
         }
     }
@@ -123,9 +79,9 @@ impl Treap {
         // Rotate n down, lifting its higher-priority child, until it has at most one child.
         while let (Some(l), Some(r)) = (nd.left.get(), nd.right.get()) {
             if prio(l) > prio(r) {
-                self.rotate_right(n, l);
+                links::rotate_right(&mut self.root, n, l);
             } else {
-                self.rotate_left(n, r);
+                links::rotate_left(&mut self.root, n, r);
             }
         }
         let c = nd.left.get().or(nd.right.get());
@@ -133,7 +89,7 @@ impl Treap {
         if let Some(c) = c {
             c.get().parent.set(p);
         }
-        self.replace_child(p, n, c);
+        links::replace_child(&mut self.root, p, n, c);
         nd.left.set(None);
         nd.right.set(None);
         nd.parent.set(None);
@@ -168,34 +124,12 @@ impl Treap {
 
     /// The record after `n` in address order.
     pub fn next(n: NodePtr) -> Link {
-        super::tree::Tree::<false>::next(n)
+        links::next(n)
     }
 
     /// Unlink every record, calling `f` on each.
-    pub fn drain(&mut self, mut f: impl FnMut(NodePtr)) {
-        let mut cur = self.root;
-        while let Some(n) = cur {
-            let nd = n.get();
-            if let Some(l) = nd.left.get() {
-                cur = Some(l);
-            } else if let Some(r) = nd.right.get() {
-                cur = Some(r);
-            } else {
-                let p = nd.parent.get();
-                if let Some(p) = p {
-                    let pn = p.get();
-                    if pn.left.get() == Some(n) {
-                        pn.left.set(None);
-                    } else {
-                        pn.right.set(None);
-                    }
-                }
-                nd.parent.set(None);
-                f(n);
-                cur = p;
-            }
-        }
-        self.root = None;
+    pub fn drain(&mut self, f: impl FnMut(NodePtr)) {
+        links::drain(&mut self.root, f);
         self.len = 0;
     }
 

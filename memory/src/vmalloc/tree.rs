@@ -1,16 +1,17 @@
-//! An intrusive AVL tree of [`Node`] records ordered by `start`, optionally augmented with
-//! the largest range size in each subtree.
+//! An intrusive AVL tree of [`Node`] records ordered by `start`, augmented with the largest
+//! range size in each subtree: the free space of the vmalloc window.
 //!
 //! Invariants (checked by [`Tree::check`]):
 //! - in-order traversal gives strictly increasing `start`, and ranges do not overlap;
 //! - `parent` links are the inverse of `left`/`right`, the root has no parent;
 //! - `height` = 1 + max(child heights), and child heights differ by at most one (AVL), so
 //!   the height is at most 1.44·log2(n + 2);
-//! - when `AUG`: `max` = max(`end - start`, children's `max`).
+//! - `max` = max(`end - start`, children's `max`).
 //!
 //! Every operation walks one root-to-leaf path (plus a retrace back up that stops as soon as
 //! a subtree's height and `max` come out unchanged), so all of them are O(log n).
 
+use super::links;
 use super::node::{Link, Node, NodePtr};
 
 #[inline(always)]
@@ -29,8 +30,8 @@ pub(crate) fn sub_max(l: Link) -> u64 {
     }
 }
 
-/// The tree. `AUG` selects whether `max` is maintained (the free tree) or not (busy tree).
-pub(crate) struct Tree<const AUG: bool> {
+/// The tree (the busy areas live in a [`super::treap::Treap`] instead).
+pub(crate) struct Tree {
     pub root: Link,
     pub len: usize,
     /// The leftmost record (lowest address), kept up to date by every operation so the
@@ -38,7 +39,7 @@ pub(crate) struct Tree<const AUG: bool> {
     first: Link,
 }
 
-impl<const AUG: bool> Tree<AUG> {
+impl Tree {
     pub const fn new() -> Self {
         Self { root: None, len: 0, first: None }
     }
@@ -49,39 +50,12 @@ impl<const AUG: bool> Tree<AUG> {
         let nd = n.get();
         let (l, r) = (nd.left.get(), nd.right.get());
         nd.height.set(1 + height(l).max(height(r)));
-        if AUG {
-            nd.max.set(nd.size().max(sub_max(l)).max(sub_max(r)));
-        }
+        nd.max.set(nd.size().max(sub_max(l)).max(sub_max(r)));
     }
 
-    #[inline(always)]
-    fn replace_child(&mut self, parent: Link, old: NodePtr, new: Link) {
-        match parent {
-            None => self.root = new,
-            Some(p) => {
-                let pn = p.get();
-                if pn.left.get() == Some(old) {
-                    pn.left.set(new);
-                } else {
-                    pn.right.set(new);
-                }
-            }
-        }
-    }
-
-    /// Rotate `x` down to the left; its right child takes its place. Returns the new root.
+    /// Rotate `x` down to the left; its right child `y` takes its place. Returns the new root.
     fn rotate_left(&mut self, x: NodePtr, y: NodePtr) -> NodePtr {
-        let (xn, yn) = (x.get(), y.get());
-        let b = yn.left.get();
-        xn.right.set(b);
-        if let Some(b) = b {
-            b.get().parent.set(Some(x));
-        }
-        let p = xn.parent.get();
-        yn.parent.set(p);
-        self.replace_child(p, x, Some(y));
-        yn.left.set(Some(x));
-        xn.parent.set(Some(y));
+        links::rotate_left(&mut self.root, x, y);
         Self::update(x);
         Self::update(y);
         y
@@ -89,17 +63,7 @@ impl<const AUG: bool> Tree<AUG> {
 
     /// Rotate `x` down to the right; its left child `y` takes its place.
     fn rotate_right(&mut self, x: NodePtr, y: NodePtr) -> NodePtr {
-        let (xn, yn) = (x.get(), y.get());
-        let b = yn.right.get();
-        xn.left.set(b);
-        if let Some(b) = b {
-            b.get().parent.set(Some(x));
-        }
-        let p = xn.parent.get();
-        yn.parent.set(p);
-        self.replace_child(p, x, Some(y));
-        yn.right.set(Some(x));
-        xn.parent.set(Some(y));
+        links::rotate_right(&mut self.root, x, y);
         Self::update(x);
         Self::update(y);
         y
@@ -150,10 +114,7 @@ impl<const AUG: bool> Tree<AUG> {
             let (old_h, old_m) = (nd.height.get(), nd.max.get());
             let r = self.fix(n);
             let rn = r.get();
-            if (must_reach.is_none() || must_reach == Some(n))
-                && rn.height.get() == old_h
-                && (!AUG || rn.max.get() == old_m)
-            {
+            if (must_reach.is_none() || must_reach == Some(n)) && rn.height.get() == old_h && rn.max.get() == old_m {
                 return;
             }
             if must_reach == Some(n) {
@@ -167,9 +128,6 @@ impl<const AUG: bool> Tree<AUG> {
     /// stopping at the first ancestor whose `max` comes out unchanged. Heights are untouched.
     #[inline]
     pub fn size_changed(&mut self, n: NodePtr) {
-        if !AUG {
-            return;
-        }
         let mut cur = Some(n);
         while let Some(c) = cur {
             let cn = c.get();
@@ -204,9 +162,7 @@ impl<const AUG: bool> Tree<AUG> {
         nd.right.set(None);
         nd.parent.set(parent);
         nd.height.set(1);
-        if AUG {
-            nd.max.set(nd.size());
-        }
+        nd.max.set(nd.size());
         match parent {
             None => {
                 self.root = Some(node);
@@ -261,7 +217,7 @@ impl<const AUG: bool> Tree<AUG> {
                 sn.left.set(Some(l));
                 l.get().parent.set(Some(s));
                 sn.parent.set(p);
-                self.replace_child(p, n, Some(s));
+                links::replace_child(&mut self.root, p, n, Some(s));
                 sn.height.set(nd.height.get());
                 sn.max.set(nd.max.get());
                 self.retrace(Some(from), Some(s));
@@ -271,7 +227,7 @@ impl<const AUG: bool> Tree<AUG> {
                 if let Some(c) = c {
                     c.get().parent.set(p);
                 }
-                self.replace_child(p, n, c);
+                links::replace_child(&mut self.root, p, n, c);
                 self.retrace(p, None);
             }
         }
@@ -305,50 +261,12 @@ impl<const AUG: bool> Tree<AUG> {
 
     /// The record after `n` in address order.
     pub fn next(n: NodePtr) -> Link {
-        if let Some(mut c) = n.get().right.get() {
-            while let Some(l) = c.get().left.get() {
-                c = l;
-            }
-            return Some(c);
-        }
-        let mut child = n;
-        let mut up = n.get().parent.get();
-        while let Some(p) = up {
-            if p.get().left.get() == Some(child) {
-                return Some(p);
-            }
-            child = p;
-            up = p.get().parent.get();
-        }
-        None
+        links::next(n)
     }
 
     /// Unlink every record, calling `f` on each (in no particular order).
-    pub fn drain(&mut self, mut f: impl FnMut(NodePtr)) {
-        // Iterative post-order through the parent links: free a node once both children are gone.
-        let mut cur = self.root;
-        while let Some(n) = cur {
-            let nd = n.get();
-            if let Some(l) = nd.left.get() {
-                cur = Some(l);
-            } else if let Some(r) = nd.right.get() {
-                cur = Some(r);
-            } else {
-                let p = nd.parent.get();
-                if let Some(p) = p {
-                    let pn = p.get();
-                    if pn.left.get() == Some(n) {
-                        pn.left.set(None);
-                    } else {
-                        pn.right.set(None);
-                    }
-                }
-                nd.parent.set(None);
-                f(n);
-                cur = p;
-            }
-        }
-        self.root = None;
+    pub fn drain(&mut self, f: impl FnMut(NodePtr)) {
+        links::drain(&mut self.root, f);
         self.len = 0;
         self.first = None;
     }
@@ -409,7 +327,7 @@ impl<const AUG: bool> Tree<AUG> {
             return Err("cached height is wrong");
         }
         let m = nd.size().max(lm).max(rm);
-        if AUG && nd.max.get() != m {
+        if nd.max.get() != m {
             return Err("cached subtree max is wrong");
         }
         Ok((h, m))
