@@ -174,24 +174,22 @@ impl Ctx {
     #[inline(always)]
     #[track_caller]
     pub fn vmalloc(&mut self, size: usize) -> Option<Area> {
-        match kernel::vmalloc(size) {
-            Ok(va) => {
-                let pages = size.div_ceil(PAGE_SIZE);
-                self.model.mapped(pages, pages);
-                Some(Area { va, pages, range: pages + 1 })
-            }
-            Err(e) => {
-                self.model_alloc_error(e);
-                None
-            }
-        }
+        let r = kernel::vmalloc(size);
+        self.allocated(size, r)
     }
 
     /// `__vmalloc_node(size, align, GFP_KERNEL | __GFP_ZERO)`.
     #[inline(always)]
     #[track_caller]
     pub fn vzalloc_aligned(&mut self, size: usize, align: usize) -> Option<Area> {
-        match kernel::vmalloc_with(size, align, VmFlags::ZERO) {
+        let r = kernel::vmalloc_with(size, align, VmFlags::ZERO);
+        self.allocated(size, r)
+    }
+
+    /// Books the outcome of a vmalloc of `size` bytes (one guard page) in the model.
+    #[inline(always)]
+    fn allocated(&mut self, size: usize, r: Result<VirtAddr, VmallocError>) -> Option<Area> {
+        match r {
             Ok(va) => {
                 let pages = size.div_ceil(PAGE_SIZE);
                 self.model.mapped(pages, pages);
