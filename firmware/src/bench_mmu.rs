@@ -200,6 +200,7 @@ pub fn run() {
         Ok(ns) => hal::println!("  split of a 2 MiB block by unmap of one page (break-before-make): {ns} ns each"),
         Err(e) => hal::println!("  splits: {e}"),
     }
+    huge_vs_pages();
     let free_after = memory::buddy::stats().map(|s| s.free_pages);
     match (free_before, free_after) {
         (Some(b), Some(a)) => hal::println!(
@@ -207,5 +208,85 @@ pub fn run() {
             if a == b { "all table pages given back" } else { "MISMATCH" }
         ),
         _ => hal::println!("  buddy allocator not initialised"),
+    }
+}
+
+/// Runs of each huge-vmalloc measurement; the median is reported.
+const HUGE_REPS: usize = 5;
+
+/// One run of `vmalloc` (or `vmalloc_huge`) of `size`, one write per page, `vfree` and a
+/// purge: (alloc, touch, free) in ns, and the 2 MiB blocks the area got.
+fn huge_once(size: usize, huge: bool) -> Option<(u64, u64, u64, usize)> {
+    use memory::kernel;
+    let t0 = hal::cpu::counter();
+    let p = if huge { kernel::vmalloc_huge(size) } else { kernel::vmalloc(size) }.ok()?;
+    let alloc = elapsed_ns(t0);
+    let blocks = kernel::vmalloc_stats().map_or(0, |s| s.huge_blocks);
+    let t1 = hal::cpu::counter();
+    for i in 0..size / PAGE_SIZE {
+        // SAFETY: the area maps `size` bytes from `p`, ours until the vfree below.
+        unsafe { p.as_mut_ptr::<u64>().byte_add(i * PAGE_SIZE).write_volatile(i as u64) };
+    }
+    let touch = elapsed_ns(t1);
+    let t2 = hal::cpu::counter();
+    kernel::vfree(p).ok()?;
+    kernel::purge();
+    Some((alloc, touch, elapsed_ns(t2), blocks))
+}
+
+fn median(mut v: [u64; HUGE_REPS]) -> u64 {
+    v.sort_unstable();
+    v[HUGE_REPS / 2]
+}
+
+/// `vmalloc` against `vmalloc_huge` (Linux's `vmalloc_huge`: 2 MiB blocks) on the kernel's
+/// own window and tables: what the huge mapping saves per call, and per first touch of each
+/// page (a TLB miss walks three levels instead of four).
+fn huge_vs_pages() {
+    hal::println!(
+        "vmalloc vs vmalloc_huge (2 MiB blocks), kernel window, median of {HUGE_REPS} (CNTVCT): alloc = vmalloc call; touch = one write per 4 KiB page; free = vfree + purge"
+    );
+    hal::println!(
+        "  size     blocks   alloc us pages/huge (ratio)   touch us pages/huge (ratio)   free us pages/huge (ratio)"
+    );
+    for mib in [2usize, 8, 32, 128] {
+        let size = mib << 20;
+        // runs[k][rep] = [alloc, touch, free] ns; k = 0 pages, 1 huge.
+        let mut runs = [[[0u64; 3]; HUGE_REPS]; 2];
+        let mut blocks = 0;
+        // All page-mapped runs first, then the huge ones: the first huge run pays, once per
+        // 2 MiB slot, for releasing the empty page table the page-mapped runs left there (a
+        // walk-cache TLBI, tens of microseconds under QEMU); the median shows the steady state.
+        for (k, huge) in [false, true].into_iter().enumerate() {
+            for slot in runs[k].iter_mut() {
+                let Some((a, t, f, b)) = huge_once(size, huge) else {
+                    hal::println!("  {mib} MiB: allocation failed");
+                    return;
+                };
+                *slot = [a, t, f];
+                if huge {
+                    blocks = b;
+                }
+            }
+        }
+        let col = |m: usize| {
+            let (p, h) = (median(runs[0].map(|r| r[m])), median(runs[1].map(|r| r[m])));
+            (p / 1000, h / 1000, p as f64 / h.max(1) as f64)
+        };
+        let (a, t, f) = (col(0), col(1), col(2));
+        hal::println!(
+            "  {:>3} MiB {:>7}   {:>7} / {:<6} ({:>5.1}x)    {:>7} / {:<6} ({:>5.1}x)    {:>6} / {:<6} ({:>5.1}x)",
+            mib,
+            blocks,
+            a.0,
+            a.1,
+            a.2,
+            t.0,
+            t.1,
+            t.2,
+            f.0,
+            f.1,
+            f.2
+        );
     }
 }

@@ -32,7 +32,7 @@ use crate::buddy::{self, BuddyError, GlobalTableAlloc};
 use crate::slab::{self, SlabError};
 use crate::vmalloc::{
     AreaInfo, DeviceAttr, FaultClass, LockedVmalloc, MapError, Prot, VmBackend, VmFlags, Vmalloc, VmallocConfig,
-    VmallocError, VmallocStats,
+    VmallocError, VmallocStats, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE,
 };
 
 /// [`VmBackend`] of the kernel: frames from the global buddy allocator, pages mapped in the
@@ -151,6 +151,68 @@ impl VmBackend for KernelBackend {
         // SAFETY: as in `map_pages`: a fresh range of vmalloc's own window.
         unsafe { space.lock().upper_mut().map(range, pa, attrs, BlockPolicy::PagesOnly, &mut GlobalTableAlloc) }
             .map_err(map_err)
+    }
+
+    fn alloc_block(&mut self) -> Option<PhysAddr> {
+        buddy::alloc_pages(BLOCK_ORDER).ok()
+    }
+
+    fn free_block(&mut self, pa: PhysAddr) {
+        // SAFETY: vmalloc hands back only blocks it took from `alloc_block` and has unmapped.
+        if let Err(e) = unsafe { buddy::free_pages(pa, BLOCK_ORDER) } {
+            log::error!("vmalloc: freeing the 2 MiB block at {pa:#x}: {e}");
+        }
+    }
+
+    fn zero_block(&mut self, pa: PhysAddr) {
+        for i in 0..BLOCK_PAGES {
+            // SAFETY: a block just taken from the buddy allocator (aligned to its size), reached
+            // page by page through the linear map, owned by the caller and not yet mapped.
+            unsafe { zero_page(self.frame_ptr(pa.add((i * PAGE_SIZE) as u64))) };
+        }
+    }
+
+    fn map_block(&mut self, va: VirtAddr, pa: PhysAddr) -> Result<(), MapError> {
+        let range = VirtRange::new(va, BLOCK_SIZE as u64).map_err(|_| MapError::OutOfRange)?;
+        if !va.as_u64().is_multiple_of(BLOCK_SIZE as u64) || !pa.as_u64().is_multiple_of(BLOCK_SIZE as u64) {
+            return Err(MapError::OutOfRange);
+        }
+        let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
+        let mut space = space.lock();
+        // SAFETY: vmalloc maps only ranges of its own window that are unmapped and flushed
+        // (the VmBackend contract), so nothing lives in `range`. Reclaiming first releases an
+        // empty page table that earlier small areas left at this level-2 entry, after a
+        // walk-cache invalidation, as Linux's `pmd_free_pte_page` does: then the block entry
+        // can take its place. Nothing is mapped there, so no leaf is cleared.
+        let tables = unsafe { space.upper_mut() };
+        // SAFETY: as above.
+        unsafe { tables.unmap_and_reclaim(range, &HardwareTlb, &mut GlobalTableAlloc) }.map_err(map_err)?;
+        tables.map(range, pa, Attributes::DATA, BlockPolicy::AllowBlocks, &mut GlobalTableAlloc).map_err(map_err)?;
+        if tables.translate(va).is_some_and(|t| t.level == 2) {
+            return Ok(());
+        }
+        // The walker chose pages after all: undo them (and their TLB entries, which a
+        // speculative walk may have cached) so the caller maps the range its own way.
+        // SAFETY: the pages were mapped just above and handed to nobody.
+        let undone = unsafe { tables.unmap_with(range, |_, _, _| {}) };
+        HardwareTlb.invalidate_last_level(&mut core::iter::once(range));
+        undone.map_err(map_err)?;
+        Err(MapError::AlreadyMapped)
+    }
+
+    fn unmap_block(&mut self, va: VirtAddr) -> Option<PhysAddr> {
+        let range = VirtRange::new(va, BLOCK_SIZE as u64).ok()?;
+        let space = hal::kmap::kernel_space()?;
+        let mut space = space.lock();
+        // SAFETY: vmalloc unmaps only blocks of an area it is freeing (or rolling back).
+        let tables = unsafe { space.upper_mut() };
+        if !tables.translate(va).is_some_and(|t| t.level == 2 && t.phys.as_u64().is_multiple_of(BLOCK_SIZE as u64)) {
+            return None;
+        }
+        let mut block = None;
+        // SAFETY: as above: nothing the program still uses lives in the area.
+        let r = unsafe { tables.unmap_with(range, |_, pa, _| block = Some(pa)) };
+        r.ok().and(block)
     }
 
     fn unmap_pages<F: FnMut(PhysAddr)>(&mut self, va: VirtAddr, pages: usize, mut on_frame: F) {
@@ -405,6 +467,26 @@ pub fn vmalloc(size: usize) -> Result<VirtAddr, VmallocError> {
 #[track_caller]
 pub fn vzalloc(size: usize) -> Result<VirtAddr, VmallocError> {
     vm()?.vzalloc(size)
+}
+
+/// [`vmalloc`] mapped with 2 MiB blocks where it can ([`VmFlags::HUGE`], Linux's
+/// `vmalloc_huge`): each whole 2 MiB of the area is one buddy block of order 9 and one
+/// level-2 descriptor; the rest, and any 2 MiB for which the buddy allocator has no free
+/// block, is mapped with pages. For large, long-lived buffers: fewer TLB misses and a
+/// cheaper map and free.
+///
+/// # Errors
+/// As [`vmalloc`].
+/// # Example
+/// ```no_run
+/// let big = memory::kernel::vmalloc_huge(8 << 20)?;     // four 2 MiB blocks + a guard page
+/// assert_eq!(big.as_u64() % (2 << 20), 0);
+/// memory::kernel::vfree(big)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
+#[track_caller]
+pub fn vmalloc_huge(size: usize) -> Result<VirtAddr, VmallocError> {
+    vm()?.vmalloc_with(size, PAGE_SIZE, VmFlags::HUGE)
 }
 
 /// [`vmalloc`] with the start aligned to `align` (a power of two, at least a page).

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use hal::{PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
 use memory::vmalloc::sim::SimBackend;
-use memory::vmalloc::{AreaKind, DeviceAttr, Prot, VmFlags, Vmalloc, VmallocConfig, VmallocError};
+use memory::vmalloc::{AreaKind, DeviceAttr, Prot, VmFlags, Vmalloc, VmallocConfig, VmallocError, BLOCK_PAGES};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -13,6 +13,8 @@ const BASE: u64 = 0xffff_8000_0000_0000;
 const PAGE: u64 = PAGE_SIZE as u64;
 const WINDOW_PAGES: u64 = 1 << 16; // 256 MiB: full enough to purge on exhaustion
 const FRAMES: usize = 40_000; // fewer than the areas want at times
+/// 2 MiB blocks for huge areas: few, so huge areas also fall back to pages.
+const BLOCKS: usize = 24;
 const OPS: u32 = 1_000_000;
 const AUDIT_EVERY: u32 = 10_000;
 const TARGET_LIVE: usize = 1500;
@@ -64,7 +66,8 @@ fn audit(vm: &Vmalloc<SimBackend>, model: &[Area]) {
     assert_eq!(stats.live_areas, model.len());
     let owned: usize = areas.iter().filter(|(a, _)| a.kind == AreaKind::Vmalloc).map(|(a, _)| a.pages).sum();
     assert_eq!(stats.owned_frames, owned);
-    assert_eq!(sim.counters.frames_in_use, owned, "frames leaked or lost");
+    assert_eq!(sim.counters.frames_in_use + sim.counters.blocks_in_use * BLOCK_PAGES, owned, "frames leaked or lost");
+    assert_eq!(sim.counters.blocks_in_use, stats.huge_blocks, "blocks leaked or lost");
     // Every valid PTE belongs to the mapped part of a live area (never a guard page, never a
     // parked or free range) and points where it should; every mapped page has its PTE.
     let mut i = 0usize;
@@ -104,7 +107,7 @@ fn a_million_random_operations() {
     let mut rng = SmallRng::seed_from_u64(0x7e57_0001);
     let window = VirtRange::new(VirtAddr::new(BASE), WINDOW_PAGES * PAGE).unwrap();
     let cfg = VmallocConfig { lazy_max_pages: 8192, ..VmallocConfig::default() };
-    let mut vm = Vmalloc::new(SimBackend::new(window, FRAMES), window, cfg).unwrap();
+    let mut vm = Vmalloc::new(SimBackend::new(window, FRAMES).with_blocks(BLOCKS), window, cfg).unwrap();
     let baseline_records = vm.stats().records;
     let mut model: Vec<Area> = Vec::new();
     let mut next_vmap = VMAP_FRAMES;
@@ -116,7 +119,12 @@ fn a_million_random_operations() {
         match r {
             // vmalloc family
             0..=44 if want_alloc || r < 20 => {
-                let pages = size_pages(&mut rng);
+                let huge = rng.random_bool(0.05);
+                let pages = if huge && rng.random_bool(0.5) {
+                    rng.random_range(BLOCK_PAGES..=3 * BLOCK_PAGES)
+                } else {
+                    size_pages(&mut rng)
+                };
                 let bytes = if rng.random_bool(0.3) {
                     (pages - 1) * PAGE_SIZE + rng.random_range(1..=PAGE_SIZE)
                 } else {
@@ -128,6 +136,9 @@ fn a_million_random_operations() {
                 }
                 if rng.random_bool(0.1) {
                     flags = flags | VmFlags::NO_GUARD;
+                }
+                if huge {
+                    flags = flags | VmFlags::HUGE;
                 }
                 let end_aligned = rng.random_bool(0.1);
                 let align = if end_aligned {
@@ -262,10 +273,11 @@ fn a_million_random_operations() {
     audit(&vm, &model);
     let s = vm.stats();
     println!(
-        "ops: {} vmalloc, {} vmap, {} vrealloc, {} frees, {} bad frees, {} out of space/frames; {} purges, {} full flushes, {} page TLBIs in {} batches",
-        counts[0], counts[2], counts[3], counts[5], counts[4], counts[1], s.purges, s.tlb_full_flushes, s.tlb_page_ops, s.tlb_page_batches
+        "ops: {} vmalloc, {} vmap, {} vrealloc, {} frees, {} bad frees, {} out of space/frames; {} purges, {} full flushes, {} page TLBIs in {} batches; {} huge blocks live at the end, {} huge stretches fell back to pages",
+        counts[0], counts[2], counts[3], counts[5], counts[4], counts[1], s.purges, s.tlb_full_flushes, s.tlb_page_ops, s.tlb_page_batches, s.huge_blocks, s.huge_fallbacks
     );
     assert!(s.purges > 10 && counts[1] > 0, "the run should purge and hit exhaustion");
+    assert!(s.huge_fallbacks > 0 && vm.backend().free_blocks_count() < BLOCKS, "huge areas got blocks and fell back");
     for m in model.drain(..) {
         match m.kind {
             AreaKind::Vmalloc => vm.vfree(m.ptr).unwrap(),
@@ -284,5 +296,6 @@ fn a_million_random_operations() {
     assert_eq!(vm.backend().counters.frames_in_use, 0);
     assert_eq!(vm.backend().counters.mapped, 0);
     assert_eq!(vm.backend().free_frames_count(), FRAMES);
+    assert_eq!(vm.backend().free_blocks_count(), BLOCKS);
     assert_eq!(s.frames_taken, s.frames_returned);
 }

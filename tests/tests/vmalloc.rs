@@ -63,6 +63,58 @@ fn areas_up_to_64_mib_hold_their_data() {
     }
 }
 
+/// The level of the kernel-table leaf mapping `va` (2: a 2 MiB block, 3: a page).
+fn leaf_level(va: usize) -> Option<usize> {
+    let space = hal::kmap::kernel_space().unwrap();
+    let level = space.lock().upper().translate(VirtAddr::new(va as u64)).map(|t| t.level);
+    level
+}
+
+fn huge_areas_map_2mib_blocks_and_keep_their_guard() {
+    const MIB2: usize = 2 << 20;
+    // The window's first megabytes already hold page tables from earlier areas (ioremaps,
+    // the 64 MiB areas above, freed and purged): a block must replace an empty one.
+    kernel::purge();
+    let before = snapshot();
+    let size = 3 * MIB2 + 5 * PAGE + 100;
+    let tables = kernel::vmalloc_table_pages();
+    let p = kernel::vmalloc_huge(size).unwrap();
+    hal::print!("(table pages {tables} -> {}) ", kernel::vmalloc_table_pages());
+    let base = p.as_usize();
+    assert_eq!(base % MIB2, 0, "a huge area starts at a 2 MiB boundary");
+    assert_eq!(kernel::vmalloc_stats().unwrap().huge_blocks, 3);
+    for b in 0..3 {
+        assert_eq!(leaf_level(base + b * MIB2 + 0x1234), Some(2), "block {b}");
+        let pa0 = kernel::vmalloc_to_phys(VirtAddr::new((base + b * MIB2) as u64)).unwrap();
+        assert_eq!(pa0.as_u64() % MIB2 as u64, 0);
+        let last = kernel::vmalloc_to_phys(VirtAddr::new((base + (b + 1) * MIB2 - 1) as u64)).unwrap();
+        assert_eq!(last.as_u64(), pa0.as_u64() + MIB2 as u64 - 1, "one contiguous block");
+    }
+    assert_eq!(leaf_level(base + 3 * MIB2), Some(3), "the tail is mapped with pages");
+    let pages = size.div_ceil(PAGE);
+    for i in 0..pages {
+        // SAFETY: the area maps `pages` pages from `base`, owned by this test.
+        unsafe { ((base + i * PAGE) as *mut u64).write_volatile(i as u64 ^ 0xb10c) };
+    }
+    for i in 0..pages {
+        // SAFETY: as above.
+        assert_eq!(unsafe { ((base + i * PAGE) as *const u64).read_volatile() }, i as u64 ^ 0xb10c);
+    }
+    let end = base + pages * PAGE;
+    // SAFETY: expected to fault: the page after the area is its guard page.
+    let f = unsafe { probe::write_u8(end, 1) }.expect_err("the guard page after a huge area must trap");
+    assert_eq!(f.far as usize, end);
+    let text = explain(end);
+    assert!(text.contains("guard page hit") && text.contains(&alloc::format!("area {base:#x}-")), "{text}");
+    kernel::vfree(p).unwrap();
+    kernel::purge();
+    assert_eq!(kernel::vmalloc_stats().unwrap().huge_blocks, 0);
+    // SAFETY: expected to fault: the area is gone and flushed.
+    probe::read_u8(base).expect_err("a freed huge area faults");
+    drop(text);
+    assert_eq!(snapshot(), before, "every block, frame and table page given back");
+}
+
 fn one_past_a_page_sized_area_traps_and_is_named() {
     let p = kernel::vmalloc(4096).unwrap().as_usize();
     // SAFETY: the last byte of the area is ours.
@@ -259,6 +311,7 @@ fn handles_own_their_areas() {
 
 tests::main!(
     test!(areas_up_to_64_mib_hold_their_data),
+    test!(huge_areas_map_2mib_blocks_and_keep_their_guard),
     test!(one_past_a_page_sized_area_traps_and_is_named),
     test!(one_past_100_bytes_traps_at_the_page_end_or_at_once_end_aligned),
     test!(freed_area_faults_once_purged_and_is_named),

@@ -283,6 +283,49 @@ fn a_kept_table_takes_precedence_over_a_block() {
     release(t, &mut arena);
 }
 
+/// vmalloc's huge-mapping step (as `memory`'s `KernelBackend::map_block` does it): an empty
+/// page table that small areas left at a level-2 entry is reclaimed, walk caches flushed
+/// before the page is freed, and then the 2 MiB block takes the entry.
+#[test]
+fn an_empty_kept_table_is_reclaimed_so_a_block_can_take_its_place() {
+    let mut arena = Arena::new(16);
+    let mut t = table(&mut arena, VaRange::Lower);
+    let base = 8 * MIB2;
+    t.map(vr(base + 5 * PG, 2 * PG), PhysAddr::new(base), Attributes::DATA, BlockPolicy::PagesOnly, &mut arena)
+        .unwrap();
+    assert_eq!(unmap_lazily(&mut t, vr(base + 5 * PG, 2 * PG)), Ok(2));
+    // A live neighbour keeps the level-2 table (and those above) in use.
+    let live = base + 3 * MIB2;
+    t.map(vr(live, PG), PhysAddr::new(live), Attributes::DATA, BlockPolicy::PagesOnly, &mut arena).unwrap();
+    let before = t.table_pages();
+    let tlb = RecordingTlb::new();
+    // SAFETY: a test tree, never live.
+    assert_eq!(unsafe { t.unmap_and_reclaim(vr(base, MIB2), &tlb, &mut arena) }, Ok(0));
+    assert_eq!(t.table_pages(), before - 1, "the empty level-3 table went back");
+    assert_eq!(
+        recorded_ops(&tlb),
+        [
+            wr(base, 2, Descriptor::INVALID),
+            op(TlbOp::DsbIshst),
+            op(TlbOp::AllLevels(VirtAddr::new(base))),
+            op(TlbOp::DsbIsh),
+            op(TlbOp::Isb),
+        ]
+    );
+    let block = 64 * MIB2;
+    t.map(vr(base, MIB2), PhysAddr::new(block), Attributes::DATA, BlockPolicy::AllowBlocks, &mut arena).unwrap();
+    let tr = t.translate(VirtAddr::new(base + 0x1234)).unwrap();
+    assert_eq!((tr.level, tr.phys.as_u64()), (2, block + 0x1234));
+    assert_eq!(t.table_pages(), before - 1);
+    // And the lazy unmap hands back the whole block in one call.
+    let mut leaves = std::vec::Vec::new();
+    // SAFETY: as above.
+    unsafe { t.unmap_with(vr(base, MIB2), |va, pa, bytes| leaves.push((va.as_u64(), pa.as_u64(), bytes))) }.unwrap();
+    assert_eq!(leaves, [(base, block, MIB2)]);
+    assert_eq!(pa_of(&t, live), Some(live));
+    release(t, &mut arena);
+}
+
 #[test]
 fn frames_need_not_be_contiguous() {
     let mut arena = Arena::new(16);

@@ -51,6 +51,14 @@ impl fmt::Display for MapError {
     }
 }
 
+/// log2 of the pages in one huge-mapping block ([`VmBackend::alloc_block`]): 2 MiB, the
+/// level-2 block of the 4 KiB granule (Linux's `PMD_SHIFT - PAGE_SHIFT`).
+pub const BLOCK_ORDER: usize = 9;
+/// Pages in one huge-mapping block.
+pub const BLOCK_PAGES: usize = 1 << BLOCK_ORDER;
+/// Bytes in one huge-mapping block (2 MiB).
+pub const BLOCK_SIZE: usize = BLOCK_PAGES * hal::PAGE_SIZE;
+
 /// Frames, page tables, TLB and clock for one vmalloc window.
 ///
 /// Contract the allocator relies on, and keeps on its side:
@@ -81,6 +89,53 @@ pub trait VmBackend {
     /// # Errors
     /// A [`MapError`]; then none of the pages of this call stay mapped.
     fn map_device(&mut self, va: VirtAddr, pa: PhysAddr, pages: usize, attr: DeviceAttr) -> Result<(), MapError>;
+
+    /// One physically contiguous block of [`BLOCK_PAGES`] frames, aligned to its size, for a
+    /// huge mapping ([`super::VmFlags::HUGE`]); `None` when there is none. The default has
+    /// none, and vmalloc then maps huge areas with pages. A backend that hands out blocks
+    /// implements all of `alloc_block`, `free_block`, `zero_block`, `map_block` and
+    /// `unmap_block`.
+    fn alloc_block(&mut self) -> Option<PhysAddr> {
+        None
+    }
+
+    /// Give back a block from [`Self::alloc_block`].
+    fn free_block(&mut self, pa: PhysAddr) {
+        let _ = pa;
+    }
+
+    /// Zero a block from [`Self::alloc_block`] before it is mapped.
+    fn zero_block(&mut self, pa: PhysAddr) {
+        let mut frames = [PhysAddr::new(0); 64];
+        for chunk in 0..BLOCK_PAGES / frames.len() {
+            for (i, f) in frames.iter_mut().enumerate() {
+                *f = PhysAddr::new(pa.as_u64() + ((chunk * 64 + i) * hal::PAGE_SIZE) as u64);
+            }
+            self.zero_frames(&frames);
+        }
+    }
+
+    /// Map the block at `pa` (from [`Self::alloc_block`]) as **one** block entry at `va`
+    /// (aligned to [`BLOCK_SIZE`]; unmapped and flushed, as for [`Self::map_pages`]) as
+    /// read-write normal memory, execute never. An empty page table that earlier page
+    /// mappings left at that entry is released first, after a TLB invalidation that covers
+    /// walk caches (Linux's `pmd_free_pte_page`). The default maps nothing.
+    ///
+    /// # Errors
+    /// A [`MapError`]; then nothing of this call stays mapped, and the caller may map the
+    /// range with pages instead.
+    fn map_block(&mut self, va: VirtAddr, pa: PhysAddr) -> Result<(), MapError> {
+        let _ = (va, pa);
+        Err(MapError::OutOfRange)
+    }
+
+    /// If one block entry maps `va` (aligned to [`BLOCK_SIZE`]), clear it with **no** TLB
+    /// maintenance and return the block's physical address; otherwise change nothing and
+    /// return `None`.
+    fn unmap_block(&mut self, va: VirtAddr) -> Option<PhysAddr> {
+        let _ = va;
+        None
+    }
 
     /// Clear the PTEs of `pages` pages from `va` with **no** TLB maintenance, calling
     /// `on_frame` with the frame each mapped page pointed at.

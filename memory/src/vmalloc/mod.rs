@@ -74,7 +74,7 @@ use core::panic::Location;
 
 use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 
-pub use backend::{DeviceAttr, MapError, Prot, VmBackend};
+pub use backend::{DeviceAttr, MapError, Prot, VmBackend, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE};
 pub use free::{FreeSpace, SearchStats};
 pub use info::{FaultClass, VmallocInfo};
 pub use locked::LockedVmalloc;
@@ -156,6 +156,15 @@ impl VmFlags {
     /// [`VmallocError::Owned`], so safe code cannot pull the memory from under the handle;
     /// only the handle frees it ([`Vmalloc::vfree_owned`], [`Vmalloc::iounmap_owned`]).
     pub const OWNED: Self = Self(8);
+    /// Map whole 2 MiB stretches of the area with block entries, like Linux's
+    /// `vmalloc_huge`: one buddy allocation and one descriptor per 2 MiB instead of 512, and
+    /// one TLB entry covering them. An area of at least [`BLOCK_SIZE`] is then aligned to
+    /// it; a stretch for which no free 2 MiB block exists is mapped with pages (Linux falls
+    /// back for the whole area), and so is the tail past the last whole block, so a
+    /// 2 MiB + 4 KiB request takes 2 MiB + 4 KiB, not 4 MiB. The guard page stays. Smaller
+    /// areas, `vmap` and `ioremap` ignore the flag; [`Vmalloc::vrealloc`] moves such an area
+    /// rather than resizing it in place.
+    pub const HUGE: Self = Self(16);
 
     /// Whether every flag of `other` is set.
     ///
@@ -349,6 +358,11 @@ pub struct VmallocStats {
     pub purge_ns_max: u64,
     /// 99th percentile of purge times (bucket upper bound, within 12.5 %).
     pub purge_ns_p99: u64,
+    /// 2 MiB blocks mapped by live [`VmFlags::HUGE`] areas (counted in `mapped_pages` and
+    /// `owned_frames` as 512 pages each).
+    pub huge_blocks: usize,
+    /// 2 MiB stretches of huge areas mapped with pages because no block was available, ever.
+    pub huge_fallbacks: u64,
 }
 
 #[derive(Default)]
@@ -367,6 +381,8 @@ struct Counters {
     frames_taken: u64,
     frames_returned: u64,
     pages_mapped: u64,
+    huge_blocks: usize,
+    huge_fallbacks: u64,
 }
 
 /// A vmalloc allocator over one window of virtual addresses.
@@ -761,7 +777,8 @@ impl<B: VmBackend> Vmalloc<B> {
             return Err(VmallocError::BadAlignment);
         }
         let pages = size.div_ceil(PAGE_SIZE);
-        let area_align = align.max(PAGE_SIZE) as u64;
+        let huge = flags.contains(VmFlags::HUGE) && pages >= BLOCK_PAGES;
+        let area_align = align.max(if huge { BLOCK_SIZE } else { PAGE_SIZE }) as u64;
         let node = self.alloc_area(pages, area_align, flags, caller)?;
         let nd = node.get();
         nd.kind.set(AreaKind::Vmalloc);
@@ -772,7 +789,9 @@ impl<B: VmBackend> Vmalloc<B> {
             nd.offset.set(off);
         }
         let start = nd.start.get();
-        if let Err(e) = self.populate(start, pages, flags.contains(VmFlags::ZERO)) {
+        let zero = flags.contains(VmFlags::ZERO);
+        let populated = if huge { self.populate_huge(start, pages, zero) } else { self.populate(start, pages, zero) };
+        if let Err(e) = populated {
             self.abort_area(node);
             return Err(e);
         }
@@ -873,6 +892,65 @@ impl<B: VmBackend> Vmalloc<B> {
             done += n;
         }
         Ok(())
+    }
+
+    /// As [`Self::populate`] for a [`VmFlags::HUGE`] area starting at a block boundary:
+    /// each whole 2 MiB stretch gets a block (pages when there is none), the tail pages.
+    fn populate_huge(&mut self, va: u64, pages: usize, zero: bool) -> Result<(), VmallocError> {
+        let mut done = 0usize;
+        while done < pages {
+            let at = va + (done * PAGE_SIZE) as u64;
+            let n = (pages - done).min(BLOCK_PAGES);
+            if n == BLOCK_PAGES {
+                if let Some(pa) = self.backend.alloc_block() {
+                    self.c.frames_taken += BLOCK_PAGES as u64;
+                    if zero {
+                        self.backend.zero_block(pa);
+                    }
+                    if self.backend.map_block(VirtAddr::new(at), pa).is_ok() {
+                        self.c.huge_blocks += 1;
+                        done += n;
+                        continue;
+                    }
+                    self.backend.free_block(pa);
+                    self.c.frames_returned += BLOCK_PAGES as u64;
+                }
+                self.c.huge_fallbacks += 1;
+            }
+            if let Err(e) = self.populate(at, n, zero) {
+                if done > 0 {
+                    self.unmap_free_area(va, done, true);
+                    self.flush_now(va, done);
+                }
+                return Err(e);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Unmap `pages` from `va` (no TLB operation) and give their frames back; `huge` areas
+    /// (which start at a block boundary) may hold blocks.
+    fn unmap_free_area(&mut self, va: u64, pages: usize, huge: bool) {
+        if !huge || pages < BLOCK_PAGES {
+            return self.unmap_free(va, pages);
+        }
+        let mut done = 0usize;
+        while done < pages {
+            let at = va + (done * PAGE_SIZE) as u64;
+            let n = (pages - done).min(BLOCK_PAGES);
+            if n == BLOCK_PAGES && at.is_multiple_of(BLOCK_SIZE as u64) {
+                if let Some(pa) = self.backend.unmap_block(VirtAddr::new(at)) {
+                    self.backend.free_block(pa);
+                    self.c.frames_returned += BLOCK_PAGES as u64;
+                    self.c.huge_blocks -= 1;
+                    done += n;
+                    continue;
+                }
+            }
+            self.unmap_free(at, n);
+            done += n;
+        }
     }
 
     /// Unmap `pages` from `va` (no TLB operation) and give their frames back.
@@ -1276,7 +1354,7 @@ impl<B: VmBackend> Vmalloc<B> {
         let nd = node.get();
         let (start, pages) = (nd.start.get(), nd.pages.get());
         if kind == AreaKind::Vmalloc {
-            self.unmap_free(start, pages);
+            self.unmap_free_area(start, pages, VmFlags(nd.flags.get()).contains(VmFlags::HUGE));
             self.c.owned_frames -= pages;
         } else {
             self.backend.unmap_pages(VirtAddr::new(start), pages, |_| {});
@@ -1440,7 +1518,8 @@ impl<B: VmBackend> Vmalloc<B> {
         let new_pages = new_size.div_ceil(PAGE_SIZE);
         // In place only when the object starts the area: an end-aligned object must keep
         // ending at its guard page, so it always moves (even when its offset happens to be 0).
-        if nd.offset.get() == 0 && !flags.contains(VmFlags::END_ALIGNED) {
+        // A huge area moves too: its blocks cannot be cut, and a grown one should get blocks.
+        if nd.offset.get() == 0 && !flags.contains(VmFlags::END_ALIGNED) && !flags.contains(VmFlags::HUGE) {
             let guard = usize::from(!flags.contains(VmFlags::NO_GUARD));
             let reserved = (nd.size() / PAGE) as usize - guard;
             if new_pages <= reserved {
@@ -1639,6 +1718,8 @@ impl<B: VmBackend> Vmalloc<B> {
             pages_mapped: self.c.pages_mapped,
             purge_ns_max: self.purge_hist.max(),
             purge_ns_p99: self.purge_hist.percentile(99),
+            huge_blocks: self.c.huge_blocks,
+            huge_fallbacks: self.c.huge_fallbacks,
         }
     }
 

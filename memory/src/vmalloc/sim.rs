@@ -7,6 +7,9 @@
 //!   invalidated is *stale*; mapping a stale page (reuse before flush), mapping over a
 //!   valid PTE, unmapping a page that is not mapped, or freeing a frame not taken is a
 //!   **violation**, counted in [`SimCounters::violations`] (the allocator must keep it 0).
+//! - Optional 2 MiB blocks ([`SimBackend::with_blocks`]) from a pool of their own at
+//!   [`SimBackend::BLOCK_BASE`]: a block mapping is kept as 512 page entries marked as one
+//!   block; unmapping part of one (a split vmalloc never asks for) is a violation.
 //! - Fault injection: fail a frame allocation or a map call after a given count.
 //! - Page contents are kept sparsely (only pages written through [`SimBackend::write`] or
 //!   copied), so tests can check zeroing and `vrealloc` copies.
@@ -19,12 +22,13 @@ use core::cell::Cell;
 
 use hal::{PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
 
-use super::backend::{DeviceAttr, MapError, Prot, VmBackend};
+use super::backend::{DeviceAttr, MapError, Prot, VmBackend, BLOCK_PAGES, BLOCK_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const VALID: u64 = 1;
 const DEVICE: u64 = 2;
 const READ_ONLY: u64 = 4;
+const BLOCK: u64 = 8;
 
 /// What the simulation counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub struct SimCounters {
     pub ptes_cleared: u64,
     /// Contract violations (see the module docs).
     pub violations: u64,
+    /// 2 MiB blocks currently taken.
+    pub blocks_in_use: usize,
 }
 
 /// The simulated backend.
@@ -59,6 +65,10 @@ pub struct SimBackend {
     frames: usize,
     frame_budget: Option<usize>,
     map_budget: Option<usize>,
+    /// Free blocks (popped from the back) and which are taken.
+    free_blocks: Vec<u64>,
+    blocks_taken: Vec<bool>,
+    block_budget: Option<usize>,
     memory: BTreeMap<u64, Box<[u8]>>,
     clock: Cell<u64>,
     /// What happened.
@@ -83,10 +93,45 @@ impl SimBackend {
             frames,
             frame_budget: None,
             map_budget: None,
+            free_blocks: Vec::new(),
+            blocks_taken: Vec::new(),
+            block_budget: None,
             memory: BTreeMap::new(),
             clock: Cell::new(0),
             counters: SimCounters::default(),
         }
+    }
+
+    /// Physical address of the first simulated 2 MiB block (far above the frames).
+    pub const BLOCK_BASE: u64 = 0x100_0000_0000;
+
+    /// This backend with `blocks` 2 MiB blocks for huge mappings (none by default).
+    pub fn with_blocks(mut self, blocks: usize) -> Self {
+        self.free_blocks = (0..blocks as u64).rev().map(|i| Self::BLOCK_BASE + i * BLOCK_SIZE as u64).collect();
+        self.blocks_taken = vec![false; blocks];
+        self
+    }
+
+    /// Let the next `n` block allocations succeed and later ones fail, until
+    /// [`Self::clear_faults`].
+    pub fn fail_blocks_after(&mut self, n: usize) {
+        self.block_budget = Some(n);
+    }
+
+    /// Blocks not taken.
+    pub fn free_blocks_count(&self) -> usize {
+        self.free_blocks.len()
+    }
+
+    /// Whether `va` is mapped by a block entry.
+    pub fn is_block(&self, va: VirtAddr) -> bool {
+        self.index(va.as_u64()).is_some_and(|i| self.ptes[i] & (VALID | BLOCK) == VALID | BLOCK)
+    }
+
+    fn block_index(pa: u64) -> Option<usize> {
+        pa.checked_sub(Self::BLOCK_BASE)
+            .filter(|o| o % BLOCK_SIZE as u64 == 0)
+            .map(|o| (o / BLOCK_SIZE as u64) as usize)
     }
 
     /// Let the next `n` frames succeed and every later one fail, until [`Self::clear_faults`].
@@ -103,6 +148,7 @@ impl SimBackend {
     pub fn clear_faults(&mut self) {
         self.frame_budget = None;
         self.map_budget = None;
+        self.block_budget = None;
     }
 
     /// Frames not taken.
@@ -301,7 +347,8 @@ impl VmBackend for SimBackend {
         };
         for i in first..(first + pages).min(self.ptes.len()) {
             let e = self.ptes[i];
-            if e & VALID == 0 {
+            if e & VALID == 0 || e & BLOCK != 0 {
+                // Not mapped, or part of a block (the real tables would refuse to split it).
                 self.counters.violations += 1;
                 continue;
             }
@@ -311,6 +358,88 @@ impl VmBackend for SimBackend {
             self.counters.ptes_cleared += 1;
             on_frame(PhysAddr::new(e & !(PAGE - 1)));
         }
+    }
+
+    fn alloc_block(&mut self) -> Option<PhysAddr> {
+        if let Some(b) = self.block_budget.as_mut() {
+            if *b == 0 {
+                return None;
+            }
+            *b -= 1;
+        }
+        let pa = self.free_blocks.pop()?;
+        if let Some(t) = Self::block_index(pa).and_then(|i| self.blocks_taken.get_mut(i)) {
+            *t = true;
+        }
+        self.counters.blocks_in_use += 1;
+        Some(PhysAddr::new(pa))
+    }
+
+    fn free_block(&mut self, pa: PhysAddr) {
+        match Self::block_index(pa.as_u64()).and_then(|i| self.blocks_taken.get_mut(i)) {
+            Some(t) if *t => {
+                // Unlike frames, a freed block keeps its contents (there are few blocks), so
+                // tests can tell whether a reused block was zeroed.
+                *t = false;
+                self.free_blocks.push(pa.as_u64());
+                self.counters.blocks_in_use -= 1;
+            }
+            _ => self.counters.violations += 1,
+        }
+    }
+
+    fn zero_block(&mut self, pa: PhysAddr) {
+        for p in 0..BLOCK_PAGES as u64 {
+            self.memory.remove(&(pa.as_u64() + p * PAGE));
+        }
+    }
+
+    fn map_block(&mut self, va: VirtAddr, pa: PhysAddr) -> Result<(), MapError> {
+        if let Some(b) = self.map_budget.as_mut() {
+            if *b == 0 {
+                return Err(MapError::NoMemory);
+            }
+            *b -= 1;
+        }
+        let first = self.index(va.as_u64()).ok_or(MapError::OutOfRange)?;
+        if !va.as_u64().is_multiple_of(BLOCK_SIZE as u64) || Self::block_index(pa.as_u64()).is_none() {
+            self.counters.violations += 1;
+            return Err(MapError::OutOfRange);
+        }
+        if first + BLOCK_PAGES > self.ptes.len() {
+            return Err(MapError::OutOfRange);
+        }
+        let span = first..first + BLOCK_PAGES;
+        if self.ptes[span.clone()].iter().any(|e| e & VALID != 0) {
+            self.counters.violations += 1;
+            return Err(MapError::AlreadyMapped);
+        }
+        if self.stale[span.clone()].iter().any(|&s| s == self.epoch + 1) {
+            self.counters.violations += 1;
+        }
+        for (k, i) in span.enumerate() {
+            self.stale[i] = 0;
+            self.ptes[i] = (pa.as_u64() + k as u64 * PAGE) | VALID | BLOCK;
+        }
+        self.counters.mapped += BLOCK_PAGES;
+        // One descriptor.
+        self.counters.ptes_written += 1;
+        Ok(())
+    }
+
+    fn unmap_block(&mut self, va: VirtAddr) -> Option<PhysAddr> {
+        if !self.is_block(va) || !va.as_u64().is_multiple_of(BLOCK_SIZE as u64) {
+            return None;
+        }
+        let first = self.index(va.as_u64())?;
+        let pa = PhysAddr::new(self.ptes[first] & !(PAGE - 1));
+        for i in first..first + BLOCK_PAGES {
+            self.ptes[i] = 0;
+            self.stale[i] = self.epoch + 1;
+        }
+        self.counters.mapped -= BLOCK_PAGES;
+        self.counters.ptes_cleared += 1;
+        Some(pa)
     }
 
     fn tlb_flush_pages(&mut self, ranges: &[(VirtAddr, usize)]) {
@@ -341,7 +470,8 @@ impl VmBackend for SimBackend {
         let start = pa.as_u64();
         let end = start.saturating_add(pages as u64 * PAGE);
         let ram_end = Self::FRAME_BASE + self.frames as u64 * PAGE;
-        start < ram_end && Self::FRAME_BASE < end
+        let blocks_end = Self::BLOCK_BASE + (self.blocks_taken.len() * BLOCK_SIZE) as u64;
+        (start < ram_end && Self::FRAME_BASE < end) || (start < blocks_end && Self::BLOCK_BASE < end)
     }
 
     fn copy_mapped(&mut self, dst: VirtAddr, src: VirtAddr, bytes: usize) {
