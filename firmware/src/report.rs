@@ -110,4 +110,17 @@ pub fn run(info: &BootInfo) {
             s.live_areas, s.parked_areas, s.purges, s.tlb_page_ops, s.tlb_page_batches, s.tlb_full_flushes
         );
     }
+    match kernel::vmalloc_huge((4 << 20) + 4096) {
+        Ok(h) => {
+            let blocks = kernel::vmalloc_stats().map_or(0, |s| s.huge_blocks);
+            let pa = kernel::vmalloc_to_phys(h).map_or(0, |p| p.as_u64());
+            println!(
+                "  vmalloc_huge(4 MiB + 4 KiB) = {h:#x}, 2 MiB aligned: {blocks} blocks of 2 MiB (each one order-9 buddy block, one level-2 descriptor; the first at PA {pa:#x}) + 1 page + the guard page:"
+            );
+            let _ = kernel::write_vmallocinfo(&mut out);
+            kernel::vfree(h).expect("vfree");
+            kernel::purge();
+        }
+        Err(e) => println!("  vmalloc_huge(4 MiB + 4 KiB): {e}"),
+    }
 }

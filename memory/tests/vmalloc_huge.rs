@@ -53,6 +53,9 @@ fn whole_2mib_stretches_get_blocks_and_the_tail_gets_pages() {
     assert_eq!(b.counters.ptes_written, 1 + 2 + 3);
     let s = vm.stats();
     assert_eq!((s.huge_blocks, s.mapped_pages, s.owned_frames), (2, 1 + 2 * BLOCK_PAGES + 3, 1 + 2 * BLOCK_PAGES + 3));
+    let info = vm.info().to_string();
+    assert!(info.contains(&format!("pages={} vmalloc huge\n", 2 * BLOCK_PAGES + 3)), "{info}");
+    assert!(info.contains("pages=1 vmalloc\n"), "{info}");
     let area = vm.find_area(p).unwrap();
     assert_eq!((area.pages, area.size), (2 * BLOCK_PAGES + 3, size as u64 + PAGE));
     // The memory works across the block / page boundary, and translates contiguously.

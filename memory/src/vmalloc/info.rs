@@ -6,7 +6,7 @@ use core::panic::Location;
 use hal::VirtAddr;
 
 use super::node::{NodePtr, State};
-use super::{AreaKind, VmBackend, Vmalloc, PAGE};
+use super::{AreaKind, VmBackend, VmFlags, Vmalloc, PAGE};
 
 /// How many freed areas [`Vmalloc::explain_fault`] remembers after their purge.
 pub const HISTORY_LEN: usize = 64;
@@ -184,7 +184,15 @@ impl<B: VmBackend> Vmalloc<B> {
             if kind == AreaKind::Ioremap {
                 write!(out, " phys=0x{:016x}", nd.phys.get())?;
             }
-            writeln!(out, " {kind}")?;
+            write!(out, " {kind}")?;
+            if kind == AreaKind::Vmalloc
+                && VmFlags(nd.flags.get()).contains(VmFlags::HUGE)
+                && nd.pages.get() >= super::BLOCK_PAGES
+            {
+                // Ours: Linux prints no marker for huge mappings.
+                out.write_str(" huge")?;
+            }
+            writeln!(out)?;
         }
         // Like Linux's show_purge_info: the lazily freed ranges after the busy ones.
         for n in self.parked_iter() {
