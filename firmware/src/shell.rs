@@ -15,6 +15,7 @@ commands:
   meminfo                   frames, slab, vmalloc counters
   buddyinfo | slabinfo | vmallocinfo
   vmalloc SIZE              allocate SIZE bytes (prints the address; `$` names it later)
+  vmalloc_huge SIZE         the same with 2 MiB blocks where they fit (vmallocinfo says `huge`)
   vfree ADDR                free a vmalloc area
   purge                     flush the TLB for parked ranges and return them to free space
   ioremap PHYS SIZE         map a device range (Device-nGnRE)
@@ -114,15 +115,22 @@ impl Shell {
             "vmallocinfo" => {
                 let _ = kernel::write_vmallocinfo(&mut hal::console::Console);
             }
-            "vmalloc" => match self.number(a) {
-                Some(size) => match kernel::vmalloc(size as usize) {
-                    Ok(va) => {
-                        self.last = va.as_u64();
-                        println!("vmalloc({size}) = {va:#x}");
+            "vmalloc" | "vmalloc_huge" => match self.number(a) {
+                Some(size) => {
+                    let r = if cmd == "vmalloc" {
+                        kernel::vmalloc(size as usize)
+                    } else {
+                        kernel::vmalloc_huge(size as usize)
+                    };
+                    match r {
+                        Ok(va) => {
+                            self.last = va.as_u64();
+                            println!("{cmd}({size}) = {va:#x}");
+                        }
+                        Err(e) => println!("{cmd}({size}): {e}"),
                     }
-                    Err(e) => println!("vmalloc({size}): {e}"),
-                },
-                None => println!("usage: vmalloc SIZE"),
+                }
+                None => println!("usage: {cmd} SIZE"),
             },
             "vfree" => match self.number(a) {
                 Some(addr) => match kernel::vfree(VirtAddr::new(addr)) {
