@@ -4,7 +4,7 @@
 //! function answers a harmless constant, so code above compiles and tests everywhere.
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTVCT_EL0};
+use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTVCT_EL0, ID_AA64MMFR0_EL1};
 
 /// The virtual counter (`CNTVCT_EL0`), in ticks of [`counter_frequency`].
 #[inline(always)]
@@ -45,6 +45,33 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
 /// Nanoseconds since the counter started (roughly, since the machine was reset).
 pub fn uptime_ns() -> u64 {
     ticks_to_ns(counter())
+}
+
+/// Bits of physical address the CPU implements (`ID_AA64MMFR0_EL1.PARange`: 32 to 52),
+/// capped at 48, what a descriptor of the 4 KiB granule holds without LPA2 (and what
+/// `TCR_EL1.IPS` is set to). An access above it takes an address size fault, so mapping such
+/// an address is refused before it is made. The host answers 48.
+///
+/// # Example
+/// ```
+/// assert!((32..=48).contains(&hal::cpu::phys_addr_bits()));
+/// ```
+pub fn phys_addr_bits() -> u32 {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        match ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange) {
+            0 => 32,
+            1 => 36,
+            2 => 40,
+            3 => 42,
+            4 => 44,
+            _ => 48,
+        }
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        48
+    }
 }
 
 /// Waits for an event forever: the end of the line when nothing else can be done.

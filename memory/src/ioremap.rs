@@ -124,7 +124,9 @@ pub enum IoremapError {
     ZeroSize,
     /// `phys + size`, rounded up to a page, does not fit in 64 bits.
     Overflow,
-    /// The range reaches above [`PHYS_LIMIT`], more than a descriptor can map.
+    /// The range reaches above [`PHYS_LIMIT`], more than a descriptor can map, or (the
+    /// kernel's instance, [`KernelIo`]) above the physical address range this CPU implements
+    /// ([`hal::cpu::phys_addr_bits`]), where every access would take an address size fault.
     PhysTooHigh,
     /// Some page of the range is RAM (a memory node of the device tree, reserved parts
     /// included): RAM is reached through the linear map, never remapped as a device.
@@ -376,9 +378,20 @@ impl KernelIo {
     }
 }
 
+/// Refuses a range above the CPU's physical address range (after the checks of
+/// [`covering_range`]).
+fn within_cpu_pa_range(phys: PhysAddr, size: usize) -> Result<(), IoremapError> {
+    let range = covering_range(phys, size)?;
+    if range.end().as_u64() > 1u64 << hal::cpu::phys_addr_bits() {
+        return Err(IoremapError::PhysTooHigh);
+    }
+    Ok(())
+}
+
 impl IoSpace for KernelIo {
     #[track_caller]
     fn map_io(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+        within_cpu_pa_range(phys, size)?;
         Self::instance()?.map_io(phys, size, attr)
     }
 
@@ -389,6 +402,7 @@ impl IoSpace for KernelIo {
 
     #[track_caller]
     fn map_io_owned(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
+        within_cpu_pa_range(phys, size)?;
         Self::instance()?.map_io_owned(phys, size, attr)
     }
 

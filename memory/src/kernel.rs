@@ -147,6 +147,10 @@ impl VmBackend for KernelBackend {
         };
         let attrs = Attributes::new(memory, Permissions::ReadWrite).map_err(map_err)?;
         let range = VirtRange::new(va, (pages * PAGE_SIZE) as u64).map_err(|_| MapError::OutOfRange)?;
+        // Above the CPU's physical address range every access would take an address size fault.
+        if pa.as_u64().saturating_add(range.size()) > 1u64 << hal::cpu::phys_addr_bits() {
+            return Err(MapError::OutOfRange);
+        }
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
         // SAFETY: as in `map_pages`: a fresh range of vmalloc's own window.
         unsafe { space.lock().upper_mut().map(range, pa, attrs, BlockPolicy::PagesOnly, &mut GlobalTableAlloc) }

@@ -206,6 +206,15 @@ fn zero_size_and_overflow_are_refused() {
     assert_eq!(ioremap::ioremap_wc(PhysAddr::new(PHYS_LIMIT), 4), Err(IoremapError::PhysTooHigh));
     assert_eq!(ioremap::ioremap(PhysAddr::new(PHYS_LIMIT - 8), 16), Err(IoremapError::PhysTooHigh));
     assert_eq!(IoMem::new(u, 0).err(), Some(IoremapError::ZeroSize));
+    // Above what this CPU implements (cortex-a72: 44 bits), though a descriptor could hold it.
+    let bits = hal::cpu::phys_addr_bits();
+    hal::print!("(CPU physical range: {bits} bits) ");
+    let cpu_limit = 1u64 << bits;
+    assert!(cpu_limit <= PHYS_LIMIT);
+    assert_eq!(ioremap::ioremap(PhysAddr::new(cpu_limit), 4), Err(IoremapError::PhysTooHigh));
+    assert_eq!(ioremap::ioremap(PhysAddr::new(cpu_limit - 8), 16), Err(IoremapError::PhysTooHigh));
+    assert_eq!(IoMem::new(PhysAddr::new(cpu_limit - 8), 16).err(), Some(IoremapError::PhysTooHigh));
+    assert!(kernel::ioremap_attr(PhysAddr::new(cpu_limit), 4, DeviceAttr::DeviceNGnRE).is_err());
     let after = kernel::vmalloc_stats().unwrap();
     assert_eq!((after.live_areas, after.mapped_pages), (before.live_areas, before.mapped_pages));
 }
