@@ -77,15 +77,28 @@ fn raw_putc(base: usize, b: u8) {
     }
 }
 
+/// Calls `put` with the bytes of `s`, each `\n` preceded by `\r` (a terminal's line end).
+fn crlf_bytes(s: &str, mut put: impl FnMut(u8)) {
+    for b in s.bytes() {
+        if b == b'\n' {
+            put(b'\r');
+        }
+        put(b);
+    }
+}
+
+/// Writes through the locked driver when the console is up, else the emergency path.
+fn write_locked(uart: &mut Option<Uart<'static>>, s: &str) {
+    match uart {
+        Some(uart) => crlf_bytes(s, |b| uart.write_word(b)),
+        None => emergency_write(s),
+    }
+}
+
 /// Writes straight to the UART registers, ignoring the lock: for fault and panic reports.
 pub fn emergency_write(s: &str) {
     let base = RAW_BASE.load(Ordering::Acquire);
-    for b in s.bytes() {
-        if b == b'\n' {
-            raw_putc(base, b'\r');
-        }
-        raw_putc(base, b);
-    }
+    crlf_bytes(s, |b| raw_putc(base, b));
     EMERGENCY_WRITES.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -95,17 +108,7 @@ pub struct Console;
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         match UART.try_lock() {
-            Some(mut guard) => match guard.as_mut() {
-                Some(uart) => {
-                    for b in s.bytes() {
-                        if b == b'\n' {
-                            uart.write_word(b'\r');
-                        }
-                        uart.write_word(b);
-                    }
-                }
-                None => emergency_write(s),
-            },
+            Some(mut guard) => write_locked(&mut guard, s),
             None => emergency_write(s),
         }
         Ok(())
@@ -132,17 +135,7 @@ pub fn lock() -> ConsoleGuard {
 
 impl Write for ConsoleGuard {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        match self.guard.as_mut() {
-            Some(uart) => {
-                for b in s.bytes() {
-                    if b == b'\n' {
-                        uart.write_word(b'\r');
-                    }
-                    uart.write_word(b);
-                }
-            }
-            None => emergency_write(s),
-        }
+        write_locked(&mut self.guard, s);
         Ok(())
     }
 }

@@ -124,9 +124,9 @@ pub enum IoremapError {
     ZeroSize,
     /// `phys + size`, rounded up to a page, does not fit in 64 bits.
     Overflow,
-    /// The range reaches above [`PHYS_LIMIT`], more than a descriptor can map, or (the
-    /// kernel's instance, [`KernelIo`]) above the physical address range this CPU implements
-    /// ([`hal::cpu::phys_addr_bits`]), where every access would take an address size fault.
+    /// The range reaches above [`PHYS_LIMIT`], more than a descriptor can map, or above the
+    /// physical address range this CPU implements ([`hal::cpu::phys_addr_bits`]), where
+    /// every access would take an address size fault.
     PhysTooHigh,
     /// Some page of the range is RAM (a memory node of the device tree, reserved parts
     /// included): RAM is reached through the linear map, never remapped as a device.
@@ -238,7 +238,8 @@ impl core::error::Error for RegsError {}
 
 /// The page-aligned physical range an ioremap of `size` bytes at `phys` maps, after the
 /// checks every ioremap makes before looking at RAM: a size of zero, an end that overflows
-/// when rounded up to a page, an end above [`PHYS_LIMIT`].
+/// when rounded up to a page, an end above [`PHYS_LIMIT`] or above the CPU's physical
+/// address range ([`hal::cpu::phys_addr_bits`]).
 ///
 /// # Errors
 /// [`IoremapError::ZeroSize`], [`IoremapError::Overflow`], [`IoremapError::PhysTooHigh`].
@@ -256,7 +257,7 @@ pub fn covering_range(phys: PhysAddr, size: usize) -> Result<PhysRange, IoremapE
     }
     let bytes = u64::try_from(size).map_err(|_| IoremapError::Overflow)?;
     let range = PhysRange::covering_pages(phys, bytes).map_err(|_| IoremapError::Overflow)?;
-    if range.end().as_u64() > PHYS_LIMIT {
+    if range.end().as_u64() > PHYS_LIMIT.min(1 << hal::cpu::phys_addr_bits()) {
         return Err(IoremapError::PhysTooHigh);
     }
     Ok(range)
@@ -378,20 +379,9 @@ impl KernelIo {
     }
 }
 
-/// Refuses a range above the CPU's physical address range (after the checks of
-/// [`covering_range`]).
-fn within_cpu_pa_range(phys: PhysAddr, size: usize) -> Result<(), IoremapError> {
-    let range = covering_range(phys, size)?;
-    if range.end().as_u64() > 1u64 << hal::cpu::phys_addr_bits() {
-        return Err(IoremapError::PhysTooHigh);
-    }
-    Ok(())
-}
-
 impl IoSpace for KernelIo {
     #[track_caller]
     fn map_io(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
-        within_cpu_pa_range(phys, size)?;
         Self::instance()?.map_io(phys, size, attr)
     }
 
@@ -402,7 +392,6 @@ impl IoSpace for KernelIo {
 
     #[track_caller]
     fn map_io_owned(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, IoremapError> {
-        within_cpu_pa_range(phys, size)?;
         Self::instance()?.map_io_owned(phys, size, attr)
     }
 

@@ -330,16 +330,23 @@ fn sampled(i: u32) -> bool {
     i.is_multiple_of(SAMPLE_EVERY)
 }
 
+/// What the plain cases do with an area: write `byte` at its start (as Linux's
+/// `*((__u8 *)ptr) = 0`), verify it on sampled iterations, vfree it.
+#[inline(always)]
+fn write_verify_free(c: &mut Ctx, a: Area, i: u32, byte: u8) -> Outcome {
+    write_byte(a.va, byte);
+    if sampled(i) {
+        c.verify(&a, true, false, None);
+    }
+    c.vfree(a)
+}
+
 /// `fix_size_alloc_test`: vmalloc `nr_pages` pages, write a byte, vfree.
 pub fn fix_size_alloc_test(c: &mut Ctx) -> Outcome {
     let size = c.nr_pages * PAGE_SIZE;
     for i in 0..c.loops {
         let a = c.vmalloc(size).ok_or(())?;
-        write_byte(a.va, 0);
-        if sampled(i) {
-            c.verify(&a, true, false, None);
-        }
-        c.vfree(a)?;
+        write_verify_free(c, a, i, 0)?;
     }
     Ok(())
 }
@@ -434,11 +441,7 @@ pub fn random_size_alloc_test(c: &mut Ctx) -> Outcome {
     for i in 0..c.loops {
         let n = c.rng.inclusive(1, 100) as usize;
         let a = c.vmalloc(n * PAGE_SIZE).ok_or(())?;
-        write_byte(a.va, 1);
-        if sampled(i) {
-            c.verify(&a, true, false, None);
-        }
-        c.vfree(a)?;
+        write_verify_free(c, a, i, 1)?;
     }
     Ok(())
 }
@@ -621,11 +624,7 @@ pub fn no_block_alloc_test(c: &mut Ctx) -> Outcome {
     for i in 0..c.loops {
         let _atomic = c.rng.u8() % 2 == 1;
         let a = c.vmalloc(size).ok_or(())?;
-        write_byte(a.va, 0);
-        if sampled(i) {
-            c.verify(&a, true, false, None);
-        }
-        c.vfree(a)?;
+        write_verify_free(c, a, i, 0)?;
     }
     Ok(())
 }

@@ -4,6 +4,21 @@
 
 use super::node::{Link, NodePtr};
 
+/// Where a new record starting at `key` hangs as a leaf of a tree ordered by start address:
+/// its parent (`None`: the tree is empty) and whether it becomes the left child.
+#[inline(always)]
+pub(super) fn leaf_slot(root: Link, key: u64) -> (Link, bool) {
+    let mut parent = None;
+    let mut cur = root;
+    let mut left = false;
+    while let Some(c) = cur {
+        parent = Some(c);
+        left = key < c.get().start.get();
+        cur = if left { c.get().left.get() } else { c.get().right.get() };
+    }
+    (parent, left)
+}
+
 /// Makes `new` take `old`'s place under `parent` (or at the root when `parent` is `None`).
 #[inline(always)]
 pub(super) fn replace_child(root: &mut Link, parent: Link, old: NodePtr, new: Link) {

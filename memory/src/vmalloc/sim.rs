@@ -167,6 +167,18 @@ impl SimBackend {
         (i < self.ptes.len()).then_some(i)
     }
 
+    /// One map call's share of the fault injection ([`Self::fail_maps_after`]).
+    fn take_map_budget(&mut self) -> Result<(), MapError> {
+        match self.map_budget.as_mut() {
+            Some(0) => Err(MapError::NoMemory),
+            Some(b) => {
+                *b -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn frame_index(pa: u64) -> Option<usize> {
         pa.checked_sub(Self::FRAME_BASE).map(|o| (o / PAGE) as usize)
     }
@@ -278,12 +290,7 @@ impl VmBackend for SimBackend {
     }
 
     fn map_pages(&mut self, va: VirtAddr, frames: &[PhysAddr], prot: Prot) -> Result<(), MapError> {
-        if let Some(b) = self.map_budget.as_mut() {
-            if *b == 0 {
-                return Err(MapError::NoMemory);
-            }
-            *b -= 1;
-        }
+        self.take_map_budget()?;
         let first = self.index(va.as_u64()).ok_or(MapError::OutOfRange)?;
         if first + frames.len() > self.ptes.len() {
             return Err(MapError::OutOfRange);
@@ -310,12 +317,7 @@ impl VmBackend for SimBackend {
     }
 
     fn map_device(&mut self, va: VirtAddr, pa: PhysAddr, pages: usize, _attr: DeviceAttr) -> Result<(), MapError> {
-        if let Some(b) = self.map_budget.as_mut() {
-            if *b == 0 {
-                return Err(MapError::NoMemory);
-            }
-            *b -= 1;
-        }
+        self.take_map_budget()?;
         let first = self.index(va.as_u64()).ok_or(MapError::OutOfRange)?;
         if first + pages > self.ptes.len() {
             return Err(MapError::OutOfRange);
@@ -395,12 +397,7 @@ impl VmBackend for SimBackend {
     }
 
     fn map_block(&mut self, va: VirtAddr, pa: PhysAddr) -> Result<(), MapError> {
-        if let Some(b) = self.map_budget.as_mut() {
-            if *b == 0 {
-                return Err(MapError::NoMemory);
-            }
-            *b -= 1;
-        }
+        self.take_map_budget()?;
         let first = self.index(va.as_u64()).ok_or(MapError::OutOfRange)?;
         if !va.as_u64().is_multiple_of(BLOCK_SIZE as u64) || Self::block_index(pa.as_u64()).is_none() {
             self.counters.violations += 1;

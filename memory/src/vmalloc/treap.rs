@@ -41,17 +41,9 @@ impl Treap {
     /// Insert a record whose range overlaps none in the treap.
     pub fn insert(&mut self, node: NodePtr) {
         let nd = node.get();
-        let key = nd.start.get();
         nd.left.set(None);
         nd.right.set(None);
-        let mut parent = None;
-        let mut cur = self.root;
-        let mut left = false;
-        while let Some(c) = cur {
-            parent = Some(c);
-            left = key < c.get().start.get();
-            cur = if left { c.get().left.get() } else { c.get().right.get() };
-        }
+        let (parent, left) = links::leaf_slot(self.root, nd.start.get());
         nd.parent.set(parent);
         match parent {
             None => self.root = Some(node),

@@ -142,15 +142,7 @@ impl Tree {
 
     /// Insert a record whose range overlaps none in the tree.
     pub fn insert(&mut self, node: NodePtr) {
-        let key = node.get().start.get();
-        let mut parent = None;
-        let mut cur = self.root;
-        let mut left = false;
-        while let Some(c) = cur {
-            parent = Some(c);
-            left = key < c.get().start.get();
-            cur = if left { c.get().left.get() } else { c.get().right.get() };
-        }
+        let (parent, left) = links::leaf_slot(self.root, node.get().start.get());
         self.link_at(node, parent, left);
     }
 
