@@ -22,10 +22,13 @@
 //! 2. Lowest fit in the free tree; the hole is clipped (Linux's `va_clip`) and the area's
 //!    record, taken from a spare pool filled *before* the lock, enters the busy tree.
 //! 3. Frames from [`VmBackend::alloc_frames`] in chunks of up to 64, mapped with
-//!    [`VmBackend::map_pages`]. The guard page stays unmapped.
-//! 4. Any failure part-way: unmap what was mapped, free every frame, flush those pages,
+//!    [`VmBackend::map_pages`]. The guard page stays unmapped. With [`VmFlags::HUGE`] an
+//!    area of 2 MiB or more starts on a 2 MiB boundary and each whole 2 MiB is one block
+//!    ([`VmBackend::alloc_block`], [`VmBackend::map_block`]); pages where no block is free,
+//!    and for the tail.
+//! 4. Any failure part-way: unmap what was mapped, free every frame and block, flush those pages,
 //!    give the range back. Nothing leaks (see [`VmallocStats`]).
-//! 5. `vfree(ptr)`: unmap (no TLB operation), free the frames, park the range.
+//! 5. `vfree(ptr)`: unmap (no TLB operation), free the frames (and blocks), park the range.
 //! 6. Purge, when the parked pages pass [`VmallocConfig::lazy_max_pages`] or an allocation
 //!    finds no hole: one flush for every parked range — per-page TLBIs when they cover at most
 //!    [`VmallocConfig::flush_page_threshold`] mapped pages, a full flush otherwise — then the
@@ -763,6 +766,9 @@ impl<B: VmBackend> Vmalloc<B> {
         VirtAddr::new(nd.start.get() + u64::from(nd.offset.get()))
     }
 
+    // Inlined into `vmalloc_with`, the allocation fast path (as it was before huge areas made
+    // the body larger): a call here costs a few percent of a 1-page vmalloc under QEMU.
+    #[inline(always)]
     fn vmalloc_inner(
         &mut self,
         size: usize,
@@ -896,6 +902,8 @@ impl<B: VmBackend> Vmalloc<B> {
 
     /// As [`Self::populate`] for a [`VmFlags::HUGE`] area starting at a block boundary:
     /// each whole 2 MiB stretch gets a block (pages when there is none), the tail pages.
+    /// Kept out of line, like [`Self::unmap_free_huge`], so the common path stays as small.
+    #[inline(never)]
     fn populate_huge(&mut self, va: u64, pages: usize, zero: bool) -> Result<(), VmallocError> {
         let mut done = 0usize;
         while done < pages {
@@ -919,7 +927,7 @@ impl<B: VmBackend> Vmalloc<B> {
             }
             if let Err(e) = self.populate(at, n, zero) {
                 if done > 0 {
-                    self.unmap_free_area(va, done, true);
+                    self.unmap_free_huge(va, done);
                     self.flush_now(va, done);
                 }
                 return Err(e);
@@ -929,12 +937,10 @@ impl<B: VmBackend> Vmalloc<B> {
         Ok(())
     }
 
-    /// Unmap `pages` from `va` (no TLB operation) and give their frames back; `huge` areas
-    /// (which start at a block boundary) may hold blocks.
-    fn unmap_free_area(&mut self, va: u64, pages: usize, huge: bool) {
-        if !huge || pages < BLOCK_PAGES {
-            return self.unmap_free(va, pages);
-        }
+    /// As [`Self::unmap_free`] for a [`VmFlags::HUGE`] area (starting at a block boundary):
+    /// its whole 2 MiB stretches may be blocks.
+    #[inline(never)]
+    fn unmap_free_huge(&mut self, va: u64, pages: usize) {
         let mut done = 0usize;
         while done < pages {
             let at = va + (done * PAGE_SIZE) as u64;
@@ -1354,7 +1360,11 @@ impl<B: VmBackend> Vmalloc<B> {
         let nd = node.get();
         let (start, pages) = (nd.start.get(), nd.pages.get());
         if kind == AreaKind::Vmalloc {
-            self.unmap_free_area(start, pages, VmFlags(nd.flags.get()).contains(VmFlags::HUGE));
+            if VmFlags(nd.flags.get()).contains(VmFlags::HUGE) {
+                self.unmap_free_huge(start, pages);
+            } else {
+                self.unmap_free(start, pages);
+            }
             self.c.owned_frames -= pages;
         } else {
             self.backend.unmap_pages(VirtAddr::new(start), pages, |_| {});
