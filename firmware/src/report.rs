@@ -27,6 +27,18 @@ pub fn run(info: &BootInfo) {
     for (name, r, perm) in rows {
         println!("  {name:<16} {:#012x}-{:#012x} {:>5} KiB  {perm}", r.start(), r.end().as_u64(), r.size() >> 10);
     }
+    if let Some(used) = hal::kmap::boot_tables_used() {
+        let unused = hal::kmap::boot_tables_unused().map_or(0, |r| r.pages());
+        println!(
+            "  boot tables: {} of {} pages used (sized for the device tree's worst case); {unused} given to the frame allocator",
+            used.pages(),
+            hal::kmap::BOOT_TABLE_PAGES
+        );
+    }
+    let p = &info.platform;
+    if !p.reserved.is_empty() {
+        println!("  reserved memory: {} ranges, {} of them no-map (left out of the linear map)", p.reserved.len(), p.reserved.no_map().count());
+    }
 
     section("page frames (buddy allocator)");
     if let Some(s) = memory::buddy::stats() {

@@ -14,6 +14,7 @@ core::arch::global_asm!(
     include_str!("asm/entry.S"),
     include_str!("asm/vectors.S"),
     include_str!("asm/probe.S"),
+    include_str!("asm/el2.S"),
 );
 
 /// The image's sections as `link.ld` lays them out (physical = virtual: the image runs
@@ -151,15 +152,30 @@ macro_rules! entry {
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), crate::dtb::DtbError> {
-    if x0 != 0 {
-        // SAFETY: the boot protocol puts a DTB at x0 and nothing overwrites it: it lies
-        // outside the image, and the frame allocator reserves it.
-        return unsafe { Platform::from_ptr(x0 as *const u8) }.map(|p| (p, DtbSource::Register));
-    }
-    let candidate = image.whole.start().as_u64().saturating_sub(0x20_0000);
-    // SAFETY: for an ELF boot QEMU puts the DTB at RAM base, 2 MiB below our load address
-    // (link.ld); the magic is checked before anything else is trusted.
-    unsafe { Platform::from_ptr(candidate as usize as *const u8) }.map(|p| (p, DtbSource::RamBase))
+    let (ptr, source) = if x0 != 0 {
+        (x0 as *mut u8, DtbSource::Register)
+    } else {
+        // For an ELF boot QEMU puts the DTB at RAM base, 2 MiB below our load address
+        // (link.ld); the magic is checked before anything else is trusted.
+        (image.whole.start().as_u64().saturating_sub(0x20_0000) as usize as *mut u8, DtbSource::RamBase)
+    };
+    // SAFETY: the boot protocol (or QEMU, for an ELF) put a DTB at `ptr`, outside the image,
+    // in RAM that is ours and that the frame allocator keeps reserved; nothing has read it
+    // yet. Removing QEMU's NOP tokens first lets the parser see every node.
+    unsafe { crate::dtb::strip_nops_at(ptr) }?;
+    // SAFETY: as above; nothing writes the tree from here on.
+    let platform = unsafe { Platform::from_ptr(ptr, &[image.whole]) }.map_err(|e| {
+        // SAFETY: same tree; the MMU is still off, so the UART's physical address reaches
+        // it, and nothing drives the UART yet.
+        if let Some(uart) = unsafe { crate::dtb::console_uart_at(ptr) } {
+            let mut line = crate::console::LineBuf::new();
+            let _ = core::fmt::Write::write_fmt(&mut line, format_args!("hal: refusing to start: {e}\n"));
+            // SAFETY: MMU off, a PL011 named by the tree, no other user yet.
+            unsafe { crate::console::early_write(uart.as_usize(), line.as_str()) };
+        }
+        e
+    })?;
+    Ok((platform, source))
 }
 
 /// The Rust entry point, called by `asm/entry.S` on the boot stack with the MMU off.
@@ -182,8 +198,20 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
     let boot = BootInfo { platform, entry_el: entry_el as u8, dtb_source, image, start_ticks };
     let boot_tables = match crate::kmap::init(&boot) {
         Ok(pages) => pages,
-        // No console yet (it is started through the mapping just built).
-        Err(_) => crate::exit::exit(crate::exit::EXIT_FAULT),
+        // No console yet (it is started through the mapping just built): say why with
+        // plain stores, the MMU still off.
+        Err(e) => {
+            if let Some(uart) = platform.uart {
+                let mut line = crate::console::LineBuf::new();
+                let _ = core::fmt::Write::write_fmt(
+                    &mut line,
+                    format_args!("hal: refusing to start: building the kernel tables failed: {e}\n"),
+                );
+                // SAFETY: MMU off, the PL011 the tree names, nothing else drives it yet.
+                unsafe { crate::console::early_write(uart.start().as_usize(), line.as_str()) };
+            }
+            crate::exit::exit(crate::exit::EXIT_FAULT)
+        }
     };
 
     // MMU on, caches on: locks and atomics behave from here.
@@ -201,6 +229,9 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
         _ => log::LevelFilter::Info,
     };
     crate::console::init_logger(level);
+    // Vectors and console are up: an asynchronous abort is reported from here on instead of
+    // staying pending for ever (IRQ and FIQ stay masked).
+    crate::cpu::unmask_serror();
     crate::exception::register_guard_region(
         image.boot_stack_guard.start().as_u64(),
         image.boot_stack_guard.end().as_u64(),
@@ -233,7 +264,7 @@ pub fn log_platform(info: &BootInfo) {
         log::info!("RAM      {:#012x}-{:#012x} ({} MiB)", r.start(), r.end().as_u64(), r.size() >> 20);
     }
     for r in p.reserved.iter() {
-        log::info!("reserved {:#012x}-{:#012x} ({} KiB)", r.start(), r.end().as_u64(), r.size() >> 10);
+        log::info!("reserved {r}");
     }
     log::info!("DTB      {:#012x}-{:#012x} ({} KiB)", p.dtb.start(), p.dtb.end().as_u64(), p.dtb.size() >> 10);
     let i = &info.image;

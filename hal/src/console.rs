@@ -66,15 +66,37 @@ fn raw_putc(base: usize, b: u8) {
     if base == 0 {
         return;
     }
+    // SAFETY: `base` was registered by `init`/`rebase`, whose contract keeps a PL011 mapped
+    // there. Racing the locked driver can at worst interleave characters, which is what an
+    // emergency path accepts.
+    unsafe { putc_at(base, b) }
+}
+
+/// Polls the PL011 at `base` until its FIFO has room, then writes `b`.
+///
+/// # Safety
+/// `base` must be the address of a PL011's registers, reachable as Device memory now.
+unsafe fn putc_at(base: usize, b: u8) {
     let fr = (base + UART_FR) as *const u32;
     let dr = (base + UART_DR) as *mut u32;
-    // SAFETY: `base` was registered by `init`/`rebase`, whose contract keeps a PL011 mapped
-    // there; FR and DR are 32-bit registers at these offsets. Racing the locked driver can
-    // at worst interleave characters, which is what an emergency path accepts.
+    // SAFETY: the caller promises a PL011 at `base`; FR and DR are 32-bit registers at
+    // these offsets.
     unsafe {
         while fr.read_volatile() & FR_TXFF != 0 {}
         dr.write_volatile(b as u32);
     }
+}
+
+/// Writes `s` to the PL011 at physical address `base` with plain loads and stores — no
+/// driver, lock or atomic — for the one message boot prints with the MMU still off: why
+/// it refuses the device tree.
+///
+/// # Safety
+/// The MMU must be off (so `base` is reached as Device memory) and `base` must be a
+/// PL011's register base that nothing else is driving.
+pub unsafe fn early_write(base: usize, s: &str) {
+    // SAFETY: forwarded from our caller.
+    crlf_bytes(s, |b| unsafe { putc_at(base, b) });
 }
 
 /// Calls `put` with the bytes of `s`, each `\n` preceded by `\r` (a terminal's line end).
@@ -224,17 +246,18 @@ impl Log for Logger {
 }
 
 /// A line buffer on the stack: a log line is formatted first, then written at once.
-struct LineBuf {
+/// A line of at most 512 bytes, built before it is written in one piece.
+pub(crate) struct LineBuf {
     buf: [u8; 512],
     len: usize,
 }
 
 impl LineBuf {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self { buf: [0; 512], len: 0 }
     }
 
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only whole `&str`s are appended (truncated at a char boundary), so this is UTF-8.
         core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<log line not utf-8>\n")
     }

@@ -74,6 +74,35 @@ pub fn phys_addr_bits() -> u32 {
     }
 }
 
+/// `PSTATE.DAIF`: bit 9 D (debug), 8 A (SError), 7 I (IRQ), 6 F (FIQ); a set bit masks.
+pub fn daif() -> u64 {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let v: u64;
+        // SAFETY: reading DAIF has no side effect.
+        unsafe { core::arch::asm!("mrs {}, daif", out(reg) v, options(nomem, nostack, preserves_flags)) };
+        v
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        0x3c0
+    }
+}
+
+/// The `PSTATE.A` bit of [`daif`]: SError masked.
+pub const DAIF_A: u64 = 1 << 8;
+
+/// Unmasks SError (asynchronous aborts) on this CPU: one pending is taken at once and
+/// reported through the vectors. Boot calls this once the vectors and the console are up.
+pub fn unmask_serror() {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: clearing PSTATE.A only lets an SError be taken; the vectors are installed
+    // (entry.S sets VBAR_EL1 before any Rust code runs) and report it.
+    unsafe {
+        core::arch::asm!("msr daifclr, #4", "isb", options(nomem, nostack, preserves_flags))
+    };
+}
+
 /// Waits for an event forever: the end of the line when nothing else can be done.
 pub fn halt() -> ! {
     loop {

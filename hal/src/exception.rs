@@ -62,6 +62,8 @@ pub enum ExceptionClass {
     DataAbort,
     /// EC 0x26: SP alignment fault.
     SpAlignment,
+    /// EC 0x2f: SError interrupt (an asynchronous abort).
+    SError,
     /// EC 0x3c: `brk`.
     Brk,
     /// Any other class (the raw EC).
@@ -83,6 +85,7 @@ impl ExceptionClass {
             0x22 => Self::PcAlignment,
             0x24 | 0x25 => Self::DataAbort,
             0x26 => Self::SpAlignment,
+            0x2f => Self::SError,
             0x3c => Self::Brk,
             ec => Self::Other(ec),
         }
@@ -102,6 +105,7 @@ impl ExceptionClass {
             Self::PcAlignment => "PC alignment fault",
             Self::DataAbort => "data abort",
             Self::SpAlignment => "SP alignment fault",
+            Self::SError => "SError interrupt (asynchronous abort)",
             Self::Brk => "BRK",
             Self::Other(_) => "other",
         }
@@ -166,6 +170,15 @@ impl fmt::Display for Fault {
                 f.write_str(if self.is_write() { ", write" } else { ", read" })?;
             }
             write!(f, ") at {:#x}", self.far)?;
+        }
+        if class == ExceptionClass::SError {
+            // ISS: IDS (bit 24) = implementation-defined syndrome; else AET [12:10], EA [9]
+            // and DFSC [5:0] (0 = uncategorized, 0x11 = asynchronous SError).
+            if self.esr & (1 << 24) != 0 {
+                write!(f, " (implementation-defined syndrome {:#x})", self.esr & 0xff_ffff)?;
+            } else {
+                write!(f, " (AET {}, DFSC {:#x})", (self.esr >> 10) & 7, self.esr & 0x3f)?;
+            }
         }
         write!(f, ", pc {:#x}, esr {:#x}", self.elr, self.esr)
     }
@@ -417,10 +430,11 @@ extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
         if let Some(mut last) = LAST_RECOVERED_FAULT.try_lock() {
             *last = Some(Fault { esr: frame.esr, far: frame.far, elr: frame.elr });
         }
-        // Resume in hal_catch_longjmp(ctx) at EL1 on SP_EL0 with interrupts masked.
+        // Resume in hal_catch_longjmp(ctx) at EL1 on SP_EL0 with IRQ, FIQ and debug masked
+        // and SError open, as boot leaves them.
         frame.x[0] = ctx as u64;
         frame.elr = hal_catch_longjmp as *const () as u64;
-        frame.spsr = 0x3c4;
+        frame.spsr = 0x2c4;
         return;
     }
     let _ = writeln!(EmergencyConsole, "*** fatal: stopping");
@@ -455,6 +469,16 @@ mod tests {
         assert!(f.is_write());
         let text = format!("{f}");
         assert!(text.contains("translation fault, level 3, write) at 0xdead0000"), "{text}");
+    }
+
+    #[test]
+    fn serror_is_named_with_its_syndrome() {
+        let f = Fault { esr: (0x2f << 26) | (1 << 25), far: 0, elr: 0x4020_0000 };
+        assert_eq!(f.class(), ExceptionClass::SError);
+        let text = format!("{f}");
+        assert!(text.starts_with("SError interrupt (asynchronous abort) (AET 0, DFSC 0x0)"), "{text}");
+        let ids = Fault { esr: (0x2f << 26) | (1 << 24) | 0x1234, ..f };
+        assert!(format!("{ids}").contains("implementation-defined syndrome 0x1234"), "{ids}");
     }
 
     #[test]

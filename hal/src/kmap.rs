@@ -7,6 +7,8 @@
 //!  uart page              ├──────────────────────────────┤ Device-nGnRE, RW, XN (early console)
 //!                         │ unmapped                     │
 //!  RAM start              ├──────────────────────────────┤ Normal WB, RW, XN — 1 GiB / 2 MiB blocks
+//!  no-map reserved range  ├──────────────────────────────┤ unmapped (firmware's, or another master's)
+//!                         ├──────────────────────────────┤ Normal WB, RW, XN
 //!  image start            ├──────────────────────────────┤
 //!                         │ .text          R X           │
 //!                         │ .rodata        R   XN        │
@@ -24,6 +26,14 @@
 //!  0xffff_8000_0000_0000  VMALLOC_END = SCRATCH_START: windows for test and bench instances
 //!  0xffff_ffff_fe00_0000  SCRATCH_END (the top 32 MiB stay unused)
 //! ```
+//!
+//! RAM is mapped less the image (mapped section by section, below) and less every
+//! `no-map` reserved range ([`crate::dtb::Reserved::no_map`]), rounded out to pages: no
+//! cacheable alias of such memory exists, so the CPU never speculates into it. Each hole
+//! splits blocks at its two ends, which costs table pages; the boot-table region is sized
+//! for the worst case the device-tree bounds allow ([`BOOT_TABLE_PAGES`]), and boot refuses
+//! a tree whose need exceeds it. Pages of the region left unused go to the frame allocator
+//! ([`boot_tables_unused`]).
 //!
 //! The image runs from its place in the linear map (identity), so the only mapping of its
 //! text is its own, read-only and executable: no writable alias of code exists anywhere.
@@ -105,6 +115,42 @@ pub fn boot_tables_used() -> Option<PhysRange> {
     BOOT_TABLES_USED.get().copied()
 }
 
+/// The pages of the boot-table region that boot did not need, once the MMU is on: the
+/// frame allocator may hand them out (they lie in the image's identity-mapped data, RW and
+/// XN like any RAM). `None` before [`init`] or when every page was used.
+pub fn boot_tables_unused() -> Option<PhysRange> {
+    let used = boot_tables_used()?;
+    PhysRange::from_bounds(used.end(), boot_table_region().end()).ok()
+}
+
+/// Whether `pa` lies in the image as it stays reserved for good: the whole image less
+/// [`boot_tables_unused`]. Frames there must never be mapped a second time.
+pub fn is_image_frame(image: &ImageLayout, pa: PhysAddr) -> bool {
+    image.whole.contains(pa) && !boot_tables_unused().is_some_and(|r| r.contains(pa))
+}
+
+/// Pages in the boot-table region (`link.ld` reserves this many): the worst case of the
+/// boot tree. The lower tree's tables are one root plus, at each end of each mapped piece
+/// of RAM, at most one L1, one L2 and one L3 table (a piece's inside is covered by blocks,
+/// its ends split them); pieces are the RAM ranges cut by the image and the `no-map`
+/// reservations, at most `MAX_RAM_RANGES + MAX_RESERVED + 1`. The image's own page-mapped
+/// sections and the early console page add at most 16; the upper tree's root is one
+/// more. [`worst_case_tables`] gives the figure for a given tree.
+pub const BOOT_TABLE_PAGES: usize = 1024;
+
+/// The table pages the boot tree may need for `ram` cut by `holes` pieces: see
+/// [`BOOT_TABLE_PAGES`] (a piece larger than 512 GiB spans more than two L1 slots).
+pub fn worst_case_tables(ram: &crate::dtb::RangeList, holes: usize) -> usize {
+    let pieces = ram.len() + holes;
+    let big_l1 = ram.iter().map(|r| (r.size() >> 39) as usize).sum::<usize>();
+    2 + 6 * pieces + big_l1 + 16
+}
+
+const _: () = assert!(
+    2 + 6 * (crate::dtb::MAX_RAM_RANGES + crate::dtb::MAX_RESERVED + 1) + 16 <= BOOT_TABLE_PAGES,
+    "link.ld's boot-table region must hold the worst case"
+);
+
 /// Hands out pages of the `link.ld` boot-table region, never frees them.
 pub struct BumpTableAlloc {
     next: u64,
@@ -164,33 +210,57 @@ fn identity(range: PhysRange) -> VirtRange {
 }
 
 /// Maps `ram` minus the image's extent as data, using blocks where possible.
-fn map_ram_around_image(
-    table: &mut PageTable,
+/// Calls `f` with each piece of `ram` that no hole overlaps, in address order (holes may
+/// overlap each other and need not be sorted).
+pub fn for_each_piece<E>(
     ram: PhysRange,
-    image: &ImageLayout,
-    alloc: &mut BumpTableAlloc,
-) -> Result<(), MmuError> {
-    let (is, ie) = (image.whole.start().as_u64(), image.whole.end().as_u64());
-    let (rs, re) = (ram.start().as_u64(), ram.end().as_u64());
-    let pieces = [(rs, is.min(re).max(rs)), (ie.max(rs).min(re), re)];
-    for (s, e) in pieces {
-        if let Ok(r) = PhysRange::from_bounds(PhysAddr::new(s), PhysAddr::new(e)) {
-            table.map(identity(r), r.start(), Attributes::DATA, BlockPolicy::AllowBlocks, alloc)?;
+    holes: &[PhysRange],
+    mut f: impl FnMut(PhysRange) -> Result<(), E>,
+) -> Result<(), E> {
+    let end = ram.end().as_u64();
+    let mut cursor = ram.start().as_u64();
+    while cursor < end {
+        // The lowest hole that still reaches past the cursor.
+        let next = holes
+            .iter()
+            .filter(|h| h.end().as_u64() > cursor && h.start().as_u64() < end)
+            .min_by_key(|h| h.start());
+        let (stop, resume) = match next {
+            Some(h) => (h.start().as_u64().max(cursor), h.end().as_u64()),
+            None => (end, end),
+        };
+        if let Ok(piece) = PhysRange::from_bounds(PhysAddr::new(cursor), PhysAddr::new(stop)) {
+            f(piece)?;
         }
+        cursor = resume;
     }
     Ok(())
 }
 
-/// Builds the kernel tables (see the module docs) without touching the MMU.
-///
-/// # Errors
-/// An [`MmuError`] when a mapping is refused or the boot-table region runs out.
+/// The holes in the linear map: the image (mapped section by section instead) and every
+/// `no-map` reservation, rounded out to whole pages. Returns how many were written.
+fn linear_map_holes(info: &BootInfo, out: &mut [PhysRange]) -> usize {
+    let mut n = 0;
+    let no_map = info.platform.reserved.no_map().filter_map(|r| PhysRange::covering_pages(r.start(), r.size()).ok());
+    for hole in core::iter::once(info.image.whole).chain(no_map) {
+        if let Some(slot) = out.get_mut(n) {
+            *slot = hole;
+            n += 1;
+        }
+    }
+    n
+}
+
 fn build(info: &BootInfo, linear: LinearMap, alloc: &mut BumpTableAlloc) -> Result<KernelSpace, MmuError> {
     let mut lower = PageTable::new(linear, VaRange::Lower, alloc)?;
     let upper = PageTable::new(linear, VaRange::Upper, alloc)?;
     let img = &info.image;
+    let mut holes = [img.whole; crate::dtb::MAX_RESERVED + 1];
+    let nholes = linear_map_holes(info, &mut holes);
     for ram in info.platform.ram.iter() {
-        map_ram_around_image(&mut lower, ram, img, alloc)?;
+        for_each_piece(ram, &holes[..nholes], |piece| {
+            lower.map(identity(piece), piece.start(), Attributes::DATA, BlockPolicy::AllowBlocks, alloc)
+        })?;
     }
     let pages = BlockPolicy::PagesOnly;
     lower.map(identity(img.text), img.text.start(), Attributes::CODE, pages, alloc)?;
@@ -246,7 +316,8 @@ pub fn init(info: &BootInfo) -> Result<usize, MmuError> {
     let hi = info.platform.ram.iter().map(|r| r.end().as_u64()).max().unwrap_or(ram0.end().as_u64());
     let window = PhysRange::from_bounds(PhysAddr::new(lo), PhysAddr::new(hi))?;
     // SAFETY: VA == PA for all of RAM: with the MMU off by construction, and after `enable`
-    // because `build` maps RAM at its physical address.
+    // because `build` maps RAM at its physical address — all but the `no-map` holes, which
+    // are reserved, so the window's users (the walker, the frame allocator) never reach them.
     let linear = unsafe { LinearMap::new(window, VirtAddr::new(lo)) };
     let region = boot_table_region();
     // SAFETY: link.ld reserves this region for boot tables, and only this call uses it.
@@ -269,4 +340,47 @@ pub fn init(info: &BootInfo) -> Result<usize, MmuError> {
     LINEAR.call_once(|| linear);
     KERNEL.call_once(|| Mutex::new(space));
     Ok(alloc.used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, end: u64) -> PhysRange {
+        PhysRange::from_bounds(PhysAddr::new(start), PhysAddr::new(end)).unwrap()
+    }
+
+    fn pieces(ram: PhysRange, holes: &[PhysRange]) -> Vec<PhysRange> {
+        let mut out = Vec::new();
+        for_each_piece::<()>(ram, holes, |p| {
+            out.push(p);
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn ram_less_holes_in_any_order_and_overlapping() {
+        let ram = r(0x4000_0000, 0x8000_0000);
+        assert_eq!(pieces(ram, &[]), [ram]);
+        let holes = [r(0x6000_0000, 0x6010_0000), r(0x4020_0000, 0x4060_0000), r(0x4050_0000, 0x4070_0000)];
+        assert_eq!(
+            pieces(ram, &holes),
+            [r(0x4000_0000, 0x4020_0000), r(0x4070_0000, 0x6000_0000), r(0x6010_0000, 0x8000_0000)]
+        );
+        // Holes at the edges, outside RAM, and covering all of it.
+        assert_eq!(pieces(ram, &[r(0x3000_0000, 0x4000_1000), r(0x7fff_f000, 0x9000_0000)]), [r(0x4000_1000, 0x7fff_f000)]);
+        assert_eq!(pieces(ram, &[r(0x1000, 0x2000)]), [ram]);
+        assert!(pieces(ram, &[r(0x3000_0000, 0x9000_0000)]).is_empty());
+    }
+
+    #[test]
+    fn the_boot_table_region_holds_the_worst_case_of_the_bounds() {
+        let mut ram = crate::dtb::RangeList::new();
+        for i in 0..crate::dtb::MAX_RAM_RANGES as u64 {
+            ram.push(r(i << 33, (i << 33) + (1 << 32))).unwrap();
+        }
+        assert!(worst_case_tables(&ram, crate::dtb::MAX_RESERVED + 1) <= BOOT_TABLE_PAGES);
+    }
 }

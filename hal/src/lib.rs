@@ -14,6 +14,7 @@
 //! - [`dtb`], [`cmdline`]: what the device tree and the command line say.
 //! - [`console`]: PL011 console and logger; [`exception`]: vectors, fault decoding,
 //!   fixups, the fault-report hook, recovery; [`probe`]: touching addresses safely.
+//! - [`el2`]: the stub left at EL2 when entered there (it raises a virtual SError for tests).
 //! - [`cpu`]: counter and small instructions; [`psci`], [`exit`]: power off and exit status.
 #![cfg_attr(not(test), no_std)]
 
@@ -23,6 +24,7 @@ pub mod cmdline;
 pub mod console;
 pub mod cpu;
 pub mod dtb;
+pub mod el2;
 pub mod exception;
 pub mod exit;
 pub mod kmap;

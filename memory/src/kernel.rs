@@ -255,11 +255,21 @@ impl VmBackend for KernelBackend {
         let Some(r) = (pages as u64).checked_mul(PAGE_SIZE as u64).and_then(|b| PhysRange::new(pa, b).ok()) else {
             return true;
         };
-        if self.ram.dropped() > 0 {
-            // More memory ranges than `RangeList` keeps: ask the device tree itself.
-            return dtb_memory_overlaps(&r);
+        if !self.ram.overlaps(&r) {
+            return false;
         }
-        self.ram.overlaps(&r)
+        // RAM as Linux's `pfn_is_map_memory` counts it: `no-map` reservations are RAM the
+        // kernel never maps (firmware or device memory), which a driver may ioremap.
+        let Some(info) = hal::boot::boot_info() else { return true };
+        let mut holes = [r; hal::dtb::MAX_RESERVED];
+        let mut n = 0;
+        for hole in info.platform.reserved.no_map().filter_map(|h| PhysRange::covering_pages(h.start(), h.size()).ok()) {
+            holes[n] = hole;
+            n += 1;
+        }
+        self.ram
+            .iter()
+            .any(|ram| hal::kmap::for_each_piece(ram, &holes[..n], |piece| if piece.overlaps(&r) { Err(()) } else { Ok(()) }).is_err())
     }
 
     fn copy_mapped(&mut self, dst: VirtAddr, src: VirtAddr, bytes: usize) {
@@ -275,23 +285,6 @@ impl VmBackend for KernelBackend {
     fn now_ns(&self) -> u64 {
         hal::cpu::uptime_ns()
     }
-}
-
-/// Whether `range` overlaps a `reg` entry of any `device_type = "memory"` node of the boot
-/// device tree (all of them, however many): ioremap's RAM check when the platform's RAM list
-/// had to drop ranges. Without boot information every range counts as RAM.
-fn dtb_memory_overlaps(range: &PhysRange) -> bool {
-    let Some(info) = hal::boot::boot_info() else { return true };
-    let fdt = info.platform.fdt();
-    let found = fdt
-        .all_nodes()
-        .filter(|n| n.property("device_type").and_then(|p| p.as_str()).is_some_and(|s| s == "memory"))
-        .flat_map(|n| n.reg())
-        .any(|r| {
-            let size = r.size.unwrap_or(0) as u64;
-            PhysRange::new(PhysAddr::new(r.starting_address as u64), size).is_ok_and(|m| m.overlaps(range))
-        });
-    found
 }
 
 static VMALLOC: Once<LockedVmalloc<KernelBackend>> = Once::new();
@@ -382,15 +375,24 @@ pub const BOOT_PARAMS: &[&str] =
 pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitError> {
     let linear = hal::kmap::linear_map().ok_or(InitError::NoKernelSpace)?;
     let p = &info.platform;
-    let mut regions = [PhysRange::new(PhysAddr::new(0), 1).expect("non-empty"); hal::dtb::MAX_RANGES];
+    let mut regions = [info.image.whole; hal::dtb::MAX_RAM_RANGES];
     let mut nr = 0;
     for r in p.ram.iter() {
         regions[nr] = r;
         nr += 1;
     }
-    let mut reserved = [PhysRange::new(PhysAddr::new(0), 1).expect("non-empty"); hal::dtb::MAX_RANGES + 2];
+    // Reserved for good: the tree's reservations (`no-map` ones included), the DTB, and the
+    // image less the boot-table pages boot did not need (those are handed out).
+    let mut reserved = [info.image.whole; hal::dtb::MAX_RESERVED + 3];
     let mut nres = 0;
-    for r in p.reserved.iter().chain([p.dtb, info.image.whole]) {
+    let image = match hal::kmap::boot_tables_unused() {
+        Some(unused) => [
+            PhysRange::from_bounds(info.image.whole.start(), unused.start()).ok(),
+            PhysRange::from_bounds(unused.end(), info.image.whole.end()).ok(),
+        ],
+        None => [Some(info.image.whole), None],
+    };
+    for r in p.reserved.ranges().chain([p.dtb]).chain(image.into_iter().flatten()) {
         reserved[nres] = r;
         nres += 1;
     }
@@ -596,7 +598,11 @@ pub fn vmap(frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr,
     // speculative reads of registers, and a writable alias of the image would undo W^X.
     let info = hal::boot::boot_info().ok_or(VmallocError::NotInitialized)?;
     for &pa in frames {
-        if !info.platform.ram.contains(pa) || info.image.whole.contains(pa) {
+        if !info.platform.ram.contains(pa)
+            || hal::kmap::is_image_frame(&info.image, pa)
+            || info.platform.reserved.contains(pa)
+            || info.platform.dtb.contains(pa)
+        {
             return Err(VmallocError::NotRam);
         }
     }

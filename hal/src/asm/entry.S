@@ -24,6 +24,9 @@ _start:
 
 .section .text.boot, "ax"
 primary_entry:
+    // Whatever the loader left, nothing asynchronous is taken until the vectors and the
+    // console are up: Rust unmasks SError then (IRQ and FIQ stay masked).
+    msr     daifset, #0xf
     mov     x19, x0                 // x19 = DTB pointer from the loader (0 for an ELF boot)
 
     // Leave EL2 if we were started there.
@@ -42,6 +45,9 @@ primary_entry:
     msr     cptr_el2, x9
     msr     hstr_el2, xzr
     msr     vttbr_el2, xzr
+    // What stays at EL2: the stub of asm/el2.S (it can inject a virtual SError for tests).
+    adr_l   x9, hal_el2_vectors
+    msr     vbar_el2, x9
     mov     x9, #0x3c5              // SPSR_EL2: EL1h, DAIF masked
     msr     spsr_el2, x9
     adr     x9, 1f
