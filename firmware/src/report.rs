@@ -37,7 +37,11 @@ pub fn run(info: &BootInfo) {
     }
     let p = &info.platform;
     if !p.reserved.is_empty() {
-        println!("  reserved memory: {} ranges, {} of them no-map (left out of the linear map)", p.reserved.len(), p.reserved.no_map().count());
+        println!(
+            "  reserved memory: {} ranges, {} of them no-map (left out of the linear map)",
+            p.reserved.len(),
+            p.reserved.no_map().count()
+        );
     }
 
     section("page frames (buddy allocator)");

@@ -164,7 +164,7 @@ fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), cra
     // yet. Removing QEMU's NOP tokens first lets the parser see every node.
     unsafe { crate::dtb::strip_nops_at(ptr) }?;
     // SAFETY: as above; nothing writes the tree from here on.
-    let platform = unsafe { Platform::from_ptr(ptr, &[image.whole]) }.map_err(|e| {
+    let platform = unsafe { Platform::from_ptr(ptr, &[image.whole]) }.inspect_err(|e| {
         // SAFETY: same tree; the MMU is still off, so the UART's physical address reaches
         // it, and nothing drives the UART yet.
         if let Some(uart) = unsafe { crate::dtb::console_uart_at(ptr) } {
@@ -173,7 +173,6 @@ fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), cra
             // SAFETY: MMU off, a PL011 named by the tree, no other user yet.
             unsafe { crate::console::early_write(uart.as_usize(), line.as_str()) };
         }
-        e
     })?;
     Ok((platform, source))
 }

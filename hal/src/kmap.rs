@@ -221,10 +221,8 @@ pub fn for_each_piece<E>(
     let mut cursor = ram.start().as_u64();
     while cursor < end {
         // The lowest hole that still reaches past the cursor.
-        let next = holes
-            .iter()
-            .filter(|h| h.end().as_u64() > cursor && h.start().as_u64() < end)
-            .min_by_key(|h| h.start());
+        let next =
+            holes.iter().filter(|h| h.end().as_u64() > cursor && h.start().as_u64() < end).min_by_key(|h| h.start());
         let (stop, resume) = match next {
             Some(h) => (h.start().as_u64().max(cursor), h.end().as_u64()),
             None => (end, end),
@@ -370,7 +368,10 @@ mod tests {
             [r(0x4000_0000, 0x4020_0000), r(0x4070_0000, 0x6000_0000), r(0x6010_0000, 0x8000_0000)]
         );
         // Holes at the edges, outside RAM, and covering all of it.
-        assert_eq!(pieces(ram, &[r(0x3000_0000, 0x4000_1000), r(0x7fff_f000, 0x9000_0000)]), [r(0x4000_1000, 0x7fff_f000)]);
+        assert_eq!(
+            pieces(ram, &[r(0x3000_0000, 0x4000_1000), r(0x7fff_f000, 0x9000_0000)]),
+            [r(0x4000_1000, 0x7fff_f000)]
+        );
         assert_eq!(pieces(ram, &[r(0x1000, 0x2000)]), [ram]);
         assert!(pieces(ram, &[r(0x3000_0000, 0x9000_0000)]).is_empty());
     }

@@ -263,13 +263,15 @@ impl VmBackend for KernelBackend {
         let Some(info) = hal::boot::boot_info() else { return true };
         let mut holes = [r; hal::dtb::MAX_RESERVED];
         let mut n = 0;
-        for hole in info.platform.reserved.no_map().filter_map(|h| PhysRange::covering_pages(h.start(), h.size()).ok()) {
+        for hole in info.platform.reserved.no_map().filter_map(|h| PhysRange::covering_pages(h.start(), h.size()).ok())
+        {
             holes[n] = hole;
             n += 1;
         }
-        self.ram
-            .iter()
-            .any(|ram| hal::kmap::for_each_piece(ram, &holes[..n], |piece| if piece.overlaps(&r) { Err(()) } else { Ok(()) }).is_err())
+        self.ram.iter().any(|ram| {
+            hal::kmap::for_each_piece(ram, &holes[..n], |piece| if piece.overlaps(&r) { Err(()) } else { Ok(()) })
+                .is_err()
+        })
     }
 
     fn copy_mapped(&mut self, dst: VirtAddr, src: VirtAddr, bytes: usize) {

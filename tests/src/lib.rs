@@ -45,22 +45,39 @@ pub struct Test {
     pub run: fn(),
     /// What counts as a pass.
     pub expect: Expect,
+    /// What the machine must offer for the test to run (`None`: anything): when the check
+    /// fails, the test is reported `ignored` with the reason, and counted apart.
+    pub needs: Option<Needs>,
+}
+
+/// A condition a test needs of the machine, and what it is called.
+#[derive(Clone, Copy, Debug)]
+pub struct Needs {
+    /// Whether the machine offers it.
+    pub check: fn() -> bool,
+    /// What to boot with to get it (printed when it is missing).
+    pub what: &'static str,
 }
 
 impl Test {
     /// A test that must return normally.
     pub const fn new(name: &'static str, run: fn()) -> Self {
-        Self { name, run, expect: Expect::Pass }
+        Self { name, run, expect: Expect::Pass, needs: None }
+    }
+
+    /// The same test, run only when `check` holds (else reported `ignored (what)`).
+    pub const fn needing(self, check: fn() -> bool, what: &'static str) -> Self {
+        Self { needs: Some(Needs { check, what }), ..self }
     }
 
     /// A test that must take a fatal exception.
     pub const fn expect_fault(name: &'static str, run: fn()) -> Self {
-        Self { name, run, expect: Expect::Fault }
+        Self { name, run, expect: Expect::Fault, needs: None }
     }
 
     /// A test that must panic.
     pub const fn expect_panic(name: &'static str, run: fn()) -> Self {
-        Self { name, run, expect: Expect::Panic }
+        Self { name, run, expect: Expect::Panic, needs: None }
     }
 }
 
@@ -95,6 +112,8 @@ pub struct Summary {
     pub failed: usize,
     /// Tests skipped by the `test.filter=` boot parameter.
     pub filtered: usize,
+    /// Tests not run because the machine lacks what they need ([`Test::needing`]).
+    pub ignored: usize,
 }
 
 /// Runs `tests` in order, prints libtest-style lines and the summary, and returns the
@@ -109,6 +128,11 @@ pub fn run_tests(tests: &[Test]) -> Summary {
     for t in selected {
         // Printed before the test runs: if it hangs, qemu-run names it from this line.
         hal::print!("test {} ... ", t.name);
+        if let Some(needs) = t.needs.filter(|n| !(n.check)()) {
+            summary.ignored += 1;
+            println!("ignored (needs {})", needs.what);
+            continue;
+        }
         // SAFETY: test bodies are plain functions written for this harness: a failing one is
         // abandoned where it stands, and none relies on a destructor for soundness.
         let result = unsafe { catch(t.run) };
@@ -144,7 +168,11 @@ pub fn run(tests: &[Test]) -> ! {
     if s.filtered > 0 {
         let _ = writeln!(out, "({} tests filtered out)", s.filtered);
     }
-    let _ = writeln!(out, "{} passed, {} failed", s.passed, s.failed);
+    if s.ignored > 0 {
+        let _ = writeln!(out, "{} passed, {} failed, {} ignored", s.passed, s.failed, s.ignored);
+    } else {
+        let _ = writeln!(out, "{} passed, {} failed", s.passed, s.failed);
+    }
     hal::exit::exit(if s.failed == 0 { hal::exit::EXIT_SUCCESS } else { hal::exit::EXIT_FAILURE })
 }
 

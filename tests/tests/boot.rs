@@ -96,6 +96,41 @@ fn output_gets_out_while_the_console_lock_is_held() {
     assert_eq!(hal::console::emergency_writes(), before + 1, "back on the locked path");
 }
 
+/// Boot masks everything at entry, whatever the loader left, and opens SError only once
+/// the vectors and console are up: thread code runs with A clear, I and F masked.
+fn serror_is_open_and_interrupts_masked() {
+    let daif = hal::cpu::daif();
+    assert_eq!(daif & hal::cpu::DAIF_A, 0, "SError must be unmasked (DAIF {daif:#x})");
+    assert_eq!(daif & 0xc0, 0xc0, "IRQ and FIQ stay masked (DAIF {daif:#x})");
+}
+
+/// Entered at EL2 (virtualization=on), the EL2 stub raises a virtual SError: it must be
+/// taken at once and reported (the runner's catch recovers it). Before boot unmasked
+/// SError, it stayed pending for ever and this test ran to its panic.
+fn virtual_serror_is_reported() {
+    hal::el2::inject_virtual_serror().expect("the EL2 stub answers");
+    for _ in 0..10_000 {
+        core::hint::spin_loop();
+    }
+    panic!("the virtual SError was never taken");
+}
+
+fn virtual_serror_was_an_serror() {
+    hal::el2::end_virtual_serror().expect("the EL2 stub answers");
+    match tests::last_caught() {
+        Some(hal::exception::Caught::Fault(f)) => {
+            assert_eq!(f.class(), hal::exception::ExceptionClass::SError, "{f}");
+        }
+        other => panic!("expected an SError report, got {other:?}"),
+    }
+    // Taking it cleared HCR_EL2.VSE: nothing more is pending.
+    serror_is_open_and_interrupts_masked();
+}
+
+fn entered_at_el2() -> bool {
+    hal::el2::stub_present()
+}
+
 tests::main!(
     test!(dtb_found),
     test!(probe_reads_ram),
@@ -105,4 +140,7 @@ tests::main!(
     test!(fault_hook_is_called),
     test!(catch_runs_and_returns),
     test!(output_gets_out_while_the_console_lock_is_held),
+    test!(serror_is_open_and_interrupts_masked),
+    test!(virtual_serror_is_reported, fault).needing(entered_at_el2, "virtualization=on"),
+    test!(virtual_serror_was_an_serror).needing(entered_at_el2, "virtualization=on"),
 );

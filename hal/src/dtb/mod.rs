@@ -64,7 +64,9 @@ impl fmt::Display for DtbError {
                 write!(f, "device tree names {found} {what}; at most {max} are supported")
             }
             DtbError::BadReserved(name) => write!(f, "reserved memory \"{name}\" cannot be read"),
-            DtbError::CannotPlace(name) => write!(f, "reserved memory \"{name}\" (size only) finds no free place in RAM"),
+            DtbError::CannotPlace(name) => {
+                write!(f, "reserved memory \"{name}\" (size only) finds no free place in RAM")
+            }
         }
     }
 }

@@ -41,7 +41,7 @@ fn struct_block(blob: &[u8]) -> Result<(usize, usize), Malformed> {
     let off = be32(blob, 8)? as usize;
     let size = be32(blob, 36)? as usize;
     let end = off.checked_add(size).ok_or(Malformed)?;
-    if total > blob.len() || end > total || off % 4 != 0 {
+    if total > blob.len() || end > total || !off.is_multiple_of(4) {
         return Err(Malformed);
     }
     Ok((off, size))

@@ -51,7 +51,14 @@ pub struct Reserved {
 
 impl fmt::Display for Reserved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#012x}-{:#012x} ({} KiB) {}", self.range.start(), self.range.end().as_u64(), self.range.size() >> 10, self.name)?;
+        write!(
+            f,
+            "{:#012x}-{:#012x} ({} KiB) {}",
+            self.range.start(),
+            self.range.end().as_u64(),
+            self.range.size() >> 10,
+            self.name
+        )?;
         if self.kind == ReservedKind::Dynamic {
             f.write_str(" [placed at boot]")?;
         }
@@ -86,7 +93,11 @@ impl ReservedList {
     }
 
     fn push(&mut self, r: Reserved) -> Result<(), DtbError> {
-        let slot = self.items.get_mut(self.len).ok_or(DtbError::TooMany { what: "reserved ranges", found: 0, max: MAX_RESERVED })?;
+        let slot = self.items.get_mut(self.len).ok_or(DtbError::TooMany {
+            what: "reserved ranges",
+            found: 0,
+            max: MAX_RESERVED,
+        })?;
         *slot = r;
         self.len += 1;
         Ok(())
@@ -209,7 +220,8 @@ pub(super) fn parse(
             if let Some(reg) = child.property("reg") {
                 let (bytes, mut at) = (reg.value, 0);
                 while at < bytes.len() {
-                    let (Some(base), Some(size)) = (read_cells(bytes, &mut at, ac), read_cells(bytes, &mut at, sc)) else {
+                    let (Some(base), Some(size)) = (read_cells(bytes, &mut at, ac), read_cells(bytes, &mut at, sc))
+                    else {
                         return Err(DtbError::BadReserved(name));
                     };
                     found += 1;
@@ -227,7 +239,9 @@ pub(super) fn parse(
                 let align = match child.property("alignment") {
                     Some(p) => {
                         let mut at = 0;
-                        read_cells(p.value, &mut at, sc).filter(|a| a.is_power_of_two()).ok_or(DtbError::BadReserved(name))?
+                        read_cells(p.value, &mut at, sc)
+                            .filter(|a| a.is_power_of_two())
+                            .ok_or(DtbError::BadReserved(name))?
                     }
                     None => PAGE_SIZE as u64,
                 }
@@ -236,7 +250,8 @@ pub(super) fn parse(
                 if let Some(p) = child.property("alloc-ranges") {
                     let (bytes, mut at, mut i) = (p.value, 0, 0);
                     while at < bytes.len() {
-                        let (Some(b), Some(s)) = (read_cells(bytes, &mut at, ac), read_cells(bytes, &mut at, sc)) else {
+                        let (Some(b), Some(s)) = (read_cells(bytes, &mut at, ac), read_cells(bytes, &mut at, sc))
+                        else {
                             return Err(DtbError::BadReserved(name));
                         };
                         let w = PhysRange::new(PhysAddr::new(b), s).map_err(|_| DtbError::BadReserved(name))?;

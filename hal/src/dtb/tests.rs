@@ -106,8 +106,14 @@ fn check_reserved_fixture(blob: &'static [u8]) {
     let all: Vec<_> = p.reserved.iter().copied().collect();
     let find = |name: &str| all.iter().filter(|r| r.name == name).copied().collect::<Vec<_>>();
     assert_eq!(find("/memreserve/").iter().map(|r| r.range).collect::<Vec<_>>(), [range(0x4f00_0000, 0x2000)]);
-    assert_eq!(find("fw@48000000").iter().map(|r| (r.range, r.no_map)).collect::<Vec<_>>(), [(range(0x4800_0000, 1 << 20), false)]);
-    assert_eq!(find("shm@48100000").iter().map(|r| (r.range, r.no_map)).collect::<Vec<_>>(), [(range(0x4810_0000, 0x1_0000), true)]);
+    assert_eq!(
+        find("fw@48000000").iter().map(|r| (r.range, r.no_map)).collect::<Vec<_>>(),
+        [(range(0x4800_0000, 1 << 20), false)]
+    );
+    assert_eq!(
+        find("shm@48100000").iter().map(|r| (r.range, r.no_map)).collect::<Vec<_>>(),
+        [(range(0x4810_0000, 0x1_0000), true)]
+    );
     assert_eq!(
         find("two@49000000").iter().map(|r| r.range).collect::<Vec<_>>(),
         [range(0x4900_0000, 0x1000), range(0x4910_0000, 0x2000)]
