@@ -35,6 +35,8 @@ pub struct ImageLayout {
     pub exception_stack_guard: PhysRange,
     /// The exception stack.
     pub exception_stack: PhysRange,
+    /// The other CPUs' stacks ([`crate::smp::CpuStacks`] slices it per CPU).
+    pub cpu_stacks: PhysRange,
     /// The whole image, stacks included.
     pub whole: PhysRange,
 }
@@ -54,6 +56,8 @@ impl ImageLayout {
                 static __exception_stack_guard: u8;
                 static __exception_stack_bottom: u8;
                 static __exception_stack_top: u8;
+                static __cpu_stacks_start: u8;
+                static __cpu_stacks_end: u8;
                 static __image_end: u8;
             }
             let a = |s: &u8| PhysAddr::new(s as *const u8 as u64);
@@ -68,6 +72,7 @@ impl ImageLayout {
                     boot_stack: r(a(&__boot_stack_bottom), a(&__boot_stack_top)),
                     exception_stack_guard: r(a(&__exception_stack_guard), a(&__exception_stack_bottom)),
                     exception_stack: r(a(&__exception_stack_bottom), a(&__exception_stack_top)),
+                    cpu_stacks: r(a(&__cpu_stacks_start), a(&__cpu_stacks_end)),
                     whole: r(a(&__image_start), a(&__image_end)),
                 }
             }
@@ -83,7 +88,8 @@ impl ImageLayout {
                 boot_stack: page(25, 64),
                 exception_stack_guard: page(89, 1),
                 exception_stack: page(90, 16),
-                whole: page(0, 106),
+                cpu_stacks: page(106, 7 * 42),
+                whole: page(0, 106 + 7 * 42),
             }
         }
     }
@@ -231,28 +237,55 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
     // Vectors and console are up: an asynchronous abort is reported from here on instead of
     // staying pending for ever (IRQ and FIQ stay masked).
     crate::cpu::unmask_serror();
-    crate::exception::register_guard_region(
-        image.boot_stack_guard.start().as_u64(),
-        image.boot_stack_guard.end().as_u64(),
-        "stack overflow: boot stack",
-    );
-    crate::exception::register_guard_region(
-        image.exception_stack_guard.start().as_u64(),
-        image.exception_stack_guard.end().as_u64(),
-        "stack overflow: exception stack",
-    );
-
+    // Stack guard pages are named in fault reports by `smp::stack_guard_name`, every CPU's.
     let info = BOOT_INFO.call_once(|| boot);
     log_platform(info);
     log::info!(
         "MMU on: 4 KiB granule, 48-bit VA; {boot_tables} boot table pages; text RX, rodata R, data RW+XN, stack guards unmapped"
     );
+    start_cpus(info);
 
     unsafe extern "Rust" {
         fn __hal_main(info: &'static BootInfo) -> !;
     }
     // SAFETY: every image declares `__hal_main` with this signature through `hal::entry!`.
     unsafe { __hal_main(info) }
+}
+
+/// Starts every other CPU the device tree lists (up to `maxcpus=N`) and logs each one's
+/// check-in; exits if one does not check in.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn start_cpus(info: &BootInfo) {
+    let max = match info.cmdline().get_u64("maxcpus") {
+        Ok(Some(n)) if n >= 1 => n as usize,
+        Ok(None) => usize::MAX,
+        _ => {
+            log::warn!("ignoring maxcpus={:?}: not a number of at least 1", info.cmdline().get("maxcpus"));
+            usize::MAX
+        }
+    };
+    let p = &info.platform;
+    if p.cpus.beyond > 0 {
+        log::warn!("{} more CPUs listed than the {} this build brings up: left off", p.cpus.beyond, crate::dtb::MAX_CPUS);
+    }
+    match crate::smp::start_secondaries(info, max) {
+        Ok(n) => {
+            for cpu in (0..n).filter_map(crate::smp::cpu_data) {
+                log::info!(
+                    "CPU {} online: MPIDR {:#x} (device tree {:#x}), entered at EL{}",
+                    cpu.id(),
+                    cpu.seen_mpidr(),
+                    cpu.mpidr(),
+                    cpu.entry_el()
+                );
+            }
+            log::info!("{n} of {} CPUs online (secondaries power off while idle)", p.cpus.len().min(max));
+        }
+        Err(e) => {
+            log::error!("SMP: {e}");
+            crate::exit::exit(crate::exit::EXIT_FAULT)
+        }
+    }
 }
 
 /// Logs what the device tree said: the memory map, devices, command line.

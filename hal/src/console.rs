@@ -1,9 +1,13 @@
-//! The console: a PL011 UART behind a lock, a `log` logger with uptime stamps, and a raw
-//! emergency path so a fault or panic taken while the lock is held still gets out.
+//! The console: a PL011 UART behind a lock, a `log` logger with uptime stamps and the CPU,
+//! and a raw emergency path so a fault or panic taken while the lock is held still gets out.
 //!
 //! The driver is the `arm-pl011-uart` crate (the `arm_pl011` crate needs nightly Rust).
-//! Output goes through [`Console::write_str`] with a try-lock: if the lock is busy — the
-//! interrupted code may hold it — the bytes go straight to the data register instead.
+//! Every `print!`/`println!` and log line holds the lock for its whole text, so CPUs never
+//! cut into each other's lines: a CPU whose lock is held by another waits (a bounded
+//! while, then it takes the emergency path rather than hang). Only output from the CPU
+//! that holds the lock itself — a fault or panic taken while it printed — goes straight to
+//! the data register. A CPU that starts writing while another CPU's line is still open
+//! (a `print!` without newline) starts on a fresh line.
 
 use crate::addr::VirtAddr;
 use arm_pl011_uart::{DataBits, LineConfig, Parity, StopBits, Uart};
@@ -20,6 +24,12 @@ static UART: Mutex<Option<Uart<'static>>> = Mutex::new(None);
 static RAW_BASE: AtomicUsize = AtomicUsize::new(0);
 /// Bytes that went out through the emergency path (the lock was busy).
 static EMERGENCY_WRITES: AtomicUsize = AtomicUsize::new(0);
+/// The CPU holding the console lock, plus one (0: nobody).
+static OWNER: AtomicUsize = AtomicUsize::new(0);
+/// The CPU whose last output did not end its line, plus one (0: every line is closed).
+static LINE_OPEN_BY: AtomicUsize = AtomicUsize::new(0);
+/// How long a CPU waits for another's console lock before taking the emergency path.
+const LOCK_WAIT_NS: u64 = 200_000_000;
 
 const UART_DR: usize = 0x00;
 const UART_FR: usize = 0x18;
@@ -124,16 +134,39 @@ pub fn emergency_write(s: &str) {
     EMERGENCY_WRITES.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A `fmt::Write` sink for the console: locked when the lock is free, raw otherwise.
+/// A `fmt::Write` sink for the console: each `write_str` under the lock (see the module
+/// docs for when it goes raw instead). `print!` holds one [`lock`] for a whole line.
 pub struct Console;
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        match UART.try_lock() {
-            Some(mut guard) => write_locked(&mut guard, s),
-            None => emergency_write(s),
+        match lock_for_report() {
+            Some(mut guard) => guard.write_str(s),
+            None => {
+                emergency_write(s);
+                Ok(())
+            }
         }
-        Ok(())
+    }
+}
+
+/// Takes the console lock, unless this CPU holds it already (output from a fault or panic
+/// taken while it printed) or another CPU keeps it past a bounded wait: `None` then, and
+/// the caller goes raw ([`EmergencyConsole`]).
+pub fn lock_for_report() -> Option<ConsoleGuard> {
+    let me = crate::smp::this_cpu() + 1;
+    if OWNER.load(Ordering::Acquire) == me {
+        return None;
+    }
+    let t0 = crate::cpu::uptime_ns();
+    loop {
+        if let Some(guard) = UART.try_lock() {
+            return Some(ConsoleGuard::new(guard));
+        }
+        if crate::cpu::uptime_ns().wrapping_sub(t0) > LOCK_WAIT_NS {
+            return None;
+        }
+        core::hint::spin_loop();
     }
 }
 
@@ -144,19 +177,42 @@ pub fn emergency_writes() -> usize {
 }
 
 /// The console held for several writes in a row (lines from elsewhere cannot interleave).
-/// Output from an exception or a panic meanwhile does not wait for it: it takes the
-/// emergency path.
+/// Output from an exception or a panic on this CPU meanwhile does not wait for it: it
+/// takes the emergency path.
 pub struct ConsoleGuard {
     guard: spin::MutexGuard<'static, Option<Uart<'static>>>,
 }
 
-/// Takes the console for several writes in a row (see [`ConsoleGuard`]).
+impl ConsoleGuard {
+    fn new(mut guard: spin::MutexGuard<'static, Option<Uart<'static>>>) -> Self {
+        let me = crate::smp::this_cpu() + 1;
+        OWNER.store(me, Ordering::Release);
+        let open = LINE_OPEN_BY.load(Ordering::Relaxed);
+        if open != 0 && open != me {
+            // Another CPU's line is still open: ours starts on a line of its own.
+            write_locked(&mut guard, "\n");
+            LINE_OPEN_BY.store(0, Ordering::Relaxed);
+        }
+        Self { guard }
+    }
+}
+
+impl Drop for ConsoleGuard {
+    fn drop(&mut self) {
+        OWNER.store(0, Ordering::Release);
+    }
+}
+
+/// Takes the console for several writes in a row (see [`ConsoleGuard`]); waits for it.
 pub fn lock() -> ConsoleGuard {
-    ConsoleGuard { guard: UART.lock() }
+    ConsoleGuard::new(UART.lock())
 }
 
 impl Write for ConsoleGuard {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if let Some(&last) = s.as_bytes().last() {
+            LINE_OPEN_BY.store(if last == b'\n' { 0 } else { crate::smp::this_cpu() + 1 }, Ordering::Relaxed);
+        }
         write_locked(&mut self.guard, s);
         Ok(())
     }
@@ -193,22 +249,28 @@ pub fn try_read_byte() -> Option<u8> {
     byte
 }
 
-/// Prints to the console (no newline).
+/// Prints to the console (no newline), holding the console for the whole text.
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
-        let _ = write!($crate::console::Console, $($arg)*);
+        match $crate::console::lock_for_report() {
+            Some(mut c) => { let _ = write!(c, $($arg)*); }
+            None => { let _ = write!($crate::console::EmergencyConsole, $($arg)*); }
+        }
     }};
 }
 
-/// Prints a line to the console.
+/// Prints a line to the console, holding the console for the whole line.
 #[macro_export]
 macro_rules! println {
     () => { $crate::print!("\n") };
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
-        let _ = writeln!($crate::console::Console, $($arg)*);
+        match $crate::console::lock_for_report() {
+            Some(mut c) => { let _ = writeln!(c, $($arg)*); }
+            None => { let _ = writeln!($crate::console::EmergencyConsole, $($arg)*); }
+        }
     }};
 }
 
@@ -238,7 +300,8 @@ impl Log for Logger {
         let module = target.split("::").next().unwrap_or(target);
         // One write per line so concurrent lines do not interleave mid-line.
         let mut line = LineBuf::new();
-        let _ = writeln!(line, "[{s:5}.{us:06}] {level} {module}: {}", record.args());
+        let cpu = crate::smp::this_cpu();
+        let _ = writeln!(line, "[{s:5}.{us:06}] {level} cpu{cpu} {module}: {}", record.args());
         let _ = Console.write_str(line.as_str());
     }
 

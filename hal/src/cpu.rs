@@ -103,6 +103,51 @@ pub fn unmask_serror() {
     };
 }
 
+/// Masks IRQ and FIQ on this CPU and returns the previous `DAIF`, for
+/// [`restore_interrupts`].
+pub fn mask_interrupts() -> u64 {
+    let saved = daif();
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: masking interrupts has no effect on memory; `restore_interrupts` undoes it.
+    unsafe {
+        core::arch::asm!("msr daifset, #3", options(nomem, nostack, preserves_flags))
+    };
+    saved
+}
+
+/// Puts back the IRQ and FIQ masks [`mask_interrupts`] returned (A and D untouched).
+pub fn restore_interrupts(saved: u64) {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    if saved & 0xc0 == 0 {
+        // SAFETY: unmasking what was unmasked before `mask_interrupts`.
+        unsafe { core::arch::asm!("msr daifclr, #3", options(nomem, nostack, preserves_flags)) };
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    let _ = saved;
+}
+
+/// Cleans `len` bytes at `addr` from the data caches to the point of coherency (`dc cvac`,
+/// then `dsb sy`): for memory another CPU reads with its caches off.
+pub fn clean_dcache_to_poc(addr: u64, len: u64) {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let ctr: u64;
+        // SAFETY: reading CTR_EL0 has no side effect.
+        unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+        let line = 4u64 << ((ctr >> 16) & 0xf);
+        let mut a = addr & !(line - 1);
+        while a < addr + len {
+            // SAFETY: cleaning a line writes its data back; memory contents do not change.
+            unsafe { core::arch::asm!("dc cvac, {}", in(reg) a, options(nostack, preserves_flags)) };
+            a += line;
+        }
+        // SAFETY: a barrier.
+        unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    let _ = (addr, len);
+}
+
 /// Waits for an event forever: the end of the line when nothing else can be done.
 pub fn halt() -> ! {
     loop {

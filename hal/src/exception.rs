@@ -15,8 +15,6 @@ use crate::console::EmergencyConsole;
 use core::fmt;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 use core::fmt::Write;
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
-use core::sync::atomic::AtomicPtr;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Registers saved on exception entry (layout shared with `asm/vectors.S`).
@@ -221,45 +219,80 @@ pub fn register_guard_region(start: u64, end: u64, name: &'static str) {
     }
 }
 
-fn guard_region_name(addr: u64) -> Option<&'static str> {
-    let regions = GUARD_REGIONS.try_lock()?;
-    regions.iter().find(|r| addr >= r.0 && addr < r.1).map(|r| r.2)
-}
-
-/// The last fault a probe absorbed (ESR, FAR, ELR), written by the handler.
-static PROBE_ESR: AtomicU64 = AtomicU64::new(0);
-static PROBE_FAR: AtomicU64 = AtomicU64::new(0);
-static PROBE_ELR: AtomicU64 = AtomicU64::new(0);
-/// The address `probe::exec` branches to, while it runs (0 otherwise): an instruction abort
-/// there resumes at its fixup.
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
-pub(crate) static EXEC_PROBE_ARMED: AtomicUsize = AtomicUsize::new(0);
-
-/// The fault the last failing probe absorbed.
-pub fn last_probe_fault() -> Fault {
-    Fault {
-        esr: PROBE_ESR.load(Ordering::Acquire),
-        far: PROBE_FAR.load(Ordering::Acquire),
-        elr: PROBE_ELR.load(Ordering::Acquire),
+fn guard_region_name(addr: u64, out: &mut dyn fmt::Write) -> bool {
+    if let Some((name, cpu)) = crate::boot::boot_info().and_then(|i| crate::smp::stack_guard_name(&i.image, addr)) {
+        let _ = write!(out, "{name} of CPU {cpu}");
+        return true;
+    }
+    let Some(regions) = GUARD_REGIONS.try_lock() else { return false };
+    match regions.iter().find(|r| addr >= r.0 && addr < r.1) {
+        Some(r) => {
+            let _ = out.write_str(r.2);
+            true
+        }
+        None => false,
     }
 }
 
-/// Saved callee-saved state of a [`catch`] (layout shared with `asm/probe.S`).
+/// The fault the last failing probe absorbed on this CPU.
+pub fn last_probe_fault() -> Fault {
+    let f = &crate::smp::this_cpu_data().probe_fault;
+    Fault { esr: f[0].load(Ordering::Acquire), far: f[1].load(Ordering::Acquire), elr: f[2].load(Ordering::Acquire) }
+}
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn record_probe_fault(frame: &TrapFrame) {
+    let f = &crate::smp::this_cpu_data().probe_fault;
+    f[0].store(frame.esr, Ordering::Release);
+    f[1].store(frame.far, Ordering::Release);
+    f[2].store(frame.elr, Ordering::Release);
+}
+
+/// Arms (`addr`) or disarms (0) this CPU's exec probe: an instruction abort at `addr`
+/// resumes at the probe's fixup.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub(crate) fn arm_exec_probe(addr: usize) {
+    crate::smp::this_cpu_data().exec_probe_armed.store(addr, Ordering::Release);
+}
+
+/// Spurious translation faults retried on this CPU: the entry was valid by the time the
+/// handler looked, because another CPU had just published it.
+pub fn spurious_faults() -> u64 {
+    crate::smp::this_cpu_data().spurious_faults()
+}
+
+/// A function run at the start of every synchronous abort's handling, before the
+/// spurious-fault check (0: none).
+static ABORT_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs (or, with `None`, removes) a function the handler calls with the fault address
+/// at the start of every data or instruction abort, before it checks whether the fault is
+/// spurious. Tests use it to publish a translation "from another CPU" at the exact moment
+/// between the walk that faulted and the handler's look.
+///
+/// # Safety
+/// The hook runs in exception context: it must not fault, block, or take a lock the
+/// interrupted code may hold.
+pub unsafe fn set_abort_hook(hook: Option<fn(u64)>) {
+    ABORT_HOOK.store(hook.map_or(0, |f| f as usize), Ordering::Release);
+}
+
+/// Saved callee-saved state of a [`catch`] (layout shared with `asm/probe.S` up to
+/// `daif`), and the catch it nests in.
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 #[repr(C)]
-#[derive(Default)]
 struct CatchContext {
     regs: [u64; 10], // x19..x28
     fp: [u64; 8],    // d8..d15
     sp: u64,
+    /// DAIF at the catch point: recovery resumes with these masks.
+    daif: u64,
+    /// The enclosing catch of this CPU (null: none).
+    prev: *mut CatchContext,
 }
 
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
-static CATCH: AtomicPtr<CatchContext> = AtomicPtr::new(core::ptr::null_mut());
-/// How many faults and panics were recovered by [`catch`].
+/// How many faults and panics were recovered by [`catch`], all CPUs together.
 static RECOVERED: AtomicU64 = AtomicU64::new(0);
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
-static LAST_RECOVERED_FAULT: spin::Mutex<Option<Fault>> = spin::Mutex::new(None);
 
 /// Why a [`catch`] did not return normally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,8 +313,9 @@ unsafe extern "C" {
 }
 
 /// Runs `f`; if it panics or takes a fatal exception, the report is printed and `catch`
-/// returns `Err` instead of the machine stopping. One level only: a `catch` inside a
-/// `catch` is refused with `Err(Caught::Panic)` before `f` runs.
+/// returns `Err` instead of the machine stopping. Catches nest, per CPU: a failure returns
+/// to the innermost `catch` of the CPU it happened on, which resumes with the interrupt
+/// masks it had when it was entered.
 ///
 /// Locks `f` held when it failed stay held: use this to keep a test suite going, not as
 /// an error-handling mechanism.
@@ -300,25 +334,29 @@ pub unsafe fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
                 f();
             }
         }
-        let mut ctx = CatchContext::default();
-        if CATCH.compare_exchange(core::ptr::null_mut(), &mut ctx, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            return Err(Caught::Panic);
-        }
-        *LAST_RECOVERED_FAULT.lock() = None;
+        let cpu = crate::smp::this_cpu_data();
+        let prev = cpu.catch.load(Ordering::Acquire) as *mut CatchContext;
+        let mut ctx = CatchContext { regs: [0; 10], fp: [0; 8], sp: 0, daif: 0, prev };
+        cpu.recovered_valid.store(false, Ordering::Relaxed);
+        cpu.catch.store(&mut ctx as *mut CatchContext as *mut u8, Ordering::Release);
         let mut slot = Some(f);
-        // SAFETY: `ctx` outlives the call and is only jumped to while CATCH points at it;
-        // the trampoline's argument is `slot`, of the type it expects.
+        // SAFETY: `ctx` outlives the call and is only jumped to while this CPU's catch
+        // points at it; the trampoline's argument is `slot`, of the type it expects.
         let r = unsafe { hal_catch_call(&mut ctx, trampoline::<F>, &mut slot as *mut Option<F> as *mut u8) };
-        CATCH.store(core::ptr::null_mut(), Ordering::Release);
+        // On a recovery the handler already popped `ctx`; either way the enclosing catch
+        // is the innermost again.
+        cpu.catch.store(prev as *mut u8, Ordering::Release);
         if r == 0 {
             Ok(())
         } else {
             // A longjmp skipped F's destructors (its captures may leak), as a panic=abort
             // world must accept.
             core::mem::forget(slot);
-            match LAST_RECOVERED_FAULT.lock().take() {
-                Some(fault) => Err(Caught::Fault(fault)),
-                None => Err(Caught::Panic),
+            if cpu.recovered_valid.swap(false, Ordering::AcqRel) {
+                let [esr, far, elr] = [0, 1, 2].map(|i| cpu.recovered_fault[i].load(Ordering::Relaxed));
+                Err(Caught::Fault(Fault { esr, far, elr }))
+            } else {
+                Err(Caught::Panic)
             }
         }
     }
@@ -329,8 +367,23 @@ pub unsafe fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
     }
 }
 
-/// Called by the panic handler: if a [`catch`] is armed, return to it (never returns);
-/// otherwise returns so the caller can stop the machine.
+/// Pops this CPU's innermost catch context (null: none armed).
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn pop_catch() -> *mut CatchContext {
+    let cpu = crate::smp::this_cpu_data();
+    let ctx = cpu.catch.load(Ordering::Acquire) as *mut CatchContext;
+    if !ctx.is_null() {
+        // SAFETY: a non-null pointer here was armed by a `catch` frame still on this CPU's
+        // stack (it restores the enclosing one before it returns).
+        let prev = unsafe { (*ctx).prev };
+        cpu.catch.store(prev as *mut u8, Ordering::Release);
+        RECOVERED.fetch_add(1, Ordering::Relaxed);
+    }
+    ctx
+}
+
+/// Called by the panic handler: if a [`catch`] is armed on this CPU, return to it (never
+/// returns); otherwise returns so the caller can stop the machine.
 pub fn recover_from_panic() {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     {
@@ -342,12 +395,15 @@ pub fn recover_from_panic() {
         if spsel & 1 != 0 {
             return;
         }
-        let ctx = CATCH.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        let ctx = pop_catch();
         if !ctx.is_null() {
-            RECOVERED.fetch_add(1, Ordering::Relaxed);
             // SAFETY: `ctx` was armed by a `catch` frame that is still on the stack below
-            // us (it disarms before returning), so its saved registers are valid.
-            unsafe { hal_catch_longjmp(ctx) }
+            // us, so its saved registers are valid; its DAIF is restored as it was.
+            unsafe {
+                let daif = (*ctx).daif;
+                core::arch::asm!("msr daif, {}", in(reg) daif, options(nomem, nostack));
+                hal_catch_longjmp(ctx)
+            }
         }
     }
 }
@@ -377,12 +433,12 @@ const KIND_NAMES: [&str; 6] = ["synchronous", "IRQ", "FIQ", "SError", "from lowe
 pub fn report(frame: &TrapFrame, kind: u64, out: &mut dyn fmt::Write, hooks: bool) {
     let fault = Fault { esr: frame.esr, far: frame.far, elr: frame.elr };
     let kind_name = KIND_NAMES.get(kind as usize).copied().unwrap_or("?");
-    let _ = writeln!(out, "\n*** EXCEPTION ({kind_name}): {fault}");
+    let _ = writeln!(out, "\n*** EXCEPTION ({kind_name}) on CPU {}: {fault}", crate::smp::this_cpu());
     if matches!(fault.class(), ExceptionClass::DataAbort | ExceptionClass::InstructionAbort) {
-        if let Some(name) = guard_region_name(frame.far) {
-            let _ = writeln!(out, "*** {name} (fault address {:#x} is in its guard page)", frame.far);
+        let _ = write!(out, "*** ");
+        if guard_region_name(frame.far, out) {
+            let _ = writeln!(out, " (fault address {:#x} is in its guard page)", frame.far);
         } else {
-            let _ = write!(out, "*** ");
             if !(hooks && explain(frame.far, out)) {
                 let _ = write!(out, "no owner known for {:#x}", frame.far);
             }
@@ -401,44 +457,91 @@ pub fn report(frame: &TrapFrame, kind: u64, out: &mut dyn fmt::Write, hooks: boo
     }
 }
 
+/// Whether a translation fault at `far` is spurious: the address translates now (`AT
+/// S1E1R`), because another CPU published the entry after our walk missed it, as Linux's
+/// `is_spurious_el1_translation_fault`. Such a fault is retried and counted.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn is_spurious_translation_fault(frame: &TrapFrame) -> bool {
+    let class = ExceptionClass::from_esr(frame.esr);
+    // Same-EL aborts (EC 0x21 / 0x25), translation faults (DFSC 0b0001xx) only.
+    let same_el = matches!((frame.esr >> 26) & 0x3f, 0x21 | 0x25);
+    if !same_el || !matches!(class, ExceptionClass::DataAbort | ExceptionClass::InstructionAbort) || frame.esr & 0x3c != 0x04 {
+        return false;
+    }
+    let par: u64;
+    // SAFETY: AT only writes PAR_EL1, which nothing else relies on across this handler.
+    unsafe {
+        core::arch::asm!("at s1e1r, {va}", "isb", "mrs {par}, par_el1", va = in(reg) frame.far, par = out(reg) par, options(nostack))
+    };
+    if par & 1 == 0 {
+        return true;
+    }
+    // A fault of another kind now (a permission fault, say): the entry changed under us, so
+    // the translation fault itself was transient; retrying reports the real one.
+    let fst = (par >> 1) & 0x3f;
+    fst & 0x3c != 0x04
+}
+
 /// Rust side of every exception from thread context (`asm/vectors.S`).
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 #[unsafe(no_mangle)]
 extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
+    let cpu = crate::smp::this_cpu_data();
     if kind == 0 {
+        let class = ExceptionClass::from_esr(frame.esr);
+        if matches!(class, ExceptionClass::DataAbort | ExceptionClass::InstructionAbort) {
+            let hook = ABORT_HOOK.load(Ordering::Acquire);
+            if hook != 0 {
+                // SAFETY: only `fn(u64)` pointers are stored (`set_abort_hook`), whose
+                // caller promised they are safe to run here.
+                let hook: fn(u64) = unsafe { core::mem::transmute::<usize, fn(u64)>(hook) };
+                hook(frame.far);
+            }
+            if is_spurious_translation_fault(frame) {
+                cpu.spurious_faults.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         if let Some(fixup) = fixup_for(frame.elr) {
-            PROBE_ESR.store(frame.esr, Ordering::Release);
-            PROBE_FAR.store(frame.far, Ordering::Release);
-            PROBE_ELR.store(frame.elr, Ordering::Release);
+            record_probe_fault(frame);
             frame.elr = fixup;
             return;
         }
         // Only the abort at the probed address itself: anything else is a real fault.
-        let armed = EXEC_PROBE_ARMED.load(Ordering::Acquire) as u64;
-        if ExceptionClass::from_esr(frame.esr) == ExceptionClass::InstructionAbort && armed != 0 && frame.elr == armed {
-            PROBE_ESR.store(frame.esr, Ordering::Release);
-            PROBE_FAR.store(frame.far, Ordering::Release);
-            PROBE_ELR.store(frame.elr, Ordering::Release);
+        let armed = cpu.exec_probe_armed.load(Ordering::Acquire) as u64;
+        if class == ExceptionClass::InstructionAbort && armed != 0 && frame.elr == armed {
+            record_probe_fault(frame);
             frame.elr = hal_probe_exec_fixup as *const () as u64;
             return;
         }
     }
-    report(frame, kind, &mut EmergencyConsole, true);
-    let ctx = CATCH.swap(core::ptr::null_mut(), Ordering::AcqRel);
+    report_on_console(frame, kind, true);
+    let ctx = pop_catch();
     if !ctx.is_null() {
-        RECOVERED.fetch_add(1, Ordering::Relaxed);
-        if let Some(mut last) = LAST_RECOVERED_FAULT.try_lock() {
-            *last = Some(Fault { esr: frame.esr, far: frame.far, elr: frame.elr });
+        for (slot, v) in cpu.recovered_fault.iter().zip([frame.esr, frame.far, frame.elr]) {
+            slot.store(v, Ordering::Relaxed);
         }
-        // Resume in hal_catch_longjmp(ctx) at EL1 on SP_EL0 with IRQ, FIQ and debug masked
-        // and SError open, as boot leaves them.
+        cpu.recovered_valid.store(true, Ordering::Release);
+        // Resume in hal_catch_longjmp(ctx) at EL1 on SP_EL0, with the interrupt masks the
+        // catch point had.
         frame.x[0] = ctx as u64;
         frame.elr = hal_catch_longjmp as *const () as u64;
-        frame.spsr = 0x2c4;
+        // SAFETY: `ctx` was armed by a `catch` frame still on this CPU's stack.
+        frame.spsr = (unsafe { (*ctx).daif } & 0x3c0) | 0x4;
         return;
     }
-    let _ = writeln!(EmergencyConsole, "*** fatal: stopping");
+    let _ = writeln!(EmergencyConsole, "*** fatal: stopping (CPU {})", cpu.id());
     crate::exit::exit(crate::exit::EXIT_FAULT);
+}
+
+/// Prints the report of `frame` whole: under the console lock when this CPU can have it
+/// (other CPUs' lines do not cut into it), else on the emergency path.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn report_on_console(frame: &TrapFrame, kind: u64, hooks: bool) {
+    match crate::console::lock_for_report() {
+        Some(mut guard) => report(frame, kind, &mut guard, hooks),
+        None => report(frame, kind, &mut EmergencyConsole, hooks),
+    }
 }
 
 /// Rust side of an exception taken while already handling one: report and stop.
@@ -447,8 +550,7 @@ extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
 extern "C" fn hal_trap_nested(frame: &mut TrapFrame, kind: u64) -> ! {
     // A fault while reporting this one (the console itself, say) must not loop: the second
     // time round, stop at once.
-    static NESTED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-    if NESTED.swap(true, Ordering::AcqRel) {
+    if crate::smp::this_cpu_data().nested.swap(true, Ordering::AcqRel) {
         crate::exit::exit(crate::exit::EXIT_FAULT);
     }
     let _ = writeln!(EmergencyConsole, "\n*** EXCEPTION INSIDE AN EXCEPTION HANDLER (exception stack reset)");

@@ -267,6 +267,12 @@ fn build(info: &BootInfo, linear: LinearMap, alloc: &mut BumpTableAlloc) -> Resu
     lower.map(identity(img.data), img.data.start(), Attributes::DATA, pages, alloc)?;
     lower.map(identity(img.boot_stack), img.boot_stack.start(), Attributes::DATA, pages, alloc)?;
     lower.map(identity(img.exception_stack), img.exception_stack.start(), Attributes::DATA, pages, alloc)?;
+    // The other CPUs' stacks; their guard pages stay unmapped.
+    for stacks in (1..crate::dtb::MAX_CPUS).filter_map(|cpu| crate::smp::CpuStacks::of(img, cpu)) {
+        for r in [stacks.stack, stacks.exception_stack] {
+            lower.map(identity(r), r.start(), Attributes::DATA, pages, alloc)?;
+        }
+    }
     if let Some(uart) = info.platform.uart {
         let page = PhysRange::covering_pages(uart.start(), uart.size())?;
         lower.map(identity(page), page.start(), Attributes::DEVICE, pages, alloc)?;

@@ -15,6 +15,7 @@
 //! - [`console`]: PL011 console and logger; [`exception`]: vectors, fault decoding,
 //!   fixups, the fault-report hook, recovery; [`probe`]: touching addresses safely.
 //! - [`el2`]: the stub left at EL2 when entered there (it raises a virtual SError for tests).
+//! - [`smp`]: every core — per-CPU data, `PerCpu<T>`, secondary CPUs, running on all.
 //! - [`cpu`]: counter and small instructions; [`psci`], [`exit`]: power off and exit status.
 #![cfg_attr(not(test), no_std)]
 
@@ -32,5 +33,6 @@ pub mod linear;
 pub mod mmu;
 pub mod probe;
 pub mod psci;
+pub mod smp;
 
 pub use addr::{Pfn, PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SHIFT, PAGE_SIZE};

@@ -120,12 +120,11 @@ pub unsafe fn write_u64(addr: usize, value: u64) -> Result<(), Fault> {
 pub unsafe fn exec(addr: usize) -> Result<(), Fault> {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     {
-        use core::sync::atomic::Ordering;
-        crate::exception::EXEC_PROBE_ARMED.store(addr, Ordering::Release);
+        crate::exception::arm_exec_probe(addr);
         // SAFETY: the handler resumes an instruction abort at hal_probe_exec_fixup while
         // armed; if `addr` runs, the caller promised it returns.
         let r = unsafe { ffi::hal_probe_exec(addr) };
-        crate::exception::EXEC_PROBE_ARMED.store(0, Ordering::Release);
+        crate::exception::arm_exec_probe(0);
         match r {
             0 => Ok(()),
             _ => Err(crate::exception::last_probe_fault()),

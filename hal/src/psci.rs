@@ -53,3 +53,53 @@ pub fn system_off() {
         };
     }
 }
+
+/// Why a PSCI call failed (the PSCI return codes that matter here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciError {
+    /// No conduit is known.
+    NoConduit,
+    /// `ALREADY_ON`: the CPU is still on.
+    AlreadyOn,
+    /// `ON_PENDING`: a `CPU_ON` for it is in progress.
+    OnPending,
+    /// Any other failure.
+    Other,
+}
+
+/// `CPU_ON`: starts the CPU with MPIDR affinity `mpidr` at physical address `entry`, MMU
+/// off, with `context` in `x0`.
+///
+/// # Errors
+/// A [`PsciError`].
+pub fn cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), PsciError> {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let r = match conduit().ok_or(PsciError::NoConduit)? {
+            Conduit::Hvc => smccc::psci::cpu_on::<smccc::Hvc>(mpidr, entry, context),
+            Conduit::Smc => smccc::psci::cpu_on::<smccc::Smc>(mpidr, entry, context),
+        };
+        r.map_err(|e| match e {
+            smccc::psci::Error::AlreadyOn => PsciError::AlreadyOn,
+            smccc::psci::Error::OnPending => PsciError::OnPending,
+            _ => PsciError::Other,
+        })
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        let _ = (mpidr, entry, context);
+        Err(PsciError::NoConduit)
+    }
+}
+
+/// `CPU_OFF`: powers the calling CPU off; returns only if the call fails.
+pub fn cpu_off() {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let _ = match conduit() {
+            Some(Conduit::Hvc) => smccc::psci::cpu_off::<smccc::Hvc>(),
+            Some(Conduit::Smc) => smccc::psci::cpu_off::<smccc::Smc>(),
+            None => Ok(()),
+        };
+    }
+}

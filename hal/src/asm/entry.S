@@ -29,37 +29,9 @@ primary_entry:
     msr     daifset, #0xf
     mov     x19, x0                 // x19 = DTB pointer from the loader (0 for an ELF boot)
 
-    // Leave EL2 if we were started there.
     mrs     x9, CurrentEL
-    lsr     x9, x9, #2
-    mov     x20, x9                 // x20 = entry exception level, reported by Rust
-    cmp     x9, #2
-    b.ne    1f
-    // EL1 is AArch64; no trapping of EL1 timer, FP/SIMD or system registers to EL2.
-    mov     x9, #(1 << 31)          // HCR_EL2.RW
-    msr     hcr_el2, x9
-    mov     x9, #3                  // CNTHCTL_EL2.EL1PCTEN | EL1PCEN
-    msr     cnthctl_el2, x9
-    msr     cntvoff_el2, xzr
-    mov     x9, #0x33ff             // CPTR_EL2: no FP/SIMD traps (TFP = 0)
-    msr     cptr_el2, x9
-    msr     hstr_el2, xzr
-    msr     vttbr_el2, xzr
-    // What stays at EL2: the stub of asm/el2.S (it can inject a virtual SError for tests).
-    adr_l   x9, hal_el2_vectors
-    msr     vbar_el2, x9
-    mov     x9, #0x3c5              // SPSR_EL2: EL1h, DAIF masked
-    msr     spsr_el2, x9
-    adr     x9, 1f
-    msr     elr_el2, x9
-    eret
-1:
-    // At EL1. A known SCTLR_EL1 whatever the loader left: MMU, caches and alignment checks
-    // off, little endian, RES1 bits set (Linux's INIT_SCTLR_EL1_MMU_OFF).
-    mov     x9, #0x0800
-    movk    x9, #0x30d0, lsl #16
-    msr     sctlr_el1, x9
-    isb
+    lsr     x20, x9, #2             // x20 = entry exception level, reported by Rust
+    LEAVE_EL2
     // FP/SIMD on (CPACR_EL1.FPEN = 0b11): Rust emits SIMD for copies.
     mov     x9, #(3 << 20)
     msr     cpacr_el1, x9
@@ -86,6 +58,11 @@ primary_entry:
     stp     xzr, xzr, [x9], #16
     b       2b
 3:
+    // CPU 0's per-CPU data (BSS is clear now): TPIDR_EL1 and its exception-stack top.
+    adr_l   x9, HAL_CPUS
+    adr_l   x10, __exception_stack_top
+    str     x10, [x9]
+    msr     tpidr_el1, x9
     mov     x0, x19
     mov     x1, x20
     mov     x29, xzr
@@ -93,3 +70,50 @@ primary_entry:
     bl      hal_boot_rust           // never returns
 4:  wfe
     b       4b
+
+// A secondary CPU, started by PSCI CPU_ON (hal::smp): MMU off, x0 = its CpuData, whose
+// first 64 bytes are its boot record (stack tops, then MAIR, TCR, TTBR0, TTBR1, SCTLR of
+// the boot CPU), cleaned to the point of coherency before CPU_ON. Nothing touches the
+// stack, a lock or an atomic before the MMU and caches are on.
+.global hal_secondary_entry
+hal_secondary_entry:
+    msr     daifset, #0xf
+    mov     x19, x0
+    mrs     x9, CurrentEL
+    lsr     x20, x9, #2
+    LEAVE_EL2
+    mov     x9, #(3 << 20)
+    msr     cpacr_el1, x9
+    isb
+    // The boot CPU's translation regime; a local TLB flush drops whatever this CPU cached
+    // before (nothing should be there, but reset values are not promised).
+    ldp     x9, x10, [x19, #16]     // MAIR, TCR
+    msr     mair_el1, x9
+    msr     tcr_el1, x10
+    ldp     x9, x10, [x19, #32]     // TTBR0, TTBR1
+    msr     ttbr0_el1, x9
+    msr     ttbr1_el1, x10
+    isb
+    tlbi    vmalle1
+    dsb     nsh
+    isb
+    ldr     x9, [x19, #48]          // SCTLR: M, C, I, WXN as the boot CPU has them
+    msr     sctlr_el1, x9
+    isb
+    // MMU and caches on: vectors, per-CPU data, stacks.
+    adr_l   x9, hal_exception_vectors
+    msr     vbar_el1, x9
+    msr     tpidr_el1, x19
+    ldr     x9, [x19, #0]           // exception stack top: SP_EL1
+    mov     sp, x9
+    msr     spsel, #0
+    ldr     x9, [x19, #8]           // thread stack top: SP_EL0
+    mov     sp, x9
+    isb
+    mov     x0, x19
+    mov     x1, x20
+    mov     x29, xzr
+    mov     x30, xzr
+    bl      hal_secondary_rust      // never returns
+5:  wfe
+    b       5b

@@ -105,6 +105,8 @@ hal_catch_call:
     stp     d14, d15, [x0, #128]
     mov     x9, sp
     str     x9, [x0, #144]
+    mrs     x9, daif
+    str     x9, [x0, #152]          // the catch point's interrupt masks, for the recovery
     mov     x9, x1
     mov     x0, x2
     blr     x9

@@ -68,16 +68,21 @@
     b       hal_trap_common
 .endm
 
-// Entry while already on SP_EL1: a fault in a handler. Start again at the top of the
-// exception stack so a handler stack overflow is reported instead of faulting forever.
-// x9 is needed to compute that address: its value is parked in TPIDR_EL1 (unused
-// otherwise) and put back into the frame by hal_nested_entry.
+// Entry while already on SP_EL1: a fault in a handler. Start again at the top of this
+// CPU's exception stack (CpuData offset 0, through TPIDR_EL1; the boot CPU's link.ld stack
+// if TPIDR_EL1 is not set yet) so a handler stack overflow is reported instead of faulting
+// forever. x9 is needed to compute that address: its value is parked in TPIDR_EL0 (there
+// is no EL0) and put back into the frame by hal_nested_entry.
 .macro VECTOR_SPX kind
     .balign 0x80
-    msr     tpidr_el1, x9
-    adrp    x9, __exception_stack_top
+    msr     tpidr_el0, x9
+    mrs     x9, tpidr_el1
+    cbz     x9, 1f
+    ldr     x9, [x9]
+    cbnz    x9, 2f
+1:  adrp    x9, __exception_stack_top
     add     x9, x9, :lo12:__exception_stack_top
-    mov     sp, x9
+2:  mov     sp, x9
     mov     x9, #\kind
     b       hal_nested_entry
 .endm
@@ -108,11 +113,11 @@ hal_trap_common:
     RESTORE_FRAME
     eret
 
-// x9 = kind, the interrupted x9 in TPIDR_EL1, sp = top of the exception stack.
+// x9 = kind, the interrupted x9 in TPIDR_EL0, sp = top of the exception stack.
 hal_nested_entry:
     SAVE_FRAME
     ldr     x1, [sp, #72]             // the kind, saved in x9's slot
-    mrs     x9, tpidr_el1
+    mrs     x9, tpidr_el0
     str     x9, [sp, #72]             // the interrupted x9, for the report
     mov     x0, sp
     bl      hal_trap_nested           // never returns

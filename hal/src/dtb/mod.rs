@@ -4,10 +4,12 @@
 //! Parsing is done by the `flat_device_tree` crate; this module turns its answers into
 //! plain typed data ([`Platform`]) that needs no heap, so it can run before any allocator.
 
+mod cpus;
 mod nops;
 mod ranges;
 mod reserved;
 
+pub use cpus::{CpuList, MAX_CPUS, MPIDR_AFFINITY_MASK};
 pub use nops::{count_nops, strip_nops, Malformed};
 pub use ranges::{Full, RangeList, MAX_RAM_RANGES};
 pub use reserved::{Reserved, ReservedKind, ReservedList, MAX_DYNAMIC, MAX_RESERVED};
@@ -82,6 +84,8 @@ pub struct Platform {
     pub ram: RangeList,
     /// `/memreserve/` entries and `/reserved-memory` children, dynamic ones placed.
     pub reserved: ReservedList,
+    /// The CPUs `/cpus` lists.
+    pub cpus: CpuList,
     /// The PL011 console (`arm,pl011`), preferring `/chosen/stdout-path`.
     pub uart: Option<PhysRange>,
     /// The GIC distributor (`arm,cortex-a15-gic` / `arm,gic-v3`), first `reg` entry.
@@ -252,7 +256,8 @@ impl Platform {
         let model = fdt.root().ok().map(|r| r.model()).unwrap_or("unknown");
         let bootargs = fdt.chosen().ok().and_then(|c| c.bootargs()).unwrap_or("");
 
-        Ok(Self { dtb, ram, reserved, uart, gic_distributor, psci, model, bootargs, blob })
+        let cpus = CpuList::parse(&fdt);
+        Ok(Self { dtb, ram, reserved, cpus, uart, gic_distributor, psci, model, bootargs, blob })
     }
 
     /// The device tree itself, for drivers that look up their own nodes.

@@ -39,6 +39,16 @@ fn reads_qemu_virt() {
     assert_eq!(p.bootargs, "a=1 shell");
     assert!(p.model.contains("virt"));
     assert!(p.reserved.is_empty());
+    // At -smp 1 QEMU gives the one CPU no enable-method.
+    assert_eq!(p.cpus.iter().collect::<Vec<_>>(), [(0, false)]);
+}
+
+#[test]
+fn lists_every_cpu_with_its_mpidr_and_enable_method() {
+    static SMP4: &[u8] = include_bytes!("../../testdata/qemu-virt-smp4.dtb");
+    let p = Platform::parse(SMP4).unwrap();
+    assert_eq!(p.cpus.iter().collect::<Vec<_>>(), [(0, true), (1, true), (2, true), (3, true)]);
+    assert_eq!(p.cpus.beyond, 0);
 }
 
 #[test]

@@ -231,6 +231,32 @@ pub unsafe fn enable(lower: &PageTable, upper: Option<&PageTable>) -> Result<(),
     Ok(())
 }
 
+/// This CPU's MAIR_EL1, TCR_EL1, TTBR0_EL1, TTBR1_EL1 and SCTLR_EL1, in that order: what a
+/// secondary CPU loads to turn its MMU on over the same tables (its boot record).
+pub fn current_mmu_registers() -> [u64; 5] {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let (mair, tcr, ttbr0, ttbr1, sctlr): (u64, u64, u64, u64, u64);
+        // SAFETY: reading these registers has no side effect.
+        unsafe {
+            asm!(
+                "mrs {0}, mair_el1",
+                "mrs {1}, tcr_el1",
+                "mrs {2}, ttbr0_el1",
+                "mrs {3}, ttbr1_el1",
+                "mrs {4}, sctlr_el1",
+                out(reg) mair, out(reg) tcr, out(reg) ttbr0, out(reg) ttbr1, out(reg) sctlr,
+                options(nomem, nostack, preserves_flags)
+            )
+        };
+        [mair, tcr, ttbr0, ttbr1, sctlr]
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        [0; 5]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
