@@ -266,7 +266,11 @@ fn start_cpus(info: &BootInfo) {
     };
     let p = &info.platform;
     if p.cpus.beyond > 0 {
-        log::warn!("{} more CPUs listed than the {} this build brings up: left off", p.cpus.beyond, crate::dtb::MAX_CPUS);
+        log::warn!(
+            "{} more CPUs listed than the {} this build brings up: left off",
+            p.cpus.beyond,
+            crate::dtb::MAX_CPUS
+        );
     }
     match crate::smp::start_secondaries(info, max) {
         Ok(n) => {

@@ -465,7 +465,10 @@ fn is_spurious_translation_fault(frame: &TrapFrame) -> bool {
     let class = ExceptionClass::from_esr(frame.esr);
     // Same-EL aborts (EC 0x21 / 0x25), translation faults (DFSC 0b0001xx) only.
     let same_el = matches!((frame.esr >> 26) & 0x3f, 0x21 | 0x25);
-    if !same_el || !matches!(class, ExceptionClass::DataAbort | ExceptionClass::InstructionAbort) || frame.esr & 0x3c != 0x04 {
+    if !same_el
+        || !matches!(class, ExceptionClass::DataAbort | ExceptionClass::InstructionAbort)
+        || frame.esr & 0x3c != 0x04
+    {
         return false;
     }
     let par: u64;

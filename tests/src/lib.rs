@@ -96,6 +96,43 @@ macro_rules! test {
 }
 
 static LAST_CAUGHT: spin::Mutex<Option<Caught>> = spin::Mutex::new(None);
+/// The test running now (for reports from other CPUs).
+static CURRENT_TEST: spin::Mutex<&'static str> = spin::Mutex::new("");
+
+/// The name of the test running now.
+pub fn current_test() -> &'static str {
+    *CURRENT_TEST.lock()
+}
+
+/// How long [`on_every_cpu`] waits for the other CPUs before it reports one as hung.
+pub const CPU_TIMEOUT_NS: u64 = 60_000_000_000;
+
+/// Runs `body(cpu)` on every online CPU at once, this one included, and joins: each CPU
+/// runs it inside its own `catch`, so a failure on one is reported (with that CPU's
+/// number) and the others go on. A CPU that does not finish within `timeout_ns` is named
+/// as hung, with the test. Returns every CPU's outcome (`NotRun` past the online ones).
+pub fn on_every_cpu_within(body: fn(usize), timeout_ns: u64) -> [hal::smp::Outcome; hal::dtb::MAX_CPUS] {
+    let out = hal::smp::run_on_all(body, timeout_ns);
+    for (cpu, o) in out.iter().enumerate() {
+        if *o == hal::smp::Outcome::Hung {
+            println!(
+                "\n*** test {}: CPU {cpu} did not finish within {} ms (hung)",
+                current_test(),
+                timeout_ns / 1_000_000
+            );
+        }
+    }
+    out
+}
+
+/// [`on_every_cpu_within`] [`CPU_TIMEOUT_NS`], then fails the test (panics, naming the CPU)
+/// unless every online CPU returned normally.
+pub fn on_every_cpu(body: fn(usize)) {
+    let out = on_every_cpu_within(body, CPU_TIMEOUT_NS);
+    for (cpu, o) in out.iter().enumerate().take(hal::smp::online_cpus()) {
+        assert_eq!(*o, hal::smp::Outcome::Returned, "CPU {cpu}");
+    }
+}
 
 /// How the previous test that panicked or faulted ended (for a follow-up test that checks
 /// the details, e.g. that a stack overflow hit the guard page).
@@ -126,6 +163,7 @@ pub fn run_tests(tests: &[Test]) -> Summary {
     let mut summary = Summary { filtered: tests.len() - total, ..Summary::default() };
     println!("\nrunning {total} tests");
     for t in selected {
+        *CURRENT_TEST.lock() = t.name;
         // Printed before the test runs: if it hangs, qemu-run names it from this line.
         hal::print!("test {} ... ", t.name);
         if let Some(needs) = t.needs.filter(|n| !(n.check)()) {

@@ -53,11 +53,30 @@ fn fault_hook_is_called() {
 
 fn catch_runs_and_returns() {
     let before = hal::exception::recovered_count();
-    // SAFETY: the closure holds nothing whose destructor matters (and is refused anyway).
+    // Catches nest (the runner's is armed here): the innermost gets the panic, and this
+    // test goes on.
+    // SAFETY: the closure holds nothing whose destructor matters.
     let r = unsafe { hal::exception::catch(|| panic!("inner")) };
-    // Nested catch is refused (one level only) — the runner's catch is armed here.
     assert_eq!(r, Err(hal::exception::Caught::Panic));
-    assert_eq!(hal::exception::recovered_count(), before);
+    assert_eq!(hal::exception::recovered_count(), before + 1);
+    // SAFETY: as above.
+    let ok = unsafe { hal::exception::catch(|| {}) };
+    assert_eq!(ok, Ok(()));
+}
+
+/// A recovered fault resumes with the interrupt masks the catch point had (SError open),
+/// not a fixed set: before, recovery left SError masked for the rest of the run.
+fn recovery_keeps_the_catch_points_masks() {
+    let before = hal::cpu::daif();
+    // SAFETY: the closure holds nothing whose destructor matters.
+    let r = unsafe {
+        hal::exception::catch(|| {
+            // SAFETY: deliberately reads an address with nothing behind it.
+            core::hint::black_box(core::ptr::read_volatile(0x7fff_ffff_f000 as *const u64));
+        })
+    };
+    assert!(matches!(r, Err(hal::exception::Caught::Fault(_))), "{r:?}");
+    assert_eq!(hal::cpu::daif(), before);
 }
 
 struct Buf {
@@ -139,6 +158,7 @@ tests::main!(
     test!(fault_is_caught, fault),
     test!(fault_hook_is_called),
     test!(catch_runs_and_returns),
+    test!(recovery_keeps_the_catch_points_masks),
     test!(output_gets_out_while_the_console_lock_is_held),
     test!(serror_is_open_and_interrupts_masked),
     test!(virtual_serror_is_reported, fault).needing(entered_at_el2, "virtualization=on"),

@@ -19,7 +19,9 @@ fn every_ram_page_is_reachable() {
     for ram in info.platform.ram.iter() {
         let mut pa = ram.start();
         while pa < ram.end() {
-            let guard = image.boot_stack_guard.contains(pa) || image.exception_stack_guard.contains(pa);
+            // Unmapped on purpose: every CPU's stack guard pages and the no-map reservations.
+            let guard = hal::smp::stack_guard_name(&image, pa.as_u64()).is_some()
+                || info.platform.reserved.no_map().any(|r| r.contains(pa));
             let va = linear.phys_to_virt(pa).unwrap();
             let r = probe::read_u8(va.as_usize());
             assert_eq!(r.is_err(), guard, "RAM page {pa:?} reachable: {r:?}");

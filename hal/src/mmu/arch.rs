@@ -68,6 +68,25 @@ pub(crate) fn isb() {
     compiler_fence(Ordering::SeqCst);
 }
 
+/// Test-only switch: when set, the broadcast TLBIs below issue their local forms instead
+/// (`vaale1`, `vaae1`, `vmalle1`), so other cores keep stale entries. It exists so the
+/// cross-core TLB test can show that it fails without broadcast maintenance; nothing else
+/// may set it.
+static LOCAL_TLBI_FOR_TEST: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Sets the [`LOCAL_TLBI_FOR_TEST`] switch (see there); returns its previous value.
+///
+/// # Safety
+/// While set, a translation another core cached survives its unmapping: the caller must
+/// be a test that touches only memory it owns on other cores and clears the switch again.
+pub unsafe fn set_local_tlbi_for_test(local: bool) -> bool {
+    LOCAL_TLBI_FOR_TEST.swap(local, Ordering::SeqCst)
+}
+
+fn local_for_test() -> bool {
+    LOCAL_TLBI_FOR_TEST.load(Ordering::Relaxed)
+}
+
 /// `tlbi vaale1is`: the *last-level* (leaf) entry translating `va`, any ASID, every core of
 /// the inner shareable domain. Walk caches are untouched. Does not wait for completion.
 pub(crate) fn tlbi_vaale1is(va: u64) {
@@ -76,10 +95,14 @@ pub(crate) fn tlbi_vaale1is(va: u64) {
     // SAFETY: TLB maintenance removes cached translations only; the next access walks the
     // tables again.
     unsafe {
-        asm!("tlbi vaale1is, {0}", in(reg) operand, options(nostack, preserves_flags))
+        if local_for_test() {
+            asm!("tlbi vaale1, {0}", in(reg) operand, options(nostack, preserves_flags))
+        } else {
+            asm!("tlbi vaale1is, {0}", in(reg) operand, options(nostack, preserves_flags))
+        }
     };
     #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
-    let _ = operand;
+    let _ = (operand, local_for_test());
 }
 
 /// `tlbi vaae1is`: every level's entry used to translate `va` — the leaf and the table
@@ -90,7 +113,11 @@ pub(crate) fn tlbi_vaae1is(va: u64) {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     // SAFETY: as in `tlbi_vaale1is`.
     unsafe {
-        asm!("tlbi vaae1is, {0}", in(reg) operand, options(nostack, preserves_flags))
+        if local_for_test() {
+            asm!("tlbi vaae1, {0}", in(reg) operand, options(nostack, preserves_flags))
+        } else {
+            asm!("tlbi vaae1is, {0}", in(reg) operand, options(nostack, preserves_flags))
+        }
     };
     #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
     let _ = operand;
@@ -107,7 +134,11 @@ pub(crate) fn tlbi_vmalle1is() {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     // SAFETY: as in `tlbi_vaale1is`.
     unsafe {
-        asm!("tlbi vmalle1is", options(nostack, preserves_flags))
+        if local_for_test() {
+            asm!("tlbi vmalle1", options(nostack, preserves_flags))
+        } else {
+            asm!("tlbi vmalle1is", options(nostack, preserves_flags))
+        }
     };
 }
 

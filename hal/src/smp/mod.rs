@@ -225,6 +225,12 @@ fn power_on(n: usize, work: usize, arg: usize) -> Result<(), SmpError> {
     }
 }
 
+/// Waits up to `timeout_ns` for CPU `n` to finish its work (a CPU [`run_on_all`] reported
+/// [`Outcome::Hung`] may still finish); whether it is idle now.
+pub fn wait_idle(n: usize, timeout_ns: u64) -> bool {
+    n < MAX_CPUS && wait_done(n, timeout_ns)
+}
+
 fn wait_done(n: usize, timeout_ns: u64) -> bool {
     let t0 = crate::cpu::uptime_ns();
     while !HAL_CPUS[n].work_done.load(Ordering::Acquire) {

@@ -26,7 +26,9 @@ unsafe impl<T: Send> Sync for PerCpu<T> {}
 impl<T> PerCpu<T> {
     /// A value per CPU, each made by `init(cpu)`.
     pub fn new(init: impl Fn(usize) -> T) -> Self {
-        Self { slots: core::array::from_fn(|cpu| Slot { value: UnsafeCell::new(init(cpu)), busy: AtomicBool::new(false) }) }
+        Self {
+            slots: core::array::from_fn(|cpu| Slot { value: UnsafeCell::new(init(cpu)), busy: AtomicBool::new(false) }),
+        }
     }
 
     /// Runs `f` on this CPU's value with IRQ and FIQ masked; `None` when this CPU's value
