@@ -41,6 +41,8 @@ fn rendezvous(gate: &AtomicUsize) {
 }
 
 fn every_listed_cpu_checked_in() {
+    // link.ld's `.cpu_stacks` holds exactly one slot per secondary (hal::smp's figures).
+    assert_eq!(info().image.cpu_stacks.size(), (MAX_CPUS as u64 - 1) * smp::CPU_STACK_SLOT);
     let cpus = &info().platform.cpus;
     let max = info().cmdline().get_u64("maxcpus").ok().flatten().map_or(usize::MAX, |n| n as usize);
     assert_eq!(online(), cpus.len().min(max).min(MAX_CPUS), "every listed CPU online");
@@ -67,9 +69,9 @@ fn run_everywhere_body(cpu: usize) {
 fn runs_on_every_cpu_at_once() {
     GATE_ALL.store(0, Ordering::Relaxed);
     tests::on_every_cpu(run_everywhere_body);
-    for n in 0..online() {
-        assert_eq!(RAN[n].load(Ordering::Relaxed), 1, "CPU {n} ran it once");
-        assert_eq!(SAW_MPIDR[n].load(Ordering::Relaxed), smp::cpu_data(n).unwrap().mpidr());
+    for (n, (ran, saw)) in RAN.iter().zip(&SAW_MPIDR).enumerate().take(online()) {
+        assert_eq!(ran.load(Ordering::Relaxed), 1, "CPU {n} ran it once");
+        assert_eq!(saw.load(Ordering::Relaxed), smp::cpu_data(n).unwrap().mpidr());
     }
     hal::print!("({} CPUs) ", online());
 }
@@ -95,8 +97,8 @@ fn per_cpu_body(cpu: usize) {
 
 fn per_cpu_values_stay_apart() {
     tests::on_every_cpu(per_cpu_body);
-    for n in 0..online() {
-        assert_eq!(PER_FINAL[n].load(Ordering::Relaxed), 10_000, "CPU {n}");
+    for (n, v) in PER_FINAL.iter().enumerate().take(online()) {
+        assert_eq!(v.load(Ordering::Relaxed), 10_000, "CPU {n}");
     }
 }
 

@@ -74,7 +74,10 @@ pub(crate) fn isb() {
 /// may set it.
 static LOCAL_TLBI_FOR_TEST: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// Sets the [`LOCAL_TLBI_FOR_TEST`] switch (see there); returns its previous value.
+/// Test-only: makes the broadcast TLBIs of this module issue their local forms (`vaale1`,
+/// `vaae1`, `vmalle1`) while `local` is set, so other cores keep stale entries; returns the
+/// previous setting. It exists so the cross-core TLB test can show that it fails without
+/// broadcast maintenance.
 ///
 /// # Safety
 /// While set, a translation another core cached survives its unmapping: the caller must

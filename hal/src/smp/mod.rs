@@ -345,3 +345,35 @@ pub fn run_on_all(f: fn(usize), timeout_ns: u64) -> [Outcome; MAX_CPUS] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacks_are_sliced_per_cpu_with_guard_pages() {
+        let image = ImageLayout::current();
+        assert!(CpuStacks::of(&image, 0).is_none(), "CPU 0 uses the image's boot stacks");
+        assert!(CpuStacks::of(&image, MAX_CPUS).is_none());
+        let mut last_end = image.cpu_stacks.start();
+        for cpu in 1..MAX_CPUS {
+            let s = CpuStacks::of(&image, cpu).unwrap();
+            assert_eq!(s.stack_guard.start(), last_end, "slots follow each other");
+            assert_eq!(s.stack_guard.end(), s.stack.start());
+            assert_eq!(s.stack.end(), s.exception_guard.start());
+            assert_eq!(s.exception_guard.end(), s.exception_stack.start());
+            assert_eq!((s.stack.size(), s.exception_stack.size()), (CPU_STACK_SIZE, CPU_EXCEPTION_STACK_SIZE));
+            assert_eq!(
+                stack_guard_name(&image, s.stack_guard.start().as_u64()),
+                Some(("stack overflow: thread stack", cpu))
+            );
+            assert_eq!(
+                stack_guard_name(&image, s.exception_guard.end().as_u64() - 1),
+                Some(("stack overflow: exception stack", cpu))
+            );
+            assert_eq!(stack_guard_name(&image, s.stack.start().as_u64()), None);
+            last_end = s.exception_stack.end();
+        }
+        assert_eq!(last_end, image.cpu_stacks.end(), "the region holds exactly MAX_CPUS - 1 slots");
+    }
+}

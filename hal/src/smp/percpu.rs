@@ -62,3 +62,22 @@ impl<T> PerCpu<T> {
         self.slots.get_mut(cpu).map(|s| s.value.get_mut())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cpu_has_its_own_value_and_nesting_is_refused() {
+        let per = PerCpu::new(|cpu| cpu as u64 * 10);
+        // The host is CPU 0.
+        assert_eq!(per.with(|v| *v), 0);
+        per.with(|v| *v += 5);
+        assert_eq!(per.with(|v| *v), 5);
+        assert_eq!(per.with(|_| per.try_with(|_| ())), None, "nested use refused");
+        assert_eq!(per.try_with(|v| *v), Some(5), "free again afterwards");
+        let mut per = per;
+        assert_eq!(per.get_mut(3).copied(), Some(30));
+        assert!(per.get_mut(MAX_CPUS).is_none());
+    }
+}
