@@ -348,5 +348,6 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         }
     }
     crate::exception::recover_from_panic();
+    crate::exception::report_stuck(crate::smp::stop_others(100_000_000));
     crate::exit::exit(crate::exit::EXIT_PANIC)
 }

@@ -148,6 +148,16 @@ pub fn clean_dcache_to_poc(addr: u64, len: u64) {
     let _ = (addr, len);
 }
 
+/// `dsb ishst`: this CPU's earlier stores are visible to the inner shareable domain before
+/// any later instruction executes (before an SGI is sent, say).
+pub fn dsb_ishst() {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    // SAFETY: a barrier.
+    unsafe {
+        core::arch::asm!("dsb ishst", options(nostack, preserves_flags))
+    };
+}
+
 /// Waits for an event forever: the end of the line when nothing else can be done.
 pub fn halt() -> ! {
     loop {

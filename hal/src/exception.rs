@@ -489,6 +489,10 @@ fn is_spurious_translation_fault(frame: &TrapFrame) -> bool {
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 #[unsafe(no_mangle)]
 extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
+    if kind == 1 {
+        crate::irq::handle();
+        return;
+    }
     let cpu = crate::smp::this_cpu_data();
     if kind == 0 {
         let class = ExceptionClass::from_esr(frame.esr);
@@ -518,9 +522,17 @@ extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
             return;
         }
     }
-    report_on_console(frame, kind, true);
     let ctx = pop_catch();
-    if !ctx.is_null() {
+    if ctx.is_null() {
+        // Fatal: stop the other CPUs first (100 ms at most), then report whatever they do.
+        let stuck = crate::smp::stop_others(100_000_000);
+        report_on_console(frame, kind, true);
+        report_stuck(stuck);
+        let _ = writeln!(EmergencyConsole, "*** fatal: stopping (CPU {})", cpu.id());
+        crate::exit::exit(crate::exit::EXIT_FAULT);
+    }
+    report_on_console(frame, kind, true);
+    {
         for (slot, v) in cpu.recovered_fault.iter().zip([frame.esr, frame.far, frame.elr]) {
             slot.store(v, Ordering::Relaxed);
         }
@@ -531,10 +543,19 @@ extern "C" fn hal_trap(frame: &mut TrapFrame, kind: u64) {
         frame.elr = hal_catch_longjmp as *const () as u64;
         // SAFETY: `ctx` was armed by a `catch` frame still on this CPU's stack.
         frame.spsr = (unsafe { (*ctx).daif } & 0x3c0) | 0x4;
-        return;
     }
-    let _ = writeln!(EmergencyConsole, "*** fatal: stopping (CPU {})", cpu.id());
-    crate::exit::exit(crate::exit::EXIT_FAULT);
+}
+
+/// Names the CPUs [`crate::smp::stop_others`] could not stop (bit `n`: CPU `n`).
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub(crate) fn report_stuck(stuck: u32) {
+    if stuck != 0 {
+        let _ = write!(EmergencyConsole, "*** CPUs that did not stop within 100 ms (interrupts masked?):");
+        for n in (0..32).filter(|n| stuck & (1 << n) != 0) {
+            let _ = write!(EmergencyConsole, " {n}");
+        }
+        let _ = writeln!(EmergencyConsole);
+    }
 }
 
 /// Prints the report of `frame` whole: under the console lock when this CPU can have it

@@ -15,6 +15,8 @@
 //! - [`console`]: PL011 console and logger; [`exception`]: vectors, fault decoding,
 //!   fixups, the fault-report hook, recovery; [`probe`]: touching addresses safely.
 //! - [`el2`]: the stub left at EL2 when entered there (it raises a virtual SError for tests).
+//! - [`irq`]: the interrupt-controller trait, handlers, dispatch, masks; [`timer`]: the
+//!   per-CPU generic timer; [`sync`]: IRQ-safe locks and the lock checks.
 //! - [`smp`]: every core — per-CPU data, `PerCpu<T>`, secondary CPUs, running on all.
 //! - [`cpu`]: counter and small instructions; [`psci`], [`exit`]: power off and exit status.
 #![cfg_attr(not(test), no_std)]
@@ -28,11 +30,14 @@ pub mod dtb;
 pub mod el2;
 pub mod exception;
 pub mod exit;
+pub mod irq;
 pub mod kmap;
 pub mod linear;
 pub mod mmu;
 pub mod probe;
 pub mod psci;
 pub mod smp;
+pub mod sync;
+pub mod timer;
 
 pub use addr::{Pfn, PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SHIFT, PAGE_SIZE};

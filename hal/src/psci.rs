@@ -103,3 +103,24 @@ pub fn cpu_off() {
         };
     }
 }
+
+/// `AFFINITY_INFO` for one CPU (lowest affinity level 0): whether it is on.
+///
+/// # Errors
+/// A [`PsciError`].
+pub fn cpu_is_off(mpidr: u64) -> Result<bool, PsciError> {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        use smccc::psci::{AffinityState, LowestAffinityLevel};
+        let r = match conduit().ok_or(PsciError::NoConduit)? {
+            Conduit::Hvc => smccc::psci::affinity_info::<smccc::Hvc>(mpidr, LowestAffinityLevel::All),
+            Conduit::Smc => smccc::psci::affinity_info::<smccc::Smc>(mpidr, LowestAffinityLevel::All),
+        };
+        r.map(|s| s == AffinityState::Off).map_err(|_| PsciError::Other)
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        let _ = mpidr;
+        Err(PsciError::NoConduit)
+    }
+}

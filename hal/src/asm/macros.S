@@ -25,6 +25,18 @@
     msr     vttbr_el2, xzr
     adr_l   x9, hal_el2_vectors
     msr     vbar_el2, x9
+    // A GICv3 CPU interface: let EL1 use its system registers (ICC_SRE_EL2.Enable | SRE),
+    // no virtual interrupts (ICH_HCR_EL2 = 0).
+    mrs     x9, id_aa64pfr0_el1
+    ubfx    x9, x9, #24, #4
+    cbz     x9, .Lno_gicv3\@
+    mrs     x9, S3_4_C12_C9_5
+    orr     x9, x9, #0x1            // SRE
+    orr     x9, x9, #0x8            // Enable: EL1 may use its own ICC_SRE_EL1
+    msr     S3_4_C12_C9_5, x9
+    isb
+    msr     S3_4_C12_C11_0, xzr
+.Lno_gicv3\@:
     mov     x9, #0x3c5              // SPSR_EL2: EL1h, DAIF masked
     msr     spsr_el2, x9
     adr     x9, .Lat_el1\@

@@ -5,11 +5,13 @@
 //! plain typed data ([`Platform`]) that needs no heap, so it can run before any allocator.
 
 mod cpus;
+mod gic;
 mod nops;
 mod ranges;
 mod reserved;
 
 pub use cpus::{CpuList, MAX_CPUS, MPIDR_AFFINITY_MASK};
+pub use gic::{GicNode, GicVersion};
 pub use nops::{count_nops, strip_nops, Malformed};
 pub use ranges::{Full, RangeList, MAX_RAM_RANGES};
 pub use reserved::{Reserved, ReservedKind, ReservedList, MAX_DYNAMIC, MAX_RESERVED};
@@ -90,6 +92,10 @@ pub struct Platform {
     pub uart: Option<PhysRange>,
     /// The GIC distributor (`arm,cortex-a15-gic` / `arm,gic-v3`), first `reg` entry.
     pub gic_distributor: Option<PhysRange>,
+    /// The GIC node (version and every `reg` range), when there is one.
+    pub gic: Option<GicNode>,
+    /// The virtual timer's INTID (a PPI), from the `arm,armv8-timer` node.
+    pub timer_intid: Option<u32>,
     /// PSCI conduit, when the tree has a `/psci` node.
     pub psci: Option<Conduit>,
     /// The board's `model` string.
@@ -257,7 +263,9 @@ impl Platform {
         let bootargs = fdt.chosen().ok().and_then(|c| c.bootargs()).unwrap_or("");
 
         let cpus = CpuList::parse(&fdt);
-        Ok(Self { dtb, ram, reserved, cpus, uart, gic_distributor, psci, model, bootargs, blob })
+        let gic = GicNode::parse(&fdt);
+        let timer_intid = gic::virtual_timer_intid(&fdt);
+        Ok(Self { dtb, ram, reserved, cpus, uart, gic_distributor, gic, timer_intid, psci, model, bootargs, blob })
     }
 
     /// The device tree itself, for drivers that look up their own nodes.

@@ -48,7 +48,23 @@ fn lists_every_cpu_with_its_mpidr_and_enable_method() {
     static SMP4: &[u8] = include_bytes!("../../testdata/qemu-virt-smp4.dtb");
     let p = Platform::parse(SMP4).unwrap();
     assert_eq!(p.cpus.iter().collect::<Vec<_>>(), [(0, true), (1, true), (2, true), (3, true)]);
+    let gic = p.gic.unwrap();
+    assert_eq!(gic.version, GicVersion::V2);
+    assert_eq!(gic.regs[0], Some(range(0x0800_0000, 0x1_0000)));
+    assert_eq!(gic.regs[1], Some(range(0x0801_0000, 0x1_0000)));
+    assert_eq!(p.timer_intid, Some(27));
     assert_eq!(p.cpus.beyond, 0);
+}
+
+#[test]
+fn reads_a_gicv3_and_its_redistributors() {
+    static GICV3: &[u8] = include_bytes!("../../testdata/qemu-virt-gicv3-smp4.dtb");
+    let p = Platform::parse(GICV3).unwrap();
+    let gic = p.gic.unwrap();
+    assert_eq!(gic.version, GicVersion::V3);
+    assert_eq!(gic.distributor(), Some(range(0x0800_0000, 0x1_0000)));
+    assert_eq!(gic.regs[1], Some(range(0x080a_0000, 0xf6_0000)), "one redistributor region");
+    assert_eq!(p.timer_intid, Some(27));
 }
 
 #[test]

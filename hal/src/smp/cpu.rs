@@ -7,7 +7,7 @@
 //! mailbox through which [`super::run_on_all`] hands a CPU its work.
 
 use crate::dtb::MAX_CPUS;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// One CPU's data. Every field is an atomic, so the array is `Sync` without `static mut`;
 /// fields a CPU alone uses are still atomics, read and written `Relaxed`.
@@ -58,8 +58,23 @@ pub struct CpuData {
     pub(crate) work_result: AtomicU8,
     /// The fault the work took: ESR, FAR, ELR.
     pub(crate) work_fault: [AtomicU64; 3],
-    /// Set by the CPU when its work is over (before it powers itself off).
+    /// Set by the CPU when its work is over (before it powers itself off or idles).
     pub(crate) work_done: AtomicBool,
+    // --- interrupts (hal::irq, hal::smp) ---
+    /// Nesting depth of interrupt handling on this CPU (0: thread context).
+    pub(crate) irq_depth: AtomicU32,
+    /// What the CPU is doing: see `smp::state`.
+    pub(crate) state: AtomicU8,
+    /// A cross-CPU call for this CPU: `fn(arg)` and its argument (0: none).
+    pub(crate) call_fn: AtomicUsize,
+    /// The call's argument (a `&dyn Fn` made thin, see `smp::on_cpu`).
+    pub(crate) call_arg: AtomicUsize,
+    /// Set by the CPU when the call has run.
+    pub(crate) call_done: AtomicBool,
+    /// Asked to switch itself off (`smp::cpu_down`).
+    pub(crate) down_requested: AtomicBool,
+    /// Locks this CPU holds, counted per rank (`hal::sync`'s order check).
+    pub(crate) held_locks: [AtomicU8; 16],
 }
 
 impl CpuData {
@@ -87,6 +102,13 @@ impl CpuData {
             work_result: AtomicU8::new(0),
             work_fault: [const { AtomicU64::new(0) }; 3],
             work_done: AtomicBool::new(true),
+            irq_depth: AtomicU32::new(0),
+            state: AtomicU8::new(0),
+            call_fn: AtomicUsize::new(0),
+            call_arg: AtomicUsize::new(0),
+            call_done: AtomicBool::new(true),
+            down_requested: AtomicBool::new(false),
+            held_locks: [const { AtomicU8::new(0) }; 16],
         }
     }
 

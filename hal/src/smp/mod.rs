@@ -256,17 +256,25 @@ fn secondary_entry_address() -> u64 {
     }
 }
 
-/// The Rust side of a secondary CPU's start, MMU and caches on, on its own stacks.
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
-#[unsafe(no_mangle)]
-extern "C" fn hal_secondary_rust(data: &'static CpuData, entry_el: u64) -> ! {
-    crate::cpu::unmask_serror();
-    data.seen_mpidr.store(read_mpidr(), Ordering::Relaxed);
-    data.entry_el.store(entry_el as u8, Ordering::Relaxed);
-    data.starts.fetch_add(1, Ordering::Relaxed);
-    data.checked_in.store(true, Ordering::Release);
-    let work = data.work_fn.load(Ordering::Acquire);
+/// What a CPU is doing (`CpuData::state`).
+pub mod state {
+    /// Powered off (idle before an interrupt controller exists, or switched off).
+    pub const OFF: u8 = 0;
+    /// In its idle loop, interrupts on, waiting in `wfi` for work or a call.
+    pub const IDLE: u8 = 1;
+    /// Running work from [`super::run_on_all`].
+    pub const BUSY: u8 = 2;
+    /// Stopped for good by another CPU's fatal report.
+    pub const STOPPED: u8 = 3;
+    /// Switching itself off ([`super::cpu_down`]).
+    pub const GOING_DOWN: u8 = 4;
+}
+
+/// Runs this CPU's mailbox work, if any, inside a catch, and records how it ended.
+fn run_mailbox(data: &'static CpuData) {
+    let work = data.work_fn.swap(0, Ordering::AcqRel);
     if work != 0 {
+        data.state.store(state::BUSY, Ordering::Release);
         // SAFETY: `run_on_all` stores only `fn(usize)` pointers here.
         let f: fn(usize) = unsafe { core::mem::transmute::<usize, fn(usize)>(work) };
         let cpu = data.id();
@@ -286,9 +294,101 @@ extern "C" fn hal_secondary_rust(data: &'static CpuData, entry_el: u64) -> ! {
         data.work_result.store(code, Ordering::Relaxed);
     }
     data.work_done.store(true, Ordering::Release);
-    crate::psci::cpu_off();
-    // CPU_OFF does not return; if it did, wait here for ever.
-    crate::cpu::halt()
+}
+
+/// The Rust side of a secondary CPU's start, MMU and caches on, on its own stacks.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+#[unsafe(no_mangle)]
+extern "C" fn hal_secondary_rust(data: &'static CpuData, entry_el: u64) -> ! {
+    crate::cpu::unmask_serror();
+    data.seen_mpidr.store(read_mpidr(), Ordering::Relaxed);
+    data.entry_el.store(entry_el as u8, Ordering::Relaxed);
+    data.starts.fetch_add(1, Ordering::Relaxed);
+    data.checked_in.store(true, Ordering::Release);
+    match crate::irq::controller() {
+        // Interrupts exist: this CPU's part of the controller, the hotplug "up" hooks, then
+        // the idle loop (work arrives with an SGI).
+        Some(c) => {
+            c.init_cpu(data.id());
+            for sgi in [crate::irq::SGI_WAKE, crate::irq::SGI_CALL, crate::irq::SGI_STOP] {
+                c.enable(sgi);
+            }
+            run_hooks(data.id(), true);
+            idle_loop(data)
+        }
+        // No interrupts yet: run the work, then power off (an idle `wfe` would spin).
+        None => {
+            run_mailbox(data);
+            data.state.store(state::OFF, Ordering::Release);
+            crate::psci::cpu_off();
+            crate::cpu::halt()
+        }
+    }
+}
+
+/// A secondary's life once interrupts exist: work from the mailbox, calls taken as SGIs,
+/// `wfi` in between with interrupts on; leaves only to switch itself off.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn idle_loop(data: &'static CpuData) -> ! {
+    data.state.store(state::IDLE, Ordering::Release);
+    loop {
+        run_mailbox(data);
+        if data.down_requested.load(Ordering::Acquire) {
+            data.down_requested.store(false, Ordering::Relaxed);
+            data.state.store(state::GOING_DOWN, Ordering::Release);
+            run_hooks(data.id(), false);
+            crate::irq::disable_local();
+            data.state.store(state::OFF, Ordering::Release);
+            crate::psci::cpu_off();
+            crate::cpu::halt();
+        }
+        data.state.store(state::IDLE, Ordering::Release);
+        // Pending work or a call raises an SGI, which ends the `wfi` even if it arrived
+        // before it; the interrupt is taken with IRQs open, then the loop looks again.
+        crate::irq::enable_local();
+        if data.work_fn.load(Ordering::Acquire) == 0 && !data.down_requested.load(Ordering::Acquire) {
+            // SAFETY: waits for an interrupt; no memory effect.
+            unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) };
+        }
+        crate::irq::disable_local();
+    }
+}
+
+/// Starts every online secondary that is powered off into its idle loop, once an
+/// interrupt controller is installed; they stay online from then on (woken by SGIs).
+///
+/// # Errors
+/// [`SmpError::CpuOn`] when a CPU does not start.
+pub fn start_idle() -> Result<(), SmpError> {
+    if crate::irq::controller().is_none() {
+        return Ok(());
+    }
+    crate::irq::register(crate::irq::SGI_WAKE, |_| {}).ok();
+    crate::irq::register(crate::irq::SGI_CALL, call_handler).ok();
+    crate::irq::register(crate::irq::SGI_STOP, stop_handler).ok();
+    for n in 1..online_cpus() {
+        if HAL_CPUS[n].state.load(Ordering::Acquire) == state::OFF && HAL_CPUS[n].work_done.load(Ordering::Acquire) {
+            power_on(n, 0, 0)?;
+            wait_state(n, state::IDLE, START_TIMEOUT_NS);
+        }
+    }
+    Ok(())
+}
+
+fn wait_state(n: usize, want: u8, timeout_ns: u64) -> bool {
+    let t0 = crate::cpu::uptime_ns();
+    while HAL_CPUS[n].state.load(Ordering::Acquire) != want {
+        if crate::cpu::uptime_ns() - t0 > timeout_ns {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// The state of CPU `n` (see [`state`]).
+pub fn cpu_state(n: usize) -> u8 {
+    HAL_CPUS.get(n).map_or(state::OFF, |d| d.state.load(Ordering::Acquire))
 }
 
 /// How one CPU's share of [`run_on_all`] ended.
@@ -315,8 +415,20 @@ pub fn run_on_all(f: fn(usize), timeout_ns: u64) -> [Outcome; MAX_CPUS] {
     let mut out = [Outcome::NotRun; MAX_CPUS];
     let mut started = [false; MAX_CPUS];
     for n in (0..online_cpus()).filter(|&n| n != me) {
-        if HAL_CPUS[n].work_done.load(Ordering::Acquire) && power_on(n, f as usize, 0).is_ok() {
-            started[n] = true;
+        let d = &HAL_CPUS[n];
+        if !d.work_done.load(Ordering::Acquire) {
+            continue;
+        }
+        match (d.state.load(Ordering::Acquire), crate::irq::controller()) {
+            (state::IDLE, Some(c)) => {
+                d.work_result.store(0, Ordering::Relaxed);
+                d.work_done.store(false, Ordering::Relaxed);
+                d.work_fn.store(f as usize, Ordering::Release);
+                c.send_sgi(crate::irq::SGI_WAKE, n);
+                started[n] = true;
+            }
+            (state::OFF, _) => started[n] = power_on(n, f as usize, 0).is_ok(),
+            _ => {}
         }
     }
     // SAFETY: `f` is a plain function; abandoning it on a failure leaves nothing whose
@@ -375,5 +487,220 @@ mod tests {
             last_end = s.exception_stack.end();
         }
         assert_eq!(last_end, image.cpu_stacks.end(), "the region holds exactly MAX_CPUS - 1 slots");
+    }
+}
+
+// --- cross-CPU calls, stopping, hotplug -------------------------------------------------
+
+/// Why a cross-CPU call or a hotplug request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// No interrupt controller: calls travel as SGIs.
+    NoInterrupts,
+    /// The CPU is not online and idle or busy (off, stopped, out of range, or this CPU).
+    NotOnline(usize),
+    /// The CPU did not switch off or on within the timeout.
+    Timeout(usize),
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::NoInterrupts => f.write_str("no interrupt controller"),
+            CallError::NotOnline(n) => write!(f, "CPU {n} is not online"),
+            CallError::Timeout(n) => write!(f, "CPU {n} did not change state in time"),
+        }
+    }
+}
+
+impl core::error::Error for CallError {}
+
+/// Serialises callers of [`on_cpu`] per target.
+static CALL_LOCKS: [core::sync::atomic::AtomicBool; MAX_CPUS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
+
+fn call_thunk<F: Fn() + Sync>(arg: usize) {
+    // SAFETY: `on_cpu` stores `&F` as `arg` and waits until the call has run.
+    let f = unsafe { &*(arg as *const F) };
+    f();
+}
+
+/// The SGI_CALL handler: runs this CPU's posted call.
+fn call_handler(_intid: u32) {
+    let d = this_cpu_data();
+    let thunk = d.call_fn.swap(0, Ordering::AcqRel);
+    if thunk != 0 {
+        // SAFETY: only `call_thunk::<F>` pointers are stored, with their matching argument.
+        let thunk: fn(usize) = unsafe { core::mem::transmute::<usize, fn(usize)>(thunk) };
+        thunk(d.call_arg.load(Ordering::Acquire));
+        d.call_done.store(true, Ordering::Release);
+    }
+}
+
+/// The SGI_STOP handler: this CPU stops for good (another CPU is reporting a fatal error).
+fn stop_handler(_intid: u32) {
+    this_cpu_data().state.store(state::STOPPED, Ordering::Release);
+    loop {
+        crate::cpu::halt();
+    }
+}
+
+/// Runs `f` on CPU `cpu` (in its interrupt context) and waits for it to finish. The target
+/// must be online with interrupts on (idle, or running work that enabled them).
+///
+/// Call it with interrupts enabled and not from an interrupt handler: two CPUs calling each
+/// other with interrupts masked would wait for ever (debug builds assert this).
+///
+/// # Errors
+/// [`CallError::NoInterrupts`] or [`CallError::NotOnline`] (this CPU included: run `f`
+/// directly instead).
+pub fn on_cpu<F: Fn() + Sync>(cpu: usize, f: &F) -> Result<(), CallError> {
+    debug_assert!(!crate::irq::in_interrupt(), "on_cpu from interrupt context");
+    debug_assert!(crate::irq::irqs_enabled(), "on_cpu with interrupts masked");
+    let c = crate::irq::controller().ok_or(CallError::NoInterrupts)?;
+    if cpu == this_cpu() || cpu >= online_cpus() || !matches!(cpu_state(cpu), state::IDLE | state::BUSY) {
+        return Err(CallError::NotOnline(cpu));
+    }
+    while CALL_LOCKS[cpu].compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        core::hint::spin_loop();
+    }
+    let d = &HAL_CPUS[cpu];
+    d.call_done.store(false, Ordering::Relaxed);
+    d.call_arg.store(f as *const F as usize, Ordering::Relaxed);
+    d.call_fn.store(call_thunk::<F> as fn(usize) as usize, Ordering::Release);
+    c.send_sgi(crate::irq::SGI_CALL, cpu);
+    // Unbounded on purpose: the target holds `f`, borrowed from this frame, until it is done.
+    while !d.call_done.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    CALL_LOCKS[cpu].store(false, Ordering::Release);
+    Ok(())
+}
+
+/// Runs `f` on every other online CPU (one after another) and waits; returns how many ran it.
+///
+/// # Errors
+/// [`CallError::NoInterrupts`]; CPUs that are not online are skipped.
+pub fn on_each_cpu<F: Fn() + Sync>(f: &F) -> Result<usize, CallError> {
+    let mut n = 0;
+    for cpu in (0..online_cpus()).filter(|&c| c != this_cpu()) {
+        match on_cpu(cpu, f) {
+            Ok(()) => n += 1,
+            Err(CallError::NotOnline(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Stops every other CPU (SGI_STOP) and waits up to `timeout_ns` for each; returns a bit
+/// per CPU that did not stop (GICv2 has no NMI: a CPU spinning with interrupts masked never
+/// takes the SGI). For fatal reports: takes no lock.
+pub fn stop_others(timeout_ns: u64) -> u32 {
+    let Some(c) = crate::irq::controller() else { return 0 };
+    let me = this_cpu();
+    let mut waiting = 0u32;
+    for n in (0..online_cpus()).filter(|&n| n != me) {
+        if matches!(cpu_state(n), state::IDLE | state::BUSY | state::GOING_DOWN) {
+            c.send_sgi(crate::irq::SGI_STOP, n);
+            waiting |= 1 << n;
+        }
+    }
+    let t0 = crate::cpu::uptime_ns();
+    while waiting != 0 && crate::cpu::uptime_ns() - t0 < timeout_ns {
+        for n in 0..MAX_CPUS {
+            if waiting & (1 << n) != 0 && matches!(cpu_state(n), state::STOPPED | state::OFF) {
+                waiting &= !(1 << n);
+            }
+        }
+        core::hint::spin_loop();
+    }
+    waiting
+}
+
+/// Functions run on a CPU as it goes off ([`cpu_down`]) and as it comes back up (in its own
+/// context, before it takes work): where per-CPU caches are drained and refilled.
+#[derive(Clone, Copy, Debug)]
+pub struct HotplugHooks {
+    /// Runs on the CPU going down, interrupts on, before it switches itself off.
+    pub down: fn(cpu: usize),
+    /// Runs on the CPU coming up, before its idle loop.
+    pub up: fn(cpu: usize),
+}
+
+static HOOKS: spin::Mutex<[Option<HotplugHooks>; 8]> = spin::Mutex::new([None; 8]);
+
+/// Registers hotplug hooks (up to 8 sets).
+///
+/// # Errors
+/// `Err(hooks)` when all slots are taken.
+pub fn register_hotplug(hooks: HotplugHooks) -> Result<(), HotplugHooks> {
+    let mut all = HOOKS.lock();
+    let slot = all.iter_mut().find(|h| h.is_none()).ok_or(hooks)?;
+    *slot = Some(hooks);
+    Ok(())
+}
+
+fn run_hooks(cpu: usize, up: bool) {
+    let hooks = *HOOKS.lock();
+    for h in hooks.iter().flatten() {
+        if up {
+            (h.up)(cpu)
+        } else {
+            (h.down)(cpu)
+        }
+    }
+}
+
+/// Switches CPU `cpu` off: it runs the hotplug "down" hooks itself and calls PSCI
+/// `CPU_OFF`; returns once `AFFINITY_INFO` reports it off.
+///
+/// # Errors
+/// [`CallError::NotOnline`] unless the CPU is a secondary in its idle loop;
+/// [`CallError::Timeout`] when it does not go off within 2 s.
+pub fn cpu_down(cpu: usize) -> Result<(), CallError> {
+    let c = crate::irq::controller().ok_or(CallError::NoInterrupts)?;
+    if cpu == 0 || cpu >= online_cpus() || cpu_state(cpu) != state::IDLE || cpu == this_cpu() {
+        return Err(CallError::NotOnline(cpu));
+    }
+    let d = &HAL_CPUS[cpu];
+    d.down_requested.store(true, Ordering::Release);
+    c.send_sgi(crate::irq::SGI_WAKE, cpu);
+    let t0 = crate::cpu::uptime_ns();
+    loop {
+        if d.state.load(Ordering::Acquire) == state::OFF && crate::psci::cpu_is_off(d.mpidr()).unwrap_or(false) {
+            return Ok(());
+        }
+        if crate::cpu::uptime_ns() - t0 > START_TIMEOUT_NS {
+            return Err(CallError::Timeout(cpu));
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Brings CPU `cpu` back after [`cpu_down`]: `CPU_ON` once `AFFINITY_INFO` reports it off;
+/// it sets up its interrupt-controller part, runs the "up" hooks and idles.
+///
+/// # Errors
+/// [`CallError::NotOnline`] unless the CPU is a secondary that checked in at boot and is
+/// off; [`CallError::Timeout`] when it does not come up within 2 s.
+pub fn cpu_up(cpu: usize) -> Result<(), CallError> {
+    crate::irq::controller().ok_or(CallError::NoInterrupts)?;
+    if cpu == 0 || cpu >= online_cpus() || cpu_state(cpu) != state::OFF {
+        return Err(CallError::NotOnline(cpu));
+    }
+    let d = &HAL_CPUS[cpu];
+    let t0 = crate::cpu::uptime_ns();
+    while !crate::psci::cpu_is_off(d.mpidr()).unwrap_or(false) {
+        if crate::cpu::uptime_ns() - t0 > START_TIMEOUT_NS {
+            return Err(CallError::Timeout(cpu));
+        }
+        core::hint::spin_loop();
+    }
+    power_on(cpu, 0, 0).map_err(|_| CallError::Timeout(cpu))?;
+    if wait_state(cpu, state::IDLE, START_TIMEOUT_NS) {
+        Ok(())
+    } else {
+        Err(CallError::Timeout(cpu))
     }
 }
