@@ -183,11 +183,15 @@ impl VmBackend for KernelBackend {
         }
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
         let mut space = space.lock();
-        // SAFETY: vmalloc maps only ranges of its own window that are unmapped and flushed
-        // (the VmBackend contract), so nothing lives in `range`. Reclaiming first releases an
-        // empty page table that earlier small areas left at this level-2 entry, after a
-        // walk-cache invalidation, as Linux's `pmd_free_pte_page` does: then the block entry
-        // can take its place. Nothing is mapped there, so no leaf is cleared.
+        // A live leaf in the range is refused, not torn down: its frames belong to an area
+        // (and unmapping it here would leak them and leave that area's pointer dangling).
+        if space.upper().first_mapped(range).is_some() {
+            return Err(MapError::AlreadyMapped);
+        }
+        // SAFETY: nothing is mapped in `range` (checked just above, under the tables' lock).
+        // Reclaiming first releases an empty page table that earlier small areas left at
+        // this level-2 entry, after a walk-cache invalidation, as Linux's `pmd_free_pte_page`
+        // does: then the block entry can take its place. No leaf is cleared.
         let tables = unsafe { space.upper_mut() };
         // SAFETY: as above.
         unsafe { tables.unmap_and_reclaim(range, &HardwareTlb, &mut GlobalTableAlloc) }.map_err(map_err)?;

@@ -640,7 +640,7 @@ fn locked_wrapper_refills_outside_and_try_locks_for_faults() {
     if r == Err(VmallocError::NoRecords) {
         assert_eq!(g.stats().records, before.records);
     }
-    g.add_spares(memory::vmalloc::Spares::new(4));
+    g.add_spares(memory::vmalloc::Spares::new(4).unwrap());
     assert_eq!(g.spares_wanted(), 0);
     g.check().unwrap();
 }

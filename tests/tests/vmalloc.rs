@@ -188,6 +188,40 @@ fn strict_mode_faults_at_once_lazy_mode_may_not() {
     probe::read_u8(q).expect_err("after the purge the TLB entry is gone");
 }
 
+/// The kernel backend's `map_block` refuses a 2 MiB range that still has a live page:
+/// before, it tore the page down (leaking its frame, leaving its owner's pointer dangling)
+/// and mapped the block over it.
+fn map_block_refuses_a_range_with_live_leaves() {
+    use memory::vmalloc::{MapError, Prot, VmBackend, BLOCK_SIZE};
+    let info = hal::boot::boot_info().unwrap();
+    // SAFETY: slot 3 of the scratch window is this test's alone; everything it maps is
+    // unmapped and flushed before it returns.
+    let mut be = unsafe { KernelBackend::new(info) }.unwrap();
+    let base = SCRATCH_START + 3 * (1 << 30);
+    let page = VirtAddr::new(base + 5 * PAGE as u64);
+    let mut frame = [hal::PhysAddr::new(0)];
+    assert_eq!(be.alloc_frames(&mut frame), 1);
+    be.map_pages(page, &frame, Prot::ReadWrite).unwrap();
+    // SAFETY: the page was just mapped to a frame this test owns.
+    unsafe { page.as_mut_ptr::<u64>().write_volatile(0x1ead) };
+    let block = be.alloc_block().expect("a free 2 MiB block");
+    assert_eq!(be.map_block(VirtAddr::new(base), block), Err(MapError::AlreadyMapped));
+    assert_eq!(be.translate(page), Some(frame[0]), "the live page is kept");
+    // SAFETY: as above: still mapped, still ours.
+    assert_eq!(unsafe { page.as_ptr::<u64>().read_volatile() }, 0x1ead);
+    let mut freed = [hal::PhysAddr::new(0)];
+    be.unmap_pages(page, 1, |pa| freed[0] = pa);
+    be.tlb_flush_pages(&[(page, 1)]);
+    assert_eq!(freed, frame);
+    be.free_frames(&frame);
+    // With the page gone the block goes in (the kept, empty table is reclaimed).
+    be.map_block(VirtAddr::new(base), block).unwrap();
+    assert_eq!(be.translate(VirtAddr::new(base + 0x1234)), Some(block.add(0x1234)));
+    assert_eq!(be.unmap_block(VirtAddr::new(base)), Some(block));
+    be.tlb_flush_pages(&[(VirtAddr::new(base), BLOCK_SIZE / PAGE)]);
+    be.free_block(block);
+}
+
 fn vmallocinfo_lists_areas_like_linux() {
     let a = kernel::vmalloc(3 * PAGE).unwrap();
     let b = kernel::vmalloc(100).unwrap();
@@ -316,6 +350,7 @@ tests::main!(
     test!(one_past_100_bytes_traps_at_the_page_end_or_at_once_end_aligned),
     test!(freed_area_faults_once_purged_and_is_named),
     test!(strict_mode_faults_at_once_lazy_mode_may_not),
+    test!(map_block_refuses_a_range_with_live_leaves),
     test!(vmallocinfo_lists_areas_like_linux),
     test!(a_window_full_of_parked_ranges_purges_and_succeeds),
     test!(misuse_is_refused_and_changes_nothing),

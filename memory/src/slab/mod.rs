@@ -248,7 +248,11 @@ impl Geometry {
         }
         let align = align.max(MIN_ALIGN);
         let size = size.checked_next_multiple_of(align)?;
-        let stride = if strict { (size + RED_ZONE_MIN).next_multiple_of(align) } else { size };
+        // Larger than the largest slab: no geometry (and no arithmetic near `usize::MAX`).
+        if size > PAGE_SIZE << MAX_SLAB_ORDER {
+            return None;
+        }
+        let stride = if strict { size.checked_add(RED_ZONE_MIN)?.checked_next_multiple_of(align)? } else { size };
         let mut best: Option<Geometry> = None;
         for order in 0..=MAX_SLAB_ORDER {
             let bytes = PAGE_SIZE << order;
@@ -675,6 +679,9 @@ impl<'b> SlabAllocator<'b> {
             Ok(o) => o,
             Err(e) => return self.fail(e),
         };
+        if crate::fault::should_fail() {
+            return self.fail(SlabError::OutOfMemory);
+        }
         let Ok(pa) = self.buddy.lock().alloc(order) else {
             return self.fail(SlabError::OutOfMemory);
         };
@@ -826,6 +833,9 @@ impl<'b> SlabAllocator<'b> {
     #[inline(never)]
     fn grow(&self, c: &mut Cache, id: usize) -> Result<(), SlabError> {
         let g = c.geo;
+        if crate::fault::should_fail() {
+            return Err(SlabError::OutOfMemory);
+        }
         // Lock order: cache, then buddy. The buddy never calls back into the slab.
         let pa = self.buddy.lock().alloc(g.order).map_err(|_| SlabError::OutOfMemory)?;
         let Some(tags) = self.tags.tags(pa, 1 << g.order) else {

@@ -123,7 +123,9 @@ pub trait VmBackend {
     ///
     /// # Errors
     /// A [`MapError`]; then nothing of this call stays mapped, and the caller may map the
-    /// range with pages instead.
+    /// range with pages instead. A range in which any page or block is still mapped is
+    /// refused with [`MapError::AlreadyMapped`] and left as it is (never torn down: its
+    /// frames belong to someone).
     fn map_block(&mut self, va: VirtAddr, pa: PhysAddr) -> Result<(), MapError> {
         let _ = (va, pa);
         Err(MapError::OutOfRange)

@@ -223,7 +223,8 @@ pub enum VmallocError {
     NoFrames,
     /// The backend could not map.
     MapFailed(MapError),
-    /// No spare area record and inline refill is off: top up with [`Vmalloc::add_spares`].
+    /// No area record could be had: the heap is out of memory (state unchanged), or inline
+    /// refill is off and the spare pool is empty (top up with [`Vmalloc::add_spares`]).
     NoRecords,
     /// Ioremap of a range that touches RAM.
     RamRange,
@@ -252,7 +253,7 @@ impl fmt::Display for VmallocError {
             VmallocError::NoVirtualSpace => f.write_str("out of vmalloc space"),
             VmallocError::NoFrames => f.write_str("out of page frames"),
             VmallocError::MapFailed(e) => write!(f, "mapping failed: {e}"),
-            VmallocError::NoRecords => f.write_str("no spare area record"),
+            VmallocError::NoRecords => f.write_str("no area record (out of memory)"),
             VmallocError::RamRange => f.write_str("ioremap of RAM"),
             VmallocError::Overflow => f.write_str("address arithmetic overflows"),
             VmallocError::BadRange => f.write_str("vmalloc range is empty or not page aligned"),
@@ -419,7 +420,9 @@ impl<B: VmBackend> Vmalloc<B> {
     /// An allocator handing out addresses of `range` (page aligned), with `backend`.
     ///
     /// # Errors
-    /// [`VmallocError::BadRange`] when the range is not page aligned.
+    /// [`VmallocError::BadRange`] when the range is not page aligned or empty;
+    /// [`VmallocError::NoRecords`] when the heap has no record for the first hole (or, with
+    /// [`VmallocConfig::refill_inline`], for the first batch of spares).
     ///
     /// # Example
     /// ```no_run
@@ -436,7 +439,10 @@ impl<B: VmBackend> Vmalloc<B> {
             return Err(VmallocError::BadRange);
         }
         let (start, end) = (range.start().as_u64(), range.end().as_u64());
-        let free = FreeSpace::new(start, end).ok_or(VmallocError::BadRange)?;
+        if start >= end {
+            return Err(VmallocError::BadRange);
+        }
+        let free = FreeSpace::new(start, end).ok_or(VmallocError::NoRecords)?;
         let mut config = config;
         config.flush_page_threshold = config.flush_page_threshold.min(MAX_FLUSH_PAGE_THRESHOLD);
         let mut v = Self {
@@ -454,8 +460,8 @@ impl<B: VmBackend> Vmalloc<B> {
             purge_hist: PurgeHistogram::new(),
             history: History::new(),
         };
-        if v.config.refill_inline {
-            v.free.pool.fill_to(REFILL_BATCH);
+        if v.config.refill_inline && !v.free.pool.fill_to(REFILL_BATCH) {
+            return Err(VmallocError::NoRecords);
         }
         Ok(v)
     }
@@ -600,7 +606,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
     /// // Outside any lock: allocate the records the next call needs, then hand them over.
-    /// let spares = Spares::new(vm.spares_wanted());
+    /// let spares = Spares::new(vm.spares_wanted())?;
     /// vm.add_spares(spares);
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
@@ -616,7 +622,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
     /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
-    /// vm.add_spares(memory::vmalloc::Spares::new(16));
+    /// vm.add_spares(memory::vmalloc::Spares::new(16)?);
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     pub fn add_spares(&mut self, mut spares: Spares) {
@@ -660,17 +666,26 @@ impl<B: VmBackend> Vmalloc<B> {
         self.take_excess_spares()
     }
 
+    /// Count a call that failed before it reached the allocator (a wrapper's refill).
+    pub(crate) fn count_failure(&mut self) {
+        self.c.failures += 1;
+    }
+
     #[inline]
     fn ensure_records(&mut self) -> Result<(), VmallocError> {
         if self.free.pool.len() >= RECORDS_PER_CALL {
             return Ok(());
         }
-        if self.config.refill_inline {
-            self.free.pool.fill_to(REFILL_BATCH);
-            Ok(())
-        } else {
-            Err(VmallocError::NoRecords)
+        // Out of memory: a short batch is enough if it covers this call; otherwise the
+        // records taken are given back and nothing has changed.
+        let had = self.free.pool.len();
+        if self.config.refill_inline
+            && (self.free.pool.fill_to(REFILL_BATCH) || self.free.pool.len() >= RECORDS_PER_CALL)
+        {
+            return Ok(());
         }
+        self.free.pool.trim(had);
+        Err(VmallocError::NoRecords)
     }
 
     // ----- allocation -----
@@ -1788,7 +1803,10 @@ impl<B: VmBackend> Vmalloc<B> {
             }
         }
         // Free holes, live areas and parked ranges must tile the window.
-        let mut all: Vec<NodePtr> = Vec::with_capacity(self.free.tree.len + self.busy.len);
+        let mut all: Vec<NodePtr> = Vec::new();
+        if all.try_reserve_exact(self.free.tree.len + self.busy.len + self.c.parked_areas + 1).is_err() {
+            return Err("out of memory for the check");
+        }
         let mut cur = self.free.tree.first();
         while let Some(n) = cur {
             all.push(n);

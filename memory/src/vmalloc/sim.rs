@@ -10,7 +10,9 @@
 //! - Optional 2 MiB blocks ([`SimBackend::with_blocks`]) from a pool of their own at
 //!   [`SimBackend::BLOCK_BASE`]: a block mapping is kept as 512 page entries marked as one
 //!   block; unmapping part of one (a split vmalloc never asks for) is a violation.
-//! - Fault injection: fail a frame allocation or a map call after a given count.
+//! - Fault injection: fail a frame allocation or a map call after a given count; and every
+//!   frame, block and map call (which stands for its page-table pages) counts as one internal
+//!   allocation of [`crate::fault`]'s every-k-th injection.
 //! - Page contents are kept sparsely (only pages written through [`SimBackend::write`] or
 //!   copied), so tests can check zeroing and `vrealloc` copies.
 
@@ -169,6 +171,9 @@ impl SimBackend {
 
     /// One map call's share of the fault injection ([`Self::fail_maps_after`]).
     fn take_map_budget(&mut self) -> Result<(), MapError> {
+        if crate::fault::should_fail() {
+            return Err(MapError::NoMemory);
+        }
         match self.map_budget.as_mut() {
             Some(0) => Err(MapError::NoMemory),
             Some(b) => {
@@ -256,6 +261,9 @@ impl VmBackend for SimBackend {
         if let Some(b) = self.frame_budget.as_mut() {
             n = n.min(*b);
             *b -= n;
+        }
+        if let Some(k) = (0..n).find(|_| crate::fault::should_fail()) {
+            n = k;
         }
         for slot in &mut out[..n] {
             let Some(pa) = self.free.pop() else { break };
@@ -363,6 +371,9 @@ impl VmBackend for SimBackend {
     }
 
     fn alloc_block(&mut self) -> Option<PhysAddr> {
+        if crate::fault::should_fail() {
+            return None;
+        }
         if let Some(b) = self.block_budget.as_mut() {
             if *b == 0 {
                 return None;
