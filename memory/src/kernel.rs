@@ -533,7 +533,8 @@ pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAdd
 }
 
 /// Frees an area from [`vmalloc`]: unmapped and its frames freed now; its virtual range is
-/// reused after the next batched TLB flush.
+/// reused after the next batched TLB flush. `vfree(VirtAddr::new(0))` (C's `vfree(NULL)`)
+/// does nothing, as in Linux.
 ///
 /// # Errors
 /// [`VmallocError::NotAnArea`] for an address that is not the start of a live area (interior
@@ -547,6 +548,9 @@ pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAdd
 /// ```
 #[track_caller]
 pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
+    if addr.as_u64() == 0 {
+        return Ok(());
+    }
     vm()?.vfree(addr)
 }
 
@@ -651,6 +655,21 @@ pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Vir
 #[track_caller]
 pub fn iounmap(addr: VirtAddr) -> Result<(), VmallocError> {
     vm()?.iounmap(addr)
+}
+
+pub use crate::snapshot::{MemDiff, MemSnapshot};
+
+/// A snapshot of the whole memory system (free frames, slab objects, vmalloc areas, parked
+/// areas, quarantined frames, page-table pages, spare records): [`MemSnapshot::take`]. For a
+/// leak check take [`MemSnapshot::settled`] before and call [`MemSnapshot::check_no_leak`]
+/// after.
+/// # Example
+/// ```no_run
+/// let s = memory::kernel::snapshot();
+/// log::info!("{} vmalloc areas, {} quarantined frames", s.vmalloc_areas, s.quarantined_frames);
+/// ```
+pub fn snapshot() -> MemSnapshot {
+    MemSnapshot::take()
 }
 
 /// Flushes the TLB for every parked range and returns them to free space now.
@@ -841,9 +860,10 @@ pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
     NonNull::new(va.as_mut_ptr()).ok_or(VmallocError::NotAnArea)
 }
 
-/// Frees memory from [`kvmalloc`].
+/// Frees memory from [`kvmalloc`]. `None` (C's `kvfree(NULL)`) does nothing, as in Linux.
 ///
 /// # Errors
+/// [`VmallocError::DoubleFree`] for memory already freed (by either allocator),
 /// [`VmallocError::NotAnArea`] when the pointer belongs to neither allocator.
 ///
 /// # Safety
@@ -851,13 +871,17 @@ pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
 /// # Example
 /// See [`kvmalloc`].
 #[track_caller]
-pub unsafe fn kvfree(ptr: NonNull<u8>) -> Result<(), VmallocError> {
+pub unsafe fn kvfree(ptr: impl Into<Option<NonNull<u8>>>) -> Result<(), VmallocError> {
+    let Some(ptr) = ptr.into() else { return Ok(()) };
     let va = VirtAddr::from_ptr(ptr.as_ptr());
     if is_vmalloc_addr(va) {
         return vfree(va);
     }
     // SAFETY: forwarded: the pointer came from kvmalloc's slab branch.
-    unsafe { slab::kfree(ptr) }.map_err(|_| VmallocError::NotAnArea)
+    unsafe { slab::kfree(ptr) }.map_err(|e| match e {
+        SlabError::DoubleFree => VmallocError::DoubleFree,
+        _ => VmallocError::NotAnArea,
+    })
 }
 
 /// An owned vmalloc area: `Deref` to its bytes, `vfree` on drop.

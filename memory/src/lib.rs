@@ -8,7 +8,8 @@
 //! | [`slab`] | size-class caches (8 B – 2 KiB) and named caches on buddy pages; the `#[global_allocator]` | `kmalloc`, `kmem_cache_create`, `/proc/slabinfo` |
 //! | [`vmalloc`] | virtually contiguous areas: O(log n) lowest-fit free space, a guard page after each area, lazy unmapping with batched TLB flushes, `vmallocinfo`, faults explained | `mm/vmalloc.c` |
 //! | [`ioremap`] | device MMIO in the same window with device attributes; `IoMem`/`Mmio` handles with typed register blocks | `ioremap`, `ioremap_np`, `ioremap_wc` |
-//! | [`kernel`] | the global instances wired to `hal`'s translation tables: the API drivers call; a snapshot of the whole memory system for leak checks | |
+//! | [`kernel`] | the global instances wired to `hal`'s translation tables: the API drivers call | |
+//! | [`snapshot`] | one look at the whole memory system and a diff: "nothing leaked" in one line | |
 //! | [`fault`] | fault injection: every k-th internal allocation fails (tests) | `failslab`, `fail_page_alloc` |
 //!
 //! The allocators are architecture-neutral: they reach physical memory through
@@ -44,4 +45,5 @@ pub mod fault;
 pub mod ioremap;
 pub mod kernel;
 pub mod slab;
+pub mod snapshot;
 pub mod vmalloc;

@@ -367,6 +367,13 @@ pub struct VmallocStats {
     pub huge_blocks: usize,
     /// 2 MiB stretches of huge areas mapped with pages because no block was available, ever.
     pub huge_fallbacks: u64,
+    /// Frames of freed areas held in quarantine until the purge (`vmalloc.quarantine=1`;
+    /// a 2 MiB block counts 512), index frames included.
+    pub quarantined_frames: usize,
+    /// Quarantined pages found written after `vfree` (poison changed), ever.
+    pub quarantine_hits: u64,
+    /// Areas freed at once instead of quarantined because no index frame could be had, ever.
+    pub quarantine_bypassed: u64,
 }
 
 #[derive(Default)]
@@ -387,6 +394,9 @@ struct Counters {
     pages_mapped: u64,
     huge_blocks: usize,
     huge_fallbacks: u64,
+    quarantined: usize,
+    quarantine_hits: u64,
+    quarantine_bypassed: u64,
 }
 
 /// A vmalloc allocator over one window of virtual addresses.
@@ -420,7 +430,8 @@ impl<B: VmBackend> Vmalloc<B> {
     /// An allocator handing out addresses of `range` (page aligned), with `backend`.
     ///
     /// # Errors
-    /// [`VmallocError::BadRange`] when the range is not page aligned or empty;
+    /// [`VmallocError::BadRange`] when the range is not page aligned, empty or starts at
+    /// address 0 (NULL is never an area);
     /// [`VmallocError::NoRecords`] when the heap has no record for the first hole (or, with
     /// [`VmallocConfig::refill_inline`], for the first batch of spares).
     ///
@@ -439,7 +450,8 @@ impl<B: VmBackend> Vmalloc<B> {
             return Err(VmallocError::BadRange);
         }
         let (start, end) = (range.start().as_u64(), range.end().as_u64());
-        if start >= end {
+        // Address 0 is NULL: never handed out, so that freeing NULL can be a no-op.
+        if start >= end || start == 0 {
             return Err(VmallocError::BadRange);
         }
         let free = FreeSpace::new(start, end).ok_or(VmallocError::NoRecords)?;
@@ -1237,6 +1249,8 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// Free a [`Self::vmalloc`] area: unmap it, give its frames back, park its range.
+    /// `vfree(VirtAddr::new(0))` (NULL) does nothing, as in Linux; so do `vunmap` and
+    /// `iounmap` of NULL.
     ///
     /// # Errors
     /// [`VmallocError::NotAnArea`] (unknown or interior pointer),
@@ -1357,6 +1371,11 @@ impl<B: VmBackend> Vmalloc<B> {
         freer: &'static Location<'static>,
         owner: bool,
     ) -> Result<(), VmallocError> {
+        // NULL is never an area (`new` refuses a window holding it): `vfree(NULL)`,
+        // `vunmap(NULL)` and `iounmap(NULL)` do nothing, as in Linux.
+        if ptr.as_u64() == 0 {
+            return Ok(());
+        }
         let node = match self.lookup_live(ptr) {
             Ok(n) if VmFlags(n.get().flags.get()).contains(VmFlags::OWNED) && !owner => {
                 self.c.failures += 1;
@@ -1745,6 +1764,9 @@ impl<B: VmBackend> Vmalloc<B> {
             purge_ns_p99: self.purge_hist.percentile(99),
             huge_blocks: self.c.huge_blocks,
             huge_fallbacks: self.c.huge_fallbacks,
+            quarantined_frames: self.c.quarantined,
+            quarantine_hits: self.c.quarantine_hits,
+            quarantine_bypassed: self.c.quarantine_bypassed,
         }
     }
 
