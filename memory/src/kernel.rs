@@ -276,6 +276,51 @@ impl VmBackend for KernelBackend {
         unsafe { core::ptr::write_bytes(va.as_mut_ptr::<u8>(), 0, bytes) };
     }
 
+    fn poison_frames(&mut self, frames: &[PhysAddr], byte: u8) {
+        for &pa in frames {
+            // SAFETY: a frame vmalloc took from the buddy allocator and holds in quarantine
+            // (unmapped from its area, not freed), reached through the linear map.
+            unsafe { core::ptr::write_bytes(self.frame_ptr(pa), byte, PAGE_SIZE) };
+        }
+    }
+
+    fn find_unpoisoned(&self, pa: PhysAddr, byte: u8) -> Option<(usize, u8)> {
+        let p = self.frame_ptr(pa).cast::<u64>();
+        let pattern = u64::from_ne_bytes([byte; 8]);
+        for w in 0..PAGE_SIZE / 8 {
+            // SAFETY: a quarantined frame (as in `poison_frames`), page aligned, read word by
+            // word inside it. Volatile: a stale TLB entry may have written it behind our back.
+            let v = unsafe { p.add(w).read_volatile() };
+            if v != pattern {
+                let bytes = v.to_ne_bytes();
+                let i = bytes.iter().position(|&b| b != byte).unwrap_or(0);
+                return Some((w * 8 + i, bytes[i]));
+            }
+        }
+        None
+    }
+
+    fn write_words(&mut self, pa: PhysAddr, at: usize, words: &[u64]) -> bool {
+        if at + words.len() > PAGE_SIZE / 8 {
+            return false;
+        }
+        let p = self.frame_ptr(pa).cast::<u64>();
+        // SAFETY: an index frame vmalloc took from the buddy allocator and owns (mapped
+        // nowhere else), page aligned; the words lie inside it (checked above).
+        unsafe { core::ptr::copy_nonoverlapping(words.as_ptr(), p.add(at), words.len()) };
+        true
+    }
+
+    fn read_words(&self, pa: PhysAddr, at: usize, out: &mut [u64]) {
+        if at + out.len() > PAGE_SIZE / 8 {
+            out.fill(0);
+            return;
+        }
+        let p = self.frame_ptr(pa).cast::<u64>();
+        // SAFETY: as in `write_words`: inside an index frame vmalloc owns.
+        unsafe { core::ptr::copy_nonoverlapping(p.add(at), out.as_mut_ptr(), out.len()) };
+    }
+
     fn now_ns(&self) -> u64 {
         hal::cpu::uptime_ns()
     }
@@ -325,7 +370,7 @@ impl fmt::Display for InitError {
 }
 
 /// Tunables, from the command line (`buddy.strict=1 slab.strict=1 vmalloc.strict=1
-/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N`).
+/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryConfig {
     /// Poison freed pages and check the poison on allocation.
@@ -357,6 +402,7 @@ impl MemoryConfig {
         c.buddy_strict = flag("buddy.strict");
         c.slab_strict = flag("slab.strict");
         c.vmalloc.strict = flag("vmalloc.strict");
+        c.vmalloc.quarantine = flag("vmalloc.quarantine");
         if let Some(n) = number("vmalloc.lazy_max_pages") {
             c.vmalloc.lazy_max_pages = n as usize;
         }
@@ -368,8 +414,14 @@ impl MemoryConfig {
 }
 
 /// The boot parameters this crate reads (for the firmware's unknown-parameter check).
-pub const BOOT_PARAMS: &[&str] =
-    &["buddy.strict", "slab.strict", "vmalloc.strict", "vmalloc.lazy_max_pages", "vmalloc.flush_page_threshold"];
+pub const BOOT_PARAMS: &[&str] = &[
+    "buddy.strict",
+    "slab.strict",
+    "vmalloc.strict",
+    "vmalloc.lazy_max_pages",
+    "vmalloc.flush_page_threshold",
+    "vmalloc.quarantine",
+];
 
 /// Starts the memory system: the buddy allocator over the RAM the device tree names (less
 /// `/memreserve/`, `/reserved-memory`, the DTB and the whole image — boot tables and stacks

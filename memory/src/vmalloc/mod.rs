@@ -285,11 +285,27 @@ pub struct VmallocConfig {
     /// (at most 4096, ~512 KiB), so a steady alloc/free workload does not churn the heap;
     /// [`Vmalloc::release_spares`] gives them back.
     pub spare_high: usize,
+    /// Quarantine (`vmalloc.quarantine=1`, a debugging mode): a freed vmalloc area's frames
+    /// are not given back at `vfree` but filled with [`QUARANTINE_POISON`] and held until
+    /// the purge whose TLB flush kills the area's stale entries. The purge then checks the
+    /// poison: a write through a stale TLB entry in between lands in a held frame (never in
+    /// a frame someone else got meanwhile) and is reported ([`UseAfterVfree`], with the
+    /// area, its allocating and freeing callers and the offset), then the frames are freed.
+    /// Costs a page fill at `vfree` and a page scan at the purge per page, and one index
+    /// frame per 255 quarantined pages; off in strict mode (which flushes at once).
+    pub quarantine: bool,
 }
 
 impl Default for VmallocConfig {
     fn default() -> Self {
-        Self { lazy_max_pages: 8192, strict: false, flush_page_threshold: 64, refill_inline: true, spare_high: 64 }
+        Self {
+            lazy_max_pages: 8192,
+            strict: false,
+            flush_page_threshold: 64,
+            refill_inline: true,
+            spare_high: 64,
+            quarantine: false,
+        }
     }
 }
 
@@ -367,7 +383,7 @@ pub struct VmallocStats {
     pub huge_blocks: usize,
     /// 2 MiB stretches of huge areas mapped with pages because no block was available, ever.
     pub huge_fallbacks: u64,
-    /// Frames of freed areas held in quarantine until the purge (`vmalloc.quarantine=1`;
+    /// Frames of freed areas held in quarantine until the purge ([`VmallocConfig::quarantine`];
     /// a 2 MiB block counts 512), index frames included.
     pub quarantined_frames: usize,
     /// Quarantined pages found written after `vfree` (poison changed), ever.
@@ -420,6 +436,73 @@ pub struct Vmalloc<B: VmBackend> {
     spare_keep: usize,
     purge_hist: PurgeHistogram,
     history: History,
+    /// Frames of freed areas held until the purge ([`VmallocConfig::quarantine`]).
+    q: Quarantine,
+    /// Reports of the purge under way (the log is rate-limited).
+    q_reported: usize,
+    last_use_after_vfree: Option<UseAfterVfree>,
+}
+
+/// Entries of the quarantine's index: frames taken from the backend, each holding the
+/// physical address of the next (older) one, then up to [`Q_ENTRIES`] `(va, pa)` pairs; a
+/// pair's `pa` has [`Q_BLOCK`] set for a 2 MiB block. Only the newest frame is partly used.
+#[derive(Clone, Copy)]
+struct Quarantine {
+    /// Physical address of the newest index frame, 0 when empty.
+    head: u64,
+    /// Pairs in the newest index frame.
+    used: usize,
+}
+
+impl Quarantine {
+    const EMPTY: Self = Self { head: 0, used: 0 };
+}
+
+/// `(va, pa)` pairs per quarantine index frame (after the link word).
+const Q_ENTRIES: usize = (PAGE_SIZE / 8 - 1) / 2;
+/// Marks a quarantined 2 MiB block in the index.
+const Q_BLOCK: u64 = 1;
+/// Reports logged in full per purge; the rest are counted.
+const Q_REPORTS_PER_PURGE: usize = 4;
+
+/// The byte quarantined frames are filled with (Linux's `POISON_FREE`).
+pub const QUARANTINE_POISON: u8 = 0x6b;
+
+/// A write after `vfree` caught by the quarantine: a quarantined frame's poison changed
+/// before the purge flushed the area's TLB entries (see [`VmallocConfig::quarantine`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UseAfterVfree {
+    /// The first changed byte, as the freed area's address.
+    pub addr: VirtAddr,
+    /// The freed area's range (guard page included).
+    pub area_start: VirtAddr,
+    /// End of that range.
+    pub area_end: VirtAddr,
+    /// `addr - area_start`.
+    pub offset: u64,
+    /// The byte found there (instead of [`QUARANTINE_POISON`]).
+    pub value: u8,
+    /// Who allocated the area.
+    pub caller: Option<&'static Location<'static>>,
+    /// Who freed it.
+    pub freer: Option<&'static Location<'static>>,
+}
+
+impl fmt::Display for UseAfterVfree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "vmalloc: use after vfree caught by the quarantine: {:#x} (offset {:#x} of area {:#x}-{:#x}) written ({:#04x}) after vfree",
+            self.addr, self.offset, self.area_start, self.area_end, self.value
+        )?;
+        if let Some(c) = self.caller {
+            write!(f, "; allocated at {c}")?;
+        }
+        if let Some(fr) = self.freer {
+            write!(f, ", freed at {fr}")?;
+        }
+        Ok(())
+    }
 }
 
 // SAFETY: the allocator owns its records exclusively (see `node`'s ownership invariant): no
@@ -471,6 +554,9 @@ impl<B: VmBackend> Vmalloc<B> {
             spare_keep: config.spare_high,
             purge_hist: PurgeHistogram::new(),
             history: History::new(),
+            q: Quarantine::EMPTY,
+            q_reported: 0,
+            last_use_after_vfree: None,
         };
         if v.config.refill_inline && !v.free.pool.fill_to(REFILL_BATCH) {
             return Err(VmallocError::NoRecords);
@@ -954,7 +1040,7 @@ impl<B: VmBackend> Vmalloc<B> {
             }
             if let Err(e) = self.populate(at, n, zero) {
                 if done > 0 {
-                    self.unmap_free_huge(va, done);
+                    self.unmap_free_huge(va, done, false);
                     self.flush_now(va, done);
                 }
                 return Err(e);
@@ -965,23 +1051,26 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// As [`Self::unmap_free`] for a [`VmFlags::HUGE`] area (starting at a block boundary):
-    /// its whole 2 MiB stretches may be blocks.
+    /// its whole 2 MiB stretches may be blocks. With `quarantine` the frames and blocks are
+    /// poisoned and held until the purge instead of freed.
     #[inline(never)]
-    fn unmap_free_huge(&mut self, va: u64, pages: usize) {
+    fn unmap_free_huge(&mut self, va: u64, pages: usize, quarantine: bool) {
         let mut done = 0usize;
         while done < pages {
             let at = va + (done * PAGE_SIZE) as u64;
             let n = (pages - done).min(BLOCK_PAGES);
             if n == BLOCK_PAGES && at.is_multiple_of(BLOCK_SIZE as u64) {
                 if let Some(pa) = self.backend.unmap_block(VirtAddr::new(at)) {
-                    self.backend.free_block(pa);
-                    self.c.frames_returned += BLOCK_PAGES as u64;
                     self.c.huge_blocks -= 1;
+                    if !(quarantine && self.quarantine_block(at, pa)) {
+                        self.backend.free_block(pa);
+                        self.c.frames_returned += BLOCK_PAGES as u64;
+                    }
                     done += n;
                     continue;
                 }
             }
-            self.unmap_free(at, n);
+            self.unmap_free_with_q(at, n, quarantine);
             done += n;
         }
     }
@@ -989,14 +1078,21 @@ impl<B: VmBackend> Vmalloc<B> {
     /// Unmap `pages` from `va` (no TLB operation) and give their frames back.
     #[inline]
     fn unmap_free(&mut self, va: u64, pages: usize) {
+        self.unmap_free_with_q(va, pages, false);
+    }
+
+    /// [`Self::unmap_free`], or with `quarantine` poison the frames and hold them until the
+    /// purge.
+    #[inline]
+    fn unmap_free_with_q(&mut self, va: u64, pages: usize, quarantine: bool) {
         if pages <= SMALL_CHUNK {
-            self.unmap_free_with::<SMALL_CHUNK>(va, pages);
+            self.unmap_free_with::<SMALL_CHUNK>(va, pages, quarantine);
         } else {
-            self.unmap_free_with::<CHUNK>(va, pages);
+            self.unmap_free_with::<CHUNK>(va, pages, quarantine);
         }
     }
 
-    fn unmap_free_with<const N: usize>(&mut self, va: u64, pages: usize) {
+    fn unmap_free_with<const N: usize>(&mut self, va: u64, pages: usize, quarantine: bool) {
         let mut buf = [PhysAddr::new(0); N];
         let mut done = 0usize;
         while done < pages {
@@ -1009,10 +1105,189 @@ impl<B: VmBackend> Vmalloc<B> {
                     k += 1;
                 }
             });
-            self.backend.free_frames(&buf[..k]);
-            self.c.frames_returned += k as u64;
+            let held = if quarantine { self.quarantine_frames(at.as_u64(), &buf[..k]) } else { 0 };
+            let rest = buf.get(held..k).unwrap_or(&[]);
+            self.backend.free_frames(rest);
+            self.c.frames_returned += rest.len() as u64;
             done += n;
         }
+    }
+
+    // ----- quarantine (VmallocConfig::quarantine) -----
+
+    /// Poison `frames` (mapped from `va` on) and hold them until the purge; returns how
+    /// many were taken in, from the front (fewer when no index frame could be had: the
+    /// caller frees the rest at once).
+    fn quarantine_frames(&mut self, va: u64, frames: &[PhysAddr]) -> usize {
+        self.backend.poison_frames(frames, QUARANTINE_POISON);
+        for (i, pa) in frames.iter().enumerate() {
+            if !self.quarantine_push(va + (i * PAGE_SIZE) as u64, pa.as_u64()) {
+                self.c.quarantine_bypassed += 1;
+                return i;
+            }
+            self.c.quarantined += 1;
+        }
+        frames.len()
+    }
+
+    /// Poison a 2 MiB block mapped at `va` and hold it until the purge; `false` when no
+    /// index frame could be had (the caller frees it at once).
+    fn quarantine_block(&mut self, va: u64, pa: PhysAddr) -> bool {
+        let mut frames = [PhysAddr::new(0); CHUNK];
+        for chunk in 0..BLOCK_PAGES / CHUNK {
+            for (i, f) in frames.iter_mut().enumerate() {
+                *f = pa.add(((chunk * CHUNK + i) * PAGE_SIZE) as u64);
+            }
+            self.backend.poison_frames(&frames, QUARANTINE_POISON);
+        }
+        if !self.quarantine_push(va, pa.as_u64() | Q_BLOCK) {
+            self.c.quarantine_bypassed += 1;
+            return false;
+        }
+        self.c.quarantined += BLOCK_PAGES;
+        true
+    }
+
+    /// Append `(va, pa)` to the quarantine's index, taking a new index frame when the newest
+    /// is full. `false` (nothing changed) when no frame could be had.
+    fn quarantine_push(&mut self, va: u64, pa: u64) -> bool {
+        if self.q.head == 0 || self.q.used == Q_ENTRIES {
+            let mut f = [PhysAddr::new(0)];
+            if self.backend.alloc_frames(&mut f) != 1 {
+                return false;
+            }
+            if !self.backend.write_words(f[0], 0, &[self.q.head]) {
+                self.backend.free_frames(&f);
+                return false;
+            }
+            self.c.frames_taken += 1;
+            self.c.quarantined += 1;
+            self.q.head = f[0].as_u64();
+            self.q.used = 0;
+        }
+        let at = 1 + 2 * self.q.used;
+        if !self.backend.write_words(PhysAddr::new(self.q.head), at, &[va, pa]) {
+            return false;
+        }
+        self.q.used += 1;
+        true
+    }
+
+    /// After the purge's TLB flush: check every quarantined frame's poison (reporting each
+    /// page written after `vfree`, with its area from the `parked` list), then free them and
+    /// the index frames.
+    fn drain_quarantine(&mut self, parked: Link) {
+        let (mut idx, mut used) = (self.q.head, self.q.used);
+        self.q = Quarantine::EMPTY;
+        self.q_reported = 0;
+        let mut entries = [0u64; 2 * 32];
+        let mut to_free = [PhysAddr::new(0); CHUNK];
+        let mut nfree = 0usize;
+        while idx != 0 {
+            let index = PhysAddr::new(idx);
+            let mut next = [0u64];
+            self.backend.read_words(index, 0, &mut next);
+            let mut e = 0usize;
+            while e < used {
+                let n = (used - e).min(32);
+                let words = &mut entries[..2 * n];
+                self.backend.read_words(index, 1 + 2 * e, words);
+                for pair in words.chunks_exact(2) {
+                    let (va, pa) = (pair[0], pair[1]);
+                    if pa & Q_BLOCK != 0 {
+                        let base = pa & !Q_BLOCK;
+                        for p in 0..BLOCK_PAGES as u64 {
+                            self.quarantine_check(parked, va + p * PAGE, PhysAddr::new(base + p * PAGE));
+                        }
+                        self.backend.free_block(PhysAddr::new(base));
+                        self.c.frames_returned += BLOCK_PAGES as u64;
+                        self.c.quarantined -= BLOCK_PAGES;
+                    } else {
+                        self.quarantine_check(parked, va, PhysAddr::new(pa));
+                        to_free[nfree] = PhysAddr::new(pa);
+                        nfree += 1;
+                        if nfree == CHUNK {
+                            self.backend.free_frames(&to_free);
+                            self.c.frames_returned += CHUNK as u64;
+                            self.c.quarantined -= CHUNK;
+                            nfree = 0;
+                        }
+                    }
+                }
+                e += n;
+            }
+            self.backend.free_frames(&[index]);
+            self.c.frames_returned += 1;
+            self.c.quarantined -= 1;
+            idx = next[0];
+            used = Q_ENTRIES;
+        }
+        self.backend.free_frames(&to_free[..nfree]);
+        self.c.frames_returned += nfree as u64;
+        self.c.quarantined -= nfree;
+        if self.q_reported > Q_REPORTS_PER_PURGE {
+            log::error!(
+                "vmalloc: quarantine: {} more pages written after vfree in this purge (see quarantine_hits)",
+                self.q_reported - Q_REPORTS_PER_PURGE
+            );
+        }
+    }
+
+    /// Report the page at `va` (frame `pa`) if its poison changed.
+    fn quarantine_check(&mut self, parked: Link, va: u64, pa: PhysAddr) {
+        let Some((off, value)) = self.backend.find_unpoisoned(pa, QUARANTINE_POISON) else { return };
+        self.c.quarantine_hits += 1;
+        let addr = va + off as u64;
+        let area = core::iter::successors(parked, |n| n.get().next.get()).find(|n| {
+            let nd = n.get();
+            (nd.start.get()..nd.end.get()).contains(&addr)
+        });
+        let report = match area {
+            Some(n) => {
+                let nd = n.get();
+                UseAfterVfree {
+                    addr: VirtAddr::new(addr),
+                    area_start: VirtAddr::new(nd.start.get()),
+                    area_end: VirtAddr::new(nd.end.get()),
+                    offset: addr - nd.start.get(),
+                    value,
+                    caller: Some(nd.caller.get()),
+                    freer: nd.freer.get(),
+                }
+            }
+            None => UseAfterVfree {
+                addr: VirtAddr::new(addr),
+                area_start: VirtAddr::new(va),
+                area_end: VirtAddr::new(va + PAGE),
+                offset: off as u64,
+                value,
+                caller: None,
+                freer: None,
+            },
+        };
+        // Rate-limited (as Linux's reports): the first few of a purge in full.
+        if self.q_reported < Q_REPORTS_PER_PURGE {
+            log::error!("{report}");
+        }
+        self.q_reported += 1;
+        self.last_use_after_vfree = Some(report);
+    }
+
+    /// The last write after `vfree` the quarantine caught (see [`VmallocConfig::quarantine`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.purge();
+    /// if let Some(r) = vm.last_use_after_vfree() {
+    ///     log::error!("{r}");
+    /// }
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
+    pub fn last_use_after_vfree(&self) -> Option<UseAfterVfree> {
+        self.last_use_after_vfree
     }
 
     /// Flush `pages` from `va` now (failure paths, shrink, strict mode).
@@ -1394,10 +1669,12 @@ impl<B: VmBackend> Vmalloc<B> {
         let nd = node.get();
         let (start, pages) = (nd.start.get(), nd.pages.get());
         if kind == AreaKind::Vmalloc {
+            // Strict mode flushes at once: nothing to hold the frames for.
+            let quarantine = self.config.quarantine && !self.config.strict;
             if VmFlags(nd.flags.get()).contains(VmFlags::HUGE) {
-                self.unmap_free_huge(start, pages);
+                self.unmap_free_huge(start, pages, quarantine);
             } else {
-                self.unmap_free(start, pages);
+                self.unmap_free_with_q(start, pages, quarantine);
             }
             self.c.owned_frames -= pages;
         } else {
@@ -1468,6 +1745,11 @@ impl<B: VmBackend> Vmalloc<B> {
         } else if mapped > 0 {
             self.backend.tlb_flush_all();
             self.c.tlb_full += 1;
+        }
+        // The flush killed every stale TLB entry of the parked ranges: the quarantined
+        // frames can be checked and freed.
+        if self.q.head != 0 {
+            self.drain_quarantine(Some(head));
         }
         // Return the ranges highest first, joining neighbours before touching the free tree.
         // In that order a range below the lowest hole goes in without a descent (see
@@ -2000,6 +2282,10 @@ impl Vmalloc<sim::SimBackend> {
 impl<B: VmBackend> Drop for Vmalloc<B> {
     /// Frees the records only: live areas' mappings and frames are left as they are.
     fn drop(&mut self) {
+        // Quarantined frames are the allocator's: flush and free them.
+        if self.q.head != 0 {
+            self.purge();
+        }
         let pool = &mut self.free.pool;
         self.busy.drain(|n| pool.free_one(n));
         if let Some(n) = self.pending.take() {
