@@ -368,9 +368,10 @@ pub struct VmallocStats {
     pub tlb_full_flushes: u64,
     /// Calls that failed.
     pub failures: u64,
-    /// Frames taken from the backend, ever.
+    /// Frames taken from the backend for areas, ever (the quarantine's index frames not
+    /// included).
     pub frames_taken: u64,
-    /// Frames given back to the backend, ever.
+    /// Frames of areas given back to the backend, ever.
     pub frames_returned: u64,
     /// Pages mapped, ever (all kinds, growth by `vrealloc` included).
     pub pages_mapped: u64,
@@ -1160,7 +1161,7 @@ impl<B: VmBackend> Vmalloc<B> {
                 self.backend.free_frames(&f);
                 return false;
             }
-            self.c.frames_taken += 1;
+            // Index frames are not counted in frames_taken/returned (area frames only).
             self.c.quarantined += 1;
             self.q.head = f[0].as_u64();
             self.q.used = 0;
@@ -1217,7 +1218,6 @@ impl<B: VmBackend> Vmalloc<B> {
                 e += n;
             }
             self.backend.free_frames(&[index]);
-            self.c.frames_returned += 1;
             self.c.quarantined -= 1;
             idx = next[0];
             used = Q_ENTRIES;
