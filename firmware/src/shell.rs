@@ -206,6 +206,11 @@ pub fn meminfo() {
         println!("VmallocParked: {:>10} kB  ({} areas, purge at {} pages)", s.parked_pages * 4, s.parked_areas, 8192);
         println!("VmallocTables: {:>10} kB", kernel::vmalloc_table_pages() * 4);
         println!(
+            "Quarantined:   {:>10} kB  ({} writes after vfree caught)",
+            s.quarantined_frames * 4,
+            s.quarantine_hits
+        );
+        println!(
             "Purges:        {:>10}     ({} TLB page ops in {} batches, {} full flushes; max {} us, p99 {} us)",
             s.purges,
             s.tlb_page_ops,

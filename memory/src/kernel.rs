@@ -183,11 +183,15 @@ impl VmBackend for KernelBackend {
         }
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
         let mut space = space.lock();
-        // SAFETY: vmalloc maps only ranges of its own window that are unmapped and flushed
-        // (the VmBackend contract), so nothing lives in `range`. Reclaiming first releases an
-        // empty page table that earlier small areas left at this level-2 entry, after a
-        // walk-cache invalidation, as Linux's `pmd_free_pte_page` does: then the block entry
-        // can take its place. Nothing is mapped there, so no leaf is cleared.
+        // A live leaf in the range is refused, not torn down: its frames belong to an area
+        // (and unmapping it here would leak them and leave that area's pointer dangling).
+        if space.upper().first_mapped(range).is_some() {
+            return Err(MapError::AlreadyMapped);
+        }
+        // SAFETY: nothing is mapped in `range` (checked just above, under the tables' lock).
+        // Reclaiming first releases an empty page table that earlier small areas left at
+        // this level-2 entry, after a walk-cache invalidation, as Linux's `pmd_free_pte_page`
+        // does: then the block entry can take its place. No leaf is cleared.
         let tables = unsafe { space.upper_mut() };
         // SAFETY: as above.
         unsafe { tables.unmap_and_reclaim(range, &HardwareTlb, &mut GlobalTableAlloc) }.map_err(map_err)?;
@@ -284,6 +288,51 @@ impl VmBackend for KernelBackend {
         unsafe { core::ptr::write_bytes(va.as_mut_ptr::<u8>(), 0, bytes) };
     }
 
+    fn poison_frames(&mut self, frames: &[PhysAddr], byte: u8) {
+        for &pa in frames {
+            // SAFETY: a frame vmalloc took from the buddy allocator and holds in quarantine
+            // (unmapped from its area, not freed), reached through the linear map.
+            unsafe { core::ptr::write_bytes(self.frame_ptr(pa), byte, PAGE_SIZE) };
+        }
+    }
+
+    fn find_unpoisoned(&self, pa: PhysAddr, byte: u8) -> Option<(usize, u8)> {
+        let p = self.frame_ptr(pa).cast::<u64>();
+        let pattern = u64::from_ne_bytes([byte; 8]);
+        for w in 0..PAGE_SIZE / 8 {
+            // SAFETY: a quarantined frame (as in `poison_frames`), page aligned, read word by
+            // word inside it. Volatile: a stale TLB entry may have written it behind our back.
+            let v = unsafe { p.add(w).read_volatile() };
+            if v != pattern {
+                let bytes = v.to_ne_bytes();
+                let i = bytes.iter().position(|&b| b != byte).unwrap_or(0);
+                return Some((w * 8 + i, bytes[i]));
+            }
+        }
+        None
+    }
+
+    fn write_words(&mut self, pa: PhysAddr, at: usize, words: &[u64]) -> bool {
+        if at + words.len() > PAGE_SIZE / 8 {
+            return false;
+        }
+        let p = self.frame_ptr(pa).cast::<u64>();
+        // SAFETY: an index frame vmalloc took from the buddy allocator and owns (mapped
+        // nowhere else), page aligned; the words lie inside it (checked above).
+        unsafe { core::ptr::copy_nonoverlapping(words.as_ptr(), p.add(at), words.len()) };
+        true
+    }
+
+    fn read_words(&self, pa: PhysAddr, at: usize, out: &mut [u64]) {
+        if at + out.len() > PAGE_SIZE / 8 {
+            out.fill(0);
+            return;
+        }
+        let p = self.frame_ptr(pa).cast::<u64>();
+        // SAFETY: as in `write_words`: inside an index frame vmalloc owns.
+        unsafe { core::ptr::copy_nonoverlapping(p.add(at), out.as_mut_ptr(), out.len()) };
+    }
+
     fn now_ns(&self) -> u64 {
         hal::cpu::uptime_ns()
     }
@@ -316,7 +365,7 @@ impl fmt::Display for InitError {
 }
 
 /// Tunables, from the command line (`buddy.strict=1 slab.strict=1 vmalloc.strict=1
-/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N`).
+/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryConfig {
     /// Poison freed pages and check the poison on allocation.
@@ -348,6 +397,7 @@ impl MemoryConfig {
         c.buddy_strict = flag("buddy.strict");
         c.slab_strict = flag("slab.strict");
         c.vmalloc.strict = flag("vmalloc.strict");
+        c.vmalloc.quarantine = flag("vmalloc.quarantine");
         if let Some(n) = number("vmalloc.lazy_max_pages") {
             c.vmalloc.lazy_max_pages = n as usize;
         }
@@ -359,8 +409,14 @@ impl MemoryConfig {
 }
 
 /// The boot parameters this crate reads (for the firmware's unknown-parameter check).
-pub const BOOT_PARAMS: &[&str] =
-    &["buddy.strict", "slab.strict", "vmalloc.strict", "vmalloc.lazy_max_pages", "vmalloc.flush_page_threshold"];
+pub const BOOT_PARAMS: &[&str] = &[
+    "buddy.strict",
+    "slab.strict",
+    "vmalloc.strict",
+    "vmalloc.lazy_max_pages",
+    "vmalloc.flush_page_threshold",
+    "vmalloc.quarantine",
+];
 
 /// Starts the memory system: the buddy allocator over the RAM the device tree names (less
 /// `/memreserve/`, `/reserved-memory`, the DTB and the whole image — boot tables and stacks
@@ -533,7 +589,8 @@ pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAdd
 }
 
 /// Frees an area from [`vmalloc`]: unmapped and its frames freed now; its virtual range is
-/// reused after the next batched TLB flush.
+/// reused after the next batched TLB flush. `vfree(VirtAddr::new(0))` (C's `vfree(NULL)`)
+/// does nothing, as in Linux.
 ///
 /// # Errors
 /// [`VmallocError::NotAnArea`] for an address that is not the start of a live area (interior
@@ -547,6 +604,9 @@ pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAdd
 /// ```
 #[track_caller]
 pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
+    if addr.as_u64() == 0 {
+        return Ok(());
+    }
     vm()?.vfree(addr)
 }
 
@@ -655,6 +715,21 @@ pub fn ioremap_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Vir
 #[track_caller]
 pub fn iounmap(addr: VirtAddr) -> Result<(), VmallocError> {
     vm()?.iounmap(addr)
+}
+
+pub use crate::snapshot::{MemDiff, MemSnapshot};
+
+/// A snapshot of the whole memory system (free frames, slab objects, vmalloc areas, parked
+/// areas, quarantined frames, page-table pages, spare records): [`MemSnapshot::take`]. For a
+/// leak check take [`MemSnapshot::settled`] before and call [`MemSnapshot::check_no_leak`]
+/// after.
+/// # Example
+/// ```no_run
+/// let s = memory::kernel::snapshot();
+/// log::info!("{} vmalloc areas, {} quarantined frames", s.vmalloc_areas, s.quarantined_frames);
+/// ```
+pub fn snapshot() -> MemSnapshot {
+    MemSnapshot::take()
 }
 
 /// Flushes the TLB for every parked range and returns them to free space now.
@@ -845,9 +920,10 @@ pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
     NonNull::new(va.as_mut_ptr()).ok_or(VmallocError::NotAnArea)
 }
 
-/// Frees memory from [`kvmalloc`].
+/// Frees memory from [`kvmalloc`]. `None` (C's `kvfree(NULL)`) does nothing, as in Linux.
 ///
 /// # Errors
+/// [`VmallocError::DoubleFree`] for memory already freed (by either allocator),
 /// [`VmallocError::NotAnArea`] when the pointer belongs to neither allocator.
 ///
 /// # Safety
@@ -855,13 +931,17 @@ pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
 /// # Example
 /// See [`kvmalloc`].
 #[track_caller]
-pub unsafe fn kvfree(ptr: NonNull<u8>) -> Result<(), VmallocError> {
+pub unsafe fn kvfree(ptr: impl Into<Option<NonNull<u8>>>) -> Result<(), VmallocError> {
+    let Some(ptr) = ptr.into() else { return Ok(()) };
     let va = VirtAddr::from_ptr(ptr.as_ptr());
     if is_vmalloc_addr(va) {
         return vfree(va);
     }
     // SAFETY: forwarded: the pointer came from kvmalloc's slab branch.
-    unsafe { slab::kfree(ptr) }.map_err(|_| VmallocError::NotAnArea)
+    unsafe { slab::kfree(ptr) }.map_err(|e| match e {
+        SlabError::DoubleFree => VmallocError::DoubleFree,
+        _ => VmallocError::NotAnArea,
+    })
 }
 
 /// An owned vmalloc area: `Deref` to its bytes, `vfree` on drop.

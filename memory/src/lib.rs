@@ -9,6 +9,8 @@
 //! | [`vmalloc`] | virtually contiguous areas: O(log n) lowest-fit free space, a guard page after each area, lazy unmapping with batched TLB flushes, `vmallocinfo`, faults explained | `mm/vmalloc.c` |
 //! | [`ioremap`] | device MMIO in the same window with device attributes; `IoMem`/`Mmio` handles with typed register blocks | `ioremap`, `ioremap_np`, `ioremap_wc` |
 //! | [`kernel`] | the global instances wired to `hal`'s translation tables: the API drivers call | |
+//! | [`snapshot`] | one look at the whole memory system and a diff: "nothing leaked" in one line | |
+//! | [`fault`] | fault injection: every k-th internal allocation fails (tests) | `failslab`, `fail_page_alloc` |
 //!
 //! The allocators are architecture-neutral: they reach physical memory through
 //! [`hal::linear::LinearMap`] and the MMU through [`vmalloc::VmBackend`], so every one of
@@ -39,7 +41,9 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod buddy;
+pub mod fault;
 pub mod ioremap;
 pub mod kernel;
 pub mod slab;
+pub mod snapshot;
 pub mod vmalloc;

@@ -640,7 +640,7 @@ fn locked_wrapper_refills_outside_and_try_locks_for_faults() {
     if r == Err(VmallocError::NoRecords) {
         assert_eq!(g.stats().records, before.records);
     }
-    g.add_spares(memory::vmalloc::Spares::new(4));
+    g.add_spares(memory::vmalloc::Spares::new(4).unwrap());
     assert_eq!(g.spares_wanted(), 0);
     g.check().unwrap();
 }
@@ -659,4 +659,24 @@ fn vrealloc_keeps_end_alignment() {
     vm.vfree(r).unwrap();
     vm.purge();
     vm.check().unwrap();
+}
+
+#[test]
+fn freeing_null_does_nothing_and_null_is_never_an_area() {
+    let mut vm = new_vm(64, 64);
+    let p = vm.vmalloc(PAGE_SIZE).unwrap();
+    let before = snapshot(&vm);
+    let failures = vm.stats().failures;
+    let null = VirtAddr::new(0);
+    assert_eq!(vm.vfree(null), Ok(()));
+    assert_eq!(vm.vunmap(null), Ok(()));
+    assert_eq!(vm.iounmap(null), Ok(()));
+    assert_eq!((snapshot(&vm), vm.stats().failures), (before, failures));
+    vm.vfree(p).unwrap();
+    // A window holding address 0 could hand out NULL: refused.
+    let at_zero = VirtRange::new(VirtAddr::new(0), 64 * PAGE).unwrap();
+    assert_eq!(
+        Vmalloc::new(SimBackend::new(at_zero, 64), at_zero, VmallocConfig::default()).unwrap_err(),
+        VmallocError::BadRange
+    );
 }

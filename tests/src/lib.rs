@@ -218,9 +218,15 @@ pub fn run(tests: &[Test]) -> ! {
 #[global_allocator]
 static HEAP: memory::slab::KernelAllocator = memory::slab::KernelAllocator;
 
-/// Brings up the memory system as the firmware does (boot parameters included).
+/// Brings up the memory system as the firmware does (boot parameters included), with
+/// vmalloc's quarantine on unless the command line says `vmalloc.quarantine=0`: in the test
+/// suites a write after `vfree` is caught, never lands in someone else's frame.
 pub fn init_memory(info: &'static hal::boot::BootInfo) {
-    let config = memory::kernel::MemoryConfig::from_cmdline(&info.cmdline());
+    let cmdline = info.cmdline();
+    let mut config = memory::kernel::MemoryConfig::from_cmdline(&cmdline);
+    if cmdline.get("vmalloc.quarantine").is_none() {
+        config.vmalloc.quarantine = true;
+    }
     // SAFETY: called once per boot, by `main!`, after hal turned the MMU on.
     if let Err(e) = unsafe { memory::kernel::init(info, config) } {
         panic!("memory init: {e}");

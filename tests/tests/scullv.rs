@@ -90,6 +90,12 @@ fn read_checksum(dev: &ScullV, bytes: usize, chunk: usize) -> u64 {
 }
 
 fn megabytes_round_trip_across_many_quanta() {
+    let before = memory::kernel::MemSnapshot::settled();
+    megabytes_round_trip();
+    before.check_no_leak().unwrap(); // the driver gave back everything it took
+}
+
+fn megabytes_round_trip() {
     let bytes = 6 << 20;
     let mut dev = ScullV::new(DEFAULT_ORDER, DEFAULT_QSET).unwrap();
     let written = write_pattern(&mut dev, bytes, 4093);

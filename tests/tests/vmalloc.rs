@@ -188,6 +188,122 @@ fn strict_mode_faults_at_once_lazy_mode_may_not() {
     probe::read_u8(q).expect_err("after the purge the TLB entry is gone");
 }
 
+/// The kernel backend's `map_block` refuses a 2 MiB range that still has a live page:
+/// before, it tore the page down (leaking its frame, leaving its owner's pointer dangling)
+/// and mapped the block over it.
+fn map_block_refuses_a_range_with_live_leaves() {
+    use memory::vmalloc::{MapError, Prot, VmBackend, BLOCK_SIZE};
+    let info = hal::boot::boot_info().unwrap();
+    // SAFETY: slot 3 of the scratch window is this test's alone; everything it maps is
+    // unmapped and flushed before it returns.
+    let mut be = unsafe { KernelBackend::new(info) }.unwrap();
+    let base = SCRATCH_START + 3 * (1 << 30);
+    let page = VirtAddr::new(base + 5 * PAGE as u64);
+    let mut frame = [hal::PhysAddr::new(0)];
+    assert_eq!(be.alloc_frames(&mut frame), 1);
+    be.map_pages(page, &frame, Prot::ReadWrite).unwrap();
+    // SAFETY: the page was just mapped to a frame this test owns.
+    unsafe { page.as_mut_ptr::<u64>().write_volatile(0x1ead) };
+    let block = be.alloc_block().expect("a free 2 MiB block");
+    assert_eq!(be.map_block(VirtAddr::new(base), block), Err(MapError::AlreadyMapped));
+    assert_eq!(be.translate(page), Some(frame[0]), "the live page is kept");
+    // SAFETY: as above: still mapped, still ours.
+    assert_eq!(unsafe { page.as_ptr::<u64>().read_volatile() }, 0x1ead);
+    let mut freed = [hal::PhysAddr::new(0)];
+    be.unmap_pages(page, 1, |pa| freed[0] = pa);
+    be.tlb_flush_pages(&[(page, 1)]);
+    assert_eq!(freed, frame);
+    be.free_frames(&frame);
+    // With the page gone the block goes in (the kept, empty table is reclaimed).
+    be.map_block(VirtAddr::new(base), block).unwrap();
+    assert_eq!(be.translate(VirtAddr::new(base + 0x1234)), Some(block.add(0x1234)));
+    assert_eq!(be.unmap_block(VirtAddr::new(base)), Some(block));
+    be.tlb_flush_pages(&[(VirtAddr::new(base), BLOCK_SIZE / PAGE)]);
+    be.free_block(block);
+}
+
+/// Quarantine mode: 1,000 writes at random offsets into vfree'd, not yet purged areas.
+/// Under QEMU's software TLB a page whose translation was cached before `vfree` (touched)
+/// keeps translating until the purge's TLBI: that write lands in the quarantined frame and
+/// the purge's poison check reports it. A page never touched has no cached translation:
+/// that write faults and is explained as a use after vfree. Both happen, every write is one
+/// of the two, and no write reaches the frames allocated meanwhile (which, without the
+/// quarantine, are the very frames the hot list just got back).
+fn use_after_vfree_is_caught_by_the_quarantine_or_faults() {
+    use memory::vmalloc::{FaultClass, QUARANTINE_POISON};
+    const WRITES: usize = 1000;
+    const AREAS: usize = 25; // per round, two pages each: one touched, one not
+    let cfg = VmallocConfig { quarantine: true, lazy_max_pages: 1 << 20, ..VmallocConfig::default() };
+    let mut vm = private(4, 4096, cfg);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut stale, mut faulted, mut explained) = (0usize, 0usize, 0usize);
+    let hits0 = vm.stats().quarantine_hits;
+    while stale + faulted < WRITES {
+        let areas: alloc::vec::Vec<usize> = (0..AREAS).map(|_| vm.vmalloc(2 * PAGE).unwrap().as_usize()).collect();
+        for &a in &areas {
+            // SAFETY: the area is ours and mapped; the write caches page 0's translation.
+            unsafe { (a as *mut u8).write_volatile(1) };
+        }
+        for &a in &areas {
+            vm.vfree(VirtAddr::new(a as u64)).unwrap();
+        }
+        // Someone else allocates as many frames right away (from the global instance).
+        let reuse = kernel::vzalloc(2 * AREAS * PAGE).unwrap();
+        let round_hits = vm.stats().quarantine_hits;
+        let mut round_stale = 0;
+        for &a in &areas {
+            for page in 0..2 {
+                if stale + faulted == WRITES {
+                    break;
+                }
+                let addr = a + page * PAGE + (rand() as usize % PAGE);
+                let value = (rand() as u8) | 1;
+                let value = if value == QUARANTINE_POISON { 0x11 } else { value };
+                // SAFETY: a freed area's page: either the write faults (nothing written) or
+                // it lands, through a stale TLB entry, in a frame the quarantine holds.
+                match unsafe { probe::write_u8(addr, value) } {
+                    Ok(()) => {
+                        stale += 1;
+                        round_stale += 1;
+                    }
+                    Err(_) => {
+                        faulted += 1;
+                        let mut why = String::new();
+                        if vm.explain_fault(VirtAddr::new(addr as u64), &mut why) == FaultClass::UseAfterFree {
+                            explained += 1;
+                        }
+                    }
+                }
+            }
+        }
+        vm.purge();
+        // One report per page written through a stale entry (each page is written once).
+        assert_eq!(vm.stats().quarantine_hits - round_hits, round_stale as u64, "stale writes not all caught");
+        // None reached the frames handed out meanwhile.
+        let words = 2 * AREAS * PAGE / 8;
+        for w in 0..words {
+            // SAFETY: the area is mapped, ours, and `words` words long.
+            let v = unsafe { reuse.as_ptr::<u64>().add(w).read_volatile() };
+            assert_eq!(v, 0, "a write after vfree reached a reused frame (word {w})");
+        }
+        kernel::vfree(reuse).unwrap();
+    }
+    hal::print!("({stale} through stale TLB entries caught at the purge, {faulted} faulted) ");
+    assert_eq!(stale + faulted, WRITES);
+    assert!(stale > 0 && faulted > 0, "both outcomes must happen: {stale} stale, {faulted} faulted");
+    assert_eq!(explained, faulted, "every fault explained as a use after vfree");
+    assert_eq!(vm.stats().quarantine_hits - hits0, stale as u64);
+    let r = vm.last_use_after_vfree().unwrap();
+    assert!(r.caller.unwrap().file().ends_with("vmalloc.rs") && r.freer.is_some(), "{r}");
+    assert_eq!(vm.stats().quarantined_frames, 0);
+}
+
 fn vmallocinfo_lists_areas_like_linux() {
     let a = kernel::vmalloc(3 * PAGE).unwrap();
     let b = kernel::vmalloc(100).unwrap();
@@ -316,6 +432,8 @@ tests::main!(
     test!(one_past_100_bytes_traps_at_the_page_end_or_at_once_end_aligned),
     test!(freed_area_faults_once_purged_and_is_named),
     test!(strict_mode_faults_at_once_lazy_mode_may_not),
+    test!(map_block_refuses_a_range_with_live_leaves),
+    test!(use_after_vfree_is_caught_by_the_quarantine_or_faults),
     test!(vmallocinfo_lists_areas_like_linux),
     test!(a_window_full_of_parked_ranges_purges_and_succeeds),
     test!(misuse_is_refused_and_changes_nothing),

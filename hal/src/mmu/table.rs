@@ -670,6 +670,39 @@ impl PageTable {
         None
     }
 
+    /// The lowest address of `virt` that a page or block maps, or `None` when nothing in
+    /// `virt` is mapped (or `virt` lies outside this tree's half). One descent per table the
+    /// range touches, empty entries skipped: checking a 2 MiB range reads at most one page
+    /// table, not 512 walks.
+    pub fn first_mapped(&self, virt: VirtRange) -> Option<VirtAddr> {
+        let (s, e) = (virt.start().as_u64(), virt.end().as_u64());
+        if !self.va_range.contains(virt.start()) || !self.va_range.contains(VirtAddr::new(e - 1)) {
+            return None;
+        }
+        self.first_mapped_level(self.root, ROOT_LEVEL, self.va_range.start().as_u64(), s, e).map(VirtAddr::new)
+    }
+
+    /// [`Self::first_mapped`] in the table at `level` whose first entry translates `base`,
+    /// for `[s, e)` (inside that table's span).
+    fn first_mapped_level(&self, table: PhysAddr, level: usize, base: u64, s: u64, e: u64) -> Option<u64> {
+        let size = level_size(level);
+        let first = ((s.max(base) - base) / size) as usize;
+        let last = (((e - 1 - base) / size) as usize).min(ENTRIES - 1);
+        for i in first..=last {
+            let va = base + i as u64 * size;
+            match self.read(table, i).decode(level) {
+                Entry::Invalid => {}
+                Entry::Table(next) => {
+                    if let Some(at) = self.first_mapped_level(next, level + 1, va, s, e) {
+                        return Some(at);
+                    }
+                }
+                Entry::Leaf { .. } => return Some(va.max(s)),
+            }
+        }
+        None
+    }
+
     /// Calls `f(va, level, translation)` for every leaf of the tree (blocks and pages) in
     /// address order: introspection for tests, audits (W^X, nothing mapped in a guard page)
     /// and dumps. O(mapped entries + tables).

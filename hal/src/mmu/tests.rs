@@ -326,6 +326,28 @@ fn an_empty_kept_table_is_reclaimed_so_a_block_can_take_its_place() {
     release(t, &mut arena);
 }
 
+/// `first_mapped` finds pages and blocks, skips empty tables, and answers `None` for an
+/// empty range (vmalloc's huge step refuses a 2 MiB range with a live leaf by it).
+#[test]
+fn first_mapped_finds_the_lowest_leaf_of_a_range() {
+    let mut arena = Arena::new(16);
+    let mut t = table(&mut arena, VaRange::Lower);
+    let base = 8 * MIB2;
+    assert_eq!(t.first_mapped(vr(base, MIB2)), None);
+    t.map(vr(base + 7 * PG, PG), PhysAddr::new(base), Attributes::DATA, BlockPolicy::PagesOnly, &mut arena).unwrap();
+    assert_eq!(t.first_mapped(vr(base, MIB2)), Some(VirtAddr::new(base + 7 * PG)));
+    assert_eq!(t.first_mapped(vr(base, 7 * PG)), None);
+    assert_eq!(t.first_mapped(vr(base + 8 * PG, MIB2 - 8 * PG)), None);
+    assert_eq!(unmap_lazily(&mut t, vr(base + 7 * PG, PG)), Ok(1));
+    // The kept, empty table holds no leaf.
+    assert_eq!(t.first_mapped(vr(base, MIB2)), None);
+    let block = 4 * MIB2;
+    t.map(vr(block, MIB2), PhysAddr::new(block), Attributes::DATA, BlockPolicy::AllowBlocks, &mut arena).unwrap();
+    assert_eq!(t.first_mapped(vr(block + 5 * PG, PG)), Some(VirtAddr::new(block + 5 * PG)));
+    assert_eq!(t.first_mapped(vr(0, 16 * MIB2)), Some(VirtAddr::new(block)));
+    release(t, &mut arena);
+}
+
 #[test]
 fn frames_need_not_be_contiguous() {
     let mut arena = Arena::new(16);

@@ -248,7 +248,11 @@ impl Geometry {
         }
         let align = align.max(MIN_ALIGN);
         let size = size.checked_next_multiple_of(align)?;
-        let stride = if strict { (size + RED_ZONE_MIN).next_multiple_of(align) } else { size };
+        // Larger than the largest slab: no geometry (and no arithmetic near `usize::MAX`).
+        if size > PAGE_SIZE << MAX_SLAB_ORDER {
+            return None;
+        }
+        let stride = if strict { size.checked_add(RED_ZONE_MIN)?.checked_next_multiple_of(align)? } else { size };
         let mut best: Option<Geometry> = None;
         for order in 0..=MAX_SLAB_ORDER {
             let bytes = PAGE_SIZE << order;
@@ -453,6 +457,11 @@ pub struct SlabStats {
 #[derive(Debug, PartialEq, Eq)]
 pub struct CacheId(u8);
 
+/// How many freed large objects a [`SlabAllocator`] remembers, to report a second `kfree`
+/// of one as [`SlabError::DoubleFree`] (their frames are back with the buddy allocator, so
+/// no owner tag says so any more).
+pub const FREED_LARGE_HISTORY: usize = 64;
+
 /// A slab allocator over a buddy allocator. See the [module documentation](self).
 pub struct SlabAllocator<'b> {
     buddy: &'b Mutex<BuddyAllocator>,
@@ -466,6 +475,9 @@ pub struct SlabAllocator<'b> {
     alloc_failures: AtomicU64,
     invalid_frees: AtomicU64,
     corruptions: AtomicU64,
+    /// Physical addresses of the last [`FREED_LARGE_HISTORY`] large objects freed (0: none).
+    freed_large: [AtomicU64; FREED_LARGE_HISTORY],
+    freed_large_next: AtomicUsize,
 }
 
 impl fmt::Debug for SlabAllocator<'_> {
@@ -518,6 +530,8 @@ impl<'b> SlabAllocator<'b> {
             alloc_failures: AtomicU64::new(0),
             invalid_frees: AtomicU64::new(0),
             corruptions: AtomicU64::new(0),
+            freed_large: core::array::from_fn(|_| AtomicU64::new(0)),
+            freed_large_next: AtomicUsize::new(0),
         };
         for (i, slot) in s.caches[..NR_KMALLOC].iter().enumerate() {
             let geo = Geometry::new(KMALLOC_SIZES[i], KMALLOC_ALIGNS[i], strict).ok_or(SlabError::BadLayout)?;
@@ -604,12 +618,16 @@ impl<'b> SlabAllocator<'b> {
         Ok(p)
     }
 
-    /// Frees memory from [`Self::kmalloc`] (or from a named cache).
+    /// Frees memory from [`Self::kmalloc`] (or from a named cache). Takes a `NonNull` or an
+    /// `Option<NonNull>`: `None` (C's `kfree(NULL)`, e.g. `NonNull::new(p)` of a null `p`)
+    /// does nothing and succeeds, as in Linux.
     ///
     /// # Errors
     /// Nothing changes when an error is returned (but the invalid-free counter):
     /// [`SlabError::NotOwned`] (not from this allocator), [`SlabError::NotObjectStart`],
-    /// [`SlabError::DoubleFree`], [`SlabError::Corrupted`] (slab header overwritten).
+    /// [`SlabError::DoubleFree`] (a small object already free, or one of the last
+    /// [`FREED_LARGE_HISTORY`] large objects freed), [`SlabError::Corrupted`] (slab header
+    /// overwritten).
     ///
     /// # Safety
     /// Nothing may use the object after this call: it is handed out again. The checks
@@ -624,7 +642,9 @@ impl<'b> SlabAllocator<'b> {
     /// # Ok::<(), memory::slab::SlabError>(())
     /// ```
     #[inline]
-    pub unsafe fn kfree(&self, ptr: NonNull<u8>) -> Result<(), SlabError> {
+    pub unsafe fn kfree(&self, ptr: impl Into<Option<NonNull<u8>>>) -> Result<(), SlabError> {
+        // kfree(NULL) does nothing, as in Linux (ported cleanup paths rely on it).
+        let Some(ptr) = ptr.into() else { return Ok(()) };
         let r = self.free_inner(ptr, None);
         if r.is_err() {
             self.invalid_frees.fetch_add(1, Ordering::Relaxed);
@@ -675,6 +695,9 @@ impl<'b> SlabAllocator<'b> {
             Ok(o) => o,
             Err(e) => return self.fail(e),
         };
+        if crate::fault::should_fail() {
+            return self.fail(SlabError::OutOfMemory);
+        }
         let Ok(pa) = self.buddy.lock().alloc(order) else {
             return self.fail(SlabError::OutOfMemory);
         };
@@ -698,10 +721,12 @@ impl<'b> SlabAllocator<'b> {
             return Err(SlabError::NotObjectStart);
         }
         let order = (tag & !TAG_LARGE) as usize;
-        // Claim the block: of two racing frees, one wins, the other sees NotOwned.
+        // Claim the block: of two racing frees, one wins, the other sees a double free.
         if head.compare_exchange(tag, TAG_NONE, Ordering::AcqRel, Ordering::Relaxed).is_err() {
-            return Err(SlabError::NotOwned);
+            return Err(SlabError::DoubleFree);
         }
+        let slot = self.freed_large_next.fetch_add(1, Ordering::Relaxed) % FREED_LARGE_HISTORY;
+        self.freed_large[slot].store(pa.as_u64(), Ordering::Relaxed);
         if let Some(tags) = self.tags.tags(pa, 1 << order) {
             for t in &tags[1..] {
                 t.store(TAG_NONE, Ordering::Relaxed);
@@ -724,6 +749,7 @@ impl<'b> SlabAllocator<'b> {
         let tag_ref = self.tags.tag(pa).ok_or(SlabError::NotOwned)?;
         let tag = tag_ref.load(Ordering::Acquire);
         match tag {
+            TAG_NONE if self.freed_large_recently(pa) => Err(SlabError::DoubleFree),
             TAG_NONE => Err(SlabError::NotOwned),
             TAG_LARGE_TAIL => Err(SlabError::NotObjectStart),
             t if t & TAG_LARGE != 0 => {
@@ -740,6 +766,13 @@ impl<'b> SlabAllocator<'b> {
                 self.free_object(id, ptr.as_ptr(), pa, tag_ref)
             }
         }
+    }
+
+    /// Whether `pa` starts one of the last [`FREED_LARGE_HISTORY`] large objects freed (the
+    /// error path of `kfree` only).
+    #[cold]
+    fn freed_large_recently(&self, pa: PhysAddr) -> bool {
+        pa.page_offset() == 0 && self.freed_large.iter().any(|f| f.load(Ordering::Relaxed) == pa.as_u64())
     }
 
     // ----- cache internals -----
@@ -826,6 +859,9 @@ impl<'b> SlabAllocator<'b> {
     #[inline(never)]
     fn grow(&self, c: &mut Cache, id: usize) -> Result<(), SlabError> {
         let g = c.geo;
+        if crate::fault::should_fail() {
+            return Err(SlabError::OutOfMemory);
+        }
         // Lock order: cache, then buddy. The buddy never calls back into the slab.
         let pa = self.buddy.lock().alloc(g.order).map_err(|_| SlabError::OutOfMemory)?;
         let Some(tags) = self.tags.tags(pa, 1 << g.order) else {
@@ -1260,7 +1296,7 @@ pub fn kzalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
     SLAB.get().ok_or(SlabError::NotInitialized)?.kzalloc(size, align)
 }
 
-/// [`SlabAllocator::kfree`] on the global allocator.
+/// [`SlabAllocator::kfree`] on the global allocator; `kfree(None)` does nothing.
 ///
 /// # Errors
 /// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::kfree`].
@@ -1275,7 +1311,9 @@ pub fn kzalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
 /// unsafe { memory::slab::kfree(p) }?;
 /// # Ok::<(), memory::slab::SlabError>(())
 /// ```
-pub unsafe fn kfree(ptr: NonNull<u8>) -> Result<(), SlabError> {
+pub unsafe fn kfree(ptr: impl Into<Option<NonNull<u8>>>) -> Result<(), SlabError> {
+    // kfree(NULL) does nothing, even before `init`.
+    let Some(ptr) = ptr.into() else { return Ok(()) };
     // SAFETY: forwarded to our caller.
     unsafe { SLAB.get().ok_or(SlabError::NotInitialized)?.kfree(ptr) }
 }

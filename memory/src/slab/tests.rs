@@ -329,7 +329,14 @@ fn misuse_is_refused_and_changes_nothing() {
     assert_eq!(kfree(&s, obj), Err(SlabError::DoubleFree));
     assert_eq!((env.bstats(), stats_of(&s, "kmalloc-32")), after);
     kfree(&s, large).unwrap();
-    assert_eq!(kfree(&s, large), Err(SlabError::NotOwned), "large block is back in the buddy");
+    let after = env.bstats();
+    assert_eq!(kfree(&s, large), Err(SlabError::DoubleFree), "a large object freed twice");
+    assert_eq!(env.bstats(), after, "the refused double free changed nothing");
+    // kfree(NULL) does nothing, as in Linux.
+    let invalid = s.stats().invalid_frees;
+    // SAFETY: NULL: nothing is freed.
+    assert_eq!(unsafe { s.kfree(None) }, Ok(()));
+    assert_eq!((env.bstats(), s.stats().invalid_frees), (after, invalid));
     // A slab given back to the buddy: its objects are no longer ours.
     kfree(&s, other).unwrap();
     assert_eq!(s.shrink(), 1);

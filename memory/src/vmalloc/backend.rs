@@ -123,7 +123,9 @@ pub trait VmBackend {
     ///
     /// # Errors
     /// A [`MapError`]; then nothing of this call stays mapped, and the caller may map the
-    /// range with pages instead.
+    /// range with pages instead. A range in which any page or block is still mapped is
+    /// refused with [`MapError::AlreadyMapped`] and left as it is (never torn down: its
+    /// frames belong to someone).
     fn map_block(&mut self, va: VirtAddr, pa: PhysAddr) -> Result<(), MapError> {
         let _ = (va, pa);
         Err(MapError::OutOfRange)
@@ -159,6 +161,35 @@ pub trait VmBackend {
 
     /// Zero `bytes` at `va`, a mapped range of a live area (vrealloc of a zeroed area).
     fn zero_mapped(&mut self, va: VirtAddr, bytes: usize);
+
+    /// Quarantine ([`super::VmallocConfig::quarantine`]): fill `frames` (taken from
+    /// [`Self::alloc_frames`], unmapped, not yet freed) with `byte`. The default does
+    /// nothing (then the purge finds nothing to report).
+    fn poison_frames(&mut self, frames: &[PhysAddr], byte: u8) {
+        let _ = (frames, byte);
+    }
+
+    /// Quarantine: the offset and value of the first byte of the frame at `pa` that is not
+    /// `byte`, or `None` when every byte is (the default: nothing to report).
+    fn find_unpoisoned(&self, pa: PhysAddr, byte: u8) -> Option<(usize, u8)> {
+        let _ = (pa, byte);
+        None
+    }
+
+    /// Quarantine's index: write `words` into the frame at `pa` (from [`Self::alloc_frames`],
+    /// held by vmalloc) from 64-bit word `at` on (`at + words.len() <= 512`). Returns `false`
+    /// when the backend cannot (the default): the frames are then freed at `vfree` as usual.
+    fn write_words(&mut self, pa: PhysAddr, at: usize, words: &[u64]) -> bool {
+        let _ = (pa, at, words);
+        false
+    }
+
+    /// Quarantine's index: read `out.len()` words from the frame at `pa` from word `at`
+    /// (written by [`Self::write_words`]).
+    fn read_words(&self, pa: PhysAddr, at: usize, out: &mut [u64]) {
+        let _ = (pa, at);
+        out.fill(0);
+    }
 
     /// A monotonic clock in nanoseconds, for purge timings (0 if there is none).
     fn now_ns(&self) -> u64 {

@@ -54,13 +54,13 @@ pub struct FreeSpace {
 
 impl FreeSpace {
     /// Free space covering `[start, end)`, both page aligned, `start < end`.
-    /// Returns `None` for a bad range.
+    /// Returns `None` for a bad range, or when the heap has no record for the first hole.
     pub fn new(start: u64, end: u64) -> Option<Self> {
         if start >= end || !start.is_multiple_of(PAGE) || !end.is_multiple_of(PAGE) {
             return None;
         }
         let mut fs = Self { tree: Tree::new(), pool: NodePool::new(), start, end, last: SearchStats::default() };
-        let n = fs.pool.alloc_new();
+        let n = fs.pool.alloc_new()?;
         n.get().start.set(start);
         n.get().end.set(end);
         n.get().state.set(State::Free);
@@ -359,12 +359,15 @@ impl FreeSpace {
     }
 
     /// Allocate `size` bytes at `align` (page multiples, power-of-two alignment) from the
-    /// lowest fit. Returns the start, or `None` when nothing fits or the arguments are bad.
+    /// lowest fit. Returns the start, or `None` when nothing fits, the arguments are bad or
+    /// the heap has no record for a split hole (then the holes are as they were).
     pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
         if size == 0 || !size.is_multiple_of(PAGE) || !align.is_power_of_two() || align < PAGE {
             return None;
         }
-        self.pool.fill_to(2);
+        if !self.pool.fill_to(2) {
+            return None;
+        }
         let (hole, at) = self.lowest_fit(size, align)?;
         let area = self.clip(hole, at, size)?;
         self.pool.push(area);
@@ -372,17 +375,20 @@ impl FreeSpace {
     }
 
     /// Give `[start, start + size)` back. The caller must have allocated it with
-    /// [`Self::alloc`] (page multiples, not already free).
-    pub fn free(&mut self, start: u64, size: u64) {
+    /// [`Self::alloc`] (page multiples, not already free). Returns `false`, changing
+    /// nothing, for a range outside the window or when the heap has no record for it.
+    pub fn free(&mut self, start: u64, size: u64) -> bool {
         if size == 0 || start < self.start || start.saturating_add(size) > self.end {
-            return;
+            return false;
         }
-        self.pool.fill_to(1);
-        if let Some(n) = self.pool.pop() {
-            n.get().start.set(start);
-            n.get().end.set(start + size);
-            self.give_back(n);
+        if !self.pool.fill_to(1) {
+            return false;
         }
+        let Some(n) = self.pool.pop() else { return false };
+        n.get().start.set(start);
+        n.get().end.set(start + size);
+        self.give_back(n);
+        true
     }
 
     /// Verify the tree (order, balance, recomputed augmented values) and that holes are page

@@ -36,21 +36,36 @@ impl<B: VmBackend> LockedVmalloc<B> {
     }
 
     /// Lock, with enough spare records for one call (allocated while unlocked).
-    fn ready(&self) -> spin::MutexGuard<'_, Vmalloc<B>> {
+    ///
+    /// # Errors
+    /// [`VmallocError::NoRecords`] when the heap cannot give the records the call needs
+    /// (a short batch that covers them is enough); nothing is kept then.
+    fn ready(&self) -> Result<spin::MutexGuard<'_, Vmalloc<B>>, VmallocError> {
         loop {
             let mut g = self.inner.lock();
             let want = g.spares_wanted();
             if want == 0 {
-                return g;
+                return Ok(g);
             }
             drop(g);
-            let spares = Spares::new(want + REFILL_BATCH);
+            let spares = Spares::up_to(want + REFILL_BATCH);
+            if spares.len() < want {
+                // Freed here, outside the lock.
+                drop(spares);
+                return Err(VmallocError::NoRecords);
+            }
             g = self.inner.lock();
             g.add_spares(spares);
             if g.spares_wanted() == 0 {
-                return g;
+                return Ok(g);
             }
         }
+    }
+
+    /// [`Self::ready`], counting a refill failure as a failed call. (The call itself must be
+    /// made in the `#[track_caller]` method, not in a closure, to keep the caller's location.)
+    fn ready_counted(&self) -> Result<spin::MutexGuard<'_, Vmalloc<B>>, VmallocError> {
+        self.ready().inspect_err(|_| self.inner.lock().count_failure())
     }
 
     /// Unlock, then free surplus records.
@@ -75,7 +90,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     #[track_caller]
     pub fn vmalloc(&self, size: usize) -> Result<VirtAddr, VmallocError> {
-        let mut g = self.ready();
+        let mut g = self.ready_counted()?;
         let r = g.vmalloc(size);
         self.done(g, r)
     }
@@ -94,7 +109,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     #[track_caller]
     pub fn vzalloc(&self, size: usize) -> Result<VirtAddr, VmallocError> {
-        let mut g = self.ready();
+        let mut g = self.ready_counted()?;
         let r = g.vzalloc(size);
         self.done(g, r)
     }
@@ -114,7 +129,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     #[track_caller]
     pub fn vmalloc_with(&self, size: usize, align: usize, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
-        let mut g = self.ready();
+        let mut g = self.ready_counted()?;
         let r = g.vmalloc_with(size, align, flags);
         self.done(g, r)
     }
@@ -153,7 +168,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     #[track_caller]
     pub fn vrealloc(&self, ptr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocError> {
-        let mut g = self.ready();
+        let mut g = self.ready_counted()?;
         let r = g.vrealloc(ptr, new_size);
         self.done(g, r)
     }
@@ -175,7 +190,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     #[track_caller]
     pub fn vmap_with(&self, frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
-        let mut g = self.ready();
+        let mut g = self.ready_counted()?;
         let r = g.vmap_with(frames, prot, flags);
         self.done(g, r)
     }
@@ -217,7 +232,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     #[track_caller]
     pub fn ioremap(&self, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<VirtAddr, VmallocError> {
-        let mut g = self.ready();
+        let mut g = self.ready_counted()?;
         let r = g.ioremap(phys, size, attr);
         self.done(g, r)
     }
@@ -264,7 +279,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
         attr: DeviceAttr,
         flags: VmFlags,
     ) -> Result<VirtAddr, VmallocError> {
-        let mut g = self.ready();
+        let mut g = self.ready_counted()?;
         let r = g.ioremap_with(phys, size, attr, flags);
         self.done(g, r)
     }

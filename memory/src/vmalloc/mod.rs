@@ -223,7 +223,8 @@ pub enum VmallocError {
     NoFrames,
     /// The backend could not map.
     MapFailed(MapError),
-    /// No spare area record and inline refill is off: top up with [`Vmalloc::add_spares`].
+    /// No area record could be had: the heap is out of memory (state unchanged), or inline
+    /// refill is off and the spare pool is empty (top up with [`Vmalloc::add_spares`]).
     NoRecords,
     /// Ioremap of a range that touches RAM.
     RamRange,
@@ -252,7 +253,7 @@ impl fmt::Display for VmallocError {
             VmallocError::NoVirtualSpace => f.write_str("out of vmalloc space"),
             VmallocError::NoFrames => f.write_str("out of page frames"),
             VmallocError::MapFailed(e) => write!(f, "mapping failed: {e}"),
-            VmallocError::NoRecords => f.write_str("no spare area record"),
+            VmallocError::NoRecords => f.write_str("no area record (out of memory)"),
             VmallocError::RamRange => f.write_str("ioremap of RAM"),
             VmallocError::Overflow => f.write_str("address arithmetic overflows"),
             VmallocError::BadRange => f.write_str("vmalloc range is empty or not page aligned"),
@@ -284,11 +285,27 @@ pub struct VmallocConfig {
     /// (at most 4096, ~512 KiB), so a steady alloc/free workload does not churn the heap;
     /// [`Vmalloc::release_spares`] gives them back.
     pub spare_high: usize,
+    /// Quarantine (`vmalloc.quarantine=1`, a debugging mode): a freed vmalloc area's frames
+    /// are not given back at `vfree` but filled with [`QUARANTINE_POISON`] and held until
+    /// the purge whose TLB flush kills the area's stale entries. The purge then checks the
+    /// poison: a write through a stale TLB entry in between lands in a held frame (never in
+    /// a frame someone else got meanwhile) and is reported ([`UseAfterVfree`], with the
+    /// area, its allocating and freeing callers and the offset), then the frames are freed.
+    /// Costs a page fill at `vfree` and a page scan at the purge per page, and one index
+    /// frame per 255 quarantined pages; off in strict mode (which flushes at once).
+    pub quarantine: bool,
 }
 
 impl Default for VmallocConfig {
     fn default() -> Self {
-        Self { lazy_max_pages: 8192, strict: false, flush_page_threshold: 64, refill_inline: true, spare_high: 64 }
+        Self {
+            lazy_max_pages: 8192,
+            strict: false,
+            flush_page_threshold: 64,
+            refill_inline: true,
+            spare_high: 64,
+            quarantine: false,
+        }
     }
 }
 
@@ -351,9 +368,10 @@ pub struct VmallocStats {
     pub tlb_full_flushes: u64,
     /// Calls that failed.
     pub failures: u64,
-    /// Frames taken from the backend, ever.
+    /// Frames taken from the backend for areas, ever (the quarantine's index frames not
+    /// included).
     pub frames_taken: u64,
-    /// Frames given back to the backend, ever.
+    /// Frames of areas given back to the backend, ever.
     pub frames_returned: u64,
     /// Pages mapped, ever (all kinds, growth by `vrealloc` included).
     pub pages_mapped: u64,
@@ -366,6 +384,13 @@ pub struct VmallocStats {
     pub huge_blocks: usize,
     /// 2 MiB stretches of huge areas mapped with pages because no block was available, ever.
     pub huge_fallbacks: u64,
+    /// Frames of freed areas held in quarantine until the purge ([`VmallocConfig::quarantine`];
+    /// a 2 MiB block counts 512), index frames included.
+    pub quarantined_frames: usize,
+    /// Quarantined pages found written after `vfree` (poison changed), ever.
+    pub quarantine_hits: u64,
+    /// Areas freed at once instead of quarantined because no index frame could be had, ever.
+    pub quarantine_bypassed: u64,
 }
 
 #[derive(Default)]
@@ -386,6 +411,9 @@ struct Counters {
     pages_mapped: u64,
     huge_blocks: usize,
     huge_fallbacks: u64,
+    quarantined: usize,
+    quarantine_hits: u64,
+    quarantine_bypassed: u64,
 }
 
 /// A vmalloc allocator over one window of virtual addresses.
@@ -409,6 +437,73 @@ pub struct Vmalloc<B: VmBackend> {
     spare_keep: usize,
     purge_hist: PurgeHistogram,
     history: History,
+    /// Frames of freed areas held until the purge ([`VmallocConfig::quarantine`]).
+    q: Quarantine,
+    /// Reports of the purge under way (the log is rate-limited).
+    q_reported: usize,
+    last_use_after_vfree: Option<UseAfterVfree>,
+}
+
+/// Entries of the quarantine's index: frames taken from the backend, each holding the
+/// physical address of the next (older) one, then up to [`Q_ENTRIES`] `(va, pa)` pairs; a
+/// pair's `pa` has [`Q_BLOCK`] set for a 2 MiB block. Only the newest frame is partly used.
+#[derive(Clone, Copy)]
+struct Quarantine {
+    /// Physical address of the newest index frame, 0 when empty.
+    head: u64,
+    /// Pairs in the newest index frame.
+    used: usize,
+}
+
+impl Quarantine {
+    const EMPTY: Self = Self { head: 0, used: 0 };
+}
+
+/// `(va, pa)` pairs per quarantine index frame (after the link word).
+const Q_ENTRIES: usize = (PAGE_SIZE / 8 - 1) / 2;
+/// Marks a quarantined 2 MiB block in the index.
+const Q_BLOCK: u64 = 1;
+/// Reports logged in full per purge; the rest are counted.
+const Q_REPORTS_PER_PURGE: usize = 4;
+
+/// The byte quarantined frames are filled with (Linux's `POISON_FREE`).
+pub const QUARANTINE_POISON: u8 = 0x6b;
+
+/// A write after `vfree` caught by the quarantine: a quarantined frame's poison changed
+/// before the purge flushed the area's TLB entries (see [`VmallocConfig::quarantine`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UseAfterVfree {
+    /// The first changed byte, as the freed area's address.
+    pub addr: VirtAddr,
+    /// The freed area's range (guard page included).
+    pub area_start: VirtAddr,
+    /// End of that range.
+    pub area_end: VirtAddr,
+    /// `addr - area_start`.
+    pub offset: u64,
+    /// The byte found there (instead of [`QUARANTINE_POISON`]).
+    pub value: u8,
+    /// Who allocated the area.
+    pub caller: Option<&'static Location<'static>>,
+    /// Who freed it.
+    pub freer: Option<&'static Location<'static>>,
+}
+
+impl fmt::Display for UseAfterVfree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "vmalloc: use after vfree caught by the quarantine: {:#x} (offset {:#x} of area {:#x}-{:#x}) written ({:#04x}) after vfree",
+            self.addr, self.offset, self.area_start, self.area_end, self.value
+        )?;
+        if let Some(c) = self.caller {
+            write!(f, "; allocated at {c}")?;
+        }
+        if let Some(fr) = self.freer {
+            write!(f, ", freed at {fr}")?;
+        }
+        Ok(())
+    }
 }
 
 // SAFETY: the allocator owns its records exclusively (see `node`'s ownership invariant): no
@@ -419,7 +514,10 @@ impl<B: VmBackend> Vmalloc<B> {
     /// An allocator handing out addresses of `range` (page aligned), with `backend`.
     ///
     /// # Errors
-    /// [`VmallocError::BadRange`] when the range is not page aligned.
+    /// [`VmallocError::BadRange`] when the range is not page aligned, empty or starts at
+    /// address 0 (NULL is never an area);
+    /// [`VmallocError::NoRecords`] when the heap has no record for the first hole (or, with
+    /// [`VmallocConfig::refill_inline`], for the first batch of spares).
     ///
     /// # Example
     /// ```no_run
@@ -436,7 +534,11 @@ impl<B: VmBackend> Vmalloc<B> {
             return Err(VmallocError::BadRange);
         }
         let (start, end) = (range.start().as_u64(), range.end().as_u64());
-        let free = FreeSpace::new(start, end).ok_or(VmallocError::BadRange)?;
+        // Address 0 is NULL: never handed out, so that freeing NULL can be a no-op.
+        if start >= end || start == 0 {
+            return Err(VmallocError::BadRange);
+        }
+        let free = FreeSpace::new(start, end).ok_or(VmallocError::NoRecords)?;
         let mut config = config;
         config.flush_page_threshold = config.flush_page_threshold.min(MAX_FLUSH_PAGE_THRESHOLD);
         let mut v = Self {
@@ -453,9 +555,12 @@ impl<B: VmBackend> Vmalloc<B> {
             spare_keep: config.spare_high,
             purge_hist: PurgeHistogram::new(),
             history: History::new(),
+            q: Quarantine::EMPTY,
+            q_reported: 0,
+            last_use_after_vfree: None,
         };
-        if v.config.refill_inline {
-            v.free.pool.fill_to(REFILL_BATCH);
+        if v.config.refill_inline && !v.free.pool.fill_to(REFILL_BATCH) {
+            return Err(VmallocError::NoRecords);
         }
         Ok(v)
     }
@@ -600,7 +705,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
     /// // Outside any lock: allocate the records the next call needs, then hand them over.
-    /// let spares = Spares::new(vm.spares_wanted());
+    /// let spares = Spares::new(vm.spares_wanted())?;
     /// vm.add_spares(spares);
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
@@ -616,7 +721,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
     /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
-    /// vm.add_spares(memory::vmalloc::Spares::new(16));
+    /// vm.add_spares(memory::vmalloc::Spares::new(16)?);
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     pub fn add_spares(&mut self, mut spares: Spares) {
@@ -660,17 +765,26 @@ impl<B: VmBackend> Vmalloc<B> {
         self.take_excess_spares()
     }
 
+    /// Count a call that failed before it reached the allocator (a wrapper's refill).
+    pub(crate) fn count_failure(&mut self) {
+        self.c.failures += 1;
+    }
+
     #[inline]
     fn ensure_records(&mut self) -> Result<(), VmallocError> {
         if self.free.pool.len() >= RECORDS_PER_CALL {
             return Ok(());
         }
-        if self.config.refill_inline {
-            self.free.pool.fill_to(REFILL_BATCH);
-            Ok(())
-        } else {
-            Err(VmallocError::NoRecords)
+        // Out of memory: a short batch is enough if it covers this call; otherwise the
+        // records taken are given back and nothing has changed.
+        let had = self.free.pool.len();
+        if self.config.refill_inline
+            && (self.free.pool.fill_to(REFILL_BATCH) || self.free.pool.len() >= RECORDS_PER_CALL)
+        {
+            return Ok(());
         }
+        self.free.pool.trim(had);
+        Err(VmallocError::NoRecords)
     }
 
     // ----- allocation -----
@@ -927,7 +1041,7 @@ impl<B: VmBackend> Vmalloc<B> {
             }
             if let Err(e) = self.populate(at, n, zero) {
                 if done > 0 {
-                    self.unmap_free_huge(va, done);
+                    self.unmap_free_huge(va, done, false);
                     self.flush_now(va, done);
                 }
                 return Err(e);
@@ -938,23 +1052,26 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// As [`Self::unmap_free`] for a [`VmFlags::HUGE`] area (starting at a block boundary):
-    /// its whole 2 MiB stretches may be blocks.
+    /// its whole 2 MiB stretches may be blocks. With `quarantine` the frames and blocks are
+    /// poisoned and held until the purge instead of freed.
     #[inline(never)]
-    fn unmap_free_huge(&mut self, va: u64, pages: usize) {
+    fn unmap_free_huge(&mut self, va: u64, pages: usize, quarantine: bool) {
         let mut done = 0usize;
         while done < pages {
             let at = va + (done * PAGE_SIZE) as u64;
             let n = (pages - done).min(BLOCK_PAGES);
             if n == BLOCK_PAGES && at.is_multiple_of(BLOCK_SIZE as u64) {
                 if let Some(pa) = self.backend.unmap_block(VirtAddr::new(at)) {
-                    self.backend.free_block(pa);
-                    self.c.frames_returned += BLOCK_PAGES as u64;
                     self.c.huge_blocks -= 1;
+                    if !(quarantine && self.quarantine_block(at, pa)) {
+                        self.backend.free_block(pa);
+                        self.c.frames_returned += BLOCK_PAGES as u64;
+                    }
                     done += n;
                     continue;
                 }
             }
-            self.unmap_free(at, n);
+            self.unmap_free_with_q(at, n, quarantine);
             done += n;
         }
     }
@@ -962,14 +1079,21 @@ impl<B: VmBackend> Vmalloc<B> {
     /// Unmap `pages` from `va` (no TLB operation) and give their frames back.
     #[inline]
     fn unmap_free(&mut self, va: u64, pages: usize) {
+        self.unmap_free_with_q(va, pages, false);
+    }
+
+    /// [`Self::unmap_free`], or with `quarantine` poison the frames and hold them until the
+    /// purge.
+    #[inline]
+    fn unmap_free_with_q(&mut self, va: u64, pages: usize, quarantine: bool) {
         if pages <= SMALL_CHUNK {
-            self.unmap_free_with::<SMALL_CHUNK>(va, pages);
+            self.unmap_free_with::<SMALL_CHUNK>(va, pages, quarantine);
         } else {
-            self.unmap_free_with::<CHUNK>(va, pages);
+            self.unmap_free_with::<CHUNK>(va, pages, quarantine);
         }
     }
 
-    fn unmap_free_with<const N: usize>(&mut self, va: u64, pages: usize) {
+    fn unmap_free_with<const N: usize>(&mut self, va: u64, pages: usize, quarantine: bool) {
         let mut buf = [PhysAddr::new(0); N];
         let mut done = 0usize;
         while done < pages {
@@ -982,10 +1106,188 @@ impl<B: VmBackend> Vmalloc<B> {
                     k += 1;
                 }
             });
-            self.backend.free_frames(&buf[..k]);
-            self.c.frames_returned += k as u64;
+            let held = if quarantine { self.quarantine_frames(at.as_u64(), &buf[..k]) } else { 0 };
+            let rest = buf.get(held..k).unwrap_or(&[]);
+            self.backend.free_frames(rest);
+            self.c.frames_returned += rest.len() as u64;
             done += n;
         }
+    }
+
+    // ----- quarantine (VmallocConfig::quarantine) -----
+
+    /// Poison `frames` (mapped from `va` on) and hold them until the purge; returns how
+    /// many were taken in, from the front (fewer when no index frame could be had: the
+    /// caller frees the rest at once).
+    fn quarantine_frames(&mut self, va: u64, frames: &[PhysAddr]) -> usize {
+        self.backend.poison_frames(frames, QUARANTINE_POISON);
+        for (i, pa) in frames.iter().enumerate() {
+            if !self.quarantine_push(va + (i * PAGE_SIZE) as u64, pa.as_u64()) {
+                self.c.quarantine_bypassed += 1;
+                return i;
+            }
+            self.c.quarantined += 1;
+        }
+        frames.len()
+    }
+
+    /// Poison a 2 MiB block mapped at `va` and hold it until the purge; `false` when no
+    /// index frame could be had (the caller frees it at once).
+    fn quarantine_block(&mut self, va: u64, pa: PhysAddr) -> bool {
+        let mut frames = [PhysAddr::new(0); CHUNK];
+        for chunk in 0..BLOCK_PAGES / CHUNK {
+            for (i, f) in frames.iter_mut().enumerate() {
+                *f = pa.add(((chunk * CHUNK + i) * PAGE_SIZE) as u64);
+            }
+            self.backend.poison_frames(&frames, QUARANTINE_POISON);
+        }
+        if !self.quarantine_push(va, pa.as_u64() | Q_BLOCK) {
+            self.c.quarantine_bypassed += 1;
+            return false;
+        }
+        self.c.quarantined += BLOCK_PAGES;
+        true
+    }
+
+    /// Append `(va, pa)` to the quarantine's index, taking a new index frame when the newest
+    /// is full. `false` (nothing changed) when no frame could be had.
+    fn quarantine_push(&mut self, va: u64, pa: u64) -> bool {
+        if self.q.head == 0 || self.q.used == Q_ENTRIES {
+            let mut f = [PhysAddr::new(0)];
+            if self.backend.alloc_frames(&mut f) != 1 {
+                return false;
+            }
+            if !self.backend.write_words(f[0], 0, &[self.q.head]) {
+                self.backend.free_frames(&f);
+                return false;
+            }
+            // Index frames are not counted in frames_taken/returned (area frames only).
+            self.c.quarantined += 1;
+            self.q.head = f[0].as_u64();
+            self.q.used = 0;
+        }
+        let at = 1 + 2 * self.q.used;
+        if !self.backend.write_words(PhysAddr::new(self.q.head), at, &[va, pa]) {
+            return false;
+        }
+        self.q.used += 1;
+        true
+    }
+
+    /// After the purge's TLB flush: check every quarantined frame's poison (reporting each
+    /// page written after `vfree`, with its area from the `parked` list), then free them and
+    /// the index frames.
+    fn drain_quarantine(&mut self, parked: Link) {
+        let (mut idx, mut used) = (self.q.head, self.q.used);
+        self.q = Quarantine::EMPTY;
+        self.q_reported = 0;
+        let mut entries = [0u64; 2 * 32];
+        let mut to_free = [PhysAddr::new(0); CHUNK];
+        let mut nfree = 0usize;
+        while idx != 0 {
+            let index = PhysAddr::new(idx);
+            let mut next = [0u64];
+            self.backend.read_words(index, 0, &mut next);
+            let mut e = 0usize;
+            while e < used {
+                let n = (used - e).min(32);
+                let words = &mut entries[..2 * n];
+                self.backend.read_words(index, 1 + 2 * e, words);
+                for pair in words.chunks_exact(2) {
+                    let (va, pa) = (pair[0], pair[1]);
+                    if pa & Q_BLOCK != 0 {
+                        let base = pa & !Q_BLOCK;
+                        for p in 0..BLOCK_PAGES as u64 {
+                            self.quarantine_check(parked, va + p * PAGE, PhysAddr::new(base + p * PAGE));
+                        }
+                        self.backend.free_block(PhysAddr::new(base));
+                        self.c.frames_returned += BLOCK_PAGES as u64;
+                        self.c.quarantined -= BLOCK_PAGES;
+                    } else {
+                        self.quarantine_check(parked, va, PhysAddr::new(pa));
+                        to_free[nfree] = PhysAddr::new(pa);
+                        nfree += 1;
+                        if nfree == CHUNK {
+                            self.backend.free_frames(&to_free);
+                            self.c.frames_returned += CHUNK as u64;
+                            self.c.quarantined -= CHUNK;
+                            nfree = 0;
+                        }
+                    }
+                }
+                e += n;
+            }
+            self.backend.free_frames(&[index]);
+            self.c.quarantined -= 1;
+            idx = next[0];
+            used = Q_ENTRIES;
+        }
+        self.backend.free_frames(&to_free[..nfree]);
+        self.c.frames_returned += nfree as u64;
+        self.c.quarantined -= nfree;
+        if self.q_reported > Q_REPORTS_PER_PURGE {
+            log::error!(
+                "vmalloc: quarantine: {} more pages written after vfree in this purge (see quarantine_hits)",
+                self.q_reported - Q_REPORTS_PER_PURGE
+            );
+        }
+    }
+
+    /// Report the page at `va` (frame `pa`) if its poison changed.
+    fn quarantine_check(&mut self, parked: Link, va: u64, pa: PhysAddr) {
+        let Some((off, value)) = self.backend.find_unpoisoned(pa, QUARANTINE_POISON) else { return };
+        self.c.quarantine_hits += 1;
+        let addr = va + off as u64;
+        let area = core::iter::successors(parked, |n| n.get().next.get()).find(|n| {
+            let nd = n.get();
+            (nd.start.get()..nd.end.get()).contains(&addr)
+        });
+        let report = match area {
+            Some(n) => {
+                let nd = n.get();
+                UseAfterVfree {
+                    addr: VirtAddr::new(addr),
+                    area_start: VirtAddr::new(nd.start.get()),
+                    area_end: VirtAddr::new(nd.end.get()),
+                    offset: addr - nd.start.get(),
+                    value,
+                    caller: Some(nd.caller.get()),
+                    freer: nd.freer.get(),
+                }
+            }
+            None => UseAfterVfree {
+                addr: VirtAddr::new(addr),
+                area_start: VirtAddr::new(va),
+                area_end: VirtAddr::new(va + PAGE),
+                offset: off as u64,
+                value,
+                caller: None,
+                freer: None,
+            },
+        };
+        // Rate-limited (as Linux's reports): the first few of a purge in full.
+        if self.q_reported < Q_REPORTS_PER_PURGE {
+            log::error!("{report}");
+        }
+        self.q_reported += 1;
+        self.last_use_after_vfree = Some(report);
+    }
+
+    /// The last write after `vfree` the quarantine caught (see [`VmallocConfig::quarantine`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.purge();
+    /// if let Some(r) = vm.last_use_after_vfree() {
+    ///     log::error!("{r}");
+    /// }
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
+    pub fn last_use_after_vfree(&self) -> Option<UseAfterVfree> {
+        self.last_use_after_vfree
     }
 
     /// Flush `pages` from `va` now (failure paths, shrink, strict mode).
@@ -1222,6 +1524,8 @@ impl<B: VmBackend> Vmalloc<B> {
     }
 
     /// Free a [`Self::vmalloc`] area: unmap it, give its frames back, park its range.
+    /// `vfree(VirtAddr::new(0))` (NULL) does nothing, as in Linux; so do `vunmap` and
+    /// `iounmap` of NULL.
     ///
     /// # Errors
     /// [`VmallocError::NotAnArea`] (unknown or interior pointer),
@@ -1342,6 +1646,11 @@ impl<B: VmBackend> Vmalloc<B> {
         freer: &'static Location<'static>,
         owner: bool,
     ) -> Result<(), VmallocError> {
+        // NULL is never an area (`new` refuses a window holding it): `vfree(NULL)`,
+        // `vunmap(NULL)` and `iounmap(NULL)` do nothing, as in Linux.
+        if ptr.as_u64() == 0 {
+            return Ok(());
+        }
         let node = match self.lookup_live(ptr) {
             Ok(n) if VmFlags(n.get().flags.get()).contains(VmFlags::OWNED) && !owner => {
                 self.c.failures += 1;
@@ -1360,10 +1669,12 @@ impl<B: VmBackend> Vmalloc<B> {
         let nd = node.get();
         let (start, pages) = (nd.start.get(), nd.pages.get());
         if kind == AreaKind::Vmalloc {
+            // Strict mode flushes at once: nothing to hold the frames for.
+            let quarantine = self.config.quarantine && !self.config.strict;
             if VmFlags(nd.flags.get()).contains(VmFlags::HUGE) {
-                self.unmap_free_huge(start, pages);
+                self.unmap_free_huge(start, pages, quarantine);
             } else {
-                self.unmap_free(start, pages);
+                self.unmap_free_with_q(start, pages, quarantine);
             }
             self.c.owned_frames -= pages;
         } else {
@@ -1434,6 +1745,11 @@ impl<B: VmBackend> Vmalloc<B> {
         } else if mapped > 0 {
             self.backend.tlb_flush_all();
             self.c.tlb_full += 1;
+        }
+        // The flush killed every stale TLB entry of the parked ranges: the quarantined
+        // frames can be checked and freed.
+        if self.q.head != 0 {
+            self.drain_quarantine(Some(head));
         }
         // Return the ranges highest first, joining neighbours before touching the free tree.
         // In that order a range below the lowest hole goes in without a descent (see
@@ -1730,6 +2046,9 @@ impl<B: VmBackend> Vmalloc<B> {
             purge_ns_p99: self.purge_hist.percentile(99),
             huge_blocks: self.c.huge_blocks,
             huge_fallbacks: self.c.huge_fallbacks,
+            quarantined_frames: self.c.quarantined,
+            quarantine_hits: self.c.quarantine_hits,
+            quarantine_bypassed: self.c.quarantine_bypassed,
         }
     }
 
@@ -1788,7 +2107,10 @@ impl<B: VmBackend> Vmalloc<B> {
             }
         }
         // Free holes, live areas and parked ranges must tile the window.
-        let mut all: Vec<NodePtr> = Vec::with_capacity(self.free.tree.len + self.busy.len);
+        let mut all: Vec<NodePtr> = Vec::new();
+        if all.try_reserve_exact(self.free.tree.len + self.busy.len + self.c.parked_areas + 1).is_err() {
+            return Err("out of memory for the check");
+        }
         let mut cur = self.free.tree.first();
         while let Some(n) = cur {
             all.push(n);
@@ -1960,6 +2282,10 @@ impl Vmalloc<sim::SimBackend> {
 impl<B: VmBackend> Drop for Vmalloc<B> {
     /// Frees the records only: live areas' mappings and frames are left as they are.
     fn drop(&mut self) {
+        // Quarantined frames are the allocator's: flush and free them.
+        if self.q.head != 0 {
+            self.purge();
+        }
         let pool = &mut self.free.pool;
         self.busy.drain(|n| pool.free_one(n));
         if let Some(n) = self.pending.take() {

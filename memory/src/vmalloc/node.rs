@@ -9,17 +9,23 @@
 //!        └────────────────────── merged into a neighbour hole ◀─────────────────────┘
 //! ```
 //!
-//! Records are reached through [`NodePtr`], a raw pointer to a `Box`-allocated node. All
+//! Records are reached through [`NodePtr`], a raw pointer to a heap-allocated node. All
 //! fields are `Cell`s, so a record is only ever accessed through shared references and no
 //! two `&mut` to one record can exist; the only `unsafe` is turning the pointer into a
 //! reference, justified once by the ownership invariant below.
 //!
 //! **Ownership invariant.** Every `NodePtr` ever created comes from [`NodePool::alloc_new`]
-//! (a leaked `Box<Node>`) and is owned by exactly one pool or allocator. It is freed only by
+//! (a `Node` written into a block of the global allocator) and is owned by exactly one pool
+//! or allocator. It is freed only by
 //! [`NodePool::free_one`], which is called on a record that has been unlinked from every
 //! tree and list, after which no copy of the pointer is used again.
+//!
+//! **Out of memory.** A record allocation may fail (the global allocator returns null, or
+//! [`crate::fault`] injects a failure): [`NodePool::alloc_new`] then returns `None`, and
+//! every caller turns that into [`super::VmallocError::NoRecords`] with nothing changed.
+//! (`Box::new` would call `handle_alloc_error`, a panic in the kernel.)
 
-use super::alloc::boxed::Box;
+use super::alloc::alloc::{alloc, dealloc, Layout};
 use core::cell::Cell;
 use core::panic::Location;
 use core::ptr::NonNull;
@@ -144,18 +150,30 @@ impl NodePool {
         self.len
     }
 
-    /// A fresh record from the heap (the global allocator).
-    pub fn alloc_new(&mut self) -> NodePtr {
+    /// A fresh record from the heap (the global allocator), or `None` when the heap has
+    /// none (or a failure is injected).
+    pub fn alloc_new(&mut self) -> Option<NodePtr> {
+        if crate::fault::should_fail() {
+            return None;
+        }
+        let layout = Layout::new::<Node>();
+        // SAFETY: `Node` is not zero-sized, so the layout is valid for `alloc`.
+        let raw = unsafe { alloc(layout) }.cast::<Node>();
+        let ptr = NonNull::new(raw)?;
+        // SAFETY: `ptr` is a fresh block of `Node`'s size and alignment, owned by us.
+        unsafe { ptr.as_ptr().write(Node::blank()) };
         self.live_records += 1;
-        NodePtr(NonNull::from(Box::leak(Box::new(Node::blank()))))
+        Some(NodePtr(ptr))
     }
 
-    /// Allocate records from the heap until `len() >= want`.
-    pub fn fill_to(&mut self, want: usize) {
+    /// Allocate records from the heap until `len() >= want`. Returns `false` when the heap
+    /// ran out first; the records obtained until then stay in the pool.
+    pub fn fill_to(&mut self, want: usize) -> bool {
         while self.len < want {
-            let n = self.alloc_new();
+            let Some(n) = self.alloc_new() else { return false };
             self.push(n);
         }
+        true
     }
 
     /// Take a spare record.
@@ -184,9 +202,10 @@ impl NodePool {
     /// Return one record to the heap.
     pub fn free_one(&mut self, n: NodePtr) {
         self.live_records -= 1;
-        // SAFETY: the record came from `Box::leak` in `alloc_new` and, by the ownership
-        // invariant, is linked nowhere and its pointer is not used after this call.
-        drop(unsafe { Box::from_raw(n.0.as_ptr()) });
+        // SAFETY: the record came from `alloc` with this layout in `alloc_new` and, by the
+        // ownership invariant, is linked nowhere and its pointer is not used after this
+        // call. `Node` has no drop glue (only `Cell`s of `Copy` data).
+        unsafe { dealloc(n.0.as_ptr().cast(), Layout::new::<Node>()) };
     }
 
     /// Move spare records beyond `keep` into `out`.
@@ -243,7 +262,28 @@ impl Spares {
     }
 
     /// `n` fresh records from the global allocator.
-    pub fn new(n: usize) -> Self {
+    ///
+    /// # Errors
+    /// [`super::VmallocError::NoRecords`] when the heap cannot give all `n`; the records
+    /// obtained are freed again.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let spares = memory::vmalloc::Spares::new(16)?;
+    /// assert_eq!(spares.len(), 16);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
+    pub fn new(n: usize) -> Result<Self, super::VmallocError> {
+        let mut s = Self::up_to(n);
+        if s.len() < n {
+            s.pool.trim(0);
+            return Err(super::VmallocError::NoRecords);
+        }
+        Ok(s)
+    }
+
+    /// Up to `n` fresh records: as many as the heap gives.
+    pub(crate) fn up_to(n: usize) -> Self {
         let mut pool = NodePool::new();
         pool.fill_to(n);
         Self { pool }

@@ -10,7 +10,9 @@
 //! - Optional 2 MiB blocks ([`SimBackend::with_blocks`]) from a pool of their own at
 //!   [`SimBackend::BLOCK_BASE`]: a block mapping is kept as 512 page entries marked as one
 //!   block; unmapping part of one (a split vmalloc never asks for) is a violation.
-//! - Fault injection: fail a frame allocation or a map call after a given count.
+//! - Fault injection: fail a frame allocation or a map call after a given count; and every
+//!   frame, block and map call (which stands for its page-table pages) counts as one internal
+//!   allocation of [`crate::fault`]'s every-k-th injection.
 //! - Page contents are kept sparsely (only pages written through [`SimBackend::write`] or
 //!   copied), so tests can check zeroing and `vrealloc` copies.
 
@@ -169,6 +171,9 @@ impl SimBackend {
 
     /// One map call's share of the fault injection ([`Self::fail_maps_after`]).
     fn take_map_budget(&mut self) -> Result<(), MapError> {
+        if crate::fault::should_fail() {
+            return Err(MapError::NoMemory);
+        }
         match self.map_budget.as_mut() {
             Some(0) => Err(MapError::NoMemory),
             Some(b) => {
@@ -244,6 +249,20 @@ impl SimBackend {
         self.free.last().map(|&pa| PhysAddr::new(pa))
     }
 
+    /// Write one byte into the frame at `pa` by its physical address: what a write through
+    /// a stale TLB entry does to the frame a freed page was mapped to.
+    pub fn poke_frame(&mut self, pa: PhysAddr, offset: usize, byte: u8) {
+        let page = self.memory.entry(pa.as_u64()).or_insert_with(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
+        if let Some(b) = page.get_mut(offset) {
+            *b = byte;
+        }
+    }
+
+    /// Whether the frame at `pa` is taken (not on the free list).
+    pub fn frame_taken(&self, pa: PhysAddr) -> bool {
+        Self::frame_index(pa.as_u64()).and_then(|i| self.taken.get(i)).is_some_and(|&t| t)
+    }
+
     /// Dirty a frame's contents (so a test can see whether zeroing happened).
     pub fn scribble_frame(&mut self, pa: PhysAddr, byte: u8) {
         self.memory.insert(pa.as_u64(), vec![byte; PAGE_SIZE].into_boxed_slice());
@@ -256,6 +275,9 @@ impl VmBackend for SimBackend {
         if let Some(b) = self.frame_budget.as_mut() {
             n = n.min(*b);
             *b -= n;
+        }
+        if let Some(k) = (0..n).find(|_| crate::fault::should_fail()) {
+            n = k;
         }
         for slot in &mut out[..n] {
             let Some(pa) = self.free.pop() else { break };
@@ -363,6 +385,9 @@ impl VmBackend for SimBackend {
     }
 
     fn alloc_block(&mut self) -> Option<PhysAddr> {
+        if crate::fault::should_fail() {
+            return None;
+        }
         if let Some(b) = self.block_budget.as_mut() {
             if *b == 0 {
                 return None;
@@ -481,6 +506,39 @@ impl VmBackend for SimBackend {
     fn zero_mapped(&mut self, va: VirtAddr, bytes: usize) {
         if !self.write(va, &vec![0u8; bytes]) {
             self.counters.violations += 1;
+        }
+    }
+
+    fn poison_frames(&mut self, frames: &[PhysAddr], byte: u8) {
+        for f in frames {
+            self.memory.insert(f.as_u64(), vec![byte; PAGE_SIZE].into_boxed_slice());
+        }
+    }
+
+    fn find_unpoisoned(&self, pa: PhysAddr, byte: u8) -> Option<(usize, u8)> {
+        match self.memory.get(&pa.as_u64()) {
+            Some(p) => p.iter().position(|&b| b != byte).map(|i| (i, p[i])),
+            None => (byte != 0).then_some((0, 0)),
+        }
+    }
+
+    fn write_words(&mut self, pa: PhysAddr, at: usize, words: &[u64]) -> bool {
+        if at + words.len() > PAGE_SIZE / 8 {
+            self.counters.violations += 1;
+            return false;
+        }
+        let page = self.memory.entry(pa.as_u64()).or_insert_with(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
+        for (i, w) in words.iter().enumerate() {
+            page[(at + i) * 8..(at + i + 1) * 8].copy_from_slice(&w.to_le_bytes());
+        }
+        true
+    }
+
+    fn read_words(&self, pa: PhysAddr, at: usize, out: &mut [u64]) {
+        let page = self.memory.get(&pa.as_u64());
+        for (i, w) in out.iter_mut().enumerate() {
+            let k = (at + i) * 8;
+            *w = page.and_then(|p| p.get(k..k + 8)).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
         }
     }
 
