@@ -35,6 +35,15 @@ fn warn_unknown_params(info: &BootInfo) {
     }
 }
 
+/// The interrupt controller, then interrupts on in thread context (as Linux runs it): the
+/// other CPUs idle in `wfi` from here on, woken by SGIs.
+fn start_interrupts(info: &'static BootInfo) {
+    match gic::init(info) {
+        Ok(_) => hal::irq::enable_local(),
+        Err(e) => log::warn!("interrupts stay off: {e}"),
+    }
+}
+
 fn main(info: &'static BootInfo) -> ! {
     warn_unknown_params(info);
     let config = MemoryConfig::from_cmdline(&info.cmdline());
@@ -48,6 +57,7 @@ fn main(info: &'static BootInfo) -> ! {
     if let Err(e) = memory::ioremap::probe_gic(info) {
         log::warn!("GIC: {e}");
     }
+    start_interrupts(info);
     log::info!(
         "memory system up: buddy, slab, vmalloc [{:#x}, {:#x})",
         hal::kmap::VMALLOC_START,

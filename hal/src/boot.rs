@@ -283,7 +283,7 @@ fn start_cpus(info: &BootInfo) {
                     cpu.entry_el()
                 );
             }
-            log::info!("{n} of {} CPUs online (secondaries power off while idle)", p.cpus.len().min(max));
+            log::info!("{n} of {} CPUs online (secondaries power off until interrupts are up)", p.cpus.len().min(max));
         }
         Err(e) => {
             log::error!("SMP: {e}");

@@ -117,10 +117,17 @@ pub fn mask_interrupts() -> u64 {
 
 /// Puts back the IRQ and FIQ masks [`mask_interrupts`] returned (A and D untouched).
 pub fn restore_interrupts(saved: u64) {
+    // I and F separately: FIQ stays masked in this kernel while IRQs come and go.
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-    if saved & 0xc0 == 0 {
-        // SAFETY: unmasking what was unmasked before `mask_interrupts`.
-        unsafe { core::arch::asm!("msr daifclr, #3", options(nomem, nostack, preserves_flags)) };
+    {
+        if saved & 0x80 == 0 {
+            // SAFETY: unmasking IRQ, which was unmasked before `mask_interrupts`.
+            unsafe { core::arch::asm!("msr daifclr, #2", options(nomem, nostack, preserves_flags)) };
+        }
+        if saved & 0x40 == 0 {
+            // SAFETY: unmasking FIQ, which was unmasked before `mask_interrupts`.
+            unsafe { core::arch::asm!("msr daifclr, #1", options(nomem, nostack, preserves_flags)) };
+        }
     }
     #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
     let _ = saved;

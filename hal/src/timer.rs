@@ -47,6 +47,22 @@ pub fn deadline() -> u64 {
     }
 }
 
+/// Whether this CPU's timer condition is met (`CNTV_CTL_EL0.ISTATUS`): a handler checks it,
+/// as Linux's does, since an interrupt already re-armed past may still be delivered once.
+pub fn fired() -> bool {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let v: u64;
+        // SAFETY: reading the control register has no side effect.
+        unsafe { core::arch::asm!("mrs {}, cntv_ctl_el0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+        v & 0b101 == 0b101
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        false
+    }
+}
+
 /// Stops this CPU's virtual timer (`CNTV_CTL_EL0 = IMASK`, disabled).
 pub fn stop() {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]

@@ -201,10 +201,16 @@ pub fn run_tests(tests: &[Test]) -> Summary {
 
 /// Runs `tests`, prints the summary line and exits QEMU: status 0 only if all passed.
 pub fn run(tests: &[Test]) -> ! {
-    let s = run_tests(tests);
+    let mut s = run_tests(tests);
     let mut out = hal::console::Console;
     if s.filtered > 0 {
         let _ = writeln!(out, "({} tests filtered out)", s.filtered);
+    }
+    // The lock checks must stay silent through a whole suite (tests that trigger them on
+    // purpose take their reports).
+    if hal::sync::CHECKS && hal::sync::reports() > 0 {
+        let _ = writeln!(out, "lock checks: {} report(s) during the run", hal::sync::reports());
+        s.failed += 1;
     }
     if s.ignored > 0 {
         let _ = writeln!(out, "{} passed, {} failed, {} ignored", s.passed, s.failed, s.ignored);
@@ -236,6 +242,11 @@ pub fn init_memory(info: &'static hal::boot::BootInfo) {
     }
     if let Err(e) = memory::ioremap::probe_gic(info) {
         log::warn!("GIC: {e}");
+    }
+    // Interrupts on in thread context once the controller is up, as in the firmware.
+    match gic::init(info) {
+        Ok(_) => hal::irq::enable_local(),
+        Err(e) => log::warn!("interrupts stay off: {e}"),
     }
 }
 

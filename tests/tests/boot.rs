@@ -120,7 +120,8 @@ fn output_gets_out_while_the_console_lock_is_held() {
 fn serror_is_open_and_interrupts_masked() {
     let daif = hal::cpu::daif();
     assert_eq!(daif & hal::cpu::DAIF_A, 0, "SError must be unmasked (DAIF {daif:#x})");
-    assert_eq!(daif & 0xc0, 0xc0, "IRQ and FIQ stay masked (DAIF {daif:#x})");
+    assert_eq!(daif & 0x40, 0x40, "FIQ stays masked (DAIF {daif:#x})");
+    assert_eq!(daif & 0x80 == 0, hal::irq::controller().is_some(), "IRQs open iff a controller is up (DAIF {daif:#x})");
 }
 
 /// Entered at EL2 (virtualization=on), the EL2 stub raises a virtual SError: it must be

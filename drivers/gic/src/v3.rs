@@ -71,7 +71,7 @@ impl GicV3 {
 
     /// The redistributor whose `GICR_TYPER` affinity is `mpidr`'s: its offset.
     fn find_rd(&self, mpidr: u64) -> Option<usize> {
-        let want = ((mpidr >> 8) & 0xff_0000_00) | (mpidr & 0xff_ffff);
+        let want = ((mpidr >> 8) & 0xff00_0000) | (mpidr & 0xff_ffff);
         let mut off = 0;
         while off + 2 * SGI_FRAME <= self.gicr.len() {
             let typer = self.gicr.read64(off + GICR_TYPER);

@@ -8,7 +8,7 @@
 //! per-CPU masks and the GICv3 `ICC_*` system registers ([`gicv3`]) stay here.
 //!
 //! An IRQ is taken on the exception stack with IRQ and FIQ masked (no nesting):
-//! [`handle`] acknowledges, runs the registered handler, and signals end of interrupt;
+//! `handle` acknowledges, runs the registered handler, and signals end of interrupt;
 //! INTID 1023 (spurious) gets no EOI.
 
 pub mod gicv3;

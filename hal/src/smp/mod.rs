@@ -271,6 +271,7 @@ pub mod state {
 }
 
 /// Runs this CPU's mailbox work, if any, inside a catch, and records how it ended.
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
 fn run_mailbox(data: &'static CpuData) {
     let work = data.work_fn.swap(0, Ordering::AcqRel);
     if work != 0 {
@@ -332,7 +333,10 @@ extern "C" fn hal_secondary_rust(data: &'static CpuData, entry_el: u64) -> ! {
 fn idle_loop(data: &'static CpuData) -> ! {
     data.state.store(state::IDLE, Ordering::Release);
     loop {
+        // Work runs as thread code does once interrupts exist: with IRQs open.
+        crate::irq::enable_local();
         run_mailbox(data);
+        crate::irq::disable_local();
         if data.down_requested.load(Ordering::Acquire) {
             data.down_requested.store(false, Ordering::Relaxed);
             data.state.store(state::GOING_DOWN, Ordering::Release);
@@ -366,8 +370,8 @@ pub fn start_idle() -> Result<(), SmpError> {
     crate::irq::register(crate::irq::SGI_WAKE, |_| {}).ok();
     crate::irq::register(crate::irq::SGI_CALL, call_handler).ok();
     crate::irq::register(crate::irq::SGI_STOP, stop_handler).ok();
-    for n in 1..online_cpus() {
-        if HAL_CPUS[n].state.load(Ordering::Acquire) == state::OFF && HAL_CPUS[n].work_done.load(Ordering::Acquire) {
+    for (n, d) in HAL_CPUS.iter().enumerate().take(online_cpus()).skip(1) {
+        if d.state.load(Ordering::Acquire) == state::OFF && d.work_done.load(Ordering::Acquire) {
             power_on(n, 0, 0)?;
             wait_state(n, state::IDLE, START_TIMEOUT_NS);
         }
@@ -540,9 +544,7 @@ fn call_handler(_intid: u32) {
 /// The SGI_STOP handler: this CPU stops for good (another CPU is reporting a fatal error).
 fn stop_handler(_intid: u32) {
     this_cpu_data().state.store(state::STOPPED, Ordering::Release);
-    loop {
-        crate::cpu::halt();
-    }
+    crate::cpu::halt()
 }
 
 /// Runs `f` on CPU `cpu` (in its interrupt context) and waits for it to finish. The target
@@ -641,6 +643,7 @@ pub fn register_hotplug(hooks: HotplugHooks) -> Result<(), HotplugHooks> {
     Ok(())
 }
 
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
 fn run_hooks(cpu: usize, up: bool) {
     let hooks = *HOOKS.lock();
     for h in hooks.iter().flatten() {
