@@ -43,7 +43,8 @@ use crate::addr::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 use crate::boot::{BootInfo, ImageLayout};
 use crate::linear::LinearMap;
 use crate::mmu::{Attributes, BlockPolicy, MmuError, PageTable, TableAlloc, VaRange};
-use spin::{Mutex, Once};
+use crate::sync::SpinLock;
+use spin::Once;
 
 /// First address of the vmalloc / ioremap window (upper half, `TTBR1_EL1`).
 pub const VMALLOC_START: u64 = 0xffff_0000_0000_0000;
@@ -96,12 +97,12 @@ impl KernelSpace {
     }
 }
 
-static KERNEL: Once<Mutex<KernelSpace>> = Once::new();
+static KERNEL: Once<SpinLock<KernelSpace>> = Once::new();
 static LINEAR: Once<LinearMap> = Once::new();
 static BOOT_TABLES_USED: Once<PhysRange> = Once::new();
 
 /// The kernel's tables, once [`init`] has turned the MMU on.
-pub fn kernel_space() -> Option<&'static Mutex<KernelSpace>> {
+pub fn kernel_space() -> Option<&'static SpinLock<KernelSpace>> {
     KERNEL.get()
 }
 
@@ -342,7 +343,7 @@ pub fn init(info: &BootInfo) -> Result<usize, MmuError> {
     unsafe { crate::mmu::arch::enable(&space.lower, Some(&space.upper)) }?;
     BOOT_TABLES_USED.call_once(|| used);
     LINEAR.call_once(|| linear);
-    KERNEL.call_once(|| Mutex::new(space));
+    KERNEL.call_once(|| SpinLock::new(&crate::sync::classes::KERNEL_TABLES, space));
     Ok(alloc.used)
 }
 

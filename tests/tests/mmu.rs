@@ -7,7 +7,7 @@ use hal::mmu::{MemoryType, Permissions};
 use hal::{probe, VirtAddr, PAGE_SIZE};
 use tests::test;
 
-fn kernel() -> spin::MutexGuard<'static, hal::kmap::KernelSpace> {
+fn kernel() -> hal::sync::SpinLockGuard<'static, hal::kmap::KernelSpace> {
     hal::kmap::kernel_space().expect("MMU is on").lock()
 }
 

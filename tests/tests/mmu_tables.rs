@@ -23,7 +23,7 @@ const WINDOW: u64 = 0xffff_fff0_0000_0000;
 
 static TLB: RecordingTlb = RecordingTlb::new();
 
-fn kernel() -> spin::MutexGuard<'static, hal::kmap::KernelSpace> {
+fn kernel() -> hal::sync::SpinLockGuard<'static, hal::kmap::KernelSpace> {
     hal::kmap::kernel_space().expect("MMU is on").lock()
 }
 
