@@ -23,6 +23,7 @@ pub fn run(info: &BootInfo) {
         ("boot stack", img.boot_stack, "RW  XN"),
         ("guard", img.exception_stack_guard, "unmapped"),
         ("exception stack", img.exception_stack, "RW  XN"),
+        ("CPU 1-7 stacks", img.cpu_stacks, "RW  XN, each stack below a guard page"),
     ];
     for (name, r, perm) in rows {
         println!("  {name:<16} {:#012x}-{:#012x} {:>5} KiB  {perm}", r.start(), r.end().as_u64(), r.size() >> 10);
