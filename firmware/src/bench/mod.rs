@@ -15,7 +15,15 @@
 //! pcpu_alloc_test (kmalloc stands in for the per-cpu allocator we do not have), 256/512
 //! kvfree_rcu_* (skipped: no RCU), 1024 vm_map_ram, 2048 no_block_alloc (Linux 6.17: xfail
 //! there; our vmalloc never sleeps), 4096 vrealloc (Linux 6.15). Cases run in bit order
-//! (Linux's `sequential_test_order=1`) on the boot CPU (`nr_threads=1`).
+//! (Linux's `sequential_test_order=1`).
+//!
+//! `test_vmalloc.nr_threads=N` runs N workers at once, one per CPU (CPU 0 first), on the
+//! global kernel instances, each running the selected cases as Linux's module does and
+//! printing its own `Summary:` lines and `All test took worker%d=%llu cycles`. With more
+//! than one worker the per-case counter checks (which read global counters) give way to one
+//! check at the end: after a purge, buddy, slab, page tables and vmallocinfo are back at the
+//! baseline taken before the workers started. Linux's stress preset is
+//! `test_vmalloc.nr_threads=<ncpus> test_vmalloc.test_repeat_count=20 test_vmalloc.run_test_mask=127`.
 //!
 //! Each case prints Linux's line `Summary: NAME passed: N failed: N xfailed: N repeat: R
 //! loops: L avg: U usec` (µs for one whole case, setup included, averaged over repeats),
@@ -55,6 +63,7 @@ struct Params {
     seed: u64,
     scaling: bool,
     profile: bool,
+    nr_threads: usize,
 }
 
 const DEFAULT_SEED: u64 = 0x7e57_5eed;
@@ -91,8 +100,11 @@ impl Params {
                 }
             }
         }
-        if num("test_vmalloc.nr_threads", 0) > 1 {
-            log::warn!("test_vmalloc: nr_threads > 1 is not supported; running one worker");
+        let online = hal::smp::online_cpus();
+        let mut nr_threads = num("test_vmalloc.nr_threads", 1).max(1) as usize;
+        if nr_threads > online {
+            log::warn!("test_vmalloc: nr_threads={nr_threads} but {online} CPUs are online; running {online} workers");
+            nr_threads = online;
         }
         if num("test_vmalloc.use_huge", 0) != 0 || cmd.get("test_vmalloc.use_huge").is_some_and(|v| v == "Y") {
             log::warn!("test_vmalloc: use_huge is not supported; fix_size_alloc_test maps 4 KiB pages");
@@ -108,6 +120,7 @@ impl Params {
             seed: num("test_vmalloc.seed", seed),
             scaling: matches!(cmd.get_bool("test_vmalloc.scaling"), Ok(Some(true))),
             profile: matches!(cmd.get_bool("test_vmalloc.profile"), Ok(Some(true))),
+            nr_threads,
         }
     }
 }
@@ -124,9 +137,9 @@ struct Case {
     body: Body,
     /// Linux's `xfail`: a failure of the workload is expected.
     xfail: bool,
-    /// Linux 6.1's median time for 1,000,000 loops (µs), from
-    /// `../shared/bench/linux-test_vmalloc.md` (`/work/shared/bench/linux-test_vmalloc.md`).
-    linux_us: Option<u64>,
+    /// Linux 6.12's median time for 1,000,000 loops (µs) in the same QEMU: one worker at
+    /// `-smp 1`, and per worker of two at `-smp 2`, from `../shared/bench/linux-test_vmalloc.md`.
+    linux_us: Option<[u64; 2]>,
 }
 
 /// Linux's cases, in mask-bit order.
@@ -135,37 +148,37 @@ const CASES: [Case; 13] = [
         name: "fix_size_alloc_test",
         body: Body::Run(cases::fix_size_alloc_test),
         xfail: false,
-        linux_us: Some(4_612_497),
+        linux_us: Some([3_928_525, 4_320_000]),
     },
     Case {
         name: "full_fit_alloc_test",
         body: Body::Run(cases::full_fit_alloc_test),
         xfail: false,
-        linux_us: Some(5_906_250),
+        linux_us: Some([4_714_451, 5_240_000]),
     },
     Case {
         name: "long_busy_list_alloc_test",
         body: Body::Run(cases::long_busy_list_alloc_test),
         xfail: false,
-        linux_us: Some(44_310_873),
+        linux_us: Some([48_688_585, 55_600_000]),
     },
     Case {
         name: "random_size_alloc_test",
         body: Body::Run(cases::random_size_alloc_test),
         xfail: false,
-        linux_us: Some(29_795_534),
+        linux_us: Some([24_315_721, 28_700_000]),
     },
     Case {
         name: "fix_align_alloc_test",
         body: Body::Run(cases::fix_align_alloc_test),
         xfail: false,
-        linux_us: Some(13_581_402),
+        linux_us: Some([11_512_634, 11_000_000]),
     },
     Case {
         name: "random_size_align_alloc_test",
         body: Body::Run(cases::random_size_align_alloc_test),
         xfail: false,
-        linux_us: Some(20_602_964),
+        linux_us: Some([11_801_566, 13_300_000]),
     },
     Case {
         name: "align_shift_alloc_test",
@@ -186,7 +199,12 @@ const CASES: [Case; 13] = [
         xfail: false,
         linux_us: None,
     },
-    Case { name: "vm_map_ram_test", body: Body::Run(cases::vm_map_ram_test), xfail: false, linux_us: None },
+    Case {
+        name: "vm_map_ram_test",
+        body: Body::Run(cases::vm_map_ram_test),
+        xfail: false,
+        linux_us: Some([1_015_128, 1_050_000]),
+    },
     Case { name: "no_block_alloc_test", body: Body::Run(cases::no_block_alloc_test), xfail: true, linux_us: None },
     Case { name: "vrealloc_test", body: Body::Run(cases::vrealloc_test), xfail: false, linux_us: None },
 ];
@@ -322,14 +340,26 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
 
 fn comparison(p: &Params, tallies: &[Option<Tally>]) {
     let scaled = p.loops != 1_000_000;
-    println!("\ntest_vmalloc vs Linux 6.1 on the same QEMU (../shared/bench/linux-test_vmalloc.md, median of 5 boots)");
+    let (column, workers) = match p.nr_threads {
+        1 => (0, "1 worker at -smp 1"),
+        2 => (1, "per worker of 2 at -smp 2"),
+        _ => {
+            println!(
+                "\n(no Linux 6.12 figures at nr_threads={} for 1,000,000 loops: see ../shared/bench)",
+                p.nr_threads
+            );
+            return;
+        }
+    };
+    println!("\ntest_vmalloc vs Linux 6.12 on the same QEMU ({workers}; ../shared/bench/linux-test_vmalloc.md)");
     if scaled {
         println!("  (Linux's 1,000,000-loop figures scaled to {} loops: setup is not scaled, no verdict)", p.loops);
     }
     println!("  {:<30} {:>12} {:>12} {:>7}  goal <= 0.50", "case", "ours usec", "Linux usec", "ratio");
     for (case, t) in CASES.iter().zip(tallies) {
         let Some(t) = t else { continue };
-        let linux = case.linux_us.filter(|_| !(case.name == "fix_size_alloc_test" && p.nr_pages != 1));
+        let linux =
+            case.linux_us.map(|l| l[column]).filter(|_| !(case.name == "fix_size_alloc_test" && p.nr_pages != 1));
         match linux {
             Some(l) => {
                 let l = l * u64::from(p.loops) / 1_000_000;
@@ -346,19 +376,109 @@ fn comparison(p: &Params, tallies: &[Option<Tally>]) {
     }
 }
 
+/// The parameters and per-worker results of a multi-worker run (workers are plain `fn`s).
+static WORKER_PARAMS: spin::Once<Params> = spin::Once::new();
+static WORKER_RESULTS: spin::Mutex<[[Option<Tally>; CASES.len()]; hal::dtb::MAX_CPUS]> =
+    spin::Mutex::new([[None; CASES.len()]; hal::dtb::MAX_CPUS]);
+
+/// One worker of a multi-worker run: the selected cases in bit order, as Linux's
+/// `test_func` runs them, with Linux's lines. The per-case counter checks read global
+/// counters and are left to the end-of-run baseline check.
+fn worker(cpu: usize) {
+    let Some(p) = WORKER_PARAMS.get() else { return };
+    if cpu >= p.nr_threads {
+        return;
+    }
+    let start = hal::cpu::counter();
+    for (idx, case) in CASES.iter().enumerate() {
+        let Body::Run(f) = case.body else { continue };
+        if p.mask & (1 << idx) == 0 {
+            continue;
+        }
+        let mut t = Tally::default();
+        let mut ticks = 0;
+        for r in 0..p.repeat {
+            let seed =
+                p.seed ^ (idx as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(r) << 48 ^ (cpu as u64) << 40;
+            let mut c = Ctx::new(p.loops, p.nr_pages, p.nr_pcpu, Rng::new(seed));
+            let t0 = hal::cpu::counter();
+            let outcome = f(&mut c);
+            ticks += hal::cpu::counter() - t0;
+            match (outcome, c.bad) {
+                (Ok(()), 0) => t.passed += 1,
+                (Err(()), 0) if case.xfail => t.xfailed += 1,
+                _ => t.failed += 1,
+            }
+        }
+        t.avg_us = hal::cpu::ticks_to_ns(ticks) / 1000 / u64::from(p.repeat);
+        println!(
+            "Summary: {} passed: {} failed: {} xfailed: {} repeat: {} loops: {} avg: {} usec",
+            case.name, t.passed, t.failed, t.xfailed, p.repeat, p.loops, t.avg_us
+        );
+        WORKER_RESULTS.lock()[cpu][idx] = Some(t);
+    }
+    println!("All test took worker{cpu}={} cycles", hal::cpu::counter() - start);
+}
+
+/// `nr_threads` > 1: every worker at once, then the baseline check; per case, the median of
+/// the workers' times goes to the comparison.
+fn run_workers(p: &Params) -> Tally {
+    WORKER_PARAMS.call_once(|| *p);
+    check::settle();
+    let before = Baseline::take();
+    let out = hal::smp::run_on_all(worker, u64::MAX);
+    check::settle();
+    let after = Baseline::take();
+    let mut total = Tally::default();
+    for (cpu, o) in out.iter().enumerate().take(p.nr_threads) {
+        if *o != hal::smp::Outcome::Returned {
+            println!("test_vmalloc: worker{cpu}: {o:?}");
+            total.failed += 1;
+        }
+    }
+    if !after.matches(&before, "all workers") {
+        total.failed += 1;
+    }
+    let results = *WORKER_RESULTS.lock();
+    let mut medians: [Option<Tally>; CASES.len()] = [None; CASES.len()];
+    for (idx, m) in medians.iter_mut().enumerate() {
+        let mut times: alloc::vec::Vec<u64> =
+            results[..p.nr_threads].iter().filter_map(|w| w[idx]).map(|t| t.avg_us).collect();
+        for t in results[..p.nr_threads].iter().filter_map(|w| w[idx]) {
+            total.passed += t.passed;
+            total.failed += t.failed;
+            total.xfailed += t.xfailed;
+        }
+        if times.is_empty() {
+            continue;
+        }
+        times.sort_unstable();
+        *m = Some(Tally { avg_us: times[times.len() / 2], ..Tally::default() });
+    }
+    println!("\nper-worker time (median of {} workers; every worker's Summary lines above)", p.nr_threads);
+    comparison(p, &medians);
+    total
+}
+
 /// Runs the cases the command line selects and returns whether all passed.
 pub fn run(info: &BootInfo) -> bool {
     let p = Params::from_cmdline(info);
     println!(
-        "test_vmalloc: run_test_mask={:#x} test_loop_count={} nr_pages={} test_repeat_count={} seed={:#x}{}",
+        "test_vmalloc: run_test_mask={:#x} test_loop_count={} nr_pages={} test_repeat_count={} nr_threads={} seed={:#x}{}",
         p.mask,
         p.loops,
         p.nr_pages,
         p.repeat,
+        p.nr_threads,
         p.seed,
         if p.scaling { " scaling=1" } else { "" }
     );
     warm_up();
+    if p.nr_threads > 1 {
+        let total = run_workers(&p);
+        println!("test_vmalloc: {} passed, {} failed ({} xfailed)", total.passed, total.failed, total.xfailed);
+        return total.failed == 0;
+    }
     if p.profile {
         profile::run(info);
     }
