@@ -523,6 +523,12 @@ impl core::error::Error for CallError {}
 static CALL_LOCKS: [core::sync::atomic::AtomicBool; MAX_CPUS] =
     [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
 
+fn lock_calls(cpu: usize) {
+    while CALL_LOCKS[cpu].compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        core::hint::spin_loop();
+    }
+}
+
 fn call_thunk<F: Fn() + Sync>(arg: usize) {
     // SAFETY: `on_cpu` stores `&F` as `arg` and waits until the call has run.
     let f = unsafe { &*(arg as *const F) };
@@ -563,8 +569,12 @@ pub fn on_cpu<F: Fn() + Sync>(cpu: usize, f: &F) -> Result<(), CallError> {
     if cpu == this_cpu() || cpu >= online_cpus() || !matches!(cpu_state(cpu), state::IDLE | state::BUSY) {
         return Err(CallError::NotOnline(cpu));
     }
-    while CALL_LOCKS[cpu].compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
-        core::hint::spin_loop();
+    lock_calls(cpu);
+    // Checked again under the lock: `cpu_down` holds it while the CPU goes off, so a call
+    // is never posted to a CPU that will not take it.
+    if !matches!(cpu_state(cpu), state::IDLE | state::BUSY) {
+        CALL_LOCKS[cpu].store(false, Ordering::Release);
+        return Err(CallError::NotOnline(cpu));
     }
     let d = &HAL_CPUS[cpu];
     d.call_done.store(false, Ordering::Relaxed);
@@ -666,19 +676,23 @@ pub fn cpu_down(cpu: usize) -> Result<(), CallError> {
     if cpu == 0 || cpu >= online_cpus() || cpu_state(cpu) != state::IDLE || cpu == this_cpu() {
         return Err(CallError::NotOnline(cpu));
     }
+    // No cross-CPU call can be posted while it goes down (and one in flight finishes first).
+    lock_calls(cpu);
     let d = &HAL_CPUS[cpu];
     d.down_requested.store(true, Ordering::Release);
     c.send_sgi(crate::irq::SGI_WAKE, cpu);
     let t0 = crate::cpu::uptime_ns();
-    loop {
+    let r = loop {
         if d.state.load(Ordering::Acquire) == state::OFF && crate::psci::cpu_is_off(d.mpidr()).unwrap_or(false) {
-            return Ok(());
+            break Ok(());
         }
         if crate::cpu::uptime_ns() - t0 > START_TIMEOUT_NS {
-            return Err(CallError::Timeout(cpu));
+            break Err(CallError::Timeout(cpu));
         }
         core::hint::spin_loop();
-    }
+    };
+    CALL_LOCKS[cpu].store(false, Ordering::Release);
+    r
 }
 
 /// Brings CPU `cpu` back after [`cpu_down`]: `CPU_ON` once `AFFINITY_INFO` reports it off;
