@@ -461,13 +461,23 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let t1 = hal::cpu::uptime_ns();
     slab::init(config.slab_strict).map_err(InitError::Slab)?;
     let t2 = hal::cpu::uptime_ns();
-    log::debug!("buddy init {} us, slab init {} us", (t1 - t0) / 1000, (t2 - t1) / 1000);
+    let t_slab = t2;
     let range = VirtRange::from_bounds(VirtAddr::new(VMALLOC_START), VirtAddr::new(VMALLOC_END))
         .map_err(|_| InitError::Vmalloc(VmallocError::BadRange))?;
     let backend = KernelBackend { linear, ram: p.ram };
     let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
     VMALLOC.call_once(|| LockedVmalloc::new(vm));
     hal::exception::set_fault_explainer(explain_fault);
+    let t3 = hal::cpu::uptime_ns();
+    log::info!(
+        "memory system up in {} us (buddy {} us, slab {} us, vmalloc {} us); {} MiB in {} zone(s), none of its free frames written",
+        (t3 - t0) / 1000,
+        (t1 - t0) / 1000,
+        (t_slab - t1) / 1000,
+        (t3 - t_slab) / 1000,
+        buddy::stats().map_or(0, |s| s.total_pages >> 8),
+        buddy::stats().map_or(0, |s| s.zones.iter().filter(|z| z.present != 0).count()),
+    );
     Ok(())
 }
 
