@@ -2,8 +2,8 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
-use alloc::vec::Vec;
 use alloc::string::ToString;
+use alloc::vec::Vec;
 use hal::boot::BootInfo;
 use hal::println;
 use memory::kernel;
@@ -62,10 +62,7 @@ pub fn run(info: &BootInfo) {
         for line in s.buddyinfo().to_string().lines() {
             println!("  {line}");
         }
-        println!(
-            "  /proc/zoneinfo (in pages; min_free_kbytes {}, lowmem_reserve ratio 256):",
-            s.min_free_kbytes
-        );
+        println!("  /proc/zoneinfo (in pages; min_free_kbytes {}, lowmem_reserve ratio 256):", s.min_free_kbytes);
         for line in s.zoneinfo().to_string().lines() {
             println!("  {line}");
         }

@@ -79,6 +79,17 @@ impl Gfp {
     /// [`GFP_NOWAIT`] without waking anyone).
     pub const EMPTY: Gfp = Gfp(0);
 
+    /// Flags from raw bits (as [`Self::bits`] gave them).
+    ///
+    /// # Example
+    /// ```
+    /// use memory::gfp::{Gfp, GFP_ATOMIC};
+    /// assert_eq!(Gfp::from_bits(GFP_ATOMIC.bits()), GFP_ATOMIC);
+    /// ```
+    pub const fn from_bits(bits: u32) -> Gfp {
+        Gfp(bits)
+    }
+
     /// The raw bits.
     ///
     /// # Example
@@ -237,11 +248,38 @@ mod tests {
     }
 
     #[test]
+    fn kmalloc_with_a_zone_modifier_is_a_typed_error() {
+        let _g = crate::buddy::testram::global_lock();
+        let slab = crate::slab::global().unwrap();
+        let before = slab.stats();
+        assert_eq!(crate::slab::kmalloc_gfp(64, 8, GFP_DMA32), Err(crate::slab::SlabError::ZoneModifier));
+        assert_eq!(crate::slab::kmalloc_gfp(5000, 8, GFP_DMA), Err(crate::slab::SlabError::ZoneModifier));
+        let after = slab.stats();
+        assert_eq!(after.alloc_failures, before.alloc_failures + 2);
+        assert_eq!((after.slab_pages, after.large_allocs), (before.slab_pages, before.large_allocs));
+        for size in [24usize, 3000, 9000] {
+            let p = crate::slab::kmalloc(size, 8).unwrap();
+            // SAFETY: `size` bytes were just allocated at `p`.
+            unsafe { p.as_ptr().write_bytes(0x77, size) };
+            // SAFETY: from kmalloc, not used after.
+            unsafe { crate::slab::kfree(p) }.unwrap();
+            let q = crate::slab::kmalloc_gfp(size, 8, GFP_ATOMIC | __GFP_ZERO).unwrap();
+            // SAFETY: `size` bytes were just allocated at `q`.
+            assert!(unsafe { core::slice::from_raw_parts(q.as_ptr(), size) }.iter().all(|&b| b == 0));
+            // SAFETY: from kmalloc_gfp, not used after.
+            unsafe { crate::slab::kfree(q) }.unwrap();
+        }
+    }
+
+    #[test]
     fn zones_and_names() {
         assert_eq!(GFP_KERNEL.zone(), ZONE_NORMAL);
         assert_eq!(GFP_ATOMIC.zone(), ZONE_NORMAL);
         assert_eq!((GFP_ATOMIC | __GFP_DMA32).zone(), ZONE_DMA32);
         assert_eq!(GFP_DMA.zone(), ZONE_DMA);
-        assert_eq!(format!("{:?}", GFP_DMA32 | __GFP_ZERO), "Gfp(0xdc4: __GFP_DMA32|__GFP_IO|__GFP_FS|__GFP_ZERO|__GFP_DIRECT_RECLAIM|__GFP_KSWAPD_RECLAIM)");
+        assert_eq!(
+            format!("{:?}", GFP_DMA32 | __GFP_ZERO),
+            "Gfp(0xdc4: __GFP_DMA32|__GFP_IO|__GFP_FS|__GFP_ZERO|__GFP_DIRECT_RECLAIM|__GFP_KSWAPD_RECLAIM)"
+        );
     }
 }

@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 
 use hal::{PhysAddr, PAGE_SIZE};
 use memory::buddy::{self, BuddyError, BuddyStats, MAX_ORDER, ZONE_DMA, ZONE_DMA32, ZONE_NORMAL};
-use memory::gfp::{GFP_ATOMIC, GFP_DMA32, GFP_KERNEL, __GFP_NOWARN};
+use memory::gfp::{__GFP_NOWARN, GFP_ATOMIC, GFP_DMA32, GFP_KERNEL};
 use tests::test;
 
 const FOUR_GIB: u64 = 1 << 32;
@@ -66,7 +66,12 @@ fn zones_add_up_to_the_ram_of_the_device_tree() {
         assert_eq!([z.min, z.low, z.high], w[i]);
         assert_eq!(z.lowmem_reserve, r[i]);
     }
-    hal::print!("({} MiB of RAM: {} pages DMA32, {} Normal; min_free_kbytes {kb}) ", ram_pages * 4 / 1024, below, ram_pages - below);
+    hal::print!(
+        "({} MiB of RAM: {} pages DMA32, {} Normal; min_free_kbytes {kb}) ",
+        ram_pages * 4 / 1024,
+        below,
+        ram_pages - below
+    );
 }
 
 trait Lines {
@@ -106,7 +111,11 @@ fn gfp_dma32_never_at_or_above_4_gib() {
     }
     assert_eq!(stats().free_pages, start.free_pages);
     drop(held);
-    hal::print!("(DMA32 free went from {} to {} pages and back) ", start.zones[ZONE_DMA32].free_pages, mid.zones[ZONE_DMA32].free_pages);
+    hal::print!(
+        "(DMA32 free went from {} to {} pages and back) ",
+        start.zones[ZONE_DMA32].free_pages,
+        mid.zones[ZONE_DMA32].free_pages
+    );
 }
 
 /// Normal emptied to its `min`, then DMA32 down to `min + lowmem_reserve[Normal]` by
@@ -134,7 +143,10 @@ fn fallback_lowmem_reserve_and_atomic_reserves() {
         }
     }
     let normal_left = first_dma32.expect("fell back to DMA32");
-    assert!(normal_left < n0.min + (1 << MAX_ORDER), "fell back only once Normal could not give a block: {normal_left}");
+    assert!(
+        normal_left < n0.min + (1 << MAX_ORDER),
+        "fell back only once Normal could not give a block: {normal_left}"
+    );
     // Order-0 kernel requests until refused: both zones at their marks exactly.
     loop {
         match buddy::alloc_pages_gfp(GFP_KERNEL | __GFP_NOWARN, 0) {
@@ -196,7 +208,35 @@ fn fallback_lowmem_reserve_and_atomic_reserves() {
     );
 }
 
+/// `__vmalloc(GFP_DMA32)` maps only frames below 4 GiB (Normal has plenty);
+/// `kmalloc_gfp(GFP_DMA32)` is refused with a typed error; `kvmalloc_gfp(GFP_DMA32)` goes to
+/// vmalloc and its frames are below 4 GiB too.
+fn vmalloc_and_kmalloc_with_gfp_dma32() {
+    need_both_zones(&stats());
+    let size = 8 << 20;
+    let va = memory::kernel::__vmalloc(size, GFP_DMA32 | memory::gfp::__GFP_ZERO).unwrap();
+    let vm = memory::kernel::vmalloc_instance().unwrap();
+    for i in 0..size / PAGE_SIZE {
+        let pa = vm.vmalloc_to_phys(va.add((i * PAGE_SIZE) as u64)).expect("mapped");
+        assert!(pa.as_u64() < FOUR_GIB, "page {i} of a GFP_DMA32 vmalloc at {pa:#x}");
+    }
+    // SAFETY: the area is ours, mapped and zeroed.
+    assert_eq!(unsafe { va.as_ptr::<u64>().read() }, 0);
+    memory::kernel::vfree(va).unwrap();
+    // The same size with GFP_KERNEL takes Normal's frames.
+    let k = memory::kernel::__vmalloc(size, GFP_KERNEL).unwrap();
+    assert!(vm.vmalloc_to_phys(k).unwrap().as_u64() >= FOUR_GIB, "GFP_KERNEL prefers Normal");
+    memory::kernel::vfree(k).unwrap();
+    assert_eq!(memory::slab::kmalloc_gfp(64, 8, GFP_DMA32), Err(memory::slab::SlabError::ZoneModifier));
+    let p = memory::kernel::kvmalloc_gfp(100, GFP_DMA32).unwrap();
+    let pa = vm.vmalloc_to_phys(hal::VirtAddr::from_ptr(p.as_ptr())).expect("a DMA32 kvmalloc is a vmalloc area");
+    assert!(pa.as_u64() < FOUR_GIB);
+    // SAFETY: from kvmalloc_gfp, not used after.
+    unsafe { memory::kernel::kvfree(p) }.unwrap();
+}
+
 tests::main!(
+    test!(vmalloc_and_kmalloc_with_gfp_dma32),
     test!(zones_add_up_to_the_ram_of_the_device_tree),
     test!(gfp_dma32_never_at_or_above_4_gib),
     test!(fallback_lowmem_reserve_and_atomic_reserves),

@@ -94,8 +94,8 @@ use hal::linear::LinearMap;
 use hal::mmu::TableAlloc;
 use spin::{Mutex, Once};
 
+use crate::gfp::{Gfp, __GFP_NORETRY, __GFP_NOWARN, __GFP_ZERO, GFP_KERNEL};
 pub use crate::gfp::{MAX_NR_ZONES, ZONE_DMA, ZONE_DMA32, ZONE_NAMES, ZONE_NORMAL};
-use crate::gfp::{Gfp, GFP_KERNEL, __GFP_NORETRY, __GFP_NOWARN, __GFP_ZERO};
 
 #[cfg(test)]
 pub(crate) mod testram;
@@ -526,10 +526,7 @@ impl BuddyStats {
     /// log::info!("{}", stats.buddyinfo());   // "Node 0, zone    DMA32      3      1 ..."
     /// ```
     pub fn buddyinfo(&self) -> BuddyInfo {
-        BuddyInfo {
-            free_blocks: self.zones.map(|z| z.free_blocks),
-            populated: self.zones.map(|z| z.present != 0),
-        }
+        BuddyInfo { free_blocks: self.zones.map(|z| z.free_blocks), populated: self.zones.map(|z| z.present != 0) }
     }
 
     /// The zones in the format of Linux's `/proc/zoneinfo` (the lines this allocator has).
@@ -1043,7 +1040,8 @@ impl BuddyAllocator {
             core::ptr::write_bytes(self.tags as *mut u8, 0, frames);
         }
         let map = self.map;
-        let excluded = || reserved.iter().map(page_bounds_outward).chain(core::iter::once((meta_start, meta_start + meta_frames)));
+        let excluded =
+            || reserved.iter().map(page_bounds_outward).chain(core::iter::once((meta_start, meta_start + meta_frames)));
         for r in &map.regions[..map.len] {
             let end = r.start_pfn + r.frames;
             // Reserved frames of the region are not managed.
@@ -1053,7 +1051,11 @@ impl BuddyAllocator {
                     // SAFETY: `[lo, hi)` lies inside region `r`, so the indices are inside
                     // the state array.
                     unsafe {
-                        core::ptr::write_bytes(self.state.add(r.index + (lo - r.start_pfn) as usize), ST_NONE, (hi - lo) as usize)
+                        core::ptr::write_bytes(
+                            self.state.add(r.index + (lo - r.start_pfn) as usize),
+                            ST_NONE,
+                            (hi - lo) as usize,
+                        )
                     };
                 }
             }
@@ -1301,7 +1303,9 @@ impl BuddyAllocator {
                 Ok(pa) => {
                     if gfp.contains(__GFP_ZERO) {
                         // SAFETY: the block was just allocated: the allocator owns it until it returns.
-                        unsafe { core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE << order) };
+                        unsafe {
+                            core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE << order)
+                        };
                     }
                     return Ok(pa);
                 }
@@ -1377,7 +1381,13 @@ impl BuddyAllocator {
     /// hot list holds frames (which may complete a block), drains it and tries again,
     /// unless `gfp` has `__GFP_NORETRY`.
     #[cold]
-    fn take_after_drain(&mut self, z: usize, order: usize, err: BuddyError, gfp: Gfp) -> Result<(u64, usize), BuddyError> {
+    fn take_after_drain(
+        &mut self,
+        z: usize,
+        order: usize,
+        err: BuddyError,
+        gfp: Gfp,
+    ) -> Result<(u64, usize), BuddyError> {
         if err == BuddyError::OutOfMemory && self.zones[z].hot.len != 0 && !gfp.contains(__GFP_NORETRY) {
             self.drain_zone_hot(z, usize::MAX);
             self.take(z, order)

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use super::testram::{self, TestRam};
 use super::*;
-use crate::gfp::{GFP_ATOMIC, GFP_DMA, GFP_DMA32, GFP_NOWAIT, __GFP_NORETRY, __GFP_ZERO};
+use crate::gfp::{__GFP_NORETRY, __GFP_ZERO, GFP_ATOMIC, GFP_DMA, GFP_DMA32, GFP_NOWAIT};
 
 const MIB: u64 = 1 << 20;
 const BASE: u64 = 0x4000_0000;
@@ -624,7 +624,10 @@ fn hot_frames_cannot_be_freed_twice() {
     a.check_consistency().unwrap();
     // A frame still on the hot list (never handed out) is refused as well.
     let other = a.alloc(0).unwrap();
-    let (e, _) = a.hot_entry(a.zones[ZONE_DMA32].hot.ring[(a.zones[ZONE_DMA32].hot.bottom + a.zones[ZONE_DMA32].hot.len - 1) & (HOT_CAPACITY - 1)]);
+    let (e, _) = a.hot_entry(
+        a.zones[ZONE_DMA32].hot.ring
+            [(a.zones[ZONE_DMA32].hot.bottom + a.zones[ZONE_DMA32].hot.len - 1) & (HOT_CAPACITY - 1)],
+    );
     let untouched = PhysAddr::new(e << 12);
     assert_ne!(untouched, other);
     let before3 = a.stats();
@@ -823,7 +826,9 @@ fn zones_split_at_4_gib_and_buddyinfo_has_a_line_each() {
     let zi = s.zoneinfo().to_string();
     assert!(zi.starts_with("Node 0, zone    DMA32\n  pages free     8184\n        min      0\n"), "{zi}");
     assert!(zi.contains("\nNode 0, zone   Normal\n  pages free     8192\n"), "{zi}");
-    assert!(zi.contains("        spanned  8192\n        present  8192\n        managed  8192\n        protection: (0, 0, 0)"));
+    assert!(zi.contains(
+        "        spanned  8192\n        present  8192\n        managed  8192\n        protection: (0, 0, 0)"
+    ));
     let bi = s.buddyinfo().to_string();
     let lines: Vec<&str> = bi.lines().collect();
     assert_eq!(lines.len(), 2);
