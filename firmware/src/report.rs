@@ -2,6 +2,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use hal::boot::BootInfo;
 use hal::println;
@@ -59,7 +60,13 @@ pub fn run(info: &BootInfo) {
             "  /proc/buddyinfo (free blocks per order 0..=10; {} more order-0 frames sit on the hot list):",
             s.hot_pages
         );
-        println!("  {}", s.buddyinfo());
+        for line in s.buddyinfo().to_string().lines() {
+            println!("  {line}");
+        }
+        println!("  /proc/zoneinfo (in pages; min_free_kbytes {}, lowmem_reserve ratio 256):", s.min_free_kbytes);
+        for line in s.zoneinfo().to_string().lines() {
+            println!("  {line}");
+        }
     }
 
     // The heap at work: Box, Vec, BTreeMap from the slab.

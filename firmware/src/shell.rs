@@ -13,7 +13,7 @@ const HELP: &str = "\
 commands:
   help                      this list
   meminfo                   frames, slab, vmalloc counters
-  buddyinfo | slabinfo | vmallocinfo
+  buddyinfo | zoneinfo | slabinfo | vmallocinfo
   vmalloc SIZE              allocate SIZE bytes (prints the address; `$` names it later)
   vmalloc_huge SIZE         the same with 2 MiB blocks where they fit (vmallocinfo says `huge`)
   vfree ADDR                free a vmalloc area
@@ -106,6 +106,10 @@ impl Shell {
             "meminfo" => meminfo(),
             "buddyinfo" => match memory::buddy::stats() {
                 Some(s) => println!("{}\n(hot list: {} order-0 frames)", s.buddyinfo(), s.hot_pages),
+                None => println!("buddy allocator not initialised"),
+            },
+            "zoneinfo" => match memory::buddy::stats() {
+                Some(s) => println!("{}", s.zoneinfo()),
                 None => println!("buddy allocator not initialised"),
             },
             "slabinfo" => match memory::slab::slabinfo() {

@@ -19,6 +19,7 @@
 use core::fmt;
 use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use hal::boot::BootInfo;
 use hal::dtb::RangeList;
@@ -29,6 +30,7 @@ use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 use spin::Once;
 
 use crate::buddy::{self, BuddyError, GlobalTableAlloc};
+use crate::gfp::{Gfp, __GFP_HIGH, __GFP_ZERO, GFP_KERNEL, ZONE_NORMAL};
 use crate::slab::{self, SlabError};
 use crate::vmalloc::{
     AreaInfo, DeviceAttr, FaultClass, LockedVmalloc, MapError, Prot, VmBackend, VmFlags, Vmalloc, VmallocConfig,
@@ -40,6 +42,9 @@ use crate::vmalloc::{
 pub struct KernelBackend {
     linear: LinearMap,
     ram: RangeList,
+    /// The gfp flags frames are taken with ([`GFP_KERNEL`]; [`__vmalloc`] sets others for
+    /// one call, under the vmalloc lock).
+    gfp: AtomicU32,
 }
 
 fn map_err(e: hal::mmu::MmuError) -> MapError {
@@ -64,7 +69,7 @@ impl KernelBackend {
     /// another.
     pub unsafe fn new(info: &BootInfo) -> Result<Self, InitError> {
         let linear = hal::kmap::linear_map().ok_or(InitError::NoKernelSpace)?;
-        Ok(Self { linear, ram: info.platform.ram })
+        Ok(Self { linear, ram: info.platform.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()) })
     }
 
     fn frame_ptr(&self, pa: PhysAddr) -> *mut u8 {
@@ -109,7 +114,7 @@ pub unsafe fn zero_page(p: *mut u8) {
 
 impl VmBackend for KernelBackend {
     fn alloc_frames(&mut self, out: &mut [PhysAddr]) -> usize {
-        buddy::alloc_pages_bulk(out)
+        buddy::alloc_pages_bulk_gfp(out, Gfp::from_bits(self.gfp.load(Ordering::Relaxed)))
     }
 
     fn free_frames(&mut self, frames: &[PhysAddr]) {
@@ -461,13 +466,23 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let t1 = hal::cpu::uptime_ns();
     slab::init(config.slab_strict).map_err(InitError::Slab)?;
     let t2 = hal::cpu::uptime_ns();
-    log::debug!("buddy init {} us, slab init {} us", (t1 - t0) / 1000, (t2 - t1) / 1000);
+    let t_slab = t2;
     let range = VirtRange::from_bounds(VirtAddr::new(VMALLOC_START), VirtAddr::new(VMALLOC_END))
         .map_err(|_| InitError::Vmalloc(VmallocError::BadRange))?;
-    let backend = KernelBackend { linear, ram: p.ram };
+    let backend = KernelBackend { linear, ram: p.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()) };
     let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
     VMALLOC.call_once(|| LockedVmalloc::new(vm));
     hal::exception::set_fault_explainer(explain_fault);
+    let t3 = hal::cpu::uptime_ns();
+    log::info!(
+        "memory system up in {} us (buddy {} us, slab {} us, vmalloc {} us); {} MiB in {} zone(s), none of its free frames written",
+        (t3 - t0) / 1000,
+        (t1 - t0) / 1000,
+        (t_slab - t1) / 1000,
+        (t3 - t_slab) / 1000,
+        buddy::stats().map_or(0, |s| s.total_pages >> 8),
+        buddy::stats().map_or(0, |s| s.zones.iter().filter(|z| z.present != 0).count()),
+    );
     Ok(())
 }
 
@@ -516,6 +531,38 @@ pub fn explain_fault(addr: u64, out: &mut dyn fmt::Write) -> bool {
 #[track_caller]
 pub fn vmalloc(size: usize) -> Result<VirtAddr, VmallocError> {
     vm()?.vmalloc(size)
+}
+
+/// [`vmalloc`] with allocation flags (Linux's `__vmalloc(size, gfp_mask)`; see
+/// [`crate::gfp`]): the area's frames are taken with `gfp`'s zone (`GFP_DMA32`: every
+/// frame below 4 GiB, Linux's `vmalloc_32`), `__GFP_ZERO` zeroes the area. The page-table
+/// pages and records are taken as for any vmalloc. Access to the reserves (`__GFP_HIGH`,
+/// hence `GFP_ATOMIC`) is not given to vmalloc: its frames are taken as `GFP_KERNEL`'s
+/// (vmalloc is not for atomic context in Linux either). The area's caller in
+/// `vmallocinfo` is this function.
+///
+/// # Errors
+/// As [`vmalloc`].
+/// # Example
+/// ```no_run
+/// use memory::gfp::{GFP_DMA32, __GFP_ZERO};
+/// let buf = memory::kernel::__vmalloc(256 * 1024, GFP_DMA32 | __GFP_ZERO)?; // frames below 4 GiB
+/// memory::kernel::vfree(buf)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
+#[track_caller]
+pub fn __vmalloc(size: usize, gfp: Gfp) -> Result<VirtAddr, VmallocError> {
+    let flags = if gfp.contains(__GFP_ZERO) { VmFlags::ZERO } else { VmFlags::NONE };
+    let frames_gfp = Gfp::from_bits(gfp.bits() & !(__GFP_HIGH.bits() | __GFP_ZERO.bits())) | GFP_KERNEL;
+    if frames_gfp == GFP_KERNEL {
+        return vm()?.vmalloc_with(size, PAGE_SIZE, flags);
+    }
+    vm()?.with_ready(|v| {
+        v.backend().gfp.store(frames_gfp.bits(), Ordering::Relaxed);
+        let r = v.vmalloc_with(size, PAGE_SIZE, flags);
+        v.backend().gfp.store(GFP_KERNEL.bits(), Ordering::Relaxed);
+        r
+    })?
 }
 
 /// [`vmalloc`], zeroed.
@@ -908,15 +955,33 @@ pub const KVMALLOC_SLAB_MAX: usize = slab::KMALLOC_MAX_CACHE_SIZE;
 /// ```
 #[track_caller]
 pub fn kvmalloc(size: usize) -> Result<NonNull<u8>, VmallocError> {
+    kvmalloc_gfp(size, GFP_KERNEL)
+}
+
+/// [`kvmalloc`] with allocation flags: the slab with `gfp` first (when it carries no zone
+/// modifier: slab memory comes from any zone), else [`__vmalloc`] with `gfp`.
+/// `__GFP_ZERO` zeroes either.
+///
+/// # Errors
+/// As [`kvmalloc`].
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::kvmalloc_gfp(1 << 20, memory::gfp::GFP_KERNEL | memory::gfp::__GFP_ZERO)?;
+/// // SAFETY: from kvmalloc_gfp, not used after.
+/// unsafe { memory::kernel::kvfree(p) }?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
+#[track_caller]
+pub fn kvmalloc_gfp(size: usize, gfp: Gfp) -> Result<NonNull<u8>, VmallocError> {
     if size == 0 {
         return Err(VmallocError::ZeroSize);
     }
-    if size <= KVMALLOC_SLAB_MAX {
-        if let Ok(p) = slab::kmalloc(size, 8) {
+    if size <= KVMALLOC_SLAB_MAX && gfp.zone() == ZONE_NORMAL {
+        if let Ok(p) = slab::kmalloc_gfp(size, 8, gfp) {
             return Ok(p);
         }
     }
-    let va = vmalloc(size)?;
+    let va = __vmalloc(size, gfp)?;
     NonNull::new(va.as_mut_ptr()).ok_or(VmallocError::NotAnArea)
 }
 

@@ -5,6 +5,7 @@
 //! | module | what | Linux |
 //! |---|---|---|
 //! | [`buddy`] | page frames in blocks of 2^order pages, split and merged with the buddy (`pfn ^ (1 << order)`), an order-0 hot list, bulk calls, `buddyinfo` | `alloc_pages`, `free_pages`, `/proc/buddyinfo` |
+//! | [`gfp`] | allocation flags: which zone may serve a request, how far into the reserves, zeroing | `gfp_t`, `GFP_KERNEL`, `GFP_ATOMIC`, `GFP_DMA32` |
 //! | [`slab`] | size-class caches (8 B – 2 KiB) and named caches on buddy pages; the `#[global_allocator]` | `kmalloc`, `kmem_cache_create`, `/proc/slabinfo` |
 //! | [`vmalloc`] | virtually contiguous areas: O(log n) lowest-fit free space, a guard page after each area, lazy unmapping with batched TLB flushes, `vmallocinfo`, faults explained | `mm/vmalloc.c` |
 //! | [`ioremap`] | device MMIO in the same window with device attributes; `IoMem`/`Mmio` handles with typed register blocks | `ioremap`, `ioremap_np`, `ioremap_wc` |
@@ -42,6 +43,7 @@
 
 pub mod buddy;
 pub mod fault;
+pub mod gfp;
 pub mod ioremap;
 pub mod kernel;
 pub mod slab;

@@ -52,6 +52,9 @@ fn forbidden(pa: PhysAddr, pages: u64) -> Option<&'static str> {
 /// themselves; none may touch a reserved range; then frees them all.
 fn reserved_frames_are_never_handed_out() {
     let linear = hal::kmap::linear_map().unwrap();
+    // Every free frame: the watermarks and the low zones' reserves off for the test.
+    buddy::set_min_free_kbytes(Some(0));
+    buddy::set_lowmem_reserve(false);
     let start = buddy::stats().unwrap().free_pages;
     let mut head: Option<(PhysAddr, usize)> = None;
     let (mut pages, mut blocks) = (0u64, 0usize);
@@ -85,6 +88,8 @@ fn reserved_frames_are_never_handed_out() {
         unsafe { buddy::free_pages(pa, order) }.unwrap();
     }
     assert_eq!(buddy::stats().unwrap().free_pages, start);
+    buddy::set_min_free_kbytes(None);
+    buddy::set_lowmem_reserve(true);
     hal::print!("({pages} frames in {blocks} blocks, none reserved) ");
 }
 

@@ -143,6 +143,9 @@ impl Chain {
 
 fn every_free_frame_by_mixed_orders() {
     let start = baseline();
+    // Every free frame: the min watermark (Linux's reserve) off for the test, as
+    // `sysctl vm.min_free_kbytes=0` would.
+    buddy::set_min_free_kbytes(Some(0));
     let t0 = hal::cpu::uptime_ns();
     let mut chain = Chain::new();
     // Orders in rotation; once an order fails, nothing of it or above is left (memory only
@@ -176,6 +179,7 @@ fn every_free_frame_by_mixed_orders() {
         unsafe { buddy::free_pages(pa, order) }.unwrap();
     }
     assert_back_to(&start);
+    buddy::set_min_free_kbytes(None);
     hal::print!(
         "({} frames in {blocks} blocks, per order {per_order:?}; alloc+stamp {} ms, verify {} ms, free {} ms) ",
         start.free_pages,
@@ -187,6 +191,9 @@ fn every_free_frame_by_mixed_orders() {
 
 fn every_free_frame_in_bulk() {
     let start = baseline();
+    // Every free frame: the min watermark (Linux's reserve) off for the test, as
+    // `sysctl vm.min_free_kbytes=0` would.
+    buddy::set_min_free_kbytes(Some(0));
     let t0 = hal::cpu::uptime_ns();
     let mut chain = Chain::new();
     let mut out = [PhysAddr::default(); CHUNK];
@@ -221,6 +228,7 @@ fn every_free_frame_in_bulk() {
         unsafe { buddy::free_pages_bulk(&out[..n]) }.unwrap();
     }
     assert_back_to(&start);
+    buddy::set_min_free_kbytes(None);
     hal::print!(
         "({} frames; alloc+stamp {} ms, verify {} ms, free {} ms) ",
         start.free_pages,

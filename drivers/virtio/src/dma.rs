@@ -21,6 +21,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use hal::{PhysAddr, VirtAddr, PAGE_SIZE};
 use memory::buddy::{self, BuddyError, Frames};
+use memory::gfp::{Gfp, __GFP_ZERO, GFP_DMA32, GFP_KERNEL};
 use memory::kernel;
 use spin::Mutex;
 use virtio_drivers::{BufferDirection, Hal};
@@ -96,6 +97,46 @@ static LOOSE_BOUNCES: AtomicU64 = AtomicU64::new(0);
 static LOOSE_LIVE: AtomicU64 = AtomicU64::new(0);
 static DMA_BLOCKS_LIVE: AtomicU64 = AtomicU64::new(0);
 static DMA_ALLOC_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// The gfp flags `dma_alloc` takes queue memory with (see [`transport_gfp`]).
+static DMA_GFP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(GFP_KERNEL.bits());
+
+/// What a virtio-mmio transport of `version` needs of the memory its queues live in:
+/// - version 1 (legacy): the queue is given to the device as a 32-bit page frame number
+///   (`QueuePFN`), so it must lie below 2^44; we have no zone for that, and `DMA32` (below
+///   4 GiB) is the nearest that satisfies it: [`GFP_DMA32`];
+/// - version 2 (modern): 64-bit queue addresses (`QueueDescLow/High`...): [`GFP_KERNEL`].
+///
+/// Buffers are named by 64-bit descriptors in both, so bounces and shared buffers need no
+/// zone.
+///
+/// # Example
+/// ```
+/// use memory::gfp::{GFP_DMA32, GFP_KERNEL};
+/// assert_eq!(virtio::dma::transport_gfp(1), GFP_DMA32);
+/// assert_eq!(virtio::dma::transport_gfp(2), GFP_KERNEL);
+/// ```
+pub fn transport_gfp(version: u32) -> Gfp {
+    if version == 1 {
+        GFP_DMA32
+    } else {
+        GFP_KERNEL
+    }
+}
+
+/// Records that a transport of `version` was probed: from then on every queue is
+/// allocated as the strictest transport seen needs (the `Hal` trait's `dma_alloc` does not
+/// say which device asks).
+pub fn note_transport(version: u32) {
+    if transport_gfp(version).zone() < GFP_KERNEL.zone() {
+        DMA_GFP.store(GFP_DMA32.bits(), Ordering::Relaxed);
+    }
+}
+
+/// The gfp flags queue memory is allocated with now (see [`note_transport`]).
+pub fn dma_gfp() -> Gfp {
+    Gfp::from_bits(DMA_GFP.load(Ordering::Relaxed))
+}
 
 /// Machine-wide counters of the adapter.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -387,7 +428,7 @@ pub struct VirtioHal;
 //   contents; `unshare` copies device-written bytes back before releasing the bounce.
 unsafe impl Hal for VirtioHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (virtio_drivers::PhysAddr, NonNull<u8>) {
-        match buddy::alloc_zeroed_pages(order_for_pages(pages)) {
+        match buddy::alloc_pages_gfp(dma_gfp() | __GFP_ZERO, order_for_pages(pages)) {
             Ok(pa) => {
                 DMA_BLOCKS_LIVE.fetch_add(1, Ordering::Relaxed);
                 let va = NonNull::new(linear_ptr(pa)).expect("linear map is never at 0");

@@ -242,6 +242,7 @@ impl MmioDevice {
         // after it, so dropped after it); the `'static` lifetime never leaves this struct.
         // The claim makes this the only transport over these registers.
         let transport = unsafe { MmioTransport::new(ptr, slot.size) }.map_err(ProbeError::Transport)?;
+        crate::dma::note_transport(header.version);
         Ok(Self { transport, mapping, _claim: claim, slot, header, device_type })
     }
 

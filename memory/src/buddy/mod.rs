@@ -94,10 +94,19 @@ use hal::linear::LinearMap;
 use hal::mmu::TableAlloc;
 use spin::{Mutex, Once};
 
+use crate::gfp::{Gfp, __GFP_NORETRY, __GFP_NOWARN, __GFP_ZERO, GFP_KERNEL};
+pub use crate::gfp::{MAX_NR_ZONES, ZONE_DMA, ZONE_DMA32, ZONE_NAMES, ZONE_NORMAL};
+
 #[cfg(test)]
 pub(crate) mod testram;
 #[cfg(test)]
 mod tests;
+
+/// The end of `ZONE_DMA32`: 4 GiB.
+pub const DMA32_LIMIT: u64 = 1 << 32;
+/// Linux's `sysctl_lowmem_reserve_ratio` per zone (`DMA`, `DMA32`: 256; `Normal`: 32, with
+/// no zone above it to reserve against).
+pub const LOWMEM_RESERVE_RATIO: [usize; MAX_NR_ZONES] = [256, 256, 32];
 
 /// The largest block order: blocks of `2^10` frames (4 MiB), as Linux's default.
 pub const MAX_ORDER: usize = 10;
@@ -139,6 +148,9 @@ const ST_FREE: u8 = 0x40;
 const ST_ALLOC: u8 = 0x80;
 /// A free order-0 frame on the hot list (not on any buddy list).
 const ST_HOT: u8 = 0x20;
+/// Head of an untouched free block beyond its zone's frontier (never written since
+/// boot, on no list); low bits: order.
+const ST_FRESH: u8 = 0x10;
 /// Not managed: reserved, metadata.
 const ST_NONE: u8 = 0xff;
 /// Order bits of a state byte.
@@ -253,6 +265,9 @@ pub enum BuddyError {
     AlreadyInitialized,
     /// The global allocator is not initialised yet.
     NotInitialized,
+    /// The frames are there, but taking them would take every zone the request may use
+    /// below its `min` watermark (3/8 of it for `GFP_ATOMIC`) plus its `lowmem_reserve`.
+    BelowMin,
     /// A free list points outside managed RAM: memory was overwritten after being freed.
     Corrupted,
 }
@@ -277,6 +292,7 @@ impl fmt::Display for BuddyError {
             BuddyError::AlreadyInitialized => f.write_str("frame allocator already initialised"),
             BuddyError::NotInitialized => f.write_str("frame allocator not initialised"),
             BuddyError::Corrupted => f.write_str("free list corrupted"),
+            BuddyError::BelowMin => f.write_str("allocation would cross the min watermark"),
         }
     }
 }
@@ -292,6 +308,8 @@ struct RegionInfo {
     index: usize,
     /// The region's slot in [`FrameMap`] (what hot-list entries record).
     slot: usize,
+    /// The zone the region belongs to.
+    zone: usize,
 }
 
 /// The map from physical frames to their index in the per-frame metadata arrays.
@@ -440,6 +458,34 @@ impl FrameTags {
     }
 }
 
+/// One zone's figures, as Linux's `/proc/zoneinfo` shows them (see [`ZoneInfo`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ZoneStats {
+    /// First frame of the zone's span (0 when the zone is empty).
+    pub start_pfn: u64,
+    /// Frames from the zone's first RAM frame to its last, holes included.
+    pub spanned: usize,
+    /// RAM frames in the zone.
+    pub present: usize,
+    /// Frames the allocator manages in the zone: present less reservations and metadata.
+    pub managed: usize,
+    /// Free frames (on the lists, on the hot list, or untouched beyond the frontier).
+    pub free_pages: usize,
+    /// Free blocks per order: on the lists and beyond the frontier (the hot list apart,
+    /// as Linux's per-CPU pages).
+    pub free_blocks: [usize; NR_ORDERS],
+    /// Free order-0 frames on the zone's hot list.
+    pub hot_pages: usize,
+    /// The `min` watermark, in frames.
+    pub min: usize,
+    /// The `low` watermark, in frames.
+    pub low: usize,
+    /// The `high` watermark, in frames.
+    pub high: usize,
+    /// `lowmem_reserve[j]`: frames a request whose highest zone is `j` must leave free here.
+    pub lowmem_reserve: [usize; MAX_NR_ZONES],
+}
+
 /// A snapshot of the allocator's counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BuddyStats {
@@ -447,10 +493,11 @@ pub struct BuddyStats {
     pub total_pages: usize,
     /// Frames free now.
     pub free_pages: usize,
-    /// Free blocks per order on the buddy lists (the hot list's frames are not counted
-    /// here, as Linux's buddyinfo does not count per-CPU pages).
+    /// Free blocks per order, all zones together: on the buddy lists and beyond the
+    /// untouched frontier (the hot list's frames are not counted here, as Linux's buddyinfo
+    /// does not count per-CPU pages).
     pub free_blocks: [usize; NR_ORDERS],
-    /// Free order-0 frames on the hot list (included in `free_pages`).
+    /// Free order-0 frames on the hot lists (included in `free_pages`).
     pub hot_pages: usize,
     /// Frames of the regions that are reserved (not managed), metadata excluded.
     pub reserved_pages: usize,
@@ -458,42 +505,181 @@ pub struct BuddyStats {
     pub metadata_pages: usize,
     /// Allocation calls that failed (a bulk call that came up short counts once).
     pub alloc_failures: u64,
+    /// Allocation calls refused because they would have taken a zone below its `min`
+    /// watermark (counted in `alloc_failures` too).
+    pub watermark_failures: u64,
     /// Strict mode: blocks found with corrupted poison on allocation.
     pub corruptions: u64,
+    /// The zones, indexed by [`ZONE_DMA`], [`ZONE_DMA32`], [`ZONE_NORMAL`].
+    pub zones: [ZoneStats; MAX_NR_ZONES],
+    /// `min_free_kbytes` the watermarks were computed from.
+    pub min_free_kbytes: usize,
 }
 
 impl BuddyStats {
-    /// The free-block counts of the buddy lists in the format of Linux's
-    /// `/proc/buddyinfo` (hot-list frames not included; see the module docs).
+    /// The free-block counts in the format of Linux's `/proc/buddyinfo`, one line per
+    /// populated zone (hot-list frames not included; see the module docs).
     ///
     /// # Example
     /// ```no_run
     /// let stats = memory::buddy::stats().unwrap();
-    /// log::info!("{}", stats.buddyinfo());   // "Node 0, zone   Normal      3      1 ..."
+    /// log::info!("{}", stats.buddyinfo());   // "Node 0, zone    DMA32      3      1 ..."
     /// ```
     pub fn buddyinfo(&self) -> BuddyInfo {
-        BuddyInfo { free_blocks: self.free_blocks }
+        BuddyInfo { free_blocks: self.zones.map(|z| z.free_blocks), populated: self.zones.map(|z| z.present != 0) }
+    }
+
+    /// The zones in the format of Linux's `/proc/zoneinfo` (the lines this allocator has).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let stats = memory::buddy::stats().unwrap();
+    /// log::info!("{}", stats.zoneinfo());    // "Node 0, zone    DMA32\n  pages free     ..."
+    /// ```
+    pub fn zoneinfo(&self) -> ZoneInfo {
+        ZoneInfo { zones: self.zones }
     }
 }
 
-/// Free block counts per order, displayed as a Linux `/proc/buddyinfo` line:
-/// `Node 0, zone   Normal` followed by one right-aligned count per order.
+/// Free block counts per order and zone, displayed as Linux's `/proc/buddyinfo`: per
+/// populated zone a line `Node 0, zone    DMA32` followed by one right-aligned count per
+/// order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BuddyInfo {
-    /// Free blocks per order.
-    pub free_blocks: [usize; NR_ORDERS],
+    /// Free blocks per order, per zone.
+    pub free_blocks: [[usize; NR_ORDERS]; MAX_NR_ZONES],
+    /// Whether the zone has RAM (empty zones print no line, as in Linux).
+    pub populated: [bool; MAX_NR_ZONES],
 }
 
 impl fmt::Display for BuddyInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Node 0, zone   Normal")?;
-        for n in self.free_blocks {
-            // Linux prints "%6lu " after "Normal ": a space then six columns. Same as
-            // `{:>7}` below a million, and still separated above.
-            write!(f, " {n:>6}")?;
+        let mut first = true;
+        for z in 0..MAX_NR_ZONES {
+            if !self.populated[z] {
+                continue;
+            }
+            if !first {
+                f.write_str("\n")?;
+            }
+            first = false;
+            // Linux: "Node %d, zone %8s " then "%6lu " per order.
+            write!(f, "Node 0, zone {:>8}", ZONE_NAMES[z])?;
+            for n in self.free_blocks[z] {
+                write!(f, " {n:>6}")?;
+            }
         }
         Ok(())
     }
+}
+
+/// The zones, displayed as Linux's `/proc/zoneinfo` (`mm/vmstat.c`'s
+/// `zoneinfo_show_print`): per populated zone its header, `pages free`, `min`, `low`,
+/// `high`, `spanned`, `present`, `managed` and `protection` (the `lowmem_reserve` array).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZoneInfo {
+    /// The zones.
+    pub zones: [ZoneStats; MAX_NR_ZONES],
+}
+
+impl fmt::Display for ZoneInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for (i, z) in self.zones.iter().enumerate() {
+            if z.present == 0 {
+                continue;
+            }
+            if !first {
+                f.write_str("\n")?;
+            }
+            first = false;
+            write!(f, "Node 0, zone {:>8}", ZONE_NAMES[i])?;
+            write!(f, "\n  pages free     {}", z.free_pages)?;
+            write!(f, "\n        min      {}", z.min)?;
+            write!(f, "\n        low      {}", z.low)?;
+            write!(f, "\n        high     {}", z.high)?;
+            write!(f, "\n        spanned  {}", z.spanned)?;
+            write!(f, "\n        present  {}", z.present)?;
+            write!(f, "\n        managed  {}", z.managed)?;
+            write!(f, "\n        protection: ({}", z.lowmem_reserve[0])?;
+            for r in &z.lowmem_reserve[1..] {
+                write!(f, ", {r}")?;
+            }
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
+/// `min_free_kbytes` as Linux's `calculate_min_free_kbytes`: `sqrt(16 × lowmem KiB)`,
+/// clamped to `[128, 262144]` KiB.
+///
+/// # Example
+/// ```
+/// assert_eq!(memory::buddy::default_min_free_kbytes(1 << 18), 4096);   // 1 GiB of RAM
+/// assert_eq!(memory::buddy::default_min_free_kbytes(1024), 128);       // the floor
+/// ```
+pub fn default_min_free_kbytes(managed_pages: usize) -> usize {
+    let lowmem_kbytes = (managed_pages as u64) * (PAGE_SIZE as u64 / 1024);
+    (int_sqrt(lowmem_kbytes * 16) as usize).clamp(128, 262_144)
+}
+
+/// Integer square root (floor), as Linux's `int_sqrt`.
+fn int_sqrt(x: u64) -> u64 {
+    if x < 2 {
+        return x;
+    }
+    // Newton's iteration from above converges to the floor.
+    let mut r = 1u64 << (64 - x.leading_zeros()).div_ceil(2);
+    loop {
+        let n = (r + x / r) / 2;
+        if n >= r {
+            return r;
+        }
+        r = n;
+    }
+}
+
+/// The watermarks of every zone as Linux's `__setup_per_zone_wmarks` and
+/// `setup_per_zone_lowmem_reserve` compute them from `min_free_kbytes` and the zones'
+/// managed frames: `[min, low, high]` per zone, and `lowmem_reserve`.
+///
+/// `min` is `pages_min × managed / Σ managed` (`pages_min = min_free_kbytes / 4`); with
+/// `d = max(min / 4, managed / 1000)` (`watermark_scale_factor` 10), `low = min + d` and
+/// `high = min + 2d`; `lowmem_reserve[i][j] = Σ managed of zones i+1..=j / 256` for the
+/// zones below `Normal` (ratio 256), 0 on an unpopulated zone.
+///
+/// # Example
+/// ```
+/// use memory::buddy::per_zone_wmarks;
+/// let (w, reserve) = per_zone_wmarks(8192, &[0, 786_432, 1_310_720]);  // 3 GiB + 5 GiB
+/// assert_eq!(w[1][0] + w[2][0], 2048);                  // min split by managed frames
+/// assert_eq!(reserve[1][2], 1_310_720 / 256);           // DMA32 kept from Normal requests
+/// ```
+pub fn per_zone_wmarks(
+    min_free_kbytes: usize,
+    managed: &[usize; MAX_NR_ZONES],
+) -> ([[usize; 3]; MAX_NR_ZONES], [[usize; MAX_NR_ZONES]; MAX_NR_ZONES]) {
+    let pages_min = (min_free_kbytes >> (PAGE_SHIFT - 10)) as u64;
+    let lowmem: u64 = managed.iter().map(|&m| m as u64).sum();
+    let mut w = [[0usize; 3]; MAX_NR_ZONES];
+    for z in 0..MAX_NR_ZONES {
+        let m = managed[z] as u64;
+        let min = if lowmem == 0 { 0 } else { pages_min * m / lowmem };
+        let d = (min >> 2).max(m * 10 / 10_000);
+        w[z] = [min as usize, (min + d) as usize, (min + 2 * d) as usize];
+    }
+    let mut reserve = [[0usize; MAX_NR_ZONES]; MAX_NR_ZONES];
+    for i in 0..MAX_NR_ZONES {
+        let ratio = LOWMEM_RESERVE_RATIO[i];
+        let clear = ratio == 0 || managed[i] == 0;
+        let mut upper = 0usize;
+        for j in i + 1..MAX_NR_ZONES {
+            upper += managed[j];
+            reserve[i][j] = if clear { 0 } else { upper / ratio };
+        }
+    }
+    (w, reserve)
 }
 
 /// Bytes of metadata [`BuddyAllocator::new`] carves for `regions` (before rounding up to
@@ -531,7 +717,74 @@ fn page_bounds_outward(r: &PhysRange) -> (u64, u64) {
     (start, end)
 }
 
-/// A binary buddy allocator of physical frames. See the [module documentation](self).
+/// One zone's free lists, hot list, frontier and counters (see the module docs).
+struct Zone {
+    heads: [u64; NR_ORDERS],
+    /// Blocks on the lists, per order.
+    counts: [usize; NR_ORDERS],
+    /// Untouched blocks beyond the frontier, per order.
+    fresh: [usize; NR_ORDERS],
+    /// Bit `o` set when the free list of order `o` is not empty.
+    nonempty: u32,
+    /// Free frames: lists, hot list and frontier.
+    free_pages: usize,
+    /// Frames managed (free or allocated).
+    managed: usize,
+    /// RAM frames of the zone.
+    present: usize,
+    /// First frame of the zone's first region, and end of its last.
+    start_pfn: u64,
+    end_pfn: u64,
+    /// The zone's regions: slots `first_slot..end_slot` of the frame map.
+    first_slot: usize,
+    end_slot: usize,
+    /// The frontier: slot and frame where the search for the next untouched block goes on.
+    front_slot: usize,
+    front_pfn: u64,
+    /// `[min, low, high]`.
+    wmark: [usize; 3],
+    lowmem_reserve: [usize; MAX_NR_ZONES],
+    /// Free order-0 frames kept off the lists.
+    hot: HotList,
+}
+
+impl Zone {
+    const fn new() -> Self {
+        Zone {
+            heads: [NIL; NR_ORDERS],
+            counts: [0; NR_ORDERS],
+            fresh: [0; NR_ORDERS],
+            nonempty: 0,
+            free_pages: 0,
+            managed: 0,
+            present: 0,
+            start_pfn: 0,
+            end_pfn: 0,
+            first_slot: 0,
+            end_slot: 0,
+            front_slot: 0,
+            front_pfn: 0,
+            wmark: [0; 3],
+            lowmem_reserve: [0; MAX_NR_ZONES],
+            hot: HotList::new(),
+        }
+    }
+
+    /// Whether an allocation of `order` with `gfp`, whose highest zone is `high`, leaves
+    /// this zone above its watermark (Linux's `__zone_watermark_ok` for order 0, without
+    /// its per-order check: `take` finds out whether a block of the order exists).
+    #[inline(always)]
+    fn watermark_ok(&self, order: usize, gfp: Gfp, high: usize) -> bool {
+        let min = gfp.min_watermark(self.wmark[WMARK_MIN]);
+        self.free_pages + 1 > (1 << order) + min + self.lowmem_reserve[high]
+    }
+}
+
+/// Index of the `min` watermark in a zone's `wmark`.
+const WMARK_MIN: usize = 0;
+
+/// A binary buddy allocator of physical frames, split in zones. See the
+/// [module documentation](self).
 pub struct BuddyAllocator {
     map: FrameMap,
     /// State byte array (virtual address through the linear map).
@@ -543,18 +796,14 @@ pub struct BuddyAllocator {
     linear: LinearMap,
     /// Where the metadata lives.
     meta: PhysRange,
-    heads: [u64; NR_ORDERS],
-    counts: [usize; NR_ORDERS],
-    /// Bit `o` set when the free list of order `o` is not empty.
-    nonempty: u32,
-    free_pages: usize,
+    zones: [Zone; MAX_NR_ZONES],
     total_pages: usize,
     reserved_pages: usize,
     alloc_failures: u64,
+    watermark_failures: u64,
     corruptions: u64,
+    min_free_kbytes: usize,
     strict: bool,
-    /// Free order-0 frames kept off the lists (see the module docs).
-    hot: HotList,
 }
 
 // SAFETY: the raw pointers lead to the allocator's own metadata and to free RAM it owns
@@ -565,8 +814,8 @@ impl fmt::Debug for BuddyAllocator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BuddyAllocator")
             .field("total_pages", &self.total_pages)
-            .field("free_pages", &self.free_pages)
-            .field("hot_pages", &self.hot.len)
+            .field("free_pages", &self.free_pages())
+            .field("hot_pages", &self.hot_pages())
             .field("metadata", &self.meta)
             .field("strict", &self.strict)
             .finish_non_exhaustive()
@@ -574,15 +823,22 @@ impl fmt::Debug for BuddyAllocator {
 }
 
 impl BuddyAllocator {
-    /// An allocator of the frames of `regions` minus `reserved`, reached through `linear`.
+    /// An allocator of the frames of `regions` minus `reserved`, reached through `linear`,
+    /// with the zones `DMA32` (below 4 GiB) and `Normal` (see [`Self::new_zoned`]).
     ///
     /// Regions are rounded inward to whole pages and may come in any order; reserved
     /// ranges are rounded outward and may extend beyond RAM. The metadata is carved from
     /// the first free stretch of RAM that fits (in address order) and then counts as
-    /// reserved. With `strict`, free memory is poisoned (see the module docs).
+    /// reserved. With `strict`, free memory is poisoned (see the module docs). The
+    /// watermarks start at 0 (every free frame may be handed out);
+    /// [`Self::set_min_free_kbytes`] sets them as Linux does, which [`init`] does for the
+    /// kernel's allocator.
+    ///
+    /// Nothing is written to the free frames: only the metadata (see the module docs).
     ///
     /// # Errors
-    /// - [`BuddyError::TooManyRegions`]: more than [`MAX_REGIONS`] regions;
+    /// - [`BuddyError::TooManyRegions`]: more than [`MAX_REGIONS`] regions once split at
+    ///   the zone boundaries;
     /// - [`BuddyError::OverlappingRegions`]: two regions share a page;
     /// - [`BuddyError::OutsideLinearMap`]: a region is not inside `linear`;
     /// - [`BuddyError::NoRoomForMetadata`]: no free stretch is large enough for the
@@ -619,11 +875,43 @@ impl BuddyAllocator {
         linear: LinearMap,
         strict: bool,
     ) -> Result<Self, BuddyError> {
-        if regions.len() > MAX_REGIONS {
-            return Err(BuddyError::TooManyRegions);
-        }
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::new_zoned(regions, reserved, linear, strict, None) }
+    }
+
+    /// As [`Self::new`], with a `DMA` zone below `dma_limit` (rounded down to a page, at
+    /// most 4 GiB) when given: Linux's `zone_dma_limit`, from the device tree's
+    /// `dma-ranges`. Zones: `DMA` below `dma_limit`, `DMA32` from there to 4 GiB, `Normal`
+    /// above. Regions are split at the boundaries, so no block spans two zones.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    ///
+    /// # Safety
+    /// As [`Self::new`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use hal::linear::LinearMap;
+    /// use hal::{PhysAddr, PhysRange, VirtAddr};
+    /// use memory::buddy::BuddyAllocator;
+    /// let ram = PhysRange::new(PhysAddr::new(0x4000_0000), 1 << 30).unwrap();
+    /// // SAFETY: `ram` is mapped read-write at that address and no Rust reference points into it.
+    /// let linear = unsafe { LinearMap::new(ram, VirtAddr::new(0xffff_0000_4000_0000)) };
+    /// // SAFETY: nothing else uses `ram` while the allocator and its blocks live.
+    /// let buddy = unsafe { BuddyAllocator::new_zoned(&[ram], &[], linear, false, Some(PhysAddr::new(0x6000_0000))) }?;
+    /// assert!(buddy.stats().zones[memory::gfp::ZONE_DMA].managed > 0);
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
+    pub unsafe fn new_zoned(
+        regions: &[PhysRange],
+        reserved: &[PhysRange],
+        linear: LinearMap,
+        strict: bool,
+        dma_limit: Option<PhysAddr>,
+    ) -> Result<Self, BuddyError> {
         let window = page_bounds_inward(&linear.phys_range());
-        let mut infos = [RegionInfo::default(); MAX_REGIONS];
+        let mut sorted = [(0u64, 0u64); MAX_REGIONS];
         let mut len = 0;
         for r in regions {
             let (s, e) = page_bounds_inward(r);
@@ -633,28 +921,57 @@ impl BuddyAllocator {
             if s < window.0 || e > window.1 {
                 return Err(BuddyError::OutsideLinearMap);
             }
+            if len == MAX_REGIONS {
+                return Err(BuddyError::TooManyRegions);
+            }
             // Insertion sort by start frame.
             let mut i = len;
-            while i > 0 && infos[i - 1].start_pfn > s {
-                infos[i] = infos[i - 1];
+            while i > 0 && sorted[i - 1].0 > s {
+                sorted[i] = sorted[i - 1];
                 i -= 1;
             }
-            infos[i] = RegionInfo { start_pfn: s, frames: e - s, index: 0, slot: 0 };
+            sorted[i] = (s, e);
             len += 1;
         }
         if len == 0 {
             return Err(BuddyError::NoMemory);
         }
-        let mut frames = 0usize;
-        for i in 0..len {
-            if i + 1 < len && infos[i].start_pfn + infos[i].frames > infos[i + 1].start_pfn {
+        for i in 0..len - 1 {
+            if sorted[i].1 > sorted[i + 1].0 {
                 return Err(BuddyError::OverlappingRegions);
             }
-            infos[i].index = frames;
-            infos[i].slot = i;
-            frames += infos[i].frames as usize;
         }
-        let map = FrameMap { regions: infos, len, frames };
+        // Split at the zone boundaries (in frames).
+        let dma32_pfn = DMA32_LIMIT >> PAGE_SHIFT;
+        let dma_pfn = dma_limit.map_or(0, |l| (l.as_u64() >> PAGE_SHIFT).min(dma32_pfn));
+        let bounds = [dma_pfn, dma32_pfn, u64::MAX];
+        let mut infos = [RegionInfo::default(); MAX_REGIONS];
+        let mut n = 0;
+        let mut frames = 0usize;
+        let mut zones = [const { Zone::new() }; MAX_NR_ZONES];
+        for &(s, e) in &sorted[..len] {
+            let mut p = s;
+            while p < e {
+                let z = bounds.iter().position(|&b| p < b).unwrap_or(ZONE_NORMAL);
+                let q = e.min(bounds[z]);
+                if n == MAX_REGIONS {
+                    return Err(BuddyError::TooManyRegions);
+                }
+                infos[n] = RegionInfo { start_pfn: p, frames: q - p, index: frames, slot: n, zone: z };
+                let zone = &mut zones[z];
+                if zone.present == 0 {
+                    zone.start_pfn = p;
+                    zone.first_slot = n;
+                }
+                zone.end_pfn = q;
+                zone.end_slot = n + 1;
+                zone.present += (q - p) as usize;
+                frames += (q - p) as usize;
+                n += 1;
+                p = q;
+            }
+        }
+        let map = FrameMap { regions: infos, len: n, frames };
 
         // Carve the metadata: the lowest page-aligned stretch of a region that touches
         // no reserved range.
@@ -675,16 +992,14 @@ impl BuddyAllocator {
             va_delta,
             linear,
             meta,
-            heads: [NIL; NR_ORDERS],
-            counts: [0; NR_ORDERS],
-            nonempty: 0,
-            free_pages: 0,
+            zones,
             total_pages: 0,
             reserved_pages: 0,
             alloc_failures: 0,
+            watermark_failures: 0,
             corruptions: 0,
+            min_free_kbytes: 0,
             strict,
-            hot: HotList::new(),
         };
         alloc.build(reserved, meta_start, meta_frames);
         if alloc.total_pages == 0 {
@@ -713,7 +1028,9 @@ impl BuddyAllocator {
         None
     }
 
-    /// Fills the metadata and the free lists (called once, from `new`).
+    /// Fills the metadata (called once, from `new`): every usable run of frames becomes
+    /// maximal aligned *untouched* blocks beyond the zones' frontiers. The free frames are
+    /// not written: the lists start empty (see the module docs).
     fn build(&mut self, reserved: &[PhysRange], meta_start: u64, meta_frames: u64) {
         let frames = self.map.frames;
         // SAFETY: the metadata block (2 * frames bytes, inside a region, touching no
@@ -723,59 +1040,112 @@ impl BuddyAllocator {
             core::ptr::write_bytes(self.tags as *mut u8, 0, frames);
         }
         let map = self.map;
-        let mark_none = |s: u64, e: u64| {
-            for r in &map.regions[..map.len] {
-                let lo = s.max(r.start_pfn);
-                let hi = e.min(r.start_pfn + r.frames);
+        let excluded =
+            || reserved.iter().map(page_bounds_outward).chain(core::iter::once((meta_start, meta_start + meta_frames)));
+        for r in &map.regions[..map.len] {
+            let end = r.start_pfn + r.frames;
+            // Reserved frames of the region are not managed.
+            for (s, e) in excluded() {
+                let (lo, hi) = (s.max(r.start_pfn), e.min(end));
                 if lo < hi {
-                    let idx = r.index + (lo - r.start_pfn) as usize;
-                    // SAFETY: `[lo, hi)` lies inside region `r`, so the indices are
-                    // inside the state array.
-                    unsafe { core::ptr::write_bytes(self.state.add(idx), ST_NONE, (hi - lo) as usize) };
+                    // SAFETY: `[lo, hi)` lies inside region `r`, so the indices are inside
+                    // the state array.
+                    unsafe {
+                        core::ptr::write_bytes(
+                            self.state.add(r.index + (lo - r.start_pfn) as usize),
+                            ST_NONE,
+                            (hi - lo) as usize,
+                        )
+                    };
                 }
             }
-        };
-        for res in reserved {
-            let (s, e) = page_bounds_outward(res);
-            mark_none(s, e);
+            // The usable runs, found from the reserved ranges (not by reading every state
+            // byte: boot time stays O(regions × reserved² + blocks)).
+            let mut p = r.start_pfn;
+            while p < end {
+                let mut moved = true;
+                while moved {
+                    moved = false;
+                    for (s, e) in excluded() {
+                        if s <= p && p < e {
+                            p = e;
+                            moved = true;
+                        }
+                    }
+                }
+                if p >= end {
+                    break;
+                }
+                let mut q = end;
+                for (s, _) in excluded() {
+                    if s > p && s < q {
+                        q = s;
+                    }
+                }
+                let zone = &mut self.zones[r.zone];
+                zone.managed += (q - p) as usize;
+                zone.free_pages += (q - p) as usize;
+                self.total_pages += (q - p) as usize;
+                let mut b = p;
+                while b < q {
+                    let fit = 63 - (q - b).leading_zeros();
+                    let order = (b.trailing_zeros().min(fit) as usize).min(MAX_ORDER);
+                    self.zones[r.zone].fresh[order] += 1;
+                    self.set_state(r.index + (b - r.start_pfn) as usize, ST_FRESH | order as u8);
+                    b += 1 << order;
+                }
+                p = q;
+            }
         }
-        mark_none(meta_start, meta_start + meta_frames);
+        for z in &mut self.zones {
+            z.front_slot = z.first_slot;
+            z.front_pfn = map.regions[z.first_slot].start_pfn;
+        }
+        let present: usize = self.zones.iter().map(|z| z.present).sum();
+        self.reserved_pages = present - self.total_pages - meta_frames as usize;
+    }
 
-        // Runs of usable frames become maximal aligned blocks, appended in address
-        // order so that low memory is handed out first.
-        let mut tails = [NIL; NR_ORDERS];
-        let mut none = 0usize;
-        for ri in 0..map.len {
-            let r = map.regions[ri];
-            let mut i = 0u64;
-            while i < r.frames {
-                if self.state_at(r.index + i as usize) == ST_NONE {
-                    none += 1;
-                    i += 1;
-                    continue;
-                }
-                let run_start = i;
-                while i < r.frames && self.state_at(r.index + i as usize) != ST_NONE {
-                    i += 1;
-                }
-                let (s, e) = (r.start_pfn + run_start, r.start_pfn + i);
-                if self.strict {
-                    // SAFETY: usable frames of a region, owned by the allocator.
-                    unsafe { core::ptr::write_bytes(self.va::<u8>(s), POISON_BYTE, ((e - s) as usize) << PAGE_SHIFT) };
-                }
-                let mut p = s;
-                while p < e {
-                    let fit = 63 - (e - p).leading_zeros();
-                    let order = (p.trailing_zeros().min(fit) as usize).min(MAX_ORDER);
-                    self.set_state(r.index + (p - r.start_pfn) as usize, ST_FREE | order as u8);
-                    self.append(&mut tails, p, order);
-                    p += 1 << order;
-                }
-                self.total_pages += (e - s) as usize;
+    /// Carves the next untouched block of zone `z` off its frontier onto the lists.
+    /// Returns `false` when the frontier is exhausted. In strict mode the block is poisoned
+    /// now, the first time it is written.
+    #[cold]
+    #[inline(never)]
+    fn carve(&mut self, z: usize) -> bool {
+        loop {
+            let zone = &self.zones[z];
+            if zone.front_slot >= zone.end_slot {
+                return false;
             }
+            let r = self.map.regions[zone.front_slot];
+            let pfn = zone.front_pfn;
+            if pfn >= r.start_pfn + r.frames {
+                let zone = &mut self.zones[z];
+                zone.front_slot += 1;
+                if zone.front_slot < zone.end_slot {
+                    zone.front_pfn = self.map.regions[zone.front_slot].start_pfn;
+                }
+                continue;
+            }
+            let idx = r.index + (pfn - r.start_pfn) as usize;
+            let st = self.state_at(idx);
+            // Skip what is not untouched: reserved frames, and blocks carved before.
+            let step = match st {
+                ST_NONE | ST_TAIL | ST_HOT => 1,
+                s if s & 0xf0 == ST_FRESH => {
+                    let o = (s & ST_ORDER) as usize;
+                    self.zones[z].front_pfn = pfn + (1 << o);
+                    self.zones[z].fresh[o] -= 1;
+                    if self.strict {
+                        // SAFETY: an untouched free block of managed RAM, owned by the allocator.
+                        unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, PAGE_SIZE << o) };
+                    }
+                    self.merge(z, r, idx, pfn, o);
+                    return true;
+                }
+                s => 1u64 << (s & ST_ORDER),
+            };
+            self.zones[z].front_pfn = pfn + step;
         }
-        self.free_pages = self.total_pages;
-        self.reserved_pages = none - meta_frames as usize;
     }
 
     // ----- raw metadata and memory access -----
@@ -806,10 +1176,10 @@ impl BuddyAllocator {
         self.va(pfn)
     }
 
-    /// Pushes the free block at `pfn` on the list of `order`.
+    /// Pushes the free block at `pfn` on the list of `order` of zone `z`.
     #[inline(always)]
-    fn push(&mut self, pfn: u64, order: usize) {
-        let head = self.heads[order];
+    fn push(&mut self, z: usize, pfn: u64, order: usize) {
+        let head = self.zones[z].heads[order];
         let n = self.node(pfn);
         // SAFETY: `pfn` heads a free block of managed RAM (owned by the allocator, mapped
         // by the linear map); `head`, when not NIL, heads another one.
@@ -820,40 +1190,21 @@ impl BuddyAllocator {
                 (*self.node(head)).prev = pfn;
             }
         }
-        self.heads[order] = pfn;
-        self.counts[order] += 1;
-        self.nonempty |= 1 << order;
+        let zone = &mut self.zones[z];
+        zone.heads[order] = pfn;
+        zone.counts[order] += 1;
+        zone.nonempty |= 1 << order;
     }
 
-    /// Appends the free block at `pfn` to the list of `order` (init only).
-    fn append(&mut self, tails: &mut [u64; NR_ORDERS], pfn: u64, order: usize) {
-        let tail = tails[order];
-        let n = self.node(pfn);
-        // SAFETY: as in `push`.
-        unsafe {
-            (*n).next = NIL;
-            (*n).prev = tail;
-            if tail != NIL {
-                (*self.node(tail)).next = pfn;
-            }
-        }
-        if tail == NIL {
-            self.heads[order] = pfn;
-        }
-        tails[order] = pfn;
-        self.counts[order] += 1;
-        self.nonempty |= 1 << order;
-    }
-
-    /// Removes the free block at `pfn` from the list of `order`.
+    /// Removes the free block at `pfn` from the list of `order` of zone `z`.
     #[inline(always)]
-    fn unlink(&mut self, pfn: u64, order: usize) {
+    fn unlink(&mut self, z: usize, pfn: u64, order: usize) {
         let n = self.node(pfn);
         // SAFETY: `pfn` heads a free block on the list of `order`; its neighbours are
         // free blocks too.
         let (next, prev) = unsafe { ((*n).next, (*n).prev) };
         if prev == NIL {
-            self.heads[order] = next;
+            self.zones[z].heads[order] = next;
         } else {
             // SAFETY: `prev` heads a free block (list invariant).
             unsafe { (*self.node(prev)).next = next };
@@ -862,40 +1213,46 @@ impl BuddyAllocator {
             // SAFETY: `next` heads a free block (list invariant).
             unsafe { (*self.node(next)).prev = prev };
         }
-        self.counts[order] -= 1;
-        if self.heads[order] == NIL {
-            self.nonempty &= !(1 << order);
+        let zone = &mut self.zones[z];
+        zone.counts[order] -= 1;
+        if zone.heads[order] == NIL {
+            zone.nonempty &= !(1 << order);
         }
     }
 
-    /// Pops the head of the (non-empty) list of `order`.
+    /// Pops the head of the (non-empty) list of `order` of zone `z`.
     #[inline(always)]
-    fn pop(&mut self, order: usize) -> u64 {
-        let pfn = self.heads[order];
+    fn pop(&mut self, z: usize, order: usize) -> u64 {
+        let pfn = self.zones[z].heads[order];
         debug_assert_ne!(pfn, NIL);
         // SAFETY: the list is not empty, so `pfn` heads a free block.
         let next = unsafe { (*self.node(pfn)).next };
-        self.heads[order] = next;
-        if next == NIL {
-            self.nonempty &= !(1 << order);
-        } else {
+        if next != NIL {
             // SAFETY: `next` heads a free block (list invariant).
             unsafe { (*self.node(next)).prev = NIL };
         }
-        self.counts[order] -= 1;
+        let zone = &mut self.zones[z];
+        zone.heads[order] = next;
+        if next == NIL {
+            zone.nonempty &= !(1 << order);
+        }
+        zone.counts[order] -= 1;
         pfn
     }
 
     // ----- allocation -----
 
-    /// Allocates a block of `2^order` frames, aligned on its size. Order 0 comes from the
-    /// hot list (refilled from the lists when empty; see the module docs).
+    /// Allocates a block of `2^order` frames, aligned on its size, as
+    /// [`Self::alloc_gfp`] with [`GFP_KERNEL`]. Order 0 comes from a hot list (refilled
+    /// from the lists when empty; see the module docs).
     ///
     /// # Errors
     /// [`BuddyError::BadOrder`] above [`MAX_ORDER`]; [`BuddyError::OutOfMemory`] when no
-    /// block is free (the hot list was drained first); [`BuddyError::Corrupted`] when a free
-    /// list was overwritten. On `OutOfMemory` and `BadOrder` only the failure counter
-    /// changes, besides the drain of the hot list.
+    /// block is free (the hot lists were drained first); [`BuddyError::BelowMin`] when the
+    /// frames are there but taking them would cross the zones' `min` watermark;
+    /// [`BuddyError::Corrupted`] when a free list was overwritten. On `OutOfMemory`,
+    /// `BelowMin` and `BadOrder` only the failure counters change, besides the drain of a
+    /// hot list.
     ///
     /// # Example
     /// ```no_run
@@ -906,35 +1263,106 @@ impl BuddyAllocator {
     /// ```
     #[inline]
     pub fn alloc(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
-        if order == 0 && self.hot.high != 0 {
-            if self.hot.len == 0 {
-                self.refill_hot()?;
+        self.alloc_gfp(order, GFP_KERNEL)
+    }
+
+    /// Allocates a block of `2^order` frames with the flags `gfp` (see [`crate::gfp`]):
+    /// from the highest zone `gfp` allows, falling back to lower zones (`Normal` →
+    /// `DMA32` → `DMA`, never upwards), each only while the allocation leaves it above its
+    /// `min` watermark (3/8 of it for [`crate::gfp::GFP_ATOMIC`]) plus its
+    /// `lowmem_reserve` for the requested zone. [`crate::gfp::__GFP_ZERO`] zeroes the
+    /// block; [`crate::gfp::__GFP_NORETRY`] does not drain the hot lists to retry.
+    ///
+    /// # Errors
+    /// As [`Self::alloc`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::gfp::{GFP_DMA32, __GFP_ZERO};
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// let ring = buddy.alloc_gfp(0, GFP_DMA32 | __GFP_ZERO)?;  // a zeroed frame below 4 GiB
+    /// assert!(ring.as_u64() < 1 << 32);
+    /// # Ok::<(), memory::buddy::BuddyError>(())
+    /// ```
+    #[inline]
+    pub fn alloc_gfp(&mut self, order: usize, gfp: Gfp) -> Result<PhysAddr, BuddyError> {
+        if order > MAX_ORDER {
+            return Err(self.failed(BuddyError::BadOrder));
+        }
+        let high = gfp.zone();
+        let mut z = high + 1;
+        let mut below_min = false;
+        while z > 0 {
+            z -= 1;
+            let zone = &self.zones[z];
+            if !zone.watermark_ok(order, gfp, high) {
+                below_min |= zone.free_pages >= 1 << order;
+                continue;
             }
-            return Ok(self.alloc_hot());
+            match self.zone_alloc(z, order, gfp) {
+                Ok(pa) => {
+                    if gfp.contains(__GFP_ZERO) {
+                        // SAFETY: the block was just allocated: the allocator owns it until it returns.
+                        unsafe {
+                            core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE << order)
+                        };
+                    }
+                    return Ok(pa);
+                }
+                Err(BuddyError::OutOfMemory) => continue,
+                Err(e) => return Err(self.failed(e)),
+            }
+        }
+        Err(self.alloc_failed(below_min))
+    }
+
+    /// Counts a failure of `alloc_gfp`.
+    #[cold]
+    fn alloc_failed(&mut self, below_min: bool) -> BuddyError {
+        if below_min {
+            self.watermark_failures += 1;
+            return self.failed(BuddyError::BelowMin);
+        }
+        self.failed(BuddyError::OutOfMemory)
+    }
+
+    #[cold]
+    fn failed(&mut self, e: BuddyError) -> BuddyError {
+        self.alloc_failures += 1;
+        e
+    }
+
+    /// Allocates from zone `z`, whose watermark the caller checked.
+    #[inline(always)]
+    fn zone_alloc(&mut self, z: usize, order: usize, gfp: Gfp) -> Result<PhysAddr, BuddyError> {
+        if order == 0 && self.zones[z].hot.high != 0 {
+            if self.zones[z].hot.len == 0 {
+                self.refill_hot(z)?;
+            }
+            return Ok(self.alloc_hot(z));
         }
         if order > MAX_ORDER {
-            self.alloc_failures += 1;
             return Err(BuddyError::BadOrder);
         }
-        let (pfn, idx) = match self.take(order) {
+        let (pfn, idx) = match self.take(z, order) {
             Ok(t) => t,
-            Err(e) => self.take_after_drain(order, e)?,
+            Err(e) => self.take_after_drain(z, order, e, gfp)?,
         };
         self.set_state(idx, ST_ALLOC | order as u8);
-        self.free_pages -= 1 << order;
+        self.zones[z].free_pages -= 1 << order;
         if self.strict {
             self.check_poison(pfn, ((1usize << order) << PAGE_SHIFT) - NODE_BYTES, NODE_BYTES);
         }
         Ok(PhysAddr::new(pfn << PAGE_SHIFT))
     }
 
-    /// Hands out the top frame of the (non-empty) hot list.
+    /// Hands out the top frame of the (non-empty) hot list of zone `z`.
     #[inline(always)]
-    fn alloc_hot(&mut self) -> PhysAddr {
-        let e = self.hot.pop_top();
+    fn alloc_hot(&mut self, z: usize) -> PhysAddr {
+        let e = self.zones[z].hot.pop_top();
         let (pfn, idx) = self.hot_entry(e);
         self.set_state(idx, ST_ALLOC);
-        self.free_pages -= 1;
+        self.zones[z].free_pages -= 1;
         if self.strict {
             self.check_poison(pfn, PAGE_SIZE, 0);
         }
@@ -949,62 +1377,64 @@ impl BuddyAllocator {
         (pfn, r.index + (pfn - r.start_pfn) as usize)
     }
 
-    /// `take(order)` failed with `err`: when it was for want of memory and the hot list
-    /// holds frames (which may complete a block), drains it and tries again. Counts the
-    /// failure when there is one.
+    /// `take(z, order)` failed with `err`: when it was for want of memory and the zone's
+    /// hot list holds frames (which may complete a block), drains it and tries again,
+    /// unless `gfp` has `__GFP_NORETRY`.
     #[cold]
-    fn take_after_drain(&mut self, order: usize, err: BuddyError) -> Result<(u64, usize), BuddyError> {
-        let r = if err == BuddyError::OutOfMemory && self.hot.len != 0 {
-            self.drain_hot();
-            self.take(order)
+    fn take_after_drain(
+        &mut self,
+        z: usize,
+        order: usize,
+        err: BuddyError,
+        gfp: Gfp,
+    ) -> Result<(u64, usize), BuddyError> {
+        if err == BuddyError::OutOfMemory && self.zones[z].hot.len != 0 && !gfp.contains(__GFP_NORETRY) {
+            self.drain_zone_hot(z, usize::MAX);
+            self.take(z, order)
         } else {
             Err(err)
-        };
-        if r.is_err() {
-            self.alloc_failures += 1;
         }
-        r
     }
 
-    /// Takes a block of `order` off the lists, splitting a larger one when needed (the
-    /// upper halves go back on the lists). Returns its frame number and metadata index; the
-    /// head's state, `free_pages` and the counters are the caller's to update.
+    /// Takes a block of `order` off the lists of zone `z`, splitting a larger one when
+    /// needed (the upper halves go back on the lists) and carving from the frontier when
+    /// the lists have none. Returns its frame number and metadata index; the head's state,
+    /// `free_pages` and the counters are the caller's to update.
     #[inline(always)]
-    fn take(&mut self, order: usize) -> Result<(u64, usize), BuddyError> {
-        let avail = self.nonempty >> order;
-        if avail == 0 {
-            return Err(BuddyError::OutOfMemory);
+    fn take(&mut self, z: usize, order: usize) -> Result<(u64, usize), BuddyError> {
+        let mut avail = self.zones[z].nonempty >> order;
+        while avail == 0 {
+            if !self.carve(z) {
+                return Err(BuddyError::OutOfMemory);
+            }
+            avail = self.zones[z].nonempty >> order;
         }
         let mut o = order + avail.trailing_zeros() as usize;
-        let Some(r) = self.map.region_of(self.heads[o]).copied() else {
-            return Err(self.corrupted_list(o));
+        let Some(r) = self.map.region_of(self.zones[z].heads[o]).copied() else {
+            return Err(self.corrupted_list(z, o));
         };
-        let pfn = self.pop(o);
+        let pfn = self.pop(z, o);
         let idx = r.index + (pfn - r.start_pfn) as usize;
         while o > order {
             o -= 1;
-            self.push(pfn + (1 << o), o);
+            self.push(z, pfn + (1 << o), o);
             self.set_state(idx + (1 << o), ST_FREE | o as u8);
         }
         Ok((pfn, idx))
     }
 
-    /// Fills the empty hot list with up to `batch` frames from the lists, lowest address on
-    /// top (so that low memory is still handed out first).
+    /// Fills the empty hot list of zone `z` with up to `batch` frames from the lists,
+    /// lowest address on top (so that low memory is still handed out first).
     ///
     /// # Errors
-    /// The error of the first frame that could not be taken, when none could (then the
-    /// failure is counted).
+    /// The error of the first frame that could not be taken, when none could.
     #[cold]
-    fn refill_hot(&mut self) -> Result<(), BuddyError> {
-        debug_assert_eq!(self.hot.len, 0);
-        for _ in 0..self.hot.batch {
-            let (pfn, idx) = match self.take(0) {
+    fn refill_hot(&mut self, z: usize) -> Result<(), BuddyError> {
+        debug_assert_eq!(self.zones[z].hot.len, 0);
+        for _ in 0..self.zones[z].hot.batch {
+            let (pfn, idx) = match self.take(z, 0) {
                 Ok(t) => t,
-                Err(e) if self.hot.len == 0 => {
-                    self.alloc_failures += 1;
-                    return Err(e);
-                }
+                Err(e) if self.zones[z].hot.len == 0 => return Err(e),
                 Err(_) => break,
             };
             self.set_state(idx, ST_HOT);
@@ -1015,12 +1445,12 @@ impl BuddyAllocator {
                 unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, NODE_BYTES) };
             }
             let slot = self.map.region_of(pfn).map_or(0, |r| r.slot);
-            self.hot.push_bottom(HotList::entry(pfn, slot));
+            self.zones[z].hot.push_bottom(HotList::entry(pfn, slot));
         }
         Ok(())
     }
 
-    /// Allocates a block of `2^order` frames filled with zeroes.
+    /// Allocates a block of `2^order` frames filled with zeroes (`GFP_KERNEL | __GFP_ZERO`).
     ///
     /// # Errors
     /// As [`Self::alloc`].
@@ -1033,25 +1463,24 @@ impl BuddyAllocator {
     /// # Ok::<(), memory::buddy::BuddyError>(())
     /// ```
     pub fn alloc_zeroed(&mut self, order: usize) -> Result<PhysAddr, BuddyError> {
-        let pa = self.alloc(order)?;
-        // SAFETY: the block was just allocated: the allocator owns it until it returns.
-        unsafe { core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE << order) };
-        Ok(pa)
+        self.alloc_gfp(order, GFP_KERNEL | __GFP_ZERO)
     }
 
     /// Reports a free-list head outside managed RAM, and drops the list. The caller counts
     /// the failed allocation.
     #[cold]
-    fn corrupted_list(&mut self, order: usize) -> BuddyError {
+    fn corrupted_list(&mut self, z: usize, order: usize) -> BuddyError {
+        let zone = &mut self.zones[z];
         log::error!(
-            "buddy: free list of order {order} points at frame {:#x}, outside RAM; list dropped",
-            self.heads[order]
+            "buddy: free list of order {order} of zone {} points at frame {:#x}, outside RAM; list dropped",
+            ZONE_NAMES[z],
+            zone.heads[order]
         );
+        zone.heads[order] = NIL;
+        zone.free_pages -= zone.counts[order] << order;
+        zone.counts[order] = 0;
+        zone.nonempty &= !(1 << order);
         self.corruptions += 1;
-        self.heads[order] = NIL;
-        self.free_pages -= self.counts[order] << order;
-        self.counts[order] = 0;
-        self.nonempty &= !(1 << order);
         BuddyError::Corrupted
     }
 
@@ -1074,12 +1503,8 @@ impl BuddyAllocator {
         }
     }
 
-    /// Allocates order-0 frames into `out` until it is full or memory runs out; returns
-    /// how many were allocated (`out[..n]`). The hot list's frames go first; then large
-    /// blocks are broken up whole when the request is big enough, so the cost per frame
-    /// stays a few stores. The hot list is not refilled.
-    ///
-    /// A call that comes up short counts as one allocation failure.
+    /// Allocates order-0 frames into `out` until it is full or memory runs out, as
+    /// [`Self::alloc_bulk_gfp`] with [`GFP_KERNEL`].
     ///
     /// # Example
     /// ```no_run
@@ -1089,19 +1514,72 @@ impl BuddyAllocator {
     /// # let _ = got;
     /// ```
     pub fn alloc_bulk(&mut self, out: &mut [PhysAddr]) -> usize {
+        self.alloc_bulk_gfp(out, GFP_KERNEL)
+    }
+
+    /// Allocates order-0 frames into `out` until it is full, memory runs out or the zones
+    /// reach their watermarks; returns how many were allocated (`out[..n]`). Zones are
+    /// taken as by [`Self::alloc_gfp`]. In each zone the hot list's frames go first; then
+    /// large blocks are broken up whole when the request is big enough, so the cost per
+    /// frame stays a few stores. The hot lists are not refilled. `__GFP_ZERO` zeroes them.
+    ///
+    /// A call that comes up short counts as one allocation failure.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut frames = [hal::PhysAddr::new(0); 32];
+    /// let n = memory::buddy::global().unwrap().lock().alloc_bulk_gfp(&mut frames, memory::gfp::GFP_DMA32);
+    /// assert!(frames[..n].iter().all(|pa| pa.as_u64() < 1 << 32));
+    /// ```
+    pub fn alloc_bulk_gfp(&mut self, out: &mut [PhysAddr], gfp: Gfp) -> usize {
+        let high = gfp.zone();
         let mut n = 0;
-        while n < out.len() && self.hot.len != 0 {
-            out[n] = self.alloc_hot();
+        let mut below_min = false;
+        for z in (0..=high).rev() {
+            if n == out.len() {
+                break;
+            }
+            let zone = &self.zones[z];
+            let mark = gfp.min_watermark(zone.wmark[WMARK_MIN]) + zone.lowmem_reserve[high];
+            // Frame by frame, Linux's check is `free > mark`.
+            let may = zone.free_pages.saturating_sub(mark);
+            if may < out.len() - n && zone.free_pages > may {
+                below_min = true;
+            }
+            let want = may.min(out.len() - n);
+            n += self.zone_bulk(z, &mut out[n..n + want]);
+        }
+        if gfp.contains(__GFP_ZERO) {
+            for pa in &out[..n] {
+                // SAFETY: the frame was just allocated: the allocator owns it until it returns.
+                unsafe { core::ptr::write_bytes(self.va::<u8>(pa.as_u64() >> PAGE_SHIFT), 0, PAGE_SIZE) };
+            }
+        }
+        if n < out.len() {
+            self.alloc_failures += 1;
+            if below_min {
+                self.watermark_failures += 1;
+            }
+        }
+        n
+    }
+
+    /// The bulk allocation of zone `z` (no watermark check).
+    fn zone_bulk(&mut self, z: usize, out: &mut [PhysAddr]) -> usize {
+        let mut n = 0;
+        while n < out.len() && self.zones[z].hot.len != 0 {
+            out[n] = self.alloc_hot(z);
             n += 1;
         }
         let from_hot = n;
         while n < out.len() {
-            if self.nonempty & 1 != 0 {
-                let Some(r) = self.map.region_of(self.heads[0]).copied() else {
-                    self.corrupted_list(0);
+            let nonempty = self.zones[z].nonempty;
+            if nonempty & 1 != 0 {
+                let Some(r) = self.map.region_of(self.zones[z].heads[0]).copied() else {
+                    self.corrupted_list(z, 0);
                     continue;
                 };
-                let pfn = self.pop(0);
+                let pfn = self.pop(z, 0);
                 self.set_state(r.index + (pfn - r.start_pfn) as usize, ST_ALLOC);
                 if self.strict {
                     self.check_poison(pfn, PAGE_SIZE - NODE_BYTES, NODE_BYTES);
@@ -1110,31 +1588,34 @@ impl BuddyAllocator {
                 n += 1;
                 continue;
             }
-            if self.nonempty == 0 {
+            if nonempty == 0 {
+                if self.carve(z) {
+                    continue;
+                }
                 break;
             }
-            let o = self.nonempty.trailing_zeros() as usize;
-            let Some(r) = self.map.region_of(self.heads[o]).copied() else {
-                self.corrupted_list(o);
+            let o = nonempty.trailing_zeros() as usize;
+            let Some(r) = self.map.region_of(self.zones[z].heads[o]).copied() else {
+                self.corrupted_list(z, o);
                 continue;
             };
             let want = out.len() - n;
             if want < 1 << o {
                 // Split down to order 0 the usual way; the loop then takes order-0 frames.
-                let pfn = self.pop(o);
+                let pfn = self.pop(z, o);
                 let idx = r.index + (pfn - r.start_pfn) as usize;
                 let mut k = o;
                 while k > 0 {
                     k -= 1;
-                    self.push(pfn + (1 << k), k);
+                    self.push(z, pfn + (1 << k), k);
                     self.set_state(idx + (1 << k), ST_FREE | k as u8);
                 }
                 self.set_state(idx, ST_FREE);
-                self.push(pfn, 0);
+                self.push(z, pfn, 0);
                 continue;
             }
             // Hand out the whole block frame by frame.
-            let pfn = self.pop(o);
+            let pfn = self.pop(z, o);
             let idx = r.index + (pfn - r.start_pfn) as usize;
             for i in 0..(1u64 << o) {
                 self.set_state(idx + i as usize, ST_ALLOC);
@@ -1146,10 +1627,7 @@ impl BuddyAllocator {
             }
         }
         // `alloc_hot` already counted its frames.
-        self.free_pages -= n - from_hot;
-        if n < out.len() {
-            self.alloc_failures += 1;
-        }
+        self.zones[z].free_pages -= n - from_hot;
         n
     }
 
@@ -1174,13 +1652,13 @@ impl BuddyAllocator {
         Err(match st {
             ST_NONE => BuddyError::Reserved,
             s if s & ST_ALLOC != 0 => BuddyError::WrongOrder { allocated: s & ST_ORDER },
-            // Free on the lists, free on the hot list, or inside a block.
+            // Free on the lists, on the hot list, untouched, or inside a block.
             _ => BuddyError::NotAllocated,
         })
     }
 
-    /// Frees the block of `2^order` frames at `pa`: an order-0 frame goes on the hot list,
-    /// a larger block merges with its free buddies.
+    /// Frees the block of `2^order` frames at `pa` to its zone: an order-0 frame goes on
+    /// the zone's hot list, a larger block merges with its free buddies.
     ///
     /// # Errors
     /// Nothing changes when an error is returned:
@@ -1209,10 +1687,11 @@ impl BuddyAllocator {
     pub unsafe fn free(&mut self, pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
         let (r, idx) = self.check_allocated(pa, order)?;
         let pfn = pa.as_u64() >> PAGE_SHIFT;
-        if order == 0 && self.hot.high != 0 {
-            self.free_hot(r.slot, idx, pfn);
-            if self.hot.len > self.hot.high {
-                self.drain_hot_batch(self.hot.batch);
+        let z = r.zone;
+        if order == 0 && self.zones[z].hot.high != 0 {
+            self.free_hot(z, r.slot, idx, pfn);
+            if self.zones[z].hot.len > self.zones[z].hot.high {
+                self.drain_zone_hot(z, self.zones[z].hot.batch);
             }
         } else {
             self.free_checked(r, idx, pfn, order);
@@ -1220,34 +1699,36 @@ impl BuddyAllocator {
         Ok(())
     }
 
-    /// Puts an allocated order-0 frame (checked) on top of the hot list, which has room.
+    /// Puts an allocated order-0 frame (checked) on top of the hot list of zone `z`, which
+    /// has room.
     #[inline(always)]
-    fn free_hot(&mut self, slot: usize, idx: usize, pfn: u64) {
+    fn free_hot(&mut self, z: usize, slot: usize, idx: usize, pfn: u64) {
         if self.strict {
             // SAFETY: the frame is allocated, and its owner gave it back.
             unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, PAGE_SIZE) };
         }
         self.set_state(idx, ST_HOT);
-        self.free_pages += 1;
-        self.hot.push_top(HotList::entry(pfn, slot));
+        let zone = &mut self.zones[z];
+        zone.free_pages += 1;
+        zone.hot.push_top(HotList::entry(pfn, slot));
     }
 
-    /// Gives the `n` coldest frames of the hot list back to the buddy lists.
+    /// Gives the `n` coldest frames of zone `z`'s hot list back to its buddy lists.
     #[cold]
-    fn drain_hot_batch(&mut self, n: usize) {
-        for _ in 0..n.min(self.hot.len) {
-            let e = self.hot.pop_bottom();
+    fn drain_zone_hot(&mut self, z: usize, n: usize) {
+        for _ in 0..n.min(self.zones[z].hot.len) {
+            let e = self.zones[z].hot.pop_bottom();
             let r = self.map.regions[(e & 7) as usize];
             let (pfn, idx) = self.hot_entry(e);
             // Strict mode: a hot frame is poisoned whole already.
-            self.merge(r, idx, pfn, 0);
+            self.merge(z, r, idx, pfn, 0);
         }
     }
 
-    /// Gives every frame of the hot list back to the buddy lists, where they merge; returns
-    /// how many. Afterwards [`Self::free_blocks`] describes all free memory, fully merged
-    /// (what a comparison of buddyinfo with an earlier state needs). `free_pages` does not
-    /// change.
+    /// Gives every frame of the hot lists back to the buddy lists, where they merge;
+    /// returns how many. Afterwards [`Self::free_blocks`] describes all free memory, fully
+    /// merged (what a comparison of buddyinfo with an earlier state needs). `free_pages`
+    /// does not change.
     ///
     /// # Example
     /// ```no_run
@@ -1256,13 +1737,16 @@ impl BuddyAllocator {
     /// log::info!("{}", buddy.buddyinfo());                 // all free memory, fully merged
     /// ```
     pub fn drain_hot(&mut self) -> usize {
-        let n = self.hot.len;
-        self.drain_hot_batch(n);
+        let mut n = 0;
+        for z in 0..MAX_NR_ZONES {
+            n += self.zones[z].hot.len;
+            self.drain_zone_hot(z, usize::MAX);
+        }
         n
     }
 
-    /// Sets the hot list's high watermark and batch (see the module docs): `high` is
-    /// clamped to `HOT_CAPACITY - 1`, `batch` to `1..=high`; `high` 0 turns the hot list
+    /// Sets the hot lists' high watermark and batch (see the module docs): `high` is
+    /// clamped to `HOT_CAPACITY - 1`, `batch` to `1..=high`; `high` 0 turns the hot lists
     /// off (order-0 frees then merge at once, as for other orders). Frames above the new
     /// watermark go back to the lists.
     ///
@@ -1272,14 +1756,18 @@ impl BuddyAllocator {
     /// ```
     pub fn set_hot_limits(&mut self, high: usize, batch: usize) {
         let high = high.min(HOT_CAPACITY - 1);
-        self.hot.high = high;
-        self.hot.batch = batch.clamp(1, high.max(1));
-        if self.hot.len > high {
-            self.drain_hot_batch(self.hot.len - high);
+        for z in 0..MAX_NR_ZONES {
+            let hot = &mut self.zones[z].hot;
+            hot.high = high;
+            hot.batch = batch.clamp(1, high.max(1));
+            if hot.len > high {
+                let extra = hot.len - high;
+                self.drain_zone_hot(z, extra);
+            }
         }
     }
 
-    /// The hot list's high watermark and batch.
+    /// The hot lists' high watermark and batch.
     ///
     /// # Example
     /// ```no_run
@@ -1287,10 +1775,10 @@ impl BuddyAllocator {
     /// # let _ = (high, batch);
     /// ```
     pub fn hot_limits(&self) -> (usize, usize) {
-        (self.hot.high, self.hot.batch)
+        (self.zones[0].hot.high, self.zones[0].hot.batch)
     }
 
-    /// Free order-0 frames on the hot list now (counted in [`Self::free_pages`], not in
+    /// Free order-0 frames on the hot lists now (counted in [`Self::free_pages`], not in
     /// [`Self::free_blocks`]).
     ///
     /// # Example
@@ -1299,7 +1787,7 @@ impl BuddyAllocator {
     /// # let _ = hot;
     /// ```
     pub fn hot_pages(&self) -> usize {
-        self.hot.len
+        self.zones.iter().map(|z| z.hot.len).sum()
     }
 
     /// Frees a block already checked by `check_allocated` to the lists.
@@ -1309,14 +1797,14 @@ impl BuddyAllocator {
             // SAFETY: the block is allocated, and its owner gave it back.
             unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, PAGE_SIZE << order) };
         }
-        self.free_pages += 1 << order;
-        self.merge(r, idx, pfn, order);
+        self.zones[r.zone].free_pages += 1 << order;
+        self.merge(r.zone, r, idx, pfn, order);
     }
 
     /// Puts the free block at `pfn` (already counted free, poisoned in strict mode) on the
-    /// lists, merging it with its free buddies.
+    /// lists of zone `z`, merging it with its free buddies.
     #[inline(always)]
-    fn merge(&mut self, r: RegionInfo, idx: usize, pfn: u64, order: usize) {
+    fn merge(&mut self, z: usize, r: RegionInfo, idx: usize, pfn: u64, order: usize) {
         self.set_state(idx, ST_TAIL);
         let (mut pfn, mut idx, mut o) = (pfn, idx, order);
         while o < MAX_ORDER {
@@ -1328,7 +1816,7 @@ impl BuddyAllocator {
             if self.state_at(bidx) != ST_FREE | o as u8 {
                 break;
             }
-            self.unlink(buddy, o);
+            self.unlink(z, buddy, o);
             self.set_state(bidx, ST_TAIL);
             if self.strict {
                 // The buddy's list node becomes the inside of a larger free block.
@@ -1342,11 +1830,12 @@ impl BuddyAllocator {
             o += 1;
         }
         self.set_state(idx, ST_FREE | o as u8);
-        self.push(pfn, o);
+        self.push(z, pfn, o);
     }
 
-    /// Frees order-0 frames: onto the hot list while it is below its high watermark, then
-    /// to the lists. All entries are checked first: if one is invalid, nothing is freed.
+    /// Frees order-0 frames: onto their zone's hot list while it is below its high
+    /// watermark, then to the lists. All entries are checked first: if one is invalid,
+    /// nothing is freed.
     ///
     /// # Errors
     /// The error of the first invalid entry (as [`Self::free`] with order 0), with the
@@ -1378,8 +1867,9 @@ impl BuddyAllocator {
             match self.check_allocated(pa, 0) {
                 Ok((r, idx)) => {
                     let pfn = pa.as_u64() >> PAGE_SHIFT;
-                    if self.hot.len < self.hot.high {
-                        self.free_hot(r.slot, idx, pfn);
+                    let hot = &self.zones[r.zone].hot;
+                    if hot.len < hot.high {
+                        self.free_hot(r.zone, r.slot, idx, pfn);
                     } else {
                         self.free_checked(r, idx, pfn, 0);
                     }
@@ -1394,6 +1884,44 @@ impl BuddyAllocator {
         first_err
     }
 
+    // ----- watermarks -----
+
+    /// Sets `min_free_kbytes` and recomputes every zone's watermarks and
+    /// `lowmem_reserve` from it, as Linux's `setup_per_zone_wmarks` and
+    /// `setup_per_zone_lowmem_reserve` (see [`per_zone_wmarks`]); `None` takes Linux's
+    /// default, [`default_min_free_kbytes`] of the managed frames. 0 sets every `min` to 0
+    /// (`lowmem_reserve` stays: [`Self::set_lowmem_reserve`] turns it off).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut buddy = memory::buddy::global().unwrap().lock();
+    /// buddy.set_min_free_kbytes(Some(4096));               // as `sysctl vm.min_free_kbytes=4096`
+    /// ```
+    pub fn set_min_free_kbytes(&mut self, kbytes: Option<usize>) {
+        let managed = [self.zones[0].managed, self.zones[1].managed, self.zones[2].managed];
+        let kb = kbytes.unwrap_or_else(|| default_min_free_kbytes(managed.iter().sum()));
+        let (w, reserve) = per_zone_wmarks(kb, &managed);
+        for z in 0..MAX_NR_ZONES {
+            self.zones[z].wmark = w[z];
+            self.zones[z].lowmem_reserve = reserve[z];
+        }
+        self.min_free_kbytes = kb;
+    }
+
+    /// Sets `lowmem_reserve` of every zone to 0 (or back to Linux's, with `on`): what a
+    /// test that must empty a low zone from a `Normal` request needs.
+    ///
+    /// # Example
+    /// ```no_run
+    /// memory::buddy::global().unwrap().lock().set_lowmem_reserve(false);
+    /// ```
+    pub fn set_lowmem_reserve(&mut self, on: bool) {
+        let managed = [self.zones[0].managed, self.zones[1].managed, self.zones[2].managed];
+        let (_, reserve) = per_zone_wmarks(self.min_free_kbytes, &managed);
+        for z in 0..MAX_NR_ZONES {
+            self.zones[z].lowmem_reserve = if on { reserve[z] } else { [0; MAX_NR_ZONES] };
+        }
+    }
     // ----- page-table frames -----
 
     /// A zeroed 4 KiB frame for a translation table, or `None` when memory is exhausted.
@@ -1441,7 +1969,7 @@ impl BuddyAllocator {
     /// log::info!("{} KiB free", free * 4);
     /// ```
     pub fn free_pages(&self) -> usize {
-        self.free_pages
+        self.zones.iter().map(|z| z.free_pages).sum()
     }
 
     /// Frames managed (free or allocated).
@@ -1455,7 +1983,8 @@ impl BuddyAllocator {
         self.total_pages
     }
 
-    /// Free blocks per order on the buddy lists (not counting the hot list; see
+    /// Free blocks per order, all zones together, on the buddy lists and beyond the
+    /// untouched frontiers (not counting the hot lists; see
     /// [`Self::drain_hot`]).
     ///
     /// # Example
@@ -1465,7 +1994,13 @@ impl BuddyAllocator {
     /// # let _ = huge;
     /// ```
     pub fn free_blocks(&self) -> [usize; NR_ORDERS] {
-        self.counts
+        let mut b = [0; NR_ORDERS];
+        for z in &self.zones {
+            for (o, n) in b.iter_mut().enumerate() {
+                *n += z.counts[o] + z.fresh[o];
+            }
+        }
+        b
     }
 
     /// Whether strict mode (poisoning) is on.
@@ -1535,19 +2070,45 @@ impl BuddyAllocator {
     /// log::info!("{} of {} frames free ({} hot)", s.free_pages, s.total_pages, s.hot_pages);
     /// ```
     pub fn stats(&self) -> BuddyStats {
+        let mut zones = [ZoneStats::default(); MAX_NR_ZONES];
+        for (s, z) in zones.iter_mut().zip(&self.zones) {
+            if z.present == 0 {
+                continue;
+            }
+            let mut free_blocks = [0; NR_ORDERS];
+            for (o, n) in free_blocks.iter_mut().enumerate() {
+                *n = z.counts[o] + z.fresh[o];
+            }
+            *s = ZoneStats {
+                start_pfn: z.start_pfn,
+                spanned: (z.end_pfn - z.start_pfn) as usize,
+                present: z.present,
+                managed: z.managed,
+                free_pages: z.free_pages,
+                free_blocks,
+                hot_pages: z.hot.len,
+                min: z.wmark[0],
+                low: z.wmark[1],
+                high: z.wmark[2],
+                lowmem_reserve: z.lowmem_reserve,
+            };
+        }
         BuddyStats {
             total_pages: self.total_pages,
-            free_pages: self.free_pages,
-            free_blocks: self.counts,
-            hot_pages: self.hot.len,
+            free_pages: self.free_pages(),
+            free_blocks: self.free_blocks(),
+            hot_pages: self.hot_pages(),
             reserved_pages: self.reserved_pages,
             metadata_pages: self.meta.pages() as usize,
             alloc_failures: self.alloc_failures,
+            watermark_failures: self.watermark_failures,
             corruptions: self.corruptions,
+            zones,
+            min_free_kbytes: self.min_free_kbytes,
         }
     }
 
-    /// The `/proc/buddyinfo` line of the buddy lists (not counting the hot list, as Linux
+    /// The `/proc/buddyinfo` lines (one per populated zone) of the buddy lists (not counting the hot list, as Linux
     /// does not count per-CPU pages; [`Self::drain_hot`] first for all free memory).
     ///
     /// # Example
@@ -1557,14 +2118,38 @@ impl BuddyAllocator {
     /// log::info!("{}", buddy.buddyinfo());
     /// ```
     pub fn buddyinfo(&self) -> BuddyInfo {
-        BuddyInfo { free_blocks: self.counts }
+        self.stats().buddyinfo()
     }
 
-    /// Walks every free list, the hot list and the whole state array and checks that they
-    /// agree: list links, counts, states, alignment, that no two free buddies were left
-    /// unmerged, that every hot-list entry is a distinct frame in the hot state (and no
-    /// other frame is), the watermark, and that the free frame count matches. O(frames):
-    /// for tests and debugging.
+    /// Free frames not yet carved from the zones' untouched frontiers: never written since
+    /// boot (not in [`BuddyStats`], so that a snapshot compares equal whether or not an
+    /// allocation carved a block and gave it back).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let untouched = memory::buddy::global().unwrap().lock().untouched_pages();
+    /// # let _ = untouched;
+    /// ```
+    pub fn untouched_pages(&self) -> usize {
+        self.zones.iter().map(|z| z.fresh.iter().enumerate().map(|(o, n)| n << o).sum::<usize>()).sum()
+    }
+
+    /// The `/proc/zoneinfo` report of the zones.
+    ///
+    /// # Example
+    /// ```no_run
+    /// log::info!("{}", memory::buddy::global().unwrap().lock().zoneinfo());
+    /// ```
+    pub fn zoneinfo(&self) -> ZoneInfo {
+        self.stats().zoneinfo()
+    }
+
+    /// Walks every zone's free lists, hot list, frontier and the whole state array and
+    /// checks that they agree: list links, counts, states, alignment, zones, that no two
+    /// free buddies were left unmerged, that every hot-list entry is a distinct frame of
+    /// its zone in the hot state (and no other frame is), that untouched blocks lie beyond
+    /// their frontier, the watermark, and that the free frame counts match. O(frames): for
+    /// tests and debugging.
     ///
     /// # Errors
     /// A description of the first inconsistency found.
@@ -1575,92 +2160,117 @@ impl BuddyAllocator {
     /// # Ok::<(), &'static str>(())
     /// ```
     pub fn check_consistency(&self) -> Result<(), &'static str> {
-        let mut free = 0usize;
-        for o in 0..NR_ORDERS {
-            let mut n = 0;
-            let mut prev = NIL;
-            let mut pfn = self.heads[o];
-            if (self.nonempty >> o) & 1 != (pfn != NIL) as u32 {
-                return Err("non-empty mask disagrees with a list head");
-            }
-            while pfn != NIL {
-                let r = self.map.region_of(pfn).ok_or("free block outside RAM")?;
-                if pfn & ((1 << o) - 1) != 0 {
-                    return Err("free block misaligned");
+        let mut heads_listed = 0usize;
+        let mut heads_fresh = 0usize;
+        let mut hot_total = 0usize;
+        for (z, zone) in self.zones.iter().enumerate() {
+            let mut free = 0usize;
+            for o in 0..NR_ORDERS {
+                let mut n = 0;
+                let mut prev = NIL;
+                let mut pfn = zone.heads[o];
+                if (zone.nonempty >> o) & 1 != (pfn != NIL) as u32 {
+                    return Err("non-empty mask disagrees with a list head");
                 }
-                if pfn + (1 << o) > r.start_pfn + r.frames {
-                    return Err("free block crosses a region end");
-                }
-                let idx = r.index + (pfn - r.start_pfn) as usize;
-                if self.state_at(idx) != ST_FREE | o as u8 {
-                    return Err("listed block's state is not free with its order");
-                }
-                for i in 1..(1usize << o) {
-                    if self.state_at(idx + i) != ST_TAIL {
-                        return Err("frame inside a free block is not a tail");
+                while pfn != NIL {
+                    let r = self.map.region_of(pfn).ok_or("free block outside RAM")?;
+                    if r.zone != z {
+                        return Err("free block on another zone's list");
                     }
-                }
-                if o < MAX_ORDER {
-                    let b = pfn ^ (1 << o);
-                    if let Some(bidx) = self.map.index_of_pfn(b) {
-                        if self.map.region_of(b).map(|x| x.start_pfn) == Some(r.start_pfn)
-                            && self.state_at(bidx) == ST_FREE | o as u8
-                        {
-                            return Err("two free buddies left unmerged");
+                    if pfn & ((1 << o) - 1) != 0 {
+                        return Err("free block misaligned");
+                    }
+                    if pfn + (1 << o) > r.start_pfn + r.frames {
+                        return Err("free block crosses a region end");
+                    }
+                    let idx = r.index + (pfn - r.start_pfn) as usize;
+                    if self.state_at(idx) != ST_FREE | o as u8 {
+                        return Err("listed block's state is not free with its order");
+                    }
+                    for i in 1..(1usize << o) {
+                        if self.state_at(idx + i) != ST_TAIL {
+                            return Err("frame inside a free block is not a tail");
                         }
                     }
+                    if o < MAX_ORDER {
+                        let b = pfn ^ (1 << o);
+                        if let Some(bidx) = self.map.index_of_pfn(b) {
+                            if self.map.region_of(b).map(|x| x.start_pfn) == Some(r.start_pfn)
+                                && matches!(self.state_at(bidx), s if s == ST_FREE | o as u8 || s == ST_FRESH | o as u8)
+                            {
+                                return Err("two free buddies left unmerged");
+                            }
+                        }
+                    }
+                    // SAFETY: `pfn` heads a free block (checked against its state above).
+                    let node = unsafe { &*self.node(pfn) };
+                    if node.prev != prev {
+                        return Err("broken prev link");
+                    }
+                    prev = pfn;
+                    pfn = node.next;
+                    n += 1;
+                    if n > self.map.frames {
+                        return Err("free list loops");
+                    }
                 }
-                // SAFETY: `pfn` heads a free block (checked against its state above).
-                let node = unsafe { &*self.node(pfn) };
-                if node.prev != prev {
-                    return Err("broken prev link");
+                if n != zone.counts[o] {
+                    return Err("free block count disagrees with its list");
                 }
-                prev = pfn;
-                pfn = node.next;
-                n += 1;
-                if n > self.map.frames {
-                    return Err("free list loops");
+                free += (n + zone.fresh[o]) << o;
+                heads_listed += n;
+                heads_fresh += zone.fresh[o];
+            }
+            let hot = &zone.hot;
+            if hot.len > hot.high || hot.batch == 0 || hot.batch > hot.high.max(1) {
+                return Err("hot list above its watermark, or bad batch");
+            }
+            for (i, e) in hot.iter().enumerate() {
+                let slot = (e & 7) as usize;
+                let pfn = e >> 3;
+                let r = self.map.region_of(pfn).ok_or("hot frame outside RAM")?;
+                if r.slot != slot || r.zone != z {
+                    return Err("hot entry names the wrong region or zone");
+                }
+                if self.state_at(r.index + (pfn - r.start_pfn) as usize) != ST_HOT {
+                    return Err("hot frame's state is not hot");
+                }
+                if hot.iter().skip(i + 1).any(|x| x == e) {
+                    return Err("frame twice on the hot list");
                 }
             }
-            if n != self.counts[o] {
-                return Err("free block count disagrees with its list");
-            }
-            free += n << o;
-        }
-        if self.hot.len > self.hot.high || self.hot.batch == 0 || self.hot.batch > self.hot.high.max(1) {
-            return Err("hot list above its watermark, or bad batch");
-        }
-        for (i, e) in self.hot.iter().enumerate() {
-            let slot = (e & 7) as usize;
-            let pfn = e >> 3;
-            let r = self.map.region_of(pfn).ok_or("hot frame outside RAM")?;
-            if r.slot != slot {
-                return Err("hot entry names the wrong region");
-            }
-            if self.state_at(r.index + (pfn - r.start_pfn) as usize) != ST_HOT {
-                return Err("hot frame's state is not hot");
-            }
-            if self.hot.iter().skip(i + 1).any(|x| x == e) {
-                return Err("frame twice on the hot list");
+            free += hot.len;
+            hot_total += hot.len;
+            if free != zone.free_pages {
+                return Err("a zone's free page count disagrees with its lists, frontier and hot list");
             }
         }
-        free += self.hot.len;
-        if free != self.free_pages {
-            return Err("free page count disagrees with the lists and the hot list");
-        }
-        let (mut heads, mut hot) = (0, 0);
-        for i in 0..self.map.frames {
-            match self.state_at(i) {
-                ST_NONE => {}
-                ST_HOT => hot += 1,
-                s if s & ST_FREE != 0 => heads += 1,
-                _ => {}
+        let (mut heads, mut fresh, mut hot) = (0, 0, 0);
+        for r in &self.map.regions[..self.map.len] {
+            let zone = &self.zones[r.zone];
+            for i in 0..r.frames {
+                match self.state_at(r.index + i as usize) {
+                    ST_NONE => {}
+                    ST_HOT => hot += 1,
+                    s if s & ST_FREE != 0 && s & ST_ALLOC == 0 => heads += 1,
+                    s if s & 0xf0 == ST_FRESH => {
+                        fresh += 1;
+                        let pfn = r.start_pfn + i;
+                        if r.slot < zone.front_slot || (r.slot == zone.front_slot && pfn < zone.front_pfn) {
+                            return Err("untouched block behind its frontier");
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
-        if heads != self.counts.iter().sum::<usize>() {
+        if heads != heads_listed {
             return Err("free heads in the state array disagree with the lists");
         }
-        if hot != self.hot.len {
+        if fresh != heads_fresh {
+            return Err("untouched heads in the state array disagree with the counts");
+        }
+        if hot != hot_total {
             return Err("hot frames in the state array disagree with the hot list");
         }
         Ok(())
@@ -1712,12 +2322,44 @@ pub unsafe fn init(
     linear_map: LinearMap,
     strict: bool,
 ) -> Result<(), BuddyError> {
+    // SAFETY: forwarded to our caller.
+    unsafe { init_zoned(regions, reserved, linear_map, strict, None) }
+}
+
+/// As [`init`], with a `DMA` zone below `dma_limit` (see [`BuddyAllocator::new_zoned`]).
+/// Both set Linux's default watermarks ([`BuddyAllocator::set_min_free_kbytes`] with
+/// `None`), as Linux's `init_per_zone_wmark_min`.
+///
+/// # Errors
+/// As [`init`].
+///
+/// # Safety
+/// As [`init`].
+///
+/// # Example
+/// ```no_run
+/// use hal::{PhysAddr, PhysRange, VirtAddr};
+/// let ram = PhysRange::new(PhysAddr::new(0x4000_0000), 1 << 30).unwrap();
+/// // SAFETY: RAM is mapped read-write at the kernel's linear-map offset.
+/// let linear = unsafe { hal::linear::LinearMap::new(ram, VirtAddr::new(0xffff_0000_4000_0000)) };
+/// // SAFETY: all of `ram` is free for the rest of the program.
+/// unsafe { memory::buddy::init_zoned(&[ram], &[], linear, false, Some(PhysAddr::new(0x5000_0000))) }?;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
+pub unsafe fn init_zoned(
+    regions: &[PhysRange],
+    reserved: &[PhysRange],
+    linear_map: LinearMap,
+    strict: bool,
+    dma_limit: Option<PhysAddr>,
+) -> Result<(), BuddyError> {
     if INIT_STARTED.swap(true, Ordering::AcqRel) {
         return Err(BuddyError::AlreadyInitialized);
     }
     // SAFETY: forwarded to our caller.
-    match unsafe { BuddyAllocator::new(regions, reserved, linear_map, strict) } {
-        Ok(a) => {
+    match unsafe { BuddyAllocator::new_zoned(regions, reserved, linear_map, strict, dma_limit) } {
+        Ok(mut a) => {
+            a.set_min_free_kbytes(None);
             BUDDY.call_once(|| Mutex::new(a));
             Ok(())
         }
@@ -1760,6 +2402,77 @@ fn with<R>(f: impl FnOnce(&mut BuddyAllocator) -> R) -> Result<R, BuddyError> {
 /// ```
 pub fn alloc_pages(order: usize) -> Result<PhysAddr, BuddyError> {
     with(|a| a.alloc(order))?
+}
+
+/// [`BuddyAllocator::alloc_gfp`] on the global allocator (Linux's
+/// `alloc_pages(gfp, order)`). A failure is logged (rate-limited) unless `gfp` has
+/// [`crate::gfp::__GFP_NOWARN`].
+///
+/// # Errors
+/// [`BuddyError::NotInitialized`] before [`init`], else as [`BuddyAllocator::alloc_gfp`].
+///
+/// # Example
+/// ```no_run
+/// use memory::gfp::{GFP_ATOMIC, __GFP_NOWARN};
+/// // From an interrupt handler: may dip into the reserves, must not spin for long.
+/// let pa = memory::buddy::alloc_pages_gfp(GFP_ATOMIC | __GFP_NOWARN, 0)?;
+/// # let _ = pa;
+/// # Ok::<(), memory::buddy::BuddyError>(())
+/// ```
+pub fn alloc_pages_gfp(gfp: Gfp, order: usize) -> Result<PhysAddr, BuddyError> {
+    let r = with(|a| a.alloc_gfp(order, gfp))?;
+    if let Err(e) = r {
+        if !gfp.contains(__GFP_NOWARN) {
+            warn_alloc(gfp, order, e);
+        }
+    }
+    r
+}
+
+/// Linux's `warn_alloc`, rate-limited: the 1st, 2nd, 4th, 8th... failure is logged.
+#[cold]
+fn warn_alloc(gfp: Gfp, order: usize, e: BuddyError) {
+    static WARNED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    let n = WARNED.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        log::warn!("buddy: page allocation failure: order:{order}, mode:{gfp:?}: {e} ({n} failures so far)");
+    }
+}
+
+/// [`BuddyAllocator::alloc_bulk_gfp`] on the global allocator (one lock hold); 0 before
+/// [`init`].
+///
+/// # Example
+/// ```no_run
+/// let mut rx = [hal::PhysAddr::new(0); 64];
+/// let n = memory::buddy::alloc_pages_bulk_gfp(&mut rx, memory::gfp::GFP_DMA32);
+/// # let _ = n;
+/// ```
+pub fn alloc_pages_bulk_gfp(out: &mut [PhysAddr], gfp: Gfp) -> usize {
+    with(|a| a.alloc_bulk_gfp(out, gfp)).unwrap_or(0)
+}
+
+/// [`BuddyAllocator::set_min_free_kbytes`] on the global allocator (Linux's
+/// `vm.min_free_kbytes` sysctl); nothing before [`init`].
+///
+/// # Example
+/// ```no_run
+/// memory::buddy::set_min_free_kbytes(Some(0));         // a test that must empty memory
+/// memory::buddy::set_min_free_kbytes(None);            // back to Linux's default
+/// ```
+pub fn set_min_free_kbytes(kbytes: Option<usize>) {
+    let _ = with(|a| a.set_min_free_kbytes(kbytes));
+}
+
+/// [`BuddyAllocator::set_lowmem_reserve`] on the global allocator; nothing before [`init`].
+///
+/// # Example
+/// ```no_run
+/// memory::buddy::set_lowmem_reserve(false);            // a Normal request may empty DMA32
+/// memory::buddy::set_lowmem_reserve(true);             // Linux's reserves again
+/// ```
+pub fn set_lowmem_reserve(on: bool) {
+    let _ = with(|a| a.set_lowmem_reserve(on));
 }
 
 /// [`BuddyAllocator::alloc_zeroed`] on the global allocator.

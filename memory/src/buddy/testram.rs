@@ -61,6 +61,13 @@ impl TestRam {
         unsafe { LinearMap::new(self.whole(), VirtAddr::new(self.ptr as u64)) }
     }
 
+    /// The simulated RAM as bytes (no allocator may be alive over it while the slice is).
+    pub(crate) fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr..ptr + size` lies inside the allocation, which `self` owns; the
+        // `&mut self` borrow keeps every other access out for the slice's life.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr, self.size) }
+    }
+
     /// Leaks the buffer (for the global allocators, which live forever).
     pub(crate) fn leak(self) -> LinearMap {
         let l = self.linear();

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use super::testram::{self, TestRam};
 use super::*;
+use crate::gfp::{__GFP_NORETRY, __GFP_ZERO, GFP_ATOMIC, GFP_DMA, GFP_DMA32, GFP_NOWAIT};
 
 const MIB: u64 = 1 << 20;
 const BASE: u64 = 0x4000_0000;
@@ -135,14 +136,19 @@ fn init_layout_and_buddyinfo() {
     assert_eq!(first.as_u64(), BASE + 0x20_b000);
     free(&mut a, first, 0).unwrap();
 
-    let info = BuddyInfo { free_blocks: [1, 0, 12, 3, 45, 6, 789, 0, 1, 22, 333] };
+    let info = BuddyInfo {
+        free_blocks: [[0; NR_ORDERS], [2; NR_ORDERS], [1, 0, 12, 3, 45, 6, 789, 0, 1, 22, 333]],
+        populated: [false, true, true],
+    };
     assert_eq!(
         info.to_string(),
-        "Node 0, zone   Normal      1      0     12      3     45      6    789      0      1     22    333"
+        "Node 0, zone    DMA32      2      2      2      2      2      2      2      2      2      2      2\n\
+         Node 0, zone   Normal      1      0     12      3     45      6    789      0      1     22    333"
     );
+    // RAM at 1 GiB: DMA32 only, one line.
     let line = a.buddyinfo().to_string();
-    assert!(line.starts_with("Node 0, zone   Normal "));
-    assert_eq!(line.len(), "Node 0, zone   Normal".len() + 7 * NR_ORDERS);
+    assert!(line.starts_with("Node 0, zone    DMA32 "));
+    assert_eq!(line.len(), "Node 0, zone    DMA32".len() + 7 * NR_ORDERS);
 }
 
 /// 100,000 random operations of mixed orders against a model of the live blocks, with
@@ -237,10 +243,15 @@ fn model(high: usize, batch: usize, seed: u64) {
                 }
                 Err(BuddyError::OutOfMemory) => {
                     failures += 1;
-                    // The hot list was drained before giving up (order 0 only fails with
-                    // it empty); otherwise nothing changed.
-                    assert_eq!(a.hot_pages(), 0, "failed alloc left frames on the hot list");
-                    if hot_before == 0 {
+                    // With enough frames free, the hot list was drained before giving up
+                    // (order 0 only fails with it empty); with too few, the watermark check
+                    // refused at once. Otherwise nothing changed.
+                    if a.free_pages() >= 1 << order {
+                        assert_eq!(a.hot_pages(), 0, "failed alloc left frames on the hot list");
+                    } else {
+                        assert_eq!(a.hot_pages(), hot_before, "a hopeless alloc drained the hot list");
+                    }
+                    if hot_before == 0 || a.free_pages() < 1 << order {
                         assert_eq!(a.free_blocks(), before, "failed alloc changed the lists");
                     }
                     assert!(a.free_blocks()[order..].iter().all(|&n| n == 0));
@@ -429,7 +440,8 @@ fn metadata_overhead() {
     assert_eq!(a.total_pages(), 32768 - 16);
     // The fixed part: the allocator value itself, hot list ring included.
     let fixed = core::mem::size_of::<BuddyAllocator>();
-    assert!(fixed <= 10 * 1024, "{fixed}");
+    // Three zones, each with its hot-list ring of 8 KiB.
+    assert!(fixed <= 28 * 1024, "{fixed}");
 }
 
 /// 4 GiB of RAM, above the 4 GiB physical line, without code changes: only the metadata
@@ -452,7 +464,13 @@ fn four_gib_of_ram() {
         blocks.push(pa);
     }
     assert_eq!(blocks.len(), 1023);
-    assert_eq!(blocks.last().unwrap().as_u64(), BASE + 4096 * MIB - 4 * MIB);
+    // RAM from 1 GiB to 5 GiB: Normal (the top GiB) first, then DMA32, lowest first in each.
+    assert_eq!(blocks[0].as_u64(), 1 << 32);
+    assert_eq!(blocks[255].as_u64(), (5 << 30) - 4 * MIB);
+    assert_eq!(blocks[256].as_u64(), BASE + 2 * MIB + 2 * MIB, "the first 4 MiB block after the metadata's");
+    assert_eq!(blocks.last().unwrap().as_u64(), (4 << 30) - 4 * MIB);
+    let s = a.stats();
+    assert_eq!((s.zones[ZONE_DMA32].managed, s.zones[ZONE_NORMAL].managed), ((3 << 18) - 512, 1 << 18));
     assert_eq!(a.free_pages(), 512);
     for pa in blocks {
         free(&mut a, pa, MAX_ORDER).unwrap();
@@ -606,7 +624,10 @@ fn hot_frames_cannot_be_freed_twice() {
     a.check_consistency().unwrap();
     // A frame still on the hot list (never handed out) is refused as well.
     let other = a.alloc(0).unwrap();
-    let (e, _) = a.hot_entry(a.hot.ring[(a.hot.bottom + a.hot.len - 1) & (HOT_CAPACITY - 1)]);
+    let (e, _) = a.hot_entry(
+        a.zones[ZONE_DMA32].hot.ring
+            [(a.zones[ZONE_DMA32].hot.bottom + a.zones[ZONE_DMA32].hot.len - 1) & (HOT_CAPACITY - 1)],
+    );
     let untouched = PhysAddr::new(e << 12);
     assert_ne!(untouched, other);
     let before3 = a.stats();
@@ -636,11 +657,16 @@ fn larger_orders_drain_the_hot_list_before_failing() {
     assert_eq!((a.hot_pages(), a.free_pages()), (64, 64));
     assert_eq!(a.free_blocks(), [0; NR_ORDERS]);
     a.check_consistency().unwrap();
-    // Order 7 cannot be had even after the drain: fails, hot list drained and merged.
+    // Order 7 cannot be had: 64 frames are free in all (the watermark check says so
+    // without draining, as Linux's `__zone_watermark_ok`).
     let failures = a.stats().alloc_failures;
     assert_eq!(a.alloc(7), Err(BuddyError::OutOfMemory));
     assert_eq!(a.stats().alloc_failures, failures + 1);
+    assert_eq!(a.hot_pages(), 64);
+    // Order 6 drains the hot list, whose frames merge into one block, and gets it.
+    assert_eq!(a.alloc(6).map(|p| p.as_u64()), Ok(start));
     assert_eq!(a.hot_pages(), 0);
+    free(&mut a, PhysAddr::new(start), 6).unwrap();
     assert_eq!(a.free_blocks()[6], 1, "the 64 frames merged into one block");
     // Refill the hot list from that block, then order 6 drains it and succeeds.
     let p = a.alloc(0).unwrap();
@@ -685,13 +711,13 @@ fn check_consistency_covers_the_hot_list() {
     free(&mut a, p, 0).unwrap();
     a.check_consistency().unwrap();
     // A duplicated entry.
-    let top = a.hot.pop_top();
-    a.hot.push_top(top);
-    a.hot.push_top(top);
-    a.free_pages += 1;
+    let top = a.zones[ZONE_DMA32].hot.pop_top();
+    a.zones[ZONE_DMA32].hot.push_top(top);
+    a.zones[ZONE_DMA32].hot.push_top(top);
+    a.zones[ZONE_DMA32].free_pages += 1;
     assert_eq!(a.check_consistency(), Err("frame twice on the hot list"));
-    a.hot.pop_top();
-    a.free_pages -= 1;
+    a.zones[ZONE_DMA32].hot.pop_top();
+    a.zones[ZONE_DMA32].free_pages -= 1;
     a.check_consistency().unwrap();
     // A hot frame whose state says allocated.
     let (_, idx) = a.hot_entry(top);
@@ -699,9 +725,9 @@ fn check_consistency_covers_the_hot_list() {
     assert_eq!(a.check_consistency(), Err("hot frame's state is not hot"));
     a.set_state(idx, ST_HOT);
     // A count that disagrees.
-    a.free_pages += 1;
+    a.zones[ZONE_DMA32].free_pages += 1;
     assert!(a.check_consistency().is_err());
-    a.free_pages -= 1;
+    a.zones[ZONE_DMA32].free_pages -= 1;
     a.check_consistency().unwrap();
 }
 
@@ -773,5 +799,269 @@ fn free_bulk_with_a_bad_entry_frees_nothing() {
     assert_eq!(a.stats(), before, "nothing freed");
     a.check_consistency().unwrap();
     free_bulk(&mut a, &good).unwrap();
+    a.check_consistency().unwrap();
+}
+
+// ----- zones, gfp flags, watermarks, the untouched frontier -----
+
+/// 64 MiB straddling 4 GiB: 32 MiB of DMA32, 32 MiB of Normal.
+fn straddling() -> (TestRam, BuddyAllocator) {
+    let ram = TestRam::new((4 << 30) - 32 * MIB, (64 * MIB) as usize);
+    // SAFETY: the test RAM is used by nothing else and outlives the allocator.
+    let a = unsafe { BuddyAllocator::new(&[ram.whole()], &[], ram.linear(), false) }.unwrap();
+    (ram, a)
+}
+
+#[test]
+fn zones_split_at_4_gib_and_buddyinfo_has_a_line_each() {
+    let (_ram, a) = straddling();
+    let s = a.stats();
+    let (d, n) = (s.zones[ZONE_DMA32], s.zones[ZONE_NORMAL]);
+    assert_eq!(s.zones[ZONE_DMA].present, 0);
+    assert_eq!((d.start_pfn, d.spanned, d.present), (((4 << 30) - 32 * MIB) >> 12, 8192, 8192));
+    assert_eq!((n.start_pfn, n.spanned, n.present, n.managed), (1 << 20, 8192, 8192, 8192));
+    // The metadata (2 bytes per frame: 8 pages) sits at the bottom of DMA32.
+    assert_eq!(d.managed, 8192 - 8);
+    assert_eq!(d.managed + n.managed, s.total_pages);
+    let zi = s.zoneinfo().to_string();
+    assert!(zi.starts_with("Node 0, zone    DMA32\n  pages free     8184\n        min      0\n"), "{zi}");
+    assert!(zi.contains("\nNode 0, zone   Normal\n  pages free     8192\n"), "{zi}");
+    assert!(zi.contains(
+        "        spanned  8192\n        present  8192\n        managed  8192\n        protection: (0, 0, 0)"
+    ));
+    let bi = s.buddyinfo().to_string();
+    let lines: Vec<&str> = bi.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].starts_with("Node 0, zone    DMA32 ") && lines[1].starts_with("Node 0, zone   Normal "));
+    assert!(lines[1].ends_with("      8"), "8 blocks of 4 MiB: {}", lines[1]);
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn watermarks_as_linux() {
+    // Linux at -m 8G: 3 GiB of DMA32, 5 GiB of Normal (managed pages as if nothing were
+    // reserved): min_free_kbytes = int_sqrt(8 GiB in KiB × 16) = 11585.
+    assert_eq!(default_min_free_kbytes(2 << 20), 11585);
+    assert_eq!(default_min_free_kbytes(1 << 31), 262_144, "the ceiling: 256 MiB");
+    assert_eq!(default_min_free_kbytes(10), 128, "the floor");
+    let managed = [0, 786_432, 1_310_720];
+    let (w, r) = per_zone_wmarks(11585, &managed);
+    let pages_min = 11585 / 4;
+    assert_eq!(w[1][0], pages_min * 786_432 / 2_097_152);
+    assert_eq!(w[2][0], pages_min * 1_310_720 / 2_097_152);
+    for z in 1..3 {
+        let d = (w[z][0] / 4).max(managed[z] / 1000);
+        assert_eq!(w[z], [w[z][0], w[z][0] + d, w[z][0] + 2 * d]);
+    }
+    assert_eq!(r[1], [0, 0, 1_310_720 / 256]);
+    assert_eq!(r[0], [0, 0, 0], "an empty zone reserves nothing");
+    assert_eq!(r[2], [0, 0, 0]);
+    // With a DMA zone, DMA reserves against both zones above it.
+    let (_, r) = per_zone_wmarks(11585, &[4096, 782_336, 1_310_720]);
+    assert_eq!(r[0], [0, 782_336 / 256, (782_336 + 1_310_720) / 256]);
+    // int_sqrt is exact.
+    for x in [0u64, 1, 2, 3, 4, 15, 16, 17, 1 << 40, (1 << 40) - 1, u64::MAX / 2] {
+        let r = int_sqrt(x);
+        assert!(r * r <= x && (r + 1).checked_mul(r + 1).is_none_or(|q| q > x), "{x}");
+    }
+}
+
+#[test]
+fn gfp_dma32_never_above_4_gib_and_normal_falls_back() {
+    let (_ram, mut a) = straddling();
+    let mut got = Vec::new();
+    // DMA32 requests only ever get frames below 4 GiB, though Normal has plenty.
+    for i in 0..2000 {
+        let order = i % 3;
+        let pa = a.alloc_gfp(order, GFP_DMA32).unwrap();
+        assert!(pa.as_u64() + (PAGE_SIZE << order) as u64 <= 1 << 32);
+        got.push((pa, order));
+    }
+    // Kernel requests take Normal first...
+    let k = a.alloc(0).unwrap();
+    assert!(k.as_u64() >= 1 << 32);
+    free(&mut a, k, 0).unwrap();
+    // ... and fall back to DMA32 once Normal is empty.
+    let mut normal = Vec::new();
+    loop {
+        let pa = a.alloc(0).unwrap();
+        if pa.as_u64() < 1 << 32 {
+            got.push((pa, 0));
+            break;
+        }
+        normal.push(pa);
+    }
+    assert_eq!(normal.len(), 8192);
+    assert_eq!(a.stats().zones[ZONE_NORMAL].free_pages, 0);
+    // A DMA32 request never goes upwards: with DMA32 empty it fails though Normal frees.
+    free_bulk(&mut a, &normal).unwrap();
+    let mut rest = vec![PhysAddr::new(0); 8192];
+    let n = a.alloc_bulk_gfp(&mut rest, GFP_DMA32);
+    assert!(rest[..n].iter().all(|p| p.as_u64() < 1 << 32));
+    assert_eq!(a.stats().zones[ZONE_DMA32].free_pages, 0);
+    assert_eq!(a.alloc_gfp(0, GFP_DMA32), Err(BuddyError::OutOfMemory));
+    assert!(a.alloc(0).unwrap().as_u64() >= 1 << 32);
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn lowmem_reserve_keeps_the_last_of_dma32_from_normal_requests() {
+    let (_ram, mut a) = straddling();
+    a.set_min_free_kbytes(Some(0));
+    let reserve = a.stats().zones[ZONE_DMA32].lowmem_reserve[ZONE_NORMAL];
+    assert_eq!(reserve, 8192 / 256);
+    // Empty Normal, then take DMA32 with kernel requests: they stop at the reserve.
+    let mut v = Vec::new();
+    while let Ok(pa) = a.alloc(0) {
+        v.push(pa);
+    }
+    let s = a.stats();
+    assert_eq!(s.zones[ZONE_NORMAL].free_pages, 0);
+    assert_eq!(s.zones[ZONE_DMA32].free_pages, reserve);
+    assert_eq!(a.alloc(0), Err(BuddyError::BelowMin), "frames are there, but kept for DMA32 requests");
+    assert_eq!(a.stats().watermark_failures, 2, "the loop's last try and this one");
+    // A DMA32 request may have them, down to the last one.
+    for _ in 0..reserve {
+        v.push(a.alloc_gfp(0, GFP_DMA32).unwrap());
+    }
+    assert_eq!(a.alloc_gfp(0, GFP_DMA32), Err(BuddyError::OutOfMemory));
+    // Without the reserve a Normal request takes the last of DMA32.
+    free_bulk(&mut a, &v[v.len() - 3..]).unwrap();
+    a.set_lowmem_reserve(false);
+    assert!(a.alloc(0).unwrap().as_u64() < 1 << 32);
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn atomic_may_dip_to_three_eighths_of_min_never_lower() {
+    let ram = TestRam::new(BASE, (64 * MIB) as usize);
+    // SAFETY: the test RAM is used by nothing else and outlives the allocator.
+    let mut a = unsafe { BuddyAllocator::new(&[ram.whole()], &[], ram.linear(), false) }.unwrap();
+    a.set_min_free_kbytes(None);
+    let s = a.stats();
+    let min = s.zones[ZONE_DMA32].min;
+    assert_eq!(s.min_free_kbytes, default_min_free_kbytes(s.total_pages));
+    assert_eq!(min, s.min_free_kbytes / 4, "one zone: all of pages_min");
+    // GFP_KERNEL stops at min: Linux's check is free - 1 > min for order 0 ...
+    let mut v = Vec::new();
+    while let Ok(pa) = a.alloc(0) {
+        v.push(pa);
+    }
+    assert_eq!(a.free_pages(), min);
+    assert_eq!(a.alloc(0), Err(BuddyError::BelowMin));
+    assert_eq!(a.alloc_gfp(0, GFP_NOWAIT), Err(BuddyError::BelowMin), "no reserves without __GFP_HIGH");
+    // ... GFP_ATOMIC goes on down to 3/8 of it.
+    let floor = GFP_ATOMIC.min_watermark(min);
+    assert_eq!(floor, (min - min / 2) - (min - min / 2) / 4);
+    while let Ok(pa) = a.alloc_gfp(0, GFP_ATOMIC) {
+        v.push(pa);
+    }
+    assert_eq!(a.free_pages(), floor);
+    assert_eq!(a.alloc_gfp(0, GFP_ATOMIC), Err(BuddyError::BelowMin));
+    // Bulk calls stop at the same marks.
+    let mut out = [PhysAddr::new(0); 8];
+    assert_eq!(a.alloc_bulk_gfp(&mut out, GFP_ATOMIC), 0);
+    free_bulk(&mut a, &v[v.len() - 8..]).unwrap();
+    assert_eq!(a.alloc_bulk(&mut out), 0, "still below min for GFP_KERNEL");
+    assert_eq!(a.alloc_bulk_gfp(&mut out, GFP_ATOMIC), 8);
+    // Higher orders: the whole block must fit above the mark.
+    free_bulk(&mut a, &out[..7]).unwrap();
+    assert_eq!(a.alloc_gfp(3, GFP_ATOMIC).map(|_| ()), Err(BuddyError::BelowMin));
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn gfp_zero_zeroes_and_noretry_does_not_drain() {
+    let m = Machine::new();
+    let mut a = m.alloc(false);
+    let p = a.alloc(2).unwrap();
+    // SAFETY: the block is ours.
+    unsafe { core::ptr::write_bytes(va(&a, p) as *mut u8, 0x5a, 4 * PAGE_SIZE) };
+    free(&mut a, p, 2).unwrap();
+    let q = a.alloc_gfp(2, GFP_KERNEL | __GFP_ZERO).unwrap();
+    assert_eq!(q, p);
+    // SAFETY: the block is ours.
+    let bytes = unsafe { core::slice::from_raw_parts(va(&a, q) as *const u8, 4 * PAGE_SIZE) };
+    assert!(bytes.iter().all(|&b| b == 0));
+    free(&mut a, q, 2).unwrap();
+    // Everything on the hot list: an order-1 request with __GFP_NORETRY fails rather than
+    // drain it.
+    let total = a.total_pages();
+    let mut all = vec![PhysAddr::new(0); total];
+    assert_eq!(a.alloc_bulk(&mut all), total);
+    let pair: Vec<PhysAddr> = all.iter().copied().filter(|p| p.as_u64() & 0x1fff == 0).take(1).collect();
+    let pair = [pair[0], pair[0].add(PAGE_SIZE as u64)];
+    assert!(all.contains(&pair[1]));
+    free_bulk(&mut a, &pair).unwrap();
+    assert_eq!(a.alloc_gfp(1, GFP_KERNEL | __GFP_NORETRY), Err(BuddyError::OutOfMemory));
+    assert_eq!(a.hot_pages(), 2);
+    assert_eq!(a.alloc_gfp(1, GFP_KERNEL), Ok(pair[0]));
+    a.check_consistency().unwrap();
+}
+
+#[test]
+fn a_dma_zone_below_the_dma_limit() {
+    let ram = TestRam::new(BASE, (64 * MIB) as usize);
+    let limit = PhysAddr::new(BASE + 16 * MIB);
+    // SAFETY: the test RAM is used by nothing else and outlives the allocator.
+    let mut a = unsafe { BuddyAllocator::new_zoned(&[ram.whole()], &[], ram.linear(), false, Some(limit)) }.unwrap();
+    let s = a.stats();
+    assert_eq!((s.zones[ZONE_DMA].present, s.zones[ZONE_DMA32].present), (4096, 12288));
+    assert_eq!(s.buddyinfo().to_string().lines().count(), 2);
+    // Kernel requests take DMA32 first, DMA last; GFP_DMA only DMA.
+    assert!(a.alloc(0).unwrap() >= limit);
+    for _ in 0..100 {
+        assert!(a.alloc_gfp(0, GFP_DMA).unwrap() < limit);
+    }
+    a.check_consistency().unwrap();
+}
+
+/// The boot writes no free frame: every byte outside the metadata keeps the pattern it
+/// had before init, for two patterns (a write of the same value would pass one).
+#[test]
+fn init_writes_no_free_frame() {
+    for strict in [false, true] {
+        for pattern in [0x3cu8, 0xc3] {
+            let mut ram = TestRam::new(BASE, (64 * MIB) as usize);
+            ram.bytes().fill(pattern);
+            let reserved = [ram.range(0, 0x20_3000), ram.range(40 * MIB + 0x800, 0x1000)];
+            // SAFETY: the test RAM is used by nothing else and outlives the allocator.
+            let a = unsafe { BuddyAllocator::new(&[ram.whole()], &reserved, ram.linear(), strict) }.unwrap();
+            let meta = a.metadata_range();
+            assert_eq!(a.untouched_pages(), a.total_pages());
+            assert_eq!(a.free_blocks().iter().enumerate().map(|(o, n)| n << o).sum::<usize>(), a.total_pages());
+            a.check_consistency().unwrap();
+            drop(a);
+            let (ms, me) = ((meta.start().as_u64() - BASE) as usize, (meta.end().as_u64() - BASE) as usize);
+            let written = ram.bytes().iter().enumerate().filter(|&(i, &b)| (i < ms || i >= me) && b != pattern).count();
+            assert_eq!(written, 0, "bytes written outside the metadata (strict {strict})");
+        }
+    }
+}
+
+/// Blocks are carved from the frontier on demand, low addresses first; what was carved
+/// and freed merges back, and buddyinfo counts the untouched blocks all along.
+#[test]
+fn the_frontier_is_carved_on_demand() {
+    let m = Machine::new();
+    let mut a = m.alloc(true);
+    let boot = a.stats();
+    let untouched = a.untouched_pages();
+    let p = a.alloc(0).unwrap();
+    assert!(a.untouched_pages() < untouched, "the first allocation carved a block");
+    assert!(a.untouched_pages() >= untouched - 1024);
+    free(&mut a, p, 0).unwrap();
+    a.drain_hot();
+    assert_eq!(a.stats(), boot, "carved and given back: buddyinfo as at boot");
+    // Carve everything: strict mode checks the poison of blocks carved from the frontier,
+    // which it wrote at the carve, so nothing is reported.
+    let total = a.total_pages();
+    let mut all = vec![PhysAddr::new(0); total];
+    assert_eq!(a.alloc_bulk(&mut all), total);
+    assert_eq!(a.untouched_pages(), 0);
+    assert_eq!(a.stats().corruptions, 0);
+    free_bulk(&mut a, &all).unwrap();
+    a.drain_hot();
+    assert_eq!(a.stats().free_blocks, boot.free_blocks);
     a.check_consistency().unwrap();
 }

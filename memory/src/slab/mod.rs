@@ -68,6 +68,7 @@ use hal::addr::{PhysAddr, PAGE_SIZE};
 use spin::{Mutex, Once};
 
 use crate::buddy::{self, BuddyAllocator, FrameTags, MAX_ORDER};
+use crate::gfp::{Gfp, __GFP_ZERO, GFP_KERNEL, ZONE_NORMAL};
 
 #[cfg(test)]
 mod tests;
@@ -153,6 +154,10 @@ pub enum SlabError {
     NotInitialized,
     /// The global slab allocator is already initialised.
     AlreadyInitialized,
+    /// A zone modifier (`__GFP_DMA32`, `__GFP_DMA`) in the flags of `kmalloc_gfp`: slab
+    /// memory comes from any zone (Linux treats `kmalloc(GFP_DMA32)` as a bug); a device
+    /// that needs low memory takes frames with `buddy::alloc_pages_gfp`.
+    ZoneModifier,
 }
 
 impl fmt::Display for SlabError {
@@ -172,6 +177,7 @@ impl fmt::Display for SlabError {
             SlabError::MisalignedLinearMap => "linear map offset not aligned on 4 MiB",
             SlabError::NotInitialized => "slab allocator not initialised",
             SlabError::AlreadyInitialized => "slab allocator already initialised",
+            SlabError::ZoneModifier => "kmalloc with a zone modifier (GFP_DMA32/GFP_DMA)",
         })
     }
 }
@@ -588,6 +594,42 @@ impl<'b> SlabAllocator<'b> {
     /// ```
     #[inline]
     pub fn kmalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
+        self.kmalloc_gfp(size, align, GFP_KERNEL)
+    }
+
+    /// As [`Self::kmalloc`], with allocation flags (see [`crate::gfp`]): a new slab or a
+    /// large block is taken from the buddy with `gfp` (so `GFP_ATOMIC` may use the
+    /// reserves); `__GFP_ZERO` zeroes the object.
+    ///
+    /// # Errors
+    /// As [`Self::kmalloc`], and [`SlabError::ZoneModifier`] for `GFP_DMA32`/`GFP_DMA`
+    /// (nothing changes then).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::gfp::{GFP_ATOMIC, GFP_DMA32};
+    /// let slab = memory::slab::global().unwrap();
+    /// let p = slab.kmalloc_gfp(100, 8, GFP_ATOMIC)?;       // from an interrupt handler
+    /// assert_eq!(slab.kmalloc_gfp(100, 8, GFP_DMA32), Err(memory::slab::SlabError::ZoneModifier));
+    /// // SAFETY: `p` came from `slab.kmalloc_gfp` and is not used after.
+    /// unsafe { slab.kfree(p) }?;
+    /// # Ok::<(), memory::slab::SlabError>(())
+    /// ```
+    #[inline]
+    pub fn kmalloc_gfp(&self, size: usize, align: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
+        if gfp.zone() != ZONE_NORMAL {
+            return self.fail(SlabError::ZoneModifier);
+        }
+        let p = self.kmalloc_raw(size, align, gfp)?;
+        if gfp.contains(__GFP_ZERO) {
+            // SAFETY: `p` was just allocated with at least `size` bytes.
+            unsafe { p.as_ptr().write_bytes(0, size) };
+        }
+        Ok(p)
+    }
+
+    #[inline(always)]
+    fn kmalloc_raw(&self, size: usize, align: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
         if size == 0 {
             return self.fail(SlabError::ZeroSize);
         }
@@ -595,8 +637,8 @@ impl<'b> SlabAllocator<'b> {
             return self.fail(SlabError::BadLayout);
         }
         match kmalloc_class(size, align) {
-            Some(c) => self.alloc_from(c),
-            None => self.alloc_large(size, align),
+            Some(c) => self.alloc_from(c, gfp),
+            None => self.alloc_large(size, align, gfp),
         }
     }
 
@@ -690,7 +732,7 @@ impl<'b> SlabAllocator<'b> {
         }
     }
 
-    fn alloc_large(&self, size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
+    fn alloc_large(&self, size: usize, align: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
         let order = match large_order(size, align) {
             Ok(o) => o,
             Err(e) => return self.fail(e),
@@ -698,7 +740,7 @@ impl<'b> SlabAllocator<'b> {
         if crate::fault::should_fail() {
             return self.fail(SlabError::OutOfMemory);
         }
-        let Ok(pa) = self.buddy.lock().alloc(order) else {
+        let Ok(pa) = self.buddy.lock().alloc_gfp(order, gfp) else {
             return self.fail(SlabError::OutOfMemory);
         };
         let Some(tags) = self.tags.tags(pa, 1 << order) else {
@@ -779,11 +821,11 @@ impl<'b> SlabAllocator<'b> {
 
     /// Allocates an object from cache `id`.
     #[inline(always)]
-    fn alloc_from(&self, id: usize) -> Result<NonNull<u8>, SlabError> {
+    fn alloc_from(&self, id: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
         let mut guard = self.caches[id].lock();
         let c = &mut *guard;
         if c.partial.is_null() {
-            if let Err(e) = self.grow(c, id) {
+            if let Err(e) = self.grow(c, id, gfp) {
                 drop(guard);
                 return self.fail(e);
             }
@@ -857,13 +899,13 @@ impl<'b> SlabAllocator<'b> {
     /// Gets a new slab for cache `c` (whose lock the caller holds) from the buddy
     /// allocator and puts it on the partial list.
     #[inline(never)]
-    fn grow(&self, c: &mut Cache, id: usize) -> Result<(), SlabError> {
+    fn grow(&self, c: &mut Cache, id: usize, gfp: Gfp) -> Result<(), SlabError> {
         let g = c.geo;
         if crate::fault::should_fail() {
             return Err(SlabError::OutOfMemory);
         }
         // Lock order: cache, then buddy. The buddy never calls back into the slab.
-        let pa = self.buddy.lock().alloc(g.order).map_err(|_| SlabError::OutOfMemory)?;
+        let pa = self.buddy.lock().alloc_gfp(g.order, gfp).map_err(|_| SlabError::OutOfMemory)?;
         let Some(tags) = self.tags.tags(pa, 1 << g.order) else {
             // Unreachable (a buddy block lies in one region); give the block back.
             self.give_back(pa, g.order);
@@ -1062,7 +1104,7 @@ impl<'b> SlabAllocator<'b> {
     /// # Ok::<(), memory::slab::SlabError>(())
     /// ```
     pub fn cache_alloc(&self, cache: &CacheId) -> Result<NonNull<u8>, SlabError> {
-        self.alloc_from(cache.0 as usize)
+        self.alloc_from(cache.0 as usize, GFP_KERNEL)
     }
 
     /// Frees an object of a named cache.
@@ -1279,6 +1321,22 @@ pub fn global() -> Option<&'static SlabAllocator<'static>> {
 /// ```
 pub fn kmalloc(size: usize, align: usize) -> Result<NonNull<u8>, SlabError> {
     SLAB.get().ok_or(SlabError::NotInitialized)?.kmalloc(size, align)
+}
+
+/// [`SlabAllocator::kmalloc_gfp`] on the global allocator.
+///
+/// # Errors
+/// [`SlabError::NotInitialized`] before [`init`], else as [`SlabAllocator::kmalloc_gfp`].
+///
+/// # Example
+/// ```no_run
+/// let p = memory::slab::kmalloc_gfp(64, 8, memory::gfp::GFP_ATOMIC | memory::gfp::__GFP_ZERO)?;
+/// // SAFETY: `p` came from kmalloc_gfp and nothing uses it after this.
+/// unsafe { memory::slab::kfree(p) }?;
+/// # Ok::<(), memory::slab::SlabError>(())
+/// ```
+pub fn kmalloc_gfp(size: usize, align: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
+    SLAB.get().ok_or(SlabError::NotInitialized)?.kmalloc_gfp(size, align, gfp)
 }
 
 /// [`SlabAllocator::kzalloc`] on the global allocator.

@@ -76,6 +76,26 @@ impl<B: VmBackend> LockedVmalloc<B> {
         r
     }
 
+    /// Runs `f` on the instance, its spare records refilled first (as every allocating call
+    /// here does), and frees the surplus after unlocking: for callers that set up the
+    /// backend and allocate under one lock hold (`kernel::__vmalloc`).
+    ///
+    /// # Errors
+    /// [`VmallocError::NoRecords`] when the records cannot be refilled (`f` does not run).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap();
+    /// let p = vm.with_ready(|v| v.vmalloc(8192))??;
+    /// vm.vfree(p)?;
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
+    pub fn with_ready<R>(&self, f: impl FnOnce(&mut Vmalloc<B>) -> R) -> Result<R, VmallocError> {
+        let mut g = self.ready_counted()?;
+        let r = f(&mut g);
+        Ok(self.done(g, r))
+    }
+
     /// [`Vmalloc::vmalloc`].
     ///
     /// # Errors
