@@ -14,7 +14,7 @@ use super::{
 /// A [`Vmalloc`] shared behind a lock (for a global instance). Every method takes the lock
 /// except [`Self::try_explain_fault`], which only tries it.
 pub struct LockedVmalloc<B: VmBackend> {
-    inner: spin::Mutex<Vmalloc<B>>,
+    inner: hal::sync::SpinLock<Vmalloc<B>>,
 }
 
 impl<B: VmBackend> LockedVmalloc<B> {
@@ -32,7 +32,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     pub fn new(mut vm: Vmalloc<B>) -> Self {
         vm.config.refill_inline = false;
-        Self { inner: spin::Mutex::new(vm) }
+        Self { inner: hal::sync::SpinLock::new(&hal::sync::classes::VMALLOC, vm) }
     }
 
     /// Lock, with enough spare records for one call (allocated while unlocked).
@@ -40,7 +40,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// # Errors
     /// [`VmallocError::NoRecords`] when the heap cannot give the records the call needs
     /// (a short batch that covers them is enough); nothing is kept then.
-    fn ready(&self) -> Result<spin::MutexGuard<'_, Vmalloc<B>>, VmallocError> {
+    fn ready(&self) -> Result<hal::sync::SpinLockGuard<'_, Vmalloc<B>>, VmallocError> {
         loop {
             let mut g = self.inner.lock();
             let want = g.spares_wanted();
@@ -64,12 +64,12 @@ impl<B: VmBackend> LockedVmalloc<B> {
 
     /// [`Self::ready`], counting a refill failure as a failed call. (The call itself must be
     /// made in the `#[track_caller]` method, not in a closure, to keep the caller's location.)
-    fn ready_counted(&self) -> Result<spin::MutexGuard<'_, Vmalloc<B>>, VmallocError> {
+    fn ready_counted(&self) -> Result<hal::sync::SpinLockGuard<'_, Vmalloc<B>>, VmallocError> {
         self.ready().inspect_err(|_| self.inner.lock().count_failure())
     }
 
     /// Unlock, then free surplus records.
-    fn done<T>(&self, mut g: spin::MutexGuard<'_, Vmalloc<B>>, r: T) -> T {
+    fn done<T>(&self, mut g: hal::sync::SpinLockGuard<'_, Vmalloc<B>>, r: T) -> T {
         let excess = g.take_excess_spares();
         drop(g);
         drop(excess);
@@ -442,7 +442,7 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// vm.for_each_area(|a| log::info!("{:#x} {} pages", a.addr, a.pages));
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
-    pub fn lock(&self) -> spin::MutexGuard<'_, Vmalloc<B>> {
+    pub fn lock(&self) -> hal::sync::SpinLockGuard<'_, Vmalloc<B>> {
         self.inner.lock()
     }
 }
