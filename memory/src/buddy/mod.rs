@@ -617,7 +617,7 @@ impl fmt::Display for ZoneInfo {
 /// # Example
 /// ```
 /// assert_eq!(memory::buddy::default_min_free_kbytes(1 << 18), 4096);   // 1 GiB of RAM
-/// assert_eq!(memory::buddy::default_min_free_kbytes(1024), 128);       // the floor
+/// assert_eq!(memory::buddy::default_min_free_kbytes(16), 128);         // the floor (64 KiB of RAM)
 /// ```
 pub fn default_min_free_kbytes(managed_pages: usize) -> usize {
     let lowmem_kbytes = (managed_pages as u64) * (PAGE_SIZE as u64 / 1024);
