@@ -190,7 +190,8 @@ fn a_million_random_operations() {
                 let pages = size_pages(&mut rng).min(64);
                 let frames: Vec<_> = (0..pages as u64).map(|i| PhysAddr::new(next_vmap + i * PAGE)).collect();
                 let flags = if rng.random_bool(0.3) { VmFlags::NO_GUARD } else { VmFlags::NONE };
-                match vm.vmap_with(&frames, Prot::ReadWrite, flags) {
+                // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+                match unsafe { vm.vmap_with(&frames, Prot::ReadWrite, flags) } {
                     Ok(p) => {
                         model.push(Area {
                             ptr: p,
