@@ -367,7 +367,9 @@ impl<B: VmBackend> IoSpace for &LockedVmalloc<B> {
 }
 
 // SAFETY: `KernelBackend::map_device` maps the device's pages in the kernel's live TTBR1
-// tables before vmalloc returns the address, and only `iounmap` of that area clears them.
+// tables (shared by every core; the descriptors are written and a DSB completes before
+// vmalloc returns the address) and only `iounmap` of that area clears them, which an owned
+// handle's mapping refuses (`VmFlags::OWNED`) but from the handle itself.
 unsafe impl MappedIoSpace for &LockedVmalloc<KernelBackend> {}
 
 /// The kernel's global vmalloc instance (`memory::kernel::init` must have run).
@@ -581,6 +583,13 @@ unsafe impl<B: RegisterBlock, const N: usize> RegisterBlock for [B; N] {}
 /// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
 /// # Ok::<(), memory::ioremap::IoremapError>(())
 /// ```
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::ioremap::IoMem>();
+/// ```
 pub struct IoMem<S: IoSpace = KernelIo> {
     space: S,
     addr: VirtAddr,
@@ -593,7 +602,10 @@ pub struct IoMem<S: IoSpace = KernelIo> {
 }
 
 // SAFETY: the handle owns its mapping outright; moving it to another core moves that
-// ownership (register accesses need no per-core state). `S` itself must be `Send`.
+// ownership. The mapping is in the kernel's TTBR1 tables (or the space's), which every core
+// uses, made visible before `map_io` returned, so the address is valid on the new core;
+// register accesses are volatile and need no per-core state. `S` itself must be `Send`.
+// Not `Sync`: two cores never share a register block through one handle.
 unsafe impl<S: IoSpace + Send> Send for IoMem<S> {}
 
 impl IoMem<KernelIo> {

@@ -980,6 +980,13 @@ pub unsafe fn kvfree(ptr: impl Into<Option<NonNull<u8>>>) -> Result<(), VmallocE
 }
 
 /// An owned vmalloc area: `Deref` to its bytes, `vfree` on drop.
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::kernel::VBox>();
+/// ```
 pub struct VBox {
     ptr: NonNull<u8>,
     len: usize,
@@ -1030,5 +1037,8 @@ impl Drop for VBox {
     }
 }
 
-// SAFETY: the box owns its area exclusively; vmalloc's state is behind a lock.
+// SAFETY: the box owns its area exclusively (marked OWNED: no plain `vfree` can pull it),
+// mapped in the kernel's TTBR1 tables, which every core uses, so the pointer is valid on
+// any core; its bytes are reached only through `&self`/`&mut self`, and the `vfree` on
+// drop goes through vmalloc's lock. Not `Sync` (the raw pointer): one core at a time.
 unsafe impl Send for VBox {}

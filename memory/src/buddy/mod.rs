@@ -563,6 +563,13 @@ fn page_bounds_outward(r: &PhysRange) -> (u64, u64) {
 }
 
 /// A binary buddy allocator of physical frames. See the [module documentation](self).
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::buddy::BuddyAllocator>();
+/// ```
 pub struct BuddyAllocator {
     map: FrameMap,
     /// State byte array (virtual address through the linear map).
@@ -589,7 +596,12 @@ pub struct BuddyAllocator {
 }
 
 // SAFETY: the raw pointers lead to the allocator's own metadata and to free RAM it owns
-// exclusively (the contract of `BuddyAllocator::new`); nothing ties them to a thread.
+// exclusively (the contract of `BuddyAllocator::new`), reached through the linear map that
+// every core shares; nothing ties them to a core. Every mutation takes `&mut self`, so the
+// allocator is used by one core at a time: it is not `Sync`, and the kernel shares it
+// behind a `spin::Mutex`, whose acquire/release orders one core's metadata writes before
+// the next holder's reads. (The frame tags, the one part reached through `&self`, are
+// atomics: see `FrameTags`.)
 unsafe impl Send for BuddyAllocator {}
 
 impl fmt::Debug for BuddyAllocator {

@@ -351,8 +351,12 @@ struct Cache {
     slabs: usize,
 }
 
-// SAFETY: the pointers lead to slabs this cache owns (buddy blocks it allocated), touched
-// only under the cache's lock.
+// SAFETY: the pointers lead to slabs this cache owns (buddy blocks it allocated, reached
+// through the linear map every core shares), and a `Cache` is only ever used under its
+// slot's `spin::Mutex`: whichever core holds the lock has the only access, and the lock's
+// acquire/release makes the previous holder's writes to headers, bitmaps and free lists
+// visible to it. Another slab allocator on the same buddy never touches them (its `kfree`
+// checks the brand in the header, read-only, before anything else).
 unsafe impl Send for Cache {}
 
 impl Cache {

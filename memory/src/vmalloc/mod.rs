@@ -417,6 +417,13 @@ struct Counters {
 }
 
 /// A vmalloc allocator over one window of virtual addresses.
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::vmalloc::Vmalloc<memory::vmalloc::sim::SimBackend>>();
+/// ```
 pub struct Vmalloc<B: VmBackend> {
     backend: B,
     range: VirtRange,
@@ -507,7 +514,11 @@ impl fmt::Display for UseAfterVfree {
 }
 
 // SAFETY: the allocator owns its records exclusively (see `node`'s ownership invariant): no
-// pointer to them leaves it, so moving it to another thread moves every record with it.
+// pointer to them leaves it, so moving it to another core moves every record with it, and
+// their `Cell`s are then touched by that core alone. `Vmalloc` is not `Sync` (its records
+// are `Cell`s behind `NodePtr`s, which are neither `Send` nor `Sync`): cores share one
+// through `LockedVmalloc`'s spin lock, whose acquire/release orders one holder's `Cell`
+// writes before the next holder's reads. `B: Send` moves the backend along.
 unsafe impl<B: VmBackend + Send> Send for Vmalloc<B> {}
 
 impl<B: VmBackend> Vmalloc<B> {

@@ -116,6 +116,30 @@ impl Node {
     }
 }
 
+// Compile-time: a record is all `Cell`s, so neither it nor a pointer to it may be shared
+// between cores (`Sync`) or sent alone (`Send`); a pool moves whole (its `unsafe impl
+// Send`) but is never shared. Each line fails to build (E0283, ambiguous) if the auto trait
+// named were implemented (the `static_assertions::assert_not_impl_any` construction).
+const _: () = {
+    trait AmbiguousIfSendOrSync<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSendOrSync<()> for T {}
+    struct IfSync;
+    impl<T: ?Sized + Sync> AmbiguousIfSendOrSync<IfSync> for T {}
+    struct IfSend;
+    impl<T: ?Sized + Send> AmbiguousIfSendOrSync<IfSend> for T {}
+    let _ = <Node as AmbiguousIfSendOrSync<_>>::some_item;
+    let _ = <NodePtr as AmbiguousIfSendOrSync<_>>::some_item;
+
+    trait AmbiguousIfSync<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSync<()> for T {}
+    impl<T: ?Sized + Sync> AmbiguousIfSync<IfSync> for T {}
+    let _ = <NodePool as AmbiguousIfSync<_>>::some_item;
+};
+
 /// A pointer to a live record (see the module's ownership invariant).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct NodePtr(NonNull<Node>);
