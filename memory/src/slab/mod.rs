@@ -503,6 +503,8 @@ pub struct SlabAllocator<'b> {
     /// This allocator's identity, written into its slab headers, large tags and cache ids.
     brand: u32,
     tags: FrameTags<'b>,
+    /// The buddy's linear map: object pointers are derived from its pointer (provenance).
+    linear: hal::linear::LinearMap,
     /// `virtual = physical + va_delta` (wrapping) in the linear map.
     va_delta: u64,
     strict: bool,
@@ -567,6 +569,7 @@ impl<'b> SlabAllocator<'b> {
             buddy,
             brand,
             tags,
+            linear,
             va_delta,
             strict,
             caches: core::array::from_fn(|_| Mutex::new(Cache::VACANT)),
@@ -639,7 +642,9 @@ impl<'b> SlabAllocator<'b> {
 
     #[inline(always)]
     fn va(&self, pa: u64) -> *mut u8 {
-        pa.wrapping_add(self.va_delta) as usize as *mut u8
+        // Derived from the linear map's pointer, not cast from an integer: the block keeps
+        // the provenance of the RAM (Miri's strict provenance on the host).
+        self.linear.ptr(PhysAddr::new(pa))
     }
 
     #[inline(always)]

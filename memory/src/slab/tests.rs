@@ -283,12 +283,12 @@ fn check_accounting(env: &Env, s: &SlabAllocator<'_>, start: &BuddyStats, live: 
 
 #[test]
 fn model_random_ops() {
-    model(false, 100_000, 0x51ab);
+    model(false, if cfg!(miri) { 400 } else { 100_000 }, 0x51ab);
 }
 
 #[test]
 fn model_random_ops_strict() {
-    model(true, 30_000, 0x5eed);
+    model(true, if cfg!(miri) { 200 } else { 30_000 }, 0x5eed);
 }
 
 #[test]
@@ -459,7 +459,7 @@ fn empty_slabs_are_kept_once_and_ping_pong_does_not_thrash() {
     kfree(&s, first).unwrap();
     let held = env.bstats().free_pages;
     assert_eq!(held, base - 1);
-    for _ in 0..10_000 {
+    for _ in 0..if cfg!(miri) { 200 } else { 10_000 } {
         let p = s.kmalloc(64, 8).unwrap();
         kfree(&s, p).unwrap();
         assert_eq!(env.bstats().free_pages, held);
@@ -491,7 +491,7 @@ fn threads_share_the_allocator() {
             let (s, pool) = (&s, &pool);
             sc.spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(t);
-                for _ in 0..50_000 {
+                for _ in 0..if cfg!(miri) { 300 } else { 50_000 } {
                     if rng.random_range(0..2) == 0 {
                         let (size, align) = random_layout(&mut rng);
                         let size = size.min(5000);
