@@ -7,21 +7,49 @@
 use crate::addr::{PhysAddr, PhysRange, VirtAddr};
 
 /// A window of physical memory reachable at `phys + offset` in the current address space.
+///
+/// The map keeps a *pointer* to the window's first byte, and every address it hands out
+/// ([`Self::ptr`]) is derived from it (`wrapping_add`), so it keeps that pointer's
+/// provenance. On the host, tests build it with [`Self::from_ptr`] over a heap buffer, and
+/// no integer-to-pointer cast is needed (Miri's `-Zmiri-strict-provenance` holds). On
+/// target, [`Self::new`] makes the pointer from the address with exposed provenance: the
+/// linear map is set up by the MMU, not by a Rust allocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinearMap {
     phys: PhysRange,
     virt_start: u64,
+    base: *mut u8,
 }
 
+// SAFETY: a `LinearMap` is a description of a window (its pointer only carries the
+// window's provenance; the map itself never dereferences it). Whoever dereferences what
+// `ptr` returns does so under its own contract, and the window is mapped the same way on
+// every core (one set of kernel tables; on the host, one process), so the description is
+// valid on any core and from several at once.
+unsafe impl Send for LinearMap {}
+// SAFETY: as for `Send`: `&LinearMap` only reads `Copy` fields.
+unsafe impl Sync for LinearMap {}
+
 impl LinearMap {
-    /// A linear map of `phys` whose first byte is reached at `virt_start`.
+    /// A linear map of `phys` whose first byte is reached at `virt_start` (the pointer is
+    /// made with exposed provenance: for the kernel's own linear map, set up by the MMU).
     ///
     /// # Safety
     /// For as long as this value (or a copy) is used, every byte of `phys` must be mapped
     /// readable and writable at `virt_start + (pa - phys.start())`, and must not be memory
     /// that Rust code owns through a reference (the users of the map write through it).
-    pub const unsafe fn new(phys: PhysRange, virt_start: VirtAddr) -> Self {
-        Self { phys, virt_start: virt_start.as_u64() }
+    pub unsafe fn new(phys: PhysRange, virt_start: VirtAddr) -> Self {
+        let base = core::ptr::with_exposed_provenance_mut(virt_start.as_u64() as usize);
+        Self { phys, virt_start: virt_start.as_u64(), base }
+    }
+
+    /// A linear map of `phys` whose first byte is at `base`; every pointer the map gives
+    /// is derived from `base` (host tests: a heap buffer playing RAM).
+    ///
+    /// # Safety
+    /// As for [`Self::new`], with `base` valid for reads and writes of `phys.size()` bytes.
+    pub unsafe fn from_ptr(phys: PhysRange, base: *mut u8) -> Self {
+        Self { phys, virt_start: base as usize as u64, base }
     }
 
     /// The physical range this map covers.
@@ -49,10 +77,18 @@ impl LinearMap {
     /// When `pa` is outside the window: a caller handing out such an address is a bug in
     /// an allocator, not bad input.
     pub fn ptr<T>(&self, pa: PhysAddr) -> *mut T {
-        match self.phys_to_virt(pa) {
-            Some(va) => va.as_mut_ptr(),
-            None => panic!("physical address {pa:?} is outside the linear map {:?}", self.phys),
+        match pa.offset_from(self.phys.start()) {
+            Some(off) if off < self.phys.size() => self.base.wrapping_add(off as usize).cast(),
+            _ => panic!("physical address {pa:?} is outside the linear map {:?}", self.phys),
         }
+    }
+
+    /// The pointer `off` bytes into the window, derived from the map's pointer
+    /// (`wrapping_add`: no bounds check; the caller checks `off < phys_range().size()`
+    /// before dereferencing it). For hot paths that have already made that comparison.
+    #[inline(always)]
+    pub fn ptr_at_offset<T>(&self, off: u64) -> *mut T {
+        self.base.wrapping_add(off as usize).cast()
     }
 
     /// The physical address behind a virtual address of the window, or `None`.

@@ -66,7 +66,8 @@
 //! // that is never read, and the layout is the PL011's (checked by register_structs!).
 //! unsafe impl RegisterBlock for Pl011 {}
 //!
-//! let uart: Mmio<Pl011> = Mmio::new(PhysAddr::new(0x0900_0000))?; // Device-nGnRE
+//! // SAFETY: the example's device is owned by it alone and does no DMA.
+//! let uart: Mmio<Pl011> = unsafe { Mmio::new(PhysAddr::new(0x0900_0000)) }?; // Device-nGnRE
 //! while uart.fr.is_set(FR::TXFF) {}
 //! uart.dr.set(u32::from(b'A'));
 //! drop(uart); // iounmap; the range is reused after the next lazy purge
@@ -366,7 +367,9 @@ impl<B: VmBackend> IoSpace for &LockedVmalloc<B> {
 }
 
 // SAFETY: `KernelBackend::map_device` maps the device's pages in the kernel's live TTBR1
-// tables before vmalloc returns the address, and only `iounmap` of that area clears them.
+// tables (shared by every core; the descriptors are written and a DSB completes before
+// vmalloc returns the address) and only `iounmap` of that area clears them, which an owned
+// handle's mapping refuses (`VmFlags::OWNED`) but from the handle itself.
 unsafe impl MappedIoSpace for &LockedVmalloc<KernelBackend> {}
 
 /// The kernel's global vmalloc instance (`memory::kernel::init` must have run).
@@ -563,6 +566,30 @@ unsafe impl<B: RegisterBlock, const N: usize> RegisterBlock for [B; N] {}
 /// [`Self::addr`] is refused with `VmallocError::Owned`, so safe code cannot pull the
 /// device from under the register blocks borrowed from the handle — the same rule as for
 /// `vfree` of a `VBox`'s address. Only dropping (or [`Self::unmap`]) unmaps it.
+///
+/// Making one is `unsafe` ([`Self::new`], [`Self::map_in`], …): a mapping of a device is
+/// its registers and its DMA engine, and safe code must not reach a device another driver
+/// (or the console) owns, nor point a device at memory it does not own. Safe code cannot
+/// map a device:
+///
+/// ```compile_fail,E0133
+/// // The virtio-mmio slot the virtio driver claims: mapping it needs `unsafe`.
+/// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0a00_0000), 0x200)?;
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
+///
+/// ```compile_fail,E0133
+/// use memory::ioremap::{GicDistributorRegs, Mmio};
+/// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
+/// # Ok::<(), memory::ioremap::IoremapError>(())
+/// ```
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::ioremap::IoMem>();
+/// ```
 pub struct IoMem<S: IoSpace = KernelIo> {
     space: S,
     addr: VirtAddr,
@@ -575,7 +602,10 @@ pub struct IoMem<S: IoSpace = KernelIo> {
 }
 
 // SAFETY: the handle owns its mapping outright; moving it to another core moves that
-// ownership (register accesses need no per-core state). `S` itself must be `Send`.
+// ownership. The mapping is in the kernel's TTBR1 tables (or the space's), which every core
+// uses, made visible before `map_io` returned, so the address is valid on the new core;
+// register accesses are volatile and need no per-core state. `S` itself must be `Send`.
+// Not `Sync`: two cores never share a register block through one handle.
 unsafe impl<S: IoSpace + Send> Send for IoMem<S> {}
 
 impl IoMem<KernelIo> {
@@ -584,18 +614,27 @@ impl IoMem<KernelIo> {
     /// # Errors
     /// As [`ioremap`].
     ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
+    ///
     /// # Example
     /// ```no_run
     /// use memory::ioremap::tock_registers::interfaces::Readable;
     /// use memory::ioremap::{GicDistributorRegs, IoMem};
-    /// let io = IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?; // a GIC distributor, 64 KiB
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000) }?; // a GIC distributor, 64 KiB
     /// let typer = io.regs::<GicDistributorRegs>(0)?.typer.get();
     /// # let _ = typer;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn new(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
-        Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRE)
+    pub unsafe fn new(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRE) }
     }
 
     /// [`ioremap_np`], owned.
@@ -603,15 +642,24 @@ impl IoMem<KernelIo> {
     /// # Errors
     /// As [`ioremap`].
     ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
+    ///
     /// # Example
     /// ```no_run
-    /// let io = memory::ioremap::IoMem::new_np(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { memory::ioremap::IoMem::new_np(hal::PhysAddr::new(0x0900_0000), 0x1000) }?;
     /// # let _ = io;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn new_np(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
-        Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRnE)
+    pub unsafe fn new_np(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::map_in(KernelIo, phys, size, DeviceAttr::DeviceNGnRnE) }
     }
 
     /// [`ioremap_wc`], owned.
@@ -619,16 +667,25 @@ impl IoMem<KernelIo> {
     /// # Errors
     /// As [`ioremap`].
     ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
+    ///
     /// # Example
     /// ```no_run
-    /// let fb = memory::ioremap::IoMem::new_wc(hal::PhysAddr::new(0x1000_0000), 1024 * 768 * 4)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let fb = unsafe { memory::ioremap::IoMem::new_wc(hal::PhysAddr::new(0x1000_0000), 1024 * 768 * 4) }?;
     /// // SAFETY: the framebuffer is mapped from `fb.addr()`, `fb.len()` bytes, and is ours.
     /// unsafe { core::ptr::write_bytes(fb.addr().as_mut_ptr::<u8>(), 0, fb.len()) };
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn new_wc(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
-        Self::map_in(KernelIo, phys, size, DeviceAttr::NormalNonCacheable)
+    pub unsafe fn new_wc(phys: PhysAddr, size: usize) -> Result<Self, IoremapError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::map_in(KernelIo, phys, size, DeviceAttr::NormalNonCacheable) }
     }
 
     /// [`ioremap_attr`], owned.
@@ -636,16 +693,25 @@ impl IoMem<KernelIo> {
     /// # Errors
     /// As [`ioremap`].
     ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
+    ///
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{DeviceAttr, IoMem};
-    /// let io = IoMem::with_attr(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { IoMem::with_attr(hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE) }?;
     /// # let _ = io;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn with_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
-        Self::map_in(KernelIo, phys, size, attr)
+    pub unsafe fn with_attr(phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::map_in(KernelIo, phys, size, attr) }
     }
 }
 
@@ -655,16 +721,24 @@ impl<S: IoSpace> IoMem<S> {
     /// # Errors
     /// As [`ioremap`].
     ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
+    ///
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{DeviceAttr, IoMem, KernelIo};
     /// // Any `IoSpace`: the kernel's (`KernelIo`), or a `&LockedVmalloc` of another instance.
-    /// let io = IoMem::map_in(KernelIo, hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { IoMem::map_in(KernelIo, hal::PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE) }?;
     /// # let _ = io;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn map_in(space: S, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
+    pub unsafe fn map_in(space: S, phys: PhysAddr, size: usize, attr: DeviceAttr) -> Result<Self, IoremapError> {
         let addr = space.map_io_owned(phys, size, attr)?;
         Ok(Self { space, addr, phys, len: size, attr, live: true, _not_sync: PhantomData })
     }
@@ -673,7 +747,8 @@ impl<S: IoSpace> IoMem<S> {
     ///
     /// # Example
     /// ```no_run
-    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0018), 4)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0018), 4) }?;
     /// assert_eq!(io.addr().as_u64() % 4096, 0x18);        // the sub-page offset is kept
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -685,7 +760,8 @@ impl<S: IoSpace> IoMem<S> {
     ///
     /// # Example
     /// ```no_run
-    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000) }?;
     /// log::info!("PL011 at PA {:#x} mapped at {:#x}", io.phys(), io.addr());
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -697,7 +773,8 @@ impl<S: IoSpace> IoMem<S> {
     ///
     /// # Example
     /// ```no_run
-    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x48)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x48) }?;
     /// assert_eq!(io.len(), 0x48);                          // as asked, though a page is mapped
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -709,7 +786,8 @@ impl<S: IoSpace> IoMem<S> {
     ///
     /// # Example
     /// ```no_run
-    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000) }?;
     /// assert!(!io.is_empty());
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -722,7 +800,8 @@ impl<S: IoSpace> IoMem<S> {
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{DeviceAttr, IoMem};
-    /// let io = IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000) }?;
     /// assert_eq!(io.attr(), DeviceAttr::DeviceNGnRE);
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -740,7 +819,8 @@ impl<S: IoSpace> IoMem<S> {
     /// # Example
     /// ```no_run
     /// use memory::ioremap::tock_registers::registers::ReadOnly;
-    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000) }?;
     /// let fr = io.reg_addr::<ReadOnly<u32>>(0x18)?;        // where UARTFR is, nothing read
     /// assert_eq!(fr.as_u64(), io.addr().as_u64() + 0x18);
     /// # Ok::<(), memory::ioremap::IoremapError>(())
@@ -756,7 +836,8 @@ impl<S: IoSpace> IoMem<S> {
     ///
     /// # Example
     /// ```no_run
-    /// let io = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000) }?;
     /// io.unmap()?;                                         // an error is returned, not logged
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -774,7 +855,8 @@ impl<S: IoSpace> IoMem<S> {
     /// # Example
     /// ```no_run
     /// // The interrupt controller is never given back.
-    /// let gicd = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?.leak();
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let gicd = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000) }?.leak();
     /// # let _ = gicd;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -803,7 +885,8 @@ impl<S: MappedIoSpace> IoMem<S> {
     /// use memory::ioremap::tock_registers::interfaces::{Readable, Writeable};
     /// use memory::ioremap::tock_registers::registers::ReadWrite;
     /// use memory::ioremap::{GicDistributorRegs, IoMem};
-    /// let io = IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000) }?;
     /// let gicd = io.regs::<GicDistributorRegs>(0)?;
     /// let lines = 32 * (gicd.typer.get() & 0x1f) + 32;
     /// // GICD_ISENABLER<n>: 32 set-enable registers from 0x100.
@@ -853,7 +936,8 @@ impl<S: IoSpace> fmt::Debug for IoMem<S> {
 /// dereferences to. Unmapped on drop.
 ///
 /// ```ignore
-/// let gicd: Mmio<GicDistributor> = Mmio::new(PhysAddr::new(0x0800_0000))?;
+/// // SAFETY: the example's device is owned by it alone and does no DMA.
+/// let gicd: Mmio<GicDistributor> = unsafe { Mmio::new(PhysAddr::new(0x0800_0000)) }?;
 /// let lines = 32 * (gicd.typer.read(GICD_TYPER::ITLinesNumber) + 1);
 /// ```
 pub struct Mmio<R: RegisterBlock, S: IoSpace = KernelIo> {
@@ -867,6 +951,13 @@ impl<R: RegisterBlock> Mmio<R, KernelIo> {
     /// # Errors
     /// As [`ioremap`], and [`IoremapError::Regs`] when `phys` is not aligned for `R` (the
     /// mapping is undone then).
+    ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
     ///
     /// # Example
     /// ```no_run
@@ -892,15 +983,17 @@ impl<R: RegisterBlock> Mmio<R, KernelIo> {
     /// // that is never read, and the layout is the PL011's (checked by register_structs!).
     /// unsafe impl RegisterBlock for Pl011 {}
     ///
-    /// let uart: Mmio<Pl011> = Mmio::new(PhysAddr::new(0x0900_0000))?; // Device-nGnRE
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let uart: Mmio<Pl011> = unsafe { Mmio::new(PhysAddr::new(0x0900_0000)) }?; // Device-nGnRE
     /// while uart.fr.is_set(FR::TXFF) {}
     /// uart.dr.set(u32::from(b'A'));
     /// drop(uart); // iounmap; the range is reused after the next lazy purge
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn new(phys: PhysAddr) -> Result<Self, IoremapError> {
-        Self::map_in(KernelIo, phys, DeviceAttr::DeviceNGnRE)
+    pub unsafe fn new(phys: PhysAddr) -> Result<Self, IoremapError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::map_in(KernelIo, phys, DeviceAttr::DeviceNGnRE) }
     }
 
     /// Maps `R` at `phys` with `attr`.
@@ -908,16 +1001,25 @@ impl<R: RegisterBlock> Mmio<R, KernelIo> {
     /// # Errors
     /// As [`Self::new`].
     ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
+    ///
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{DeviceAttr, GicDistributorRegs, Mmio};
-    /// let gicd = Mmio::<GicDistributorRegs>::with_attr(hal::PhysAddr::new(0x0800_0000), DeviceAttr::DeviceNGnRnE)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let gicd = unsafe { Mmio::<GicDistributorRegs>::with_attr(hal::PhysAddr::new(0x0800_0000), DeviceAttr::DeviceNGnRnE) }?;
     /// # let _ = gicd;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn with_attr(phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
-        Self::map_in(KernelIo, phys, attr)
+    pub unsafe fn with_attr(phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { Self::map_in(KernelIo, phys, attr) }
     }
 }
 
@@ -927,17 +1029,26 @@ impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
     /// # Errors
     /// As [`Mmio::new`].
     ///
+    /// # Safety
+    /// The caller must own the device at `phys` exclusively while the handle lives (no
+    /// other driver, console or handle programs it), or coordinate every access with whoever
+    /// else does. A mapped device's DMA engine is the caller's too: it must not program it
+    /// to read or write memory the caller does not own (page tables, `.data`, another
+    /// driver's buffers).
+    ///
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{DeviceAttr, GicDistributorRegs, KernelIo, Mmio};
     /// let gicd: Mmio<GicDistributorRegs> =
-    ///     Mmio::map_in(KernelIo, hal::PhysAddr::new(0x0800_0000), DeviceAttr::DeviceNGnRE)?;
+    ///     // SAFETY: the example's device is owned by it alone and does no DMA.
+    ///     unsafe { Mmio::map_in(KernelIo, hal::PhysAddr::new(0x0800_0000), DeviceAttr::DeviceNGnRE) }?;
     /// # let _ = gicd;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
     #[track_caller]
-    pub fn map_in(space: S, phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
-        Self::from_io(IoMem::map_in(space, phys, size_of::<R>(), attr)?)
+    pub unsafe fn map_in(space: S, phys: PhysAddr, attr: DeviceAttr) -> Result<Self, IoremapError> {
+        // SAFETY: forwarded to our caller.
+        Self::from_io(unsafe { IoMem::map_in(space, phys, size_of::<R>(), attr) }?)
     }
 
     /// Takes a mapping whose first bytes are `R`.
@@ -951,7 +1062,8 @@ impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
     /// use memory::ioremap::tock_registers::interfaces::Readable;
     /// use memory::ioremap::{GicDistributorRegs, IoMem, Mmio};
     /// // Map the whole 64 KiB distributor, but use it typed as its first registers.
-    /// let io = IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000)?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let io = unsafe { IoMem::new(hal::PhysAddr::new(0x0800_0000), 0x1_0000) }?;
     /// let gicd = Mmio::<GicDistributorRegs>::from_io(io)?;
     /// let iidr = gicd.iidr.get();
     /// # let _ = iidr;
@@ -967,7 +1079,8 @@ impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{GicDistributorRegs, Mmio};
-    /// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let gicd: Mmio<GicDistributorRegs> = unsafe { Mmio::new(hal::PhysAddr::new(0x0800_0000)) }?;
     /// log::info!("GICD at {:#x}", gicd.io().addr());
     /// # Ok::<(), memory::ioremap::IoremapError>(())
     /// ```
@@ -980,7 +1093,8 @@ impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{GicDistributorRegs, Mmio};
-    /// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let gicd: Mmio<GicDistributorRegs> = unsafe { Mmio::new(hal::PhysAddr::new(0x0800_0000)) }?;
     /// let io = gicd.into_io();                             // still mapped, untyped
     /// io.unmap()?;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
@@ -994,7 +1108,8 @@ impl<R: RegisterBlock, S: IoSpace> Mmio<R, S> {
     /// # Example
     /// ```no_run
     /// use memory::ioremap::{GicDistributorRegs, Mmio};
-    /// let gicd: Mmio<GicDistributorRegs> = Mmio::new(hal::PhysAddr::new(0x0800_0000))?;
+    /// // SAFETY: the example's device is owned by it alone and does no DMA.
+    /// let gicd: Mmio<GicDistributorRegs> = unsafe { Mmio::new(hal::PhysAddr::new(0x0800_0000)) }?;
     /// let base = gicd.leak();                              // mapped for the program's life
     /// # let _ = base;
     /// # Ok::<(), memory::ioremap::IoremapError>(())
@@ -1050,7 +1165,10 @@ pub fn switch_console_to_ioremap(info: &BootInfo) -> Result<VirtAddr, IoremapErr
     let &va = CONSOLE.try_call_once(|| {
         let uart = info.platform.uart.ok_or(IoremapError::NoDevice)?;
         let size = usize::try_from(uart.size()).map_err(|_| IoremapError::TooLarge)?;
-        let io = IoMem::new(uart.start(), size)?;
+        // SAFETY: the device tree's console UART belongs to the console; this runs once
+        // (`CONSOLE`) and hands the mapping to the console alone (`rebase` below), which
+        // drives no DMA.
+        let io = unsafe { IoMem::new(uart.start(), size) }?;
         let va = io.leak();
         // SAFETY: `va` maps the device tree's console PL011 as Device-nGnRE, leaked above so
         // it stays mapped for the rest of the program; the console driver is the only
@@ -1197,7 +1315,10 @@ pub fn probe_gic(info: &BootInfo) -> Result<GicInfo, IoremapError> {
     let gic = *GIC.try_call_once(|| {
         let dist = info.platform.gic_distributor.ok_or(IoremapError::NoDevice)?;
         let size = usize::try_from(dist.size()).map_err(|_| IoremapError::TooLarge)?;
-        let io = IoMem::new(dist.start(), size)?;
+        // SAFETY: runs once (`GIC`) and only reads `GICD_TYPER` and `GICD_IIDR`, read-only
+        // identification registers without side effects, so it cannot disturb the GIC
+        // driver that owns the distributor; a GIC does no DMA.
+        let io = unsafe { IoMem::new(dist.start(), size) }?;
         let regs = io.regs::<GicDistributorRegs>(0)?;
         let (typer, iidr) = (regs.typer.get(), regs.iidr.get());
         let gic = GicInfo::decode(dist.start(), io.addr(), size, typer, iidr);

@@ -113,6 +113,22 @@ pub unsafe fn zero_page(p: *mut u8) {
 }
 
 impl VmBackend for KernelBackend {
+    fn check_vmap_frames(&self, frames: &[PhysAddr]) -> Result<(), VmallocError> {
+        // Only RAM the kernel does not run from: device memory mapped Normal would allow
+        // speculative reads of registers, and a writable alias of the image would undo W^X.
+        let info = hal::boot::boot_info().ok_or(VmallocError::NotInitialized)?;
+        for &pa in frames {
+            if !info.platform.ram.contains(pa)
+                || hal::kmap::is_image_frame(&info.image, pa)
+                || info.platform.reserved.contains(pa)
+                || info.platform.dtb.contains(pa)
+            {
+                return Err(VmallocError::NotRam);
+            }
+        }
+        Ok(())
+    }
+
     fn alloc_frames(&mut self, out: &mut [PhysAddr]) -> usize {
         buddy::alloc_pages_bulk_gfp(out, Gfp::from_bits(self.gfp.load(Ordering::Relaxed)))
     }
@@ -690,32 +706,51 @@ pub fn vrealloc(addr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocErro
 /// Maps frames the caller owns contiguously (no frames are taken or freed by us).
 ///
 /// # Errors
-/// As [`vmalloc`].
+/// [`VmallocError::NotRam`] for a frame that is not RAM, or is the kernel image, reserved
+/// memory or the device tree (checked by vmalloc itself for every path, this one and
+/// `vmalloc_instance().vmap_with(..)` alike), or as [`vmalloc`].
+///
+/// # Safety
+/// The frames must be the caller's (allocated to it, e.g. [`Frames`](crate::buddy::Frames),
+/// not free in the buddy allocator nor another owner's) and stay so until the area is
+/// unmapped: the area is a second way to reach them, and anyone else's use of them through
+/// it, or theirs of the frames after they are freed, is a data race or a use after free.
+/// The allocator checks what it can (RAM, not the image, reserved memory or the device
+/// tree: [`VmallocError::NotRam`]), not who owns a frame.
+///
+/// Safe code cannot alias memory it does not own through vmap:
+///
+/// ```compile_fail,E0133
+/// use memory::vmalloc::{Prot, VmFlags};
+/// let dtb = hal::boot::boot_info().unwrap().platform.dtb.start();
+/// let va = memory::kernel::vmap(&[dtb], Prot::ReadWrite, VmFlags::NONE)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
+///
+/// ```compile_fail,E0133
+/// use memory::vmalloc::{Prot, VmFlags};
+/// let vm = memory::kernel::vmalloc_instance().unwrap();
+/// let va = vm.vmap_with(&[hal::PhysAddr::new(0x0800_0000)], Prot::ReadWrite, VmFlags::NONE)?;
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
+///
 /// # Example
 /// ```no_run
 /// use memory::buddy::Frames;
 /// use memory::vmalloc::{Prot, VmFlags};
 /// // Two frames the driver owns, seen as one contiguous 8 KiB window.
 /// let (a, b) = (Frames::alloc_zeroed(0).unwrap(), Frames::alloc_zeroed(0).unwrap());
-/// let va = memory::kernel::vmap(&[a.phys(), b.phys()], Prot::ReadWrite, VmFlags::NONE)?;
+/// // SAFETY: `a` and `b` are ours and outlive the mapping.
+/// let va = unsafe { memory::kernel::vmap(&[a.phys(), b.phys()], Prot::ReadWrite, VmFlags::NONE) }?;
 /// memory::kernel::vunmap(va)?;   // the frames stay ours: freed when `a` and `b` drop
 /// # Ok::<(), memory::vmalloc::VmallocError>(())
 /// ```
 #[track_caller]
-pub fn vmap(frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
-    // Only RAM the kernel does not run from: device memory mapped Normal would allow
-    // speculative reads of registers, and a writable alias of the image would undo W^X.
-    let info = hal::boot::boot_info().ok_or(VmallocError::NotInitialized)?;
-    for &pa in frames {
-        if !info.platform.ram.contains(pa)
-            || hal::kmap::is_image_frame(&info.image, pa)
-            || info.platform.reserved.contains(pa)
-            || info.platform.dtb.contains(pa)
-        {
-            return Err(VmallocError::NotRam);
-        }
-    }
-    vm()?.vmap_with(frames, prot, flags)
+pub unsafe fn vmap(frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+    // The RAM / image / reserved / DTB check is the backend's (`check_vmap_frames`), made
+    // by vmalloc itself, so `vmalloc_instance().vmap_with(..)` cannot skip it either.
+    // SAFETY: forwarded to our caller.
+    unsafe { vm()?.vmap_with(frames, prot, flags) }
 }
 
 /// Unmaps a [`vmap`] area (the frames stay the caller's).
@@ -1010,6 +1045,13 @@ pub unsafe fn kvfree(ptr: impl Into<Option<NonNull<u8>>>) -> Result<(), VmallocE
 }
 
 /// An owned vmalloc area: `Deref` to its bytes, `vfree` on drop.
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::kernel::VBox>();
+/// ```
 pub struct VBox {
     ptr: NonNull<u8>,
     len: usize,
@@ -1060,5 +1102,8 @@ impl Drop for VBox {
     }
 }
 
-// SAFETY: the box owns its area exclusively; vmalloc's state is behind a lock.
+// SAFETY: the box owns its area exclusively (marked OWNED: no plain `vfree` can pull it),
+// mapped in the kernel's TTBR1 tables, which every core uses, so the pointer is valid on
+// any core; its bytes are reached only through `&self`/`&mut self`, and the `vfree` on
+// drop goes through vmalloc's lock. Not `Sync` (the raw pointer): one core at a time.
 unsafe impl Send for VBox {}

@@ -23,7 +23,8 @@
 //! // Large, virtually contiguous, page-backed; a guard page traps an overflow.
 //! let table = kernel::vzalloc(256 * 1024)?;
 //! // Device registers, typed, unmapped on drop.
-//! let uart = memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000).unwrap();
+//! // SAFETY: the example's device is owned by it alone and does no DMA.
+//! let uart = unsafe { memory::ioremap::IoMem::new(hal::PhysAddr::new(0x0900_0000), 0x1000) }.unwrap();
 //! # let _ = uart;
 //! kernel::vfree(table)?;
 //! # Ok::<(), memory::vmalloc::VmallocError>(())

@@ -46,7 +46,8 @@ fn violations(lv: &LockedVmalloc<SimBackend>) -> u64 {
 #[test]
 fn the_sub_page_offset_is_kept_and_whole_pages_are_mapped() {
     let lv = new_space(1024);
-    let (io, line) = (IoMem::map_in(&lv, PhysAddr::new(UART + 4), 4, NGNRE).unwrap(), line!());
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let (io, line) = (unsafe { IoMem::map_in(&lv, PhysAddr::new(UART + 4), 4, NGNRE) }.unwrap(), line!());
     assert_eq!(io.addr().page_offset(), 4, "ioremap(0x0900_0004, 4) -> base + 4");
     assert_eq!((io.phys(), io.len(), io.attr()), (PhysAddr::new(UART + 4), 4, NGNRE));
     assert_eq!(lv.vmalloc_to_phys(io.addr()), Some(PhysAddr::new(UART + 4)));
@@ -61,12 +62,14 @@ fn the_sub_page_offset_is_kept_and_whole_pages_are_mapped() {
     assert!(lv.lock().backend().pte(a.start.add(PAGE)).is_none(), "guard page unmapped");
 
     // Straddling a page boundary: two pages, offset kept.
-    let s = IoMem::map_in(&lv, PhysAddr::new(UART + 0xffc), 8, DeviceAttr::DeviceNGnRnE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let s = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART + 0xffc), 8, DeviceAttr::DeviceNGnRnE) }.unwrap();
     assert_eq!(s.addr().page_offset(), 0xffc);
     assert_eq!(lv.find_area(s.addr()).unwrap().pages, 2);
     assert_eq!(lv.vmalloc_to_phys(s.addr().add(4)), Some(PhysAddr::new(UART + 0x1000)));
     // Unaligned start and length: every page touched, no more.
-    let u = IoMem::map_in(&lv, PhysAddr::new(0x0a00_0123), 0x3000, DeviceAttr::NormalNonCacheable).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let u = unsafe { IoMem::map_in(&lv, PhysAddr::new(0x0a00_0123), 0x3000, DeviceAttr::NormalNonCacheable) }.unwrap();
     assert_eq!((u.addr().page_offset(), lv.find_area(u.addr()).unwrap().pages), (0x123, 4));
     assert_eq!(lv.vmalloc_to_phys(u.addr().add(0x2fff)), Some(PhysAddr::new(0x0a00_3122)));
 
@@ -85,7 +88,8 @@ fn the_sub_page_offset_is_kept_and_whole_pages_are_mapped() {
 #[test]
 fn every_refusal_is_typed_and_changes_nothing() {
     let lv = new_space(1024);
-    let keep = IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let keep = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE) }.unwrap();
     let before = state(&lv);
     let s = &lv;
     let refused = [
@@ -106,15 +110,23 @@ fn every_refusal_is_typed_and_changes_nothing() {
         (0x1_0000_0000, 8 << 20, IoremapError::TooLarge, "larger than the window"),
     ];
     for (phys, size, err, why) in refused {
-        assert_eq!(IoMem::map_in(s, PhysAddr::new(phys), size, NGNRE).map(|io| io.addr()), Err(err), "{why}");
+        // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+        assert_eq!(
+            unsafe { IoMem::map_in(s, PhysAddr::new(phys), size, NGNRE) }.map(|io| io.addr()),
+            Err(err),
+            "{why}"
+        );
         assert_eq!(s.map_io(PhysAddr::new(phys), size, NGNRE), Err(err), "{why} (map_io)");
         assert_eq!(state(&lv), before, "{why}: refused, but something changed");
     }
     assert_eq!(covering_range(PhysAddr::new(RAM - 0x10), 0x20).unwrap().pages(), 2);
     // Right next to RAM on either side is not RAM.
-    let below = IoMem::map_in(s, PhysAddr::new(RAM - PAGE), PAGE_SIZE, NGNRE).unwrap();
-    let above = IoMem::map_in(s, PhysAddr::new(RAM_END), PAGE_SIZE, NGNRE).unwrap();
-    let top = IoMem::map_in(s, PhysAddr::new(PHYS_LIMIT - 4), 4, NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let below = unsafe { IoMem::map_in(s, PhysAddr::new(RAM - PAGE), PAGE_SIZE, NGNRE) }.unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let above = unsafe { IoMem::map_in(s, PhysAddr::new(RAM_END), PAGE_SIZE, NGNRE) }.unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let top = unsafe { IoMem::map_in(s, PhysAddr::new(PHYS_LIMIT - 4), 4, NGNRE) }.unwrap();
     assert_eq!(top.addr().page_offset(), 0xffc, "the last bytes below 2^48 are mappable");
     drop((below, above, top, keep));
     lv.purge();
@@ -126,12 +138,19 @@ fn every_refusal_is_typed_and_changes_nothing() {
 fn running_out_of_virtual_space_is_typed() {
     // 8 pages: three 1-page mappings (+ guard) fit, the fourth does not, even after a purge.
     let lv = new_space(8);
-    let io: Vec<_> = (0..3).map(|i| IoMem::map_in(&lv, PhysAddr::new(UART + i * PAGE), 8, NGNRE).unwrap()).collect();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let io: Vec<_> =
+        (0..3).map(|i| unsafe { IoMem::map_in(&lv, PhysAddr::new(UART + i * PAGE), 8, NGNRE) }.unwrap()).collect();
     let before = state(&lv);
-    assert_eq!(IoMem::map_in(&lv, PhysAddr::new(UART), 2 * PAGE_SIZE, NGNRE).err(), Some(IoremapError::NoVirtualSpace));
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    assert_eq!(
+        unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 2 * PAGE_SIZE, NGNRE) }.err(),
+        Some(IoremapError::NoVirtualSpace)
+    );
     assert_eq!(state(&lv), before);
     drop(io);
-    assert!(IoMem::map_in(&lv, PhysAddr::new(UART), 2 * PAGE_SIZE, NGNRE).is_ok(), "purged on exhaustion");
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    assert!(unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 2 * PAGE_SIZE, NGNRE) }.is_ok(), "purged on exhaustion");
 }
 
 #[test]
@@ -140,7 +159,8 @@ fn iounmap_misuse_is_refused_and_changes_nothing() {
     let s = &lv;
     let io = s.map_io(PhysAddr::new(UART + 8), 4, NGNRE).unwrap();
     let v = lv.vmalloc(PAGE_SIZE).unwrap();
-    let m = lv.vmap_with(&[PhysAddr::new(RAM + 5 * PAGE)], Prot::ReadWrite, VmFlags::NONE).unwrap();
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    let m = unsafe { lv.vmap_with(&[PhysAddr::new(RAM + 5 * PAGE)], Prot::ReadWrite, VmFlags::NONE) }.unwrap();
     let before = state(&lv);
     assert_eq!(s.unmap_io(v), Err(IoremapError::NotIoremap), "a vmalloc pointer");
     assert_eq!(s.unmap_io(m), Err(IoremapError::NotIoremap), "a vmap pointer");
@@ -167,7 +187,8 @@ fn iounmap_misuse_is_refused_and_changes_nothing() {
 #[test]
 fn iounmap_goes_through_the_lazy_purge() {
     let lv = new_space(1024);
-    let io = IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let io = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE) }.unwrap();
     let start = io.addr();
     let (tlbis, fulls) = {
         let c = lv.lock().backend().counters;
@@ -183,13 +204,15 @@ fn iounmap_goes_through_the_lazy_purge() {
         let info = vm.info().to_string();
         assert!(info.ends_with("    8192 unpurged vm_area\n"), "{info}");
     }
-    let next = IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let next = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE) }.unwrap();
     assert_ne!(next.addr(), start, "a parked range is not reused before its flush");
     drop(next);
     lv.purge();
     let c = lv.lock().backend().counters;
     assert_eq!(c.page_tlbis + c.full_flushes, tlbis + fulls + 2, "one flush of the 2 mapped pages");
-    let again = IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let again = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE) }.unwrap();
     assert_eq!(again.addr(), start, "after the purge the lowest hole is the first range");
     drop(again);
     assert_eq!(violations(&lv), 0);
@@ -199,11 +222,13 @@ fn iounmap_goes_through_the_lazy_purge() {
 fn the_handle_unmaps_on_drop_and_leaks_on_request() {
     let lv = new_space(1024);
     {
-        let _io = IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE).unwrap();
+        // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+        let _io = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE) }.unwrap();
         assert_eq!(lv.stats().live_areas, 1);
     }
     assert_eq!((lv.stats().live_areas, lv.stats().parked_areas), (0, 1), "dropped: unmapped, parked");
-    let leaked = IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE).unwrap().leak();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let leaked = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 0x1000, NGNRE) }.unwrap().leak();
     assert_eq!(lv.stats().live_areas, 1, "leaked: kept");
     assert_eq!(lv.find_area(leaked).unwrap().kind, AreaKind::Ioremap);
     // Still the handle's (OWNED): a plain iounmap is refused; only the owner's path frees it.
@@ -211,10 +236,12 @@ fn the_handle_unmaps_on_drop_and_leaks_on_request() {
     // SAFETY: the leaked handle is gone and nothing refers into the mapping.
     unsafe { (&lv).unmap_io_owned(leaked) }.unwrap();
     // A typed handle refuses a misaligned block and undoes its mapping.
-    let e = Mmio::<ReadWrite<u32>, _>::map_in(&lv, PhysAddr::new(UART + 2), NGNRE).unwrap_err();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let e = unsafe { Mmio::<ReadWrite<u32>, _>::map_in(&lv, PhysAddr::new(UART + 2), NGNRE) }.unwrap_err();
     assert!(matches!(e, IoremapError::Regs(RegsError::Misaligned { align: 4, .. })), "{e:?}");
     assert_eq!(lv.stats().live_areas, 0, "the refused Mmio was unmapped");
-    let m = Mmio::<[ReadOnly<u32>; 4], _>::map_in(&lv, PhysAddr::new(UART + 0xfe0), NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let m = unsafe { Mmio::<[ReadOnly<u32>; 4], _>::map_in(&lv, PhysAddr::new(UART + 0xfe0), NGNRE) }.unwrap();
     assert_eq!((m.io().len(), m.io().addr().page_offset()), (16, 0xfe0));
     let io = m.into_io();
     assert_eq!(lv.stats().live_areas, 1);
@@ -226,7 +253,8 @@ fn the_handle_unmaps_on_drop_and_leaks_on_request() {
 #[test]
 fn register_offsets_are_bounded_and_aligned() {
     let lv = new_space(1024);
-    let io = IoMem::map_in(&lv, PhysAddr::new(UART), 0x20, NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let io = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 0x20, NGNRE) }.unwrap();
     let base = io.addr();
     assert_eq!(io.reg_addr::<ReadWrite<u32>>(0), Ok(base));
     assert_eq!(io.reg_addr::<ReadWrite<u32>>(0x1c), Ok(base.add(0x1c)), "last register");
@@ -240,7 +268,8 @@ fn register_offsets_are_bounded_and_aligned() {
     assert!(matches!(io.reg_addr::<ReadOnly<u32>>(0x100), Err(RegsError::OutOfBounds { len: 0x20, .. })));
 
     // With a sub-page offset, alignment is that of the real address.
-    let off = IoMem::map_in(&lv, PhysAddr::new(UART + 4), 0x10, NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let off = unsafe { IoMem::map_in(&lv, PhysAddr::new(UART + 4), 0x10, NGNRE) }.unwrap();
     assert_eq!(off.reg_addr::<ReadWrite<u64>>(0), Err(RegsError::Misaligned { addr: off.addr(), align: 8 }));
     assert_eq!(off.reg_addr::<ReadWrite<u64>>(4), Ok(off.addr().add(4)));
     assert_eq!(off.reg_addr::<ReadWrite<u8>>(0xf), Ok(off.addr().add(0xf)));
@@ -356,7 +385,8 @@ fn register_blocks_read_and_write_the_device() {
         bus.set_word(0xfe0 + 4 * i, b);
     }
     {
-        let io = IoMem::map_in(&bus, PhysAddr::new(DEV), 0x1000, NGNRE).unwrap();
+        // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+        let io = unsafe { IoMem::map_in(&bus, PhysAddr::new(DEV), 0x1000, NGNRE) }.unwrap();
         let uart = io.regs::<Pl011>(0).unwrap();
         assert!(uart.fr.is_set(FR::RXFE) && !uart.fr.is_set(FR::TXFF));
         uart.dr.set(u32::from(b'A'));
@@ -375,13 +405,15 @@ fn register_blocks_read_and_write_the_device() {
     assert_eq!((bus.maps.get(), bus.unmaps.get()), (1, 1), "unmapped on drop");
 
     // Mmio: one block, dereferenced; the offset inside the page kept.
-    let id: Mmio<PrimeCellId, _> = Mmio::map_in(&bus, PhysAddr::new(DEV + 0xfe0), NGNRE).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let id: Mmio<PrimeCellId, _> = unsafe { Mmio::map_in(&bus, PhysAddr::new(DEV + 0xfe0), NGNRE) }.unwrap();
     assert_eq!(id.io().addr(), VirtAddr::from_ptr(bus.page).add(0xfe0));
     assert_eq!(id.cell[3].get(), 0xb1);
     drop(id);
     assert_eq!(bus.unmaps.get(), 2);
     assert_eq!(
-        Mmio::<PrimeCellId, _>::map_in(&bus, PhysAddr::new(DEV + 0xff0), NGNRE).map(|_| ()),
+        // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+        unsafe { Mmio::<PrimeCellId, _>::map_in(&bus, PhysAddr::new(DEV + 0xff0), NGNRE) }.map(|_| ()),
         Err(IoremapError::NoDevice),
         "the bus refuses a block past its page"
     );

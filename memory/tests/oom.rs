@@ -121,7 +121,8 @@ fn workload(
         let before = state(vm);
         let r: Result<Option<VirtAddr>, VmallocError> = match op {
             Op::Vmalloc(size, align, flags) => vm.vmalloc_with(size, align, flags).map(Some),
-            Op::Vmap(n) => vm.vmap(&frames[..n], Prot::ReadWrite).map(|_| None),
+            // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+            Op::Vmap(n) => unsafe { vm.vmap(&frames[..n], Prot::ReadWrite) }.map(|_| None),
             Op::Ioremap => vm.ioremap(PhysAddr::new(0x0900_0004), 0x2000, DeviceAttr::DeviceNGnRE).map(|_| None),
             Op::Grow(j) | Op::Shrink(j) => match live.get(j).copied() {
                 Some(p) => {

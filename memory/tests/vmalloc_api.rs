@@ -119,7 +119,8 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     let mut vm = new_vm(256, 1024);
     let p = vm.vmalloc(2 * PAGE_SIZE).unwrap();
     let frames = [PhysAddr::new(0x8000_0000), PhysAddr::new(0x8000_1000)];
-    let m = vm.vmap(&frames, Prot::ReadWrite).unwrap();
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    let m = unsafe { vm.vmap(&frames, Prot::ReadWrite) }.unwrap();
     let before = snapshot(&vm);
     let failures = vm.stats().failures;
     assert_eq!(vm.vmalloc(0), Err(VmallocError::ZeroSize));
@@ -136,8 +137,10 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     assert_eq!(vm.iounmap(p), Err(VmallocError::WrongKind));
     assert_eq!(vm.vrealloc(m, 10), Err(VmallocError::WrongKind));
     assert_eq!(vm.vrealloc(p, 0), Err(VmallocError::ZeroSize));
-    assert_eq!(vm.vmap(&[], Prot::ReadWrite), Err(VmallocError::ZeroSize));
-    assert_eq!(vm.vmap(&[PhysAddr::new(0x8000_0010)], Prot::ReadWrite), Err(VmallocError::Misaligned));
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    assert_eq!(unsafe { vm.vmap(&[], Prot::ReadWrite) }, Err(VmallocError::ZeroSize));
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    assert_eq!(unsafe { vm.vmap(&[PhysAddr::new(0x8000_0010)], Prot::ReadWrite) }, Err(VmallocError::Misaligned));
     assert_eq!(vm.ioremap(PhysAddr::new(0x0900_0000), 0, DeviceAttr::DeviceNGnRE), Err(VmallocError::ZeroSize));
     assert_eq!(
         vm.ioremap(PhysAddr::new(SimBackend::FRAME_BASE + 8), 4, DeviceAttr::DeviceNGnRE),
@@ -336,7 +339,8 @@ fn failing_frame_k_of_n_leaves_nothing_behind() {
     // vmap and ioremap map failures.
     let before = snapshot(&vm);
     vm.sim_mut().fail_maps_after(0);
-    assert!(vm.vmap(&[PhysAddr::new(0x8000_0000)], Prot::ReadOnly).is_err());
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    assert!(unsafe { vm.vmap(&[PhysAddr::new(0x8000_0000)], Prot::ReadOnly) }.is_err());
     assert!(vm.ioremap(PhysAddr::new(0x0900_0000), 16, DeviceAttr::DeviceNGnRE).is_err());
     vm.sim_mut().clear_faults();
     assert_eq!(snapshot(&vm), before);
@@ -457,14 +461,16 @@ fn vrealloc_grows_and_shrinks_in_place_and_keeps_data() {
 fn vmap_and_ioremap() {
     let mut vm = new_vm(1024, 64);
     let frames: Vec<_> = (0..3).map(|i| PhysAddr::new(0x8000_0000 + i * PAGE * 7)).collect();
-    let m = vm.vmap(&frames, Prot::ReadOnly).unwrap();
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    let m = unsafe { vm.vmap(&frames, Prot::ReadOnly) }.unwrap();
     for (i, f) in frames.iter().enumerate() {
         assert_eq!(vm.vmalloc_to_phys(m.add(i as u64 * PAGE + 3)), Some(f.add(3)));
         assert!(vm.backend().pte(m.add(i as u64 * PAGE)).unwrap().2, "read only");
     }
     let a = vm.find_area(m).unwrap();
     assert_eq!((a.kind, a.pages, a.size), (AreaKind::Vmap, 3, 4 * PAGE));
-    let r = vm.vmap_with(&frames[..1], Prot::ReadWrite, VmFlags::NO_GUARD).unwrap();
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    let r = unsafe { vm.vmap_with(&frames[..1], Prot::ReadWrite, VmFlags::NO_GUARD) }.unwrap();
     assert_eq!(vm.find_area(r).unwrap().size, PAGE);
     let io = vm.ioremap(PhysAddr::new(0x0900_0004), 4, DeviceAttr::DeviceNGnRE).unwrap();
     assert_eq!(io.page_offset(), 4, "ioremap keeps the offset");
@@ -491,7 +497,8 @@ fn vmallocinfo_matches_linux_format() {
     let mut vm = new_vm(1024, 64);
     let (v, lv) = (vm.vmalloc(100).unwrap(), line!());
     let (m, lm) =
-        (vm.vmap(&[PhysAddr::new(0x8000_0000), PhysAddr::new(0x8000_1000)], Prot::ReadWrite).unwrap(), line!());
+        // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+        (unsafe { vm.vmap(&[PhysAddr::new(0x8000_0000), PhysAddr::new(0x8000_1000)], Prot::ReadWrite) }.unwrap(), line!());
     let (io, li) = (vm.ioremap(PhysAddr::new(0x0900_0000), 0x1000, DeviceAttr::DeviceNGnRE).unwrap(), line!());
     let f = vm.vmalloc(3 * PAGE_SIZE).unwrap();
     vm.vfree(f).unwrap();
@@ -592,7 +599,8 @@ fn locked_wrapper_refills_outside_and_try_locks_for_faults() {
     let p = lv.vzalloc(10).unwrap();
     let p = lv.vrealloc(p, 3 * PAGE_SIZE).unwrap();
     let io = lv.ioremap(PhysAddr::new(0x0900_0000), 8, DeviceAttr::DeviceNGnRE).unwrap();
-    let m = lv.vmap_with(&[PhysAddr::new(0x8000_0000)], Prot::ReadWrite, VmFlags::NO_GUARD).unwrap();
+    // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+    let m = unsafe { lv.vmap_with(&[PhysAddr::new(0x8000_0000)], Prot::ReadWrite, VmFlags::NO_GUARD) }.unwrap();
     for q in ptrs.iter().step_by(2) {
         lv.vfree(*q).unwrap();
     }

@@ -15,8 +15,9 @@ const WINDOW_PAGES: u64 = 1 << 16; // 256 MiB: full enough to purge on exhaustio
 const FRAMES: usize = 40_000; // fewer than the areas want at times
 /// 2 MiB blocks for huge areas: few, so huge areas also fall back to pages.
 const BLOCKS: usize = 24;
-const OPS: u32 = 1_000_000;
-const AUDIT_EVERY: u32 = 10_000;
+/// Fewer under Miri (an interpreter, some 1000 times slower): the same mix of operations.
+const OPS: u32 = if cfg!(miri) { 1_500 } else { 1_000_000 };
+const AUDIT_EVERY: u32 = if cfg!(miri) { 500 } else { 10_000 };
 const TARGET_LIVE: usize = 1500;
 /// Caller-owned frames for vmap live outside the simulated RAM.
 const VMAP_FRAMES: u64 = 0x1_0000_0000;
@@ -190,7 +191,8 @@ fn a_million_random_operations() {
                 let pages = size_pages(&mut rng).min(64);
                 let frames: Vec<_> = (0..pages as u64).map(|i| PhysAddr::new(next_vmap + i * PAGE)).collect();
                 let flags = if rng.random_bool(0.3) { VmFlags::NO_GUARD } else { VmFlags::NONE };
-                match vm.vmap_with(&frames, Prot::ReadWrite, flags) {
+                // SAFETY: the frames are the test's own (allocated to it) and outlive the mapping.
+                match unsafe { vm.vmap_with(&frames, Prot::ReadWrite, flags) } {
                     Ok(p) => {
                         model.push(Area {
                             ptr: p,

@@ -129,7 +129,8 @@ fn uart_id_reads_through_each_memory_type() {
         (DeviceAttr::DeviceNGnRnE, MemoryType::DeviceNGnRnE),
         (DeviceAttr::NormalNonCacheable, MemoryType::NormalNonCacheable),
     ] {
-        let io = IoMem::with_attr(base, 0x1000, attr).unwrap();
+        // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+        let io = unsafe { IoMem::with_attr(base, 0x1000, attr) }.unwrap();
         assert_eq!(memory_type(io.addr()), ty);
         let (periph, cell) = primecell_id(io.regs::<PrimeCellId>(0xfe0).unwrap());
         assert_eq!(cell, 0xb105_f00d, "PrimeCell ID through {attr:?}");
@@ -150,7 +151,8 @@ fn uart_id_reads_through_each_memory_type() {
         assert_eq!(unsafe { va.add(0x1c).as_ptr::<u32>().read_volatile() }, 0xb1);
         ioremap::iounmap(va).unwrap();
     }
-    let id: Mmio<PrimeCellId> = Mmio::new(base.add(0xfe0)).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let id: Mmio<PrimeCellId> = unsafe { Mmio::new(base.add(0xfe0)) }.unwrap();
     assert_eq!(id.io().addr().page_offset(), 0xfe0);
     assert_eq!(primecell_id(&id).1, 0xb105_f00d);
     assert!(id.io().regs::<PrimeCellId>(4).is_err(), "past the 32 bytes mapped");
@@ -206,7 +208,8 @@ fn zero_size_and_overflow_are_refused() {
     assert_eq!(ioremap::ioremap(u, usize::MAX), Err(IoremapError::Overflow));
     assert_eq!(ioremap::ioremap_wc(PhysAddr::new(PHYS_LIMIT), 4), Err(IoremapError::PhysTooHigh));
     assert_eq!(ioremap::ioremap(PhysAddr::new(PHYS_LIMIT - 8), 16), Err(IoremapError::PhysTooHigh));
-    assert_eq!(IoMem::new(u, 0).err(), Some(IoremapError::ZeroSize));
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    assert_eq!(unsafe { IoMem::new(u, 0) }.err(), Some(IoremapError::ZeroSize));
     // Above what this CPU implements (cortex-a72: 44 bits), though a descriptor could hold it.
     let bits = hal::cpu::phys_addr_bits();
     hal::print!("(CPU physical range: {bits} bits) ");
@@ -214,7 +217,8 @@ fn zero_size_and_overflow_are_refused() {
     assert!(cpu_limit <= PHYS_LIMIT);
     assert_eq!(ioremap::ioremap(PhysAddr::new(cpu_limit), 4), Err(IoremapError::PhysTooHigh));
     assert_eq!(ioremap::ioremap(PhysAddr::new(cpu_limit - 8), 16), Err(IoremapError::PhysTooHigh));
-    assert_eq!(IoMem::new(PhysAddr::new(cpu_limit - 8), 16).err(), Some(IoremapError::PhysTooHigh));
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    assert_eq!(unsafe { IoMem::new(PhysAddr::new(cpu_limit - 8), 16) }.err(), Some(IoremapError::PhysTooHigh));
     assert!(kernel::ioremap_attr(PhysAddr::new(cpu_limit), 4, DeviceAttr::DeviceNGnRE).is_err());
     let after = kernel::vmalloc_stats().unwrap();
     assert_eq!((after.live_areas, after.mapped_pages), (before.live_areas, before.mapped_pages));
@@ -240,7 +244,8 @@ fn iounmap_misuse_is_refused() {
 
 fn iounmap_parks_the_range_until_the_purge() {
     kernel::purge();
-    let io = IoMem::new(uart().start(), 0x1000).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let io = unsafe { IoMem::new(uart().start(), 0x1000) }.unwrap();
     let va = io.addr();
     let a = kernel::find_area(va).unwrap();
     io.regs::<Pl011Flags>(0).unwrap().fr.get();
@@ -252,7 +257,8 @@ fn iounmap_parks_the_range_until_the_purge() {
     assert_eq!(kernel::vmalloc_to_phys(va), None, "PTE cleared at once");
     let unpurged = alloc::format!("0x{:016x}-0x{:016x}    8192 unpurged vm_area", a.start.as_u64(), a.end.as_u64());
     assert!(vmallocinfo().contains(&unpurged), "{}", vmallocinfo());
-    let next = IoMem::new(uart().start(), 0x1000).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let next = unsafe { IoMem::new(uart().start(), 0x1000) }.unwrap();
     assert_ne!(next.addr(), va, "not reused before the flush");
     drop(next);
     kernel::purge();
@@ -262,7 +268,8 @@ fn iounmap_parks_the_range_until_the_purge() {
 }
 
 fn the_guard_page_after_a_mapping_traps() {
-    let io = IoMem::new(uart().start(), 0x1000).unwrap();
+    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+    let io = unsafe { IoMem::new(uart().start(), 0x1000) }.unwrap();
     let guard = io.addr().add(0x1000).as_usize();
     let f = probe::read_u64(guard).expect_err("guard page");
     assert_eq!(f.far as usize, guard);
@@ -288,11 +295,14 @@ fn thousand_cycles() {
     for i in 0..1000u64 {
         match i % 4 {
             0 => {
-                let io = IoMem::new(base, 0x1000).unwrap();
+                // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+                let io = unsafe { IoMem::new(base, 0x1000) }.unwrap();
                 assert_eq!(io.regs::<Pl011Flags>(0).unwrap().fr.get() & (1 << 5), 0);
             }
             1 => {
-                let id: Mmio<PrimeCellId> = Mmio::with_attr(base.add(0xfe0), DeviceAttr::DeviceNGnRnE).unwrap();
+                // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
+                let id: Mmio<PrimeCellId> =
+                    unsafe { Mmio::with_attr(base.add(0xfe0), DeviceAttr::DeviceNGnRnE) }.unwrap();
                 assert_eq!(id.cell[3].get(), 0xb1);
             }
             2 => {

@@ -420,12 +420,43 @@ fn handles_own_their_areas() {
     drop(b);
     assert_eq!(kernel::vfree(addr), Err(VmallocError::DoubleFree), "dropping the box freed it");
     let uart = hal::boot::boot_info().unwrap().platform.uart.unwrap();
-    let io = memory::ioremap::IoMem::new(uart.start(), 0x1000).unwrap();
+    // SAFETY: the console owns the UART, but this handle touches none of its registers:
+    // it is only mapped and dropped, to see a plain iounmap of it refused.
+    let io = unsafe { memory::ioremap::IoMem::new(uart.start(), 0x1000) }.unwrap();
     assert_eq!(kernel::iounmap(io.addr()), Err(VmallocError::Owned));
     drop(io);
 }
 
+/// Issue 12: the RAM / image / DTB check of `kernel::vmap` lived only in that wrapper, so
+/// `vmalloc_instance().vmap_with(..)` mapped GIC registers as Normal RW, aliased `.text`
+/// writable or mapped the device tree (each `Ok` before the fix). It is now vmalloc's own.
+fn vmap_refuses_what_is_not_free_standing_ram_on_every_path() {
+    use memory::vmalloc::Prot;
+    let info = hal::boot::boot_info().unwrap();
+    let vm = kernel::vmalloc_instance().unwrap();
+    let live = kernel::vmalloc_stats().unwrap().live_areas;
+    let page = |pa: hal::PhysAddr| hal::PhysAddr::new(pa.as_u64() & !(PAGE as u64 - 1));
+    let gic = info.platform.gic_distributor.unwrap().start();
+    let dtb = page(info.platform.dtb.start());
+    let text = page(info.image.text.start());
+    let data = page(info.image.data.start());
+    for (what, pa) in [("GIC distributor", gic), ("device tree", dtb), (".text", text), (".data", data)] {
+        // SAFETY: refused before anything is mapped (that is what is tested); were it not,
+        // the area would be unmapped at once below, never touched.
+        let r = unsafe { vm.vmap_with(&[pa], Prot::ReadWrite, VmFlags::NONE) };
+        if let Ok(va) = r {
+            vm.vunmap(va).unwrap();
+        }
+        assert_eq!(r, Err(VmallocError::NotRam), "{what} at {pa:#x} through vmalloc_instance().vmap_with");
+        // SAFETY: as above.
+        let r = unsafe { kernel::vmap(&[pa], Prot::ReadWrite, VmFlags::NONE) };
+        assert_eq!(r, Err(VmallocError::NotRam), "{what} at {pa:#x} through kernel::vmap");
+    }
+    assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live, "nothing stays mapped");
+}
+
 tests::main!(
+    test!(vmap_refuses_what_is_not_free_standing_ram_on_every_path),
     test!(areas_up_to_64_mib_hold_their_data),
     test!(huge_areas_map_2mib_blocks_and_keep_their_guard),
     test!(one_past_a_page_sized_area_traps_and_is_named),

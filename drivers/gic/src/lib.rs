@@ -81,7 +81,11 @@ pub(crate) struct Regs {
 impl Regs {
     fn map(range: hal::PhysRange) -> Result<Self, GicError> {
         let size = usize::try_from(range.size()).map_err(|_| GicError::NoDevice)?;
-        let io = IoMem::new(range.start(), size).map_err(GicError::Map)?;
+        // SAFETY: the GIC driver owns the interrupt controller exclusively: its ranges
+        // come from the device tree's GIC node and `init` maps them once (`GIC: Once`);
+        // nothing else programs the distributor, redistributors or CPU interface (the
+        // boot probe only reads two identification registers), and a GIC does no DMA.
+        let io = unsafe { IoMem::new(range.start(), size) }.map_err(GicError::Map)?;
         let len = io.len();
         Ok(Self { base: io.leak().as_usize(), len })
     }

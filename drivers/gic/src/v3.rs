@@ -43,7 +43,7 @@ impl GicV3 {
     ///
     /// # Errors
     /// [`GicError::NoDevice`] without both ranges, or a mapping error.
-    pub fn new(node: &GicNode) -> Result<Self, GicError> {
+    pub(crate) fn new(node: &GicNode) -> Result<Self, GicError> {
         let gicd = Regs::map(node.regs[0].ok_or(GicError::NoDevice)?)?;
         let gicr = Regs::map(node.regs[1].ok_or(GicError::NoDevice)?)?;
         let lines = (32 * ((gicd.read32(GICD_TYPER) & 0x1f) + 1)).min(1020);

@@ -211,6 +211,13 @@ struct Pos {
 ///
 /// `A` is where quanta come from: [`VmallocQuanta`] (vzalloc/vfree) in the kernel, a
 /// counting mock in host tests.
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<scullv::ScullV>();
+/// ```
 pub struct ScullV<A: QuantumAlloc = VmallocQuanta> {
     alloc: A,
     order: u32,
@@ -231,8 +238,10 @@ pub struct ScullV<A: QuantumAlloc = VmallocQuanta> {
 }
 
 // SAFETY: the device owns its quanta exclusively (the `QuantumAlloc` contract) and they stay
-// valid on any CPU, and its arrays are ordinary heap memory; moving the device moves that
-// ownership with it. The allocator moves along too, hence `A: Send`.
+// valid on any CPU (kernel memory in the mappings every core shares), and its arrays are
+// ordinary heap memory; moving the device moves that ownership with it, and every access
+// takes `&self`/`&mut self` of the one owner. Not `Sync`: cores share a device only behind
+// a lock. The allocator moves along too, hence `A: Send`.
 unsafe impl<A: QuantumAlloc + Send> Send for ScullV<A> {}
 
 impl ScullV<VmallocQuanta> {

@@ -453,14 +453,17 @@ fn model_run(order: u32, qset: usize, seed: u64, ops: usize) {
     assert_eq!(mock.live(), 0);
 }
 
+/// Operations per model run; fewer under Miri (an interpreter), same mix.
+const MODEL_OPS: usize = if cfg!(miri) { 300 } else { 10_000 };
+
 #[test]
 fn random_ops_match_a_vec_model() {
-    model_run(0, 3, 0x5eed_0001, 10_000);
+    model_run(0, 3, 0x5eed_0001, MODEL_OPS);
 }
 
 #[test]
 fn random_ops_match_a_vec_model_other_geometries() {
-    model_run(0, 1, 0x5eed_0002, 10_000);
-    model_run(1, 2, 0x5eed_0003, 10_000);
-    model_run(2, 7, 0x5eed_0004, 10_000);
+    model_run(0, 1, 0x5eed_0002, MODEL_OPS);
+    model_run(1, 2, 0x5eed_0003, MODEL_OPS);
+    model_run(2, 7, 0x5eed_0004, MODEL_OPS);
 }

@@ -154,6 +154,8 @@ pub enum ProbeError {
     UnknownDevice(u32),
     /// Another `MmioDevice` drives this transport.
     Busy,
+    /// The slot is not a `virtio,mmio` node of the device tree ([`mmio_slots`]).
+    NotVirtioSlot,
     /// virtio-drivers refused the transport.
     Transport(MmioError),
 }
@@ -170,6 +172,7 @@ impl fmt::Display for ProbeError {
             ProbeError::Empty => f.write_str("empty slot (device id 0)"),
             ProbeError::UnknownDevice(id) => write!(f, "unknown virtio device id {id}"),
             ProbeError::Busy => f.write_str("already driven"),
+            ProbeError::NotVirtioSlot => f.write_str("not a virtio,mmio transport of the device tree"),
             ProbeError::Transport(e) => write!(f, "transport refused: {e}"),
         }
     }
@@ -230,8 +233,17 @@ impl MmioDevice {
         if slot.size < HEADER_SIZE {
             return Err(ProbeError::TooSmall(slot.size));
         }
+        // Only a transport the device tree lists: a hand-made slot could point at the
+        // GIC or the console UART.
+        if !mmio_slots().iter().any(|s| s.phys == slot.phys && s.size == slot.size) {
+            return Err(ProbeError::NotVirtioSlot);
+        }
         let claim = Claim::take(slot.phys).ok_or(ProbeError::Busy)?;
-        let mapping = IoMem::new(slot.phys, slot.size).map_err(ProbeError::Map)?;
+        // SAFETY: `claim` makes this the only `MmioDevice` of the transport at
+        // `slot.phys`, and the slot is one the device tree lists as `virtio,mmio` (checked
+        // above), so no other driver or the console owns it. Its DMA goes only to buffers
+        // this driver allocates and shares through `VirtioHal`.
+        let mapping = unsafe { IoMem::new(slot.phys, slot.size) }.map_err(ProbeError::Map)?;
         let header = Header::read(&mapping);
         let device_type = header.classify()?;
         let ptr = NonNull::new(mapping.addr().as_mut_ptr::<VirtIOHeader>())

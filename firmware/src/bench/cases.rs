@@ -586,7 +586,8 @@ pub fn vm_map_ram_test(c: &mut Ctx) -> Outcome {
     let mut rv = if got == n { Ok(()) } else { Err(()) };
     if rv.is_ok() {
         for i in 0..c.loops {
-            let va = match kernel::vmap(&pages, Prot::ReadWrite, VmFlags::NO_GUARD) {
+            // SAFETY: the frames were just allocated to this benchmark and outlive the mapping.
+            let va = match unsafe { kernel::vmap(&pages, Prot::ReadWrite, VmFlags::NO_GUARD) } {
                 Ok(va) => va,
                 Err(e) => {
                     c.model_alloc_error(e);

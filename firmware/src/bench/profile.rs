@@ -327,7 +327,8 @@ pub fn run(info: &hal::boot::BootInfo) {
         row(
             "vmap + vunmap, no guard (vmalloc bookkeeping + PTEs)",
             time(LOOPS, || {
-                if let Ok(v) = kernel::vmap(f, Prot::ReadWrite, VmFlags::NO_GUARD) {
+                // SAFETY: the frames were just allocated to this benchmark and outlive the mapping.
+                if let Ok(v) = unsafe { kernel::vmap(f, Prot::ReadWrite, VmFlags::NO_GUARD) } {
                     let _ = kernel::vunmap(v);
                 }
             }),

@@ -50,7 +50,8 @@ fn row(n: usize, strict: bool) -> Option<(u64, u64, u64, usize)> {
     for i in 0..n {
         let a = c.vmalloc(PAGE_SIZE);
         live.set(i, a.map(|a| a.va));
-        match kernel::vmap(&[frame], Prot::ReadWrite, VmFlags::NONE) {
+        // SAFETY: the frames were just allocated to this benchmark and outlive the mapping.
+        match unsafe { kernel::vmap(&[frame], Prot::ReadWrite, VmFlags::NONE) } {
             Ok(va) => {
                 c.model.mapped(1, 0);
                 junk.set(i, Some(va));

@@ -172,21 +172,21 @@ pub struct PageTable {
     window: Window,
 }
 
-/// A [`LinearMap`] window: physical `pa .. pa + len` is reached at `va ..`.
+/// A [`LinearMap`] window: physical `pa .. pa + len`, reached through the map's pointer
+/// ([`LinearMap::ptr_at_offset`]).
 #[derive(Clone, Copy, Debug)]
 struct Window {
     pa: u64,
     len: u64,
-    va: u64,
 }
 
 impl Window {
     fn of(linear: &LinearMap) -> Self {
         let phys = linear.phys_range();
         match linear.phys_to_virt(phys.start()) {
-            Some(va) => Self { pa: phys.start().as_u64(), len: phys.size(), va: va.as_u64() },
+            Some(_) => Self { pa: phys.start().as_u64(), len: phys.size() },
             // An empty window: every lookup goes to `LinearMap::ptr`, which refuses it.
-            None => Self { pa: 0, len: 0, va: 0 },
+            None => Self { pa: 0, len: 0 },
         }
     }
 }
@@ -1236,7 +1236,7 @@ impl PageTable {
             // has both low bits set, and its table lies in the window.
             let off = (raw & OUTPUT_ADDR_MASK).wrapping_sub(self.window.pa);
             table = if (raw & PAGE_BITS == PAGE_BITS) & (off < self.window.len) {
-                VirtAddr::new(self.window.va + off).as_mut_ptr()
+                self.linear.ptr_at_offset(off)
             } else {
                 self.table_base(Descriptor::from_raw(raw).table_address(level)?)
             };
@@ -1315,7 +1315,7 @@ impl PageTable {
         // `len` (the window ends by 2^64).
         let off = table.as_u64().wrapping_sub(self.window.pa);
         if off < self.window.len {
-            VirtAddr::new(self.window.va + off).as_mut_ptr()
+            self.linear.ptr_at_offset(off)
         } else {
             self.linear.ptr::<u64>(table)
         }

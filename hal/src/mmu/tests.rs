@@ -45,7 +45,7 @@ impl Arena {
         assert!(!buf.is_null());
         let phys = PhysRange::new(PhysAddr::new(RAM_BASE), layout.size() as u64).unwrap();
         // SAFETY: `buf` is ours until `drop`, reached only through raw pointers from here on.
-        let linear = unsafe { LinearMap::new(phys, VirtAddr::from_ptr(buf)) };
+        let linear = unsafe { LinearMap::from_ptr(phys, buf) };
         let free = (0..pages as u64).rev().map(|i| RAM_BASE + i * PG).collect();
         Self {
             buf,
@@ -716,7 +716,12 @@ fn run_model(base: u64, half: VaRange, ops: &[Op]) -> Result<(), TestCaseError> 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    // Under Miri: few cases, and no failure persistence (its isolation refuses files).
+    #![proptest_config(ProptestConfig {
+        cases: if cfg!(miri) { 4 } else { 512 },
+        failure_persistence: if cfg!(miri) { None } else { ProptestConfig::default().failure_persistence },
+        ..ProptestConfig::default()
+    })]
 
     /// A window that crosses an L0, an L1 and L2 boundaries in the lower half.
     #[test]
@@ -1686,7 +1691,8 @@ fn model_step(h: &mut Half, rng: &mut Rng, journal: &Journal, step: usize, stats
 #[test]
 fn ten_thousand_random_operations_agree_with_a_model_and_break_before_make() {
     let seed = std::env::var("MMU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_0003);
-    let steps: usize = std::env::var("MMU_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let steps: usize =
+        std::env::var("MMU_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(if cfg!(miri) { 150 } else { 10_000 });
     let mut rng = Rng(seed);
     let journal: Journal = Rc::default();
     let mut halves = [

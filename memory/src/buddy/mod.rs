@@ -87,6 +87,7 @@
 //! lock may be held while its lock is taken (lock order: slab caches, then buddy).
 
 use core::fmt;
+use core::marker::PhantomData;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use hal::addr::{PhysAddr, PhysRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
@@ -387,27 +388,55 @@ impl FrameMap {
 /// Every tag is 0 after [`BuddyAllocator::new`]. The buddy allocator itself never reads
 /// or writes them afterwards: an owner that sets tags must reset them to 0 before it
 /// frees the block. Accesses are atomic, so tags can be read without the allocator lock.
+///
+/// The handle borrows the allocator it came from, so it cannot outlive it (the tag array
+/// is the allocator's metadata):
+///
+/// ```compile_fail,E0505
+/// # fn f(b: memory::buddy::BuddyAllocator, pa: hal::PhysAddr) {
+/// let t = b.frame_tags();
+/// drop(b);                 // error: `b` is borrowed by `t`
+/// let _ = t.tag(pa);
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug)]
-pub struct FrameTags {
+pub struct FrameTags<'a> {
     base: *const AtomicU8,
     map: FrameMap,
+    _allocator: PhantomData<&'a BuddyAllocator>,
 }
 
-// SAFETY: the tags are atomics in RAM that the allocator reserved for them for its whole
-// lifetime (see `BuddyAllocator::new`); sharing the pointer between threads is sharing
-// atomics.
-unsafe impl Send for FrameTags {}
-// SAFETY: as for `Send`: every access goes through `AtomicU8`.
-unsafe impl Sync for FrameTags {}
+// SAFETY: the handle is a shared view of the allocator's tag array, `AtomicU8`s in RAM the
+// allocator reserved for its whole lifetime (see `BuddyAllocator::new`), which the
+// lifetime `'a` outlasts. Every access, from any core, is an atomic operation, and the
+// buddy allocator itself never touches a tag after `new`, so moving the handle to another
+// core (or using it on several at once) is sharing atomics.
+unsafe impl Send for FrameTags<'_> {}
+// SAFETY: as for `Send`: `&FrameTags` only gives `&AtomicU8`s, and concurrent atomic
+// accesses from several cores are defined.
+unsafe impl Sync for FrameTags<'_> {}
 
-impl FrameTags {
+impl<'a> FrameTags<'a> {
+    /// The same handle with a lifetime the caller chooses (the slab allocator keeps one for
+    /// as long as it borrows the buddy allocator's mutex, not one guard).
+    ///
+    /// # Safety
+    /// The RAM of the tag array must stay the allocator's for `'b`: the allocator this
+    /// handle came from (or, when it was moved or replaced in its mutex, the RAM its
+    /// contract in [`BuddyAllocator::new`] keeps reserved while a block it handed out is in
+    /// use) must not be given back for `'b`.
+    pub(crate) unsafe fn extend<'b>(self) -> FrameTags<'b> {
+        FrameTags { base: self.base, map: self.map, _allocator: PhantomData }
+    }
+
     /// The tag of the frame holding `pa`, or `None` outside managed RAM.
     ///
     /// # Example
     /// ```no_run
     /// use core::sync::atomic::Ordering;
-    /// let tags = memory::buddy::global().unwrap().lock().frame_tags();
     /// let f = memory::buddy::Frames::alloc(0)?;
+    /// let buddy = memory::buddy::global().unwrap().lock();
+    /// let tags = buddy.frame_tags();
     /// tags.tag(f.phys()).unwrap().store(0x42, Ordering::Release); // "this frame is a ring buffer"
     /// tags.tag(f.phys()).unwrap().store(0, Ordering::Release);    // reset before the block is freed
     /// # Ok::<(), memory::buddy::BuddyError>(())
@@ -426,8 +455,9 @@ impl FrameTags {
     /// # Example
     /// ```no_run
     /// use core::sync::atomic::Ordering;
-    /// let tags = memory::buddy::global().unwrap().lock().frame_tags();
     /// let block = memory::buddy::Frames::alloc(2)?;                // 4 frames
+    /// let buddy = memory::buddy::global().unwrap().lock();
+    /// let tags = buddy.frame_tags();
     /// let all = tags.tags(block.phys(), 4).unwrap();
     /// assert!(all.iter().all(|t| t.load(Ordering::Acquire) == 0));
     /// # Ok::<(), memory::buddy::BuddyError>(())
@@ -449,7 +479,8 @@ impl FrameTags {
     ///
     /// # Example
     /// ```no_run
-    /// let tags = memory::buddy::global().unwrap().lock().frame_tags();
+    /// let buddy = memory::buddy::global().unwrap().lock();
+    /// let tags = buddy.frame_tags();
     /// let frames = tags.frame_map().frames();
     /// # let _ = frames;
     /// ```
@@ -785,6 +816,13 @@ const WMARK_MIN: usize = 0;
 
 /// A binary buddy allocator of physical frames, split in zones. See the
 /// [module documentation](self).
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::buddy::BuddyAllocator>();
+/// ```
 pub struct BuddyAllocator {
     map: FrameMap,
     /// State byte array (virtual address through the linear map).
@@ -807,7 +845,12 @@ pub struct BuddyAllocator {
 }
 
 // SAFETY: the raw pointers lead to the allocator's own metadata and to free RAM it owns
-// exclusively (the contract of `BuddyAllocator::new`); nothing ties them to a thread.
+// exclusively (the contract of `BuddyAllocator::new`), reached through the linear map that
+// every core shares; nothing ties them to a core. Every mutation takes `&mut self`, so the
+// allocator is used by one core at a time: it is not `Sync`, and the kernel shares it
+// behind a `spin::Mutex`, whose acquire/release orders one core's metadata writes before
+// the next holder's reads. (The frame tags, the one part reached through `&self`, are
+// atomics: see `FrameTags`.)
 unsafe impl Send for BuddyAllocator {}
 
 impl fmt::Debug for BuddyAllocator {
@@ -850,7 +893,8 @@ impl BuddyAllocator {
     ///
     /// # Safety
     /// Every byte of `regions` outside `reserved` must be RAM that nothing else uses, for
-    /// as long as the allocator or any block it hands out is in use: the allocator
+    /// as long as the allocator, any block it hands out, or a slab allocator built on it
+    /// (which keeps its [`FrameTags`]) is in use: the allocator
     /// writes its metadata and free lists there. `linear` must satisfy its own contract
     /// for that long.
     ///
@@ -2050,16 +2094,17 @@ impl BuddyAllocator {
         &self.map
     }
 
-    /// The per-frame owner tags (see [`FrameTags`]). The handle stays valid as long as
-    /// the RAM the allocator was built over stays mapped (the contract of [`Self::new`]).
+    /// The per-frame owner tags (see [`FrameTags`]), borrowing the allocator (usable
+    /// without its lock while the borrow lasts).
     ///
     /// # Example
     /// ```no_run
-    /// let tags = memory::buddy::global().unwrap().lock().frame_tags(); // usable without the lock
+    /// let buddy = memory::buddy::global().unwrap().lock();
+    /// let tags = buddy.frame_tags(); // atomics: no `&mut` needed
     /// # let _ = tags;
     /// ```
-    pub fn frame_tags(&self) -> FrameTags {
-        FrameTags { base: self.tags, map: self.map }
+    pub fn frame_tags(&self) -> FrameTags<'_> {
+        FrameTags { base: self.tags, map: self.map, _allocator: PhantomData }
     }
 
     /// A snapshot of the counters.

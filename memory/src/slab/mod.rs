@@ -62,7 +62,7 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use hal::addr::{PhysAddr, PAGE_SIZE};
 use spin::{Mutex, Once};
@@ -118,8 +118,13 @@ const SLAB_MAGIC: u32 = 0x51ab_0000;
 const TAG_NONE: u8 = 0;
 /// Frame inside (not first) of a large allocation.
 const TAG_LARGE_TAIL: u8 = 0x40;
-/// First frame of a large allocation; low bits: order.
+/// First frame of a large allocation; bits 0-3: order, bits 4-6: the allocator's
+/// [`SlabAllocator::brand`] modulo 8.
 const TAG_LARGE: u8 = 0x80;
+/// The order bits of a large tag.
+const TAG_LARGE_ORDER: u8 = 0x0f;
+/// The brand bits of a large tag.
+const TAG_LARGE_BRAND_SHIFT: u32 = 4;
 // 1..=MAX_CACHES: frame of a slab of cache `tag - 1`.
 
 /// Why a slab operation was refused.
@@ -158,6 +163,12 @@ pub enum SlabError {
     /// memory comes from any zone (Linux treats `kmalloc(GFP_DMA32)` as a bug); a device
     /// that needs low memory takes frames with `buddy::alloc_pages_gfp`.
     ZoneModifier,
+    /// A [`CacheId`] of another slab allocator.
+    WrongAllocator,
+    /// A [`CacheId`] of a cache that has been destroyed.
+    StaleCache,
+    /// Every allocator identity ([`SlabAllocator::brand`], 2^32 − 1 of them) is used.
+    TooManyAllocators,
 }
 
 impl fmt::Display for SlabError {
@@ -178,6 +189,9 @@ impl fmt::Display for SlabError {
             SlabError::NotInitialized => "slab allocator not initialised",
             SlabError::AlreadyInitialized => "slab allocator already initialised",
             SlabError::ZoneModifier => "kmalloc with a zone modifier (GFP_DMA32/GFP_DMA)",
+            SlabError::WrongAllocator => "cache id of another slab allocator",
+            SlabError::StaleCache => "cache id of a destroyed cache",
+            SlabError::TooManyAllocators => "no slab allocator identity left",
         })
     }
 }
@@ -307,7 +321,9 @@ struct SlabHeader {
     inuse: u32,
     /// Index of the first free object, or [`NIL`].
     free: u32,
-    _pad: u32,
+    /// The owning allocator's [`SlabAllocator::brand`]: `kfree` through another allocator
+    /// that shares the buddy (so the frame tags) is refused with `NotOwned`.
+    brand: u32,
     /// Partial list links.
     next: *mut SlabHeader,
     prev: *mut SlabHeader,
@@ -326,6 +342,9 @@ struct Cache {
     name: &'static str,
     /// Whether the slot holds a cache.
     live: bool,
+    /// Bumped each time a cache is created in the slot: a [`CacheId`] names one
+    /// generation, so the id of a destroyed cache does not reach its successor.
+    generation: u32,
     geo: Geometry,
     /// Slabs with at least one free object (doubly linked through their headers).
     partial: *mut SlabHeader,
@@ -338,14 +357,19 @@ struct Cache {
     slabs: usize,
 }
 
-// SAFETY: the pointers lead to slabs this cache owns (buddy blocks it allocated), touched
-// only under the cache's lock.
+// SAFETY: the pointers lead to slabs this cache owns (buddy blocks it allocated, reached
+// through the linear map every core shares), and a `Cache` is only ever used under its
+// slot's `spin::Mutex`: whichever core holds the lock has the only access, and the lock's
+// acquire/release makes the previous holder's writes to headers, bitmaps and free lists
+// visible to it. Another slab allocator on the same buddy never touches them (its `kfree`
+// checks the brand in the header, read-only, before anything else).
 unsafe impl Send for Cache {}
 
 impl Cache {
     const VACANT: Cache = Cache {
         name: "",
         live: false,
+        generation: 0,
         geo: Geometry { size: 0, align: 0, stride: 0, order: 0, objs: 0, first: 0, recip: 0 },
         partial: ptr::null_mut(),
         empty: ptr::null_mut(),
@@ -460,8 +484,19 @@ pub struct SlabStats {
 }
 
 /// A named cache of a [`SlabAllocator`]. Not `Copy`: destroying the cache consumes it.
+///
+/// It carries the identity of its allocator ([`SlabAllocator::brand`]) and the generation
+/// of its slot: used on another allocator it is refused with [`SlabError::WrongAllocator`],
+/// on a cache since destroyed with [`SlabError::StaleCache`]; nothing is touched then.
 #[derive(Debug, PartialEq, Eq)]
-pub struct CacheId(u8);
+pub struct CacheId {
+    slot: u8,
+    generation: u32,
+    brand: u32,
+}
+
+/// The next [`SlabAllocator::brand`] (0 is never one).
+static NEXT_BRAND: AtomicU32 = AtomicU32::new(1);
 
 /// How many freed large objects a [`SlabAllocator`] remembers, to report a second `kfree`
 /// of one as [`SlabError::DoubleFree`] (their frames are back with the buddy allocator, so
@@ -471,7 +506,11 @@ pub const FREED_LARGE_HISTORY: usize = 64;
 /// A slab allocator over a buddy allocator. See the [module documentation](self).
 pub struct SlabAllocator<'b> {
     buddy: &'b Mutex<BuddyAllocator>,
-    tags: FrameTags,
+    /// This allocator's identity, written into its slab headers, large tags and cache ids.
+    brand: u32,
+    tags: FrameTags<'b>,
+    /// The buddy's linear map: object pointers are derived from its pointer (provenance).
+    linear: hal::linear::LinearMap,
     /// `virtual = physical + va_delta` (wrapping) in the linear map.
     va_delta: u64,
     strict: bool,
@@ -517,7 +556,11 @@ impl<'b> SlabAllocator<'b> {
     pub fn new(buddy: &'b Mutex<BuddyAllocator>, strict: bool) -> Result<Self, SlabError> {
         let (tags, linear) = {
             let b = buddy.lock();
-            (b.frame_tags(), *b.linear_map())
+            // SAFETY: the slab allocator borrows the buddy's mutex for `'b`, so the
+            // allocator in it cannot be dropped meanwhile; and should it be swapped out of
+            // the mutex, `BuddyAllocator::new`'s contract keeps its RAM (the tag array
+            // included) reserved while a slab allocator built on it is in use.
+            (unsafe { b.frame_tags().extend::<'b>() }, *b.linear_map())
         };
         let start = linear.phys_range().start();
         let va = linear.phys_to_virt(start).ok_or(SlabError::MisalignedLinearMap)?;
@@ -525,9 +568,14 @@ impl<'b> SlabAllocator<'b> {
         if va_delta & ((PAGE_SIZE << MAX_ORDER) as u64 - 1) != 0 {
             return Err(SlabError::MisalignedLinearMap);
         }
+        let brand = NEXT_BRAND
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_add(1))
+            .map_err(|_| SlabError::TooManyAllocators)?;
         let s = SlabAllocator {
             buddy,
+            brand,
             tags,
+            linear,
             va_delta,
             strict,
             caches: core::array::from_fn(|_| Mutex::new(Cache::VACANT)),
@@ -546,6 +594,46 @@ impl<'b> SlabAllocator<'b> {
         Ok(s)
     }
 
+    /// This allocator's identity: distinct for every slab allocator made (never 0). Its
+    /// slabs, large blocks (modulo 8: see [`Self::kfree`]) and [`CacheId`]s carry it.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::slab::{SlabAllocator, SlabError};
+    /// let buddy = memory::buddy::global().ok_or(SlabError::NotInitialized)?;
+    /// let private = SlabAllocator::new(buddy, false)?;
+    /// assert_ne!(private.brand(), memory::slab::global().unwrap().brand());
+    /// # Ok::<(), SlabError>(())
+    /// ```
+    pub fn brand(&self) -> u32 {
+        self.brand
+    }
+
+    /// The large tag of a block of `order` of this allocator.
+    #[inline(always)]
+    fn large_tag(&self, order: usize) -> u8 {
+        TAG_LARGE | ((self.brand & 7) as u8) << TAG_LARGE_BRAND_SHIFT | order as u8
+    }
+
+    /// Whether a large tag is one of this allocator's (the brand bits agree).
+    #[inline(always)]
+    fn owns_large(&self, tag: u8) -> bool {
+        tag & !TAG_LARGE_ORDER == self.large_tag(0)
+    }
+
+    /// Checks `id` names a live cache of this allocator and returns its slot.
+    fn slot_of(&self, id: &CacheId) -> Result<usize, SlabError> {
+        if id.brand != self.brand {
+            return Err(SlabError::WrongAllocator);
+        }
+        let slot = id.slot as usize;
+        let c = self.caches.get(slot).ok_or(SlabError::WrongAllocator)?.lock();
+        if !c.live || c.generation != id.generation {
+            return Err(SlabError::StaleCache);
+        }
+        Ok(slot)
+    }
+
     /// Whether strict mode is on.
     ///
     /// # Example
@@ -560,7 +648,9 @@ impl<'b> SlabAllocator<'b> {
 
     #[inline(always)]
     fn va(&self, pa: u64) -> *mut u8 {
-        pa.wrapping_add(self.va_delta) as usize as *mut u8
+        // Derived from the linear map's pointer, not cast from an integer: the block keeps
+        // the provenance of the RAM (Miri's strict provenance on the host).
+        self.linear.ptr(PhysAddr::new(pa))
     }
 
     #[inline(always)]
@@ -714,15 +804,22 @@ impl<'b> SlabAllocator<'b> {
             TAG_NONE => Err(SlabError::NotOwned),
             TAG_LARGE_TAIL => Err(SlabError::NotObjectStart),
             t if t & TAG_LARGE != 0 => {
+                if !self.owns_large(t) {
+                    return Err(SlabError::NotOwned);
+                }
                 if pa.page_offset() != 0 {
                     return Err(SlabError::NotObjectStart);
                 }
-                Ok(PAGE_SIZE << (t & !TAG_LARGE))
+                Ok(PAGE_SIZE << (t & TAG_LARGE_ORDER))
             }
             t => {
-                let c = self.caches.get(t as usize - 1).ok_or(SlabError::Corrupted)?.lock();
+                let id = t as usize - 1;
+                let c = self.caches.get(id).ok_or(SlabError::Corrupted)?.lock();
                 let g = c.geo;
                 let off = pa.as_u64() & (g.slab_bytes() as u64 - 1);
+                if !c.live || !self.slab_is_ours(ptr.as_ptr().wrapping_sub(off as usize).cast(), id) {
+                    return Err(SlabError::NotOwned);
+                }
                 let rel = off.checked_sub(g.first as u64).ok_or(SlabError::NotObjectStart)?;
                 if rel % g.stride as u64 != 0 || rel / g.stride as u64 >= g.objs as u64 {
                     return Err(SlabError::NotObjectStart);
@@ -751,7 +848,7 @@ impl<'b> SlabAllocator<'b> {
         for t in &tags[1..] {
             t.store(TAG_LARGE_TAIL, Ordering::Relaxed);
         }
-        tags[0].store(TAG_LARGE | order as u8, Ordering::Release);
+        tags[0].store(self.large_tag(order), Ordering::Release);
         self.large_allocs.fetch_add(1, Ordering::Relaxed);
         self.large_pages.fetch_add(1 << order, Ordering::Relaxed);
         // SAFETY: a block of managed RAM is never at address 0 of the linear map.
@@ -759,10 +856,13 @@ impl<'b> SlabAllocator<'b> {
     }
 
     fn free_large(&self, pa: PhysAddr, tag: u8, head: &AtomicU8) -> Result<(), SlabError> {
+        if !self.owns_large(tag) {
+            return Err(SlabError::NotOwned);
+        }
         if pa.page_offset() != 0 {
             return Err(SlabError::NotObjectStart);
         }
-        let order = (tag & !TAG_LARGE) as usize;
+        let order = (tag & TAG_LARGE_ORDER) as usize;
         // Claim the block: of two racing frees, one wins, the other sees a double free.
         if head.compare_exchange(tag, TAG_NONE, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             return Err(SlabError::DoubleFree);
@@ -919,7 +1019,7 @@ impl<'b> SlabAllocator<'b> {
                 magic: SLAB_MAGIC | id as u32,
                 inuse: 0,
                 free: 0,
-                _pad: 0,
+                brand: self.brand,
                 next: ptr::null_mut(),
                 prev: ptr::null_mut(),
             });
@@ -991,8 +1091,14 @@ impl<'b> SlabAllocator<'b> {
         let off = pa.as_u64() as usize & (g.slab_bytes() - 1);
         let base = ptr.wrapping_sub(off);
         let s = base.cast::<SlabHeader>();
-        // SAFETY: the tag says the frame belongs to a slab of this cache, whose block is
-        // aligned on its size, so its header is at `base`; the cache's lock is held.
+        // Another allocator on the same buddy writes the same tags: its slab is not ours
+        // to touch (its lock is not held), so nothing below may run on it.
+        if !self.slab_is_ours(s, id) {
+            return Err(SlabError::NotOwned);
+        }
+        // SAFETY: the tag says the frame belongs to a slab of cache `id` whose block is
+        // aligned on its size, so its header is at `base`; it is ours (brand checked) and
+        // the cache's lock is held.
         let magic = unsafe { (*s).magic };
         if magic != SLAB_MAGIC | id as u32 {
             self.corruptions.fetch_add(1, Ordering::Relaxed);
@@ -1048,6 +1154,22 @@ impl<'b> SlabAllocator<'b> {
         Ok(())
     }
 
+    /// Whether the slab whose header is at `s` (a frame tag says: a slab of cache `id` of
+    /// some allocator on our buddy) is one of ours. Reads only `magic` and `brand`, which
+    /// its owner wrote before publishing the frame tags (release; our tag load acquires)
+    /// and does not change while the slab has a live object (the pointer freed, by the
+    /// caller's contract): a read that races with nothing, whoever owns the slab.
+    #[inline(always)]
+    fn slab_is_ours(&self, s: *const SlabHeader, id: usize) -> bool {
+        // SAFETY: the frame tag (not `TAG_NONE`) says the block at `s` is a live slab of a
+        // slab allocator sharing our buddy; its header's `magic` and `brand` are plain
+        // `u32`s written once when the slab was made, read here without a reference to the
+        // header (raw place reads), so nothing its owner does under its own lock to the
+        // other fields is aliased.
+        let (magic, brand) = unsafe { (ptr::addr_of!((*s).magic).read(), ptr::addr_of!((*s).brand).read()) };
+        brand == self.brand && magic == SLAB_MAGIC | id as u32
+    }
+
     /// Strict mode: checks (and restores) the red zone of an object being freed.
     #[cold]
     fn check_red_zone(&self, name: &str, g: &Geometry, obj: *mut u8) {
@@ -1083,8 +1205,9 @@ impl<'b> SlabAllocator<'b> {
         for (i, slot) in self.caches.iter().enumerate().skip(NR_KMALLOC) {
             let mut c = slot.lock();
             if !c.live {
-                *c = Cache { name, live: true, geo, ..Cache::VACANT };
-                return Ok(CacheId(i as u8));
+                let generation = c.generation.wrapping_add(1);
+                *c = Cache { name, live: true, generation, geo, ..Cache::VACANT };
+                return Ok(CacheId { slot: i as u8, generation, brand: self.brand });
             }
         }
         Err(SlabError::TooManyCaches)
@@ -1093,7 +1216,8 @@ impl<'b> SlabAllocator<'b> {
     /// Allocates an object from a named cache.
     ///
     /// # Errors
-    /// [`SlabError::OutOfMemory`].
+    /// [`SlabError::OutOfMemory`]; [`SlabError::WrongAllocator`] or
+    /// [`SlabError::StaleCache`] for an id of another allocator or of a destroyed cache.
     ///
     /// # Example
     /// ```no_run
@@ -1104,13 +1228,18 @@ impl<'b> SlabAllocator<'b> {
     /// # Ok::<(), memory::slab::SlabError>(())
     /// ```
     pub fn cache_alloc(&self, cache: &CacheId) -> Result<NonNull<u8>, SlabError> {
-        self.alloc_from(cache.0 as usize, GFP_KERNEL)
+        let slot = match self.slot_of(cache) {
+            Ok(slot) => slot,
+            Err(e) => return self.fail(e),
+        };
+        self.alloc_from(slot, GFP_KERNEL)
     }
 
     /// Frees an object of a named cache.
     ///
     /// # Errors
-    /// As [`Self::kfree`], and [`SlabError::WrongCache`] for an object of another cache.
+    /// As [`Self::kfree`], [`SlabError::WrongCache`] for an object of another cache, and
+    /// as [`Self::cache_alloc`] for a bad id.
     ///
     /// # Safety
     /// As [`Self::kfree`].
@@ -1125,7 +1254,7 @@ impl<'b> SlabAllocator<'b> {
     /// # Ok::<(), memory::slab::SlabError>(())
     /// ```
     pub unsafe fn cache_free(&self, cache: &CacheId, ptr: NonNull<u8>) -> Result<(), SlabError> {
-        let r = self.free_inner(ptr, Some(cache.0 as usize));
+        let r = self.slot_of(cache).and_then(|slot| self.free_inner(ptr, Some(slot)));
         if r.is_err() {
             self.invalid_frees.fetch_add(1, Ordering::Relaxed);
         }
@@ -1134,15 +1263,19 @@ impl<'b> SlabAllocator<'b> {
 
     /// The object size of a named cache.
     ///
+    /// # Errors
+    /// As [`Self::cache_alloc`] for a bad id.
+    ///
     /// # Example
     /// ```no_run
     /// let slab = memory::slab::global().unwrap();
     /// let cache = slab.create_cache("rx_desc", 32, 16)?;
-    /// assert_eq!(slab.cache_object_size(&cache), 32);
+    /// assert_eq!(slab.cache_object_size(&cache)?, 32);
     /// # Ok::<(), memory::slab::SlabError>(())
     /// ```
-    pub fn cache_object_size(&self, cache: &CacheId) -> usize {
-        self.caches[cache.0 as usize].lock().geo.size
+    pub fn cache_object_size(&self, cache: &CacheId) -> Result<usize, SlabError> {
+        let slot = self.slot_of(cache)?;
+        Ok(self.caches[slot].lock().geo.size)
     }
 
     /// Destroys a named cache, giving its pages back.
@@ -1150,6 +1283,8 @@ impl<'b> SlabAllocator<'b> {
     /// # Errors
     /// [`SlabError::CacheBusy`] when objects are still in use: the cache then stays (as
     /// Linux's `kmem_cache_destroy`, it cannot free what others hold), under its name.
+    /// [`SlabError::WrongAllocator`] or [`SlabError::StaleCache`] for an id of another
+    /// allocator or of a destroyed cache: no cache is touched.
     ///
     /// # Example
     /// ```no_run
@@ -1159,8 +1294,14 @@ impl<'b> SlabAllocator<'b> {
     /// # Ok::<(), memory::slab::SlabError>(())
     /// ```
     pub fn destroy_cache(&self, cache: CacheId) -> Result<(), SlabError> {
-        let mut guard = self.caches[cache.0 as usize].lock();
+        if cache.brand != self.brand {
+            return Err(SlabError::WrongAllocator);
+        }
+        let mut guard = self.caches.get(cache.slot as usize).ok_or(SlabError::WrongAllocator)?.lock();
         let c = &mut *guard;
+        if !c.live || c.generation != cache.generation {
+            return Err(SlabError::StaleCache);
+        }
         if c.active != 0 {
             return Err(SlabError::CacheBusy);
         }
@@ -1169,7 +1310,7 @@ impl<'b> SlabAllocator<'b> {
             let s = c.partial;
             self.release(c, s);
         }
-        *c = Cache::VACANT;
+        *c = Cache { generation: c.generation, ..Cache::VACANT };
         Ok(())
     }
 
@@ -1504,7 +1645,7 @@ impl KmemCache {
     /// # Ok::<(), memory::slab::SlabError>(())
     /// ```
     pub fn object_size(&self) -> usize {
-        Self::slab().map_or(0, |s| s.cache_object_size(&self.0))
+        Self::slab().and_then(|s| s.cache_object_size(&self.0)).unwrap_or(0)
     }
 
     /// Destroys the cache.

@@ -84,6 +84,21 @@ pub trait VmBackend {
     /// A [`MapError`]; then none of the pages of this call stay mapped.
     fn map_pages(&mut self, va: VirtAddr, frames: &[PhysAddr], prot: Prot) -> Result<(), MapError>;
 
+    /// Whether caller-owned `frames` may be mapped as normal memory by `vmap` (checked by
+    /// the allocator itself before every `vmap`, so no path skips it): RAM that is not
+    /// the kernel image, not reserved and not the device tree. A device's registers mapped
+    /// as normal memory allow speculative reads; a writable alias of the image would undo
+    /// W^X. The default (a backend whose "frames" are not real memory, such as the
+    /// simulated MMU's) accepts every frame; a backend that maps live memory must refuse
+    /// what is not RAM.
+    ///
+    /// # Errors
+    /// [`super::VmallocError::NotRam`] for the first frame that may not be mapped.
+    fn check_vmap_frames(&self, frames: &[PhysAddr]) -> Result<(), super::VmallocError> {
+        let _ = frames;
+        Ok(())
+    }
+
     /// Map the physically contiguous `pages` from `pa` at `va` with a device memory type.
     ///
     /// # Errors

@@ -198,20 +198,25 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// # Errors
     /// As [`Vmalloc::vmap_with`].
     ///
+    /// # Safety
+    /// As [`Vmalloc::vmap_with`].
+    ///
     /// # Example
     /// ```no_run
     /// use memory::buddy::Frames;
     /// use memory::vmalloc::{Prot, VmFlags};
     /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
     /// let (a, b) = (Frames::alloc_zeroed(0).unwrap(), Frames::alloc_zeroed(0).unwrap());
-    /// let va = vm.vmap_with(&[a.phys(), b.phys()], Prot::ReadWrite, VmFlags::NONE)?;
+    /// // SAFETY: `a` and `b` are ours and outlive the mapping.
+    /// let va = unsafe { vm.vmap_with(&[a.phys(), b.phys()], Prot::ReadWrite, VmFlags::NONE) }?;
     /// vm.vunmap(va)?;                                      // the frames stay ours
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     #[track_caller]
-    pub fn vmap_with(&self, frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+    pub unsafe fn vmap_with(&self, frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
         let mut g = self.ready_counted()?;
-        let r = g.vmap_with(frames, prot, flags);
+        // SAFETY: forwarded to our caller.
+        let r = unsafe { g.vmap_with(frames, prot, flags) };
         self.done(g, r)
     }
 
@@ -226,7 +231,8 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// use memory::vmalloc::{Prot, VmFlags};
     /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
     /// let page = Frames::alloc(0).unwrap();
-    /// let va = vm.vmap_with(&[page.phys()], Prot::ReadOnly, VmFlags::NONE)?;
+    /// // SAFETY: the page is the example's own and outlives the mapping.
+    /// let va = unsafe { vm.vmap_with(&[page.phys()], Prot::ReadOnly, VmFlags::NONE) }?;
     /// vm.vunmap(va)?;
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```

@@ -417,6 +417,13 @@ struct Counters {
 }
 
 /// A vmalloc allocator over one window of virtual addresses.
+///
+/// Not `Sync` (one core at a time; share it behind a lock):
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::vmalloc::Vmalloc<memory::vmalloc::sim::SimBackend>>();
+/// ```
 pub struct Vmalloc<B: VmBackend> {
     backend: B,
     range: VirtRange,
@@ -507,7 +514,11 @@ impl fmt::Display for UseAfterVfree {
 }
 
 // SAFETY: the allocator owns its records exclusively (see `node`'s ownership invariant): no
-// pointer to them leaves it, so moving it to another thread moves every record with it.
+// pointer to them leaves it, so moving it to another core moves every record with it, and
+// their `Cell`s are then touched by that core alone. `Vmalloc` is not `Sync` (its records
+// are `Cell`s behind `NodePtr`s, which are neither `Send` nor `Sync`): cores share one
+// through `LockedVmalloc`'s spin lock, whose acquire/release orders one holder's `Cell`
+// writes before the next holder's reads. `B: Send` moves the backend along.
 unsafe impl<B: VmBackend + Send> Send for Vmalloc<B> {}
 
 impl<B: VmBackend> Vmalloc<B> {
@@ -1308,8 +1319,19 @@ impl<B: VmBackend> Vmalloc<B> {
     /// Map caller-owned `frames` contiguously (read-write), with a guard page.
     ///
     /// # Errors
-    /// [`VmallocError::ZeroSize`] for no frames, [`VmallocError::Misaligned`], and as
-    /// [`Self::vmalloc`] (never [`VmallocError::NoFrames`]).
+    /// [`VmallocError::ZeroSize`] for no frames, [`VmallocError::Misaligned`],
+    /// [`VmallocError::NotRam`] for a frame the backend refuses
+    /// ([`VmBackend::check_vmap_frames`]: the kernel's refuses all but RAM outside the
+    /// image, reserved memory and the device tree), and as [`Self::vmalloc`] (never
+    /// [`VmallocError::NoFrames`]).
+    ///
+    /// # Safety
+    /// The frames must be the caller's (allocated to it, e.g. [`Frames`](crate::buddy::Frames),
+    /// not free in the buddy allocator nor another owner's) and stay so until the area is
+    /// unmapped: the area is a second way to reach them, and anyone else's use of them through
+    /// it, or theirs of the frames after they are freed, is a data race or a use after free.
+    /// The allocator checks what it can (RAM, not the image, reserved memory or the device
+    /// tree: [`VmallocError::NotRam`]), not who owns a frame.
     ///
     /// # Example
     /// ```no_run
@@ -1320,19 +1342,24 @@ impl<B: VmBackend> Vmalloc<B> {
     /// // Two frames the driver owns (here from the simulated MMU), seen as one 8 KiB window.
     /// let mut frames = [hal::PhysAddr::new(0); 2];
     /// assert_eq!(vm.sim_mut().alloc_frames(&mut frames), 2);
-    /// let va = vm.vmap(&frames, Prot::ReadWrite)?;
+    /// // SAFETY: the frames are ours (simulated) and outlive the mapping.
+    /// let va = unsafe { vm.vmap(&frames, Prot::ReadWrite) }?;
     /// vm.vunmap(va)?;                                      // the frames stay ours
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     #[track_caller]
-    pub fn vmap(&mut self, frames: &[PhysAddr], prot: Prot) -> Result<VirtAddr, VmallocError> {
-        self.vmap_with(frames, prot, VmFlags::NONE)
+    pub unsafe fn vmap(&mut self, frames: &[PhysAddr], prot: Prot) -> Result<VirtAddr, VmallocError> {
+        // SAFETY: forwarded to our caller.
+        unsafe { self.vmap_with(frames, prot, VmFlags::NONE) }
     }
 
     /// [`Self::vmap`] with flags ([`VmFlags::NO_GUARD`] for `vm_map_ram`-style mappings;
     /// other flags are ignored).
     ///
     /// # Errors
+    /// As [`Self::vmap`].
+    ///
+    /// # Safety
     /// As [`Self::vmap`].
     ///
     /// # Example
@@ -1343,12 +1370,18 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
     /// let mut frames = [hal::PhysAddr::new(0); 4];
     /// vm.sim_mut().alloc_frames(&mut frames);
-    /// let va = vm.vmap_with(&frames, Prot::ReadOnly, VmFlags::NO_GUARD)?; // vm_map_ram style
+    /// // SAFETY: the frames are ours (simulated) and outlive the mapping.
+    /// let va = unsafe { vm.vmap_with(&frames, Prot::ReadOnly, VmFlags::NO_GUARD) }?; // vm_map_ram style
     /// vm.vunmap(va)?;
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     #[track_caller]
-    pub fn vmap_with(&mut self, frames: &[PhysAddr], prot: Prot, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
+    pub unsafe fn vmap_with(
+        &mut self,
+        frames: &[PhysAddr],
+        prot: Prot,
+        flags: VmFlags,
+    ) -> Result<VirtAddr, VmallocError> {
         let caller = Location::caller();
         let r = self.vmap_inner(frames, prot, flags, caller);
         if r.is_err() {
@@ -1370,6 +1403,8 @@ impl<B: VmBackend> Vmalloc<B> {
         if frames.iter().any(|f| !f.is_page_aligned()) {
             return Err(VmallocError::Misaligned);
         }
+        // Here, not in a wrapper: every vmap path goes through it.
+        self.backend.check_vmap_frames(frames)?;
         let flags = VmFlags(flags.0 & VmFlags::NO_GUARD.0);
         let node = self.alloc_area(frames.len(), PAGE, flags, caller)?;
         let nd = node.get();
@@ -1585,7 +1620,8 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
     /// let mut frame = [hal::PhysAddr::new(0); 1];
     /// vm.sim_mut().alloc_frames(&mut frame);
-    /// let va = vm.vmap(&frame, Prot::ReadWrite)?;
+    /// // SAFETY: the frame is the example's own and outlives the mapping.
+    /// let va = unsafe { vm.vmap(&frame, Prot::ReadWrite) }?;
     /// vm.vunmap(va)?;
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
@@ -2287,14 +2323,21 @@ impl<B: VmBackend> Drop for Vmalloc<B> {
             self.purge();
         }
         let pool = &mut self.free.pool;
-        self.busy.drain(|n| pool.free_one(n));
+        // SAFETY: `drain` hands each record over once it is unlinked from the busy tree,
+        // which keeps no copy; the allocator is being dropped, so no lookup uses a record
+        // again (parked records are off the busy tree, on the parked list freed below).
+        self.busy.drain(|n| unsafe { pool.free_one(n) });
         if let Some(n) = self.pending.take() {
-            pool.free_one(n);
+            // SAFETY: the pending record is linked nowhere else and was just taken.
+            unsafe { pool.free_one(n) };
         }
         let mut cur = self.parked_head.take();
         while let Some(n) = cur {
             cur = n.get().next.get();
-            pool.free_one(n);
+            // SAFETY: a parked record is on the parked list only (off the busy tree); its
+            // successor was read above and the list's head was taken, so nothing uses `n`
+            // again.
+            unsafe { pool.free_one(n) };
         }
     }
 }

@@ -116,17 +116,48 @@ impl Node {
     }
 }
 
+// Compile-time: a record is all `Cell`s, so neither it nor a pointer to it may be shared
+// between cores (`Sync`) or sent alone (`Send`); a pool moves whole (its `unsafe impl
+// Send`) but is never shared. Each line fails to build (E0283, ambiguous) if the auto trait
+// named were implemented (the `static_assertions::assert_not_impl_any` construction).
+const _: () = {
+    trait AmbiguousIfSendOrSync<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSendOrSync<()> for T {}
+    struct IfSync;
+    impl<T: ?Sized + Sync> AmbiguousIfSendOrSync<IfSync> for T {}
+    struct IfSend;
+    impl<T: ?Sized + Send> AmbiguousIfSendOrSync<IfSend> for T {}
+    let _ = <Node as AmbiguousIfSendOrSync<_>>::some_item;
+    let _ = <NodePtr as AmbiguousIfSendOrSync<_>>::some_item;
+
+    trait AmbiguousIfSync<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSync<()> for T {}
+    impl<T: ?Sized + Sync> AmbiguousIfSync<IfSync> for T {}
+    let _ = <NodePool as AmbiguousIfSync<_>>::some_item;
+};
+
 /// A pointer to a live record (see the module's ownership invariant).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct NodePtr(NonNull<Node>);
 
 impl NodePtr {
-    /// The record. The reference must not be kept past the record's release.
+    /// The record, borrowed for as long as this copy of the pointer is.
+    ///
+    /// The lifetime is not the caller's to choose: the reference cannot outlive the
+    /// `NodePtr` it came from, and the only way to free a record, [`NodePool::free_one`],
+    /// is `unsafe` with the promise that no copy of its pointer (nor a reference from one)
+    /// is used afterwards.
     #[inline(always)]
-    pub fn get<'a>(self) -> &'a Node {
-        // SAFETY: by the ownership invariant the pointer comes from a leaked `Box<Node>` that
-        // is freed only after being unlinked everywhere, so it is live and well aligned here;
-        // all fields are `Cell`s, so shared references never alias a `&mut`.
+    pub fn get(&self) -> &Node {
+        // SAFETY: by the ownership invariant the pointer comes from `NodePool::alloc_new`
+        // (a `Node` written into a block of the global allocator, so live and well aligned)
+        // and is freed only by `free_one`, whose caller promises that no copy of it or
+        // reference from one is used afterwards; so the record outlives `&self` here. All
+        // fields are `Cell`s, so shared references never alias a `&mut`.
         unsafe { self.0.as_ref() }
     }
 }
@@ -200,7 +231,11 @@ impl NodePool {
     }
 
     /// Return one record to the heap.
-    pub fn free_one(&mut self, n: NodePtr) {
+    ///
+    /// # Safety
+    /// `n` is linked nowhere (no tree, list or pool holds it) and neither it, nor any copy
+    /// of it, nor a reference obtained from one by [`NodePtr::get`], is used after the call.
+    pub unsafe fn free_one(&mut self, n: NodePtr) {
         self.live_records -= 1;
         // SAFETY: the record came from `alloc` with this layout in `alloc_new` and, by the
         // ownership invariant, is linked nowhere and its pointer is not used after this
@@ -232,7 +267,9 @@ impl NodePool {
     pub fn trim(&mut self, keep: usize) {
         while self.len > keep {
             if let Some(n) = self.pop() {
-                self.free_one(n);
+                // SAFETY: `pop` took the record off this pool, its only home; the pool
+                // keeps no copy and `n` is not used again.
+                unsafe { self.free_one(n) };
             }
         }
     }
@@ -244,8 +281,10 @@ impl Drop for NodePool {
     }
 }
 
-// SAFETY: a pool owns its records exclusively (ownership invariant); moving it to another
-// thread moves that ownership with it, and nothing else points into the records.
+// SAFETY: a pool owns its records exclusively (ownership invariant): no other pool, tree or
+// thread holds a pointer to them, so moving the pool to another core moves that ownership
+// with it, and the `Cell`s inside are then touched by that core alone. `NodePool` is not
+// `Sync` (it holds `NodePtr`s, which are not), so two cores never use one pool at once.
 unsafe impl Send for NodePool {}
 
 /// Records allocated outside the vmalloc lock, to be handed to an allocator with
