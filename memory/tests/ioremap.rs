@@ -110,8 +110,8 @@ fn every_refusal_is_typed_and_changes_nothing() {
         (0x1_0000_0000, 8 << 20, IoremapError::TooLarge, "larger than the window"),
     ];
     for (phys, size, err, why) in refused {
-        // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
         assert_eq!(
+            // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
             unsafe { IoMem::map_in(s, PhysAddr::new(phys), size, NGNRE) }.map(|io| io.addr()),
             Err(err),
             "{why}"
@@ -142,8 +142,8 @@ fn running_out_of_virtual_space_is_typed() {
     let io: Vec<_> =
         (0..3).map(|i| unsafe { IoMem::map_in(&lv, PhysAddr::new(UART + i * PAGE), 8, NGNRE) }.unwrap()).collect();
     let before = state(&lv);
-    // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
     assert_eq!(
+        // SAFETY: the test owns this device (QEMU's or the simulated bus's) alone; it does no DMA.
         unsafe { IoMem::map_in(&lv, PhysAddr::new(UART), 2 * PAGE_SIZE, NGNRE) }.err(),
         Some(IoremapError::NoVirtualSpace)
     );

@@ -586,8 +586,8 @@ pub struct BuddyInfo {
 impl fmt::Display for BuddyInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut first = true;
-        for z in 0..MAX_NR_ZONES {
-            if !self.populated[z] {
+        for (z, (populated, blocks)) in self.populated.iter().zip(&self.free_blocks).enumerate() {
+            if !populated {
                 continue;
             }
             if !first {
@@ -596,7 +596,7 @@ impl fmt::Display for BuddyInfo {
             first = false;
             // Linux: "Node %d, zone %8s " then "%6lu " per order.
             write!(f, "Node 0, zone {:>8}", ZONE_NAMES[z])?;
-            for n in self.free_blocks[z] {
+            for n in blocks {
                 write!(f, " {n:>6}")?;
             }
         }
@@ -694,11 +694,11 @@ pub fn per_zone_wmarks(
     let pages_min = (min_free_kbytes >> (PAGE_SHIFT - 10)) as u64;
     let lowmem: u64 = managed.iter().map(|&m| m as u64).sum();
     let mut w = [[0usize; 3]; MAX_NR_ZONES];
-    for z in 0..MAX_NR_ZONES {
-        let m = managed[z] as u64;
-        let min = if lowmem == 0 { 0 } else { pages_min * m / lowmem };
+    for (wz, &m) in w.iter_mut().zip(managed) {
+        let m = m as u64;
+        let min = (pages_min * m).checked_div(lowmem).unwrap_or(0);
         let d = (min >> 2).max(m * 10 / 10_000);
-        w[z] = [min as usize, (min + d) as usize, (min + 2 * d) as usize];
+        *wz = [min as usize, (min + d) as usize, (min + 2 * d) as usize];
     }
     let mut reserve = [[0usize; MAX_NR_ZONES]; MAX_NR_ZONES];
     for i in 0..MAX_NR_ZONES {
@@ -1962,8 +1962,8 @@ impl BuddyAllocator {
     pub fn set_lowmem_reserve(&mut self, on: bool) {
         let managed = [self.zones[0].managed, self.zones[1].managed, self.zones[2].managed];
         let (_, reserve) = per_zone_wmarks(self.min_free_kbytes, &managed);
-        for z in 0..MAX_NR_ZONES {
-            self.zones[z].lowmem_reserve = if on { reserve[z] } else { [0; MAX_NR_ZONES] };
+        for (zone, r) in self.zones.iter_mut().zip(reserve) {
+            zone.lowmem_reserve = if on { r } else { [0; MAX_NR_ZONES] };
         }
     }
     // ----- page-table frames -----

@@ -1031,7 +1031,6 @@ fn init_writes_no_free_frame() {
             assert_eq!(a.untouched_pages(), a.total_pages());
             assert_eq!(a.free_blocks().iter().enumerate().map(|(o, n)| n << o).sum::<usize>(), a.total_pages());
             a.check_consistency().unwrap();
-            drop(a);
             let (ms, me) = ((meta.start().as_u64() - BASE) as usize, (meta.end().as_u64() - BASE) as usize);
             let written = ram.bytes().iter().enumerate().filter(|&(i, &b)| (i < ms || i >= me) && b != pattern).count();
             assert_eq!(written, 0, "bytes written outside the metadata (strict {strict})");
