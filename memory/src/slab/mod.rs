@@ -514,7 +514,7 @@ pub struct SlabAllocator<'b> {
     /// `virtual = physical + va_delta` (wrapping) in the linear map.
     va_delta: u64,
     strict: bool,
-    caches: [Mutex<Cache>; MAX_CACHES],
+    caches: [hal::sync::SpinLock<Cache>; MAX_CACHES],
     large_allocs: AtomicUsize,
     large_pages: AtomicUsize,
     alloc_failures: AtomicU64,
@@ -578,7 +578,7 @@ impl<'b> SlabAllocator<'b> {
             linear,
             va_delta,
             strict,
-            caches: core::array::from_fn(|_| Mutex::new(Cache::VACANT)),
+            caches: core::array::from_fn(|_| hal::sync::SpinLock::new(&hal::sync::classes::SLAB, Cache::VACANT)),
             large_allocs: AtomicUsize::new(0),
             large_pages: AtomicUsize::new(0),
             alloc_failures: AtomicU64::new(0),
