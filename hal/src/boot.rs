@@ -174,13 +174,21 @@ fn find_dtb(x0: usize, image: &ImageLayout) -> Result<(Platform, DtbSource), cra
         // SAFETY: same tree; the MMU is still off, so the UART's physical address reaches
         // it, and nothing drives the UART yet.
         if let Some(uart) = unsafe { crate::dtb::console_uart_at(ptr) } {
-            let mut line = crate::console::LineBuf::new();
-            let _ = core::fmt::Write::write_fmt(&mut line, format_args!("hal: refusing to start: {e}\n"));
-            // SAFETY: MMU off, a PL011 named by the tree, no other user yet.
-            unsafe { crate::console::early_write(uart.as_usize(), line.as_str()) };
+            refuse_early(uart, format_args!("{e}"));
         }
     })?;
     Ok((platform, source))
+}
+
+/// Prints `hal: refusing to start: <why>` through the PL011 at `uart` with plain stores:
+/// the one message boot gives before the MMU and the console are up.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn refuse_early(uart: crate::addr::PhysAddr, why: fmt::Arguments<'_>) {
+    let mut line = crate::console::LineBuf::new();
+    let _ = fmt::Write::write_fmt(&mut line, format_args!("hal: refusing to start: {why}\n"));
+    // SAFETY: boot calls this with the MMU still off, on the PL011 the device tree names,
+    // before anything else drives it.
+    unsafe { crate::console::early_write(uart.as_usize(), line.as_str()) };
 }
 
 /// The Rust entry point, called by `asm/entry.S` on the boot stack with the MMU off.
@@ -207,13 +215,7 @@ extern "C" fn hal_boot_rust(x0: usize, entry_el: u64) -> ! {
         // plain stores, the MMU still off.
         Err(e) => {
             if let Some(uart) = platform.uart {
-                let mut line = crate::console::LineBuf::new();
-                let _ = core::fmt::Write::write_fmt(
-                    &mut line,
-                    format_args!("hal: refusing to start: building the kernel tables failed: {e}\n"),
-                );
-                // SAFETY: MMU off, the PL011 the tree names, nothing else drives it yet.
-                unsafe { crate::console::early_write(uart.start().as_usize(), line.as_str()) };
+                refuse_early(uart.start(), format_args!("building the kernel tables failed: {e}"));
             }
             crate::exit::exit(crate::exit::EXIT_FAULT)
         }

@@ -125,6 +125,28 @@ pub fn on_every_cpu_within(body: fn(usize), timeout_ns: u64) -> [hal::smp::Outco
     out
 }
 
+/// Whether at least two CPUs are online (for [`Test::needing`]).
+pub fn two_cpus() -> bool {
+    hal::smp::online_cpus() >= 2
+}
+
+/// Whether at least four CPUs are online (for [`Test::needing`]).
+pub fn four_cpus() -> bool {
+    hal::smp::online_cpus() >= 4
+}
+
+/// Every CPU that calls this spins until all online CPUs have (panicking after 10 s), so
+/// the code after it runs on all of them at the same moment. `gate` starts at 0.
+pub fn rendezvous(gate: &core::sync::atomic::AtomicUsize) {
+    use core::sync::atomic::Ordering;
+    gate.fetch_add(1, Ordering::AcqRel);
+    let t0 = hal::cpu::uptime_ns();
+    while gate.load(Ordering::Acquire) < hal::smp::online_cpus() {
+        assert!(hal::cpu::uptime_ns() - t0 < 10_000_000_000, "CPU {} waited 10 s for the others", hal::smp::this_cpu());
+        core::hint::spin_loop();
+    }
+}
+
 /// [`on_every_cpu_within`] [`CPU_TIMEOUT_NS`], then fails the test (panics, naming the CPU)
 /// unless every online CPU returned normally.
 pub fn on_every_cpu(body: fn(usize)) {

@@ -22,14 +22,6 @@ fn online() -> usize {
     smp::online_cpus()
 }
 
-fn two_cpus() -> bool {
-    online() >= 2
-}
-
-fn four_cpus() -> bool {
-    online() >= 4
-}
-
 fn controller() -> &'static dyn hal::irq::InterruptController {
     hal::irq::controller().expect("the GIC is up")
 }
@@ -90,18 +82,11 @@ fn timer_handler(_intid: u32) {
     }
 }
 
-fn rendezvous(gate: &AtomicUsize) {
-    gate.fetch_add(1, Ordering::AcqRel);
-    while gate.load(Ordering::Acquire) < online() {
-        core::hint::spin_loop();
-    }
-}
-
 fn timer_body(cpu: usize) {
     let period = PERIOD.load(Ordering::Relaxed);
     let intid = info().platform.timer_intid.unwrap();
     controller().enable(intid);
-    rendezvous(&GATE);
+    tests::rendezvous(&GATE);
     let start = hal::timer::now();
     let end = start + TICKS_WANTED * period;
     FIRST_DEADLINE[cpu].store(start + period, Ordering::Relaxed);
@@ -307,8 +292,8 @@ fn irq_context_check_fires() {
 tests::main!(
     test!(gic_is_up),
     test!(every_cpu_takes_its_timer_ticks_while_allocating),
-    test!(cross_cpu_calls_run_where_asked).needing(two_cpus, "-smp 2"),
-    test!(a_secondary_goes_off_and_on_100_times).needing(four_cpus, "-smp 4"),
+    test!(cross_cpu_calls_run_where_asked).needing(tests::two_cpus, "-smp 2"),
+    test!(a_secondary_goes_off_and_on_100_times).needing(tests::four_cpus, "-smp 4"),
     test!(lock_order_check_fires),
-    test!(irq_context_check_fires).needing(two_cpus, "-smp 2"),
+    test!(irq_context_check_fires).needing(tests::two_cpus, "-smp 2"),
 );

@@ -21,25 +21,6 @@ fn online() -> usize {
     smp::online_cpus()
 }
 
-fn two_cpus() -> bool {
-    online() >= 2
-}
-
-fn four_cpus() -> bool {
-    online() >= 4
-}
-
-/// Every CPU spins here until all online CPUs have arrived (or panics after 10 s): the
-/// code after it runs on all of them at the same moment.
-fn rendezvous(gate: &AtomicUsize) {
-    gate.fetch_add(1, Ordering::AcqRel);
-    let t0 = hal::cpu::uptime_ns();
-    while gate.load(Ordering::Acquire) < online() {
-        assert!(hal::cpu::uptime_ns() - t0 < 10_000_000_000, "CPU {} waited 10 s for the others", smp::this_cpu());
-        core::hint::spin_loop();
-    }
-}
-
 fn every_listed_cpu_checked_in() {
     // link.ld's `.cpu_stacks` holds exactly one slot per secondary (hal::smp's figures).
     assert_eq!(info().image.cpu_stacks.size(), (MAX_CPUS as u64 - 1) * smp::CPU_STACK_SLOT);
@@ -62,7 +43,7 @@ fn run_everywhere_body(cpu: usize) {
     assert_eq!(smp::this_cpu(), cpu, "TPIDR_EL1 names the CPU");
     RAN[cpu].fetch_add(1, Ordering::Relaxed);
     SAW_MPIDR[cpu].store(smp::read_mpidr(), Ordering::Relaxed);
-    rendezvous(&GATE_ALL);
+    tests::rendezvous(&GATE_ALL);
 }
 
 /// All CPUs run the body at once (each waits for all the others inside it) and join.
@@ -82,7 +63,7 @@ static GATE_PER: AtomicUsize = AtomicUsize::new(0);
 
 fn per_cpu_body(cpu: usize) {
     let per = PER.call_once(|| PerCpu::new(|_| 0));
-    rendezvous(&GATE_PER);
+    tests::rendezvous(&GATE_PER);
     for i in 0..10_000u64 {
         per.with(|v| {
             assert_eq!(*v, i, "CPU {cpu}'s value changed under it");
@@ -109,7 +90,7 @@ fn hole(cpu: usize) -> u64 {
 }
 
 fn fault_body(cpu: usize) {
-    rendezvous(&GATE_FAULT);
+    tests::rendezvous(&GATE_FAULT);
     // SAFETY: deliberately reads an address with nothing behind it: each CPU's own catch
     // recovers the fault.
     core::hint::black_box(unsafe { core::ptr::read_volatile(hole(cpu) as *const u64) });
@@ -136,7 +117,7 @@ fn faults_on_every_cpu_at_once_are_each_caught() {
 static GATE_PROBE: AtomicUsize = AtomicUsize::new(0);
 
 fn probe_body(cpu: usize) {
-    rendezvous(&GATE_PROBE);
+    tests::rendezvous(&GATE_PROBE);
     for _ in 0..2_000 {
         let f = probe::read_u64(hole(cpu) as usize).expect_err("unmapped");
         assert_eq!(f.far, hole(cpu), "CPU {cpu} sees its own probe's fault");
@@ -353,10 +334,10 @@ tests::main!(
     test!(every_listed_cpu_checked_in),
     test!(runs_on_every_cpu_at_once),
     test!(per_cpu_values_stay_apart),
-    test!(faults_on_every_cpu_at_once_are_each_caught).needing(four_cpus, "-smp 4"),
+    test!(faults_on_every_cpu_at_once_are_each_caught).needing(tests::four_cpus, "-smp 4"),
     test!(probes_are_per_cpu),
-    test!(secondary_stack_overflow_hits_its_guard_page).needing(two_cpus, "-smp 2"),
+    test!(secondary_stack_overflow_hits_its_guard_page).needing(tests::two_cpus, "-smp 2"),
     test!(spurious_translation_faults_are_retried_real_ones_reported),
-    test!(broadcast_tlb_maintenance_reaches_other_cpus).needing(two_cpus, "-smp 2"),
-    test!(a_hung_cpu_is_named).needing(two_cpus, "-smp 2"),
+    test!(broadcast_tlb_maintenance_reaches_other_cpus).needing(tests::two_cpus, "-smp 2"),
+    test!(a_hung_cpu_is_named).needing(tests::two_cpus, "-smp 2"),
 );

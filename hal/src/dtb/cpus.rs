@@ -32,7 +32,7 @@ impl CpuList {
     pub(super) fn parse(fdt: &Fdt<'_>) -> Self {
         let mut list = Self::new();
         for cpu in fdt.cpus() {
-            if cpu.property("status").and_then(|p| p.as_str()).is_some_and(|s| s != "okay" && s != "ok") {
+            if super::status_disabled(cpu.property("status")) {
                 continue;
             }
             let Ok(mpidr) = cpu.ids().and_then(|ids| ids.first()) else { continue };

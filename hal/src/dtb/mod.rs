@@ -166,7 +166,12 @@ pub unsafe fn console_uart_at(ptr: *const u8) -> Option<PhysAddr> {
 }
 
 pub(super) fn is_disabled(node: flat_device_tree::node::FdtNode<'_, '_>) -> bool {
-    node.property("status").and_then(|p| p.as_str()).is_some_and(|s| s != "okay" && s != "ok")
+    status_disabled(node.property("status"))
+}
+
+/// Whether a `status` property says the node is not in use (anything but "okay"/"ok").
+pub(super) fn status_disabled(status: Option<flat_device_tree::node::NodeProperty<'_>>) -> bool {
+    status.and_then(|p| p.as_str()).is_some_and(|s| s != "okay" && s != "ok")
 }
 
 fn first_reg(node: flat_device_tree::node::FdtNode<'_, '_>) -> Option<PhysRange> {
