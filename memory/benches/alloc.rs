@@ -305,8 +305,9 @@ fn slab_rows(linear: LinearMap, rows: &mut Vec<Row>) {
     const PP: usize = 1_000_000;
     let l64 = Layout::from_size_align(64, 8).unwrap();
     let arena = Box::leak(vec![0u8; TALC_ARENA].into_boxed_slice()).as_mut_ptr();
-    let buddy = spin::Mutex::new(ours(linear));
-    let slab = SlabAllocator::new(&buddy, false).unwrap();
+    let buddy = hal::sync::IrqSpinLock::new(&hal::sync::classes::BUDDY, ours(linear));
+    // The kernel's configuration: per-CPU object caches in front of the cache locks.
+    let slab = SlabAllocator::with_cpu_caches(&buddy, false).unwrap();
 
     let kmalloc_loop = || {
         let mut v = vec![NonNull::<u8>::dangling(); N];

@@ -489,6 +489,9 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
     VMALLOC.call_once(|| LockedVmalloc::new(vm));
     hal::exception::set_fault_explainer(explain_fault);
+    // A CPU going off hands back its per-CPU page lists and object caches; the lists'
+    // limits follow the CPUs online.
+    let _ = hal::smp::register_hotplug(hal::smp::HotplugHooks { down: cpu_going_down, up: cpu_came_up });
     let t3 = hal::cpu::uptime_ns();
     log::info!(
         "memory system up in {} us (buddy {} us, slab {} us, vmalloc {} us); {} MiB in {} zone(s), none of its free frames written",
@@ -509,6 +512,20 @@ pub fn vmalloc_instance() -> Option<&'static LockedVmalloc<KernelBackend>> {
 
 fn vm() -> Result<&'static LockedVmalloc<KernelBackend>, VmallocError> {
     VMALLOC.get().ok_or(VmallocError::NotInitialized)
+}
+
+/// The hotplug "down" hook: runs on the CPU going off, before it switches itself off.
+fn cpu_going_down(_cpu: usize) {
+    slab::drain_local();
+    buddy::drain_local();
+    // Its share of the page lists' `high` goes to the CPUs that stay (the CPU still counts
+    // as online here: `up` of a later hook, or the next watermark change, settles it).
+    buddy::pcp_update_cpus();
+}
+
+/// The hotplug "up" hook: runs on the CPU coming back.
+fn cpu_came_up(_cpu: usize) {
+    buddy::pcp_update_cpus();
 }
 
 /// The fault-report hook `init` registers with `hal`: explains addresses of the vmalloc

@@ -292,7 +292,8 @@ fn slab_every_kth_internal_allocation_fails_cleanly() {
     let linear = unsafe { LinearMap::new(phys, VirtAddr::new(p as u64)) };
     // SAFETY: the RAM is ours alone for the rest of the process.
     let buddy = unsafe { BuddyAllocator::new(&[phys], &[], linear, false) }.unwrap();
-    let buddy: &'static spin::Mutex<BuddyAllocator> = Box::leak(Box::new(spin::Mutex::new(buddy)));
+    let buddy: &'static hal::sync::IrqSpinLock<BuddyAllocator> =
+        Box::leak(Box::new(hal::sync::IrqSpinLock::new(&hal::sync::classes::BUDDY, buddy)));
     let mut seen_oom = false;
     for strict in [false, true] {
         let slab = SlabAllocator::new(buddy, strict).unwrap();

@@ -58,7 +58,7 @@ fn assert_back_to(start: &BuddyStats) {
     let s = stats();
     assert_eq!(s.buddyinfo(), start.buddyinfo(), "buddyinfo not back to its state at the start");
     assert_eq!(s.corruptions, start.corruptions);
-    buddy::global().unwrap().lock().check_consistency().unwrap();
+    buddy::check_consistency().unwrap();
 }
 
 /// A chain of allocated blocks threaded through the blocks themselves (no heap: the tests
@@ -411,7 +411,7 @@ fn free_pages_misuse_is_refused_and_changes_nothing() {
     unsafe { buddy::free_pages(p2, 2) }.unwrap();
     // SAFETY: refused (asserted).
     assert_eq!(unsafe { buddy::free_pages(p2, 2) }, Err(BuddyError::NotAllocated));
-    buddy::global().unwrap().lock().check_consistency().unwrap();
+    buddy::check_consistency().unwrap();
 }
 
 fn kfree_misuse_is_refused_and_changes_nothing() {
@@ -489,7 +489,7 @@ fn slab_state() -> ([(usize, usize); MAX_CACHES], usize) {
 }
 
 /// A private strict buddy allocator over a 4 MiB block of the global one.
-fn with_private_strict_buddy(f: impl FnOnce(&spin::Mutex<BuddyAllocator>)) {
+fn with_private_strict_buddy(f: impl FnOnce(&hal::sync::IrqSpinLock<BuddyAllocator>)) {
     let block = buddy::alloc_pages(MAX_ORDER).unwrap();
     let region = PhysRange::new(block, (PAGE_SIZE << MAX_ORDER) as u64).unwrap();
     {
@@ -498,7 +498,7 @@ fn with_private_strict_buddy(f: impl FnOnce(&spin::Mutex<BuddyAllocator>)) {
         // good.
         let a = unsafe { BuddyAllocator::new(&[region], &[], linear(), true) }.unwrap();
         assert!(a.is_strict());
-        let m = spin::Mutex::new(a);
+        let m = hal::sync::IrqSpinLock::new(&hal::sync::classes::BUDDY, a);
         f(&m);
         let a = m.lock();
         a.check_consistency().unwrap();

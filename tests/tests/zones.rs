@@ -199,7 +199,7 @@ fn fallback_lowmem_reserve_and_atomic_reserves() {
         unsafe { buddy::free_pages(pa, order) }.unwrap();
     }
     assert_eq!(stats().free_pages, start.free_pages);
-    buddy::global().unwrap().lock().check_consistency().unwrap();
+    buddy::check_consistency().unwrap();
     hal::print!(
         "(Normal min {} / 3/8 {}; DMA32 min {} + reserve {reserve}; {taken} blocks, {atomic} atomic) ",
         n0.min,

@@ -175,8 +175,37 @@ pub fn this_cpu_data() -> &'static CpuData {
     }
     #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
     {
-        &HAL_CPUS[0]
+        &HAL_CPUS[host::cpu()]
     }
+}
+
+/// On the host, each thread plays one CPU: CPU 0 unless it chose another with
+/// [`host_play_cpu`] (host stress tests run one thread per CPU).
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+mod host {
+    extern crate std;
+    use core::cell::Cell;
+
+    std::thread_local! {
+        static CPU: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub(super) fn cpu() -> usize {
+        CPU.with(Cell::get)
+    }
+
+    pub(super) fn set(n: usize) {
+        CPU.with(|c| c.set(n));
+    }
+}
+
+/// Host only: the calling thread plays CPU `n % MAX_CPUS` from now on, for
+/// [`this_cpu`] and everything per-CPU (a host stress test runs one thread per CPU).
+/// Two threads playing one CPU stay sound: [`crate::smp::PerCpu`] refuses the second
+/// user of a slot on the host.
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+pub fn host_play_cpu(n: usize) {
+    host::set(n % MAX_CPUS);
 }
 
 /// This CPU's logical number (0 for the boot CPU).

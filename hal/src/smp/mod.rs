@@ -20,6 +20,8 @@
 mod cpu;
 mod percpu;
 
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+pub use cpu::host_play_cpu;
 pub use cpu::{cpu_data, this_cpu, this_cpu_data, CpuData, HAL_CPUS};
 pub use percpu::PerCpu;
 

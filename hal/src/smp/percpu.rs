@@ -2,7 +2,7 @@
 
 use crate::dtb::MAX_CPUS;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 
 /// One value per CPU. [`PerCpu::with`] hands the calling CPU's value to a closure that runs
 /// with IRQ and FIQ masked, so neither another CPU nor an interrupt handler on this one
@@ -12,6 +12,9 @@ pub struct PerCpu<T> {
     slots: [Slot<T>; MAX_CPUS],
 }
 
+/// One CPU's value and its in-use flag, on cache lines of their own (no false sharing
+/// between CPUs).
+#[repr(align(64))]
 struct Slot<T> {
     value: UnsafeCell<T>,
     busy: AtomicBool,
@@ -19,7 +22,10 @@ struct Slot<T> {
 
 // SAFETY: each slot is only ever reached by the CPU it belongs to (`with` indexes by
 // `this_cpu()`), inside a closure with interrupts masked and under the slot's `busy` flag,
-// so no two `&mut T` to one slot exist at once. Values move between threads of execution
+// so no two `&mut T` to one slot exist at once: on target nothing but an exception on the
+// same CPU can come between `busy`'s load and store (interrupts are masked, and no other
+// CPU indexes this slot); on the host, where threads play CPUs and two may play one,
+// `busy` is claimed by an atomic swap. Values move between threads of execution
 // only as CPUs run different code over time, which `T: Send` allows.
 unsafe impl<T: Send> Sync for PerCpu<T> {}
 
@@ -33,20 +39,45 @@ impl<T> PerCpu<T> {
 
     /// Runs `f` on this CPU's value with IRQ and FIQ masked; `None` when this CPU's value
     /// is already in use further up the stack (a nested call from an exception).
+    ///
+    /// On target the fast path takes no atomic read-modify-write: `busy` is only ever
+    /// touched by its own CPU with interrupts masked, so a plain load and store (with
+    /// compiler fences against an exception taken inside `f`) suffice. On the host, where
+    /// two threads may play one CPU, `busy` is claimed with a swap.
+    #[inline]
     pub fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
         let saved = crate::cpu::mask_interrupts();
         let slot = &self.slots[super::this_cpu()];
-        let r = if slot.busy.swap(true, Ordering::Acquire) {
+        let r = if !Self::claim(&slot.busy) {
             None
         } else {
             // SAFETY: `busy` was clear and is now set by us: no other reference to this
             // slot's value exists (see the `Sync` argument), until we clear it below.
             let r = f(unsafe { &mut *slot.value.get() });
+            compiler_fence(Ordering::Release);
             slot.busy.store(false, Ordering::Release);
             Some(r)
         };
         crate::cpu::restore_interrupts(saved);
         r
+    }
+
+    /// Sets `busy`; false when it was set already (a nested use on this CPU).
+    #[inline(always)]
+    fn claim(busy: &AtomicBool) -> bool {
+        #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+        {
+            if busy.load(Ordering::Relaxed) {
+                return false;
+            }
+            busy.store(true, Ordering::Relaxed);
+            compiler_fence(Ordering::Acquire);
+            true
+        }
+        #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+        {
+            !busy.swap(true, Ordering::Acquire)
+        }
     }
 
     /// [`PerCpu::try_with`] that panics on a nested call.

@@ -88,18 +88,22 @@
 
 use core::fmt;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use hal::addr::{PhysAddr, PhysRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
 use hal::linear::LinearMap;
 use hal::mmu::TableAlloc;
-use spin::{Mutex, Once};
+use hal::sync::IrqSpinLock;
+use spin::Once;
 
 use crate::gfp::{Gfp, __GFP_NORETRY, __GFP_NOWARN, __GFP_ZERO, GFP_KERNEL};
 pub use crate::gfp::{MAX_NR_ZONES, ZONE_DMA, ZONE_DMA32, ZONE_NAMES, ZONE_NORMAL};
 
+mod pcp;
 #[cfg(test)]
 pub(crate) mod testram;
+use pcp::HotList;
+pub use pcp::{drain_local, pcp_limits, pcp_update_cpus, set_pcp_limits, PcpLimits};
 #[cfg(test)]
 mod tests;
 
@@ -164,71 +168,6 @@ struct FreeNode {
     next: u64,
     /// Frame number of the previous free block of the same order, or [`NIL`].
     prev: u64,
-}
-
-/// The order-0 hot list: a ring of entries `pfn << 3 | region slot`, used as a stack at
-/// its top (the most recently freed frame is handed out first) and drained from its
-/// bottom (the coldest frames go back to the lists first).
-#[derive(Clone, Copy)]
-struct HotList {
-    ring: [u64; HOT_CAPACITY],
-    /// Ring index of the bottom (oldest) entry.
-    bottom: usize,
-    /// Entries held.
-    len: usize,
-    /// A free that takes `len` above `high` gives `batch` frames back; 0: hot list off.
-    high: usize,
-    /// Frames moved at once between the hot list and the buddy lists (`1..=high`).
-    batch: usize,
-}
-
-impl HotList {
-    const MASK: usize = HOT_CAPACITY - 1;
-
-    const fn new() -> Self {
-        HotList { ring: [0; HOT_CAPACITY], bottom: 0, len: 0, high: HOT_HIGH, batch: HOT_BATCH }
-    }
-
-    #[inline(always)]
-    fn entry(pfn: u64, slot: usize) -> u64 {
-        pfn << 3 | slot as u64
-    }
-
-    #[inline(always)]
-    fn push_top(&mut self, e: u64) {
-        debug_assert!(self.len < HOT_CAPACITY);
-        self.ring[(self.bottom + self.len) & Self::MASK] = e;
-        self.len += 1;
-    }
-
-    #[inline(always)]
-    fn pop_top(&mut self) -> u64 {
-        debug_assert!(self.len > 0);
-        self.len -= 1;
-        self.ring[(self.bottom + self.len) & Self::MASK]
-    }
-
-    #[inline(always)]
-    fn push_bottom(&mut self, e: u64) {
-        debug_assert!(self.len < HOT_CAPACITY);
-        self.bottom = (self.bottom + Self::MASK) & Self::MASK;
-        self.ring[self.bottom] = e;
-        self.len += 1;
-    }
-
-    #[inline(always)]
-    fn pop_bottom(&mut self) -> u64 {
-        debug_assert!(self.len > 0);
-        let e = self.ring[self.bottom];
-        self.bottom = (self.bottom + 1) & Self::MASK;
-        self.len -= 1;
-        e
-    }
-
-    /// The entries, bottom to top.
-    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.len).map(|i| self.ring[(self.bottom + i) & Self::MASK])
-    }
 }
 
 /// Why a buddy allocator operation was refused.
@@ -814,6 +753,49 @@ impl Zone {
 /// Index of the `min` watermark in a zone's `wmark`.
 const WMARK_MIN: usize = 0;
 
+/// The state byte of metadata index `idx`. State bytes are atomics (accessed `Relaxed`):
+/// the per-CPU page lists flip a frame between "allocated" and "on a per-CPU list" without
+/// the allocator lock, while the lock holder may read the same byte as a buddy candidate
+/// (either value means "not mergeable", so no ordering is needed, only no data race).
+#[inline(always)]
+fn state_byte<'a>(state: *mut u8, map: &'a FrameMap, idx: usize) -> &'a AtomicU8 {
+    debug_assert!(idx < map.frames);
+    // SAFETY: callers pass indices from the frame map, below `map.frames`, the length of
+    // the state array, which lives (in RAM the allocator reserved) as long as the map
+    // borrowed here; every access to it is atomic (`AtomicU8` has `u8`'s layout).
+    unsafe { AtomicU8::from_ptr(state.add(idx)) }
+}
+
+/// Checks that `pa` heads an allocated block of `order` (state byte `ST_ALLOC | order`);
+/// returns its region and metadata index. Reads one state byte: no lock needed.
+#[inline(always)]
+fn check_allocated(
+    map: &FrameMap,
+    state: *mut u8,
+    pa: PhysAddr,
+    order: usize,
+) -> Result<(RegionInfo, usize), BuddyError> {
+    if order > MAX_ORDER {
+        return Err(BuddyError::BadOrder);
+    }
+    let pfn = pa.as_u64() >> PAGE_SHIFT;
+    if !pa.is_page_aligned() || pfn & ((1 << order) - 1) != 0 {
+        return Err(BuddyError::Misaligned);
+    }
+    let r = *map.region_of(pfn).ok_or(BuddyError::OutOfRange)?;
+    let idx = r.index + (pfn - r.start_pfn) as usize;
+    let st = state_byte(state, map, idx).load(Ordering::Relaxed);
+    if st == ST_ALLOC | order as u8 {
+        return Ok((r, idx));
+    }
+    Err(match st {
+        ST_NONE => BuddyError::Reserved,
+        s if s & ST_ALLOC != 0 => BuddyError::WrongOrder { allocated: s & ST_ORDER },
+        // Free on the lists, on the hot list, untouched, or inside a block.
+        _ => BuddyError::NotAllocated,
+    })
+}
+
 /// A binary buddy allocator of physical frames, split in zones. See the
 /// [module documentation](self).
 ///
@@ -1196,17 +1178,12 @@ impl BuddyAllocator {
 
     #[inline(always)]
     fn state_at(&self, idx: usize) -> u8 {
-        debug_assert!(idx < self.map.frames);
-        // SAFETY: callers pass indices from the frame map, below `map.frames`, the length
-        // of the state array.
-        unsafe { *self.state.add(idx) }
+        state_byte(self.state, &self.map, idx).load(Ordering::Relaxed)
     }
 
     #[inline(always)]
     fn set_state(&mut self, idx: usize, v: u8) {
-        debug_assert!(idx < self.map.frames);
-        // SAFETY: as in `state_at`.
-        unsafe { *self.state.add(idx) = v }
+        state_byte(self.state, &self.map, idx).store(v, Ordering::Relaxed)
     }
 
     /// The virtual address of frame `pfn` through the linear map.
@@ -1680,25 +1657,7 @@ impl BuddyAllocator {
     /// Checks that `pa` heads an allocated block of `order`; returns its region.
     #[inline(always)]
     fn check_allocated(&self, pa: PhysAddr, order: usize) -> Result<(RegionInfo, usize), BuddyError> {
-        if order > MAX_ORDER {
-            return Err(BuddyError::BadOrder);
-        }
-        let pfn = pa.as_u64() >> PAGE_SHIFT;
-        if !pa.is_page_aligned() || pfn & ((1 << order) - 1) != 0 {
-            return Err(BuddyError::Misaligned);
-        }
-        let r = *self.map.region_of(pfn).ok_or(BuddyError::OutOfRange)?;
-        let idx = r.index + (pfn - r.start_pfn) as usize;
-        let st = self.state_at(idx);
-        if st == ST_ALLOC | order as u8 {
-            return Ok((r, idx));
-        }
-        Err(match st {
-            ST_NONE => BuddyError::Reserved,
-            s if s & ST_ALLOC != 0 => BuddyError::WrongOrder { allocated: s & ST_ORDER },
-            // Free on the lists, on the hot list, untouched, or inside a block.
-            _ => BuddyError::NotAllocated,
-        })
+        check_allocated(&self.map, self.state, pa, order)
     }
 
     /// Frees the block of `2^order` frames at `pa` to its zone: an order-0 frame goes on
@@ -1832,6 +1791,43 @@ impl BuddyAllocator {
     /// ```
     pub fn hot_pages(&self) -> usize {
         self.zones.iter().map(|z| z.hot.len).sum()
+    }
+
+    /// Moves up to `n` order-0 frames of zone `z` onto a per-CPU list (see [`pcp`]),
+    /// lowest address on top; returns how many. They leave the zone's free count, as
+    /// Linux's `NR_FREE_PAGES` does not count per-CPU pages. No watermark is checked here:
+    /// the caller did.
+    pub(crate) fn pcp_refill(&mut self, z: usize, list: &mut HotList, n: usize) -> usize {
+        let mut k = 0;
+        while k < n {
+            let Ok((pfn, idx)) = self.take(z, 0) else { break };
+            self.set_state(idx, ST_HOT);
+            if self.strict {
+                // The list node becomes part of a frame poisoned whole.
+                // SAFETY: the frame is free memory owned by the allocator.
+                unsafe { core::ptr::write_bytes(self.va::<u8>(pfn), POISON_BYTE, NODE_BYTES) };
+            }
+            let slot = self.map.region_of(pfn).map_or(0, |r| r.slot);
+            list.push_bottom(HotList::entry(pfn, slot));
+            k += 1;
+        }
+        self.zones[z].free_pages -= k;
+        k
+    }
+
+    /// Gives the `n` coldest frames of a per-CPU list of zone `z` back to the zone's lists,
+    /// where they merge; returns how many.
+    pub(crate) fn pcp_drain(&mut self, z: usize, list: &mut HotList, n: usize) -> usize {
+        let k = n.min(list.len);
+        for _ in 0..k {
+            let e = list.pop_bottom();
+            let r = self.map.regions[(e & 7) as usize];
+            let (pfn, idx) = self.hot_entry(e);
+            // Strict mode: a frame on a per-CPU list is poisoned whole already.
+            self.merge(z, r, idx, pfn, 0);
+        }
+        self.zones[z].free_pages += k;
+        k
     }
 
     /// Frees a block already checked by `check_allocated` to the lists.
@@ -2201,10 +2197,16 @@ impl BuddyAllocator {
     ///
     /// # Example
     /// ```no_run
-    /// memory::buddy::global().unwrap().lock().check_consistency()?;
+    /// memory::buddy::check_consistency()?;
     /// # Ok::<(), &'static str>(())
     /// ```
     pub fn check_consistency(&self) -> Result<(), &'static str> {
+        self.check_consistency_with([0; MAX_NR_ZONES])
+    }
+
+    /// [`Self::check_consistency`] with `outside[z]` frames of zone `z` on per-CPU lists
+    /// (in the hot state, not counted free by the zone).
+    pub(crate) fn check_consistency_with(&self, outside: [usize; MAX_NR_ZONES]) -> Result<(), &'static str> {
         let mut heads_listed = 0usize;
         let mut heads_fresh = 0usize;
         let mut hot_total = 0usize;
@@ -2285,7 +2287,7 @@ impl BuddyAllocator {
                 }
             }
             free += hot.len;
-            hot_total += hot.len;
+            hot_total += hot.len + outside[z];
             if free != zone.free_pages {
                 return Err("a zone's free page count disagrees with its lists, frontier and hot list");
             }
@@ -2338,7 +2340,7 @@ unsafe impl TableAlloc for BuddyAllocator {
 
 // ----- the global instance -----
 
-static BUDDY: Once<Mutex<BuddyAllocator>> = Once::new();
+static BUDDY: Once<pcp::Global> = Once::new();
 static INIT_STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Builds the kernel's frame allocator (see [`BuddyAllocator::new`]).
@@ -2405,8 +2407,16 @@ pub unsafe fn init_zoned(
     match unsafe { BuddyAllocator::new_zoned(regions, reserved, linear_map, strict, dma_limit) } {
         Ok(mut a) => {
             a.set_min_free_kbytes(None);
-            BUDDY.call_once(|| Mutex::new(a));
-            Ok(())
+            match pcp::Global::new(a) {
+                Ok(g) => {
+                    BUDDY.call_once(|| g);
+                    Ok(())
+                }
+                Err((e, _)) => {
+                    INIT_STARTED.store(false, Ordering::Release);
+                    Err(e)
+                }
+            }
         }
         Err(e) => {
             INIT_STARTED.store(false, Ordering::Release);
@@ -2415,7 +2425,9 @@ pub unsafe fn init_zoned(
     }
 }
 
-/// The global allocator, once [`init`] has run.
+/// The global allocator's zones behind their lock, once [`init`] has run. Calls through
+/// it bypass the per-CPU page lists (order-0 frames go to and come from the zones'
+/// lists directly); the free functions of this module ([`alloc_pages`], ...) use them.
 ///
 /// # Example
 /// ```no_run
@@ -2424,13 +2436,14 @@ pub unsafe fn init_zoned(
 /// # let _ = free;
 /// # Ok::<(), memory::buddy::BuddyError>(())
 /// ```
-pub fn global() -> Option<&'static Mutex<BuddyAllocator>> {
-    BUDDY.get()
+pub fn global() -> Option<&'static IrqSpinLock<BuddyAllocator>> {
+    BUDDY.get().map(|g| &g.core)
 }
 
-fn with<R>(f: impl FnOnce(&mut BuddyAllocator) -> R) -> Result<R, BuddyError> {
-    let m = BUDDY.get().ok_or(BuddyError::NotInitialized)?;
-    Ok(f(&mut m.lock()))
+/// The kernel's allocator, or [`BuddyError::NotInitialized`].
+#[inline(always)]
+fn kernel() -> Result<&'static pcp::Global, BuddyError> {
+    BUDDY.get().ok_or(BuddyError::NotInitialized)
 }
 
 /// [`BuddyAllocator::alloc`] on the global allocator.
@@ -2445,8 +2458,9 @@ fn with<R>(f: impl FnOnce(&mut BuddyAllocator) -> R) -> Result<R, BuddyError> {
 /// unsafe { memory::buddy::free_pages(pa, 3) }?;
 /// # Ok::<(), memory::buddy::BuddyError>(())
 /// ```
+#[inline]
 pub fn alloc_pages(order: usize) -> Result<PhysAddr, BuddyError> {
-    with(|a| a.alloc(order))?
+    kernel()?.alloc(order, GFP_KERNEL)
 }
 
 /// [`BuddyAllocator::alloc_gfp`] on the global allocator (Linux's
@@ -2465,7 +2479,7 @@ pub fn alloc_pages(order: usize) -> Result<PhysAddr, BuddyError> {
 /// # Ok::<(), memory::buddy::BuddyError>(())
 /// ```
 pub fn alloc_pages_gfp(gfp: Gfp, order: usize) -> Result<PhysAddr, BuddyError> {
-    let r = with(|a| a.alloc_gfp(order, gfp))?;
+    let r = kernel()?.alloc(order, gfp);
     if let Err(e) = r {
         if !gfp.contains(__GFP_NOWARN) {
             warn_alloc(gfp, order, e);
@@ -2494,7 +2508,7 @@ fn warn_alloc(gfp: Gfp, order: usize, e: BuddyError) {
 /// # let _ = n;
 /// ```
 pub fn alloc_pages_bulk_gfp(out: &mut [PhysAddr], gfp: Gfp) -> usize {
-    with(|a| a.alloc_bulk_gfp(out, gfp)).unwrap_or(0)
+    kernel().map_or(0, |g| g.alloc_bulk(out, gfp))
 }
 
 /// [`BuddyAllocator::set_min_free_kbytes`] on the global allocator (Linux's
@@ -2506,7 +2520,12 @@ pub fn alloc_pages_bulk_gfp(out: &mut [PhysAddr], gfp: Gfp) -> usize {
 /// memory::buddy::set_min_free_kbytes(None);            // back to Linux's default
 /// ```
 pub fn set_min_free_kbytes(kbytes: Option<usize>) {
-    let _ = with(|a| a.set_min_free_kbytes(kbytes));
+    if let Ok(g) = kernel() {
+        g.locked(|a| {
+            a.set_min_free_kbytes(kbytes);
+            g.sync_marks(a);
+        });
+    }
 }
 
 /// [`BuddyAllocator::set_lowmem_reserve`] on the global allocator; nothing before [`init`].
@@ -2517,7 +2536,12 @@ pub fn set_min_free_kbytes(kbytes: Option<usize>) {
 /// memory::buddy::set_lowmem_reserve(true);             // Linux's reserves again
 /// ```
 pub fn set_lowmem_reserve(on: bool) {
-    let _ = with(|a| a.set_lowmem_reserve(on));
+    if let Ok(g) = kernel() {
+        g.locked(|a| {
+            a.set_lowmem_reserve(on);
+            g.sync_marks(a);
+        });
+    }
 }
 
 /// [`BuddyAllocator::alloc_zeroed`] on the global allocator.
@@ -2532,7 +2556,7 @@ pub fn set_lowmem_reserve(on: bool) {
 /// # Ok::<(), memory::buddy::BuddyError>(())
 /// ```
 pub fn alloc_zeroed_pages(order: usize) -> Result<PhysAddr, BuddyError> {
-    with(|a| a.alloc_zeroed(order))?
+    kernel()?.alloc(order, GFP_KERNEL | __GFP_ZERO)
 }
 
 /// [`BuddyAllocator::free`] on the global allocator.
@@ -2550,9 +2574,10 @@ pub fn alloc_zeroed_pages(order: usize) -> Result<PhysAddr, BuddyError> {
 /// unsafe { memory::buddy::free_pages(pa, 0) }?;
 /// # Ok::<(), memory::buddy::BuddyError>(())
 /// ```
+#[inline]
 pub unsafe fn free_pages(pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
     // SAFETY: forwarded to our caller.
-    with(|a| unsafe { a.free(pa, order) })?
+    unsafe { kernel()?.free(pa, order) }
 }
 
 /// [`BuddyAllocator::alloc_bulk`] on the global allocator (one lock hold); 0 before
@@ -2566,7 +2591,7 @@ pub unsafe fn free_pages(pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
 /// # let _ = n;
 /// ```
 pub fn alloc_pages_bulk(out: &mut [PhysAddr]) -> usize {
-    with(|a| a.alloc_bulk(out)).unwrap_or(0)
+    alloc_pages_bulk_gfp(out, GFP_KERNEL)
 }
 
 /// [`BuddyAllocator::free_bulk`] on the global allocator (one lock hold).
@@ -2587,7 +2612,7 @@ pub fn alloc_pages_bulk(out: &mut [PhysAddr]) -> usize {
 /// ```
 pub unsafe fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
     // SAFETY: forwarded to our caller.
-    with(|a| unsafe { a.free_bulk(frames) })?
+    unsafe { kernel()?.free_bulk(frames) }
 }
 
 /// [`BuddyAllocator::drain_hot`] on the global allocator: gives the hot list back to the
@@ -2601,7 +2626,29 @@ pub unsafe fn free_pages_bulk(frames: &[PhysAddr]) -> Result<(), BuddyError> {
 /// # let _ = info;
 /// ```
 pub fn drain_hot() -> usize {
-    with(|a| a.drain_hot()).unwrap_or(0)
+    let Ok(g) = kernel() else { return 0 };
+    let moved = AtomicUsize::new(g.drain_local());
+    // The other CPUs drain their own lists (nothing to do where no interrupt controller
+    // runs yet: then no other CPU allocates).
+    let _ = hal::smp::on_each_cpu(&|| {
+        moved.fetch_add(g.drain_local(), Ordering::Relaxed);
+    });
+    moved.into_inner()
+}
+
+/// [`BuddyAllocator::check_consistency`] of the global allocator, counting the frames on
+/// the per-CPU lists; for tests, while no other CPU allocates.
+///
+/// # Errors
+/// As [`BuddyAllocator::check_consistency`]; `"not initialised"` before [`init`].
+///
+/// # Example
+/// ```no_run
+/// memory::buddy::check_consistency()?;
+/// # Ok::<(), &'static str>(())
+/// ```
+pub fn check_consistency() -> Result<(), &'static str> {
+    kernel().map_err(|_| "not initialised")?.check_consistency()
 }
 
 /// The global allocator's counters, or `None` before [`init`].
@@ -2613,7 +2660,7 @@ pub fn drain_hot() -> usize {
 /// }
 /// ```
 pub fn stats() -> Option<BuddyStats> {
-    with(|a| a.stats()).ok()
+    kernel().ok().map(pcp::Global::stats)
 }
 
 /// The global allocator as a [`TableAlloc`] for page-table pages (zeroed frames), taking
@@ -2625,13 +2672,13 @@ pub struct GlobalTableAlloc;
 // to the caller until it hands them back.
 unsafe impl TableAlloc for GlobalTableAlloc {
     fn alloc_table(&mut self) -> Option<PhysAddr> {
-        with(|a| a.alloc_table()).ok().flatten()
+        alloc_pages_gfp(GFP_KERNEL | __GFP_ZERO, 0).ok()
     }
 
     unsafe fn free_table(&mut self, page: PhysAddr) {
         // SAFETY: the trait's contract: no table or walk cache refers to `page` any more.
-        if with(|a| unsafe { a.free_table(page) }).is_err() {
-            log::error!("buddy: free_table({page:#x}) before init");
+        if let Err(e) = unsafe { free_pages(page, 0) } {
+            log::error!("buddy: free_table({page:#x}): {e}");
         }
     }
 }
@@ -2724,7 +2771,7 @@ impl Frames {
     /// ```
     pub fn virt(&self) -> VirtAddr {
         // The global exists: `self` came from it.
-        global().and_then(|m| m.lock().linear.phys_to_virt(self.pa)).unwrap_or_default()
+        BUDDY.get().and_then(|g| g.linear.phys_to_virt(self.pa)).unwrap_or_default()
     }
 
     /// Gives up ownership without freeing; returns the physical address.

@@ -521,7 +521,7 @@ fn global_instance_and_frames() {
     // SAFETY: the global allocator is already initialised: refused before touching RAM.
     let again = unsafe { init(&[], &[], *global().unwrap().lock().linear_map(), false) };
     assert_eq!(again, Err(BuddyError::AlreadyInitialized));
-    global().unwrap().lock().check_consistency().unwrap();
+    check_consistency().unwrap();
 }
 
 // ----- the order-0 hot list -----
@@ -784,7 +784,7 @@ fn global_drain_hot() {
     assert_eq!(drain_hot(), s.hot_pages);
     let d = stats().unwrap();
     assert_eq!((d.hot_pages, d.free_pages), (0, s.free_pages));
-    global().unwrap().lock().check_consistency().unwrap();
+    check_consistency().unwrap();
 }
 
 #[test]

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use hal::addr::PAGE_SIZE;
+use hal::sync::{classes::BUDDY, IrqSpinLock};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use spin::Mutex;
 
 use super::*;
 use crate::buddy::testram::{self, TestRam};
@@ -18,7 +18,7 @@ const BASE: u64 = 0x8000_0000;
 /// Simulated RAM and a buddy allocator over it (one region, with a reserved hole).
 struct Env {
     _ram: TestRam,
-    buddy: Mutex<BuddyAllocator>,
+    buddy: IrqSpinLock<BuddyAllocator>,
 }
 
 impl Env {
@@ -27,7 +27,7 @@ impl Env {
         let reserved = [ram.range(0, 0x8000), ram.range(5 * MIB + 0x3000, 0x1000)];
         // SAFETY: the test RAM is used by nothing else and outlives the allocator.
         let buddy = unsafe { BuddyAllocator::new(&[ram.whole()], &reserved, ram.linear(), strict) }.unwrap();
-        Env { _ram: ram, buddy: Mutex::new(buddy) }
+        Env { _ram: ram, buddy: IrqSpinLock::new(&BUDDY, buddy) }
     }
 
     fn bstats(&self) -> BuddyStats {
@@ -531,7 +531,7 @@ fn misaligned_linear_map_is_refused() {
     // SAFETY: the window is inside the test RAM, which outlives the allocator.
     let linear = unsafe { hal::linear::LinearMap::new(phys, virt) };
     // SAFETY: as above.
-    let buddy = Mutex::new(unsafe { BuddyAllocator::new(&[phys], &[], linear, false) }.unwrap());
+    let buddy = IrqSpinLock::new(&BUDDY, unsafe { BuddyAllocator::new(&[phys], &[], linear, false) }.unwrap());
     assert_eq!(SlabAllocator::new(&buddy, false).err(), Some(SlabError::MisalignedLinearMap));
 }
 

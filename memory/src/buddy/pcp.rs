@@ -1,0 +1,625 @@
+//! Per-CPU page lists (Linux's `per_cpu_pages`): each CPU keeps, per zone, a list of free
+//! order-0 frames in front of the zone lock, so that a page allocation or free on the
+//! local CPU takes no shared lock.
+//!
+//! # The lists
+//! A list is a [`HotList`] (a ring of frame numbers in metadata, used as a stack at its top
+//! and drained from its bottom): the same structure a private [`BuddyAllocator`] keeps as
+//! the hot list of its one CPU. The kernel's allocator ([`Global`]) turns its own hot lists
+//! off and keeps one per CPU and zone instead, reached through [`hal::smp::PerCpu`]:
+//! interrupts are masked on the local CPU while a list is in use, and a nested use (from
+//! an exception taken meanwhile) is sent to the locked slow path, so an interrupt handler
+//! may allocate (`GFP_ATOMIC`) and free pages. The fast path takes no lock and no atomic
+//! read-modify-write: the frame's state byte flips between "allocated" and "on a per-CPU
+//! list" with a relaxed store, and the list's length is published with a relaxed store for
+//! the statistics of other CPUs.
+//!
+//! When a list is empty, an allocation refills it with `batch` frames taken under the zone
+//! lock at once; when a free takes it above `high`, `batch` of its coldest frames go back
+//! to the zone (and merge). `high` and `batch` are Linux 6.12's ([`PcpLimits::linux`]):
+//! `batch` from the zone's size (`zone_batchsize`), `high` the zone's low watermark shared
+//! among the online CPUs, at least `4 × batch` (`zone_highsize`), recomputed when a CPU
+//! goes off or comes back and when the watermarks change. A CPU going off drains its lists
+//! first (the hotplug "down" hook runs [`drain_local`] on it).
+//!
+//! # Accounting
+//! Frames on per-CPU lists are free but not counted in their zone's free pages (as Linux's
+//! `NR_FREE_PAGES`), so the watermark check of an allocation sees what the zone really has;
+//! [`super::stats`] adds them back (`free_pages`, and apart in `hot_pages`, per zone too).
+//! The fast path checks the watermark against a lock-free copy of each zone's free count,
+//! refreshed after every locked operation of the kernel's allocator. Linux keeps lists of
+//! orders 1 to 3 too; here only order 0 has them (slabs of higher orders come from the
+//! per-CPU object caches' refills, which are batched already).
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use hal::addr::{PhysAddr, PAGE_SHIFT, PAGE_SIZE};
+use hal::dtb::MAX_CPUS;
+use hal::linear::LinearMap;
+use hal::smp::PerCpu;
+use hal::sync::IrqSpinLock;
+
+use super::{
+    check_allocated, state_byte, BuddyAllocator, BuddyError, BuddyStats, FrameMap, RegionInfo, HOT_BATCH, HOT_CAPACITY,
+    HOT_HIGH, MAX_NR_ZONES, POISON_BYTE, ST_ALLOC, ST_HOT,
+};
+use crate::gfp::{Gfp, __GFP_ZERO};
+
+/// The order-0 hot list: a ring of entries `pfn << 3 | region slot`, used as a stack at
+/// its top (the most recently freed frame is handed out first) and drained from its
+/// bottom (the coldest frames go back to the lists first).
+#[derive(Clone, Copy)]
+pub(crate) struct HotList {
+    pub(crate) ring: [u64; HOT_CAPACITY],
+    /// Ring index of the bottom (oldest) entry.
+    pub(crate) bottom: usize,
+    /// Entries held.
+    pub(crate) len: usize,
+    /// A free that takes `len` above `high` gives `batch` frames back; 0: hot list off.
+    pub(crate) high: usize,
+    /// Frames moved at once between the hot list and the buddy lists (`1..=high`).
+    pub(crate) batch: usize,
+}
+
+impl HotList {
+    const MASK: usize = HOT_CAPACITY - 1;
+
+    pub(crate) const fn new() -> Self {
+        HotList { ring: [0; HOT_CAPACITY], bottom: 0, len: 0, high: HOT_HIGH, batch: HOT_BATCH }
+    }
+
+    #[inline(always)]
+    pub(crate) fn entry(pfn: u64, slot: usize) -> u64 {
+        pfn << 3 | slot as u64
+    }
+
+    #[inline(always)]
+    pub(crate) fn push_top(&mut self, e: u64) {
+        debug_assert!(self.len < HOT_CAPACITY);
+        self.ring[(self.bottom + self.len) & Self::MASK] = e;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    pub(crate) fn pop_top(&mut self) -> u64 {
+        debug_assert!(self.len > 0);
+        self.len -= 1;
+        self.ring[(self.bottom + self.len) & Self::MASK]
+    }
+
+    #[inline(always)]
+    pub(crate) fn push_bottom(&mut self, e: u64) {
+        debug_assert!(self.len < HOT_CAPACITY);
+        self.bottom = (self.bottom + Self::MASK) & Self::MASK;
+        self.ring[self.bottom] = e;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    pub(crate) fn pop_bottom(&mut self) -> u64 {
+        debug_assert!(self.len > 0);
+        let e = self.ring[self.bottom];
+        self.bottom = (self.bottom + 1) & Self::MASK;
+        self.len -= 1;
+        e
+    }
+
+    /// The entries, bottom to top.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.len).map(|i| self.ring[(self.bottom + i) & Self::MASK])
+    }
+}
+
+/// One zone's per-CPU list sizes: Linux's `pcp->high` and `pcp->batch`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PcpLimits {
+    /// A free that takes a list above this many frames gives `batch` back to the zone.
+    pub high: usize,
+    /// Frames moved at once between a list and its zone.
+    pub batch: usize,
+}
+
+impl PcpLimits {
+    /// Most frames a list holds at its high mark (a free pushes one more before draining).
+    pub const MAX_HIGH: usize = HOT_CAPACITY - 2;
+
+    /// Linux 6.12's sizes for a zone of `managed` frames with low watermark `low`, shared
+    /// among `cpus` online CPUs: `batch` is `zone_batchsize` (a quarter of 0.1 % of the
+    /// zone, at most 1 MiB's worth, times 1.5, rounded down to a power of two, minus 1);
+    /// `high` is `zone_highsize` with no `percpu_pagelist_high_fraction` (`low / cpus`, at
+    /// least `4 × batch`), clamped to [`Self::MAX_HIGH`].
+    ///
+    /// # Example
+    /// ```
+    /// use memory::buddy::PcpLimits;
+    /// // A 1 GiB zone with Linux's default watermarks (low 1286 frames), one and four CPUs.
+    /// assert_eq!(PcpLimits::linux(262_144, 1286, 1), PcpLimits { high: 1022, batch: 63 });
+    /// assert_eq!(PcpLimits::linux(262_144, 1286, 4), PcpLimits { high: 321, batch: 63 });
+    /// ```
+    pub fn linux(managed: usize, low: usize, cpus: usize) -> Self {
+        let mut batch = (managed >> 10).min((1 << 20) / PAGE_SIZE) / 4;
+        batch = batch.max(1);
+        let b = batch + batch / 2;
+        batch = (1usize << (usize::BITS - 1 - b.leading_zeros())) - 1;
+        let batch = batch.max(1);
+        let high = (low / cpus.max(1)).max(batch * 4).min(Self::MAX_HIGH);
+        PcpLimits { high, batch: batch.min(high.max(1)) }
+    }
+}
+
+/// One CPU's lists, one per zone (in frames carved at initialisation).
+pub(crate) struct CpuPages {
+    cpu: usize,
+    lists: [HotList; MAX_NR_ZONES],
+}
+
+/// Frames on one CPU's lists, per zone, published for the statistics of other CPUs.
+#[repr(align(64))]
+struct CpuCounts([AtomicUsize; MAX_NR_ZONES]);
+
+/// What the fast path reads of a zone without its lock.
+#[repr(align(64))]
+struct ZoneMirror {
+    /// The zone's free pages (lists and frontier; per-CPU lists not counted).
+    free: AtomicUsize,
+    min: AtomicUsize,
+    lowmem_reserve: [AtomicUsize; MAX_NR_ZONES],
+    high: AtomicUsize,
+    batch: AtomicUsize,
+}
+
+/// The kernel's frame allocator: the zones behind their lock, and the per-CPU lists in
+/// front of it (see the module docs).
+pub(crate) struct Global {
+    pub(crate) core: IrqSpinLock<BuddyAllocator>,
+    /// The core's frame map, state array and linear map (fixed after initialisation).
+    map: FrameMap,
+    state: *mut u8,
+    pub(crate) linear: LinearMap,
+    strict: bool,
+    cpus: PerCpu<&'static mut CpuPages>,
+    counts: [CpuCounts; MAX_CPUS],
+    zones: [ZoneMirror; MAX_NR_ZONES],
+    /// `Some` once a test or bench fixed the limits ([`set_pcp_limits`]).
+    fixed: spin::Mutex<Option<PcpLimits>>,
+    /// Poison found overwritten on frames handed out from a per-CPU list.
+    corruptions: AtomicU64,
+}
+
+// SAFETY: `state` points at the core's state array, reserved RAM that lives as long as the
+// allocator (forever: `Global` is only built for the kernel's `static`), and every access
+// to it goes through `state_byte`, an atomic. The `CpuPages` behind `cpus` are frames the
+// allocator gave to itself at initialisation, each reached only by its own CPU through
+// `PerCpu` (see its `Sync` argument); the frames on the lists are free memory the
+// allocator owns. Everything else is atomics, locks, or fixed after initialisation.
+unsafe impl Sync for Global {}
+// SAFETY: as for `Sync`: nothing in `Global` is tied to the CPU that built it.
+unsafe impl Send for Global {}
+
+impl Global {
+    /// Takes over `core`: turns its own hot lists off and carves the per-CPU lists from it.
+    ///
+    /// # Errors
+    /// [`BuddyError::OutOfMemory`] when the lists' frames cannot be had (`core` is then
+    /// given back, unchanged but for its hot lists).
+    pub(crate) fn new(mut core: BuddyAllocator) -> Result<Self, (BuddyError, BuddyAllocator)> {
+        core.drain_hot();
+        core.set_hot_limits(0, 1);
+        let each = core::mem::size_of::<CpuPages>().next_multiple_of(64);
+        let pages = (each * MAX_CPUS).div_ceil(PAGE_SIZE);
+        let order = pages.next_power_of_two().trailing_zeros() as usize;
+        let pa = match core.alloc(order) {
+            Ok(pa) => pa,
+            Err(e) => return Err((e, core)),
+        };
+        let base = core.linear.ptr::<u8>(pa);
+        for cpu in 0..MAX_CPUS {
+            let p = base.wrapping_add(cpu * each).cast::<CpuPages>();
+            // SAFETY: `p` is inside the block just allocated (MAX_CPUS slots of `each`
+            // bytes, `each` a multiple of the alignment, the block page aligned), ours for
+            // good; each field is written in place (a list is 8 KiB: no big temporary).
+            unsafe {
+                core::ptr::addr_of_mut!((*p).cpu).write(cpu);
+                for z in 0..MAX_NR_ZONES {
+                    core::ptr::addr_of_mut!((*p).lists[z]).write(HotList::new());
+                }
+            }
+        }
+        let cpus = PerCpu::new(|cpu| {
+            // SAFETY: slot `cpu` was initialised above; each slot gets one `&mut`, given to
+            // the `PerCpu` that hands it to its CPU alone; the block is never freed.
+            unsafe { &mut *base.wrapping_add(cpu * each).cast::<CpuPages>() }
+        });
+        let g = Global {
+            map: core.map,
+            state: core.state,
+            linear: core.linear,
+            strict: core.strict,
+            core: IrqSpinLock::new(&hal::sync::classes::BUDDY, core),
+            cpus,
+            counts: core::array::from_fn(|_| CpuCounts(Default::default())),
+            zones: core::array::from_fn(|_| ZoneMirror {
+                free: AtomicUsize::new(0),
+                min: AtomicUsize::new(0),
+                lowmem_reserve: Default::default(),
+                high: AtomicUsize::new(0),
+                batch: AtomicUsize::new(1),
+            }),
+            fixed: spin::Mutex::new(None),
+            corruptions: AtomicU64::new(0),
+        };
+        g.locked(|a| g.sync_marks(a));
+        Ok(g)
+    }
+
+    /// Runs `f` on the zones under their lock, then refreshes the fast path's copy of the
+    /// zones' free counts.
+    #[inline]
+    pub(crate) fn locked<R>(&self, f: impl FnOnce(&mut BuddyAllocator) -> R) -> R {
+        let mut a = self.core.lock();
+        let r = f(&mut a);
+        self.sync_free(&a);
+        r
+    }
+
+    #[inline(always)]
+    fn sync_free(&self, a: &BuddyAllocator) {
+        for (m, z) in self.zones.iter().zip(&a.zones) {
+            m.free.store(z.free_pages, Ordering::Relaxed);
+        }
+    }
+
+    /// Refreshes the copy of the watermarks and recomputes the lists' limits (the online
+    /// CPUs or the watermarks changed).
+    pub(crate) fn sync_marks(&self, a: &BuddyAllocator) {
+        let fixed = *self.fixed.lock();
+        let cpus = online_now();
+        for (m, z) in self.zones.iter().zip(&a.zones) {
+            m.min.store(z.wmark[0], Ordering::Relaxed);
+            for (r, v) in m.lowmem_reserve.iter().zip(z.lowmem_reserve) {
+                r.store(v, Ordering::Relaxed);
+            }
+            let l = fixed.unwrap_or_else(|| PcpLimits::linux(z.managed, z.wmark[1], cpus));
+            m.high.store(l.high, Ordering::Relaxed);
+            m.batch.store(l.batch, Ordering::Relaxed);
+        }
+        self.sync_free(a);
+    }
+
+    /// Fixes every zone's limits (`Some`), or goes back to Linux's (`None`).
+    pub(crate) fn set_limits(&self, limits: Option<PcpLimits>) {
+        *self.fixed.lock() = limits.map(|l| {
+            let high = l.high.min(PcpLimits::MAX_HIGH);
+            PcpLimits { high, batch: l.batch.clamp(1, high.max(1)) }
+        });
+        self.locked(|a| self.sync_marks(a));
+    }
+
+    /// The limits of zone `z` now.
+    pub(crate) fn limits(&self, z: usize) -> PcpLimits {
+        let m = &self.zones[z];
+        PcpLimits { high: m.high.load(Ordering::Relaxed), batch: m.batch.load(Ordering::Relaxed) }
+    }
+
+    /// Whether an order-0 allocation with `gfp` (highest zone `high`) leaves zone `z`
+    /// above its watermark, on the lock-free copy of its counts.
+    #[inline(always)]
+    fn watermark_ok(&self, z: usize, gfp: Gfp, high: usize) -> bool {
+        let m = &self.zones[z];
+        let min = gfp.min_watermark(m.min.load(Ordering::Relaxed));
+        m.free.load(Ordering::Relaxed) > min + m.lowmem_reserve[high].load(Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    fn ptr(&self, pfn: u64) -> *mut u8 {
+        self.linear.ptr(PhysAddr::new(pfn << PAGE_SHIFT))
+    }
+
+    // ----- allocation -----
+
+    /// Allocates `2^order` frames with `gfp`: order 0 from this CPU's lists when the zone
+    /// is above its watermark, else (and for every other order) under the zone lock.
+    #[inline]
+    pub(crate) fn alloc(&self, order: usize, gfp: Gfp) -> Result<PhysAddr, BuddyError> {
+        if order == 0 {
+            if let Some(pa) = self.alloc_pcp(gfp) {
+                return Ok(pa);
+            }
+        }
+        self.locked(|a| a.alloc_gfp(order, gfp))
+    }
+
+    /// The per-CPU path of an order-0 allocation; `None` sends it to the locked path
+    /// (every zone `gfp` allows is at its watermark or empty, or the lists are in use
+    /// further up this CPU's stack), which decides the error.
+    #[inline(always)]
+    fn alloc_pcp(&self, gfp: Gfp) -> Option<PhysAddr> {
+        let high = gfp.zone();
+        let mut z = high + 1;
+        while z > 0 {
+            z -= 1;
+            if !self.watermark_ok(z, gfp, high) {
+                continue;
+            }
+            if let Some(pa) = self.cpus.try_with(|cpu| self.pop(cpu, z))? {
+                if gfp.contains(__GFP_ZERO) {
+                    // SAFETY: the frame was just allocated: ours until we return it.
+                    unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(0, PAGE_SIZE) };
+                }
+                return Some(pa);
+            }
+        }
+        None
+    }
+
+    /// Takes the top frame of this CPU's list of zone `z`, refilling the list first when
+    /// it is empty; `None` when the zone has no frame left.
+    #[inline(always)]
+    fn pop(&self, cpu: &mut CpuPages, z: usize) -> Option<PhysAddr> {
+        let l = &mut cpu.lists[z];
+        if l.len == 0 {
+            let batch = self.zones[z].batch.load(Ordering::Relaxed);
+            if self.locked(|a| a.pcp_refill(z, l, batch)) == 0 {
+                return None;
+            }
+        }
+        let e = l.pop_top();
+        self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
+        let (pfn, idx) = self.entry(e);
+        state_byte(self.state, &self.map, idx).store(ST_ALLOC, Ordering::Relaxed);
+        if self.strict {
+            self.check_poison(pfn);
+        }
+        Some(PhysAddr::new(pfn << PAGE_SHIFT))
+    }
+
+    /// Order-0 frames into `out` (as [`BuddyAllocator::alloc_bulk_gfp`]): from this CPU's
+    /// lists, refilled in batches of at least what is still wanted; what they cannot give
+    /// comes from the locked path.
+    pub(crate) fn alloc_bulk(&self, out: &mut [PhysAddr], gfp: Gfp) -> usize {
+        let high = gfp.zone();
+        let mut n = 0;
+        for z in (0..=high).rev() {
+            while n < out.len() && self.watermark_ok(z, gfp, high) {
+                let got = self.cpus.try_with(|cpu| self.pop_many(cpu, z, &mut out[n..]));
+                match got {
+                    Some(0) | None => break,
+                    Some(k) => n += k,
+                }
+            }
+        }
+        if gfp.contains(__GFP_ZERO) {
+            for pa in &out[..n] {
+                // SAFETY: the frames were just allocated: ours until we return them.
+                unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(0, PAGE_SIZE) };
+            }
+        }
+        if n < out.len() {
+            n += self.locked(|a| a.alloc_bulk_gfp(&mut out[n..], gfp));
+        }
+        n
+    }
+
+    /// Up to `out.len()` frames from this CPU's list of zone `z` (refilled once when empty,
+    /// with up to half the list's capacity).
+    fn pop_many(&self, cpu: &mut CpuPages, z: usize, out: &mut [PhysAddr]) -> usize {
+        let l = &mut cpu.lists[z];
+        if l.len == 0 {
+            let want = out.len().max(self.zones[z].batch.load(Ordering::Relaxed)).min(HOT_CAPACITY / 2);
+            if self.locked(|a| a.pcp_refill(z, l, want)) == 0 {
+                return 0;
+            }
+        }
+        let k = out.len().min(l.len);
+        for slot in &mut out[..k] {
+            let (pfn, idx) = self.entry(l.pop_top());
+            state_byte(self.state, &self.map, idx).store(ST_ALLOC, Ordering::Relaxed);
+            if self.strict {
+                self.check_poison(pfn);
+            }
+            *slot = PhysAddr::new(pfn << PAGE_SHIFT);
+        }
+        self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
+        k
+    }
+
+    /// Strict mode: the whole frame must hold the poison (it was poisoned when freed).
+    #[cold]
+    fn check_poison(&self, pfn: u64) {
+        // SAFETY: the frame was just taken off a per-CPU list: ours until handed out.
+        let bytes = unsafe { core::slice::from_raw_parts(self.ptr(pfn), PAGE_SIZE) };
+        if let Some(bad) = bytes.iter().position(|&b| b != POISON_BYTE) {
+            self.corruptions.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "buddy: poison overwritten in free memory at {:#x} (frame {:#x}, offset {bad:#x}): use after free?",
+                (pfn << PAGE_SHIFT) + bad as u64,
+                pfn << PAGE_SHIFT
+            );
+        }
+    }
+
+    #[inline(always)]
+    fn entry(&self, e: u64) -> (u64, usize) {
+        let r = &self.map.regions[(e & 7) as usize];
+        let pfn = e >> 3;
+        (pfn, r.index + (pfn - r.start_pfn) as usize)
+    }
+
+    // ----- freeing -----
+
+    /// Frees `2^order` frames at `pa`: order 0 onto this CPU's list of its zone, every
+    /// other order (or when the lists are in use further up the stack) under the lock.
+    ///
+    /// # Safety
+    /// As [`BuddyAllocator::free`].
+    #[inline]
+    pub(crate) unsafe fn free(&self, pa: PhysAddr, order: usize) -> Result<(), BuddyError> {
+        if order == 0 {
+            let (r, idx) = check_allocated(&self.map, self.state, pa, 0)?;
+            let pfn = pa.as_u64() >> PAGE_SHIFT;
+            if self.cpus.try_with(|cpu| self.push(cpu, r, idx, pfn)).is_some() {
+                return Ok(());
+            }
+        }
+        // SAFETY: forwarded to our caller.
+        self.locked(|a| unsafe { a.free(pa, order) })
+    }
+
+    /// Order-0 frames, all checked first (as [`BuddyAllocator::free_bulk`]).
+    ///
+    /// # Safety
+    /// As [`BuddyAllocator::free_bulk`].
+    pub(crate) unsafe fn free_bulk(&self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
+        for &pa in frames {
+            check_allocated(&self.map, self.state, pa, 0)?;
+        }
+        let done = self.cpus.try_with(|cpu| {
+            let mut first_err = Ok(());
+            for &pa in frames {
+                // Checked again: a frame listed twice is refused the second time.
+                match check_allocated(&self.map, self.state, pa, 0) {
+                    Ok((r, idx)) => self.push(cpu, r, idx, pa.as_u64() >> PAGE_SHIFT),
+                    Err(e) => {
+                        if first_err.is_ok() {
+                            first_err = Err(e);
+                        }
+                    }
+                }
+            }
+            first_err
+        });
+        match done {
+            Some(r) => r,
+            // SAFETY: forwarded to our caller.
+            None => self.locked(|a| unsafe { a.free_bulk(frames) }),
+        }
+    }
+
+    /// Puts a checked, allocated frame on top of this CPU's list of its zone; a list above
+    /// `high` gives `batch` (or what is above `high`, if more) back to the zone.
+    #[inline(always)]
+    fn push(&self, cpu: &mut CpuPages, r: RegionInfo, idx: usize, pfn: u64) {
+        if self.strict {
+            // SAFETY: the frame is allocated, and its owner gave it back.
+            unsafe { self.ptr(pfn).write_bytes(POISON_BYTE, PAGE_SIZE) };
+        }
+        state_byte(self.state, &self.map, idx).store(ST_HOT, Ordering::Relaxed);
+        let z = r.zone;
+        let l = &mut cpu.lists[z];
+        l.push_top(HotList::entry(pfn, r.slot));
+        let m = &self.zones[z];
+        let high = m.high.load(Ordering::Relaxed);
+        if l.len > high {
+            let n = m.batch.load(Ordering::Relaxed).max(l.len - high);
+            self.locked(|a| a.pcp_drain(z, l, n));
+        }
+        self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
+    }
+
+    // ----- draining and statistics -----
+
+    /// Gives this CPU's lists back to the zones; returns the frames moved (0 when the
+    /// lists are in use further up the stack).
+    pub(crate) fn drain_local(&self) -> usize {
+        self.cpus
+            .try_with(|cpu| {
+                let mut a = self.core.lock();
+                let mut n = 0;
+                for z in 0..MAX_NR_ZONES {
+                    n += a.pcp_drain(z, &mut cpu.lists[z], usize::MAX);
+                    self.counts[cpu.cpu].0[z].store(0, Ordering::Relaxed);
+                }
+                self.sync_free(&a);
+                n
+            })
+            .unwrap_or(0)
+    }
+
+    /// Frames on the per-CPU lists now, per zone (as last published by each CPU).
+    pub(crate) fn pcp_pages(&self) -> [usize; MAX_NR_ZONES] {
+        let mut n = [0; MAX_NR_ZONES];
+        for c in &self.counts {
+            for (t, v) in n.iter_mut().zip(&c.0) {
+                *t += v.load(Ordering::Relaxed);
+            }
+        }
+        n
+    }
+
+    /// The core's counters with the per-CPU lists' frames added back.
+    pub(crate) fn stats(&self) -> BuddyStats {
+        let mut s = self.locked(|a| a.stats());
+        let pcp = self.pcp_pages();
+        for (zs, n) in s.zones.iter_mut().zip(pcp) {
+            zs.free_pages += n;
+            zs.hot_pages += n;
+        }
+        let total: usize = pcp.iter().sum();
+        s.free_pages += total;
+        s.hot_pages += total;
+        s.corruptions += self.corruptions.load(Ordering::Relaxed);
+        s
+    }
+
+    /// [`BuddyAllocator::check_consistency`] with the per-CPU lists' frames (for tests, on
+    /// a quiet system).
+    pub(crate) fn check_consistency(&self) -> Result<(), &'static str> {
+        let pcp = self.pcp_pages();
+        self.core.lock().check_consistency_with(pcp)
+    }
+}
+
+/// CPUs online now (not switched off), at least 1.
+fn online_now() -> usize {
+    (0..hal::smp::online_cpus().max(1))
+        .filter(|&c| c == 0 || hal::smp::cpu_state(c) != hal::smp::state::OFF)
+        .count()
+        .max(1)
+}
+
+/// Gives the calling CPU's per-CPU page lists back to the zones (the hotplug "down" hook
+/// runs it on a CPU going off); returns the frames moved (0 before [`super::init`]).
+///
+/// # Example
+/// ```no_run
+/// let moved = memory::buddy::drain_local();
+/// # let _ = moved;
+/// ```
+pub fn drain_local() -> usize {
+    super::BUDDY.get().map_or(0, Global::drain_local)
+}
+
+/// Fixes the per-CPU lists' `high` and `batch` for every zone (`Some`; `high` 0 turns them
+/// off), or goes back to Linux's (`None`); nothing before [`super::init`]. For tests and
+/// benches; frames above a lower `high` go back on the next free.
+///
+/// # Example
+/// ```no_run
+/// use memory::buddy::{set_pcp_limits, PcpLimits};
+/// set_pcp_limits(Some(PcpLimits { high: 0, batch: 1 }));  // every free merges at once
+/// set_pcp_limits(None);                                   // Linux's again
+/// ```
+pub fn set_pcp_limits(limits: Option<PcpLimits>) {
+    if let Some(g) = super::BUDDY.get() {
+        g.set_limits(limits);
+    }
+}
+
+/// The per-CPU lists' limits of each zone now (zeros before [`super::init`]).
+///
+/// # Example
+/// ```no_run
+/// let l = memory::buddy::pcp_limits()[memory::gfp::ZONE_DMA32];
+/// log::info!("pcp: high {} batch {}", l.high, l.batch);
+/// ```
+pub fn pcp_limits() -> [PcpLimits; MAX_NR_ZONES] {
+    super::BUDDY.get().map_or([PcpLimits::default(); MAX_NR_ZONES], |g| core::array::from_fn(|z| g.limits(z)))
+}
+
+/// Recomputes the per-CPU lists' limits from the CPUs online now (the hotplug hooks call
+/// it after a CPU went off or came back).
+pub fn pcp_update_cpus() {
+    if let Some(g) = super::BUDDY.get() {
+        g.locked(|a| g.sync_marks(a));
+    }
+}

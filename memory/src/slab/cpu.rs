@@ -1,0 +1,321 @@
+//! Per-CPU object caches: each CPU keeps, per cache, a small stack ("magazine") of free
+//! objects in front of the cache lock, so that `kmalloc`/`kfree` on the local CPU take no
+//! shared lock and no atomic read-modify-write.
+//!
+//! # How it works
+//! An allocation pops the local magazine; an empty one is refilled with
+//! [`CPU_CACHE_OBJECTS`]` / 2` objects taken under the cache lock at once. A free checks
+//! what needs no lock (the frame tag names the cache, the slab header's magic and brand are
+//! ours, the pointer is an object start, computed from a lock-free copy of the cache's
+//! geometry, and it is not in the local magazine already) and pushes it; a full magazine
+//! first gives its older half back to the slabs under the lock, where every check runs
+//! again (the bitmap's exact double-free check among them). An object freed on another
+//! CPU than the one that allocated it simply goes to the freeing CPU's magazine: a
+//! magazine holds objects of its cache, whatever slab and CPU they came from.
+//!
+//! The magazines are reached through [`hal::smp::PerCpu`]: interrupts are masked on the
+//! local CPU while one is in use, so an interrupt handler may `kmalloc` and `kfree`; a
+//! nested use (an exception taken meanwhile) goes to the locked path. The cache locks are
+//! `IrqSpinLock`s for the same reason.
+//!
+//! Objects in magazines are free for their users and allocated for their slabs: the
+//! cache's `active` count includes them, and [`super::SlabAllocator::cache_stats`] (so
+//! slabinfo) subtracts them, from per-CPU counts each CPU publishes with a relaxed store.
+//! A double free into two different CPUs' magazines is only caught when they are flushed
+//! (as SLUB's per-CPU free lists without debugging); strict mode turns the per-CPU caches
+//! off, as SLUB's debug caches take the slow path, so every free is checked exactly.
+//!
+//! A CPU going off drains its magazines (the hotplug "down" hook runs [`drain_local`]);
+//! [`drain_all`] drains every CPU's (through a cross-CPU call), which
+//! [`super::shrink`] and [`super::KmemCache::destroy`] do first.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use hal::addr::{PhysAddr, PAGE_SIZE};
+use hal::dtb::MAX_CPUS;
+use hal::smp::PerCpu;
+use hal::sync::IrqSpinLock;
+
+use super::{Cache, Geometry, SlabAllocator, SlabError, SlabHeader, MAX_CACHES};
+use crate::buddy::BuddyAllocator;
+use crate::gfp::Gfp;
+
+/// Objects a CPU keeps per cache at most (Linux 6.18's sheaves hold 32 or so; SLUB's
+/// per-CPU free lists a slab's worth).
+pub const CPU_CACHE_OBJECTS: usize = 16;
+/// Objects moved at once between a magazine and its cache.
+const BATCH: usize = CPU_CACHE_OBJECTS / 2;
+
+/// One CPU's free objects of one cache, as a stack.
+pub(super) struct Magazine {
+    len: usize,
+    objs: [*mut u8; CPU_CACHE_OBJECTS],
+}
+
+/// One CPU's magazines, one per cache slot (in frames the allocator took for them).
+pub(super) struct CpuCaches {
+    cpu: usize,
+    mags: [Magazine; MAX_CACHES],
+}
+
+// SAFETY: the pointers are free objects of the slab allocator's own caches, in RAM every
+// core reaches through the linear map; a `CpuCaches` is only used by one CPU at a time
+// (through `PerCpu`), so moving it between cores moves ownership of those objects.
+unsafe impl Send for CpuCaches {}
+
+/// Objects in one CPU's magazines, per cache, for the statistics of other CPUs.
+#[repr(align(64))]
+struct CachedCounts([AtomicU32; MAX_CACHES]);
+
+/// The per-CPU layer of a slab allocator.
+pub(super) struct CpuLayer<'b> {
+    pub(super) cpus: PerCpu<&'b mut CpuCaches>,
+    counts: [CachedCounts; MAX_CPUS],
+    /// The block holding every CPU's `CpuCaches`.
+    block: PhysAddr,
+    order: usize,
+}
+
+impl<'b> CpuLayer<'b> {
+    /// Takes the magazines' frames from `buddy`; `None` when memory is short.
+    pub(super) fn new(buddy: &'b IrqSpinLock<BuddyAllocator>) -> Option<Self> {
+        let each = core::mem::size_of::<CpuCaches>().next_multiple_of(64);
+        let pages = (each * MAX_CPUS).div_ceil(PAGE_SIZE);
+        let order = pages.next_power_of_two().trailing_zeros() as usize;
+        let (block, base) = {
+            let mut b = buddy.lock();
+            let pa = b.alloc(order).ok()?;
+            (pa, b.linear_map().ptr::<u8>(pa))
+        };
+        // SAFETY: the block was just allocated to us (`PAGE_SIZE << order` bytes); zero is
+        // a valid `CpuCaches` (empty magazines, null pointers, CPU 0).
+        unsafe { base.write_bytes(0, PAGE_SIZE << order) };
+        let cpus = PerCpu::new(|cpu| {
+            let p = base.wrapping_add(cpu * each).cast::<CpuCaches>();
+            // SAFETY: slot `cpu` lies inside the block (MAX_CPUS slots of `each` bytes,
+            // each aligned), initialised above; it gets this one `&mut`, handed by
+            // `PerCpu` to its CPU alone. The block lives until the layer is dropped.
+            unsafe {
+                (*p).cpu = cpu;
+                &mut *p
+            }
+        });
+        Some(CpuLayer { cpus, counts: core::array::from_fn(|_| CachedCounts(Default::default())), block, order })
+    }
+
+    /// Objects of cache `id` in every CPU's magazine (as last published).
+    pub(super) fn cached(&self, id: usize) -> usize {
+        self.counts.iter().map(|c| c.0[id].load(Ordering::Relaxed) as usize).sum()
+    }
+
+    #[inline(always)]
+    fn publish(&self, cpu: usize, id: usize, len: usize) {
+        self.counts[cpu].0[id].store(len as u32, Ordering::Relaxed);
+    }
+}
+
+/// A cache's geometry, readable without the cache lock: what the per-CPU free path needs
+/// to check an object start. Written when the cache is made, before any of its slabs
+/// exists (so before any frame tag names it: the tag's release/acquire orders it).
+#[derive(Default)]
+pub(super) struct GeoMirror {
+    /// `first | stride << 16 | objs << 32 | order << 48`.
+    packed: AtomicU64,
+    recip: AtomicU64,
+}
+
+impl GeoMirror {
+    pub(super) fn set(&self, g: &Geometry) {
+        let packed = g.first as u64 | (g.stride as u64) << 16 | (g.objs as u64) << 32 | (g.order as u64) << 48;
+        self.packed.store(packed, Ordering::Relaxed);
+        self.recip.store(g.recip, Ordering::Relaxed);
+    }
+
+    /// `(first, stride, objs, slab bytes, recip)`.
+    #[inline(always)]
+    fn get(&self) -> (usize, usize, usize, usize, u64) {
+        let p = self.packed.load(Ordering::Relaxed);
+        let m = |s: u32| ((p >> s) & 0xffff) as usize;
+        (m(0), m(16), m(32), PAGE_SIZE << m(48), self.recip.load(Ordering::Relaxed))
+    }
+}
+
+impl SlabAllocator<'_> {
+    /// The per-CPU path of an allocation from cache `id`.
+    #[inline(always)]
+    pub(super) fn alloc_cached(
+        &self,
+        layer: &CpuLayer<'_>,
+        cc: &mut CpuCaches,
+        id: usize,
+        gfp: Gfp,
+    ) -> Result<core::ptr::NonNull<u8>, SlabError> {
+        let m = &mut cc.mags[id];
+        if m.len == 0 && self.refill(id, m, gfp) == 0 {
+            // Nothing to take (memory short, or a failure injected): the locked path
+            // decides and counts the error.
+            return self.alloc_locked(id, gfp);
+        }
+        m.len -= 1;
+        let p = m.objs[m.len];
+        layer.publish(cc.cpu, id, m.len);
+        // SAFETY: magazines hold object pointers, never null.
+        Ok(unsafe { core::ptr::NonNull::new_unchecked(p) })
+    }
+
+    /// Fills an empty magazine with up to [`BATCH`] objects under the cache lock (growing
+    /// the cache once if needed); returns how many.
+    #[cold]
+    fn refill(&self, id: usize, m: &mut Magazine, gfp: Gfp) -> usize {
+        let mut guard = self.caches[id].lock();
+        let c = &mut *guard;
+        while m.len < BATCH {
+            if c.partial.is_null() && (m.len > 0 || self.grow(c, id, gfp).is_err()) {
+                break;
+            }
+            m.objs[m.len] = self.take_object(c);
+            m.len += 1;
+        }
+        m.len
+    }
+
+    /// The per-CPU path of a free of `ptr` (its frame tag said cache `id`).
+    #[inline(always)]
+    pub(super) fn free_cached(
+        &self,
+        layer: &CpuLayer<'_>,
+        cc: &mut CpuCaches,
+        id: usize,
+        ptr: *mut u8,
+        pa: PhysAddr,
+    ) -> Result<(), SlabError> {
+        let (first, stride, objs, slab_bytes, recip) = self.geos[id].get();
+        let off = pa.as_u64() as usize & (slab_bytes - 1);
+        if !self.slab_is_ours(ptr.wrapping_sub(off).cast::<SlabHeader>(), id) {
+            return Err(SlabError::NotOwned);
+        }
+        let rel = off.checked_sub(first).ok_or(SlabError::NotObjectStart)?;
+        let idx = ((rel as u64 * recip) >> 32) as usize;
+        if idx >= objs || idx * stride != rel {
+            return Err(SlabError::NotObjectStart);
+        }
+        let m = &mut cc.mags[id];
+        if m.objs[..m.len].contains(&ptr) {
+            return Err(SlabError::DoubleFree);
+        }
+        if m.len == CPU_CACHE_OBJECTS {
+            self.flush(id, m, BATCH);
+        }
+        m.objs[m.len] = ptr;
+        m.len += 1;
+        layer.publish(cc.cpu, id, m.len);
+        Ok(())
+    }
+
+    /// Gives the `n` oldest objects of a magazine of cache `id` back to their slabs, under
+    /// the cache lock, with every check; a refused one is logged and counted (it was a
+    /// double free caught late, or memory written over).
+    #[cold]
+    fn flush(&self, id: usize, m: &mut Magazine, n: usize) {
+        let n = n.min(m.len);
+        if n == 0 {
+            return;
+        }
+        {
+            let mut guard = self.caches[id].lock();
+            let c: &mut Cache = &mut guard;
+            for &obj in &m.objs[..n] {
+                let pa = self.pa(obj);
+                if let Err(e) = self.free_in(c, id, obj, pa) {
+                    self.invalid_frees.fetch_add(1, Ordering::Relaxed);
+                    log::error!("slab {}: object {obj:p} from a per-CPU cache refused: {e}", c.name);
+                }
+            }
+        }
+        m.objs.copy_within(n..m.len, 0);
+        m.len -= n;
+    }
+
+    /// Gives this CPU's magazines back to their caches; returns the objects moved.
+    pub fn drain_local(&self) -> usize {
+        let Some(layer) = &self.cpu else { return 0 };
+        layer
+            .cpus
+            .try_with(|cc| {
+                let mut moved = 0;
+                for id in 0..MAX_CACHES {
+                    let m = &mut cc.mags[id];
+                    moved += m.len;
+                    self.flush(id, m, m.len);
+                    layer.publish(cc.cpu, id, 0);
+                }
+                moved
+            })
+            .unwrap_or(0)
+    }
+
+    /// Objects of cache slot `id` sitting in per-CPU magazines.
+    pub(super) fn cpu_cached(&self, id: usize) -> usize {
+        self.cpu.as_ref().map_or(0, |l| l.cached(id))
+    }
+
+    /// Whether this allocator has per-CPU object caches.
+    ///
+    /// # Example
+    /// ```no_run
+    /// assert!(memory::slab::global().unwrap().has_cpu_caches());
+    /// ```
+    pub fn has_cpu_caches(&self) -> bool {
+        self.cpu.is_some()
+    }
+
+    /// Gives every CPU's magazines back and the layer's frames to the buddy (`&mut self`:
+    /// no CPU is inside a magazine).
+    pub(super) fn drop_cpu_layer(&mut self) {
+        let Some(mut layer) = self.cpu.take() else { return };
+        for cpu in 0..MAX_CPUS {
+            if let Some(cc) = layer.cpus.get_mut(cpu) {
+                for id in 0..MAX_CACHES {
+                    let m = &mut cc.mags[id];
+                    self.flush(id, m, m.len);
+                }
+            }
+        }
+        let (block, order) = (layer.block, layer.order);
+        drop(layer);
+        // SAFETY: the block was allocated by `CpuLayer::new` and nothing refers to it
+        // any more (the layer and its references are gone).
+        if let Err(e) = unsafe { self.buddy.lock().free(block, order) } {
+            log::error!("slab: per-CPU cache block {block:#x} refused by the buddy: {e}");
+        }
+    }
+}
+
+/// Gives the calling CPU's magazines of the global slab allocator back to their caches
+/// (the hotplug "down" hook runs it on a CPU going off); returns the objects moved.
+///
+/// # Example
+/// ```no_run
+/// let moved = memory::slab::drain_local();
+/// # let _ = moved;
+/// ```
+pub fn drain_local() -> usize {
+    super::global().map_or(0, SlabAllocator::drain_local)
+}
+
+/// Drains every CPU's magazines of the global slab allocator: the local ones, and the
+/// others' through a cross-CPU call (none where no interrupt controller runs: then no
+/// other CPU allocates). Returns the objects moved.
+///
+/// # Example
+/// ```no_run
+/// memory::slab::drain_all();
+/// log::info!("{}", memory::slab::slabinfo().unwrap());   // no object hidden in a magazine
+/// ```
+pub fn drain_all() -> usize {
+    let moved = AtomicUsize::new(drain_local());
+    let _ = hal::smp::on_each_cpu(&|| {
+        moved.fetch_add(drain_local(), Ordering::Relaxed);
+    });
+    moved.into_inner()
+}
