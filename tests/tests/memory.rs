@@ -596,8 +596,8 @@ fn hot_list_serves_order_0_ping_pong() {
         (hal::cpu::uptime_ns() - t) / N
     };
     let start = baseline();
-    let limits = buddy::global().unwrap().lock().hot_limits();
-    assert!(limits.0 > 0, "the hot list is on by default");
+    let limits = buddy::pcp_limits();
+    assert!(limits.iter().any(|l| l.high > 0), "the per-CPU lists are on by default");
 
     // Hot: the first free parks the frame on the hot list; from then on the pair is served
     // there, and the lists never change.
@@ -618,7 +618,8 @@ fn hot_list_serves_order_0_ping_pong() {
     assert_eq!((after.hot_pages, after.free_blocks), (before.hot_pages, before.free_blocks));
 
     // Cold: with the hot list off, each pair splits a block off the lists and merges it back.
-    buddy::global().unwrap().lock().set_hot_limits(0, 1);
+    buddy::set_pcp_limits(Some(buddy::PcpLimits { high: 0, batch: 1 }));
+    buddy::drain_hot();
     let cold = stats();
     assert_eq!(cold.hot_pages, 0, "high watermark 0 drains the hot list");
     let r = buddy::alloc_pages(0).unwrap();
@@ -630,7 +631,8 @@ fn hot_list_serves_order_0_ping_pong() {
     assert_eq!(stats().free_blocks, cold.free_blocks, "the free merged back with its buddies");
     let cold_ns = ping_pong();
     assert_eq!(stats().free_blocks, cold.free_blocks);
-    buddy::global().unwrap().lock().set_hot_limits(limits.0, limits.1);
+    buddy::set_pcp_limits(None);
+    assert_eq!(buddy::pcp_limits(), limits);
     assert_back_to(&start);
     hal::print!("(figure, not a check: order-0 alloc+free {hot_ns} ns with the hot list, {cold_ns} ns without) ");
 }

@@ -1347,6 +1347,16 @@ impl BuddyAllocator {
         self.failed(BuddyError::OutOfMemory)
     }
 
+    /// Takes back the count of a failure that is retried (the per-CPU lists were drained):
+    /// an allocation that succeeds on its retry did not fail, and one that fails again
+    /// counts once.
+    pub(crate) fn forget_failure(&mut self, e: BuddyError) {
+        self.alloc_failures = self.alloc_failures.saturating_sub(1);
+        if e == BuddyError::BelowMin {
+            self.watermark_failures = self.watermark_failures.saturating_sub(1);
+        }
+    }
+
     #[cold]
     fn failed(&mut self, e: BuddyError) -> BuddyError {
         self.alloc_failures += 1;

@@ -43,7 +43,7 @@ use super::{
     check_allocated, state_byte, BuddyAllocator, BuddyError, BuddyStats, FrameMap, RegionInfo, HOT_BATCH, HOT_CAPACITY,
     HOT_HIGH, MAX_NR_ZONES, POISON_BYTE, ST_ALLOC, ST_HOT,
 };
-use crate::gfp::{Gfp, __GFP_ZERO};
+use crate::gfp::{Gfp, __GFP_DIRECT_RECLAIM, __GFP_NORETRY, __GFP_ZERO};
 
 /// The order-0 hot list: a ring of entries `pfn << 3 | region slot`, used as a stack at
 /// its top (the most recently freed frame is handed out first) and drained from its
@@ -326,7 +326,32 @@ impl Global {
                 return Ok(pa);
             }
         }
-        self.locked(|a| a.alloc_gfp(order, gfp))
+        match self.locked(|a| a.alloc_gfp(order, gfp)) {
+            Err(e @ (BuddyError::OutOfMemory | BuddyError::BelowMin)) => self.alloc_after_drain(order, gfp, e),
+            r => r,
+        }
+    }
+
+    /// The zones could not serve `order`: when per-CPU lists hold frames (which count for
+    /// no zone and may complete a block), drains them and tries once more, as Linux's
+    /// `drain_all_pages` before giving up. This CPU's lists always; the other CPUs' too
+    /// (through a cross-CPU call) when `gfp` may block and this is thread context with
+    /// interrupts on. `__GFP_NORETRY` does not retry. The retried failure counts once.
+    #[cold]
+    fn alloc_after_drain(&self, order: usize, gfp: Gfp, err: BuddyError) -> Result<PhysAddr, BuddyError> {
+        if gfp.contains(__GFP_NORETRY) || self.pcp_pages().iter().sum::<usize>() == 0 {
+            return Err(err);
+        }
+        self.drain_local();
+        if gfp.contains(__GFP_DIRECT_RECLAIM) && !hal::irq::in_interrupt() && hal::irq::irqs_enabled() {
+            let _ = hal::smp::on_each_cpu(&|| {
+                self.drain_local();
+            });
+        }
+        self.locked(|a| {
+            a.forget_failure(err);
+            a.alloc_gfp(order, gfp)
+        })
     }
 
     /// The per-CPU path of an order-0 allocation; `None` sends it to the locked path
@@ -396,6 +421,12 @@ impl Global {
         }
         if n < out.len() {
             n += self.locked(|a| a.alloc_bulk_gfp(&mut out[n..], gfp));
+        }
+        if n < out.len() && !gfp.contains(__GFP_NORETRY) && self.drain_local() > 0 {
+            n += self.locked(|a| {
+                a.forget_failure(BuddyError::OutOfMemory);
+                a.alloc_bulk_gfp(&mut out[n..], gfp)
+            });
         }
         n
     }

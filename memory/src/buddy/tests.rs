@@ -1064,3 +1064,123 @@ fn the_frontier_is_carved_on_demand() {
     assert_eq!(a.stats().free_blocks, boot.free_blocks);
     a.check_consistency().unwrap();
 }
+
+// ----- the per-CPU page lists of the global allocator -----
+
+/// Host threads playing four CPUs allocate and free order-0 frames (and some larger
+/// blocks) on the global allocator, each freeing a third of its frames on another "CPU";
+/// every frame's contents are checked; after each CPU drained its lists, the allocator is
+/// back where it started, fully merged and consistent.
+#[test]
+fn per_cpu_lists_under_thread_stress_end_at_baseline() {
+    let _g = testram::global_lock();
+    drain_hot();
+    let before = stats().unwrap();
+    let ops = if cfg!(miri) { 200 } else { 20_000 };
+    let (tx, rx): (Vec<_>, Vec<_>) = (0..4).map(|_| std::sync::mpsc::channel::<(u64, usize)>()).unzip();
+    let rx: Vec<_> = rx.into_iter().map(std::sync::Mutex::new).collect();
+    std::thread::scope(|sc| {
+        for cpu in 0..4 {
+            let tx = tx.clone();
+            let rx = &rx;
+            sc.spawn(move || {
+                hal::smp::host_play_cpu(cpu);
+                let mut held: Vec<(PhysAddr, usize, u8)> = Vec::new();
+                let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ cpu as u64;
+                let linear = *global().unwrap().lock().linear_map();
+                let fill = |pa: PhysAddr, order: usize, v: u8| {
+                    // SAFETY: the block is ours (just allocated), inside the linear map.
+                    unsafe { linear.ptr::<u8>(pa).write_bytes(v, PAGE_SIZE << order) }
+                };
+                let check = |pa: PhysAddr, order: usize, v: u8| {
+                    // SAFETY: as for `fill`: a block this thread (or its sender) filled.
+                    let b = unsafe { core::slice::from_raw_parts(linear.ptr::<u8>(pa), PAGE_SIZE << order) };
+                    assert!(b.iter().all(|&x| x == v), "frame {pa:#x} overwritten");
+                };
+                for i in 0..ops {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    // Frames sent here by other CPUs: free them on this one.
+                    while let Ok((pa, order)) = rx[cpu].lock().unwrap().try_recv() {
+                        // SAFETY: the sender gave up the block; nothing else uses it.
+                        unsafe { free_pages(PhysAddr::new(pa), order) }.unwrap();
+                    }
+                    if held.len() < 48 && (seed % 3 != 0 || held.is_empty()) {
+                        let order = if seed % 17 == 0 { 2 } else { 0 };
+                        let pa = alloc_pages(order).unwrap();
+                        let v = (i as u8) ^ cpu as u8;
+                        fill(pa, order, v);
+                        held.push((pa, order, v));
+                    } else {
+                        let (pa, order, v) = held.swap_remove((seed >> 8) as usize % held.len());
+                        check(pa, order, v);
+                        if seed % 9 < 3 {
+                            tx[(cpu + 1 + (seed >> 20) as usize % 3) % 4].send((pa.as_u64(), order)).unwrap();
+                        } else {
+                            // SAFETY: the block is ours and no longer used.
+                            unsafe { free_pages(pa, order) }.unwrap();
+                        }
+                    }
+                }
+                for (pa, order, v) in held {
+                    check(pa, order, v);
+                    // SAFETY: the block is ours and no longer used.
+                    unsafe { free_pages(pa, order) }.unwrap();
+                }
+            });
+        }
+    });
+    // Frames still in flight, then every CPU's lists.
+    for r in &rx {
+        while let Ok((pa, order)) = r.lock().unwrap().try_recv() {
+            // SAFETY: the sender gave up the block.
+            unsafe { free_pages(PhysAddr::new(pa), order) }.unwrap();
+        }
+    }
+    for cpu in 0..4 {
+        std::thread::scope(|sc| {
+            sc.spawn(move || {
+                hal::smp::host_play_cpu(cpu);
+                drain_local();
+            });
+        });
+    }
+    check_consistency().unwrap();
+    let after = stats().unwrap();
+    assert_eq!(after.hot_pages, 0);
+    assert_eq!(after.free_pages, before.free_pages);
+    assert_eq!(after.free_blocks, before.free_blocks, "everything merged back");
+}
+
+/// The global allocator's order-0 path goes through the calling CPU's list: a frame freed
+/// comes back first on the same CPU, is counted free (in `hot_pages`), and a double free
+/// of it is refused; `high` 0 sends every free straight to the zone.
+#[test]
+fn per_cpu_lists_recycle_locally_and_refuse_double_frees() {
+    let _g = testram::global_lock();
+    drain_hot();
+    let before = stats().unwrap();
+    let p = alloc_pages(0).unwrap();
+    // SAFETY: the frame is ours and unused.
+    unsafe { free_pages(p, 0) }.unwrap();
+    let s = stats().unwrap();
+    assert!(s.hot_pages > 0, "the refill left frames on this CPU's list");
+    assert_eq!(s.free_pages, before.free_pages);
+    assert_eq!(unsafe_free_pages(p, 0), Err(BuddyError::NotAllocated), "double free refused");
+    assert_eq!(alloc_pages(0).unwrap(), p, "the most recently freed frame comes back first");
+    // SAFETY: as above.
+    unsafe { free_pages(p, 0) }.unwrap();
+    let limits = pcp_limits();
+    assert!(limits.iter().any(|l| l.batch > 0 && l.high >= 4 * l.batch));
+    set_pcp_limits(Some(PcpLimits { high: 0, batch: 1 }));
+    let q = alloc_pages(0).unwrap();
+    // SAFETY: as above.
+    unsafe { free_pages(q, 0) }.unwrap();
+    assert_eq!(stats().unwrap().hot_pages, 0, "high 0: nothing stays on the list");
+    set_pcp_limits(None);
+    assert_eq!(pcp_limits(), limits);
+    check_consistency().unwrap();
+    drain_hot();
+    assert_eq!(stats().unwrap().free_blocks, before.free_blocks);
+}

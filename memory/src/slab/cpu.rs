@@ -259,6 +259,17 @@ impl SlabAllocator<'_> {
         self.cpu.as_ref().map_or(0, |l| l.cached(id))
     }
 
+    /// Objects sitting in every CPU's magazines now (as last published by each CPU).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let hidden = memory::slab::global().unwrap().cpu_cached_objects();
+    /// # let _ = hidden;
+    /// ```
+    pub fn cpu_cached_objects(&self) -> usize {
+        (0..MAX_CACHES).map(|id| self.cpu_cached(id)).sum()
+    }
+
     /// Whether this allocator has per-CPU object caches.
     ///
     /// # Example

@@ -1,0 +1,348 @@
+//! The per-CPU memory fast paths on every core: page lists and object caches under random
+//! work on all CPUs at once, with frees on other CPUs and timer interrupts that allocate;
+//! a CPU switched off mid-workload hands its caches back. `./x test` boots this at
+//! `-smp 4` (and at `-smp 1`, where the multi-CPU tests are ignored) with a smoke size; the
+//! full million operations: `PERCPU_OPS=1000000 QEMU_SMP=4 QEMU_TIMEOUT=3600 cargo test -p
+//! tests --target aarch64-unknown-none --test percpu`.
+#![no_std]
+#![no_main]
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use hal::addr::{PhysAddr, PAGE_SIZE};
+use hal::dtb::MAX_CPUS;
+use hal::smp;
+use hal::sync::{IrqSpinLock, LockClass};
+use memory::gfp::{GFP_ATOMIC, GFP_DMA32, GFP_KERNEL};
+use memory::{buddy, slab};
+use tests::test;
+
+/// Operations over all CPUs (a smoke size unless `PERCPU_OPS` says otherwise at build).
+const OPS: usize = match option_env!("PERCPU_OPS") {
+    Some(s) => parse(s),
+    None => 40_000,
+};
+
+const fn parse(s: &str) -> usize {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut n = 0;
+    while i < b.len() {
+        n = n * 10 + (b[i] - b'0') as usize;
+        i += 1;
+    }
+    n
+}
+
+/// One live allocation: an object (`order` None) or a block of pages, its fill byte.
+#[derive(Clone, Copy)]
+struct Live {
+    addr: usize,
+    /// Object size, or page-block order.
+    size: usize,
+    pages: bool,
+    fill: u8,
+}
+
+impl Live {
+    fn bytes(&self) -> usize {
+        if self.pages {
+            PAGE_SIZE << self.size
+        } else {
+            self.size
+        }
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        if self.pages {
+            hal::kmap::linear_map().expect("MMU is on").ptr(PhysAddr::new(self.addr as u64))
+        } else {
+            self.addr as *mut u8
+        }
+    }
+
+    fn fill_it(&self) {
+        // SAFETY: the allocation is live and ours, `bytes()` long.
+        unsafe { self.ptr().write_bytes(self.fill, self.bytes()) };
+    }
+
+    fn check_and_free(&self) {
+        // SAFETY: as in `fill_it`.
+        let b = unsafe { core::slice::from_raw_parts(self.ptr(), self.bytes()) };
+        if let Some(bad) = b.iter().position(|&x| x != self.fill) {
+            panic!(
+                "{:#x} ({} bytes) overwritten at offset {bad}: {:#x}, not {:#x}",
+                self.addr,
+                self.bytes(),
+                b[bad],
+                self.fill
+            );
+        }
+        if self.pages {
+            // SAFETY: the block is ours and no longer used.
+            unsafe { buddy::free_pages(PhysAddr::new(self.addr as u64), self.size) }.unwrap();
+        } else {
+            // SAFETY: as above, an object.
+            unsafe { slab::kfree(NonNull::new(self.addr as *mut u8)) }.unwrap();
+        }
+    }
+}
+
+/// Allocations handed from one CPU to another, which frees them.
+const MAILBOX: usize = 64;
+static MAIL_CLASS: LockClass = LockClass::new("test: mailbox", 14);
+static MAIL: [IrqSpinLock<([Option<Live>; MAILBOX], usize)>; MAX_CPUS] =
+    [const { IrqSpinLock::new(&MAIL_CLASS, ([None; MAILBOX], 0)) }; MAX_CPUS];
+
+fn post(to: usize, l: Live) -> bool {
+    let mut m = MAIL[to].lock();
+    let (slots, n) = &mut *m;
+    if *n == MAILBOX {
+        return false;
+    }
+    slots[*n] = Some(l);
+    *n += 1;
+    true
+}
+
+fn collect(cpu: usize) {
+    loop {
+        let l = {
+            let mut m = MAIL[cpu].lock();
+            let (slots, n) = &mut *m;
+            if *n == 0 {
+                return;
+            }
+            *n -= 1;
+            slots[*n].take()
+        };
+        if let Some(l) = l {
+            l.check_and_free();
+        }
+    }
+}
+
+static GATE: AtomicUsize = AtomicUsize::new(0);
+static DONE: AtomicUsize = AtomicUsize::new(0);
+static IRQ_ALLOCS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static TICKING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static PERIOD: AtomicU64 = AtomicU64::new(0);
+/// The object each CPU's timer handler keeps from one tick to the next (0: none).
+static IRQ_OBJ: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+
+/// The timer handler: frees the object of the previous tick (checking it), allocates a
+/// new one and a page, all from interrupt context (`GFP_ATOMIC`).
+fn timer_handler(_intid: u32) {
+    let cpu = smp::this_cpu();
+    if !hal::timer::fired() {
+        return;
+    }
+    let old = IRQ_OBJ[cpu].swap(0, Ordering::Relaxed);
+    if old != 0 {
+        // SAFETY: the object was allocated by this handler on this CPU and filled below.
+        let b = unsafe { core::slice::from_raw_parts(old as *const u8, 96) };
+        assert!(b.iter().all(|&x| x == 0xa0 | cpu as u8), "CPU {cpu}: the handler's object changed");
+        // SAFETY: ours, no longer used.
+        unsafe { slab::kfree(NonNull::new(old as *mut u8)) }.unwrap();
+    }
+    if let Ok(p) = slab::kmalloc_gfp(96, 8, GFP_ATOMIC) {
+        // SAFETY: 96 bytes were just allocated at `p`.
+        unsafe { p.as_ptr().write_bytes(0xa0 | cpu as u8, 96) };
+        IRQ_OBJ[cpu].store(p.as_ptr() as usize, Ordering::Relaxed);
+        IRQ_ALLOCS[cpu].fetch_add(1, Ordering::Relaxed);
+    }
+    if let Ok(pa) = buddy::alloc_pages_gfp(GFP_ATOMIC, 0) {
+        // SAFETY: the frame was just allocated here.
+        unsafe { buddy::free_pages(pa, 0) }.unwrap();
+        IRQ_ALLOCS[cpu].fetch_add(1, Ordering::Relaxed);
+    }
+    if TICKING[cpu].load(Ordering::Relaxed) {
+        hal::timer::arm_at(hal::timer::deadline() + PERIOD.load(Ordering::Relaxed));
+    } else {
+        hal::timer::stop();
+    }
+}
+
+const SIZES: [usize; 9] = [8, 16, 40, 64, 96, 200, 512, 1500, 2048];
+
+fn work(cpu: usize) {
+    let ncpus = smp::online_cpus();
+    let intid = hal::boot::boot_info().unwrap().platform.timer_intid.unwrap();
+    hal::irq::controller().unwrap().enable(intid);
+    tests::rendezvous(&GATE);
+    TICKING[cpu].store(true, Ordering::Relaxed);
+    hal::timer::arm_at(hal::timer::now() + PERIOD.load(Ordering::Relaxed));
+    let mut held: [Option<Live>; 128] = [None; 128];
+    let mut n = 0usize;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (cpu as u64 + 1) << 40;
+    let ops = OPS / ncpus;
+    for i in 0..ops {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        if i % 16 == 0 {
+            collect(cpu);
+        }
+        if n < held.len() && (seed % 2 == 0 || n == 0) {
+            let fill = (i as u8) ^ (cpu as u8) << 5;
+            let l = match seed % 8 {
+                0 | 1 => {
+                    let (order, gfp) = match (seed >> 8) % 4 {
+                        0 => (0, GFP_DMA32),
+                        1 => (1, GFP_KERNEL),
+                        2 => (3, GFP_KERNEL),
+                        _ => (0, GFP_KERNEL),
+                    };
+                    let pa = buddy::alloc_pages_gfp(gfp, order).unwrap();
+                    if gfp == GFP_DMA32 {
+                        assert!(pa.as_u64() + (PAGE_SIZE << order) as u64 <= 1 << 32, "GFP_DMA32 above 4 GiB");
+                    }
+                    Live { addr: pa.as_u64() as usize, size: order, pages: true, fill }
+                }
+                _ => {
+                    let size = SIZES[(seed >> 12) as usize % SIZES.len()];
+                    let p = slab::kmalloc(size, 8).unwrap();
+                    Live { addr: p.as_ptr() as usize, size, pages: false, fill }
+                }
+            };
+            l.fill_it();
+            held[n] = Some(l);
+            n += 1;
+        } else {
+            let k = (seed >> 20) as usize % n;
+            let l = held[k].take().unwrap();
+            n -= 1;
+            held[k] = held[n].take();
+            // A third of the frees on another CPU.
+            if ncpus > 1 && seed % 3 == 0 && post((cpu + 1 + (seed >> 30) as usize % (ncpus - 1)) % ncpus, l) {
+                continue;
+            }
+            l.check_and_free();
+        }
+    }
+    for l in held[..n].iter().flatten() {
+        l.check_and_free();
+    }
+    TICKING[cpu].store(false, Ordering::Relaxed);
+    DONE.fetch_add(1, Ordering::AcqRel);
+    // Keep collecting until every CPU is done posting.
+    while DONE.load(Ordering::Acquire) < ncpus {
+        collect(cpu);
+        core::hint::spin_loop();
+    }
+    collect(cpu);
+    // Let the last tick pass, then free the handler's object.
+    let t0 = hal::timer::now();
+    while hal::timer::now() < t0 + 3 * PERIOD.load(Ordering::Relaxed) {
+        core::hint::spin_loop();
+    }
+    hal::irq::controller().unwrap().disable(intid);
+    hal::timer::stop();
+    let old = IRQ_OBJ[cpu].swap(0, Ordering::Relaxed);
+    if old != 0 {
+        // SAFETY: the handler's last object; the handler no longer runs here.
+        unsafe { slab::kfree(NonNull::new(old as *mut u8)) }.unwrap();
+    }
+}
+
+/// Frees everything cached on every CPU; returns (free pages, slab pages).
+fn settle() -> (usize, usize) {
+    slab::shrink();
+    buddy::drain_hot();
+    (buddy::stats().unwrap().free_pages, slab::stats().unwrap().slab_pages)
+}
+
+/// Random kmalloc/kfree and alloc_pages/free_pages (orders 0, 1, 3; Normal and DMA32) on
+/// every CPU at once, a third of the frees on another CPU, timer interrupts allocating in
+/// their handler; every byte checked; frames, slabs, lists and caches back at baseline.
+fn random_work_on_every_cpu_ends_at_baseline() {
+    let reports = hal::sync::take_reports();
+    assert_eq!(reports, 0);
+    let _ = hal::irq::register(hal::boot::boot_info().unwrap().platform.timer_intid.unwrap(), timer_handler);
+    PERIOD.store(hal::timer::frequency() / 2_000, Ordering::Relaxed);
+    let (free0, slabs0) = settle();
+    let info0 = buddy::stats().unwrap().buddyinfo();
+    tests::on_every_cpu(work);
+    let (free1, slabs1) = settle();
+    let irq: u64 = IRQ_ALLOCS.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+    hal::print!("({OPS} ops over {} CPUs, {irq} allocations in interrupt handlers) ", smp::online_cpus());
+    assert!(irq > 0, "the timer handlers allocated");
+    assert_eq!(free1, free0, "every frame came back");
+    assert_eq!(slabs1, slabs0, "every slab came back");
+    assert_eq!(buddy::stats().unwrap().buddyinfo(), info0, "buddyinfo at baseline");
+    assert_eq!(buddy::stats().unwrap().hot_pages, 0);
+    buddy::check_consistency().unwrap();
+    assert_eq!(slab::stats().unwrap().invalid_frees, 0);
+    assert_eq!(hal::sync::take_reports(), 0, "lock checks silent");
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static CACHED_BEFORE_DOWN: AtomicUsize = AtomicUsize::new(0);
+
+fn offline_body(cpu: usize) {
+    match cpu {
+        0 => {
+            // CPU 1 fills its page lists and object caches, then idles.
+            smp::on_cpu(1, &|| {
+                let mut pages = [PhysAddr::new(0); 32];
+                let mut objs = [None; 12];
+                for p in &mut pages {
+                    *p = buddy::alloc_pages(0).unwrap();
+                }
+                for o in &mut objs {
+                    *o = Some(slab::kmalloc(64, 8).unwrap());
+                }
+                for p in pages {
+                    // SAFETY: allocated just above, unused.
+                    unsafe { buddy::free_pages(p, 0) }.unwrap();
+                }
+                for o in objs {
+                    // SAFETY: as above.
+                    unsafe { slab::kfree(o) }.unwrap();
+                }
+            })
+            .unwrap();
+            buddy::drain_local();
+            slab::drain_local();
+            let hot = buddy::stats().unwrap().hot_pages;
+            CACHED_BEFORE_DOWN.store(slab::global().unwrap().cpu_cached_objects(), Ordering::Relaxed);
+            assert!(hot >= 32, "CPU 1's lists hold its frames ({hot})");
+            smp::cpu_down(1).unwrap();
+            STOP.store(true, Ordering::Release);
+            assert_eq!(buddy::stats().unwrap().hot_pages, 0, "CPU 1 gave its lists back as it went off");
+            smp::cpu_up(1).unwrap();
+        }
+        1 => {}
+        n => {
+            while !STOP.load(Ordering::Acquire) {
+                let p = slab::kmalloc(128, 8).unwrap();
+                // SAFETY: allocated just above, unused.
+                unsafe { slab::kfree(p) }.unwrap();
+                let _ = n;
+            }
+            buddy::drain_local();
+            slab::drain_local();
+        }
+    }
+}
+
+/// CPU 1, with frames on its page lists and objects in its caches, is switched off by CPU
+/// 0 while CPUs 2 and 3 keep allocating: its hotplug hook hands everything back, and
+/// buddyinfo and slabinfo end at baseline.
+fn a_cpu_switched_off_hands_back_its_caches() {
+    let (free0, slabs0) = settle();
+    let info0 = buddy::stats().unwrap().buddyinfo();
+    let out = tests::on_every_cpu_within(offline_body, tests::CPU_TIMEOUT_NS);
+    assert_eq!(out[0], smp::Outcome::Returned, "{out:?}");
+    assert!(CACHED_BEFORE_DOWN.load(Ordering::Relaxed) >= 12, "CPU 1's magazines held its objects");
+    assert_eq!(slab::global().unwrap().cpu_cached_objects(), 0, "no object left in a magazine");
+    let (free1, slabs1) = settle();
+    assert_eq!((free1, slabs1), (free0, slabs0));
+    assert_eq!(buddy::stats().unwrap().buddyinfo(), info0);
+    assert_eq!(smp::cpu_state(1), smp::state::IDLE, "back in its idle loop");
+}
+
+tests::main!(
+    test!(random_work_on_every_cpu_ends_at_baseline),
+    test!(a_cpu_switched_off_hands_back_its_caches).needing(tests::four_cpus, "-smp 4"),
+);
