@@ -30,6 +30,8 @@ pub struct LockClass {
     taken_in_irq: AtomicBool,
     held_irqs_on: AtomicBool,
     reported_irq: AtomicBool,
+    /// Acquisitions that found the lock taken and had to spin.
+    contended: AtomicU64,
 }
 
 impl LockClass {
@@ -48,6 +50,31 @@ impl LockClass {
             taken_in_irq: AtomicBool::new(false),
             held_irqs_on: AtomicBool::new(false),
             reported_irq: AtomicBool::new(false),
+            contended: AtomicU64::new(0),
+        }
+    }
+
+    /// How many acquisitions of a lock of this class found it taken (and spun) since boot
+    /// or the last [`LockClass::take_contended`]. Counted on the contended path only, so
+    /// an uncontended acquisition costs what it did.
+    pub fn contended(&self) -> u64 {
+        self.contended.load(Ordering::Relaxed)
+    }
+
+    /// [`LockClass::contended`], reset to 0 (for a bench that reports per run).
+    pub fn take_contended(&self) -> u64 {
+        self.contended.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// Takes `m`, counting a contended acquisition in `class`.
+#[inline(always)]
+fn lock_counted<'a, T>(m: &'a spin::Mutex<T>, class: &LockClass) -> spin::MutexGuard<'a, T> {
+    match m.try_lock() {
+        Some(g) => g,
+        None => {
+            class.contended.fetch_add(1, Ordering::Relaxed);
+            m.lock()
         }
     }
 }
@@ -145,7 +172,7 @@ impl<T> SpinLock<T> {
     /// Takes the lock, spinning.
     pub fn lock(&self) -> SpinLockGuard<'_, T> {
         acquire(self.class);
-        SpinLockGuard { guard: self.inner.lock(), class: self.class }
+        SpinLockGuard { guard: lock_counted(&self.inner, self.class), class: self.class }
     }
 
     /// Takes the lock if it is free.
@@ -203,7 +230,7 @@ impl<T> IrqSpinLock<T> {
     pub fn lock(&self) -> IrqSpinLockGuard<'_, T> {
         let saved = crate::cpu::mask_interrupts();
         acquire(self.class);
-        IrqSpinLockGuard { guard: Some(self.inner.lock()), class: self.class, saved }
+        IrqSpinLockGuard { guard: Some(lock_counted(&self.inner, self.class)), class: self.class, saved }
     }
 
     /// Takes the lock if it is free (interrupts masked while held).

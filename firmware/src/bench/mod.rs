@@ -426,7 +426,22 @@ fn run_workers(p: &Params) -> Tally {
     WORKER_PARAMS.call_once(|| *p);
     check::settle();
     let before = Baseline::take();
+    let classes = [
+        &hal::sync::classes::VMALLOC,
+        &hal::sync::classes::KERNEL_TABLES,
+        &hal::sync::classes::SLAB,
+        &hal::sync::classes::BUDDY,
+    ];
+    for c in classes {
+        c.take_contended();
+    }
     let out = hal::smp::run_on_all(worker, u64::MAX);
+    // Contention while the workers ran (before the settling below takes locks too).
+    let mut line = alloc::string::String::from("lock contention (acquisitions that had to spin):");
+    for c in classes {
+        let _ = core::fmt::Write::write_fmt(&mut line, format_args!(" {}={}", c.name, c.take_contended()));
+    }
+    println!("{line}");
     check::settle();
     let after = Baseline::take();
     let mut total = Tally::default();

@@ -301,13 +301,15 @@ impl Global {
         PcpLimits { high: m.high.load(Ordering::Relaxed), batch: m.batch.load(Ordering::Relaxed) }
     }
 
-    /// Whether an order-0 allocation with `gfp` (highest zone `high`) leaves zone `z`
-    /// above its watermark, on the lock-free copy of its counts.
+    /// Frames zone `z` can give to `gfp` (highest zone `high`) before it reaches its
+    /// watermark, on the lock-free copy of its counts. A refill takes no more than this,
+    /// so the per-CPU lists never take a zone below its watermark (Linux's `rmqueue_bulk`
+    /// may overshoot by a batch).
     #[inline(always)]
-    fn watermark_ok(&self, z: usize, gfp: Gfp, high: usize) -> bool {
+    fn headroom(&self, z: usize, gfp: Gfp, high: usize) -> usize {
         let m = &self.zones[z];
         let min = gfp.min_watermark(m.min.load(Ordering::Relaxed));
-        m.free.load(Ordering::Relaxed) > min + m.lowmem_reserve[high].load(Ordering::Relaxed)
+        m.free.load(Ordering::Relaxed).saturating_sub(min + m.lowmem_reserve[high].load(Ordering::Relaxed))
     }
 
     #[inline(always)]
@@ -363,10 +365,11 @@ impl Global {
         let mut z = high + 1;
         while z > 0 {
             z -= 1;
-            if !self.watermark_ok(z, gfp, high) {
+            let room = self.headroom(z, gfp, high);
+            if room == 0 {
                 continue;
             }
-            if let Some(pa) = self.cpus.try_with(|cpu| self.pop(cpu, z))? {
+            if let Some(pa) = self.cpus.try_with(|cpu| self.pop(cpu, z, room))? {
                 if gfp.contains(__GFP_ZERO) {
                     // SAFETY: the frame was just allocated: ours until we return it.
                     unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(0, PAGE_SIZE) };
@@ -378,12 +381,12 @@ impl Global {
     }
 
     /// Takes the top frame of this CPU's list of zone `z`, refilling the list first when
-    /// it is empty; `None` when the zone has no frame left.
+    /// it is empty (with at most `room` frames); `None` when the zone has no frame left.
     #[inline(always)]
-    fn pop(&self, cpu: &mut CpuPages, z: usize) -> Option<PhysAddr> {
+    fn pop(&self, cpu: &mut CpuPages, z: usize, room: usize) -> Option<PhysAddr> {
         let l = &mut cpu.lists[z];
         if l.len == 0 {
-            let batch = self.zones[z].batch.load(Ordering::Relaxed);
+            let batch = self.zones[z].batch.load(Ordering::Relaxed).min(room);
             if self.locked(|a| a.pcp_refill(z, l, batch)) == 0 {
                 return None;
             }
@@ -405,8 +408,12 @@ impl Global {
         let high = gfp.zone();
         let mut n = 0;
         for z in (0..=high).rev() {
-            while n < out.len() && self.watermark_ok(z, gfp, high) {
-                let got = self.cpus.try_with(|cpu| self.pop_many(cpu, z, &mut out[n..]));
+            loop {
+                let room = self.headroom(z, gfp, high);
+                if n == out.len() || room == 0 {
+                    break;
+                }
+                let got = self.cpus.try_with(|cpu| self.pop_many(cpu, z, &mut out[n..], room));
                 match got {
                     Some(0) | None => break,
                     Some(k) => n += k,
@@ -432,11 +439,11 @@ impl Global {
     }
 
     /// Up to `out.len()` frames from this CPU's list of zone `z` (refilled once when empty,
-    /// with up to half the list's capacity).
-    fn pop_many(&self, cpu: &mut CpuPages, z: usize, out: &mut [PhysAddr]) -> usize {
+    /// with up to half the list's capacity, at most `room`).
+    fn pop_many(&self, cpu: &mut CpuPages, z: usize, out: &mut [PhysAddr], room: usize) -> usize {
         let l = &mut cpu.lists[z];
         if l.len == 0 {
-            let want = out.len().max(self.zones[z].batch.load(Ordering::Relaxed)).min(HOT_CAPACITY / 2);
+            let want = out.len().max(self.zones[z].batch.load(Ordering::Relaxed)).min(HOT_CAPACITY / 2).min(room);
             if self.locked(|a| a.pcp_refill(z, l, want)) == 0 {
                 return 0;
             }
