@@ -183,7 +183,7 @@ fn work(cpu: usize) {
         if i % 16 == 0 {
             collect(cpu);
         }
-        if n < held.len() && (seed % 2 == 0 || n == 0) {
+        if n < held.len() && (seed.is_multiple_of(2) || n == 0) {
             let fill = (i as u8) ^ (cpu as u8) << 5;
             let l = match seed % 8 {
                 0 | 1 => {
@@ -214,7 +214,7 @@ fn work(cpu: usize) {
             n -= 1;
             held[k] = held[n].take();
             // A third of the frees on another CPU.
-            if ncpus > 1 && seed % 3 == 0 && post((cpu + 1 + (seed >> 30) as usize % (ncpus - 1)) % ncpus, l) {
+            if ncpus > 1 && seed.is_multiple_of(3) && post((cpu + 1 + (seed >> 30) as usize % (ncpus - 1)) % ncpus, l) {
                 continue;
             }
             l.check_and_free();

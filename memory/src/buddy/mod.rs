@@ -22,7 +22,10 @@
 //! # Order-0 hot list
 //! Most allocations are single frames (page tables, slabs, vmalloc's pages), and a lone
 //! order-0 alloc/free pair would otherwise split a block down through every order and merge
-//! it back up. Like Linux's per-CPU page lists (one CPU here), the allocator keeps a small
+//! it back up. A private allocator (one CPU at a time, behind its owner's lock) keeps the
+//! hot list below; the kernel's allocator turns it off and keeps one such list per CPU and
+//! zone in front of its lock instead ([`pcp`]: Linux's per-CPU page lists). The allocator
+//! keeps a small
 //! cache of free order-0 frames outside the buddy lists: [`BuddyAllocator::alloc`] of order 0
 //! and [`BuddyAllocator::alloc_bulk`] take from it first (the most recently freed frame
 //! first: its lines are likely still in the data cache), and order-0 frees put frames on it.
@@ -80,9 +83,11 @@
 //! [`BuddyStats::corruptions`]; the block is still handed out.
 //!
 //! # Global instance
-//! [`init`] builds the allocator of the running kernel in a `spin::Mutex` inside a
-//! `spin::Once`; [`alloc_pages`], [`free_pages`], [`alloc_pages_bulk`], [`Frames`] and
-//! friends use it. The struct itself works without the global (host tests build many).
+//! [`init`] builds the allocator of the running kernel behind an [`IrqSpinLock`] (class
+//! `buddy`: interrupt handlers may allocate), with the per-CPU page lists in front of it
+//! ([`pcp`]); [`alloc_pages`], [`free_pages`], [`alloc_pages_bulk`], [`Frames`] and friends
+//! use them. [`global`] gives the zones behind their lock, bypassing the per-CPU lists.
+//! The struct itself works without the global (host tests build many).
 //! The buddy allocator never allocates and never calls the slab allocator, so any other
 //! lock may be held while its lock is taken (lock order: slab caches, then buddy).
 
@@ -99,7 +104,7 @@ use spin::Once;
 use crate::gfp::{Gfp, __GFP_NORETRY, __GFP_NOWARN, __GFP_ZERO, GFP_KERNEL};
 pub use crate::gfp::{MAX_NR_ZONES, ZONE_DMA, ZONE_DMA32, ZONE_NAMES, ZONE_NORMAL};
 
-mod pcp;
+pub mod pcp;
 #[cfg(test)]
 pub(crate) mod testram;
 use pcp::HotList;
@@ -758,7 +763,7 @@ const WMARK_MIN: usize = 0;
 /// the allocator lock, while the lock holder may read the same byte as a buddy candidate
 /// (either value means "not mergeable", so no ordering is needed, only no data race).
 #[inline(always)]
-fn state_byte<'a>(state: *mut u8, map: &'a FrameMap, idx: usize) -> &'a AtomicU8 {
+fn state_byte(state: *mut u8, map: &FrameMap, idx: usize) -> &AtomicU8 {
     debug_assert!(idx < map.frames);
     // SAFETY: callers pass indices from the frame map, below `map.frames`, the length of
     // the state array, which lives (in RAM the allocator reserved) as long as the map
@@ -2422,7 +2427,7 @@ pub unsafe fn init_zoned(
                     BUDDY.call_once(|| g);
                     Ok(())
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     INIT_STARTED.store(false, Ordering::Release);
                     Err(e)
                 }

@@ -3,9 +3,9 @@
 //! local CPU takes no shared lock.
 //!
 //! # The lists
-//! A list is a [`HotList`] (a ring of frame numbers in metadata, used as a stack at its top
+//! A list is a `HotList` (a ring of frame numbers in metadata, used as a stack at its top
 //! and drained from its bottom): the same structure a private [`BuddyAllocator`] keeps as
-//! the hot list of its one CPU. The kernel's allocator ([`Global`]) turns its own hot lists
+//! the hot list of its one CPU. The kernel's allocator (`Global`) turns its own hot lists
 //! off and keeps one per CPU and zone instead, reached through [`hal::smp::PerCpu`]:
 //! interrupts are masked on the local CPU while a list is in use, and a nested use (from
 //! an exception taken meanwhile) is sent to the locked slow path, so an interrupt handler
@@ -201,17 +201,14 @@ impl Global {
     ///
     /// # Errors
     /// [`BuddyError::OutOfMemory`] when the lists' frames cannot be had (`core` is then
-    /// given back, unchanged but for its hot lists).
-    pub(crate) fn new(mut core: BuddyAllocator) -> Result<Self, (BuddyError, BuddyAllocator)> {
+    /// dropped: nothing but its metadata was written).
+    pub(crate) fn new(mut core: BuddyAllocator) -> Result<Self, BuddyError> {
         core.drain_hot();
         core.set_hot_limits(0, 1);
         let each = core::mem::size_of::<CpuPages>().next_multiple_of(64);
         let pages = (each * MAX_CPUS).div_ceil(PAGE_SIZE);
         let order = pages.next_power_of_two().trailing_zeros() as usize;
-        let pa = match core.alloc(order) {
-            Ok(pa) => pa,
-            Err(e) => return Err((e, core)),
-        };
+        let pa = core.alloc(order)?;
         let base = core.linear.ptr::<u8>(pa);
         for cpu in 0..MAX_CPUS {
             let p = base.wrapping_add(cpu * each).cast::<CpuPages>();

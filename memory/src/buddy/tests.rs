@@ -1106,8 +1106,8 @@ fn per_cpu_lists_under_thread_stress_end_at_baseline() {
                         // SAFETY: the sender gave up the block; nothing else uses it.
                         unsafe { free_pages(PhysAddr::new(pa), order) }.unwrap();
                     }
-                    if held.len() < 48 && (seed % 3 != 0 || held.is_empty()) {
-                        let order = if seed % 17 == 0 { 2 } else { 0 };
+                    if held.len() < 48 && (!seed.is_multiple_of(3) || held.is_empty()) {
+                        let order = if seed.is_multiple_of(17) { 2 } else { 0 };
                         let pa = alloc_pages(order).unwrap();
                         let v = (i as u8) ^ cpu as u8;
                         fill(pa, order, v);

@@ -283,17 +283,18 @@ impl SlabAllocator<'_> {
     /// Gives every CPU's magazines back and the layer's frames to the buddy (`&mut self`:
     /// no CPU is inside a magazine).
     pub(super) fn drop_cpu_layer(&mut self) {
-        let Some(mut layer) = self.cpu.take() else { return };
-        for cpu in 0..MAX_CPUS {
-            if let Some(cc) = layer.cpus.get_mut(cpu) {
-                for id in 0..MAX_CACHES {
-                    let m = &mut cc.mags[id];
-                    self.flush(id, m, m.len);
+        let (block, order) = {
+            let Some(mut layer) = self.cpu.take() else { return };
+            for cpu in 0..MAX_CPUS {
+                if let Some(cc) = layer.cpus.get_mut(cpu) {
+                    for id in 0..MAX_CACHES {
+                        let m = &mut cc.mags[id];
+                        self.flush(id, m, m.len);
+                    }
                 }
             }
-        }
-        let (block, order) = (layer.block, layer.order);
-        drop(layer);
+            (layer.block, layer.order)
+        };
         // SAFETY: the block was allocated by `CpuLayer::new` and nothing refers to it
         // any more (the layer and its references are gone).
         if let Err(e) = unsafe { self.buddy.lock().free(block, order) } {

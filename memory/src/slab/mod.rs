@@ -46,17 +46,19 @@
 //! [`SlabAllocator::shrink`] gives the kept ones back too.
 //!
 //! # Locking
-//! Each cache is behind its own `spin::Mutex` (different sizes do not contend; one lock for
-//! all would serialise every `kmalloc`). A cache lock may be held while taking the buddy
-//! lock (to get or give back a slab): the buddy allocator never allocates nor calls back
-//! into the slab, so the order "cache, then buddy" cannot deadlock. Large allocations take
-//! only the buddy lock; their tags are claimed with atomic compare-exchange so two
-//! racing frees of one block cannot both succeed. Nothing here may be called from an
-//! interrupt handler that can interrupt a holder of these locks.
-//!
+//! Each cache is behind its own [`IrqSpinLock`] (different sizes do not contend; one lock
+//! for all would serialise every `kmalloc`), in front of which each CPU keeps a magazine of
+//! free objects per cache ([`cpu`]): the local fast path takes no lock. A cache lock may be
+//! held while taking the buddy lock (to get or give back a slab): the buddy allocator never
+//! allocates nor calls back into the slab, so the order "cache, then buddy" cannot
+//! deadlock. Large allocations take only the buddy lock; their tags are claimed with atomic
+//! compare-exchange so two racing frees of one block cannot both succeed. Both locks mask
+//! interrupts while held and the magazines are used with interrupts masked, so `kmalloc`
+//! and `kfree` may be called from interrupt handlers (with `GFP_ATOMIC` for a new slab).
+
 //! # Global instance
 //! [`init`] builds the slab allocator of the running kernel over the global buddy
-//! allocator; [`kmalloc`], [`kfree`], [`KmemCache`] and [`KernelAllocator`] (the
+//! allocator, with per-CPU object caches unless strict; [`kmalloc`], [`kfree`], [`KmemCache`] and [`KernelAllocator`] (the
 //! `#[global_allocator]`) use it. [`KernelAllocator`] never calls vmalloc.
 
 use core::alloc::{GlobalAlloc, Layout};
@@ -71,7 +73,7 @@ use spin::Once;
 use crate::buddy::{self, BuddyAllocator, FrameTags, MAX_ORDER};
 use crate::gfp::{Gfp, __GFP_ZERO, GFP_KERNEL, ZONE_NORMAL};
 
-mod cpu;
+pub mod cpu;
 #[cfg(test)]
 mod tests;
 

@@ -709,7 +709,7 @@ fn cpu_caches_under_thread_stress_end_at_baseline() {
                         // SAFETY: the sender gave the object up.
                         unsafe { s.kfree(NonNull::new(p as *mut u8)) }.unwrap();
                     }
-                    if held.len() < 200 && (seed % 2 == 0 || held.is_empty()) {
+                    if held.len() < 200 && (seed.is_multiple_of(2) || held.is_empty()) {
                         let size = sizes[(seed >> 10) as usize % sizes.len()];
                         let p = s.kmalloc(size, 8).unwrap();
                         let v = i as u8 ^ cpu as u8;
@@ -718,7 +718,7 @@ fn cpu_caches_under_thread_stress_end_at_baseline() {
                         held.push((p.as_ptr() as usize, size, v));
                     } else {
                         let (p, size, v) = held.swap_remove((seed >> 16) as usize % held.len());
-                        if seed % 3 == 0 {
+                        if seed.is_multiple_of(3) {
                             tx[(cpu + 1) % 4].send((p, size, v)).unwrap();
                         } else {
                             check(p, size, v);
