@@ -306,7 +306,9 @@ fn slab_rows(linear: LinearMap, rows: &mut Vec<Row>) {
     let l64 = Layout::from_size_align(64, 8).unwrap();
     let arena = Box::leak(vec![0u8; TALC_ARENA].into_boxed_slice()).as_mut_ptr();
     let buddy = hal::sync::IrqSpinLock::new(&hal::sync::classes::BUDDY, ours(linear));
-    // The kernel's configuration: per-CPU object caches in front of the cache locks.
+    // The kernel's configuration: per-CPU object caches in front of the cache locks, this
+    // thread playing one CPU (so its per-CPU slot is claimed as on target: no atomic).
+    hal::smp::host_play_cpu(1);
     let slab = SlabAllocator::with_cpu_caches(&buddy, false).unwrap();
 
     let kmalloc_loop = || {

@@ -113,6 +113,7 @@ impl CpuData {
     }
 
     /// Logical CPU number.
+    #[inline]
     pub fn id(&self) -> usize {
         self.id.load(Ordering::Relaxed)
     }
@@ -157,6 +158,7 @@ pub static HAL_CPUS: [CpuData; MAX_CPUS] = {
 };
 
 /// This CPU's data (`TPIDR_EL1`; the boot CPU's before boot has set it).
+#[inline]
 pub fn this_cpu_data() -> &'static CpuData {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     {
@@ -180,35 +182,84 @@ pub fn this_cpu_data() -> &'static CpuData {
 }
 
 /// On the host, each thread plays one CPU: CPU 0 unless it chose another with
-/// [`host_play_cpu`] (host stress tests run one thread per CPU).
+/// [`host_play_cpu`] (host stress tests and benches run one thread per CPU).
 #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
 mod host {
     extern crate std;
+    use super::MAX_CPUS;
     use core::cell::Cell;
+    use core::sync::atomic::{AtomicBool, Ordering};
+
+    /// CPUs 1.. that a thread plays: each by one thread at a time.
+    static OWNED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+    /// Gives the CPU back when its thread ends.
+    struct Owner(Cell<usize>);
+
+    impl Drop for Owner {
+        fn drop(&mut self) {
+            release(self.0.get());
+        }
+    }
 
     std::thread_local! {
         static CPU: Cell<usize> = const { Cell::new(0) };
+        static OWNER: Owner = const { Owner(Cell::new(0)) };
     }
 
+    fn release(n: usize) {
+        if n != 0 {
+            OWNED[n].store(false, Ordering::Release);
+        }
+    }
+
+    #[inline]
     pub(super) fn cpu() -> usize {
         CPU.with(Cell::get)
     }
 
+    /// Whether this thread is the one thread playing its CPU (any CPU but 0).
+    #[inline]
+    pub(super) fn owns_cpu() -> bool {
+        cpu() != 0
+    }
+
     pub(super) fn set(n: usize) {
-        CPU.with(|c| c.set(n));
+        OWNER.with(|o| {
+            release(o.0.replace(0));
+            CPU.with(|c| c.set(0));
+            if n != 0 {
+                while OWNED[n].swap(true, Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+                o.0.set(n);
+            }
+            CPU.with(|c| c.set(n));
+        });
     }
 }
 
-/// Host only: the calling thread plays CPU `n % MAX_CPUS` from now on, for
-/// [`this_cpu`] and everything per-CPU (a host stress test runs one thread per CPU).
-/// Two threads playing one CPU stay sound: [`crate::smp::PerCpu`] refuses the second
-/// user of a slot on the host.
+/// Host only: the calling thread plays CPU `n % MAX_CPUS` from now on, for [`this_cpu`]
+/// and everything per-CPU (a host stress test runs one thread per CPU). CPUs 1 and up are
+/// played by one thread at a time: the call waits until no other thread plays `n`, and a
+/// thread gives its CPU back when it plays another or ends. CPU 0 is every other thread's,
+/// so [`crate::smp::PerCpu`] claims its slot with an atomic swap, while a thread playing CPU
+/// 1 or up claims its own with a plain load and store, as on target.
 #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
 pub fn host_play_cpu(n: usize) {
     host::set(n % MAX_CPUS);
 }
 
+/// Host only: whether the calling thread is the one thread playing its CPU (see
+/// [`host_play_cpu`]).
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+#[inline]
+pub(crate) fn host_owns_cpu() -> bool {
+    host::owns_cpu()
+}
+
 /// This CPU's logical number (0 for the boot CPU).
+#[inline]
 pub fn this_cpu() -> usize {
     this_cpu_data().id()
 }

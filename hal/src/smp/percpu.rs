@@ -24,8 +24,9 @@ struct Slot<T> {
 // `this_cpu()`), inside a closure with interrupts masked and under the slot's `busy` flag,
 // so no two `&mut T` to one slot exist at once: on target nothing but an exception on the
 // same CPU can come between `busy`'s load and store (interrupts are masked, and no other
-// CPU indexes this slot); on the host, where threads play CPUs and two may play one,
-// `busy` is claimed by an atomic swap. Values move between threads of execution
+// CPU indexes this slot). On the host, threads play CPUs: CPU 1 and up by one thread at a
+// time (`host_play_cpu` hands each to one thread), which claims its slot as on target;
+// CPU 0 by every other thread, which claims slot 0 with an atomic swap. Values move between threads of execution
 // only as CPUs run different code over time, which `T: Send` allows.
 unsafe impl<T: Send> Sync for PerCpu<T> {}
 
@@ -42,8 +43,9 @@ impl<T> PerCpu<T> {
     ///
     /// On target the fast path takes no atomic read-modify-write: `busy` is only ever
     /// touched by its own CPU with interrupts masked, so a plain load and store (with
-    /// compiler fences against an exception taken inside `f`) suffice. On the host, where
-    /// two threads may play one CPU, `busy` is claimed with a swap.
+    /// compiler fences against an exception taken inside `f`) suffice. On the host a thread
+    /// playing CPU 1 or up does the same; CPU 0, which every other thread plays, is claimed
+    /// with a swap.
     #[inline]
     pub fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
         let saved = crate::cpu::mask_interrupts();
@@ -65,19 +67,19 @@ impl<T> PerCpu<T> {
     /// Sets `busy`; false when it was set already (a nested use on this CPU).
     #[inline(always)]
     fn claim(busy: &AtomicBool) -> bool {
-        #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-        {
-            if busy.load(Ordering::Relaxed) {
-                return false;
-            }
-            busy.store(true, Ordering::Relaxed);
-            compiler_fence(Ordering::Acquire);
-            true
-        }
         #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
-        {
-            !busy.swap(true, Ordering::Acquire)
+        if !super::cpu::host_owns_cpu() {
+            // Several host threads play CPU 0.
+            return !busy.swap(true, Ordering::Acquire);
         }
+        // Only this CPU (on the host: this thread) reaches `busy`, and with interrupts
+        // masked only an exception taken inside `f` can come between the load and store.
+        if busy.load(Ordering::Relaxed) {
+            return false;
+        }
+        busy.store(true, Ordering::Relaxed);
+        compiler_fence(Ordering::Acquire);
+        true
     }
 
     /// [`PerCpu::try_with`] that panics on a nested call.

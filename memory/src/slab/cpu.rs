@@ -7,7 +7,7 @@
 //! [`CPU_CACHE_OBJECTS`]` / 2` objects taken under the cache lock at once. A free checks
 //! what needs no lock (the frame tag names the cache, the slab header's magic and brand are
 //! ours, the pointer is an object start, computed from a lock-free copy of the cache's
-//! geometry, and it is not in the local magazine already) and pushes it; a full magazine
+//! geometry, and it is not the object freed last, SLUB's hardening check) and pushes it; a full magazine
 //! first gives its older half back to the slabs under the lock, where every check runs
 //! again (the bitmap's exact double-free check among them). An object freed on another
 //! CPU than the one that allocated it simply goes to the freeing CPU's magazine: a
@@ -21,8 +21,9 @@
 //! Objects in magazines are free for their users and allocated for their slabs: the
 //! cache's `active` count includes them, and [`super::SlabAllocator::cache_stats`] (so
 //! slabinfo) subtracts them, from per-CPU counts each CPU publishes with a relaxed store.
-//! A double free into two different CPUs' magazines is only caught when they are flushed
-//! (as SLUB's per-CPU free lists without debugging); strict mode turns the per-CPU caches
+//! Any other double free is caught when its magazine is flushed (as with SLUB's per-CPU
+//! free lists without debugging), logged and counted, after the object may have been
+//! handed out twice; strict mode turns the per-CPU caches
 //! off, as SLUB's debug caches take the slow path, so every free is checked exactly.
 //!
 //! A CPU going off drains its magazines (the hotplug "down" hook runs [`drain_local`]);
@@ -200,7 +201,9 @@ impl SlabAllocator<'_> {
             return Err(SlabError::NotObjectStart);
         }
         let m = &mut cc.mags[id];
-        if m.objs[..m.len].contains(&ptr) {
+        // SLUB's hardening check: the object freed last is freed again (the common double
+        // free, caught at once). Any other is caught when the magazine is flushed.
+        if m.len > 0 && m.objs[m.len - 1] == ptr {
             return Err(SlabError::DoubleFree);
         }
         if m.len == CPU_CACHE_OBJECTS {
