@@ -694,6 +694,32 @@ impl<'b> SlabAllocator<'b> {
         PhysAddr::new((va as usize as u64).wrapping_sub(self.va_delta))
     }
 
+    /// A block for a slab or a large object: the kernel's slab allocator takes it through
+    /// the buddy's per-CPU page lists, a private one from its buddy under the lock.
+    #[inline]
+    fn pages_alloc(&self, order: usize, gfp: Gfp) -> Result<PhysAddr, buddy::BuddyError> {
+        if buddy::global().is_some_and(|g| ptr::eq(g, self.buddy)) {
+            buddy::alloc_pages_gfp(gfp | crate::gfp::__GFP_NOWARN, order)
+        } else {
+            self.buddy.lock().alloc_gfp(order, gfp)
+        }
+    }
+
+    /// Gives back a block from [`Self::pages_alloc`].
+    ///
+    /// # Safety
+    /// As [`BuddyAllocator::free`].
+    #[inline]
+    unsafe fn pages_free(&self, pa: PhysAddr, order: usize) -> Result<(), buddy::BuddyError> {
+        if buddy::global().is_some_and(|g| ptr::eq(g, self.buddy)) {
+            // SAFETY: forwarded to our caller.
+            unsafe { buddy::free_pages(pa, order) }
+        } else {
+            // SAFETY: forwarded to our caller.
+            unsafe { self.buddy.lock().free(pa, order) }
+        }
+    }
+
     #[cold]
     fn fail<T>(&self, e: SlabError) -> Result<T, SlabError> {
         self.alloc_failures.fetch_add(1, Ordering::Relaxed);
@@ -873,7 +899,7 @@ impl<'b> SlabAllocator<'b> {
         if crate::fault::should_fail() {
             return self.fail(SlabError::OutOfMemory);
         }
-        let Ok(pa) = self.buddy.lock().alloc_gfp(order, gfp) else {
+        let Ok(pa) = self.pages_alloc(order, gfp) else {
             return self.fail(SlabError::OutOfMemory);
         };
         let Some(tags) = self.tags.tags(pa, 1 << order) else {
@@ -912,7 +938,7 @@ impl<'b> SlabAllocator<'b> {
         }
         // SAFETY: the block was a live large allocation (its tag said so and we claimed
         // it); our caller's contract says nothing uses it any more.
-        if let Err(e) = unsafe { self.buddy.lock().free(pa, order) } {
+        if let Err(e) = unsafe { self.pages_free(pa, order) } {
             log::error!("slab: large block {pa:#x} (order {order}) refused by the buddy: {e}");
             return Err(SlabError::Corrupted);
         }
@@ -1061,7 +1087,7 @@ impl<'b> SlabAllocator<'b> {
             return Err(SlabError::OutOfMemory);
         }
         // Lock order: cache, then buddy. The buddy never calls back into the slab.
-        let pa = self.buddy.lock().alloc_gfp(g.order, gfp).map_err(|_| SlabError::OutOfMemory)?;
+        let pa = self.pages_alloc(g.order, gfp).map_err(|_| SlabError::OutOfMemory)?;
         let Some(tags) = self.tags.tags(pa, 1 << g.order) else {
             // Unreachable (a buddy block lies in one region); give the block back.
             self.give_back(pa, g.order);
@@ -1108,7 +1134,7 @@ impl<'b> SlabAllocator<'b> {
     #[cold]
     fn give_back(&self, pa: PhysAddr, order: usize) {
         // SAFETY: the block was just allocated and nothing else has seen it.
-        if let Err(e) = unsafe { self.buddy.lock().free(pa, order) } {
+        if let Err(e) = unsafe { self.pages_free(pa, order) } {
             log::error!("slab: block {pa:#x} refused by the buddy: {e}");
         }
     }
@@ -1125,7 +1151,7 @@ impl<'b> SlabAllocator<'b> {
         }
         // SAFETY: the slab is empty (no object in use) and off every list; its tags are
         // cleared, so no `kfree` can reach it any more.
-        if let Err(e) = unsafe { self.buddy.lock().free(pa, c.geo.order) } {
+        if let Err(e) = unsafe { self.pages_free(pa, c.geo.order) } {
             log::error!("slab {}: slab {pa:#x} refused by the buddy: {e}", c.name);
         }
     }
