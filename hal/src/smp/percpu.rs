@@ -1,13 +1,15 @@
-//! [`PerCpu<T>`]: one `T` per CPU, each reached only by its own CPU with interrupts masked.
+//! [`PerCpu<T>`]: one `T` per CPU, each reached only by its own CPU, a nested use (from an
+//! interrupt handler) refused.
 
 use crate::dtb::MAX_CPUS;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 
-/// One value per CPU. [`PerCpu::with`] hands the calling CPU's value to a closure that runs
-/// with IRQ and FIQ masked, so neither another CPU nor an interrupt handler on this one
-/// can reach the same value meanwhile; a nested `with` on the same value (from an exception
-/// taken inside the closure) is refused rather than aliased.
+/// One value per CPU. [`PerCpu::try_with`] hands the calling CPU's value to a closure; no
+/// other CPU reaches that value, and a nested use on this CPU meanwhile (an interrupt
+/// handler, or an exception taken inside the closure) is refused rather than aliased, so
+/// code that interrupt handlers reach falls back to a slow path. This kernel has no
+/// preemption: code inside the closure stays on its CPU.
 pub struct PerCpu<T> {
     slots: [Slot<T>; MAX_CPUS],
 }
@@ -20,11 +22,12 @@ struct Slot<T> {
     busy: AtomicBool,
 }
 
-// SAFETY: each slot is only ever reached by the CPU it belongs to (`with` indexes by
-// `this_cpu()`), inside a closure with interrupts masked and under the slot's `busy` flag,
-// so no two `&mut T` to one slot exist at once: on target nothing but an exception on the
-// same CPU can come between `busy`'s load and store (interrupts are masked, and no other
-// CPU indexes this slot). On the host, threads play CPUs: CPU 1 and up by one thread at a
+// SAFETY: each slot is only ever reached by the CPU it belongs to (`try_with` indexes by
+// `this_cpu()`, and no code moves between CPUs: there is no preemption), under the slot's
+// `busy` flag, so no two `&mut T` to one slot exist at once: on target what comes between
+// `busy`'s load and store on the same CPU (an interrupt handler, an exception) runs to
+// completion, and clears the flag if it set it, before the interrupted code goes on; no
+// other CPU indexes this slot. On the host, threads play CPUs: CPU 1 and up by one thread at a
 // time (`host_play_cpu` hands each to one thread), which claims its slot as on target;
 // CPU 0 by every other thread, which claims slot 0 with an atomic swap. Values move between threads of execution
 // only as CPUs run different code over time, which `T: Send` allows.
@@ -38,30 +41,29 @@ impl<T> PerCpu<T> {
         }
     }
 
-    /// Runs `f` on this CPU's value with IRQ and FIQ masked; `None` when this CPU's value
-    /// is already in use further up the stack (a nested call from an exception).
+    /// Runs `f` on this CPU's value; `None` when this CPU's value is already in use further
+    /// up the stack: an interrupt handler (or exception) that came while the interrupted
+    /// code was inside `f` on the same value. Interrupts stay as they are (masking them
+    /// would cost two `DAIF` writes per call, which QEMU makes dear): the busy flag sends
+    /// the handler to its slow path instead, as Linux's `pcp_spin_trylock` does.
     ///
-    /// On target the fast path takes no atomic read-modify-write: `busy` is only ever
-    /// touched by its own CPU with interrupts masked, so a plain load and store (with
-    /// compiler fences against an exception taken inside `f`) suffice. On the host a thread
-    /// playing CPU 1 or up does the same; CPU 0, which every other thread plays, is claimed
-    /// with a swap.
+    /// The claim takes no atomic read-modify-write on target: `busy` is only ever touched
+    /// by its own CPU, and whatever interrupts the load and the store runs to completion
+    /// before the interrupted code goes on (compiler fences keep the accesses in order). On
+    /// the host a thread playing CPU 1 or up does the same; CPU 0, which every other thread
+    /// plays, is claimed with a swap.
     #[inline]
     pub fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
-        let saved = crate::cpu::mask_interrupts();
         let slot = &self.slots[super::this_cpu()];
-        let r = if !Self::claim(&slot.busy) {
-            None
-        } else {
-            // SAFETY: `busy` was clear and is now set by us: no other reference to this
-            // slot's value exists (see the `Sync` argument), until we clear it below.
-            let r = f(unsafe { &mut *slot.value.get() });
-            compiler_fence(Ordering::Release);
-            slot.busy.store(false, Ordering::Release);
-            Some(r)
-        };
-        crate::cpu::restore_interrupts(saved);
-        r
+        if !Self::claim(&slot.busy) {
+            return None;
+        }
+        // SAFETY: `busy` was clear and is now set by us: no other reference to this slot's
+        // value exists (see the `Sync` argument), until we clear it below.
+        let r = f(unsafe { &mut *slot.value.get() });
+        compiler_fence(Ordering::Release);
+        slot.busy.store(false, Ordering::Release);
+        Some(r)
     }
 
     /// Sets `busy`; false when it was set already (a nested use on this CPU).

@@ -6,10 +6,10 @@
 //! A list is a `HotList` (a ring of frame numbers in metadata, used as a stack at its top
 //! and drained from its bottom): the same structure a private [`BuddyAllocator`] keeps as
 //! the hot list of its one CPU. The kernel's allocator (`Global`) turns its own hot lists
-//! off and keeps one per CPU and zone instead, reached through [`hal::smp::PerCpu`]:
-//! interrupts are masked on the local CPU while a list is in use, and a nested use (from
-//! an exception taken meanwhile) is sent to the locked slow path, so an interrupt handler
-//! may allocate (`GFP_ATOMIC`) and free pages. The fast path takes no lock and no atomic
+//! off and keeps one per CPU and zone instead, reached through [`hal::smp::PerCpu`]: an
+//! interrupt handler that comes while its CPU's lists are in use finds them busy and takes
+//! the locked slow path, so a handler may allocate (`GFP_ATOMIC`) and free pages, and the
+//! fast path writes no `DAIF` (the zone lock masks interrupts only while held). The fast path takes no lock and no atomic
 //! read-modify-write: the frame's state byte flips between "allocated" and "on a per-CPU
 //! list" with a relaxed store, and the list's length is published with a relaxed store for
 //! the statistics of other CPUs.

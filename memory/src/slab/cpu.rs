@@ -13,10 +13,10 @@
 //! CPU than the one that allocated it simply goes to the freeing CPU's magazine: a
 //! magazine holds objects of its cache, whatever slab and CPU they came from.
 //!
-//! The magazines are reached through [`hal::smp::PerCpu`]: interrupts are masked on the
-//! local CPU while one is in use, so an interrupt handler may `kmalloc` and `kfree`; a
-//! nested use (an exception taken meanwhile) goes to the locked path. The cache locks are
-//! `IrqSpinLock`s for the same reason.
+//! The magazines are reached through [`hal::smp::PerCpu`]: an interrupt handler that
+//! comes while its CPU's magazines are in use finds them busy and takes the locked path,
+//! so a handler may `kmalloc` and `kfree`, and the fast path writes no `DAIF`. The cache
+//! locks are `IrqSpinLock`s (interrupts masked while held) for the same reason.
 //!
 //! Objects in magazines are free for their users and allocated for their slabs: the
 //! cache's `active` count includes them, and [`super::SlabAllocator::cache_stats`] (so
