@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use hal::addr::{PhysAddr, PAGE_SIZE};
@@ -342,7 +344,93 @@ fn a_cpu_switched_off_hands_back_its_caches() {
     assert_eq!(smp::cpu_state(1), smp::state::IDLE, "back in its idle loop");
 }
 
+/// Prints what the per-CPU object caches cost and save on this CPU (a figure, not a
+/// check): kmalloc/kfree of 64 bytes, ping-pong and 10,000 then 10,000, through the global
+/// allocator's magazines and through a private allocator on the same buddy (the cache lock
+/// every call).
+fn figure_kmalloc_with_and_without_cpu_caches() {
+    const N: usize = 10_000;
+    let private = slab::SlabAllocator::new(buddy::global().unwrap(), false).unwrap();
+    let global = slab::global().unwrap();
+    let mut v = alloc::vec![NonNull::<u8>::dangling(); N];
+    let mut time = |s: &slab::SlabAllocator<'_>| {
+        let t0 = hal::cpu::uptime_ns();
+        for _ in 0..N {
+            let p = s.kmalloc(64, 8).unwrap();
+            // SAFETY: allocated just above, unused.
+            unsafe { s.kfree(p) }.unwrap();
+        }
+        let t1 = hal::cpu::uptime_ns();
+        for p in v.iter_mut() {
+            *p = s.kmalloc(64, 8).unwrap();
+        }
+        for &p in v.iter() {
+            // SAFETY: allocated just above, unused.
+            unsafe { s.kfree(p) }.unwrap();
+        }
+        let t2 = hal::cpu::uptime_ns();
+        ((t1 - t0) / N as u64 / 2, (t2 - t1) / N as u64 / 2)
+    };
+    // test_vmalloc's pcpu_alloc_test pattern: 35,000 objects of 1..1024 bytes aligned on
+    // 2..2048, then all freed.
+    let mut big = alloc::vec![NonNull::<u8>::dangling(); 35_000];
+    let mut pcpu = |s: &slab::SlabAllocator<'_>| {
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let t0 = hal::cpu::uptime_ns();
+        for p in big.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *p = s.kmalloc(1 + (seed % 1024) as usize, 2 << ((seed >> 12) % 11)).unwrap();
+        }
+        let t1 = hal::cpu::uptime_ns();
+        for &p in big.iter() {
+            // SAFETY: allocated just above, unused.
+            unsafe { s.kfree(p) }.unwrap();
+        }
+        let t2 = hal::cpu::uptime_ns();
+        ((t1 - t0) / 35_000, (t2 - t1) / 35_000)
+    };
+    let t0 = hal::cpu::uptime_ns();
+    for _ in 0..10_000 {
+        let saved = hal::cpu::mask_interrupts();
+        hal::cpu::restore_interrupts(core::hint::black_box(saved));
+    }
+    let t1 = hal::cpu::uptime_ns();
+    let lk = IrqSpinLock::new(&MAIL_CLASS, 0u64);
+    for _ in 0..10_000 {
+        *lk.lock() += 1;
+    }
+    let t2 = hal::cpu::uptime_ns();
+    let sl = hal::sync::SpinLock::new(&MAIL_CLASS, 0u64);
+    for _ in 0..10_000 {
+        *sl.lock() += 1;
+    }
+    let t3 = hal::cpu::uptime_ns();
+    hal::print!(
+        "(mask+restore {} ns, IrqSpinLock {} ns, SpinLock {} ns) ",
+        (t1 - t0) / 10_000,
+        (t2 - t1) / 10_000,
+        (t3 - t2) / 10_000
+    );
+    let (ga, gf) = pcpu(global);
+    let (pa, pf) = pcpu(&private);
+    hal::print!("(pcpu pattern ns: magazines alloc {ga} free {gf}; lock alloc {pa} free {pf}) ");
+    let _ = time(global);
+    let _ = time(&private);
+    let (gp, gb) = time(global);
+    let (pp, pb) = time(&private);
+    private.shrink();
+    slab::shrink();
+    hal::print!(
+        "(ns per call: magazines ping-pong {gp}, bulk {gb}; cache lock ping-pong {pp}, bulk {pb}; global strict {} caches {}) ",
+        global.is_strict(),
+        global.has_cpu_caches()
+    );
+}
+
 tests::main!(
+    test!(figure_kmalloc_with_and_without_cpu_caches),
     test!(random_work_on_every_cpu_ends_at_baseline),
     test!(a_cpu_switched_off_hands_back_its_caches).needing(tests::four_cpus, "-smp 4"),
 );

@@ -43,7 +43,7 @@ use crate::gfp::Gfp;
 
 /// Objects a CPU keeps per cache at most (Linux 6.18's sheaves hold 32 or so; SLUB's
 /// per-CPU free lists a slab's worth).
-pub const CPU_CACHE_OBJECTS: usize = 16;
+pub const CPU_CACHE_OBJECTS: usize = 32;
 /// Objects moved at once between a magazine and its cache.
 const BATCH: usize = CPU_CACHE_OBJECTS / 2;
 

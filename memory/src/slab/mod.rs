@@ -609,7 +609,7 @@ impl<'b> SlabAllocator<'b> {
 
     /// As [`Self::new`], with per-CPU object caches (see [`cpu`]) unless `strict` (strict
     /// mode checks every free exactly, under the cache lock). The magazines take one
-    /// buddy block (about 35 KiB for 8 CPUs), given back when the allocator is dropped.
+    /// buddy block (about 68 KiB for 8 CPUs), given back when the allocator is dropped.
     ///
     /// # Errors
     /// As [`Self::new`], and [`SlabError::OutOfMemory`] when the block cannot be had.
