@@ -437,11 +437,14 @@ fn run_workers(p: &Params) -> Tally {
     }
     let out = hal::smp::run_on_all(worker, u64::MAX);
     // Contention while the workers ran (before the settling below takes locks too).
-    let mut line = alloc::string::String::from("lock contention (acquisitions that had to spin):");
-    for c in classes {
-        let _ = core::fmt::Write::write_fmt(&mut line, format_args!(" {}={}", c.name, c.take_contended()));
+    {
+        // Freed before the baseline is taken.
+        let mut line = alloc::string::String::from("lock contention (acquisitions that had to spin):");
+        for c in classes {
+            let _ = core::fmt::Write::write_fmt(&mut line, format_args!(" {}={}", c.name, c.take_contended()));
+        }
+        println!("{line}");
     }
-    println!("{line}");
     check::settle();
     let after = Baseline::take();
     let mut total = Tally::default();
