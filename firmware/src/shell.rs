@@ -224,6 +224,7 @@ pub fn meminfo() {
             s.purge_ns_p99 / 1000
         );
     }
+    print!("{}", memory::reclaim::stats());
 }
 
 fn read_line(buf: &mut String) -> bool {

@@ -32,6 +32,9 @@ pub struct LockClass {
     reported_irq: AtomicBool,
     /// Acquisitions that found the lock taken and had to spin.
     contended: AtomicU64,
+    /// Whether holding a lock of this class forbids memory reclaim on the CPU (see
+    /// [`reclaim_forbidden`]).
+    forbids_reclaim: bool,
 }
 
 impl LockClass {
@@ -51,7 +54,17 @@ impl LockClass {
             held_irqs_on: AtomicBool::new(false),
             reported_irq: AtomicBool::new(false),
             contended: AtomicU64::new(0),
+            forbids_reclaim: false,
         }
+    }
+
+    /// As [`LockClass::new`], for a class under whose locks memory reclaim must not run
+    /// (the allocator's shrinkers may need them: the vmalloc instance, the kernel's
+    /// tables). Holding one makes [`reclaim_forbidden`] true on the CPU.
+    pub const fn forbidding_reclaim(name: &'static str, rank: u8) -> Self {
+        let mut c = Self::new(name, rank);
+        c.forbids_reclaim = true;
+        c
     }
 
     /// How many acquisitions of a lock of this class found it taken (and spun) since boot
@@ -84,9 +97,9 @@ fn lock_counted<'a, T>(m: &'a spin::Mutex<T>, class: &LockClass) -> spin::MutexG
 pub mod classes {
     use super::LockClass;
     /// The vmalloc instance (free space, busy areas, purge).
-    pub static VMALLOC: LockClass = LockClass::new("vmalloc", 10);
+    pub static VMALLOC: LockClass = LockClass::forbidding_reclaim("vmalloc", 10);
     /// The kernel's translation tables (`hal::kmap`).
-    pub static KERNEL_TABLES: LockClass = LockClass::new("kernel tables", 11);
+    pub static KERNEL_TABLES: LockClass = LockClass::forbidding_reclaim("kernel tables", 11);
     /// A slab cache.
     pub static SLAB: LockClass = LockClass::new("slab", 12);
     /// The buddy allocator.
@@ -113,9 +126,30 @@ fn report(args: core::fmt::Arguments<'_>) {
     crate::println!("\n*** lock check on CPU {}: {args}", crate::smp::this_cpu());
 }
 
+/// Whether this CPU holds a lock under which memory reclaim must not run (a class made
+/// with [`LockClass::forbidding_reclaim`]): the page allocator then fails rather than
+/// call its shrinkers. Counted always (one per-CPU load and store per such lock), not only
+/// with `lock-checks`.
+#[inline]
+pub fn reclaim_forbidden() -> bool {
+    crate::smp::this_cpu_data().no_reclaim.load(Ordering::Relaxed) != 0
+}
+
+/// Counts a reclaim-forbidding lock taken (`+1`) or released (`-1`) on this CPU: only this
+/// CPU writes its counter, so a load and a store do.
+#[inline(always)]
+fn count_no_reclaim(class: &LockClass, up: bool) {
+    if class.forbids_reclaim {
+        let c = &crate::smp::this_cpu_data().no_reclaim;
+        let v = c.load(Ordering::Relaxed);
+        c.store(if up { v + 1 } else { v.saturating_sub(1) }, Ordering::Relaxed);
+    }
+}
+
 /// Records that this CPU takes `class` (with interrupts as they are now), checking both
 /// rules first.
 fn acquire(class: &'static LockClass) {
+    count_no_reclaim(class, true);
     if !CHECKS {
         return;
     }
@@ -145,6 +179,7 @@ fn acquire(class: &'static LockClass) {
 }
 
 fn release(class: &'static LockClass) {
+    count_no_reclaim(class, false);
     if CHECKS {
         crate::smp::this_cpu_data().held_locks[class.rank as usize].fetch_sub(1, Ordering::Relaxed);
     }

@@ -492,6 +492,11 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     // A CPU going off hands back its per-CPU page lists and object caches; the lists'
     // limits follow the CPUs online.
     let _ = hal::smp::register_hotplug(hal::smp::HotplugHooks { down: cpu_going_down, up: cpu_came_up });
+    // What reclaim may take back, and what the out-of-memory report adds.
+    for s in [&buddy::pcp::PCP_SHRINKER, &slab::cpu::SLAB_SHRINKER, &VMALLOC_SHRINKER] {
+        let _ = crate::reclaim::register(s);
+    }
+    crate::reclaim::set_report_section(oom_section);
     let t3 = hal::cpu::uptime_ns();
     log::info!(
         "memory system up in {} us (buddy {} us, slab {} us, vmalloc {} us); {} MiB in {} zone(s), none of its free frames written",
@@ -512,6 +517,30 @@ pub fn vmalloc_instance() -> Option<&'static LockedVmalloc<KernelBackend>> {
 
 fn vm() -> Result<&'static LockedVmalloc<KernelBackend>, VmallocError> {
     VMALLOC.get().ok_or(VmallocError::NotInitialized)
+}
+
+/// vmalloc as a shrinker: a purge gives back the quarantined frames (parked ranges hold no
+/// frames: `vfree` freed them already) and the spare records above their mark.
+static VMALLOC_SHRINKER: crate::reclaim::Shrinker =
+    crate::reclaim::Shrinker::new("vmalloc (quarantine, spares)", vmalloc_count, vmalloc_scan);
+
+fn vmalloc_count() -> usize {
+    VMALLOC.get().and_then(|v| v.lock_if_free(|g| g.stats().quarantined_frames)).unwrap_or(0)
+}
+
+fn vmalloc_scan(_nr: usize) -> usize {
+    VMALLOC.get().and_then(LockedVmalloc::try_purge).unwrap_or(0)
+}
+
+/// The out-of-memory report's vmalloc lines.
+fn oom_section() -> [(&'static str, usize); 4] {
+    let s = VMALLOC.get().and_then(|v| v.lock_if_free(|g| g.stats())).unwrap_or_default();
+    [
+        ("vmalloc pages mapped", s.mapped_pages),
+        ("vmalloc live areas", s.live_areas),
+        ("page-table pages (vmalloc window)", vmalloc_table_pages()),
+        ("quarantined frames", s.quarantined_frames),
+    ]
 }
 
 /// The hotplug "down" hook: runs on the CPU going off, before it switches itself off.

@@ -75,6 +75,8 @@ pub struct CpuData {
     pub(crate) down_requested: AtomicBool,
     /// Locks this CPU holds, counted per rank (`hal::sync`'s order check).
     pub(crate) held_locks: [AtomicU8; 16],
+    /// Locks held that forbid memory reclaim on this CPU (`LockClass::forbids_reclaim`).
+    pub(crate) no_reclaim: AtomicU32,
 }
 
 impl CpuData {
@@ -109,6 +111,7 @@ impl CpuData {
             call_done: AtomicBool::new(true),
             down_requested: AtomicBool::new(false),
             held_locks: [const { AtomicU8::new(0) }; 16],
+            no_reclaim: AtomicU32::new(0),
         }
     }
 

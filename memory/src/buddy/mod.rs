@@ -459,6 +459,9 @@ pub struct ZoneStats {
     pub high: usize,
     /// `lowmem_reserve[j]`: frames a request whose highest zone is `j` must leave free here.
     pub lowmem_reserve: [usize; MAX_NR_ZONES],
+    /// The kernel allocator's per-CPU lists of this zone: `high` and `batch` (0 for a
+    /// private allocator, whose hot list `hot_limits` describes).
+    pub pcp: PcpLimits,
 }
 
 /// A snapshot of the allocator's counters.
@@ -581,6 +584,13 @@ impl fmt::Display for ZoneInfo {
                 write!(f, ", {r}")?;
             }
             f.write_str(")")?;
+            if z.pcp.batch != 0 {
+                write!(
+                    f,
+                    "\n  pagesets (every CPU)\n        count    {}\n        high     {}\n        batch    {}",
+                    z.hot_pages, z.pcp.high, z.pcp.batch
+                )?;
+            }
         }
         Ok(())
     }
@@ -2147,6 +2157,7 @@ impl BuddyAllocator {
                 low: z.wmark[1],
                 high: z.wmark[2],
                 lowmem_reserve: z.lowmem_reserve,
+                pcp: PcpLimits::default(),
             };
         }
         BuddyStats {

@@ -31,7 +31,7 @@
 //! orders 1 to 3 too; here only order 0 has them (slabs of higher orders come from the
 //! per-CPU object caches' refills, which are batched already).
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use hal::addr::{PhysAddr, PAGE_SHIFT, PAGE_SIZE};
 use hal::dtb::MAX_CPUS;
@@ -43,7 +43,7 @@ use super::{
     check_allocated, state_byte, BuddyAllocator, BuddyError, BuddyStats, FrameMap, RegionInfo, HOT_BATCH, HOT_CAPACITY,
     HOT_HIGH, MAX_NR_ZONES, POISON_BYTE, ST_ALLOC, ST_HOT,
 };
-use crate::gfp::{Gfp, __GFP_DIRECT_RECLAIM, __GFP_NORETRY, __GFP_ZERO};
+use crate::gfp::{Gfp, __GFP_NORETRY, __GFP_ZERO};
 
 /// The order-0 hot list: a ring of entries `pfn << 3 | region slot`, used as a stack at
 /// its top (the most recently freed frame is handed out first) and drained from its
@@ -163,10 +163,15 @@ struct ZoneMirror {
     /// The zone's free pages (lists and frontier; per-CPU lists not counted).
     free: AtomicUsize,
     min: AtomicUsize,
+    low: AtomicUsize,
     lowmem_reserve: [AtomicUsize; MAX_NR_ZONES],
     high: AtomicUsize,
     batch: AtomicUsize,
 }
+
+/// Locked operations (refills, drains, slow paths) between two runs of the shrinkers for
+/// pressure alone (about 16,000 order-0 allocations at Linux's default batch).
+const RECLAIM_BACKOFF: usize = 256;
 
 /// The kernel's frame allocator: the zones behind their lock, and the per-CPU lists in
 /// front of it (see the module docs).
@@ -184,6 +189,12 @@ pub(crate) struct Global {
     fixed: spin::Mutex<Option<PcpLimits>>,
     /// Poison found overwritten on frames handed out from a per-CPU list.
     corruptions: AtomicU64,
+    /// Some zone is below its `low` watermark (refreshed with the free counts): the next
+    /// allocation that may reclaim runs the shrinkers.
+    pressure: AtomicBool,
+    /// Locked operations to let pass before pressure runs the shrinkers again (so
+    /// persistent pressure does not run them on every allocation).
+    reclaim_backoff: AtomicUsize,
 }
 
 // SAFETY: `state` points at the core's state array, reserved RAM that lives as long as the
@@ -238,12 +249,15 @@ impl Global {
             zones: core::array::from_fn(|_| ZoneMirror {
                 free: AtomicUsize::new(0),
                 min: AtomicUsize::new(0),
+                low: AtomicUsize::new(0),
                 lowmem_reserve: Default::default(),
                 high: AtomicUsize::new(0),
                 batch: AtomicUsize::new(1),
             }),
             fixed: spin::Mutex::new(None),
             corruptions: AtomicU64::new(0),
+            pressure: AtomicBool::new(false),
+            reclaim_backoff: AtomicUsize::new(0),
         };
         g.locked(|a| g.sync_marks(a));
         Ok(g)
@@ -261,9 +275,52 @@ impl Global {
 
     #[inline(always)]
     fn sync_free(&self, a: &BuddyAllocator) {
+        let mut pressure = false;
         for (m, z) in self.zones.iter().zip(&a.zones) {
             m.free.store(z.free_pages, Ordering::Relaxed);
+            pressure |= z.managed != 0 && z.free_pages < z.wmark[1];
         }
+        if pressure != self.pressure.load(Ordering::Relaxed) {
+            self.pressure.store(pressure, Ordering::Relaxed);
+        }
+        let b = self.reclaim_backoff.load(Ordering::Relaxed);
+        if b != 0 {
+            self.reclaim_backoff.store(b - 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Some zone went below `low`: runs the shrinkers when `gfp` may (see
+    /// [`crate::reclaim::may_reclaim`]) and no run came back empty-handed lately.
+    #[cold]
+    fn reclaim_for_pressure(&self, gfp: Gfp) {
+        if self.reclaim_backoff.load(Ordering::Relaxed) != 0 || !crate::reclaim::may_reclaim(gfp) {
+            return;
+        }
+        // Up to the high watermark of the zone furthest below it.
+        let want = self
+            .zones
+            .iter()
+            .map(|m| m.free.load(Ordering::Relaxed))
+            .zip(self.core_marks_high())
+            .map(|(free, high)| high.saturating_sub(free))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        crate::reclaim::shrink(want);
+        // Not again for a while: what the shrinkers could give is given, and the per-CPU
+        // lists would otherwise be drained and refilled on every allocation under
+        // pressure. An allocation that fails still runs them (`alloc_slow`).
+        self.reclaim_backoff.store(RECLAIM_BACKOFF, Ordering::Relaxed);
+    }
+
+    /// Each zone's `high` watermark (from the lock-free copy of `min` and `low`:
+    /// `high = low + (low - min)`).
+    fn core_marks_high(&self) -> [usize; MAX_NR_ZONES] {
+        core::array::from_fn(|z| {
+            let m = &self.zones[z];
+            let (min, low) = (m.min.load(Ordering::Relaxed), m.low.load(Ordering::Relaxed));
+            low + low.saturating_sub(min)
+        })
     }
 
     /// Refreshes the copy of the watermarks and recomputes the lists' limits (the online
@@ -273,6 +330,7 @@ impl Global {
         let cpus = online_now();
         for (m, z) in self.zones.iter().zip(&a.zones) {
             m.min.store(z.wmark[0], Ordering::Relaxed);
+            m.low.store(z.wmark[1], Ordering::Relaxed);
             for (r, v) in m.lowmem_reserve.iter().zip(z.lowmem_reserve) {
                 r.store(v, Ordering::Relaxed);
             }
@@ -320,37 +378,70 @@ impl Global {
     /// is above its watermark, else (and for every other order) under the zone lock.
     #[inline]
     pub(crate) fn alloc(&self, order: usize, gfp: Gfp) -> Result<PhysAddr, BuddyError> {
-        if order == 0 {
-            if let Some(pa) = self.alloc_pcp(gfp) {
-                return Ok(pa);
-            }
+        let r = match order {
+            0 => match self.alloc_pcp(gfp) {
+                Some(pa) => Ok(pa),
+                None => self.alloc_locked(0, gfp),
+            },
+            _ => self.alloc_locked(order, gfp),
+        };
+        if self.pressure.load(Ordering::Relaxed) {
+            self.reclaim_for_pressure(gfp);
         }
+        r
+    }
+
+    #[inline]
+    fn alloc_locked(&self, order: usize, gfp: Gfp) -> Result<PhysAddr, BuddyError> {
         match self.locked(|a| a.alloc_gfp(order, gfp)) {
-            Err(e @ (BuddyError::OutOfMemory | BuddyError::BelowMin)) => self.alloc_after_drain(order, gfp, e),
+            Err(e @ (BuddyError::OutOfMemory | BuddyError::BelowMin)) => self.alloc_slow(order, gfp, e),
             r => r,
         }
     }
 
-    /// The zones could not serve `order`: when per-CPU lists hold frames (which count for
-    /// no zone and may complete a block), drains them and tries once more, as Linux's
-    /// `drain_all_pages` before giving up. This CPU's lists always; the other CPUs' too
-    /// (through a cross-CPU call) when `gfp` may block and this is thread context with
-    /// interrupts on. `__GFP_NORETRY` does not retry. The retried failure counts once.
+    /// The zones could not serve `order`. First, when per-CPU lists hold frames (which
+    /// count for no zone and may complete a block), drains them and tries once more, as
+    /// Linux's `drain_all_pages`: this CPU's lists always, the other CPUs' too (through a
+    /// cross-CPU call) when `gfp` may reclaim. Then, when it may, runs the shrinkers and
+    /// tries once more; failing that, it is out of memory ([`crate::reclaim::out_of_memory`]:
+    /// counted, one report per interval). `__GFP_NORETRY` retries nothing. A retried failure
+    /// counts once.
     #[cold]
-    fn alloc_after_drain(&self, order: usize, gfp: Gfp, err: BuddyError) -> Result<PhysAddr, BuddyError> {
-        if gfp.contains(__GFP_NORETRY) || self.pcp_pages().iter().sum::<usize>() == 0 {
+    fn alloc_slow(&self, order: usize, gfp: Gfp, err: BuddyError) -> Result<PhysAddr, BuddyError> {
+        if gfp.contains(__GFP_NORETRY) {
             return Err(err);
         }
-        self.drain_local();
-        if gfp.contains(__GFP_DIRECT_RECLAIM) && !hal::irq::in_interrupt() && hal::irq::irqs_enabled() {
-            let _ = hal::smp::on_each_cpu(&|| {
-                self.drain_local();
-            });
+        let reclaim = crate::reclaim::may_reclaim(gfp);
+        let retry = |e: BuddyError| {
+            self.locked(|a| {
+                a.forget_failure(e);
+                a.alloc_gfp(order, gfp)
+            })
+        };
+        let mut err = err;
+        if self.pcp_pages().iter().sum::<usize>() != 0 {
+            self.drain_local();
+            if reclaim {
+                let _ = hal::smp::on_each_cpu(&|| {
+                    self.drain_local();
+                });
+            }
+            match retry(err) {
+                Err(e @ (BuddyError::OutOfMemory | BuddyError::BelowMin)) => err = e,
+                r => return r,
+            }
         }
-        self.locked(|a| {
-            a.forget_failure(err);
-            a.alloc_gfp(order, gfp)
-        })
+        if !reclaim {
+            return Err(err);
+        }
+        if crate::reclaim::shrink(1 << order) != 0 {
+            match retry(err) {
+                Err(e @ (BuddyError::OutOfMemory | BuddyError::BelowMin)) => err = e,
+                r => return r,
+            }
+        }
+        crate::reclaim::out_of_memory(order, gfp);
+        Err(err)
     }
 
     /// The per-CPU path of an order-0 allocation; `None` sends it to the locked path
@@ -431,6 +522,20 @@ impl Global {
                 a.forget_failure(BuddyError::OutOfMemory);
                 a.alloc_bulk_gfp(&mut out[n..], gfp)
             });
+        }
+        if n < out.len() && crate::reclaim::may_reclaim(gfp) {
+            if crate::reclaim::shrink(out.len() - n) != 0 {
+                n += self.locked(|a| {
+                    a.forget_failure(BuddyError::OutOfMemory);
+                    a.alloc_bulk_gfp(&mut out[n..], gfp)
+                });
+            }
+            if n < out.len() {
+                crate::reclaim::out_of_memory(0, gfp);
+            }
+        }
+        if self.pressure.load(Ordering::Relaxed) {
+            self.reclaim_for_pressure(gfp);
         }
         n
     }
@@ -585,9 +690,12 @@ impl Global {
     pub(crate) fn stats(&self) -> BuddyStats {
         let mut s = self.locked(|a| a.stats());
         let pcp = self.pcp_pages();
-        for (zs, n) in s.zones.iter_mut().zip(pcp) {
+        for (z, (zs, n)) in s.zones.iter_mut().zip(pcp).enumerate() {
             zs.free_pages += n;
             zs.hot_pages += n;
+            if zs.present != 0 {
+                zs.pcp = self.limits(z);
+            }
         }
         let total: usize = pcp.iter().sum();
         s.free_pages += total;
@@ -602,6 +710,18 @@ impl Global {
         let pcp = self.pcp_pages();
         self.core.lock().check_consistency_with(pcp)
     }
+}
+
+/// The per-CPU page lists as a shrinker: what they hold, drained on every CPU.
+pub(crate) static PCP_SHRINKER: crate::reclaim::Shrinker =
+    crate::reclaim::Shrinker::new("buddy per-CPU lists", pcp_count, pcp_scan);
+
+fn pcp_count() -> usize {
+    super::BUDDY.get().map_or(0, |g| g.pcp_pages().iter().sum())
+}
+
+fn pcp_scan(_nr: usize) -> usize {
+    super::drain_hot()
 }
 
 /// CPUs online now (not switched off), at least 1.

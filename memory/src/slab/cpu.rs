@@ -334,3 +334,16 @@ pub fn drain_all() -> usize {
     });
     moved.into_inner()
 }
+
+/// The slab allocator as a shrinker: its per-CPU magazines and kept empty slabs.
+pub(crate) static SLAB_SHRINKER: crate::reclaim::Shrinker =
+    crate::reclaim::Shrinker::new("slab (magazines, empty slabs)", slab_count, slab_scan);
+
+fn slab_count() -> usize {
+    super::global().map_or(0, |s| s.reclaimable_pages() + usize::from(s.cpu_cached_objects() != 0))
+}
+
+fn slab_scan(_nr: usize) -> usize {
+    drain_all();
+    super::global().map_or(0, SlabAllocator::try_shrink)
+}

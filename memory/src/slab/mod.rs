@@ -1442,6 +1442,45 @@ impl<'b> SlabAllocator<'b> {
         pages
     }
 
+    /// As [`Self::shrink`] without waiting: a cache whose lock is taken is skipped (for
+    /// reclaim, whose shrinkers only try-lock). Returns the frames given back.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let freed = memory::slab::global().unwrap().try_shrink();
+    /// # let _ = freed;
+    /// ```
+    pub fn try_shrink(&self) -> usize {
+        self.drain_local();
+        let mut pages = 0;
+        for slot in &self.caches {
+            let Some(mut guard) = slot.try_lock() else { continue };
+            let c = &mut *guard;
+            let s = c.empty;
+            c.empty = ptr::null_mut();
+            // SAFETY: `c.empty` names a slab the cache holds (see `free_object`).
+            if !s.is_null() && unsafe { (*s).inuse } == 0 {
+                self.release(c, s);
+                pages += 1 << c.geo.order;
+            }
+        }
+        pages
+    }
+
+    /// Frames in the empty slabs the caches keep (what [`Self::shrink`] would give back
+    /// now, objects in magazines not counted); caches whose lock is taken are skipped.
+    pub fn reclaimable_pages(&self) -> usize {
+        let mut pages = 0;
+        for slot in &self.caches {
+            let Some(c) = slot.try_lock() else { continue };
+            // SAFETY: `c.empty` names a slab the cache holds (see `free_object`).
+            if !c.empty.is_null() && unsafe { (*c.empty).inuse } == 0 {
+                pages += 1 << c.geo.order;
+            }
+        }
+        pages
+    }
+
     /// The counters of every cache, in slot order (kmalloc classes first).
     ///
     /// # Example

@@ -451,6 +451,32 @@ impl<B: VmBackend> LockedVmalloc<B> {
     pub fn lock(&self) -> hal::sync::SpinLockGuard<'_, Vmalloc<B>> {
         self.inner.lock()
     }
+
+    /// Runs `f` on the instance unless its lock is taken (then `None`).
+    pub fn lock_if_free<R>(&self, f: impl FnOnce(&Vmalloc<B>) -> R) -> Option<R> {
+        let g = self.inner.try_lock()?;
+        Some(f(&g))
+    }
+
+    /// [`Vmalloc::purge`] unless the lock is taken (then `None`: for reclaim, whose
+    /// shrinkers only try-lock); the quarantined frames it gave back otherwise.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap();
+    /// let freed = vm.try_purge().unwrap_or(0);
+    /// # let _ = freed;
+    /// ```
+    pub fn try_purge(&self) -> Option<usize> {
+        let mut g = self.inner.try_lock()?;
+        let before = g.stats().quarantined_frames;
+        g.purge();
+        let freed = before.saturating_sub(g.stats().quarantined_frames);
+        let surplus = g.release_spares();
+        drop(g);
+        drop(surplus);
+        Some(freed)
+    }
 }
 
 impl<B: VmBackend> core::fmt::Debug for LockedVmalloc<B> {
