@@ -636,7 +636,8 @@ impl Global {
     }
 
     /// Puts a checked, allocated frame on top of this CPU's list of its zone; a list above
-    /// `high` gives `batch` (or what is above `high`, if more) back to the zone.
+    /// `high` gives `batch` (or what is above `high`, if more) back to the zone. While some
+    /// zone is below `low`, `high` counts as 0: the whole list goes back.
     #[inline(always)]
     fn push(&self, cpu: &mut CpuPages, r: RegionInfo, idx: usize, pfn: u64) {
         if self.strict {
@@ -648,7 +649,9 @@ impl Global {
         let l = &mut cpu.lists[z];
         l.push_top(HotList::entry(pfn, r.slot));
         let m = &self.zones[z];
-        let high = m.high.load(Ordering::Relaxed);
+        // Under pressure a freed frame goes back to its zone at once, where the watermark
+        // check sees it (as Linux lowers `pcp->high` when a zone is below its marks).
+        let high = if self.pressure.load(Ordering::Relaxed) { 0 } else { m.high.load(Ordering::Relaxed) };
         if l.len > high {
             let n = m.batch.load(Ordering::Relaxed).max(l.len - high);
             self.locked(|a| a.pcp_drain(z, l, n));
