@@ -493,7 +493,8 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     // limits follow the CPUs online.
     let _ = hal::smp::register_hotplug(hal::smp::HotplugHooks { down: cpu_going_down, up: cpu_came_up });
     // What reclaim may take back, and what the out-of-memory report adds.
-    for s in [&buddy::pcp::PCP_SHRINKER, &slab::cpu::SLAB_SHRINKER, &VMALLOC_SHRINKER] {
+    // The per-CPU lists last: what the others free lands on them.
+    for s in [&slab::cpu::SLAB_SHRINKER, &VMALLOC_SHRINKER, &buddy::pcp::PCP_SHRINKER] {
         let _ = crate::reclaim::register(s);
     }
     crate::reclaim::set_report_section(oom_section);
@@ -525,7 +526,16 @@ static VMALLOC_SHRINKER: crate::reclaim::Shrinker =
     crate::reclaim::Shrinker::new("vmalloc (quarantine, spares)", vmalloc_count, vmalloc_scan);
 
 fn vmalloc_count() -> usize {
-    VMALLOC.get().and_then(|v| v.lock_if_free(|g| g.stats().quarantined_frames)).unwrap_or(0)
+    VMALLOC
+        .get()
+        .and_then(|v| {
+            v.lock_if_free(|g| {
+                let s = g.stats();
+                // Spare records above their mark free slab objects (maybe a slab): count 1.
+                s.quarantined_frames + usize::from(s.spare_records > g.config().spare_high)
+            })
+        })
+        .unwrap_or(0)
 }
 
 fn vmalloc_scan(_nr: usize) -> usize {

@@ -304,14 +304,14 @@ fn offline_body(cpu: usize) {
                 }
             })
             .unwrap();
-            buddy::drain_local();
-            slab::drain_local();
-            let hot = buddy::stats().unwrap().hot_pages;
-            CACHED_BEFORE_DOWN.store(slab::global().unwrap().cpu_cached_objects(), Ordering::Relaxed);
+            let slab = slab::global().unwrap();
+            let hot = buddy::pcp::pcp_pages_on(1);
+            CACHED_BEFORE_DOWN.store(slab.cpu_cached_objects_on(1), Ordering::Relaxed);
             assert!(hot >= 32, "CPU 1's lists hold its frames ({hot})");
             smp::cpu_down(1).unwrap();
+            assert_eq!(buddy::pcp::pcp_pages_on(1), 0, "CPU 1 gave its page lists back as it went off");
+            assert_eq!(slab.cpu_cached_objects_on(1), 0, "and its magazines");
             STOP.store(true, Ordering::Release);
-            assert_eq!(buddy::stats().unwrap().hot_pages, 0, "CPU 1 gave its lists back as it went off");
             smp::cpu_up(1).unwrap();
         }
         1 => {}
@@ -336,7 +336,7 @@ fn a_cpu_switched_off_hands_back_its_caches() {
     let info0 = buddy::stats().unwrap().buddyinfo();
     let out = tests::on_every_cpu_within(offline_body, tests::CPU_TIMEOUT_NS);
     assert_eq!(out[0], smp::Outcome::Returned, "{out:?}");
-    assert!(CACHED_BEFORE_DOWN.load(Ordering::Relaxed) >= 12, "CPU 1's magazines held its objects");
+    assert!(CACHED_BEFORE_DOWN.load(Ordering::Relaxed) >= 12, "CPU 1's magazines held its 12 objects");
     assert_eq!(slab::global().unwrap().cpu_cached_objects(), 0, "no object left in a magazine");
     let (free1, slabs1) = settle();
     assert_eq!((free1, slabs1), (free0, slabs0));

@@ -81,6 +81,11 @@ fn with_nothing_to_reclaim_allocation_fails_cleanly_with_one_report() {
     let r = reclaim::last_oom_report().expect("a report");
     assert_eq!(r.order, 0);
     assert_eq!(r.free_pages, r.zone_free.iter().sum::<usize>() + r.pcp_pages, "the report adds up");
+    for z in 0..r.zone_free.len() {
+        let listed: usize = r.zone_blocks[z].iter().enumerate().map(|(o, n)| n << o).sum();
+        assert_eq!(listed, r.zone_free[z], "zone {z}: its free blocks add up to its free count");
+    }
+    assert!(r.free_pages + chain.len <= r.total_pages, "free and taken fit in what is managed");
     assert!(r.free_pages < 64, "memory really was exhausted ({} free)", r.free_pages);
     hal::print!("({} frames taken; report: {r}) ", chain.len);
     chain.free_all();

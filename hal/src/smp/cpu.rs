@@ -201,6 +201,8 @@ mod host {
 
     impl Drop for Owner {
         fn drop(&mut self) {
+            // Later thread-local destructors of this thread play CPU 0 (shared, swapped).
+            let _ = CPU.try_with(|c| c.set(0));
             release(self.0.get());
         }
     }

@@ -636,7 +636,7 @@ pub fn stop_others(timeout_ns: u64) -> u32 {
 /// context, before it takes work): where per-CPU caches are drained and refilled.
 #[derive(Clone, Copy, Debug)]
 pub struct HotplugHooks {
-    /// Runs on the CPU going down, interrupts on, before it switches itself off.
+    /// Runs on the CPU going down, interrupts masked, before it switches itself off.
     pub down: fn(cpu: usize),
     /// Runs on the CPU coming up, before its idle loop.
     pub up: fn(cpu: usize),

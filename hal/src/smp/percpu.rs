@@ -61,7 +61,8 @@ impl<T> PerCpu<T> {
         // SAFETY: `busy` was clear and is now set by us: no other reference to this slot's
         // value exists (see the `Sync` argument), until we clear it below.
         let r = f(unsafe { &mut *slot.value.get() });
-        compiler_fence(Ordering::Release);
+        // `barrier()`: nothing of `f` moves past the release below.
+        compiler_fence(Ordering::SeqCst);
         slot.busy.store(false, Ordering::Release);
         Some(r)
     }
@@ -74,13 +75,14 @@ impl<T> PerCpu<T> {
             // Several host threads play CPU 0.
             return !busy.swap(true, Ordering::Acquire);
         }
-        // Only this CPU (on the host: this thread) reaches `busy`, and with interrupts
-        // masked only an exception taken inside `f` can come between the load and store.
-        if busy.load(Ordering::Relaxed) {
+        // Only this CPU (on the host: this thread) reaches `busy`; what interrupts it
+        // between the load and the store (a handler, an exception) runs to completion
+        // first. `barrier()` after the store: no access of the closure moves above it.
+        if busy.load(Ordering::Acquire) {
             return false;
         }
         busy.store(true, Ordering::Relaxed);
-        compiler_fence(Ordering::Acquire);
+        compiler_fence(Ordering::SeqCst);
         true
     }
 

@@ -1819,10 +1819,13 @@ impl BuddyAllocator {
     }
 
     /// Moves up to `n` order-0 frames of zone `z` onto a per-CPU list (see [`pcp`]),
-    /// lowest address on top; returns how many. They leave the zone's free count, as
-    /// Linux's `NR_FREE_PAGES` does not count per-CPU pages. No watermark is checked here:
-    /// the caller did.
-    pub(crate) fn pcp_refill(&mut self, z: usize, list: &mut HotList, n: usize) -> usize {
+    /// lowest address on top, never more than keeps the zone above the watermark of `gfp`
+    /// (whose highest zone is `high`); returns how many. They leave the zone's free count,
+    /// as Linux's `NR_FREE_PAGES` does not count per-CPU pages.
+    pub(crate) fn pcp_refill(&mut self, z: usize, list: &mut HotList, n: usize, gfp: Gfp, high: usize) -> usize {
+        let zone = &self.zones[z];
+        let mark = gfp.min_watermark(zone.wmark[WMARK_MIN]) + zone.lowmem_reserve[high];
+        let n = n.min(zone.free_pages.saturating_sub(mark));
         let mut k = 0;
         while k < n {
             let Ok((pfn, idx)) = self.take(z, 0) else { break };

@@ -9,10 +9,11 @@
 //! off and keeps one per CPU and zone instead, reached through [`hal::smp::PerCpu`]: an
 //! interrupt handler that comes while its CPU's lists are in use finds them busy and takes
 //! the locked slow path, so a handler may allocate (`GFP_ATOMIC`) and free pages, and the
-//! fast path writes no `DAIF` (the zone lock masks interrupts only while held). The fast path takes no lock and no atomic
-//! read-modify-write: the frame's state byte flips between "allocated" and "on a per-CPU
-//! list" with a relaxed store, and the list's length is published with a relaxed store for
-//! the statistics of other CPUs.
+//! fast path writes no `DAIF` (the zone lock masks interrupts only while held). The fast path takes no lock: an
+//! allocation flips the frame's state byte from "on a per-CPU list" to "allocated" with a
+//! relaxed store, a free claims it back with one compare-exchange (of two racing frees of a
+//! frame, one is refused), and the list's length is published with a relaxed store for the
+//! statistics of other CPUs.
 //!
 //! When a list is empty, an allocation refills it with `batch` frames taken under the zone
 //! lock at once; when a free takes it above `high`, `batch` of its coldest frames go back
@@ -457,7 +458,7 @@ impl Global {
             if room == 0 {
                 continue;
             }
-            if let Some(pa) = self.cpus.try_with(|cpu| self.pop(cpu, z, room))? {
+            if let Some(pa) = self.cpus.try_with(|cpu| self.pop(cpu, z, room, gfp, high))? {
                 if gfp.contains(__GFP_ZERO) {
                     // SAFETY: the frame was just allocated: ours until we return it.
                     unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(0, PAGE_SIZE) };
@@ -471,11 +472,11 @@ impl Global {
     /// Takes the top frame of this CPU's list of zone `z`, refilling the list first when
     /// it is empty (with at most `room` frames); `None` when the zone has no frame left.
     #[inline(always)]
-    fn pop(&self, cpu: &mut CpuPages, z: usize, room: usize) -> Option<PhysAddr> {
+    fn pop(&self, cpu: &mut CpuPages, z: usize, room: usize, gfp: Gfp, high: usize) -> Option<PhysAddr> {
         let l = &mut cpu.lists[z];
         if l.len == 0 {
             let batch = self.zones[z].batch.load(Ordering::Relaxed).min(room);
-            if self.locked(|a| a.pcp_refill(z, l, batch)) == 0 {
+            if self.locked(|a| a.pcp_refill(z, l, batch, gfp, high)) == 0 {
                 return None;
             }
         }
@@ -501,7 +502,7 @@ impl Global {
                 if n == out.len() || room == 0 {
                     break;
                 }
-                let got = self.cpus.try_with(|cpu| self.pop_many(cpu, z, &mut out[n..], room));
+                let got = self.cpus.try_with(|cpu| self.pop_many(cpu, z, &mut out[n..], room, gfp, high));
                 match got {
                     Some(0) | None => break,
                     Some(k) => n += k,
@@ -542,11 +543,19 @@ impl Global {
 
     /// Up to `out.len()` frames from this CPU's list of zone `z` (refilled once when empty,
     /// with up to half the list's capacity, at most `room`).
-    fn pop_many(&self, cpu: &mut CpuPages, z: usize, out: &mut [PhysAddr], room: usize) -> usize {
+    fn pop_many(
+        &self,
+        cpu: &mut CpuPages,
+        z: usize,
+        out: &mut [PhysAddr],
+        room: usize,
+        gfp: Gfp,
+        high: usize,
+    ) -> usize {
         let l = &mut cpu.lists[z];
         if l.len == 0 {
             let want = out.len().max(self.zones[z].batch.load(Ordering::Relaxed)).min(HOT_CAPACITY / 2).min(room);
-            if self.locked(|a| a.pcp_refill(z, l, want)) == 0 {
+            if self.locked(|a| a.pcp_refill(z, l, want, gfp, high)) == 0 {
                 return 0;
             }
         }
@@ -597,8 +606,8 @@ impl Global {
         if order == 0 {
             let (r, idx) = check_allocated(&self.map, self.state, pa, 0)?;
             let pfn = pa.as_u64() >> PAGE_SHIFT;
-            if self.cpus.try_with(|cpu| self.push(cpu, r, idx, pfn)).is_some() {
-                return Ok(());
+            if let Some(r) = self.cpus.try_with(|cpu| self.push(cpu, r, idx, pfn)) {
+                return r;
             }
         }
         // SAFETY: forwarded to our caller.
@@ -618,7 +627,13 @@ impl Global {
             for &pa in frames {
                 // Checked again: a frame listed twice is refused the second time.
                 match check_allocated(&self.map, self.state, pa, 0) {
-                    Ok((r, idx)) => self.push(cpu, r, idx, pa.as_u64() >> PAGE_SHIFT),
+                    Ok((r, idx)) => {
+                        if let Err(e) = self.push(cpu, r, idx, pa.as_u64() >> PAGE_SHIFT) {
+                            if first_err.is_ok() {
+                                first_err = Err(e);
+                            }
+                        }
+                    }
                     Err(e) => {
                         if first_err.is_ok() {
                             first_err = Err(e);
@@ -639,12 +654,19 @@ impl Global {
     /// `high` gives `batch` (or what is above `high`, if more) back to the zone. While some
     /// zone is below `low`, `high` counts as 0: the whole list goes back.
     #[inline(always)]
-    fn push(&self, cpu: &mut CpuPages, r: RegionInfo, idx: usize, pfn: u64) {
+    fn push(&self, cpu: &mut CpuPages, r: RegionInfo, idx: usize, pfn: u64) -> Result<(), BuddyError> {
+        // Claimed with a compare-exchange: of two frees of one frame racing (two CPUs, or
+        // a handler and the code it interrupted), one wins, the other is refused.
+        if state_byte(self.state, &self.map, idx)
+            .compare_exchange(ST_ALLOC, ST_HOT, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(BuddyError::NotAllocated);
+        }
         if self.strict {
-            // SAFETY: the frame is allocated, and its owner gave it back.
+            // SAFETY: the frame was allocated, and its owner gave it back (we won it).
             unsafe { self.ptr(pfn).write_bytes(POISON_BYTE, PAGE_SIZE) };
         }
-        state_byte(self.state, &self.map, idx).store(ST_HOT, Ordering::Relaxed);
         let z = r.zone;
         let l = &mut cpu.lists[z];
         l.push_top(HotList::entry(pfn, r.slot));
@@ -657,6 +679,7 @@ impl Global {
             self.locked(|a| a.pcp_drain(z, l, n));
         }
         self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
+        Ok(())
     }
 
     // ----- draining and statistics -----
@@ -667,6 +690,22 @@ impl Global {
         self.cpus
             .try_with(|cpu| {
                 let mut a = self.core.lock();
+                let mut n = 0;
+                for z in 0..MAX_NR_ZONES {
+                    n += a.pcp_drain(z, &mut cpu.lists[z], usize::MAX);
+                    self.counts[cpu.cpu].0[z].store(0, Ordering::Relaxed);
+                }
+                self.sync_free(&a);
+                n
+            })
+            .unwrap_or(0)
+    }
+
+    /// [`Self::drain_local`] if the zone lock is free (0 otherwise).
+    fn try_drain_local(&self) -> usize {
+        self.cpus
+            .try_with(|cpu| {
+                let Some(mut a) = self.core.try_lock() else { return 0 };
                 let mut n = 0;
                 for z in 0..MAX_NR_ZONES {
                     n += a.pcp_drain(z, &mut cpu.lists[z], usize::MAX);
@@ -715,7 +754,9 @@ impl Global {
     }
 }
 
-/// The per-CPU page lists as a shrinker: what they hold, drained on every CPU.
+/// The per-CPU page lists as a shrinker: what they hold, drained on every CPU (this one
+/// only if the zone lock is free: shrinkers only try-lock; the others in their interrupt
+/// handler, where no lock of theirs can be held).
 pub(crate) static PCP_SHRINKER: crate::reclaim::Shrinker =
     crate::reclaim::Shrinker::new("buddy per-CPU lists", pcp_count, pcp_scan);
 
@@ -724,13 +765,18 @@ fn pcp_count() -> usize {
 }
 
 fn pcp_scan(_nr: usize) -> usize {
-    super::drain_hot()
+    let Some(g) = super::BUDDY.get() else { return 0 };
+    let moved = AtomicUsize::new(g.try_drain_local());
+    let _ = hal::smp::on_each_cpu(&|| {
+        moved.fetch_add(g.drain_local(), Ordering::Relaxed);
+    });
+    moved.into_inner()
 }
 
 /// CPUs online now (not switched off), at least 1.
 fn online_now() -> usize {
     (0..hal::smp::online_cpus().max(1))
-        .filter(|&c| c == 0 || hal::smp::cpu_state(c) != hal::smp::state::OFF)
+        .filter(|&c| c == 0 || !matches!(hal::smp::cpu_state(c), hal::smp::state::OFF | hal::smp::state::GOING_DOWN))
         .count()
         .max(1)
 }
@@ -761,6 +807,21 @@ pub fn set_pcp_limits(limits: Option<PcpLimits>) {
     if let Some(g) = super::BUDDY.get() {
         g.set_limits(limits);
     }
+}
+
+/// Frames on CPU `cpu`'s page lists now, all zones (as it last published; 0 before
+/// [`super::init`] or for a CPU out of range).
+///
+/// # Example
+/// ```no_run
+/// let held = memory::buddy::pcp::pcp_pages_on(1);
+/// # let _ = held;
+/// ```
+pub fn pcp_pages_on(cpu: usize) -> usize {
+    super::BUDDY
+        .get()
+        .and_then(|g| g.counts.get(cpu))
+        .map_or(0, |c| c.0.iter().map(|n| n.load(Ordering::Relaxed)).sum())
 }
 
 /// The per-CPU lists' limits of each zone now (zeros before [`super::init`]).

@@ -220,12 +220,25 @@ impl SlabAllocator<'_> {
     /// double free caught late, or memory written over).
     #[cold]
     fn flush(&self, id: usize, m: &mut Magazine, n: usize) {
+        self.flush_with(id, m, n, false);
+    }
+
+    /// [`Self::flush`]; with `try_only`, nothing when the cache lock is taken (returns
+    /// false then).
+    fn flush_with(&self, id: usize, m: &mut Magazine, n: usize, try_only: bool) -> bool {
         let n = n.min(m.len);
         if n == 0 {
-            return;
+            return true;
         }
         {
-            let mut guard = self.caches[id].lock();
+            let mut guard = if try_only {
+                match self.caches[id].try_lock() {
+                    Some(g) => g,
+                    None => return false,
+                }
+            } else {
+                self.caches[id].lock()
+            };
             let c: &mut Cache = &mut guard;
             for &obj in &m.objs[..n] {
                 let pa = self.pa(obj);
@@ -237,10 +250,20 @@ impl SlabAllocator<'_> {
         }
         m.objs.copy_within(n..m.len, 0);
         m.len -= n;
+        true
     }
 
     /// Gives this CPU's magazines back to their caches; returns the objects moved.
     pub fn drain_local(&self) -> usize {
+        self.drain_local_with(false)
+    }
+
+    /// [`Self::drain_local`], skipping caches whose lock is taken (for reclaim).
+    pub fn try_drain_local(&self) -> usize {
+        self.drain_local_with(true)
+    }
+
+    fn drain_local_with(&self, try_only: bool) -> usize {
         let Some(layer) = &self.cpu else { return 0 };
         layer
             .cpus
@@ -248,9 +271,11 @@ impl SlabAllocator<'_> {
                 let mut moved = 0;
                 for id in 0..MAX_CACHES {
                     let m = &mut cc.mags[id];
-                    moved += m.len;
-                    self.flush(id, m, m.len);
-                    layer.publish(cc.cpu, id, 0);
+                    let len = m.len;
+                    if self.flush_with(id, m, len, try_only) {
+                        moved += len;
+                    }
+                    layer.publish(cc.cpu, id, m.len);
                 }
                 moved
             })
@@ -271,6 +296,20 @@ impl SlabAllocator<'_> {
     /// ```
     pub fn cpu_cached_objects(&self) -> usize {
         (0..MAX_CACHES).map(|id| self.cpu_cached(id)).sum()
+    }
+
+    /// Objects sitting in CPU `cpu`'s magazines now (as it last published).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let on_cpu1 = memory::slab::global().unwrap().cpu_cached_objects_on(1);
+    /// # let _ = on_cpu1;
+    /// ```
+    pub fn cpu_cached_objects_on(&self, cpu: usize) -> usize {
+        self.cpu
+            .as_ref()
+            .and_then(|l| l.counts.get(cpu))
+            .map_or(0, |c| c.0.iter().map(|n| n.load(Ordering::Relaxed) as usize).sum())
     }
 
     /// Whether this allocator has per-CPU object caches.
@@ -344,6 +383,11 @@ fn slab_count() -> usize {
 }
 
 fn slab_scan(_nr: usize) -> usize {
-    drain_all();
-    super::global().map_or(0, SlabAllocator::try_shrink)
+    let Some(s) = super::global() else { return 0 };
+    // This CPU's magazines with try-locks; the other CPUs' in their interrupt handlers.
+    s.try_drain_local();
+    let _ = hal::smp::on_each_cpu(&|| {
+        drain_local();
+    });
+    s.try_shrink()
 }

@@ -53,8 +53,9 @@
 //! allocates nor calls back into the slab, so the order "cache, then buddy" cannot
 //! deadlock. Large allocations take only the buddy lock; their tags are claimed with atomic
 //! compare-exchange so two racing frees of one block cannot both succeed. Both locks mask
-//! interrupts while held and the magazines are used with interrupts masked, so `kmalloc`
-//! and `kfree` may be called from interrupt handlers (with `GFP_ATOMIC` for a new slab).
+//! interrupts while held, and a handler that finds its CPU's magazines in use takes the
+//! locked path, so `kmalloc` and `kfree` may be called from interrupt handlers (with
+//! `GFP_ATOMIC` for a new slab).
 
 //! # Global instance
 //! [`init`] builds the slab allocator of the running kernel over the global buddy
@@ -1451,7 +1452,7 @@ impl<'b> SlabAllocator<'b> {
     /// # let _ = freed;
     /// ```
     pub fn try_shrink(&self) -> usize {
-        self.drain_local();
+        self.try_drain_local();
         let mut pages = 0;
         for slot in &self.caches {
             let Some(mut guard) = slot.try_lock() else { continue };
