@@ -601,6 +601,113 @@ impl PageTable {
         Ok(())
     }
 
+    /// Give back to `alloc` every table page (never the root) that holds no valid entry,
+    /// whose span meets `virt` and lies wholly inside `within`; a table emptied by freeing
+    /// its own empty subtables goes too (every level: last-level tables, then the tables
+    /// above them). No leaf is touched: a table holding a page or a block stays. Returns how
+    /// many table pages were freed.
+    ///
+    /// This is vmalloc's purge after its lazy unmaps (Linux keeps its kernel tables; arm64's
+    /// memory hot-remove frees them the same way, `free_empty_tables`). Emptiness is read
+    /// here, under the caller's `&mut`, so nothing can refill a table between the check and
+    /// its release. For each table released, in order:
+    ///
+    /// ```text
+    ///  parent entry = invalid                       (each emptied table, bottom up)
+    ///  dsb ishst ; tlbi vaae1is <table's base> ... ; dsb ish ; isb
+    ///                                               (one all-levels TLBI per table: it drops the
+    ///                                                walk-cache entries that point at it; one
+    ///                                                vmalle1is above MAX_PAGE_INVALIDATIONS)
+    ///  free the page                                (only after the invalidation completed)
+    /// ```
+    ///
+    /// One TLBI by VA per table is enough, as for Linux's `__flush_tlb_kernel_pgtable`: a
+    /// walk-cache entry holding the cleared descriptor translates every address of the
+    /// table's span, so an invalidation at one of them drops it; entries of the freed table
+    /// itself were invalid (each cleared earlier with its own invalidation).
+    ///
+    /// # Safety
+    /// `alloc` is the allocator this tree's tables came from, and `tlb` reaches every core
+    /// that may hold translations from this tree.
+    ///
+    /// # Errors
+    /// [`AddrError::Misaligned`] / [`AddrError::Empty`] and [`MmuError::OutsideVaRange`] for
+    /// `virt` or `within`, as for [`PageTable::map`]. On error nothing has changed.
+    pub unsafe fn free_empty_tables<T: Tlb + ?Sized>(
+        &mut self,
+        virt: VirtRange,
+        within: VirtRange,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<usize, MmuError> {
+        let span = self.span(virt.start(), virt.size())?;
+        let within = self.span(within.start(), within.size())?;
+        let mut batch = TlbBatch::new();
+        let mut freed = Reserve { head: PhysAddr::new(0), len: 0 };
+        let root = self.root;
+        self.free_empty_level(&mut batch, &mut freed, tlb, root, ROOT_LEVEL, span, within);
+        if freed.len == 0 {
+            return Ok(0);
+        }
+        // Cleared descriptors reach memory, then every walk cache drops them; only then
+        // may the pages be reused.
+        batch.issue(tlb);
+        let n = freed.len;
+        self.tables -= n;
+        while let Some(page) = self.reserve_pop(&mut freed) {
+            // SAFETY: `page` is a table of this tree, from `alloc` (the caller's promise);
+            // its descriptor was cleared and the batch above, complete on return,
+            // invalidated the walk caches for the span it covered: nothing reaches it.
+            unsafe { alloc.free_table(page) };
+        }
+        Ok(n)
+    }
+
+    /// One level of [`PageTable::free_empty_tables`]: the tables of `table` (at `level`)
+    /// meeting `span`, each after its own subtables.
+    #[allow(clippy::too_many_arguments)]
+    fn free_empty_level<T: Tlb + ?Sized>(
+        &mut self,
+        batch: &mut TlbBatch,
+        freed: &mut Reserve,
+        tlb: &T,
+        table: PhysAddr,
+        level: usize,
+        span: Span,
+        within: Span,
+    ) {
+        let size = level_size(level);
+        let mut va = span.first;
+        loop {
+            let last = (va | (size - 1)).min(span.last);
+            let index = index_at(va, level);
+            let base = va & !(size - 1);
+            if let Some(next) = self.read(table, index).table_address(level) {
+                if level + 1 < PAGE_LEVEL {
+                    let sub = Span { first: va, last };
+                    self.free_empty_level(batch, freed, tlb, next, level + 1, sub, within);
+                }
+                let inside = base >= within.first && base + (size - 1) <= within.last;
+                if inside && self.table_is_empty(next) {
+                    self.write(table, index, Descriptor::INVALID);
+                    tlb.note_write(EntryWrite {
+                        va: VirtAddr::new(base),
+                        level: level as u8,
+                        descriptor: Descriptor::INVALID,
+                    });
+                    batch.walk(VirtAddr::new(base));
+                    // The chain link written into the dead table is a page-aligned address:
+                    // read as a descriptor by a stale walk, it is invalid.
+                    self.reserve_push(freed, next);
+                }
+            }
+            if last == span.last {
+                return;
+            }
+            va = last + 1;
+        }
+    }
+
     /// Give every page and block in `virt` the permissions `permissions`, keeping its output
     /// address and memory type, and invalidate the TLB entries of what changed before
     /// returning.
@@ -1206,7 +1313,10 @@ impl PageTable {
     }
 
     fn table_is_empty(&self, table: PhysAddr) -> bool {
-        (0..ENTRIES).all(|index| !self.read(table, index).is_valid())
+        let entries = self.table_base(table);
+        // SAFETY: `entries` is the base of a table page of this tree and `k < ENTRIES`.
+        // Volatile: the MMU reads the same memory, so each access is a single 64-bit load.
+        (0..ENTRIES).all(|k| unsafe { ptr::read_volatile(entries.add(k)) } & 1 == 0)
     }
 
     fn free_level(&self, table: PhysAddr, level: usize, alloc: &mut impl TableAlloc) {
