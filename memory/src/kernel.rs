@@ -272,6 +272,29 @@ impl VmBackend for KernelBackend {
         HardwareTlb.invalidate_all();
     }
 
+    fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
+        let Some(space) = hal::kmap::kernel_space() else { return 0 };
+        let mut space = space.lock();
+        // SAFETY: only tables inside vmalloc's own window go, and only empty ones: no
+        // translation changes. The tables came from `GlobalTableAlloc` (every table of the
+        // upper half past the root does: boot puts none there), and `HardwareTlb` broadcasts
+        // to every core.
+        let tables = unsafe { space.upper_mut() };
+        let mut freed = 0;
+        for &span in spans {
+            // SAFETY: as above.
+            match unsafe { tables.free_empty_tables(span, window, &HardwareTlb, &mut GlobalTableAlloc) } {
+                Ok(n) => freed += n,
+                Err(e) => log::error!("vmalloc: freeing the empty tables of {:#x}: {e}", span.start()),
+            }
+        }
+        freed
+    }
+
+    fn table_pages(&self) -> usize {
+        vmalloc_table_pages()
+    }
+
     fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
         hal::kmap::kernel_space()?.lock().upper().translate(va).map(|t| t.phys)
     }

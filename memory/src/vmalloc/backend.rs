@@ -7,7 +7,7 @@
 
 use core::fmt;
 
-use hal::{PhysAddr, VirtAddr};
+use hal::{PhysAddr, VirtAddr, VirtRange};
 
 /// Access rights for RAM mapped by [`super::Vmalloc::vmap`] (vmalloc areas are always
 /// [`Prot::ReadWrite`]). Normal cacheable memory, never executable (W^X).
@@ -164,6 +164,26 @@ pub trait VmBackend {
 
     /// Invalidate every kernel TLB entry (TLBI VMALLE1IS), with one barrier pair.
     fn tlb_flush_all(&mut self);
+
+    /// Give back every page-table page, at every level, that maps nothing, whose span meets
+    /// one of `spans` and lies wholly inside `window` (the instance's); returns how many.
+    ///
+    /// vmalloc calls this once the TLB entries of `spans` have been invalidated (a purge,
+    /// a failed allocation, strict mode, a shrink). The backend decides emptiness under its
+    /// table lock and, for each table, clears the descriptor that points at it, invalidates
+    /// the walk caches for its span (`tlbi vaae1is`, not the last-level `vaale1is`: a walk
+    /// cache may hold the cleared descriptor), waits for completion (`dsb ish`), and only
+    /// then frees the page — all under that lock. The default frees nothing.
+    fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
+        let _ = (spans, window);
+        0
+    }
+
+    /// Page-table pages the backend's tables hold now (the kernel's: the whole upper half,
+    /// root included; the simulation's: those of its window). The default counts none.
+    fn table_pages(&self) -> usize {
+        0
+    }
 
     /// The physical address `va` translates to through the tables, if mapped.
     fn translate(&self, va: VirtAddr) -> Option<PhysAddr>;

@@ -102,6 +102,13 @@ const RECORDS_PER_CALL: usize = 2;
 const REFILL_BATCH: usize = 16;
 /// At most this many spare records are kept after a purge (see [`Vmalloc::take_excess_spares`]).
 const SPARE_CAP: usize = 4096;
+/// Ranges a purge hands to [`VmBackend::free_empty_tables`] per call (a table lock each).
+const RECLAIM_SPANS: usize = 16;
+/// A placeholder for unused slots of such a batch.
+const NO_SPAN: VirtRange = match VirtRange::new(VirtAddr::new(0), PAGE) {
+    Ok(r) => r,
+    Err(_) => panic!("one page is a range"),
+};
 
 /// What an area maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -384,6 +391,10 @@ pub struct VmallocStats {
     pub huge_blocks: usize,
     /// 2 MiB stretches of huge areas mapped with pages because no block was available, ever.
     pub huge_fallbacks: u64,
+    /// Page-table pages of the window given back because they mapped nothing any more
+    /// (purges, failed allocations, strict mode, shrinks; [`VmBackend::free_empty_tables`]),
+    /// ever.
+    pub tables_freed: u64,
     /// Frames of freed areas held in quarantine until the purge ([`VmallocConfig::quarantine`];
     /// a 2 MiB block counts 512), index frames included.
     pub quarantined_frames: usize,
@@ -411,6 +422,7 @@ struct Counters {
     pages_mapped: u64,
     huge_blocks: usize,
     huge_fallbacks: u64,
+    tables_freed: u64,
     quarantined: usize,
     quarantine_hits: u64,
     quarantine_bypassed: u64,
@@ -1017,6 +1029,8 @@ impl<B: VmBackend> Vmalloc<B> {
                 if done > 0 {
                     self.unmap_free(va, done);
                     self.flush_now(va, done);
+                    // The tables this allocation made go back at once, not at a purge.
+                    self.reclaim_tables(va, va + (done * PAGE_SIZE) as u64);
                 }
                 return Err(e);
             }
@@ -1054,6 +1068,7 @@ impl<B: VmBackend> Vmalloc<B> {
                 if done > 0 {
                     self.unmap_free_huge(va, done, false);
                     self.flush_now(va, done);
+                    self.reclaim_tables(va, va + (done * PAGE_SIZE) as u64);
                 }
                 return Err(e);
             }
@@ -1313,6 +1328,23 @@ impl<B: VmBackend> Vmalloc<B> {
         } else {
             self.backend.tlb_flush_all();
             self.c.tlb_full += 1;
+        }
+    }
+
+    /// Give back the page tables of the window that map nothing and meet `[va, end)` (its
+    /// TLB entries invalidated already): see [`VmBackend::free_empty_tables`].
+    fn reclaim_tables(&mut self, va: u64, end: u64) {
+        let Ok(span) = VirtRange::new(VirtAddr::new(va), end - va) else { return };
+        self.reclaim_spans(&[span]);
+    }
+
+    fn reclaim_spans(&mut self, spans: &[VirtRange]) {
+        if spans.is_empty() {
+            return;
+        }
+        let window = VirtRange::new(VirtAddr::new(self.start), self.end - self.start);
+        if let Ok(window) = window {
+            self.c.tables_freed += self.backend.free_empty_tables(spans, window) as u64;
         }
     }
 
@@ -1723,6 +1755,7 @@ impl<B: VmBackend> Vmalloc<B> {
         self.unlink_live(node);
         if self.config.strict {
             self.flush_now(start, pages);
+            self.reclaim_tables(start, nd.end.get());
             self.free.give_back(node);
             self.trim_spares();
         } else {
@@ -1790,12 +1823,35 @@ impl<B: VmBackend> Vmalloc<B> {
         // Return the ranges highest first, joining neighbours before touching the free tree.
         // In that order a range below the lowest hole goes in without a descent (see
         // `FreeSpace::give_back`): the common case after allocations walked up the holes.
+        // Meanwhile gather the ranges, rounded out to 2 MiB (a last-level table's span) and
+        // joined where they meet, whose page tables may now be empty: one call gives back
+        // those that are, after the leaf flush above.
+        let mut spans = [NO_SPAN; RECLAIM_SPANS];
+        let mut nspans = 0usize;
+        let mut hull: Option<(u64, u64)> = None;
         let mut acc: Option<NodePtr> = None;
         let mut cur = sort_desc(head);
         while let Some(n) = cur {
             let nd = n.get();
             cur = nd.next.get();
             nd.next.set(None);
+            let lo = (nd.start.get() & !(BLOCK_SIZE as u64 - 1)).max(self.start);
+            let hi = nd.end.get().div_ceil(BLOCK_SIZE as u64).saturating_mul(BLOCK_SIZE as u64).min(self.end);
+            hull = match hull {
+                Some((l, h)) if hi >= l => Some((lo.min(l), h.max(hi))),
+                Some((l, h)) => {
+                    if nspans == RECLAIM_SPANS {
+                        self.reclaim_spans(&spans);
+                        nspans = 0;
+                    }
+                    if let Ok(r) = VirtRange::new(VirtAddr::new(l), h - l) {
+                        spans[nspans] = r;
+                        nspans += 1;
+                    }
+                    Some((lo, hi))
+                }
+                None => Some((lo, hi)),
+            };
             match acc {
                 None => acc = Some(n),
                 Some(a) => {
@@ -1816,6 +1872,17 @@ impl<B: VmBackend> Vmalloc<B> {
         if let Some(a) = acc {
             self.free.give_back(a);
         }
+        if let Some((l, h)) = hull {
+            if nspans == RECLAIM_SPANS {
+                self.reclaim_spans(&spans);
+                nspans = 0;
+            }
+            if let Ok(r) = VirtRange::new(VirtAddr::new(l), h - l) {
+                spans[nspans] = r;
+                nspans += 1;
+            }
+        }
+        self.reclaim_spans(&spans[..nspans]);
         self.spare_keep = self.config.spare_high.max(self.c.parked_areas.min(SPARE_CAP));
         self.c.parked_areas = 0;
         self.c.parked_pages = 0;
@@ -1938,6 +2005,7 @@ impl<B: VmBackend> Vmalloc<B> {
             self.unmap_free(tail, old_pages - new_pages);
             // The tail may be mapped again by a later grow: flush it now.
             self.flush_now(tail, old_pages - new_pages);
+            self.reclaim_tables(tail, start + old_pages as u64 * page);
             self.c.mapped_pages -= old_pages - new_pages;
             self.c.owned_frames -= old_pages - new_pages;
         }
@@ -2082,6 +2150,7 @@ impl<B: VmBackend> Vmalloc<B> {
             purge_ns_p99: self.purge_hist.percentile(99),
             huge_blocks: self.c.huge_blocks,
             huge_fallbacks: self.c.huge_fallbacks,
+            tables_freed: self.c.tables_freed,
             quarantined_frames: self.c.quarantined,
             quarantine_hits: self.c.quarantine_hits,
             quarantine_bypassed: self.c.quarantine_bypassed,
