@@ -697,3 +697,73 @@ fn freeing_null_does_nothing_and_null_is_never_an_area() {
         VmallocError::BadRange
     );
 }
+
+#[test]
+fn a_purge_gives_back_the_tables_its_ranges_left_empty_after_a_walk_invalidation() {
+    let mut vm = new_vm(1 << 16, 4096);
+    let keep = vm.vmalloc(PAGE_SIZE).unwrap();
+    let tables = vm.backend().table_pages();
+    // 3 MiB from the second 2 MiB stretch on: two more last-level tables.
+    let p = vm.vmalloc_aligned(3 << 20, 2 << 20).unwrap();
+    assert_eq!(vm.backend().table_pages(), tables + 2);
+    vm.vfree(p).unwrap();
+    assert_eq!(vm.backend().table_pages(), tables + 2, "kept until the purge: the TLB may still hold them");
+    let c0 = vm.backend().counters;
+    vm.purge();
+    let c1 = vm.backend().counters;
+    assert_eq!(vm.backend().table_pages(), tables, "the emptied tables went, the one `keep` uses stays");
+    assert_eq!((c1.tables_freed - c0.tables_freed, c1.walk_tlbis - c0.walk_tlbis), (2, 2));
+    assert_eq!(vm.stats().tables_freed, 2);
+    assert!(vm.backend().has_table(3, keep));
+    assert_eq!(c1.violations, 0);
+    // Mapping there again makes them anew.
+    let q = vm.vmalloc_aligned(3 << 20, 2 << 20).unwrap();
+    assert_eq!(q, p);
+    assert_eq!(vm.backend().table_pages(), tables + 2);
+    vm.vfree(q).unwrap();
+    vm.vfree(keep).unwrap();
+    vm.purge();
+    assert_eq!(vm.backend().table_pages(), 2, "the level-1 and level-2 tables, wider than the window");
+    assert_eq!(vm.backend().counters.violations, 0);
+}
+
+#[test]
+fn the_oracle_catches_a_table_freed_without_a_walk_invalidation() {
+    // A backend whose reclaim issues last-level TLBIs only (`vaale1is`): a walk cache may
+    // still point at the table it frees. The simulation counts each such table.
+    let mut vm = new_vm(1 << 16, 4096);
+    vm.sim_mut().break_walk_invalidation();
+    let p = vm.vmalloc(4 * PAGE_SIZE).unwrap();
+    vm.vfree(p).unwrap();
+    vm.purge();
+    let c = vm.backend().counters;
+    assert_eq!((c.tables_freed, c.walk_tlbis), (1, 0));
+    assert_eq!(c.violations, 1, "a table freed while a walk cache may hold it");
+}
+
+#[test]
+fn a_failed_allocation_gives_its_tables_back_at_once() {
+    // A 4 GiB window, frames for 1.5 GiB: vmalloc(2 GiB) fails part-way, with hundreds of
+    // last-level tables made.
+    let window = VirtRange::new(VirtAddr::new(BASE), 4 << 30).unwrap();
+    let mut vm = Vmalloc::new(SimBackend::new(window, 3 << 17), window, VmallocConfig::default()).unwrap();
+    // The level-1 table (512 GiB, wider than the window) is made once and kept.
+    let p = vm.vmalloc(PAGE_SIZE).unwrap();
+    vm.vfree(p).unwrap();
+    vm.purge();
+    let tables = vm.backend().table_pages();
+    assert_eq!(tables, 1);
+    let made = vm.backend().counters.tables_freed;
+    assert_eq!(vm.vmalloc(2 << 30), Err(VmallocError::NoFrames));
+    let c = vm.backend().counters;
+    assert_eq!(vm.backend().table_pages(), tables, "no purge needed: given back by the failed call");
+    assert!(c.tables_freed - made >= 384, "{} tables freed", c.tables_freed - made);
+    assert_eq!((c.frames_in_use, c.mapped, c.violations), (0, 0, 0));
+    assert_eq!(vm.stats().parked_areas, 0);
+    vm.check().unwrap();
+    // Same through a map failure part-way (a table page could not be had).
+    vm.sim_mut().fail_maps_after(100);
+    assert_eq!(vm.vmalloc(64 << 20), Err(VmallocError::MapFailed(MapError::NoMemory)));
+    assert_eq!(vm.backend().table_pages(), tables);
+    assert_eq!(vm.backend().counters.violations, 0);
+}
