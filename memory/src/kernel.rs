@@ -173,9 +173,20 @@ impl VmBackend for KernelBackend {
             return Err(MapError::OutOfRange);
         }
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
+        let mut space = space.lock();
         // SAFETY: as in `map_pages`: a fresh range of vmalloc's own window.
-        unsafe { space.lock().upper_mut().map(range, pa, attrs, BlockPolicy::PagesOnly, &mut GlobalTableAlloc) }
-            .map_err(map_err)
+        let tables = unsafe { space.upper_mut() };
+        if range.size() >= BLOCK_SIZE as u64 {
+            // An empty table left inside the range would keep a block from its entry: give
+            // those back first (walk caches invalidated before each is freed).
+            // SAFETY: only empty tables wholly inside the fresh range go; they came from
+            // `GlobalTableAlloc`, and `HardwareTlb` broadcasts.
+            unsafe { tables.free_empty_tables(range, range, &HardwareTlb, &mut GlobalTableAlloc) }.map_err(map_err)?;
+        }
+        // 1 GiB and 2 MiB blocks wherever both addresses are aligned to one the range
+        // covers (vmalloc aligns the area so): iounmap unmaps the whole range, never part of
+        // a block.
+        tables.map(range, pa, attrs, BlockPolicy::AllowBlocks, &mut GlobalTableAlloc).map_err(map_err)
     }
 
     fn alloc_block(&mut self) -> Option<PhysAddr> {

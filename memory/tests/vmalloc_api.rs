@@ -767,3 +767,29 @@ fn a_failed_allocation_gives_its_tables_back_at_once() {
     assert_eq!(vm.backend().table_pages(), tables);
     assert_eq!(vm.backend().counters.violations, 0);
 }
+
+#[test]
+fn ioremap_aligns_a_block_aligned_range_so_blocks_can_map_it() {
+    let window = VirtRange::new(VirtAddr::new(BASE), 4 << 30).unwrap();
+    let mut vm = Vmalloc::new(SimBackend::new(window, 64), window, VmallocConfig::default()).unwrap();
+    let dev = DeviceAttr::DeviceNGnRE;
+    let small = vm.ioremap(PhysAddr::new(0x0900_0000), 0x1000, dev).unwrap();
+    assert_eq!(small.as_u64(), BASE, "small mappings as before: lowest fit");
+    // 2 MiB aligned physically, 4 MiB: the virtual range is 2 MiB aligned, the offset kept.
+    let pa = 0x10_0020_0000u64;
+    let p = vm.ioremap(PhysAddr::new(pa + 0x18), 4 << 20, dev).unwrap();
+    assert_eq!(p.as_u64() % (2 << 20), 0x18);
+    assert_eq!(vm.vmalloc_to_phys(p), Some(PhysAddr::new(pa + 0x18)));
+    // 1 GiB aligned, 1 GiB and more: 1 GiB aligned virtually.
+    let q = vm.ioremap(PhysAddr::new(0x40_0000_0000), (1 << 30) + 4096, dev).unwrap();
+    assert_eq!(q.as_u64() % (1 << 30), 0);
+    // Not aligned physically: no alignment asked (the next page-aligned fit).
+    let r = vm.ioremap(PhysAddr::new(0x10_0000_1000), 4 << 20, dev).unwrap();
+    assert_eq!(r.as_u64() % (2 << 20), 0x2000, "right after `small` and its guard page");
+    for a in [small, p, q, r] {
+        vm.iounmap(a).unwrap();
+    }
+    vm.purge();
+    assert_eq!(vm.backend().table_pages(), 1, "only the level-1 table, wider than the window");
+    assert_eq!(vm.backend().counters.violations, 0);
+}

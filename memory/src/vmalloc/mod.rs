@@ -1527,7 +1527,15 @@ impl<B: VmBackend> Vmalloc<B> {
         if self.backend.phys_is_ram(range.start(), pages) {
             return Err(VmallocError::RamRange);
         }
-        let node = self.alloc_area(pages, PAGE, flags, caller)?;
+        // Where the physical range is aligned to a block it covers, so is the virtual one:
+        // the backend can then map 1 GiB / 2 MiB blocks (a large ioremap costs a few table
+        // pages, not one per 2 MiB).
+        let pa = range.start().as_u64();
+        let align = [1 << 30, BLOCK_SIZE as u64]
+            .into_iter()
+            .find(|&b| range.size() >= b && pa.is_multiple_of(b))
+            .unwrap_or(PAGE);
+        let node = self.alloc_area(pages, align, flags, caller)?;
         let nd = node.get();
         if let Err(e) = self.backend.map_device(VirtAddr::new(nd.start.get()), range.start(), pages, attr) {
             self.abort_area(node);
