@@ -227,7 +227,7 @@ impl SimBackend {
     fn table_inside(&self, level: u8, base: u64, window: VirtRange) -> bool {
         let last = base + (table_span(level) - 1);
         let sim_last = self.base + (self.ptes.len() as u64 * PAGE - 1);
-        base >= window.start().as_u64() && last <= window.end().as_u64() - 1 && base >= self.base && last <= sim_last
+        base >= window.start().as_u64() && last < window.end().as_u64() && base >= self.base && last <= sim_last
     }
 
     /// Detach the empty tables of entry level `level` meeting `spans` (the oracle re-checks
