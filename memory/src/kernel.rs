@@ -898,9 +898,11 @@ pub fn is_vmalloc_addr(addr: VirtAddr) -> bool {
     (VMALLOC_START..VMALLOC_END).contains(&addr.as_u64())
 }
 
-/// Translation-table pages of the upper half (vmalloc, ioremap and scratch windows). They
-/// are kept once created, so after a purge the buddy's free count is back at its baseline
-/// less the growth of this number.
+/// Translation-table pages of the upper half (vmalloc, ioremap and scratch windows), the
+/// root included. A purge gives back those its ranges left empty, at every level (a failed
+/// allocation gives back its own at once), so after a purge the buddy's free count plus
+/// this number is back at its baseline, and this number too once no area is live that was
+/// not before.
 /// # Example
 /// ```no_run
 /// let before = memory::buddy::stats().unwrap().free_pages + memory::kernel::vmalloc_table_pages();

@@ -26,7 +26,7 @@ fn free_pages() -> usize {
 }
 
 /// Free pages plus the table pages the vmalloc windows hold: constant across any sequence
-/// of calls that gives everything back (tables are kept by design, counted apart).
+/// of calls that gives everything back (tables of live areas, counted apart).
 fn free_pages_with_tables() -> usize {
     free_pages() + kernel::vmalloc_table_pages()
 }
@@ -379,7 +379,11 @@ fn running_out_of_frames_part_way_gives_everything_back() {
     let after = kernel::vmalloc_stats().unwrap();
     assert_eq!(free_pages_with_tables(), free, "every frame taken was given back");
     assert_eq!(kernel::vmalloc_table_pages(), tables);
-    assert!(after.tables_freed - before.tables_freed >= 500, "{} tables freed", after.tables_freed - before.tables_freed);
+    assert!(
+        after.tables_freed - before.tables_freed >= 500,
+        "{} tables freed",
+        after.tables_freed - before.tables_freed
+    );
     assert_eq!((after.live_areas, after.owned_frames), (before.live_areas, before.owned_frames));
     assert_eq!(after.failures, before.failures + 1);
     let slab_after = memory::slab::stats().unwrap();

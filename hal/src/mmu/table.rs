@@ -34,11 +34,12 @@
 //! | leaf → same leaf, other permissions      | none; TLBI after        | `protect`                       |
 //! | block → table (split)                    | break-before-make       | `unmap`, `protect`              |
 //! | leaf → invalid                           | TLBI after              | `unmap` (flushes), `unmap_with` (caller flushes) |
-//! | table → invalid, page freed              | walk-cache TLBI, then free | `unmap_and_reclaim`          |
+//! | table → invalid, page freed              | walk-cache TLBI, then free | `unmap_and_reclaim`, `free_empty_tables` |
 //!
 //! Tables are otherwise kept until [`PageTable::free_all`]: a walk cache may still hold a
-//! pointer to them, and vmalloc, which unmaps lazily, reuses them. The TLB maintenance of
-//! `unmap`, `unmap_and_reclaim` and `protect` goes through the [`Tlb`] they are given, so
+//! pointer to them. vmalloc, which unmaps lazily (`unmap_with` keeps them), gives back
+//! those its purge left empty with [`PageTable::free_empty_tables`]. The TLB maintenance
+//! of `unmap`, `unmap_and_reclaim`, `free_empty_tables` and `protect` goes through the [`Tlb`] they are given, so
 //! a [`RecordingTlb`](super::RecordingTlb) sees the whole sequence, barriers included.
 
 use core::ptr;
