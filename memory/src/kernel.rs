@@ -395,6 +395,23 @@ impl VmBackend for KernelBackend {
 
 static VMALLOC: Once<LockedVmalloc<KernelBackend>> = Once::new();
 
+/// Where [`init`] ends the `DMA` zone: the device tree's `dma-ranges` limit
+/// ([`hal::dtb::Platform::dma_limit`], the lowest reach of any bus master) when it lies
+/// below 4 GiB; `None` otherwise (QEMU virt has no `dma-ranges`: no `DMA` zone, `DMA32`
+/// gives 32-bit reach). A limit at or above 4 GiB makes no zone: Linux would call all of
+/// RAM below 4 GiB `DMA` then, which we call `DMA32` (see the docs' naming deviation).
+///
+/// # Example
+/// ```no_run
+/// let info = hal::boot::boot_info().unwrap();
+/// if let Some(limit) = memory::kernel::dma_zone_limit(&info.platform) {
+///     log::info!("DMA zone below {limit:#x}");
+/// }
+/// ```
+pub fn dma_zone_limit(platform: &hal::dtb::Platform) -> Option<PhysAddr> {
+    platform.dma_limit.filter(|l| l.as_u64() < 1 << 32)
+}
+
 /// Why [`init`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InitError {
@@ -512,7 +529,8 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let t0 = hal::cpu::uptime_ns();
     // SAFETY: forwarded to our caller: RAM outside the reserved ranges is ours to hand out,
     // and `linear` is hal's identity map of RAM, valid for the program's life.
-    unsafe { buddy::init(&regions[..nr], &reserved[..nres], linear, config.buddy_strict) }.map_err(InitError::Buddy)?;
+    unsafe { buddy::init_zoned(&regions[..nr], &reserved[..nres], linear, config.buddy_strict, dma_zone_limit(p)) }
+        .map_err(InitError::Buddy)?;
     let t1 = hal::cpu::uptime_ns();
     slab::init(config.slab_strict).map_err(InitError::Slab)?;
     let t2 = hal::cpu::uptime_ns();
