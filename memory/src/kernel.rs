@@ -25,7 +25,7 @@ use hal::boot::BootInfo;
 use hal::dtb::RangeList;
 use hal::kmap::{VMALLOC_END, VMALLOC_START};
 use hal::linear::LinearMap;
-use hal::mmu::{Attributes, BlockPolicy, HardwareTlb, MemoryType, Permissions, Tlb};
+use hal::mmu::{Attributes, BlockPolicy, HardwareTlb, LeafFlush, MemoryType, Permissions, Tlb};
 use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 use spin::Once;
 
@@ -33,8 +33,8 @@ use crate::buddy::{self, BuddyError, GlobalTableAlloc};
 use crate::gfp::{Gfp, __GFP_HIGH, __GFP_ZERO, GFP_KERNEL, ZONE_NORMAL};
 use crate::slab::{self, SlabError};
 use crate::vmalloc::{
-    AreaInfo, DeviceAttr, FaultClass, LockedVmalloc, MapError, Prot, VmBackend, VmFlags, Vmalloc, VmallocConfig,
-    VmallocError, VmallocStats, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE,
+    AreaInfo, DeviceAttr, FaultClass, LockedVmalloc, MapError, Prot, TlbFlush, VmBackend, VmFlags, Vmalloc,
+    VmallocConfig, VmallocError, VmallocStats, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE,
 };
 
 /// [`VmBackend`] of the kernel: frames from the global buddy allocator, pages mapped in the
@@ -302,6 +302,37 @@ impl VmBackend for KernelBackend {
         freed
     }
 
+    fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
+        let Some(space) = hal::kmap::kernel_space() else { return 0 };
+        let mut space = space.lock();
+        // SAFETY: as in `free_empty_tables`.
+        let tables = unsafe { space.upper_mut() };
+        let (mut iter, leaves) = match flush {
+            TlbFlush::None => (None, LeafFlush::None),
+            TlbFlush::All => (None, LeafFlush::All),
+            TlbFlush::Pages(r) => (Some(pages(r)), LeafFlush::None),
+        };
+        let leaves = match iter.as_mut() {
+            Some(i) => LeafFlush::Pages(i),
+            None => leaves,
+        };
+        // SAFETY: as in `free_empty_tables`; the leaves are vmalloc's unmapped pages.
+        match unsafe { tables.flush_and_free_empty_tables(leaves, spans, window, &HardwareTlb, &mut GlobalTableAlloc) }
+        {
+            Ok(n) => n,
+            Err(e) => {
+                // A range refused before anything was written or invalidated: flush alone.
+                log::error!("vmalloc: freeing empty tables: {e}");
+                match flush {
+                    TlbFlush::None => {}
+                    TlbFlush::All => HardwareTlb.invalidate_all(),
+                    TlbFlush::Pages(r) => HardwareTlb.invalidate_last_level(&mut pages(r)),
+                }
+                0
+            }
+        }
+    }
+
     fn table_pages(&self) -> usize {
         vmalloc_table_pages()
     }
@@ -395,6 +426,11 @@ impl VmBackend for KernelBackend {
 
 static VMALLOC: Once<LockedVmalloc<KernelBackend>> = Once::new();
 
+/// vmalloc's `(start, pages)` flush ranges as [`VirtRange`]s.
+fn pages(r: &[(VirtAddr, usize)]) -> impl Iterator<Item = VirtRange> + '_ {
+    r.iter().filter_map(|&(va, n)| VirtRange::new(va, (n * PAGE_SIZE) as u64).ok())
+}
+
 /// Where [`init`] ends the `DMA` zone: the device tree's `dma-ranges` limit
 /// ([`hal::dtb::Platform::dma_limit`], the lowest reach of any bus master) when it lies
 /// below 4 GiB; `None` otherwise (QEMU virt has no `dma-ranges`: no `DMA` zone, `DMA32`
@@ -437,7 +473,8 @@ impl fmt::Display for InitError {
 }
 
 /// Tunables, from the command line (`buddy.strict=1 slab.strict=1 vmalloc.strict=1
-/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1`).
+/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1
+/// vmalloc.keep_tables=1`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryConfig {
     /// Poison freed pages and check the poison on allocation.
@@ -470,6 +507,7 @@ impl MemoryConfig {
         c.slab_strict = flag("slab.strict");
         c.vmalloc.strict = flag("vmalloc.strict");
         c.vmalloc.quarantine = flag("vmalloc.quarantine");
+        c.vmalloc.keep_tables = flag("vmalloc.keep_tables");
         if let Some(n) = number("vmalloc.lazy_max_pages") {
             c.vmalloc.lazy_max_pages = n as usize;
         }
@@ -488,6 +526,7 @@ pub const BOOT_PARAMS: &[&str] = &[
     "vmalloc.lazy_max_pages",
     "vmalloc.flush_page_threshold",
     "vmalloc.quarantine",
+    "vmalloc.keep_tables",
 ];
 
 /// Starts the memory system: the buddy allocator over the RAM the device tree names (less

@@ -139,6 +139,17 @@ pub enum BlockPolicy {
     AllowBlocks,
 }
 
+/// The leaf invalidation [`PageTable::flush_and_free_empty_tables`] issues in the same
+/// batch as the walk-cache invalidations of the tables it frees.
+pub enum LeafFlush<'a> {
+    /// No leaf.
+    None,
+    /// Every page of these ranges, last level only (`tlbi vaale1is` per page).
+    Pages(&'a mut dyn Iterator<Item = VirtRange>),
+    /// Everything (`tlbi vmalle1is`, walk caches included).
+    All,
+}
+
 /// What [`PageTable::translate`] found for an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation {
@@ -641,24 +652,59 @@ impl PageTable {
         tlb: &T,
         alloc: &mut impl TableAlloc,
     ) -> Result<usize, MmuError> {
-        let span = self.span(virt.start(), virt.size())?;
+        // SAFETY: forwarded from our caller.
+        unsafe { self.flush_and_free_empty_tables(LeafFlush::None, &[virt], within, tlb, alloc) }
+    }
+
+    /// [`PageTable::free_empty_tables`] for every range of `spans`, with the invalidation of
+    /// `leaves` in the same batch: cleared descriptors, then one `dsb ishst`, the leaves'
+    /// `tlbi vaale1is` and the tables' `tlbi vaae1is` (or one `vmalle1is`, which covers
+    /// both: for [`LeafFlush::All`], or above [`MAX_PAGE_INVALIDATIONS`](super::tlb::MAX_PAGE_INVALIDATIONS)
+    /// tables), one `dsb ish; isb`, and only then the frees. vmalloc's purge: the tables
+    /// cost no barrier of their own, and no TLBI at all when the purge flushes everything.
+    ///
+    /// # Safety
+    /// As [`PageTable::free_empty_tables`]; the leaves are invalidated whatever they map.
+    ///
+    /// # Errors
+    /// As [`PageTable::free_empty_tables`], for any of `spans` or `within`: then nothing has
+    /// changed and nothing was invalidated.
+    pub unsafe fn flush_and_free_empty_tables<T: Tlb + ?Sized>(
+        &mut self,
+        leaves: LeafFlush<'_>,
+        spans: &[VirtRange],
+        within: VirtRange,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<usize, MmuError> {
         let within = self.span(within.start(), within.size())?;
+        for s in spans {
+            self.span(s.start(), s.size())?;
+        }
         let mut batch = TlbBatch::new();
         let mut freed = Reserve { head: PhysAddr::new(0), len: 0 };
         let root = self.root;
-        self.free_empty_level(&mut batch, &mut freed, tlb, root, ROOT_LEVEL, span, within);
-        if freed.len == 0 {
-            return Ok(0);
+        for s in spans {
+            let span = Span { first: s.start().as_u64(), last: s.end().as_u64() - 1 };
+            self.free_empty_level(&mut batch, &mut freed, tlb, root, ROOT_LEVEL, span, within);
         }
-        // Cleared descriptors reach memory, then every walk cache drops them; only then
-        // may the pages be reused.
-        batch.issue(tlb);
+        // Cleared descriptors reach memory, then every TLB and walk cache drops them; only
+        // then may the pages be reused.
+        match leaves {
+            LeafFlush::All => tlb.invalidate_all(),
+            LeafFlush::Pages(pages) => {
+                batch.issue_with_leaves(tlb, pages);
+            }
+            LeafFlush::None => {
+                batch.issue(tlb);
+            }
+        }
         let n = freed.len;
         self.tables -= n;
         while let Some(page) = self.reserve_pop(&mut freed) {
             // SAFETY: `page` is a table of this tree, from `alloc` (the caller's promise);
-            // its descriptor was cleared and the batch above, complete on return,
-            // invalidated the walk caches for the span it covered: nothing reaches it.
+            // its descriptor was cleared and the invalidation above, complete on return,
+            // covered the walk caches for the span it covered: nothing reaches it.
             unsafe { alloc.free_table(page) };
         }
         Ok(n)

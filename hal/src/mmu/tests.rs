@@ -1367,6 +1367,63 @@ fn free_empty_tables_frees_only_empty_tables_inside_the_window_after_walk_flushe
     release(t, &mut arena);
 }
 
+#[test]
+fn a_purge_flushes_its_pages_and_frees_its_tables_in_one_batch() {
+    let mut arena = Arena::new(64);
+    let journal: Journal = Rc::default();
+    arena.journal = Some(journal.clone());
+    let mut t = table(&mut arena, VaRange::Lower);
+    let gib = 0x80_0000_0000 + 3 * GIB;
+    let (a, keep) = (gib + 5 * MIB2, gib + 9 * MIB2);
+    let pages = BlockPolicy::PagesOnly;
+    t.map(vr(a, 3 * PG), PhysAddr::new(0x1000), Attributes::DATA, pages, &mut arena).unwrap();
+    t.map(vr(keep, PG), PhysAddr::new(0x1000), Attributes::DATA, pages, &mut arena).unwrap();
+    unmap_lazily(&mut t, vr(a, 3 * PG)).unwrap();
+    let half = vr(0, 1 << 47);
+    // Per-page leaves: their vaale1is and the table's vaae1is between one pair of barriers.
+    journal.borrow_mut().clear();
+    let snoop = SnoopTlb { linear: arena.linear, journal: journal.clone(), watched: RefCell::default() };
+    let mut leaves = [vr(a, 3 * PG)].into_iter();
+    // SAFETY: a test tree, never live; the arena gave its tables.
+    let r = unsafe {
+        t.flush_and_free_empty_tables(LeafFlush::Pages(&mut leaves), &[vr(a, 3 * PG)], half, &snoop, &mut arena)
+    };
+    assert_eq!(r, Ok(1));
+    let events = journal.borrow().clone();
+    let batch = final_batch(&events).unwrap().unwrap();
+    let va = VirtAddr::new;
+    assert_eq!(
+        batch,
+        [
+            TlbOp::LastLevel(va(a)),
+            TlbOp::LastLevel(va(a + PG)),
+            TlbOp::LastLevel(va(a + 2 * PG)),
+            TlbOp::AllLevels(va(a))
+        ]
+    );
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::Op(TlbOp::DsbIsh, _))).count(), 1, "one batch");
+    assert!(matches!(events.last(), Some(Event::Free(_))), "freed after the batch: {events:?}");
+    // A full flush covers the walk caches: no TLBI by VA at all.
+    unmap_lazily(&mut t, vr(keep, PG)).unwrap();
+    let tlb = RecordingTlb::new();
+    // SAFETY: as above.
+    let r = unsafe { t.flush_and_free_empty_tables(LeafFlush::All, &[vr(keep, PG)], half, &tlb, &mut arena) };
+    assert_eq!(r, Ok(3), "L3, L2 and L1 tables");
+    let ops = recorded_ops(&tlb);
+    assert_eq!(ops.iter().filter(|e| **e == op(TlbOp::All)).count(), 1);
+    assert!(!ops.iter().any(|e| matches!(e, TlbEvent::Op(TlbOp::AllLevels(_) | TlbOp::LastLevel(_)))), "{ops:?}");
+    assert_eq!(t.table_pages(), 1);
+    // A bad span changes nothing and invalidates nothing.
+    let tlb = RecordingTlb::new();
+    // SAFETY: as above.
+    let r = unsafe {
+        t.flush_and_free_empty_tables(LeafFlush::All, &[vr(0xffff_0000_0000_0000, PG)], half, &tlb, &mut arena)
+    };
+    assert!(r.is_err());
+    assert!(recorded_ops(&tlb).is_empty());
+    release(t, &mut arena);
+}
+
 // ---- the randomised model test: 10,000 operations, both halves ------------------------------
 
 /// splitmix64: small, deterministic, good enough to drive a test.

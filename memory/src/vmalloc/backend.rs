@@ -51,6 +51,18 @@ impl fmt::Display for MapError {
     }
 }
 
+/// The TLB invalidation of [`VmBackend::flush_and_free_tables`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlbFlush<'a> {
+    /// Nothing to invalidate but the walk caches of the tables freed.
+    None,
+    /// Every page of these ranges (`(start, pages)`), last level (as
+    /// [`VmBackend::tlb_flush_pages`]).
+    Pages(&'a [(VirtAddr, usize)]),
+    /// Everything (as [`VmBackend::tlb_flush_all`]).
+    All,
+}
+
 /// log2 of the pages in one huge-mapping block ([`VmBackend::alloc_block`]): 2 MiB, the
 /// level-2 block of the 4 KiB granule (Linux's `PMD_SHIFT - PAGE_SHIFT`).
 pub const BLOCK_ORDER: usize = 9;
@@ -177,6 +189,21 @@ pub trait VmBackend {
     fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
         let _ = (spans, window);
         0
+    }
+
+    /// Invalidate `flush` and give back the empty tables of `spans` (as
+    /// [`Self::free_empty_tables`]) in one batch: descriptors cleared, then the leaves' and
+    /// the tables' invalidations between one pair of barriers (a full flush covers the
+    /// tables' walk caches by itself), then the frees. vmalloc's purge calls this. The
+    /// default flushes ([`Self::tlb_flush_pages`] / [`Self::tlb_flush_all`]), then calls
+    /// [`Self::free_empty_tables`].
+    fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
+        match flush {
+            TlbFlush::None => {}
+            TlbFlush::Pages(ranges) => self.tlb_flush_pages(ranges),
+            TlbFlush::All => self.tlb_flush_all(),
+        }
+        self.free_empty_tables(spans, window)
     }
 
     /// Page-table pages the backend's tables hold now (the kernel's: the whole upper half,

@@ -77,7 +77,7 @@ use core::panic::Location;
 
 use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 
-pub use backend::{DeviceAttr, MapError, Prot, VmBackend, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE};
+pub use backend::{DeviceAttr, MapError, Prot, TlbFlush, VmBackend, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE};
 pub use free::{FreeSpace, SearchStats};
 pub use info::{FaultClass, VmallocInfo};
 pub use locked::LockedVmalloc;
@@ -301,6 +301,10 @@ pub struct VmallocConfig {
     /// Costs a page fill at `vfree` and a page scan at the purge per page, and one index
     /// frame per 255 quarantined pages; off in strict mode (which flushes at once).
     pub quarantine: bool,
+    /// Keep every page-table page once made, as Linux does (`vmalloc.keep_tables=1`): no
+    /// purge, failed allocation or shrink gives tables back. Off by default; for comparing
+    /// the cost of giving them back.
+    pub keep_tables: bool,
 }
 
 impl Default for VmallocConfig {
@@ -312,6 +316,7 @@ impl Default for VmallocConfig {
             refill_inline: true,
             spare_high: 64,
             quarantine: false,
+            keep_tables: false,
         }
     }
 }
@@ -1028,9 +1033,8 @@ impl<B: VmBackend> Vmalloc<B> {
                 self.c.frames_returned += got as u64;
                 if done > 0 {
                     self.unmap_free(va, done);
-                    self.flush_now(va, done);
                     // The tables this allocation made go back at once, not at a purge.
-                    self.reclaim_tables(va, va + (done * PAGE_SIZE) as u64);
+                    self.flush_reclaim(va, done, va, va + (done * PAGE_SIZE) as u64);
                 }
                 return Err(e);
             }
@@ -1067,8 +1071,7 @@ impl<B: VmBackend> Vmalloc<B> {
             if let Err(e) = self.populate(at, n, zero) {
                 if done > 0 {
                     self.unmap_free_huge(va, done, false);
-                    self.flush_now(va, done);
-                    self.reclaim_tables(va, va + (done * PAGE_SIZE) as u64);
+                    self.flush_reclaim(va, done, va, va + (done * PAGE_SIZE) as u64);
                 }
                 return Err(e);
             }
@@ -1331,21 +1334,77 @@ impl<B: VmBackend> Vmalloc<B> {
         }
     }
 
-    /// Give back the page tables of the window that map nothing and meet `[va, end)` (its
-    /// TLB entries invalidated already): see [`VmBackend::free_empty_tables`].
-    fn reclaim_tables(&mut self, va: u64, end: u64) {
-        let Ok(span) = VirtRange::new(VirtAddr::new(va), end - va) else { return };
-        self.reclaim_spans(&[span]);
+    /// [`Self::flush_now`] for `pages` from `va`, and in the same batch give back the page
+    /// tables of the window that map nothing and meet `[lo, hi)` (see
+    /// [`VmBackend::flush_and_free_tables`]): failure paths, strict mode, a shrink.
+    fn flush_reclaim(&mut self, va: u64, pages: usize, lo: u64, hi: u64) {
+        let flush = if pages == 0 {
+            TlbFlush::None
+        } else if pages <= self.config.flush_page_threshold {
+            self.c.tlb_page_ops += pages as u64;
+            self.c.tlb_page_batches += 1;
+            TlbFlush::Pages(&[(VirtAddr::new(va), pages)])
+        } else {
+            self.c.tlb_full += 1;
+            TlbFlush::All
+        };
+        let span = VirtRange::from_bounds(VirtAddr::new(lo), VirtAddr::new(hi)).ok();
+        self.flush_reclaim_spans(flush, span.as_slice());
     }
 
-    fn reclaim_spans(&mut self, spans: &[VirtRange]) {
+    /// Issue `flush` and give back the empty tables meeting `spans` in one backend call
+    /// (`spans` ignored with [`VmallocConfig::keep_tables`]).
+    fn flush_reclaim_spans(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange]) {
+        let spans = if self.config.keep_tables { &[] } else { spans };
         if spans.is_empty() {
+            match flush {
+                TlbFlush::None => {}
+                TlbFlush::Pages(r) => self.backend.tlb_flush_pages(r),
+                TlbFlush::All => self.backend.tlb_flush_all(),
+            }
             return;
         }
-        let window = VirtRange::new(VirtAddr::new(self.start), self.end - self.start);
-        if let Ok(window) = window {
-            self.c.tables_freed += self.backend.free_empty_tables(spans, window) as u64;
+        let Ok(window) = VirtRange::new(VirtAddr::new(self.start), self.end - self.start) else { return };
+        self.c.tables_freed += self.backend.flush_and_free_tables(flush, spans, window) as u64;
+    }
+
+    /// The ranges of the parked list from `head` (sorted by descending start), rounded out
+    /// to 2 MiB (a last-level table's span) and joined where they meet, into `spans`; past
+    /// its capacity the last one grows to cover the rest. Returns how many.
+    fn table_spans(&self, head: NodePtr, spans: &mut [VirtRange; RECLAIM_SPANS]) -> usize {
+        if self.config.keep_tables {
+            return 0;
         }
+        let block = BLOCK_SIZE as u64;
+        let mut n = 0usize;
+        let mut hull: Option<(u64, u64)> = None;
+        let mut cur = Some(head);
+        while let Some(p) = cur {
+            let nd = p.get();
+            cur = nd.next.get();
+            let lo = (nd.start.get() & !(block - 1)).max(self.start);
+            let hi = nd.end.get().div_ceil(block).saturating_mul(block).min(self.end);
+            hull = match hull {
+                Some((l, h)) if hi >= l => Some((lo.min(l), h.max(hi))),
+                Some((l, h)) if n + 1 < RECLAIM_SPANS => {
+                    if let Ok(r) = VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)) {
+                        spans[n] = r;
+                        n += 1;
+                    }
+                    Some((lo, hi))
+                }
+                // Out of slots: the last span covers everything below.
+                Some((l, h)) => Some((lo.min(l), h.max(hi))),
+                None => Some((lo, hi)),
+            };
+        }
+        if let Some((l, h)) = hull {
+            if let Ok(r) = VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)) {
+                spans[n] = r;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Map caller-owned `frames` contiguously (read-write), with a guard page.
@@ -1762,8 +1821,7 @@ impl<B: VmBackend> Vmalloc<B> {
         self.history.push(node);
         self.unlink_live(node);
         if self.config.strict {
-            self.flush_now(start, pages);
-            self.reclaim_tables(start, nd.end.get());
+            self.flush_reclaim(start, pages, start, nd.end.get());
             self.free.give_back(node);
             self.trim_spares();
         } else {
@@ -1801,6 +1859,12 @@ impl<B: VmBackend> Vmalloc<B> {
     pub fn purge(&mut self) {
         let Some(head) = self.parked_head.take() else { return };
         let t0 = self.backend.now_ns();
+        // Sorted first (highest first: see below), so that the ranges whose page tables may
+        // now be empty come out joined: one backend call flushes the parked pages and gives
+        // those tables back in the same batch.
+        let Some(head) = sort_desc(head) else { return };
+        let mut spans = [NO_SPAN; RECLAIM_SPANS];
+        let nspans = self.table_spans(head, &mut spans);
         let mapped = self.c.parked_mapped;
         if mapped > 0 && mapped <= self.config.flush_page_threshold {
             let mut ranges = [(VirtAddr::new(0), 0usize); MAX_FLUSH_PAGE_THRESHOLD];
@@ -1816,12 +1880,14 @@ impl<B: VmBackend> Vmalloc<B> {
                 }
                 cur = pn.next.get();
             }
-            self.backend.tlb_flush_pages(&ranges[..n]);
+            self.flush_reclaim_spans(TlbFlush::Pages(&ranges[..n]), &spans[..nspans]);
             self.c.tlb_page_ops += mapped as u64;
             self.c.tlb_page_batches += 1;
         } else if mapped > 0 {
-            self.backend.tlb_flush_all();
+            self.flush_reclaim_spans(TlbFlush::All, &spans[..nspans]);
             self.c.tlb_full += 1;
+        } else {
+            self.flush_reclaim_spans(TlbFlush::None, &spans[..nspans]);
         }
         // The flush killed every stale TLB entry of the parked ranges: the quarantined
         // frames can be checked and freed.
@@ -1831,35 +1897,12 @@ impl<B: VmBackend> Vmalloc<B> {
         // Return the ranges highest first, joining neighbours before touching the free tree.
         // In that order a range below the lowest hole goes in without a descent (see
         // `FreeSpace::give_back`): the common case after allocations walked up the holes.
-        // Meanwhile gather the ranges, rounded out to 2 MiB (a last-level table's span) and
-        // joined where they meet, whose page tables may now be empty: one call gives back
-        // those that are, after the leaf flush above.
-        let mut spans = [NO_SPAN; RECLAIM_SPANS];
-        let mut nspans = 0usize;
-        let mut hull: Option<(u64, u64)> = None;
         let mut acc: Option<NodePtr> = None;
-        let mut cur = sort_desc(head);
+        let mut cur = Some(head);
         while let Some(n) = cur {
             let nd = n.get();
             cur = nd.next.get();
             nd.next.set(None);
-            let lo = (nd.start.get() & !(BLOCK_SIZE as u64 - 1)).max(self.start);
-            let hi = nd.end.get().div_ceil(BLOCK_SIZE as u64).saturating_mul(BLOCK_SIZE as u64).min(self.end);
-            hull = match hull {
-                Some((l, h)) if hi >= l => Some((lo.min(l), h.max(hi))),
-                Some((l, h)) => {
-                    if nspans == RECLAIM_SPANS {
-                        self.reclaim_spans(&spans);
-                        nspans = 0;
-                    }
-                    if let Ok(r) = VirtRange::new(VirtAddr::new(l), h - l) {
-                        spans[nspans] = r;
-                        nspans += 1;
-                    }
-                    Some((lo, hi))
-                }
-                None => Some((lo, hi)),
-            };
             match acc {
                 None => acc = Some(n),
                 Some(a) => {
@@ -1880,17 +1923,6 @@ impl<B: VmBackend> Vmalloc<B> {
         if let Some(a) = acc {
             self.free.give_back(a);
         }
-        if let Some((l, h)) = hull {
-            if nspans == RECLAIM_SPANS {
-                self.reclaim_spans(&spans);
-                nspans = 0;
-            }
-            if let Ok(r) = VirtRange::new(VirtAddr::new(l), h - l) {
-                spans[nspans] = r;
-                nspans += 1;
-            }
-        }
-        self.reclaim_spans(&spans[..nspans]);
         self.spare_keep = self.config.spare_high.max(self.c.parked_areas.min(SPARE_CAP));
         self.c.parked_areas = 0;
         self.c.parked_pages = 0;
@@ -2012,8 +2044,14 @@ impl<B: VmBackend> Vmalloc<B> {
             let tail = start + new_pages as u64 * page;
             self.unmap_free(tail, old_pages - new_pages);
             // The tail may be mapped again by a later grow: flush it now.
-            self.flush_now(tail, old_pages - new_pages);
-            self.reclaim_tables(tail, start + old_pages as u64 * page);
+            // Only tables past the last page still mapped can have emptied.
+            let lo = tail.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64;
+            let hi = start + old_pages as u64 * page;
+            if lo < hi {
+                self.flush_reclaim(tail, old_pages - new_pages, lo, hi);
+            } else {
+                self.flush_now(tail, old_pages - new_pages);
+            }
             self.c.mapped_pages -= old_pages - new_pages;
             self.c.owned_frames -= old_pages - new_pages;
         }

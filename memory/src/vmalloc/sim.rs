@@ -34,7 +34,7 @@ use core::cell::Cell;
 
 use hal::{PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
 
-use super::backend::{DeviceAttr, MapError, Prot, VmBackend, BLOCK_PAGES, BLOCK_SIZE};
+use super::backend::{DeviceAttr, MapError, Prot, TlbFlush, VmBackend, BLOCK_PAGES, BLOCK_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const VALID: u64 = 1;
@@ -269,6 +269,13 @@ impl SimBackend {
         if detached.is_empty() {
             return;
         }
+        self.walk_invalidate(detached);
+        self.counters.barrier_pairs += 1;
+        self.free_detached(detached);
+    }
+
+    /// One all-levels TLBI per detached table (last-level ones when broken).
+    fn walk_invalidate(&mut self, detached: &[u64]) {
         for pa in detached {
             if self.broken_walk_invalidation {
                 self.counters.page_tlbis += 1;
@@ -277,7 +284,10 @@ impl SimBackend {
                 self.counters.walk_tlbis += 1;
             }
         }
-        self.counters.barrier_pairs += 1;
+    }
+
+    /// Free detached tables (after their invalidation: a walk-stale one is a violation).
+    fn free_detached(&mut self, detached: &[u64]) {
         for &pa in detached {
             if self.walk_stale.remove(&pa) || !self.tables_taken.remove(&pa) {
                 // Freed while a walk cache may still point at it (or not taken).
@@ -285,6 +295,18 @@ impl SimBackend {
             }
             self.table_free.push(pa);
             self.counters.tables_freed += 1;
+        }
+    }
+
+    /// Per-page last-level TLBIs for `ranges` (no barrier counted).
+    fn leaf_invalidate(&mut self, ranges: &[(VirtAddr, usize)]) {
+        for &(va, pages) in ranges {
+            for p in 0..pages {
+                if let Some(i) = self.index(va.as_u64() + p as u64 * PAGE) {
+                    self.stale[i] = 0;
+                }
+                self.counters.page_tlbis += 1;
+            }
         }
     }
 
@@ -661,16 +683,47 @@ impl VmBackend for SimBackend {
         Some(pa)
     }
 
-    fn tlb_flush_pages(&mut self, ranges: &[(VirtAddr, usize)]) {
-        for &(va, pages) in ranges {
-            for p in 0..pages {
-                if let Some(i) = self.index(va.as_u64() + p as u64 * PAGE) {
-                    self.stale[i] = 0;
-                }
-                self.counters.page_tlbis += 1;
-            }
+    fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
+        let mut detached = Vec::new();
+        for level in [3, 2, 1] {
+            self.detach_empty(level, spans, window, &mut detached);
         }
+        // One batch: the leaves, then the tables' walk caches (a full flush covers them).
+        match flush {
+            TlbFlush::All => {
+                self.walk_stale.clear();
+                self.epoch += 1;
+                self.counters.full_flushes += 1;
+            }
+            TlbFlush::Pages(ranges) => {
+                self.leaf_invalidate(ranges);
+                self.walk_invalidate(&detached);
+            }
+            TlbFlush::None => self.walk_invalidate(&detached),
+        }
+        if flush != TlbFlush::None || !detached.is_empty() {
+            self.counters.barrier_pairs += 1;
+        }
+        self.free_detached(&detached);
+        detached.len()
+    }
+
+    fn tlb_flush_pages(&mut self, ranges: &[(VirtAddr, usize)]) {
+        self.leaf_invalidate(ranges);
         self.counters.barrier_pairs += 1;
+    }
+
+    fn tlb_flush_all(&mut self) {
+        // Marks from the old epoch no longer match: every page is clean; walk caches too.
+        self.walk_stale.clear();
+        self.epoch += 1;
+        self.counters.full_flushes += 1;
+        self.counters.barrier_pairs += 1;
+    }
+
+    fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
+        let (pa, _, _) = self.pte(va)?;
+        Some(PhysAddr::new(pa.as_u64() + va.page_offset()))
     }
 
     fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
@@ -685,19 +738,6 @@ impl VmBackend for SimBackend {
 
     fn table_pages(&self) -> usize {
         self.tables.len()
-    }
-
-    fn tlb_flush_all(&mut self) {
-        // Marks from the old epoch no longer match: every page is clean; walk caches too.
-        self.walk_stale.clear();
-        self.epoch += 1;
-        self.counters.full_flushes += 1;
-        self.counters.barrier_pairs += 1;
-    }
-
-    fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
-        let (pa, _, _) = self.pte(va)?;
-        Some(PhysAddr::new(pa.as_u64() + va.page_offset()))
     }
 
     fn phys_is_ram(&self, pa: PhysAddr, pages: usize) -> bool {
