@@ -284,28 +284,16 @@ impl VmBackend for KernelBackend {
     }
 
     fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
-        let Some(space) = hal::kmap::kernel_space() else { return 0 };
-        let mut space = space.lock();
-        // SAFETY: only tables inside vmalloc's own window go, and only empty ones: no
-        // translation changes. The tables came from `GlobalTableAlloc` (every table of the
-        // upper half past the root does: boot puts none there), and `HardwareTlb` broadcasts
-        // to every core.
-        let tables = unsafe { space.upper_mut() };
-        let mut freed = 0;
-        for &span in spans {
-            // SAFETY: as above.
-            match unsafe { tables.free_empty_tables(span, window, &HardwareTlb, &mut GlobalTableAlloc) } {
-                Ok(n) => freed += n,
-                Err(e) => log::error!("vmalloc: freeing the empty tables of {:#x}: {e}", span.start()),
-            }
-        }
-        freed
+        self.flush_and_free_tables(TlbFlush::None, spans, window)
     }
 
     fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
         let Some(space) = hal::kmap::kernel_space() else { return 0 };
         let mut space = space.lock();
-        // SAFETY: as in `free_empty_tables`.
+        // SAFETY: only tables inside vmalloc's own window go, and only empty ones: no
+        // translation changes. The tables came from `GlobalTableAlloc` (every table of the
+        // upper half past the root does: boot puts none there), and `HardwareTlb` broadcasts
+        // to every core. Emptiness is read under this lock, with the release.
         let tables = unsafe { space.upper_mut() };
         let (mut iter, leaves) = match flush {
             TlbFlush::None => (None, LeafFlush::None),
@@ -316,7 +304,7 @@ impl VmBackend for KernelBackend {
             Some(i) => LeafFlush::Pages(i),
             None => leaves,
         };
-        // SAFETY: as in `free_empty_tables`; the leaves are vmalloc's unmapped pages.
+        // SAFETY: as above; the leaves are vmalloc's unmapped pages.
         match unsafe { tables.flush_and_free_empty_tables(leaves, spans, window, &HardwareTlb, &mut GlobalTableAlloc) }
         {
             Ok(n) => n,

@@ -102,7 +102,7 @@ const RECORDS_PER_CALL: usize = 2;
 const REFILL_BATCH: usize = 16;
 /// At most this many spare records are kept after a purge (see [`Vmalloc::take_excess_spares`]).
 const SPARE_CAP: usize = 4096;
-/// Ranges a purge hands to [`VmBackend::free_empty_tables`] per call (a table lock each).
+/// Ranges a purge hands to [`VmBackend::flush_and_free_tables`] (its one call per purge).
 const RECLAIM_SPANS: usize = 16;
 /// A placeholder for unused slots of such a batch.
 const NO_SPAN: VirtRange = match VirtRange::new(VirtAddr::new(0), PAGE) {
@@ -1355,17 +1355,17 @@ impl<B: VmBackend> Vmalloc<B> {
     /// Issue `flush` and give back the empty tables meeting `spans` in one backend call
     /// (`spans` ignored with [`VmallocConfig::keep_tables`]).
     fn flush_reclaim_spans(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange]) {
-        let spans = if self.config.keep_tables { &[] } else { spans };
-        if spans.is_empty() {
-            match flush {
+        let window = VirtRange::new(VirtAddr::new(self.start), self.end - self.start);
+        match window {
+            Ok(window) if !spans.is_empty() && !self.config.keep_tables => {
+                self.c.tables_freed += self.backend.flush_and_free_tables(flush, spans, window) as u64;
+            }
+            _ => match flush {
                 TlbFlush::None => {}
                 TlbFlush::Pages(r) => self.backend.tlb_flush_pages(r),
                 TlbFlush::All => self.backend.tlb_flush_all(),
-            }
-            return;
+            },
         }
-        let Ok(window) = VirtRange::new(VirtAddr::new(self.start), self.end - self.start) else { return };
-        self.c.tables_freed += self.backend.flush_and_free_tables(flush, spans, window) as u64;
     }
 
     /// The ranges of the parked list from `head` (sorted by descending start), rounded out
