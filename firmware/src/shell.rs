@@ -208,7 +208,11 @@ pub fn meminfo() {
     if let Some(s) = kernel::vmalloc_stats() {
         println!("VmallocUsed:   {:>10} kB  ({} areas)", s.mapped_pages * 4, s.live_areas);
         println!("VmallocParked: {:>10} kB  ({} areas, purge at {} pages)", s.parked_pages * 4, s.parked_areas, 8192);
-        println!("VmallocTables: {:>10} kB", kernel::vmalloc_table_pages() * 4);
+        println!(
+            "VmallocTables: {:>10} kB  ({} table pages given back by purges)",
+            kernel::vmalloc_table_pages() * 4,
+            s.tables_freed
+        );
         println!(
             "Quarantined:   {:>10} kB  ({} writes after vfree caught)",
             s.quarantined_frames * 4,

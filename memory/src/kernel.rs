@@ -25,7 +25,7 @@ use hal::boot::BootInfo;
 use hal::dtb::RangeList;
 use hal::kmap::{VMALLOC_END, VMALLOC_START};
 use hal::linear::LinearMap;
-use hal::mmu::{Attributes, BlockPolicy, HardwareTlb, MemoryType, Permissions, Tlb};
+use hal::mmu::{Attributes, BlockPolicy, HardwareTlb, LeafFlush, MemoryType, Permissions, Tlb};
 use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 use spin::Once;
 
@@ -33,8 +33,8 @@ use crate::buddy::{self, BuddyError, GlobalTableAlloc};
 use crate::gfp::{Gfp, __GFP_HIGH, __GFP_ZERO, GFP_KERNEL, ZONE_NORMAL};
 use crate::slab::{self, SlabError};
 use crate::vmalloc::{
-    AreaInfo, DeviceAttr, FaultClass, LockedVmalloc, MapError, Prot, VmBackend, VmFlags, Vmalloc, VmallocConfig,
-    VmallocError, VmallocStats, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE,
+    AreaInfo, DeviceAttr, FaultClass, LockedVmalloc, MapError, Prot, TlbFlush, VmBackend, VmFlags, Vmalloc,
+    VmallocConfig, VmallocError, VmallocStats, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE,
 };
 
 /// [`VmBackend`] of the kernel: frames from the global buddy allocator, pages mapped in the
@@ -173,9 +173,20 @@ impl VmBackend for KernelBackend {
             return Err(MapError::OutOfRange);
         }
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
+        let mut space = space.lock();
         // SAFETY: as in `map_pages`: a fresh range of vmalloc's own window.
-        unsafe { space.lock().upper_mut().map(range, pa, attrs, BlockPolicy::PagesOnly, &mut GlobalTableAlloc) }
-            .map_err(map_err)
+        let tables = unsafe { space.upper_mut() };
+        if range.size() >= BLOCK_SIZE as u64 {
+            // An empty table left inside the range would keep a block from its entry: give
+            // those back first (walk caches invalidated before each is freed).
+            // SAFETY: only empty tables wholly inside the fresh range go; they came from
+            // `GlobalTableAlloc`, and `HardwareTlb` broadcasts.
+            unsafe { tables.free_empty_tables(range, range, &HardwareTlb, &mut GlobalTableAlloc) }.map_err(map_err)?;
+        }
+        // 1 GiB and 2 MiB blocks wherever both addresses are aligned to one the range
+        // covers (vmalloc aligns the area so): iounmap unmaps the whole range, never part of
+        // a block.
+        tables.map(range, pa, attrs, BlockPolicy::AllowBlocks, &mut GlobalTableAlloc).map_err(map_err)
     }
 
     fn alloc_block(&mut self) -> Option<PhysAddr> {
@@ -272,6 +283,48 @@ impl VmBackend for KernelBackend {
         HardwareTlb.invalidate_all();
     }
 
+    fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
+        self.flush_and_free_tables(TlbFlush::None, spans, window)
+    }
+
+    fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
+        let Some(space) = hal::kmap::kernel_space() else { return 0 };
+        let mut space = space.lock();
+        // SAFETY: only tables inside vmalloc's own window go, and only empty ones: no
+        // translation changes. The tables came from `GlobalTableAlloc` (every table of the
+        // upper half past the root does: boot puts none there), and `HardwareTlb` broadcasts
+        // to every core. Emptiness is read under this lock, with the release.
+        let tables = unsafe { space.upper_mut() };
+        let (mut iter, leaves) = match flush {
+            TlbFlush::None => (None, LeafFlush::None),
+            TlbFlush::All => (None, LeafFlush::All),
+            TlbFlush::Pages(r) => (Some(pages(r)), LeafFlush::None),
+        };
+        let leaves = match iter.as_mut() {
+            Some(i) => LeafFlush::Pages(i),
+            None => leaves,
+        };
+        // SAFETY: as above; the leaves are vmalloc's unmapped pages.
+        match unsafe { tables.flush_and_free_empty_tables(leaves, spans, window, &HardwareTlb, &mut GlobalTableAlloc) }
+        {
+            Ok(n) => n,
+            Err(e) => {
+                // A range refused before anything was written or invalidated: flush alone.
+                log::error!("vmalloc: freeing empty tables: {e}");
+                match flush {
+                    TlbFlush::None => {}
+                    TlbFlush::All => HardwareTlb.invalidate_all(),
+                    TlbFlush::Pages(r) => HardwareTlb.invalidate_last_level(&mut pages(r)),
+                }
+                0
+            }
+        }
+    }
+
+    fn table_pages(&self) -> usize {
+        vmalloc_table_pages()
+    }
+
     fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
         hal::kmap::kernel_space()?.lock().upper().translate(va).map(|t| t.phys)
     }
@@ -361,6 +414,28 @@ impl VmBackend for KernelBackend {
 
 static VMALLOC: Once<LockedVmalloc<KernelBackend>> = Once::new();
 
+/// vmalloc's `(start, pages)` flush ranges as [`VirtRange`]s.
+fn pages(r: &[(VirtAddr, usize)]) -> impl Iterator<Item = VirtRange> + '_ {
+    r.iter().filter_map(|&(va, n)| VirtRange::new(va, (n * PAGE_SIZE) as u64).ok())
+}
+
+/// Where [`init`] ends the `DMA` zone: the device tree's `dma-ranges` limit
+/// ([`hal::dtb::Platform::dma_limit`], the lowest reach of any bus master) when it lies
+/// below 4 GiB; `None` otherwise (QEMU virt has no `dma-ranges`: no `DMA` zone, `DMA32`
+/// gives 32-bit reach). A limit at or above 4 GiB makes no zone: Linux would call all of
+/// RAM below 4 GiB `DMA` then, which we call `DMA32` (see the docs' naming deviation).
+///
+/// # Example
+/// ```no_run
+/// let info = hal::boot::boot_info().unwrap();
+/// if let Some(limit) = memory::kernel::dma_zone_limit(&info.platform) {
+///     log::info!("DMA zone below {limit:#x}");
+/// }
+/// ```
+pub fn dma_zone_limit(platform: &hal::dtb::Platform) -> Option<PhysAddr> {
+    platform.dma_limit.filter(|l| l.as_u64() < 1 << 32)
+}
+
 /// Why [`init`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InitError {
@@ -386,7 +461,8 @@ impl fmt::Display for InitError {
 }
 
 /// Tunables, from the command line (`buddy.strict=1 slab.strict=1 vmalloc.strict=1
-/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1`).
+/// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1
+/// vmalloc.keep_tables=1`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryConfig {
     /// Poison freed pages and check the poison on allocation.
@@ -419,6 +495,7 @@ impl MemoryConfig {
         c.slab_strict = flag("slab.strict");
         c.vmalloc.strict = flag("vmalloc.strict");
         c.vmalloc.quarantine = flag("vmalloc.quarantine");
+        c.vmalloc.keep_tables = flag("vmalloc.keep_tables");
         if let Some(n) = number("vmalloc.lazy_max_pages") {
             c.vmalloc.lazy_max_pages = n as usize;
         }
@@ -437,6 +514,7 @@ pub const BOOT_PARAMS: &[&str] = &[
     "vmalloc.lazy_max_pages",
     "vmalloc.flush_page_threshold",
     "vmalloc.quarantine",
+    "vmalloc.keep_tables",
 ];
 
 /// Starts the memory system: the buddy allocator over the RAM the device tree names (less
@@ -478,7 +556,8 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let t0 = hal::cpu::uptime_ns();
     // SAFETY: forwarded to our caller: RAM outside the reserved ranges is ours to hand out,
     // and `linear` is hal's identity map of RAM, valid for the program's life.
-    unsafe { buddy::init(&regions[..nr], &reserved[..nres], linear, config.buddy_strict) }.map_err(InitError::Buddy)?;
+    unsafe { buddy::init_zoned(&regions[..nr], &reserved[..nres], linear, config.buddy_strict, dma_zone_limit(p)) }
+        .map_err(InitError::Buddy)?;
     let t1 = hal::cpu::uptime_ns();
     slab::init(config.slab_strict).map_err(InitError::Slab)?;
     let t2 = hal::cpu::uptime_ns();
@@ -920,9 +999,11 @@ pub fn is_vmalloc_addr(addr: VirtAddr) -> bool {
     (VMALLOC_START..VMALLOC_END).contains(&addr.as_u64())
 }
 
-/// Translation-table pages of the upper half (vmalloc, ioremap and scratch windows). They
-/// are kept once created, so after a purge the buddy's free count is back at its baseline
-/// less the growth of this number.
+/// Translation-table pages of the upper half (vmalloc, ioremap and scratch windows), the
+/// root included. A purge gives back those its ranges left empty, at every level (a failed
+/// allocation gives back its own at once), so after a purge the buddy's free count plus
+/// this number is back at its baseline, and this number too once no area is live that was
+/// not before.
 /// # Example
 /// ```no_run
 /// let before = memory::buddy::stats().unwrap().free_pages + memory::kernel::vmalloc_table_pages();

@@ -15,7 +15,7 @@
 //! | quarantined frames (`vmalloc.quarantine=1`) | held, poisoned, until that flush | [`crate::kernel::purge`] |
 //! | spare area records | allocated ahead of calls (outside the vmalloc lock) | `LockedVmalloc::lock().release_spares()`, then topped up to `spare_high` |
 //! | one empty slab per cache | so an alloc/free ping-pong does not reach the buddy | [`crate::slab::shrink`] |
-//! | page-table pages of the vmalloc window | a walk cache may still point at them | never (counted apart: [`MemSnapshot::table_pages`]) |
+//! | page-table pages of the vmalloc window left empty by lazy unmaps | a walk cache may still point at them until the purge's invalidation | [`crate::kernel::purge`] (those live areas use stay: counted apart, [`MemSnapshot::table_pages`]) |
 //! | order-0 frames on the buddy's hot list | fast reuse | nothing to do: they count as free |
 //!
 //! So after `settled()` only what is really in use differs between two snapshots, and
@@ -47,7 +47,8 @@ pub struct MemSnapshot {
     pub parked_areas: usize,
     /// Frames of freed areas held in quarantine until that flush (`vmalloc.quarantine=1`).
     pub quarantined_frames: usize,
-    /// Translation-table pages of the vmalloc window (kept once created).
+    /// Translation-table pages of the upper half (vmalloc, ioremap and scratch windows):
+    /// those live mappings use, and until a purge those that lazy unmaps left empty.
     pub table_pages: usize,
     /// Spare vmalloc area records.
     pub spare_records: usize,

@@ -197,7 +197,13 @@ fn vfrees_below_threshold_cost_no_tlb_op_then_one_flush() {
     assert_eq!(info.lines().filter(|l| l.ends_with(" unpurged vm_area")).count(), 1001);
     vm.purge();
     let c2 = vm.backend().counters;
+    // The emptied tables (window of 256 MiB: the four last-level tables the 2,002 pages of
+    // areas and guards spanned) go in the same batch, the full flush covering their walk
+    // caches: no TLBI of their own, still one barrier pair.
+    assert_eq!(c2.tables_freed - c1.tables_freed, 4);
+    assert_eq!(c2.walk_tlbis - c1.walk_tlbis, 0);
     assert_eq!(c2.barrier_pairs - c1.barrier_pairs, 1, "one barrier pair");
+    assert_eq!(vm.backend().table_pages(), 2, "the level-1 and level-2 tables (spanning more than the window)");
     assert_eq!(c2.full_flushes - c1.full_flushes, 1, "1001 pages: one full flush");
     assert_eq!(c2.page_tlbis, c1.page_tlbis);
     assert!(!vm.backend().is_stale(ptrs[0]));
@@ -206,7 +212,7 @@ fn vfrees_below_threshold_cost_no_tlb_op_then_one_flush() {
     assert!(s.purge_ns_max > 0 && s.purge_ns_p99 > 0);
     vm.check().unwrap();
 
-    // A few parked pages: per-page TLBIs, still one barrier pair.
+    // A few parked pages: per-page TLBIs, one batch.
     let ptrs: Vec<_> = (0..10).map(|i| vm.vmalloc(PAGE_SIZE * (1 + i % 3)).unwrap()).collect();
     for p in &ptrs {
         vm.vfree(*p).unwrap();
@@ -214,6 +220,8 @@ fn vfrees_below_threshold_cost_no_tlb_op_then_one_flush() {
     let c3 = vm.backend().counters;
     vm.purge();
     let c4 = vm.backend().counters;
+    // The last-level table given back: its walk-cache TLBI in the same batch.
+    assert_eq!((c4.tables_freed - c3.tables_freed, c4.walk_tlbis - c3.walk_tlbis), (1, 1));
     assert_eq!(c4.barrier_pairs - c3.barrier_pairs, 1);
     assert_eq!(c4.full_flushes, c3.full_flushes);
     assert_eq!(c4.page_tlbis - c3.page_tlbis, 19, "1+2+3+1+2+3+1+2+3+1 mapped pages, guards not flushed");
@@ -279,7 +287,9 @@ fn strict_mode_flushes_every_free() {
         let c0 = vm.backend().counters;
         vm.vfree(p).unwrap();
         let c1 = vm.backend().counters;
+        // The leaves' flush and the walk-cache flush of the table given back: one batch.
         assert_eq!(c1.barrier_pairs - c0.barrier_pairs, 1);
+        assert_eq!((c1.tables_freed - c0.tables_freed, c1.walk_tlbis - c0.walk_tlbis), (1, 1));
         assert_eq!(c1.page_tlbis - c0.page_tlbis, i as u64);
         assert!(!vm.backend().is_stale(p));
         assert_eq!(vm.stats().parked_areas, 0);
@@ -687,4 +697,102 @@ fn freeing_null_does_nothing_and_null_is_never_an_area() {
         Vmalloc::new(SimBackend::new(at_zero, 64), at_zero, VmallocConfig::default()).unwrap_err(),
         VmallocError::BadRange
     );
+}
+
+#[test]
+fn a_purge_gives_back_the_tables_its_ranges_left_empty_after_a_walk_invalidation() {
+    let mut vm = new_vm(1 << 16, 4096);
+    let keep = vm.vmalloc(PAGE_SIZE).unwrap();
+    let tables = vm.backend().table_pages();
+    // 3 MiB from the second 2 MiB stretch on: two more last-level tables.
+    let p = vm.vmalloc_aligned(3 << 20, 2 << 20).unwrap();
+    assert_eq!(vm.backend().table_pages(), tables + 2);
+    vm.vfree(p).unwrap();
+    assert_eq!(vm.backend().table_pages(), tables + 2, "kept until the purge: the TLB may still hold them");
+    let c0 = vm.backend().counters;
+    vm.purge();
+    let c1 = vm.backend().counters;
+    assert_eq!(vm.backend().table_pages(), tables, "the emptied tables went, the one `keep` uses stays");
+    // 768 pages: a full flush, which covers the walk caches too (no TLBI of their own).
+    assert_eq!((c1.tables_freed - c0.tables_freed, c1.walk_tlbis - c0.walk_tlbis), (2, 0));
+    assert_eq!((c1.full_flushes - c0.full_flushes, c1.barrier_pairs - c0.barrier_pairs), (1, 1));
+    assert_eq!(vm.stats().tables_freed, 2);
+    assert!(vm.backend().has_table(3, keep));
+    assert_eq!(c1.violations, 0);
+    // Mapping there again makes them anew.
+    let q = vm.vmalloc_aligned(3 << 20, 2 << 20).unwrap();
+    assert_eq!(q, p);
+    assert_eq!(vm.backend().table_pages(), tables + 2);
+    vm.vfree(q).unwrap();
+    vm.vfree(keep).unwrap();
+    vm.purge();
+    assert_eq!(vm.backend().table_pages(), 2, "the level-1 and level-2 tables, wider than the window");
+    assert_eq!(vm.backend().counters.violations, 0);
+}
+
+#[test]
+fn the_oracle_catches_a_table_freed_without_a_walk_invalidation() {
+    // A backend whose reclaim issues last-level TLBIs only (`vaale1is`): a walk cache may
+    // still point at the table it frees. The simulation counts each such table.
+    let mut vm = new_vm(1 << 16, 4096);
+    vm.sim_mut().break_walk_invalidation();
+    let p = vm.vmalloc(4 * PAGE_SIZE).unwrap();
+    vm.vfree(p).unwrap();
+    vm.purge();
+    let c = vm.backend().counters;
+    assert_eq!((c.tables_freed, c.walk_tlbis), (1, 0));
+    assert_eq!(c.violations, 1, "a table freed while a walk cache may hold it");
+}
+
+#[test]
+fn a_failed_allocation_gives_its_tables_back_at_once() {
+    // A 4 GiB window, frames for 1.5 GiB: vmalloc(2 GiB) fails part-way, with hundreds of
+    // last-level tables made.
+    let window = VirtRange::new(VirtAddr::new(BASE), 4 << 30).unwrap();
+    let mut vm = Vmalloc::new(SimBackend::new(window, 3 << 17), window, VmallocConfig::default()).unwrap();
+    // The level-1 table (512 GiB, wider than the window) is made once and kept.
+    let p = vm.vmalloc(PAGE_SIZE).unwrap();
+    vm.vfree(p).unwrap();
+    vm.purge();
+    let tables = vm.backend().table_pages();
+    assert_eq!(tables, 1);
+    let made = vm.backend().counters.tables_freed;
+    assert_eq!(vm.vmalloc(2 << 30), Err(VmallocError::NoFrames));
+    let c = vm.backend().counters;
+    assert_eq!(vm.backend().table_pages(), tables, "no purge needed: given back by the failed call");
+    assert!(c.tables_freed - made >= 384, "{} tables freed", c.tables_freed - made);
+    assert_eq!((c.frames_in_use, c.mapped, c.violations), (0, 0, 0));
+    assert_eq!(vm.stats().parked_areas, 0);
+    vm.check().unwrap();
+    // Same through a map failure part-way (a table page could not be had).
+    vm.sim_mut().fail_maps_after(100);
+    assert_eq!(vm.vmalloc(64 << 20), Err(VmallocError::MapFailed(MapError::NoMemory)));
+    assert_eq!(vm.backend().table_pages(), tables);
+    assert_eq!(vm.backend().counters.violations, 0);
+}
+
+#[test]
+fn ioremap_aligns_a_block_aligned_range_so_blocks_can_map_it() {
+    let window = VirtRange::new(VirtAddr::new(BASE), 4 << 30).unwrap();
+    let mut vm = Vmalloc::new(SimBackend::new(window, 64), window, VmallocConfig::default()).unwrap();
+    let dev = DeviceAttr::DeviceNGnRE;
+    let small = vm.ioremap(PhysAddr::new(0x0900_0000), 0x1000, dev).unwrap();
+    assert_eq!(small.as_u64(), BASE, "small mappings as before: lowest fit");
+    // 2 MiB aligned physically, 4 MiB: the virtual range is 2 MiB aligned, the offset kept.
+    let pa = 0x10_0020_0000u64;
+    let p = vm.ioremap(PhysAddr::new(pa + 0x18), 4 << 20, dev).unwrap();
+    assert_eq!(p.as_u64() % (2 << 20), 0x18);
+    assert_eq!(vm.vmalloc_to_phys(p), Some(PhysAddr::new(pa + 0x18)));
+    // 1 GiB aligned, 1 GiB and more: 1 GiB aligned virtually.
+    let q = vm.ioremap(PhysAddr::new(0x40_0000_0000), (1 << 30) + 4096, dev).unwrap();
+    assert_eq!(q.as_u64() % (1 << 30), 0);
+    // Not aligned physically: no alignment asked (the next page-aligned fit).
+    let r = vm.ioremap(PhysAddr::new(0x10_0000_1000), 4 << 20, dev).unwrap();
+    assert_eq!(r.as_u64() % (2 << 20), 0x2000, "right after `small` and its guard page");
+    for a in [small, p, q, r] {
+        vm.iounmap(a).unwrap();
+    }
+    vm.purge();
+    assert_eq!(vm.backend().table_pages(), 1, "only the level-1 table, wider than the window");
+    assert_eq!(vm.backend().counters.violations, 0);
 }

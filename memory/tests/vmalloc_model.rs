@@ -43,6 +43,42 @@ fn size_pages(rng: &mut SmallRng) -> usize {
     }
 }
 
+/// After a purge no table of the window is left empty but for areas parked since: the
+/// table pages are exactly the last-level tables of the 2 MiB stretches with a page mapped,
+/// those of stretches that only parked ranges meet (freed by the next purge), plus the
+/// level-2 and level-1 tables, which span more than the 256 MiB window and so are kept once
+/// made (2, or none before the first mapping).
+fn check_tables_after_purge(vm: &Vmalloc<SimBackend>, op: u32) {
+    let sim = vm.backend();
+    let mut stretches = HashSet::new();
+    let mut any = false;
+    sim.for_each_pte(|va, _| {
+        any = true;
+        if !sim.is_block(va) {
+            stretches.insert(va.as_u64() >> 21);
+        }
+    });
+    let upper = if any || sim.has_table(2, VirtAddr::new(BASE)) { 2 } else { 0 };
+    // An op may park an area after its own purge (vrealloc moving an area whose new place
+    // needed a purge): the tables it met may be empty until the next one.
+    let mut parked = HashSet::new();
+    vm.for_each_parked(|start, end| {
+        for stretch in start.as_u64() >> 21..=(end.as_u64() - 1) >> 21 {
+            if !stretches.contains(&stretch) && sim.has_table(3, VirtAddr::new(stretch << 21)) {
+                parked.insert(stretch);
+            }
+        }
+    });
+    assert_eq!(
+        sim.table_pages(),
+        stretches.len() + parked.len() + upper,
+        "op {op}: table pages after a purge: {} last-level tables with pages, {} empty ones met by parked areas",
+        stretches.len(),
+        parked.len()
+    );
+    assert_eq!(sim.counters.violations, 0, "op {op}: backend contract violated");
+}
+
 fn audit(vm: &Vmalloc<SimBackend>, model: &[Area]) {
     vm.check().unwrap();
     let sim = vm.backend();
@@ -114,6 +150,7 @@ fn a_million_random_operations() {
     let mut next_vmap = VMAP_FRAMES;
     let mut counts = [0u32; 8];
     let mut tag_seq = 0u64;
+    let (mut last_purges, mut checked_purges) = (0u64, 0u32);
     for op in 0..OPS {
         let r = rng.random_range(0..100);
         let want_alloc = model.len() < TARGET_LIVE;
@@ -268,6 +305,12 @@ fn a_million_random_operations() {
             }
             _ => {}
         }
+        let purges = vm.stats().purges;
+        if purges != last_purges {
+            last_purges = purges;
+            check_tables_after_purge(&vm, op);
+            checked_purges += 1;
+        }
         if op % AUDIT_EVERY == AUDIT_EVERY - 1 {
             audit(&vm, &model);
         }
@@ -289,6 +332,10 @@ fn a_million_random_operations() {
     }
     vm.purge();
     audit(&vm, &model);
+    check_tables_after_purge(&vm, OPS);
+    assert_eq!(vm.backend().table_pages(), 2, "every last-level table given back");
+    println!("table pages checked after {checked_purges} purges; {} table pages freed", vm.stats().tables_freed);
+    assert!(checked_purges > 10 && vm.stats().tables_freed > 100);
     let s = vm.stats();
     assert_eq!((s.live_areas, s.mapped_pages, s.parked_areas, s.free_holes), (0, 0, 0, 1));
     assert_eq!(s.largest_hole, WINDOW_PAGES * PAGE);

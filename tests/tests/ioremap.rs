@@ -317,6 +317,47 @@ fn thousand_cycles() {
     }
 }
 
+/// The kernel-table leaf level mapping `va` (1: a 1 GiB block, 2: a 2 MiB block, 3: a page).
+fn leaf_level(va: VirtAddr) -> Option<usize> {
+    let space = hal::kmap::kernel_space().unwrap();
+    let level = space.lock().upper().translate(va).map(|t| t.level);
+    level
+}
+
+fn a_64_gib_ioremap_maps_blocks_and_gives_its_tables_back() {
+    const GIB: u64 = 1 << 30;
+    // 64 GiB from PA 64 GiB: above any RAM these boots have, below QEMU virt's high MMIO;
+    // never accessed.
+    let pa = 64 * GIB;
+    assert!(pa + 64 * GIB <= 1 << hal::cpu::phys_addr_bits());
+    kernel::purge();
+    let tables = kernel::vmalloc_table_pages();
+    // The sub-page offset is kept; the virtual range is 1 GiB aligned like the physical.
+    let va = ioremap::ioremap(PhysAddr::new(pa + 0x18), (64 * GIB) as usize).unwrap();
+    let grown = kernel::vmalloc_table_pages() - tables;
+    hal::print!("(64 GiB: {grown} table pages) ");
+    assert_eq!(va.as_u64() % GIB, 0x18);
+    assert!(grown <= 4, "1 GiB blocks and one tail page: {grown} table pages");
+    for g in [0, 1, 37, 63] {
+        let at = va.add(g * GIB);
+        assert_eq!(leaf_level(at), Some(1), "GiB {g}");
+        assert_eq!(kernel::vmalloc_to_phys(at), Some(PhysAddr::new(pa + g * GIB + 0x18)));
+    }
+    assert_eq!(leaf_level(va.add(64 * GIB)), Some(3), "the page the offset spills into");
+    ioremap::iounmap(va).unwrap();
+    kernel::purge();
+    assert_eq!(kernel::vmalloc_table_pages(), tables, "iounmap + purge: table pages back at baseline");
+    // 2 MiB aligned only: 2 MiB blocks, one level-2 table per GiB.
+    let va = ioremap::ioremap(PhysAddr::new(pa + (2 << 20)), (2 * GIB) as usize).unwrap();
+    let grown = kernel::vmalloc_table_pages() - tables;
+    assert_eq!(va.as_u64() % (2 << 20), 0);
+    assert_eq!(leaf_level(va), Some(2));
+    assert!(grown <= 4, "2 MiB blocks: {grown} table pages");
+    ioremap::iounmap(va).unwrap();
+    kernel::purge();
+    assert_eq!(kernel::vmalloc_table_pages(), tables);
+}
+
 fn a_thousand_cycles_leave_no_trace() {
     // A first round may move pages into the slab (vmalloc keeps `spare_high` spare area
     // records, which can hold several partly used slabs after the 1000 records of a round
@@ -353,4 +394,5 @@ tests::main!(
     test!(iounmap_parks_the_range_until_the_purge),
     test!(the_guard_page_after_a_mapping_traps),
     test!(a_thousand_cycles_leave_no_trace),
+    test!(a_64_gib_ioremap_maps_blocks_and_gives_its_tables_back),
 );

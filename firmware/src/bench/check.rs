@@ -107,7 +107,8 @@ impl Baseline {
         }
     }
 
-    /// Page-table pages created since `before` (they are kept; reported, not a leak).
+    /// Page-table pages created since `before` and not given back (a purge gives back those
+    /// it left empty, so after a case this is 0: [`Self::matches`] checks it).
     pub fn tables_grown(&self, before: &Self) -> isize {
         self.tables as isize - before.tables as isize
     }
@@ -121,7 +122,8 @@ impl Baseline {
     }
 
     /// Prints every difference from `before` that is a leak; returns whether there is none:
-    /// frames conserved (free + kept tables + slab), every slab cache's objects in use, the
+    /// frames conserved (free + tables + slab), page-table pages back at their count (the
+    /// case's tables given back by its purges), every slab cache's objects in use, the
     /// vmallocinfo text, and vmalloc's live, mapped, parked, hole and record counts.
     pub fn matches(&self, before: &Self, name: &str) -> bool {
         let ok = core::cell::Cell::new(true);
@@ -129,11 +131,16 @@ impl Baseline {
             println!("  {name}: CHECK FAILED: {what}: {was} before, {now} after");
             ok.set(false);
         };
-        // Frames: none leaked anywhere. Free frames plus the page tables vmalloc keeps plus
-        // the slab's frames are constant (all three come from the buddy allocator).
+        // Frames: none leaked anywhere. Free frames plus the page tables plus the slab's
+        // frames are constant (all three come from the buddy allocator).
         let held = |b: &Self| (b.buddy_free + b.tables + b.slab_pages + b.large_pages) as i128;
         if held(self) != held(before) {
-            bad("buddy free + kept table + slab + large kmalloc pages", held(before), held(self));
+            bad("buddy free + table + slab + large kmalloc pages", held(before), held(self));
+        }
+        // Tables: every one the case made was left empty by its frees, and its purges gave
+        // them back.
+        if self.tables != before.tables {
+            bad("page-table pages", before.tables as i128, self.tables as i128);
         }
         if self.large_pages != before.large_pages {
             bad("kmalloc large pages", before.large_pages as i128, self.large_pages as i128);

@@ -325,7 +325,7 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         measured.failures,
     );
     println!(
-        "  translation verified for {verified} pages (every page, every {}th iteration); page tables kept: {tables:+}; \
+        "  translation verified for {verified} pages (every page, every {}th iteration); page tables {tables:+} (given back by the purges); \
          slab pages {slab_moved:+} (same objects)",
         cases::SAMPLE_EVERY
     );

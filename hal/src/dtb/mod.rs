@@ -5,6 +5,7 @@
 //! plain typed data ([`Platform`]) that needs no heap, so it can run before any allocator.
 
 mod cpus;
+mod dma;
 mod gic;
 mod nops;
 mod ranges;
@@ -98,6 +99,11 @@ pub struct Platform {
     pub timer_intid: Option<u32>,
     /// PSCI conduit, when the tree has a `/psci` node.
     pub psci: Option<Conduit>,
+    /// The end (exclusive) of the memory every bus master can reach, from the tree's
+    /// `dma-ranges` (the lowest reach over all buses, Linux's
+    /// `of_dma_get_max_cpu_address`); `None` when no bus limits it (QEMU virt). The memory
+    /// system puts a `DMA` zone below it when it lies under 4 GiB.
+    pub dma_limit: Option<PhysAddr>,
     /// The board's `model` string.
     pub model: &'static str,
     /// The command line (`/chosen/bootargs`), empty when absent.
@@ -270,7 +276,22 @@ impl Platform {
         let cpus = CpuList::parse(&fdt);
         let gic = GicNode::parse(&fdt);
         let timer_intid = gic::virtual_timer_intid(&fdt);
-        Ok(Self { dtb, ram, reserved, cpus, uart, gic_distributor, gic, timer_intid, psci, model, bootargs, blob })
+        let dma_limit = dma::dma_limit(&fdt);
+        Ok(Self {
+            dtb,
+            ram,
+            reserved,
+            cpus,
+            uart,
+            gic_distributor,
+            gic,
+            timer_intid,
+            psci,
+            dma_limit,
+            model,
+            bootargs,
+            blob,
+        })
     }
 
     /// The device tree itself, for drivers that look up their own nodes.

@@ -222,3 +222,14 @@ fn range_list_refuses_past_capacity() {
     assert_eq!(l.push(range(1 << 40, 4096)), Err(Full));
     assert_eq!(l.len(), MAX_RAM_RANGES);
 }
+
+#[test]
+fn dma_ranges_give_the_lowest_reach_translated_to_cpu_addresses() {
+    static DMA: &[u8] = include_bytes!("../../testdata/dma-ranges.dtb");
+    let p = Platform::parse(DMA).unwrap();
+    // soc: 0x8000_0000; its subbus, through soc's ranges: 0x7000_0000; PCI: 0x7800_0000;
+    // an empty dma-ranges and a disabled bus set none.
+    assert_eq!(p.dma_limit, Some(PhysAddr::new(0x7000_0000)));
+    // QEMU virt has no dma-ranges: no limit.
+    assert_eq!(Platform::parse(VIRT_DTB).unwrap().dma_limit, None);
+}

@@ -34,11 +34,12 @@
 //! | leaf → same leaf, other permissions      | none; TLBI after        | `protect`                       |
 //! | block → table (split)                    | break-before-make       | `unmap`, `protect`              |
 //! | leaf → invalid                           | TLBI after              | `unmap` (flushes), `unmap_with` (caller flushes) |
-//! | table → invalid, page freed              | walk-cache TLBI, then free | `unmap_and_reclaim`          |
+//! | table → invalid, page freed              | walk-cache TLBI, then free | `unmap_and_reclaim`, `free_empty_tables` |
 //!
 //! Tables are otherwise kept until [`PageTable::free_all`]: a walk cache may still hold a
-//! pointer to them, and vmalloc, which unmaps lazily, reuses them. The TLB maintenance of
-//! `unmap`, `unmap_and_reclaim` and `protect` goes through the [`Tlb`] they are given, so
+//! pointer to them. vmalloc, which unmaps lazily (`unmap_with` keeps them), gives back
+//! those its purge left empty with [`PageTable::free_empty_tables`]. The TLB maintenance
+//! of `unmap`, `unmap_and_reclaim`, `free_empty_tables` and `protect` goes through the [`Tlb`] they are given, so
 //! a [`RecordingTlb`](super::RecordingTlb) sees the whole sequence, barriers included.
 
 use core::ptr;
@@ -136,6 +137,17 @@ pub enum BlockPolicy {
     /// A later `unmap`/`protect` of part of a block splits it (break-before-make);
     /// `unmap_with` refuses to.
     AllowBlocks,
+}
+
+/// The leaf invalidation [`PageTable::flush_and_free_empty_tables`] issues in the same
+/// batch as the walk-cache invalidations of the tables it frees.
+pub enum LeafFlush<'a> {
+    /// No leaf.
+    None,
+    /// Every page of these ranges, last level only (`tlbi vaale1is` per page).
+    Pages(&'a mut dyn Iterator<Item = VirtRange>),
+    /// Everything (`tlbi vmalle1is`, walk caches included).
+    All,
 }
 
 /// What [`PageTable::translate`] found for an address.
@@ -599,6 +611,148 @@ impl PageTable {
         }
         arch::publish_descriptors();
         Ok(())
+    }
+
+    /// Give back to `alloc` every table page (never the root) that holds no valid entry,
+    /// whose span meets `virt` and lies wholly inside `within`; a table emptied by freeing
+    /// its own empty subtables goes too (every level: last-level tables, then the tables
+    /// above them). No leaf is touched: a table holding a page or a block stays. Returns how
+    /// many table pages were freed.
+    ///
+    /// This is vmalloc's purge after its lazy unmaps (Linux keeps its kernel tables; arm64's
+    /// memory hot-remove frees them the same way, `free_empty_tables`). Emptiness is read
+    /// here, under the caller's `&mut`, so nothing can refill a table between the check and
+    /// its release. For each table released, in order:
+    ///
+    /// ```text
+    ///  parent entry = invalid                       (each emptied table, bottom up)
+    ///  dsb ishst ; tlbi vaae1is <table's base> ... ; dsb ish ; isb
+    ///                                               (one all-levels TLBI per table: it drops the
+    ///                                                walk-cache entries that point at it; one
+    ///                                                vmalle1is above MAX_PAGE_INVALIDATIONS)
+    ///  free the page                                (only after the invalidation completed)
+    /// ```
+    ///
+    /// One TLBI by VA per table is enough, as for Linux's `__flush_tlb_kernel_pgtable`: a
+    /// walk-cache entry holding the cleared descriptor translates every address of the
+    /// table's span, so an invalidation at one of them drops it; entries of the freed table
+    /// itself were invalid (each cleared earlier with its own invalidation).
+    ///
+    /// # Safety
+    /// `alloc` is the allocator this tree's tables came from, and `tlb` reaches every core
+    /// that may hold translations from this tree.
+    ///
+    /// # Errors
+    /// [`AddrError::Misaligned`] / [`AddrError::Empty`] and [`MmuError::OutsideVaRange`] for
+    /// `virt` or `within`, as for [`PageTable::map`]. On error nothing has changed.
+    pub unsafe fn free_empty_tables<T: Tlb + ?Sized>(
+        &mut self,
+        virt: VirtRange,
+        within: VirtRange,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<usize, MmuError> {
+        // SAFETY: forwarded from our caller.
+        unsafe { self.flush_and_free_empty_tables(LeafFlush::None, &[virt], within, tlb, alloc) }
+    }
+
+    /// [`PageTable::free_empty_tables`] for every range of `spans`, with the invalidation of
+    /// `leaves` in the same batch: cleared descriptors, then one `dsb ishst`, the leaves'
+    /// `tlbi vaale1is` and the tables' `tlbi vaae1is` (or one `vmalle1is`, which covers
+    /// both: for [`LeafFlush::All`], or above [`MAX_PAGE_INVALIDATIONS`](super::tlb::MAX_PAGE_INVALIDATIONS)
+    /// tables), one `dsb ish; isb`, and only then the frees. vmalloc's purge: the tables
+    /// cost no barrier of their own, and no TLBI at all when the purge flushes everything.
+    ///
+    /// # Safety
+    /// As [`PageTable::free_empty_tables`]; the leaves are invalidated whatever they map.
+    ///
+    /// # Errors
+    /// As [`PageTable::free_empty_tables`], for any of `spans` or `within`: then nothing has
+    /// changed and nothing was invalidated.
+    pub unsafe fn flush_and_free_empty_tables<T: Tlb + ?Sized>(
+        &mut self,
+        leaves: LeafFlush<'_>,
+        spans: &[VirtRange],
+        within: VirtRange,
+        tlb: &T,
+        alloc: &mut impl TableAlloc,
+    ) -> Result<usize, MmuError> {
+        let within = self.span(within.start(), within.size())?;
+        for s in spans {
+            self.span(s.start(), s.size())?;
+        }
+        let mut batch = TlbBatch::new();
+        let mut freed = Reserve { head: PhysAddr::new(0), len: 0 };
+        let root = self.root;
+        for s in spans {
+            let span = Span { first: s.start().as_u64(), last: s.end().as_u64() - 1 };
+            self.free_empty_level(&mut batch, &mut freed, tlb, root, ROOT_LEVEL, span, within);
+        }
+        // Cleared descriptors reach memory, then every TLB and walk cache drops them; only
+        // then may the pages be reused.
+        match leaves {
+            LeafFlush::All => tlb.invalidate_all(),
+            LeafFlush::Pages(pages) => {
+                batch.issue_with_leaves(tlb, pages);
+            }
+            LeafFlush::None => {
+                batch.issue(tlb);
+            }
+        }
+        let n = freed.len;
+        self.tables -= n;
+        while let Some(page) = self.reserve_pop(&mut freed) {
+            // SAFETY: `page` is a table of this tree, from `alloc` (the caller's promise);
+            // its descriptor was cleared and the invalidation above, complete on return,
+            // covered the walk caches for the span it covered: nothing reaches it.
+            unsafe { alloc.free_table(page) };
+        }
+        Ok(n)
+    }
+
+    /// One level of [`PageTable::free_empty_tables`]: the tables of `table` (at `level`)
+    /// meeting `span`, each after its own subtables.
+    #[allow(clippy::too_many_arguments)]
+    fn free_empty_level<T: Tlb + ?Sized>(
+        &mut self,
+        batch: &mut TlbBatch,
+        freed: &mut Reserve,
+        tlb: &T,
+        table: PhysAddr,
+        level: usize,
+        span: Span,
+        within: Span,
+    ) {
+        let size = level_size(level);
+        let mut va = span.first;
+        loop {
+            let last = (va | (size - 1)).min(span.last);
+            let index = index_at(va, level);
+            let base = va & !(size - 1);
+            if let Some(next) = self.read(table, index).table_address(level) {
+                if level + 1 < PAGE_LEVEL {
+                    let sub = Span { first: va, last };
+                    self.free_empty_level(batch, freed, tlb, next, level + 1, sub, within);
+                }
+                let inside = base >= within.first && base + (size - 1) <= within.last;
+                if inside && self.table_is_empty(next) {
+                    self.write(table, index, Descriptor::INVALID);
+                    tlb.note_write(EntryWrite {
+                        va: VirtAddr::new(base),
+                        level: level as u8,
+                        descriptor: Descriptor::INVALID,
+                    });
+                    batch.walk(VirtAddr::new(base));
+                    // The chain link written into the dead table is a page-aligned address:
+                    // read as a descriptor by a stale walk, it is invalid.
+                    self.reserve_push(freed, next);
+                }
+            }
+            if last == span.last {
+                return;
+            }
+            va = last + 1;
+        }
     }
 
     /// Give every page and block in `virt` the permissions `permissions`, keeping its output
@@ -1205,8 +1359,25 @@ impl PageTable {
         Ok(new)
     }
 
+    /// Whether no entry of the table at `table` is valid. A few samples first (a table in
+    /// use nearly always has one of them valid), then the whole table in chunks of 64
+    /// entries OR-ed together, stopping at the first chunk with a valid entry. The loads
+    /// are plain (not volatile), so the compiler may use vector loads: under QEMU's TCG
+    /// each load instruction costs a software TLB lookup, so proving a table empty takes
+    /// a fraction of 512 of them.
     fn table_is_empty(&self, table: PhysAddr) -> bool {
-        (0..ENTRIES).all(|index| !self.read(table, index).is_valid())
+        let entries = self.table_base(table);
+        // SAFETY: `entries` is the base of a table page of this tree: 512 aligned words
+        // inside the linear map, valid for reads. Nothing writes them while this shared
+        // borrow lives: the walker writes only through `&mut self`, and the MMU never
+        // writes our descriptors (no hardware access-flag or dirty-state updates: TCR_EL1's
+        // HA and HD stay clear). So a shared reference to the page is sound.
+        let words: &[u64; ENTRIES] = unsafe { &*entries.cast::<[u64; ENTRIES]>() };
+        let samples = [0, ENTRIES - 1, ENTRIES / 2, ENTRIES / 4, 3 * ENTRIES / 4];
+        if samples.iter().fold(0, |acc, &k| acc | words[k]) & 1 != 0 {
+            return false;
+        }
+        words.chunks_exact(64).all(|chunk| chunk.iter().fold(0, |acc, &e| acc | e) & 1 == 0)
     }
 
     fn free_level(&self, table: PhysAddr, level: usize, alloc: &mut impl TableAlloc) {

@@ -1306,6 +1306,124 @@ fn reclaim_frees_emptied_tables_only_after_the_walk_caches_are_flushed() {
     release(t, &mut arena);
 }
 
+#[test]
+fn free_empty_tables_frees_only_empty_tables_inside_the_window_after_walk_flushes() {
+    let mut arena = Arena::new(64);
+    let journal: Journal = Rc::default();
+    arena.journal = Some(journal.clone());
+    let mut t = table(&mut arena, VaRange::Lower);
+    let gib = 0x80_0000_0000 + 3 * GIB;
+    let (a, b) = (gib + 5 * MIB2 + 7 * PG, gib + 9 * MIB2);
+    let pages = BlockPolicy::PagesOnly;
+    t.map(vr(a, 2 * PG), PhysAddr::new(0x1000), Attributes::DATA, pages, &mut arena).unwrap();
+    t.map(vr(b, PG), PhysAddr::new(0x1000), Attributes::DATA, pages, &mut arena).unwrap();
+    // A 2 MiB block in the same 1 GiB: its level-2 table must stay while the block lives.
+    let block = gib + 20 * MIB2;
+    t.map(vr(block, MIB2), PhysAddr::new(0x20_0000), Attributes::DATA, BlockPolicy::AllowBlocks, &mut arena).unwrap();
+    assert_eq!(t.table_pages(), 5, "root, L1, L2, two L3");
+    let half = vr(0, 1 << 47);
+    // Nothing empty yet: nothing written, no TLB operation.
+    let tlb = RecordingTlb::new();
+    // SAFETY: a test tree, never live; the arena gave its tables.
+    assert_eq!(unsafe { t.free_empty_tables(vr(gib, GIB), half, &tlb, &mut arena) }, Ok(0));
+    assert!(recorded_ops(&tlb).is_empty());
+    // Lazily unmap `a`'s pages: its L3 table is empty, the rest holds a page or the block.
+    unmap_lazily(&mut t, vr(a, 2 * PG)).unwrap();
+    journal.borrow_mut().clear();
+    let snoop = SnoopTlb { linear: arena.linear, journal: journal.clone(), watched: RefCell::default() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { t.free_empty_tables(vr(a, PG), half, &snoop, &mut arena) }, Ok(1));
+    assert_eq!((t.table_pages(), arena.outstanding()), (4, 4));
+    let events = journal.borrow().clone();
+    let batch = final_batch(&events).unwrap().unwrap();
+    assert_eq!(batch, [TlbOp::AllLevels(VirtAddr::new(a & !(MIB2 - 1)))], "vaae1is, not vaale1is");
+    assert!(matches!(events.last(), Some(Event::Free(_))), "the page is freed after the batch: {events:?}");
+    assert_eq!(t.translate(VirtAddr::new(b)).map(|x| x.level), Some(3));
+    // `within` bounds what may go: the 1 GiB's L2 table is not wholly inside a 2 MiB window.
+    unmap_lazily(&mut t, vr(b, PG)).unwrap();
+    unmap_lazily(&mut t, vr(block, MIB2)).unwrap();
+    let small = vr(b & !(MIB2 - 1), MIB2);
+    // SAFETY: as above.
+    assert_eq!(unsafe { t.free_empty_tables(vr(gib, GIB), small, &HardwareTlb, &mut arena) }, Ok(1));
+    assert_eq!(t.table_pages(), 3, "root, L1, L2");
+    // Every level at once, bottom up, in one batch; the root stays.
+    let tlb = RecordingTlb::new();
+    // SAFETY: as above.
+    assert_eq!(unsafe { t.free_empty_tables(vr(block, PG), half, &tlb, &mut arena) }, Ok(2));
+    assert_eq!((t.table_pages(), arena.outstanding()), (1, 1));
+    let l1 = gib & !((1 << 39) - 1);
+    assert_eq!(
+        recorded_ops(&tlb),
+        [
+            wr(gib, 1, Descriptor::INVALID),
+            wr(l1, 0, Descriptor::INVALID),
+            op(TlbOp::DsbIshst),
+            op(TlbOp::AllLevels(VirtAddr::new(gib))),
+            op(TlbOp::AllLevels(VirtAddr::new(l1))),
+            op(TlbOp::DsbIsh),
+            op(TlbOp::Isb),
+        ]
+    );
+    release(t, &mut arena);
+}
+
+#[test]
+fn a_purge_flushes_its_pages_and_frees_its_tables_in_one_batch() {
+    let mut arena = Arena::new(64);
+    let journal: Journal = Rc::default();
+    arena.journal = Some(journal.clone());
+    let mut t = table(&mut arena, VaRange::Lower);
+    let gib = 0x80_0000_0000 + 3 * GIB;
+    let (a, keep) = (gib + 5 * MIB2, gib + 9 * MIB2);
+    let pages = BlockPolicy::PagesOnly;
+    t.map(vr(a, 3 * PG), PhysAddr::new(0x1000), Attributes::DATA, pages, &mut arena).unwrap();
+    t.map(vr(keep, PG), PhysAddr::new(0x1000), Attributes::DATA, pages, &mut arena).unwrap();
+    unmap_lazily(&mut t, vr(a, 3 * PG)).unwrap();
+    let half = vr(0, 1 << 47);
+    // Per-page leaves: their vaale1is and the table's vaae1is between one pair of barriers.
+    journal.borrow_mut().clear();
+    let snoop = SnoopTlb { linear: arena.linear, journal: journal.clone(), watched: RefCell::default() };
+    let mut leaves = [vr(a, 3 * PG)].into_iter();
+    // SAFETY: a test tree, never live; the arena gave its tables.
+    let r = unsafe {
+        t.flush_and_free_empty_tables(LeafFlush::Pages(&mut leaves), &[vr(a, 3 * PG)], half, &snoop, &mut arena)
+    };
+    assert_eq!(r, Ok(1));
+    let events = journal.borrow().clone();
+    let batch = final_batch(&events).unwrap().unwrap();
+    let va = VirtAddr::new;
+    assert_eq!(
+        batch,
+        [
+            TlbOp::LastLevel(va(a)),
+            TlbOp::LastLevel(va(a + PG)),
+            TlbOp::LastLevel(va(a + 2 * PG)),
+            TlbOp::AllLevels(va(a))
+        ]
+    );
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::Op(TlbOp::DsbIsh, _))).count(), 1, "one batch");
+    assert!(matches!(events.last(), Some(Event::Free(_))), "freed after the batch: {events:?}");
+    // A full flush covers the walk caches: no TLBI by VA at all.
+    unmap_lazily(&mut t, vr(keep, PG)).unwrap();
+    let tlb = RecordingTlb::new();
+    // SAFETY: as above.
+    let r = unsafe { t.flush_and_free_empty_tables(LeafFlush::All, &[vr(keep, PG)], half, &tlb, &mut arena) };
+    assert_eq!(r, Ok(3), "L3, L2 and L1 tables");
+    let ops = recorded_ops(&tlb);
+    assert_eq!(ops.iter().filter(|e| **e == op(TlbOp::All)).count(), 1);
+    assert!(!ops.iter().any(|e| matches!(e, TlbEvent::Op(TlbOp::AllLevels(_) | TlbOp::LastLevel(_)))), "{ops:?}");
+    assert_eq!(t.table_pages(), 1);
+    // A bad span changes nothing and invalidates nothing.
+    let tlb = RecordingTlb::new();
+    // SAFETY: as above.
+    let r = unsafe {
+        t.flush_and_free_empty_tables(LeafFlush::All, &[vr(0xffff_0000_0000_0000, PG)], half, &tlb, &mut arena)
+    };
+    assert!(r.is_err());
+    assert!(recorded_ops(&tlb).is_empty());
+    release(t, &mut arena);
+}
+
 // ---- the randomised model test: 10,000 operations, both halves ------------------------------
 
 /// splitmix64: small, deterministic, good enough to drive a test.

@@ -296,6 +296,37 @@ impl TlbBatch {
         self.len == 0
     }
 
+    /// Issue the last-level invalidation of every page of `leaves` (`tlbi vaale1is`) and
+    /// then the batch, between one pair of barriers, and wait for completion; one `tlbi
+    /// vmalle1is` instead when the batch overflowed. How a purge flushes its unmapped pages
+    /// and the walk caches of the tables it frees at once.
+    pub fn issue_with_leaves<T: Tlb + ?Sized>(
+        &self,
+        tlb: &T,
+        leaves: &mut dyn Iterator<Item = VirtRange>,
+    ) -> FlushKind {
+        if self.overflow {
+            tlb.invalidate_all();
+            return FlushKind::All;
+        }
+        let mut any = self.len > 0;
+        let mut leaves = leaves.peekable();
+        any |= leaves.peek().is_some();
+        if !any {
+            return FlushKind::Nothing;
+        }
+        tlb.issue(TlbOp::DsbIshst);
+        for range in leaves {
+            for_each_stride(range, PAGE_SIZE as u64, &mut |va| tlb.issue(TlbOp::LastLevel(va)));
+        }
+        for &op in &self.ops[..self.len] {
+            tlb.issue(op);
+        }
+        tlb.issue(TlbOp::DsbIsh);
+        tlb.issue(TlbOp::Isb);
+        FlushKind::Pages
+    }
+
     /// Issue the batch with its barriers and wait for completion.
     pub fn issue<T: Tlb + ?Sized>(&self, tlb: &T) -> FlushKind {
         if self.overflow {

@@ -7,7 +7,7 @@
 
 use core::fmt;
 
-use hal::{PhysAddr, VirtAddr};
+use hal::{PhysAddr, VirtAddr, VirtRange};
 
 /// Access rights for RAM mapped by [`super::Vmalloc::vmap`] (vmalloc areas are always
 /// [`Prot::ReadWrite`]). Normal cacheable memory, never executable (W^X).
@@ -49,6 +49,18 @@ impl fmt::Display for MapError {
             MapError::OutOfRange => "address outside the translated range",
         })
     }
+}
+
+/// The TLB invalidation of [`VmBackend::flush_and_free_tables`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlbFlush<'a> {
+    /// Nothing to invalidate but the walk caches of the tables freed.
+    None,
+    /// Every page of these ranges (`(start, pages)`), last level (as
+    /// [`VmBackend::tlb_flush_pages`]).
+    Pages(&'a [(VirtAddr, usize)]),
+    /// Everything (as [`VmBackend::tlb_flush_all`]).
+    All,
 }
 
 /// log2 of the pages in one huge-mapping block ([`VmBackend::alloc_block`]): 2 MiB, the
@@ -164,6 +176,41 @@ pub trait VmBackend {
 
     /// Invalidate every kernel TLB entry (TLBI VMALLE1IS), with one barrier pair.
     fn tlb_flush_all(&mut self);
+
+    /// Give back every page-table page, at every level, that maps nothing, whose span meets
+    /// one of `spans` and lies wholly inside `window` (the instance's); returns how many.
+    ///
+    /// vmalloc calls this once the TLB entries of `spans` have been invalidated (a purge,
+    /// a failed allocation, strict mode, a shrink). The backend decides emptiness under its
+    /// table lock and, for each table, clears the descriptor that points at it, invalidates
+    /// the walk caches for its span (`tlbi vaae1is`, not the last-level `vaale1is`: a walk
+    /// cache may hold the cleared descriptor), waits for completion (`dsb ish`), and only
+    /// then frees the page — all under that lock. The default frees nothing.
+    fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
+        let _ = (spans, window);
+        0
+    }
+
+    /// Invalidate `flush` and give back the empty tables of `spans` (as
+    /// [`Self::free_empty_tables`]) in one batch: descriptors cleared, then the leaves' and
+    /// the tables' invalidations between one pair of barriers (a full flush covers the
+    /// tables' walk caches by itself), then the frees. vmalloc's purge calls this. The
+    /// default flushes ([`Self::tlb_flush_pages`] / [`Self::tlb_flush_all`]), then calls
+    /// [`Self::free_empty_tables`].
+    fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
+        match flush {
+            TlbFlush::None => {}
+            TlbFlush::Pages(ranges) => self.tlb_flush_pages(ranges),
+            TlbFlush::All => self.tlb_flush_all(),
+        }
+        self.free_empty_tables(spans, window)
+    }
+
+    /// Page-table pages the backend's tables hold now (the kernel's: the whole upper half,
+    /// root included; the simulation's: those of its window). The default counts none.
+    fn table_pages(&self) -> usize {
+        0
+    }
 
     /// The physical address `va` translates to through the tables, if mapped.
     fn translate(&self, va: VirtAddr) -> Option<PhysAddr>;

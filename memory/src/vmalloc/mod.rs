@@ -77,7 +77,7 @@ use core::panic::Location;
 
 use hal::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 
-pub use backend::{DeviceAttr, MapError, Prot, VmBackend, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE};
+pub use backend::{DeviceAttr, MapError, Prot, TlbFlush, VmBackend, BLOCK_ORDER, BLOCK_PAGES, BLOCK_SIZE};
 pub use free::{FreeSpace, SearchStats};
 pub use info::{FaultClass, VmallocInfo};
 pub use locked::LockedVmalloc;
@@ -102,6 +102,13 @@ const RECORDS_PER_CALL: usize = 2;
 const REFILL_BATCH: usize = 16;
 /// At most this many spare records are kept after a purge (see [`Vmalloc::take_excess_spares`]).
 const SPARE_CAP: usize = 4096;
+/// Ranges a purge hands to [`VmBackend::flush_and_free_tables`] (its one call per purge).
+const RECLAIM_SPANS: usize = 16;
+/// A placeholder for unused slots of such a batch.
+const NO_SPAN: VirtRange = match VirtRange::new(VirtAddr::new(0), PAGE) {
+    Ok(r) => r,
+    Err(_) => panic!("one page is a range"),
+};
 
 /// What an area maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,6 +301,10 @@ pub struct VmallocConfig {
     /// Costs a page fill at `vfree` and a page scan at the purge per page, and one index
     /// frame per 255 quarantined pages; off in strict mode (which flushes at once).
     pub quarantine: bool,
+    /// Keep every page-table page once made, as Linux does (`vmalloc.keep_tables=1`): no
+    /// purge, failed allocation or shrink gives tables back. Off by default; for comparing
+    /// the cost of giving them back.
+    pub keep_tables: bool,
 }
 
 impl Default for VmallocConfig {
@@ -305,6 +316,7 @@ impl Default for VmallocConfig {
             refill_inline: true,
             spare_high: 64,
             quarantine: false,
+            keep_tables: false,
         }
     }
 }
@@ -384,6 +396,10 @@ pub struct VmallocStats {
     pub huge_blocks: usize,
     /// 2 MiB stretches of huge areas mapped with pages because no block was available, ever.
     pub huge_fallbacks: u64,
+    /// Page-table pages of the window given back because they mapped nothing any more
+    /// (purges, failed allocations, strict mode, shrinks; [`VmBackend::free_empty_tables`]),
+    /// ever.
+    pub tables_freed: u64,
     /// Frames of freed areas held in quarantine until the purge ([`VmallocConfig::quarantine`];
     /// a 2 MiB block counts 512), index frames included.
     pub quarantined_frames: usize,
@@ -411,6 +427,7 @@ struct Counters {
     pages_mapped: u64,
     huge_blocks: usize,
     huge_fallbacks: u64,
+    tables_freed: u64,
     quarantined: usize,
     quarantine_hits: u64,
     quarantine_bypassed: u64,
@@ -1016,7 +1033,8 @@ impl<B: VmBackend> Vmalloc<B> {
                 self.c.frames_returned += got as u64;
                 if done > 0 {
                     self.unmap_free(va, done);
-                    self.flush_now(va, done);
+                    // The tables this allocation made go back at once, not at a purge.
+                    self.flush_reclaim(va, done, va, va + (done * PAGE_SIZE) as u64);
                 }
                 return Err(e);
             }
@@ -1053,7 +1071,7 @@ impl<B: VmBackend> Vmalloc<B> {
             if let Err(e) = self.populate(at, n, zero) {
                 if done > 0 {
                     self.unmap_free_huge(va, done, false);
-                    self.flush_now(va, done);
+                    self.flush_reclaim(va, done, va, va + (done * PAGE_SIZE) as u64);
                 }
                 return Err(e);
             }
@@ -1316,6 +1334,79 @@ impl<B: VmBackend> Vmalloc<B> {
         }
     }
 
+    /// [`Self::flush_now`] for `pages` from `va`, and in the same batch give back the page
+    /// tables of the window that map nothing and meet `[lo, hi)` (see
+    /// [`VmBackend::flush_and_free_tables`]): failure paths, strict mode, a shrink.
+    fn flush_reclaim(&mut self, va: u64, pages: usize, lo: u64, hi: u64) {
+        let flush = if pages == 0 {
+            TlbFlush::None
+        } else if pages <= self.config.flush_page_threshold {
+            self.c.tlb_page_ops += pages as u64;
+            self.c.tlb_page_batches += 1;
+            TlbFlush::Pages(&[(VirtAddr::new(va), pages)])
+        } else {
+            self.c.tlb_full += 1;
+            TlbFlush::All
+        };
+        let span = VirtRange::from_bounds(VirtAddr::new(lo), VirtAddr::new(hi)).ok();
+        self.flush_reclaim_spans(flush, span.as_slice());
+    }
+
+    /// Issue `flush` and give back the empty tables meeting `spans` in one backend call
+    /// (`spans` ignored with [`VmallocConfig::keep_tables`]).
+    fn flush_reclaim_spans(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange]) {
+        let window = VirtRange::new(VirtAddr::new(self.start), self.end - self.start);
+        match window {
+            Ok(window) if !spans.is_empty() && !self.config.keep_tables => {
+                self.c.tables_freed += self.backend.flush_and_free_tables(flush, spans, window) as u64;
+            }
+            _ => match flush {
+                TlbFlush::None => {}
+                TlbFlush::Pages(r) => self.backend.tlb_flush_pages(r),
+                TlbFlush::All => self.backend.tlb_flush_all(),
+            },
+        }
+    }
+
+    /// The ranges of the parked list from `head` (sorted by descending start), rounded out
+    /// to 2 MiB (a last-level table's span) and joined where they meet, into `spans`; past
+    /// its capacity the last one grows to cover the rest. Returns how many.
+    fn table_spans(&self, head: NodePtr, spans: &mut [VirtRange; RECLAIM_SPANS]) -> usize {
+        if self.config.keep_tables {
+            return 0;
+        }
+        let block = BLOCK_SIZE as u64;
+        let mut n = 0usize;
+        let mut hull: Option<(u64, u64)> = None;
+        let mut cur = Some(head);
+        while let Some(p) = cur {
+            let nd = p.get();
+            cur = nd.next.get();
+            let lo = (nd.start.get() & !(block - 1)).max(self.start);
+            let hi = nd.end.get().div_ceil(block).saturating_mul(block).min(self.end);
+            hull = match hull {
+                Some((l, h)) if hi >= l => Some((lo.min(l), h.max(hi))),
+                Some((l, h)) if n + 1 < RECLAIM_SPANS => {
+                    if let Ok(r) = VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)) {
+                        spans[n] = r;
+                        n += 1;
+                    }
+                    Some((lo, hi))
+                }
+                // Out of slots: the last span covers everything below.
+                Some((l, h)) => Some((lo.min(l), h.max(hi))),
+                None => Some((lo, hi)),
+            };
+        }
+        if let Some((l, h)) = hull {
+            if let Ok(r) = VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)) {
+                spans[n] = r;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Map caller-owned `frames` contiguously (read-write), with a guard page.
     ///
     /// # Errors
@@ -1495,7 +1586,15 @@ impl<B: VmBackend> Vmalloc<B> {
         if self.backend.phys_is_ram(range.start(), pages) {
             return Err(VmallocError::RamRange);
         }
-        let node = self.alloc_area(pages, PAGE, flags, caller)?;
+        // Where the physical range is aligned to a block it covers, so is the virtual one:
+        // the backend can then map 1 GiB / 2 MiB blocks (a large ioremap costs a few table
+        // pages, not one per 2 MiB).
+        let pa = range.start().as_u64();
+        let align = [1 << 30, BLOCK_SIZE as u64]
+            .into_iter()
+            .find(|&b| range.size() >= b && pa.is_multiple_of(b))
+            .unwrap_or(PAGE);
+        let node = self.alloc_area(pages, align, flags, caller)?;
         let nd = node.get();
         if let Err(e) = self.backend.map_device(VirtAddr::new(nd.start.get()), range.start(), pages, attr) {
             self.abort_area(node);
@@ -1722,7 +1821,7 @@ impl<B: VmBackend> Vmalloc<B> {
         self.history.push(node);
         self.unlink_live(node);
         if self.config.strict {
-            self.flush_now(start, pages);
+            self.flush_reclaim(start, pages, start, nd.end.get());
             self.free.give_back(node);
             self.trim_spares();
         } else {
@@ -1760,6 +1859,12 @@ impl<B: VmBackend> Vmalloc<B> {
     pub fn purge(&mut self) {
         let Some(head) = self.parked_head.take() else { return };
         let t0 = self.backend.now_ns();
+        // Sorted first (highest first: see below), so that the ranges whose page tables may
+        // now be empty come out joined: one backend call flushes the parked pages and gives
+        // those tables back in the same batch.
+        let Some(head) = sort_desc(head) else { return };
+        let mut spans = [NO_SPAN; RECLAIM_SPANS];
+        let nspans = self.table_spans(head, &mut spans);
         let mapped = self.c.parked_mapped;
         if mapped > 0 && mapped <= self.config.flush_page_threshold {
             let mut ranges = [(VirtAddr::new(0), 0usize); MAX_FLUSH_PAGE_THRESHOLD];
@@ -1775,12 +1880,14 @@ impl<B: VmBackend> Vmalloc<B> {
                 }
                 cur = pn.next.get();
             }
-            self.backend.tlb_flush_pages(&ranges[..n]);
+            self.flush_reclaim_spans(TlbFlush::Pages(&ranges[..n]), &spans[..nspans]);
             self.c.tlb_page_ops += mapped as u64;
             self.c.tlb_page_batches += 1;
         } else if mapped > 0 {
-            self.backend.tlb_flush_all();
+            self.flush_reclaim_spans(TlbFlush::All, &spans[..nspans]);
             self.c.tlb_full += 1;
+        } else {
+            self.flush_reclaim_spans(TlbFlush::None, &spans[..nspans]);
         }
         // The flush killed every stale TLB entry of the parked ranges: the quarantined
         // frames can be checked and freed.
@@ -1791,7 +1898,7 @@ impl<B: VmBackend> Vmalloc<B> {
         // In that order a range below the lowest hole goes in without a descent (see
         // `FreeSpace::give_back`): the common case after allocations walked up the holes.
         let mut acc: Option<NodePtr> = None;
-        let mut cur = sort_desc(head);
+        let mut cur = Some(head);
         while let Some(n) = cur {
             let nd = n.get();
             cur = nd.next.get();
@@ -1937,7 +2044,14 @@ impl<B: VmBackend> Vmalloc<B> {
             let tail = start + new_pages as u64 * page;
             self.unmap_free(tail, old_pages - new_pages);
             // The tail may be mapped again by a later grow: flush it now.
-            self.flush_now(tail, old_pages - new_pages);
+            // Only tables past the last page still mapped can have emptied.
+            let lo = tail.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64;
+            let hi = start + old_pages as u64 * page;
+            if lo < hi {
+                self.flush_reclaim(tail, old_pages - new_pages, lo, hi);
+            } else {
+                self.flush_now(tail, old_pages - new_pages);
+            }
             self.c.mapped_pages -= old_pages - new_pages;
             self.c.owned_frames -= old_pages - new_pages;
         }
@@ -2082,6 +2196,7 @@ impl<B: VmBackend> Vmalloc<B> {
             purge_ns_p99: self.purge_hist.percentile(99),
             huge_blocks: self.c.huge_blocks,
             huge_fallbacks: self.c.huge_fallbacks,
+            tables_freed: self.c.tables_freed,
             quarantined_frames: self.c.quarantined,
             quarantine_hits: self.c.quarantine_hits,
             quarantine_bypassed: self.c.quarantine_bypassed,

@@ -13,18 +13,28 @@
 //! - Fault injection: fail a frame allocation or a map call after a given count; and every
 //!   frame, block and map call (which stands for its page-table pages) counts as one internal
 //!   allocation of [`crate::fault`]'s every-k-th injection.
+//! - Translation tables are modelled too: a last-level table per 2 MiB, a level-2 table per
+//!   1 GiB and a level-1 table per 512 GiB that holds a mapping, each counting its valid
+//!   entries, taken when a mapping first needs it (from a pool of their own at
+//!   [`SimBackend::TABLE_BASE`], apart from the frames) and kept until
+//!   [`VmBackend::free_empty_tables`] gives it back ([`SimBackend::table_pages`]). A table
+//!   is *walk-stale* once its descriptor is cleared, until a walk-cache invalidation covers
+//!   it (an all-levels TLBI by VA, or a full flush); freeing a walk-stale table, or one that
+//!   still holds an entry, is a violation. [`SimBackend::break_walk_invalidation`] makes the
+//!   reclaim issue last-level TLBIs only, as a backend with that bug would: the oracle must
+//!   catch it.
 //! - Page contents are kept sparsely (only pages written through [`SimBackend::write`] or
 //!   copied), so tests can check zeroing and `vrealloc` copies.
 
 use super::alloc::boxed::Box;
-use super::alloc::collections::BTreeMap;
+use super::alloc::collections::{BTreeMap, BTreeSet};
 use super::alloc::vec;
 use super::alloc::vec::Vec;
 use core::cell::Cell;
 
 use hal::{PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
 
-use super::backend::{DeviceAttr, MapError, Prot, VmBackend, BLOCK_PAGES, BLOCK_SIZE};
+use super::backend::{DeviceAttr, MapError, Prot, TlbFlush, VmBackend, BLOCK_PAGES, BLOCK_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const VALID: u64 = 1;
@@ -53,6 +63,24 @@ pub struct SimCounters {
     pub violations: u64,
     /// 2 MiB blocks currently taken.
     pub blocks_in_use: usize,
+    /// Table pages the window's tables hold now (see [`SimBackend::table_pages`]).
+    pub table_pages: usize,
+    /// Table pages given back ([`VmBackend::free_empty_tables`]).
+    pub tables_freed: u64,
+    /// All-levels TLB invalidations by VA (`tlbi vaae1is`), one per table given back.
+    pub walk_tlbis: u64,
+}
+
+/// Bytes one table of the simulated tree spans, by the level of its entries (1-3).
+const fn table_span(level: u8) -> u64 {
+    1 << (12 + 9 * (4 - level as u32))
+}
+
+/// One simulated table page: its frame and how many of its entries are valid.
+#[derive(Clone, Copy, Debug)]
+struct SimTable {
+    pa: u64,
+    entries: u32,
 }
 
 /// The simulated backend.
@@ -73,6 +101,15 @@ pub struct SimBackend {
     block_budget: Option<usize>,
     memory: BTreeMap<u64, Box<[u8]>>,
     clock: Cell<u64>,
+    /// Tables by (level of their entries 1-3, first address of their span).
+    tables: BTreeMap<(u8, u64), SimTable>,
+    /// Table frames: free (popped from the back), next never used, taken.
+    table_free: Vec<u64>,
+    table_next: u64,
+    tables_taken: BTreeSet<u64>,
+    /// Table frames whose descriptor was cleared and no walk invalidation has covered yet.
+    walk_stale: BTreeSet<u64>,
+    broken_walk_invalidation: bool,
     /// What happened.
     pub counters: SimCounters,
 }
@@ -100,7 +137,176 @@ impl SimBackend {
             block_budget: None,
             memory: BTreeMap::new(),
             clock: Cell::new(0),
+            tables: BTreeMap::new(),
+            table_free: Vec::new(),
+            table_next: Self::TABLE_BASE,
+            tables_taken: BTreeSet::new(),
+            walk_stale: BTreeSet::new(),
+            broken_walk_invalidation: false,
             counters: SimCounters::default(),
+        }
+    }
+
+    /// Physical address of the first simulated table page (apart from frames and blocks).
+    pub const TABLE_BASE: u64 = 0x200_0000_0000;
+
+    /// Table pages the window's tables hold now (each 2 MiB with a page mapped, each
+    /// 1 GiB and each 512 GiB with anything mapped, plus those kept empty until a
+    /// [`VmBackend::free_empty_tables`]).
+    pub fn table_pages(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Whether a table of entry level `level` (1: spans 512 GiB, 2: 1 GiB, 3: 2 MiB) exists
+    /// for `va`.
+    pub fn has_table(&self, level: u8, va: VirtAddr) -> bool {
+        (1..=3).contains(&level) && self.tables.contains_key(&(level, va.as_u64() & !(table_span(level) - 1)))
+    }
+
+    /// From now on [`VmBackend::free_empty_tables`] invalidates the last level only
+    /// (`tlbi vaale1is`), not the walk caches: the bug the oracle must catch (each table
+    /// then freed counts as a violation).
+    pub fn break_walk_invalidation(&mut self) {
+        self.broken_walk_invalidation = true;
+    }
+
+    /// Count `count` new leaves at `va` (all in one table of entry level `level`: 3 for
+    /// pages, 2 for 2 MiB blocks), creating the tables on the way.
+    fn add_leaves(&mut self, va: u64, count: u32, level: u8) {
+        for l in 1..=level {
+            let key = (l, va & !(table_span(l) - 1));
+            if !self.tables.contains_key(&key) {
+                let pa = self.table_free.pop().unwrap_or_else(|| {
+                    self.table_next += PAGE;
+                    self.table_next - PAGE
+                });
+                self.tables_taken.insert(pa);
+                self.tables.insert(key, SimTable { pa, entries: 0 });
+                self.counters.table_pages += 1;
+                if l > 1 {
+                    self.table_entry(l - 1, va, 1);
+                }
+            }
+        }
+        self.table_entry(level, va, count as i64);
+    }
+
+    /// Add `delta` to the valid entries of the table of entry level `level` holding `va`; a
+    /// missing table or a count below zero is a violation.
+    fn table_entry(&mut self, level: u8, va: u64, delta: i64) {
+        match self.tables.get_mut(&(level, va & !(table_span(level) - 1))) {
+            Some(t) if i64::from(t.entries) + delta >= 0 => t.entries = (i64::from(t.entries) + delta) as u32,
+            _ => self.counters.violations += 1,
+        }
+    }
+
+    /// Count leaves removed from `va` on (`count` pages, possibly across last-level tables).
+    fn remove_pages(&mut self, va: u64, count: usize) {
+        let mut at = va;
+        let end = va + count as u64 * PAGE;
+        while at < end {
+            let next = ((at | (table_span(3) - 1)) + 1).min(end);
+            self.table_entry(3, at, -(((next - at) / PAGE) as i64));
+            at = next;
+        }
+    }
+
+    /// Count pages added from `va` on (as [`Self::remove_pages`]).
+    fn add_pages(&mut self, va: u64, count: usize) {
+        let mut at = va;
+        let end = va + count as u64 * PAGE;
+        while at < end {
+            let next = ((at | (table_span(3) - 1)) + 1).min(end);
+            self.add_leaves(at, ((next - at) / PAGE) as u32, 3);
+            at = next;
+        }
+    }
+
+    /// Whether a table of entry level `level` at `base` spans only addresses of `window` and
+    /// of the simulated window.
+    fn table_inside(&self, level: u8, base: u64, window: VirtRange) -> bool {
+        let last = base + (table_span(level) - 1);
+        let sim_last = self.base + (self.ptes.len() as u64 * PAGE - 1);
+        base >= window.start().as_u64() && last < window.end().as_u64() && base >= self.base && last <= sim_last
+    }
+
+    /// Detach the empty tables of entry level `level` meeting `spans` (the oracle re-checks
+    /// a last-level table's entries), pushing their frames to `out`.
+    fn detach_empty(&mut self, level: u8, spans: &[VirtRange], window: VirtRange, out: &mut Vec<u64>) {
+        let size = table_span(level);
+        for span in spans {
+            let lo = span.start().as_u64() & !(size - 1);
+            let hi = (span.end().as_u64() - 1) & !(size - 1);
+            let empty: Vec<u64> = self
+                .tables
+                .range((level, lo)..=(level, hi))
+                .filter(|(_, t)| t.entries == 0)
+                .map(|(&(_, base), _)| base)
+                .filter(|&base| self.table_inside(level, base, window))
+                .collect();
+            for base in empty {
+                if level == 3 {
+                    let first = ((base - self.base) / PAGE) as usize;
+                    if self.ptes[first..first + 512].iter().any(|e| e & VALID != 0) {
+                        self.counters.violations += 1;
+                        continue;
+                    }
+                }
+                let Some(t) = self.tables.remove(&(level, base)) else { continue };
+                self.counters.table_pages -= 1;
+                if level > 1 {
+                    self.table_entry(level - 1, base, -1);
+                }
+                // Cleared: a walk cache may still hold the descriptor.
+                self.walk_stale.insert(t.pa);
+                out.push(t.pa);
+            }
+        }
+    }
+
+    /// Release detached tables: walk invalidation (unless broken), then free.
+    fn release_tables(&mut self, detached: &[u64]) {
+        if detached.is_empty() {
+            return;
+        }
+        self.walk_invalidate(detached);
+        self.counters.barrier_pairs += 1;
+        self.free_detached(detached);
+    }
+
+    /// One all-levels TLBI per detached table (last-level ones when broken).
+    fn walk_invalidate(&mut self, detached: &[u64]) {
+        for pa in detached {
+            if self.broken_walk_invalidation {
+                self.counters.page_tlbis += 1;
+            } else {
+                self.walk_stale.remove(pa);
+                self.counters.walk_tlbis += 1;
+            }
+        }
+    }
+
+    /// Free detached tables (after their invalidation: a walk-stale one is a violation).
+    fn free_detached(&mut self, detached: &[u64]) {
+        for &pa in detached {
+            if self.walk_stale.remove(&pa) || !self.tables_taken.remove(&pa) {
+                // Freed while a walk cache may still point at it (or not taken).
+                self.counters.violations += 1;
+            }
+            self.table_free.push(pa);
+            self.counters.tables_freed += 1;
+        }
+    }
+
+    /// Per-page last-level TLBIs for `ranges` (no barrier counted).
+    fn leaf_invalidate(&mut self, ranges: &[(VirtAddr, usize)]) {
+        for &(va, pages) in ranges {
+            for p in 0..pages {
+                if let Some(i) = self.index(va.as_u64() + p as u64 * PAGE) {
+                    self.stale[i] = 0;
+                }
+                self.counters.page_tlbis += 1;
+            }
         }
     }
 
@@ -333,6 +539,7 @@ impl VmBackend for SimBackend {
             self.stale[first + i] = 0;
             self.ptes[first + i] = f.as_u64() | VALID | ro;
         }
+        self.add_pages(va.as_u64(), frames.len());
         self.counters.mapped += frames.len();
         self.counters.ptes_written += frames.len() as u64;
         Ok(())
@@ -360,6 +567,7 @@ impl VmBackend for SimBackend {
             self.ptes[first + i] = (pa.as_u64() + i as u64 * PAGE) | VALID | DEVICE;
             self.counters.mapped += 1;
         }
+        self.add_pages(va.as_u64(), pages);
         self.counters.ptes_written += pages as u64;
         Ok(())
     }
@@ -380,6 +588,7 @@ impl VmBackend for SimBackend {
             self.stale[i] = self.epoch + 1;
             self.counters.mapped -= 1;
             self.counters.ptes_cleared += 1;
+            self.remove_pages(self.base + i as u64 * PAGE, 1);
             on_frame(PhysAddr::new(e & !(PAGE - 1)));
         }
     }
@@ -439,10 +648,19 @@ impl VmBackend for SimBackend {
         if self.stale[span.clone()].iter().any(|&s| s == self.epoch + 1) {
             self.counters.violations += 1;
         }
+        // An empty last-level table left there goes first, as `pmd_free_pte_page` (the
+        // real backend's walk-cache invalidation included).
+        if self.tables.get(&(3, va.as_u64())).is_some_and(|t| t.entries == 0) {
+            let mut detached = Vec::new();
+            let block = VirtRange::new(va, BLOCK_SIZE as u64).map_err(|_| MapError::OutOfRange)?;
+            self.detach_empty(3, &[block], block, &mut detached);
+            self.release_tables(&detached);
+        }
         for (k, i) in span.enumerate() {
             self.stale[i] = 0;
             self.ptes[i] = (pa.as_u64() + k as u64 * PAGE) | VALID | BLOCK;
         }
+        self.add_leaves(va.as_u64(), 1, 2);
         self.counters.mapped += BLOCK_PAGES;
         // One descriptor.
         self.counters.ptes_written += 1;
@@ -461,23 +679,43 @@ impl VmBackend for SimBackend {
         }
         self.counters.mapped -= BLOCK_PAGES;
         self.counters.ptes_cleared += 1;
+        self.table_entry(2, va.as_u64(), -1);
         Some(pa)
     }
 
-    fn tlb_flush_pages(&mut self, ranges: &[(VirtAddr, usize)]) {
-        for &(va, pages) in ranges {
-            for p in 0..pages {
-                if let Some(i) = self.index(va.as_u64() + p as u64 * PAGE) {
-                    self.stale[i] = 0;
-                }
-                self.counters.page_tlbis += 1;
-            }
+    fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
+        let mut detached = Vec::new();
+        for level in [3, 2, 1] {
+            self.detach_empty(level, spans, window, &mut detached);
         }
+        // One batch: the leaves, then the tables' walk caches (a full flush covers them).
+        match flush {
+            TlbFlush::All => {
+                self.walk_stale.clear();
+                self.epoch += 1;
+                self.counters.full_flushes += 1;
+            }
+            TlbFlush::Pages(ranges) => {
+                self.leaf_invalidate(ranges);
+                self.walk_invalidate(&detached);
+            }
+            TlbFlush::None => self.walk_invalidate(&detached),
+        }
+        if flush != TlbFlush::None || !detached.is_empty() {
+            self.counters.barrier_pairs += 1;
+        }
+        self.free_detached(&detached);
+        detached.len()
+    }
+
+    fn tlb_flush_pages(&mut self, ranges: &[(VirtAddr, usize)]) {
+        self.leaf_invalidate(ranges);
         self.counters.barrier_pairs += 1;
     }
 
     fn tlb_flush_all(&mut self) {
-        // Marks from the old epoch no longer match: every page is clean.
+        // Marks from the old epoch no longer match: every page is clean; walk caches too.
+        self.walk_stale.clear();
         self.epoch += 1;
         self.counters.full_flushes += 1;
         self.counters.barrier_pairs += 1;
@@ -486,6 +724,20 @@ impl VmBackend for SimBackend {
     fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
         let (pa, _, _) = self.pte(va)?;
         Some(PhysAddr::new(pa.as_u64() + va.page_offset()))
+    }
+
+    fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
+        let mut detached = Vec::new();
+        // Bottom up: a table emptied by detaching its last subtable goes in the same call.
+        for level in [3, 2, 1] {
+            self.detach_empty(level, spans, window, &mut detached);
+        }
+        self.release_tables(&detached);
+        detached.len()
+    }
+
+    fn table_pages(&self) -> usize {
+        self.tables.len()
     }
 
     fn phys_is_ram(&self, pa: PhysAddr, pages: usize) -> bool {
