@@ -8,6 +8,32 @@ use core::sync::atomic::{AtomicBool, Ordering};
 /// with IRQ and FIQ masked, so neither another CPU nor an interrupt handler on this one
 /// can reach the same value meanwhile; a nested `with` on the same value (from an exception
 /// taken inside the closure) is refused rather than aliased.
+///
+/// Shared between CPUs only for `T: Send` (a value may be created on one CPU and used on
+/// another): a `PerCpu` of a thread-bound type such as `Rc` is not `Sync`, so it cannot be a
+/// `static` nor be reached from two CPUs:
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<hal::smp::PerCpu<std::rc::Rc<u64>>>();
+/// ```
+///
+/// Every CPU's value at once ([`PerCpu::get_mut`]) needs `&mut self`, which no shared
+/// `PerCpu` (a `static`, or one reached from another CPU) gives:
+///
+/// ```compile_fail,E0596
+/// fn peek(per: &hal::smp::PerCpu<u64>) -> Option<&mut u64> {
+///     per.get_mut(1)
+/// }
+/// ```
+///
+/// The closure's `&mut T` cannot leave it (it would outlive the masked section):
+///
+/// ```compile_fail
+/// fn leak(per: &hal::smp::PerCpu<u64>) -> &mut u64 {
+///     per.with(|v| v)
+/// }
+/// ```
 pub struct PerCpu<T> {
     slots: [Slot<T>; MAX_CPUS],
 }

@@ -501,8 +501,10 @@ fn global_instance_and_frames() {
     let before = stats().unwrap();
     let f = Frames::alloc_zeroed(3).unwrap();
     assert_eq!(f.size(), 8 * PAGE_SIZE);
-    // SAFETY: the block is owned by `f`.
-    assert_eq!(unsafe { *f.virt().as_ptr::<u64>() }, 0);
+    let linear = *global().unwrap().lock().linear_map();
+    assert_eq!(Some(f.virt()), linear.phys_to_virt(f.phys()));
+    // SAFETY: the block is owned by `f` (the pointer from the map: no integer cast).
+    assert_eq!(unsafe { *linear.ptr::<u64>(f.phys()) }, 0);
     assert_eq!(stats().unwrap().free_pages, before.free_pages - 8);
     let pa = f.phys();
     drop(f);

@@ -359,7 +359,8 @@ struct Cache {
 
 // SAFETY: the pointers lead to slabs this cache owns (buddy blocks it allocated, reached
 // through the linear map every core shares), and a `Cache` is only ever used under its
-// slot's `spin::Mutex`: whichever core holds the lock has the only access, and the lock's
+// slot's lock (a checked `hal::sync::SpinLock` over a `spin::Mutex`): whichever core
+// holds the lock has the only access, and the lock's
 // acquire/release makes the previous holder's writes to headers, bitmaps and free lists
 // visible to it. Another slab allocator on the same buddy never touches them (its `kfree`
 // checks the brand in the header, read-only, before anything else).
@@ -511,8 +512,8 @@ pub struct SlabAllocator<'b> {
     tags: FrameTags<'b>,
     /// The buddy's linear map: object pointers are derived from its pointer (provenance).
     linear: hal::linear::LinearMap,
-    /// `virtual = physical + va_delta` (wrapping) in the linear map.
-    va_delta: u64,
+    /// The linear map as a pointer offset (`virtual = physical + delta`, wrapping).
+    va_offset: hal::linear::LinearOffset,
     strict: bool,
     caches: [hal::sync::SpinLock<Cache>; MAX_CACHES],
     large_allocs: AtomicUsize,
@@ -562,10 +563,8 @@ impl<'b> SlabAllocator<'b> {
             // included) reserved while a slab allocator built on it is in use.
             (unsafe { b.frame_tags().extend::<'b>() }, *b.linear_map())
         };
-        let start = linear.phys_range().start();
-        let va = linear.phys_to_virt(start).ok_or(SlabError::MisalignedLinearMap)?;
-        let va_delta = va.as_u64().wrapping_sub(start.as_u64());
-        if va_delta & ((PAGE_SIZE << MAX_ORDER) as u64 - 1) != 0 {
+        let va_offset = linear.offset();
+        if va_offset.delta() & ((PAGE_SIZE << MAX_ORDER) as u64 - 1) != 0 {
             return Err(SlabError::MisalignedLinearMap);
         }
         let brand = NEXT_BRAND
@@ -576,7 +575,7 @@ impl<'b> SlabAllocator<'b> {
             brand,
             tags,
             linear,
-            va_delta,
+            va_offset,
             strict,
             caches: core::array::from_fn(|_| hal::sync::SpinLock::new(&hal::sync::classes::SLAB, Cache::VACANT)),
             large_allocs: AtomicUsize::new(0),
@@ -655,7 +654,7 @@ impl<'b> SlabAllocator<'b> {
 
     #[inline(always)]
     fn pa(&self, va: *const u8) -> PhysAddr {
-        PhysAddr::new((va as usize as u64).wrapping_sub(self.va_delta))
+        PhysAddr::new(self.va_offset.phys(va))
     }
 
     #[cold]
