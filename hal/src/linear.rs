@@ -49,7 +49,7 @@ impl LinearMap {
     /// # Safety
     /// As for [`Self::new`], with `base` valid for reads and writes of `phys.size()` bytes.
     pub unsafe fn from_ptr(phys: PhysRange, base: *mut u8) -> Self {
-        Self { phys, virt_start: base as usize as u64, base }
+        Self { phys, virt_start: base.addr() as u64, base }
     }
 
     /// The physical range this map covers.
@@ -91,6 +91,13 @@ impl LinearMap {
         self.base.wrapping_add(off as usize).cast()
     }
 
+    /// The map as a pointer offset ([`LinearOffset`]): for hot paths that turn physical
+    /// addresses they already know to be inside the window into pointers, with one add.
+    #[inline(always)]
+    pub fn offset(&self) -> LinearOffset {
+        LinearOffset { origin: self.base.wrapping_sub(self.phys.start().as_u64() as usize) }
+    }
+
     /// The physical address behind a virtual address of the window, or `None`.
     pub fn virt_to_phys(&self, va: VirtAddr) -> Option<PhysAddr> {
         let off = va.as_u64().checked_sub(self.virt_start)?;
@@ -98,5 +105,57 @@ impl LinearMap {
             return None;
         }
         Some(self.phys.start().add(off))
+    }
+}
+
+/// A [`LinearMap`] reduced to its offset, as a pointer: `ptr(pa)` is the origin pointer
+/// advanced by `pa` bytes (`wrapping_add`), so every pointer it makes carries the map's
+/// provenance: no integer-to-pointer cast, on the host (Miri's strict provenance) or on
+/// target. No bounds are checked: callers pass physical addresses inside the window they
+/// took the offset from (an allocator's own frames), and only those may be dereferenced.
+///
+/// ```
+/// use hal::linear::LinearMap;
+/// use hal::{PhysAddr, PhysRange};
+/// let mut ram = vec![0u64; 512];
+/// let phys = PhysRange::new(PhysAddr::new(0x4000_0000), 4096).unwrap();
+/// // SAFETY: the buffer is ours and only reached through the map below.
+/// let map = unsafe { LinearMap::from_ptr(phys, ram.as_mut_ptr().cast()) };
+/// let off = map.offset();
+/// let p = off.ptr::<u64>(0x4000_0008);
+/// // SAFETY: inside the buffer, which nothing else borrows now.
+/// unsafe { p.write(7) };
+/// assert_eq!(off.phys(p), 0x4000_0008);
+/// assert_eq!(ram[1], 7);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearOffset {
+    /// Where physical address 0 would be (wrapping; never dereferenced).
+    origin: *mut u8,
+}
+
+// SAFETY: as for `LinearMap`: a description of the window (the pointer carries provenance
+// only and is never dereferenced by this type), valid on every core.
+unsafe impl Send for LinearOffset {}
+// SAFETY: as for `Send`: `&LinearOffset` only reads a `Copy` field.
+unsafe impl Sync for LinearOffset {}
+
+impl LinearOffset {
+    /// The pointer to physical address `pa` (no bounds check; see the type's docs).
+    #[inline(always)]
+    pub fn ptr<T>(self, pa: u64) -> *mut T {
+        self.origin.wrapping_add(pa as usize).cast()
+    }
+
+    /// The physical address of a pointer into the window (the inverse of [`Self::ptr`]).
+    #[inline(always)]
+    pub fn phys<T>(self, p: *const T) -> u64 {
+        p.addr().wrapping_sub(self.origin.addr()) as u64
+    }
+
+    /// `virtual - physical` as an integer (wrapping), for alignment checks.
+    #[inline(always)]
+    pub fn delta(self) -> u64 {
+        self.origin.addr() as u64
     }
 }

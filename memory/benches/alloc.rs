@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use buddy_system_allocator::FrameAllocator;
-use hal::addr::{PhysAddr, PhysRange, VirtAddr, PAGE_SHIFT};
+use hal::addr::{PhysAddr, PhysRange, PAGE_SHIFT};
 use hal::linear::LinearMap;
 use memory::buddy::{BuddyAllocator, MAX_ORDER};
 use memory::slab::SlabAllocator;
@@ -34,7 +34,7 @@ fn ram() -> LinearMap {
     assert!(!p.is_null());
     let phys = PhysRange::new(PhysAddr::new(RAM_BASE), RAM_BYTES as u64).unwrap();
     // SAFETY: the buffer is leaked and only reached through this map.
-    unsafe { LinearMap::new(phys, VirtAddr::new(p as u64)) }
+    unsafe { LinearMap::from_ptr(phys, p) }
 }
 
 /// `-- nohot`: the buddy allocators are built with their hot list off.

@@ -3,7 +3,7 @@
 
 use std::alloc::{alloc_zeroed, GlobalAlloc, Layout};
 
-use hal::addr::{PhysAddr, PhysRange, VirtAddr};
+use hal::addr::{PhysAddr, PhysRange};
 use hal::linear::LinearMap;
 use memory::buddy::{self, BuddyError, Frames};
 use memory::slab::{self, KernelAllocator, KmemCache, SlabError};
@@ -36,7 +36,7 @@ fn kernel_heap_before_and_after_init() {
     assert!(!p.is_null());
     let phys = PhysRange::new(PhysAddr::new(0x4000_0000), RAM as u64).unwrap();
     // SAFETY: the buffer is leaked and reached only through this map.
-    let linear = unsafe { LinearMap::new(phys, VirtAddr::new(p as u64)) };
+    let linear = unsafe { LinearMap::from_ptr(phys, p) };
     let image = PhysRange::new(PhysAddr::new(0x4000_0000), 0x1_0000).unwrap();
     // SAFETY: the buffer is used by nothing else for the rest of the process.
     unsafe { buddy::init(&[phys], &[image], linear, true) }.unwrap();

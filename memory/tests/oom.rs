@@ -289,7 +289,7 @@ fn slab_every_kth_internal_allocation_fails_cleanly() {
     assert!(!p.is_null());
     let phys = PhysRange::new(PhysAddr::new(0x4000_0000), RAM as u64).unwrap();
     // SAFETY: the buffer is leaked and reached only through this map.
-    let linear = unsafe { LinearMap::new(phys, VirtAddr::new(p as u64)) };
+    let linear = unsafe { LinearMap::from_ptr(phys, p) };
     // SAFETY: the RAM is ours alone for the rest of the process.
     let buddy = unsafe { BuddyAllocator::new(&[phys], &[], linear, false) }.unwrap();
     let buddy: &'static hal::sync::IrqSpinLock<BuddyAllocator> =

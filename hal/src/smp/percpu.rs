@@ -10,6 +10,32 @@ use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 /// handler, or an exception taken inside the closure) is refused rather than aliased, so
 /// code that interrupt handlers reach falls back to a slow path. This kernel has no
 /// preemption: code inside the closure stays on its CPU.
+///
+/// Shared between CPUs only for `T: Send` (a value may be created on one CPU and used on
+/// another): a `PerCpu` of a thread-bound type such as `Rc` is not `Sync`, so it cannot be a
+/// `static` nor be reached from two CPUs:
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<hal::smp::PerCpu<std::rc::Rc<u64>>>();
+/// ```
+///
+/// Every CPU's value at once ([`PerCpu::get_mut`]) needs `&mut self`, which no shared
+/// `PerCpu` (a `static`, or one reached from another CPU) gives:
+///
+/// ```compile_fail,E0596
+/// fn peek(per: &hal::smp::PerCpu<u64>) -> Option<&mut u64> {
+///     per.get_mut(1)
+/// }
+/// ```
+///
+/// The closure's `&mut T` cannot leave it (it would outlive the claim):
+///
+/// ```compile_fail
+/// fn leak(per: &hal::smp::PerCpu<u64>) -> &mut u64 {
+///     per.with(|v| v)
+/// }
+/// ```
 pub struct PerCpu<T> {
     slots: [Slot<T>; MAX_CPUS],
 }

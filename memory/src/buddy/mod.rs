@@ -96,7 +96,7 @@ use core::marker::PhantomData;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use hal::addr::{PhysAddr, PhysRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
-use hal::linear::LinearMap;
+use hal::linear::{LinearMap, LinearOffset};
 use hal::mmu::TableAlloc;
 use hal::sync::IrqSpinLock;
 use spin::Once;
@@ -826,8 +826,8 @@ pub struct BuddyAllocator {
     state: *mut u8,
     /// Owner tag array, right after the state array.
     tags: *const AtomicU8,
-    /// `virtual = physical + va_delta` (wrapping) inside the linear map.
-    va_delta: u64,
+    /// The linear map as a pointer offset: frame pointers are derived from it (provenance).
+    va_offset: LinearOffset,
     linear: LinearMap,
     /// Where the metadata lives.
     meta: PhysRange,
@@ -1021,16 +1021,14 @@ impl BuddyAllocator {
         let meta = PhysRange::new(PhysAddr::new(meta_start << PAGE_SHIFT), meta_frames << PAGE_SHIFT)
             .map_err(|_| BuddyError::NoRoomForMetadata)?;
 
-        let window_start = linear.phys_range().start();
-        let va_delta =
-            linear.phys_to_virt(window_start).map_or(0, VirtAddr::as_u64).wrapping_sub(window_start.as_u64());
-        let state = (meta.start().as_u64().wrapping_add(va_delta)) as usize as *mut u8;
+        let va_offset = linear.offset();
+        let state = va_offset.ptr::<u8>(meta.start().as_u64());
         let mut alloc = BuddyAllocator {
             map,
             state,
             // SAFETY: the metadata block holds `2 * frames` bytes: states then tags.
             tags: unsafe { state.add(frames) } as *const AtomicU8,
-            va_delta,
+            va_offset,
             linear,
             meta,
             zones,
@@ -1204,7 +1202,7 @@ impl BuddyAllocator {
     /// The virtual address of frame `pfn` through the linear map.
     #[inline(always)]
     fn va<T>(&self, pfn: u64) -> *mut T {
-        (pfn << PAGE_SHIFT).wrapping_add(self.va_delta) as usize as *mut T
+        self.va_offset.ptr(pfn << PAGE_SHIFT)
     }
 
     #[inline(always)]

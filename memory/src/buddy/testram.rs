@@ -3,7 +3,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::{Mutex as StdMutex, MutexGuard, Once as StdOnce};
 
-use hal::addr::{PhysAddr, PhysRange, VirtAddr};
+use hal::addr::{PhysAddr, PhysRange};
 use hal::linear::LinearMap;
 
 /// Alignment of the buffer: the largest buddy block, so that virtual and physical
@@ -58,7 +58,7 @@ impl TestRam {
     pub(crate) fn linear(&self) -> LinearMap {
         // SAFETY: the buffer is ours, mapped read-write, and only reached through the map
         // until it is dropped (tests drop allocators before their RAM).
-        unsafe { LinearMap::new(self.whole(), VirtAddr::new(self.ptr as u64)) }
+        unsafe { LinearMap::from_ptr(self.whole(), self.ptr) }
     }
 
     /// The simulated RAM as bytes (no allocator may be alive over it while the slice is).

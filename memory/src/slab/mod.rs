@@ -366,7 +366,8 @@ struct Cache {
 
 // SAFETY: the pointers lead to slabs this cache owns (buddy blocks it allocated, reached
 // through the linear map every core shares), and a `Cache` is only ever used under its
-// slot's `spin::Mutex`: whichever core holds the lock has the only access, and the lock's
+// slot's lock (a checked `hal::sync::SpinLock` over a `spin::Mutex`): whichever core
+// holds the lock has the only access, and the lock's
 // acquire/release makes the previous holder's writes to headers, bitmaps and free lists
 // visible to it. Another slab allocator on the same buddy never touches them (its `kfree`
 // checks the brand in the header, read-only, before anything else).
@@ -518,8 +519,8 @@ pub struct SlabAllocator<'b> {
     tags: FrameTags<'b>,
     /// The buddy's linear map: object pointers are derived from its pointer (provenance).
     linear: hal::linear::LinearMap,
-    /// `virtual = physical + va_delta` (wrapping) in the linear map.
-    va_delta: u64,
+    /// The linear map as a pointer offset (`virtual = physical + delta`, wrapping).
+    va_offset: hal::linear::LinearOffset,
     strict: bool,
     caches: [IrqSpinLock<Cache>; MAX_CACHES],
     /// The caches' geometry, readable without their locks (the per-CPU free path).
@@ -573,10 +574,8 @@ impl<'b> SlabAllocator<'b> {
             // included) reserved while a slab allocator built on it is in use.
             (unsafe { b.frame_tags().extend::<'b>() }, *b.linear_map())
         };
-        let start = linear.phys_range().start();
-        let va = linear.phys_to_virt(start).ok_or(SlabError::MisalignedLinearMap)?;
-        let va_delta = va.as_u64().wrapping_sub(start.as_u64());
-        if va_delta & ((PAGE_SIZE << MAX_ORDER) as u64 - 1) != 0 {
+        let va_offset = linear.offset();
+        if va_offset.delta() & ((PAGE_SIZE << MAX_ORDER) as u64 - 1) != 0 {
             return Err(SlabError::MisalignedLinearMap);
         }
         let brand = NEXT_BRAND
@@ -587,7 +586,7 @@ impl<'b> SlabAllocator<'b> {
             brand,
             tags,
             linear,
-            va_delta,
+            va_offset,
             strict,
             caches: core::array::from_fn(|_| IrqSpinLock::new(&hal::sync::classes::SLAB, Cache::VACANT)),
             geos: Default::default(),
@@ -692,7 +691,7 @@ impl<'b> SlabAllocator<'b> {
 
     #[inline(always)]
     fn pa(&self, va: *const u8) -> PhysAddr {
-        PhysAddr::new((va as usize as u64).wrapping_sub(self.va_delta))
+        PhysAddr::new(self.va_offset.phys(va))
     }
 
     /// A block for a slab or a large object: the kernel's slab allocator takes it through

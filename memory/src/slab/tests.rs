@@ -527,9 +527,9 @@ fn misaligned_linear_map_is_refused() {
     let ram = TestRam::new(BASE, (8 * MIB) as usize);
     // A linear map whose offset is 4 KiB off the buffer's 4 MiB alignment.
     let phys = ram.range(0, 7 * MIB);
-    let virt = hal::addr::VirtAddr::new(ram.linear().ptr::<u8>(ram.range(0x1000, 1).start()) as u64);
+    let base = ram.linear().ptr::<u8>(ram.range(0x1000, 1).start());
     // SAFETY: the window is inside the test RAM, which outlives the allocator.
-    let linear = unsafe { hal::linear::LinearMap::new(phys, virt) };
+    let linear = unsafe { hal::linear::LinearMap::from_ptr(phys, base) };
     // SAFETY: as above.
     let buddy = IrqSpinLock::new(&BUDDY, unsafe { BuddyAllocator::new(&[phys], &[], linear, false) }.unwrap());
     assert_eq!(SlabAllocator::new(&buddy, false).err(), Some(SlabError::MisalignedLinearMap));

@@ -290,6 +290,14 @@ unsafe impl Send for NodePool {}
 /// Records allocated outside the vmalloc lock, to be handed to an allocator with
 /// [`super::Vmalloc::add_spares`], or records it gave back with
 /// [`super::Vmalloc::take_excess_spares`], freed when dropped (outside the lock).
+///
+/// The records are `Cell`-based: a `Spares` may move to another core (`Send`) but never be
+/// shared by two at once, so it is not `Sync`:
+///
+/// ```compile_fail,E0277
+/// fn shared<T: Sync>() {}
+/// shared::<memory::vmalloc::Spares>();
+/// ```
 pub struct Spares {
     pub(crate) pool: NodePool,
 }
