@@ -104,6 +104,9 @@ const REFILL_BATCH: usize = 16;
 const SPARE_CAP: usize = 4096;
 /// Ranges a purge hands to [`VmBackend::flush_and_free_tables`] (its one call per purge).
 const RECLAIM_SPANS: usize = 16;
+/// Last-level tables an automatic purge keeps (empty, 2 MiB each) at the bottom of its
+/// lowest range, where lowest-fit allocations go next: 16, 64 KiB of tables.
+const KEEP_TABLES: u64 = 16;
 /// A placeholder for unused slots of such a batch.
 const NO_SPAN: VirtRange = match VirtRange::new(VirtAddr::new(0), PAGE) {
     Ok(r) => r,
@@ -466,6 +469,8 @@ pub struct Vmalloc<B: VmBackend> {
     /// Reports of the purge under way (the log is rate-limited).
     q_reported: usize,
     last_use_after_vfree: Option<UseAfterVfree>,
+    /// The stretch whose empty last-level tables the last automatic purge kept.
+    kept_tables: Option<(u64, u64)>,
 }
 
 /// Entries of the quarantine's index: frames taken from the backend, each holding the
@@ -586,6 +591,7 @@ impl<B: VmBackend> Vmalloc<B> {
             q: Quarantine::EMPTY,
             q_reported: 0,
             last_use_after_vfree: None,
+            kept_tables: None,
         };
         if v.config.refill_inline && !v.free.pool.fill_to(REFILL_BATCH) {
             return Err(VmallocError::NoRecords);
@@ -972,7 +978,7 @@ impl<B: VmBackend> Vmalloc<B> {
         let found = match self.free.lowest_fit(total, align) {
             Some(f) => Some(f),
             None if self.parked_head.is_some() => {
-                self.purge();
+                self.purge_with(false);
                 self.free.lowest_fit(total, align)
             }
             None => None,
@@ -1371,7 +1377,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// The ranges of the parked list from `head` (sorted by descending start), rounded out
     /// to 2 MiB (a last-level table's span) and joined where they meet, into `spans`; past
     /// its capacity the last one grows to cover the rest. Returns how many.
-    fn table_spans(&self, head: NodePtr, spans: &mut [VirtRange; RECLAIM_SPANS]) -> usize {
+    fn table_spans(&self, head: NodePtr, spans: &mut [VirtRange]) -> usize {
         if self.config.keep_tables {
             return 0;
         }
@@ -1386,7 +1392,7 @@ impl<B: VmBackend> Vmalloc<B> {
             let hi = nd.end.get().div_ceil(block).saturating_mul(block).min(self.end);
             hull = match hull {
                 Some((l, h)) if hi >= l => Some((lo.min(l), h.max(hi))),
-                Some((l, h)) if n + 1 < RECLAIM_SPANS => {
+                Some((l, h)) if n + 1 < spans.len() => {
                     if let Ok(r) = VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)) {
                         spans[n] = r;
                         n += 1;
@@ -1405,6 +1411,35 @@ impl<B: VmBackend> Vmalloc<B> {
             }
         }
         n
+    }
+
+    /// Add the stretch the last automatic purge kept to `spans[..n]` (its tables go now if
+    /// still empty) and, for an automatic purge (`full` false), take the lowest
+    /// [`KEEP_TABLES`] stretches of the spans out of them and remember them
+    /// ([`Self::kept_tables`]). Returns the spans' count.
+    fn keep_tables_below(&mut self, spans: &mut [VirtRange; RECLAIM_SPANS + 1], n: usize, full: bool) -> usize {
+        let mut n = n;
+        if let Some(r) = self.kept_tables().filter(|_| !self.config.keep_tables) {
+            spans[n] = r;
+            n += 1;
+        }
+        self.kept_tables = None;
+        if full || n == 0 {
+            return n;
+        }
+        let Some(lo) = spans[..n].iter().map(|s| s.start().as_u64()).min() else { return n };
+        let hi = lo.saturating_add(KEEP_TABLES * BLOCK_SIZE as u64).min(self.end);
+        // Every span starts at or above `lo`: cut off what lies below `hi`.
+        let mut m = 0;
+        for i in 0..n {
+            let (a, b) = (spans[i].start().as_u64().max(hi), spans[i].end().as_u64());
+            if let Ok(r) = VirtRange::from_bounds(VirtAddr::new(a), VirtAddr::new(b)) {
+                spans[m] = r;
+                m += 1;
+            }
+        }
+        self.kept_tables = Some((lo, hi));
+        m
     }
 
     /// Map caller-owned `frames` contiguously (read-write), with a guard page.
@@ -1832,7 +1867,7 @@ impl<B: VmBackend> Vmalloc<B> {
             self.c.parked_pages += (nd.size() / PAGE) as usize;
             self.c.parked_mapped += pages;
             if self.c.parked_pages > self.config.lazy_max_pages {
-                self.purge();
+                self.purge_with(false);
             }
         }
         Ok(())
@@ -1857,14 +1892,37 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     pub fn purge(&mut self) {
-        let Some(head) = self.parked_head.take() else { return };
+        self.purge_with(true);
+    }
+
+    /// The 2 MiB stretches whose empty last-level tables the last automatic purge kept
+    /// (at most 16, at the bottom of its lowest range, where lowest-fit allocations go
+    /// next: giving them back only for the next allocations to make them anew costs every
+    /// lazy cycle of a steady workload). The next purge gives back those it then finds
+    /// empty; [`Self::purge`] keeps none.
+    pub fn kept_tables(&self) -> Option<VirtRange> {
+        self.kept_tables.and_then(|(l, h)| VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)).ok())
+    }
+
+    /// [`Self::purge`]; an automatic one (`full` false: the lazy threshold, or an
+    /// allocation that found no hole) keeps the tables of [`Self::kept_tables`].
+    fn purge_with(&mut self, full: bool) {
+        let Some(head) = self.parked_head.take() else {
+            // Nothing parked: a full purge still gives back what an automatic one kept.
+            if let Some(kept) = self.kept_tables().filter(|_| full) {
+                self.kept_tables = None;
+                self.flush_reclaim_spans(TlbFlush::None, &[kept]);
+            }
+            return;
+        };
         let t0 = self.backend.now_ns();
         // Sorted first (highest first: see below), so that the ranges whose page tables may
         // now be empty come out joined: one backend call flushes the parked pages and gives
         // those tables back in the same batch.
         let Some(head) = sort_desc(head) else { return };
-        let mut spans = [NO_SPAN; RECLAIM_SPANS];
-        let nspans = self.table_spans(head, &mut spans);
+        let mut spans = [NO_SPAN; RECLAIM_SPANS + 1];
+        let nspans = self.table_spans(head, &mut spans[..RECLAIM_SPANS]);
+        let nspans = self.keep_tables_below(&mut spans, nspans, full);
         let mapped = self.c.parked_mapped;
         if mapped > 0 && mapped <= self.config.flush_page_threshold {
             let mut ranges = [(VirtAddr::new(0), 0usize); MAX_FLUSH_PAGE_THRESHOLD];
