@@ -1108,7 +1108,7 @@ fn per_cpu_lists_under_thread_stress_end_at_baseline() {
     let _g = testram::global_lock();
     drain_hot();
     let before = stats().unwrap();
-    let ops = if cfg!(miri) { 200 } else { 20_000 };
+    let ops = if cfg!(miri) { 60 } else { 20_000 };
     let (tx, rx): (Vec<_>, Vec<_>) = (0..4).map(|_| std::sync::mpsc::channel::<(u64, usize)>()).unzip();
     let rx: Vec<_> = rx.into_iter().map(std::sync::Mutex::new).collect();
     std::thread::scope(|sc| {

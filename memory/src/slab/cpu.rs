@@ -64,22 +64,41 @@ pub(super) struct CpuCaches {
 // (through `PerCpu`), so moving it between cores moves ownership of those objects.
 unsafe impl Send for CpuCaches {}
 
+/// A CPU's `CpuCaches`, in the layer's block: a raw pointer, not a `&mut`, since the block
+/// is freed while the allocator (and so this) is being dropped — a reference would be
+/// asserted live for the whole drop.
+pub(super) struct CachesPtr(core::ptr::NonNull<CpuCaches>);
+
+// SAFETY: as for `CpuCaches`: the pointee is used by one CPU at a time (through `PerCpu`).
+unsafe impl Send for CachesPtr {}
+
+impl CachesPtr {
+    /// The CPU's caches, for as long as the `PerCpu` claim (or `&mut` of the layer) lasts.
+    #[inline(always)]
+    pub(super) fn get(&mut self) -> &mut CpuCaches {
+        // SAFETY: the pointer names this CPU's `CpuCaches` inside the layer's block, which
+        // lives as long as the layer; `&mut self` comes from `PerCpu` (one user at a time)
+        // or from `&mut` of the layer, so no other reference to it exists meanwhile.
+        unsafe { self.0.as_mut() }
+    }
+}
+
 /// Objects in one CPU's magazines, per cache, for the statistics of other CPUs.
 #[repr(align(64))]
 struct CachedCounts([AtomicU32; MAX_CACHES]);
 
 /// The per-CPU layer of a slab allocator.
-pub(super) struct CpuLayer<'b> {
-    pub(super) cpus: PerCpu<&'b mut CpuCaches>,
+pub(super) struct CpuLayer {
+    pub(super) cpus: PerCpu<CachesPtr>,
     counts: [CachedCounts; MAX_CPUS],
     /// The block holding every CPU's `CpuCaches`.
     block: PhysAddr,
     order: usize,
 }
 
-impl<'b> CpuLayer<'b> {
+impl CpuLayer {
     /// Takes the magazines' frames from `buddy`; `None` when memory is short.
-    pub(super) fn new(buddy: &'b IrqSpinLock<BuddyAllocator>) -> Option<Self> {
+    pub(super) fn new(buddy: &IrqSpinLock<BuddyAllocator>) -> Option<Self> {
         let each = core::mem::size_of::<CpuCaches>().next_multiple_of(64);
         let pages = (each * MAX_CPUS).div_ceil(PAGE_SIZE);
         let order = pages.next_power_of_two().trailing_zeros() as usize;
@@ -94,12 +113,10 @@ impl<'b> CpuLayer<'b> {
         let cpus = PerCpu::new(|cpu| {
             let p = base.wrapping_add(cpu * each).cast::<CpuCaches>();
             // SAFETY: slot `cpu` lies inside the block (MAX_CPUS slots of `each` bytes,
-            // each aligned), initialised above; it gets this one `&mut`, handed by
-            // `PerCpu` to its CPU alone. The block lives until the layer is dropped.
-            unsafe {
-                (*p).cpu = cpu;
-                &mut *p
-            }
+            // each aligned), initialised above and ours; nothing else refers to it.
+            unsafe { (*p).cpu = cpu };
+            // `p` is inside a block of managed RAM, never at address 0.
+            CachesPtr(core::ptr::NonNull::new(p).expect("a block in the linear map"))
         });
         Some(CpuLayer { cpus, counts: core::array::from_fn(|_| CachedCounts(Default::default())), block, order })
     }
@@ -146,7 +163,7 @@ impl SlabAllocator<'_> {
     #[inline(always)]
     pub(super) fn alloc_cached(
         &self,
-        layer: &CpuLayer<'_>,
+        layer: &CpuLayer,
         cc: &mut CpuCaches,
         id: usize,
         gfp: Gfp,
@@ -184,7 +201,7 @@ impl SlabAllocator<'_> {
     #[inline(always)]
     pub(super) fn free_cached(
         &self,
-        layer: &CpuLayer<'_>,
+        layer: &CpuLayer,
         cc: &mut CpuCaches,
         id: usize,
         ptr: *mut u8,
@@ -267,7 +284,8 @@ impl SlabAllocator<'_> {
         let Some(layer) = &self.cpu else { return 0 };
         layer
             .cpus
-            .try_with(|cc| {
+            .try_with(|p| {
+                let cc = p.get();
                 let mut moved = 0;
                 for id in 0..MAX_CACHES {
                     let m = &mut cc.mags[id];
@@ -328,7 +346,7 @@ impl SlabAllocator<'_> {
         let (block, order) = {
             let Some(mut layer) = self.cpu.take() else { return };
             for cpu in 0..MAX_CPUS {
-                if let Some(cc) = layer.cpus.get_mut(cpu) {
+                if let Some(cc) = layer.cpus.get_mut(cpu).map(CachesPtr::get) {
                     for id in 0..MAX_CACHES {
                         let m = &mut cc.mags[id];
                         self.flush(id, m, m.len);

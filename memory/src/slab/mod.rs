@@ -526,7 +526,7 @@ pub struct SlabAllocator<'b> {
     /// The caches' geometry, readable without their locks (the per-CPU free path).
     geos: [cpu::GeoMirror; MAX_CACHES],
     /// The per-CPU object caches, when on (see [`cpu`]).
-    cpu: Option<cpu::CpuLayer<'b>>,
+    cpu: Option<cpu::CpuLayer>,
     large_allocs: AtomicUsize,
     large_pages: AtomicUsize,
     alloc_failures: AtomicU64,
@@ -986,7 +986,7 @@ impl<'b> SlabAllocator<'b> {
     #[inline(always)]
     fn alloc_from(&self, id: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
         if let Some(layer) = &self.cpu {
-            if let Some(r) = layer.cpus.try_with(|cc| self.alloc_cached(layer, cc, id, gfp)) {
+            if let Some(r) = layer.cpus.try_with(|p| self.alloc_cached(layer, p.get(), id, gfp)) {
                 return r;
             }
         }
@@ -1164,7 +1164,7 @@ impl<'b> SlabAllocator<'b> {
             return Err(SlabError::NotOwned);
         }
         if let Some(layer) = &self.cpu {
-            if let Some(r) = layer.cpus.try_with(|cc| self.free_cached(layer, cc, id, ptr, pa)) {
+            if let Some(r) = layer.cpus.try_with(|p| self.free_cached(layer, p.get(), id, ptr, pa)) {
                 return r;
             }
         }

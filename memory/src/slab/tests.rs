@@ -684,7 +684,7 @@ fn cpu_caches_under_thread_stress_end_at_baseline() {
     let before = env.bstats();
     let s = SlabAllocator::with_cpu_caches(&env.buddy, false).unwrap();
     assert!(s.has_cpu_caches());
-    let ops = if cfg!(miri) { 300 } else { 40_000 };
+    let ops = if cfg!(miri) { 80 } else { 40_000 };
     let sizes = [8usize, 24, 64, 100, 192, 256, 700, 2048];
     let (tx, rx): (Vec<_>, Vec<_>) = (0..4).map(|_| std::sync::mpsc::channel::<(usize, usize, u8)>()).unzip();
     let rx: Vec<_> = rx.into_iter().map(std::sync::Mutex::new).collect();
