@@ -1104,6 +1104,7 @@ fn the_frontier_is_carved_on_demand() {
 /// every frame's contents are checked; after each CPU drained its lists, the allocator is
 /// back where it started, fully merged and consistent.
 #[test]
+#[cfg_attr(miri, ignore = "over 10 minutes under Miri even at 60 operations a thread")]
 fn per_cpu_lists_under_thread_stress_end_at_baseline() {
     let _g = testram::global_lock();
     drain_hot();

@@ -679,6 +679,7 @@ fn a_cache_id_of_another_allocator_or_a_destroyed_cache_is_refused() {
 /// bytes are checked. After each CPU drained its magazines, no object is in use, slabinfo
 /// agrees, and dropping the allocator gives the buddy back every frame.
 #[test]
+#[cfg_attr(miri, ignore = "minutes under Miri; the per-CPU paths run in the other cpu_caches tests")]
 fn cpu_caches_under_thread_stress_end_at_baseline() {
     let env = Env::new(64, false);
     let before = env.bstats();
