@@ -89,6 +89,7 @@ fn geometry_of_the_classes() {
 
 /// The reciprocal replaces the division by the stride: exact for every offset of a slab.
 #[test]
+#[cfg_attr(miri, ignore = "exhaustive arithmetic (millions of divisions), no memory access for Miri to check")]
 fn reciprocal_division_is_exact() {
     let max = PAGE_SIZE << MAX_SLAB_ORDER;
     for stride in (8..=max / 2).step_by(8) {
@@ -488,7 +489,13 @@ fn threads_share_the_allocator() {
     let base = env.bstats().free_pages;
     // Objects travel between threads through a shared pool: frees happen on the other
     // thread half of the time.
-    let pool: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+    // Pointers, not addresses: an object rebuilt from a `usize` would need an
+    // integer-to-pointer cast, which Miri's strict provenance refuses.
+    struct Obj(NonNull<u8>);
+    // SAFETY: an object is owned by whoever holds its `Obj`, and the slab allocator may
+    // free an object on any thread (it is `Sync`).
+    unsafe impl Send for Obj {}
+    let pool: std::sync::Mutex<Vec<Obj>> = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|sc| {
         for t in 0..2u64 {
             let (s, pool) = (&s, &pool);
@@ -500,7 +507,7 @@ fn threads_share_the_allocator() {
                         let size = size.min(5000);
                         let p = s.kmalloc(size, align).unwrap();
                         fill(p, 8.min(size), 0x77);
-                        pool.lock().unwrap().push(p.as_ptr() as usize);
+                        pool.lock().unwrap().push(Obj(p));
                     } else {
                         let p = {
                             let mut v = pool.lock().unwrap();
@@ -510,14 +517,14 @@ fn threads_share_the_allocator() {
                             let i = rng.random_range(0..v.len());
                             v.swap_remove(i)
                         };
-                        kfree(s, NonNull::new(p as *mut u8).unwrap()).unwrap();
+                        kfree(s, p.0).unwrap();
                     }
                 }
             });
         }
     });
     for p in pool.into_inner().unwrap() {
-        kfree(&s, NonNull::new(p as *mut u8).unwrap()).unwrap();
+        kfree(&s, p.0).unwrap();
     }
     s.shrink();
     assert_eq!(env.bstats().free_pages, base);
