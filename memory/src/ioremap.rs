@@ -305,6 +305,14 @@ pub trait IoSpace {
     #[track_caller]
     fn unmap_io(&self, addr: VirtAddr) -> Result<(), IoremapError>;
 
+    /// A pointer to `addr`, an address [`Self::map_io`] returned. The default makes it with
+    /// exposed provenance: the kernel's device mappings are made by the MMU, not by a Rust
+    /// allocation. A space over host memory (a test's fake device) derives it from that
+    /// memory instead, so no integer-to-pointer cast is needed (Miri's strict provenance).
+    fn io_ptr(&self, addr: VirtAddr) -> *mut u8 {
+        core::ptr::with_exposed_provenance_mut(addr.as_u64() as usize)
+    }
+
     /// [`Self::map_io`] for an owning handle: the mapping is marked
     /// [`VmFlags::OWNED`](crate::vmalloc::VmFlags::OWNED), so a plain `iounmap` of its
     /// address is refused while the handle lives. Defaults to [`Self::map_io`].
@@ -338,7 +346,8 @@ pub trait IoSpace {
 /// writable memory of the device at `phys`, `size` bytes long from that address, mapped
 /// with the requested attribute, until the matching [`IoSpace::unmap_io`], which [`IoMem`]
 /// calls only when it is dropped or consumed. (Unmapping a handle's address through another
-/// path is the misuse [`IoMem`]'s documentation forbids.)
+/// path is the misuse [`IoMem`]'s documentation forbids.) [`IoSpace::io_ptr`] of such an
+/// address must return a pointer to it, valid for those accesses.
 pub unsafe trait MappedIoSpace: IoSpace {}
 
 impl<B: VmBackend> IoSpace for &LockedVmalloc<B> {
@@ -904,7 +913,7 @@ impl<S: MappedIoSpace> IoMem<S> {
         // address is aligned for `R` (checked), and `R: RegisterBlock` means the memory is
         // only ever accessed through volatile register operations, so placing `&R` over
         // MMIO neither reads it nor lets it be cached.
-        Ok(unsafe { &*at.as_ptr::<R>() })
+        Ok(unsafe { &*self.space.io_ptr(at).cast::<R>() })
     }
 }
 
@@ -1127,7 +1136,7 @@ impl<R: RegisterBlock, S: MappedIoSpace> Deref for Mmio<R, S> {
         // `IoMem::regs`'s argument: `S: MappedIoSpace` keeps the device mapped while `self`
         // (borrowed by the result) owns the mapping, and `R: RegisterBlock` is only ever
         // accessed through volatile register operations.
-        unsafe { &*self.io.addr.as_ptr::<R>() }
+        unsafe { &*self.io.space.io_ptr(self.io.addr).cast::<R>() }
     }
 }
 

@@ -332,6 +332,12 @@ impl IoSpace for &FakeBus {
         self.unmaps.set(self.unmaps.get() + 1);
         Ok(())
     }
+
+    fn io_ptr(&self, addr: VirtAddr) -> *mut u8 {
+        // Derived from the page's pointer (provenance kept), not cast from the address.
+        let off = addr.as_u64() - VirtAddr::from_ptr(self.page).as_u64();
+        self.page.cast::<u8>().wrapping_add(off as usize)
+    }
 }
 
 // SAFETY: the addresses handed out are inside the bus's page, which lives as long as the
