@@ -811,6 +811,20 @@ fn check_allocated(
     })
 }
 
+/// Strict mode: whether `bytes` (from offset `skip` of the block at frame `pfn`) all hold
+/// [`POISON_BYTE`]; logs the first overwritten byte when not (a use after free).
+#[cold]
+fn poison_intact(bytes: &[u8], pfn: u64, skip: usize) -> bool {
+    let Some(bad) = bytes.iter().position(|&b| b != POISON_BYTE) else { return true };
+    log::error!(
+        "buddy: poison overwritten in free memory at {:#x} (block {:#x}, offset {:#x}): use after free?",
+        (pfn << PAGE_SHIFT) + (skip + bad) as u64,
+        pfn << PAGE_SHIFT,
+        skip + bad
+    );
+    false
+}
+
 /// A binary buddy allocator of physical frames, split in zones. See the
 /// [module documentation](self).
 ///
@@ -1535,15 +1549,8 @@ impl BuddyAllocator {
         // SAFETY: the block was allocated by the caller and is owned by the allocator
         // until it returns; `skip + len` stays inside it.
         let bytes = unsafe { core::slice::from_raw_parts(base.add(skip), len) };
-        if let Some(bad) = bytes.iter().position(|&b| b != POISON_BYTE) {
+        if !poison_intact(bytes, pfn, skip) {
             self.corruptions += 1;
-            log::error!(
-                "buddy: poison overwritten in free memory at {:#x} (block {:#x}, offset {:#x}): \
-                 use after free?",
-                (pfn << PAGE_SHIFT) + (skip + bad) as u64,
-                pfn << PAGE_SHIFT,
-                skip + bad
-            );
         }
     }
 

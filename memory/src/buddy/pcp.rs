@@ -41,8 +41,8 @@ use hal::smp::PerCpu;
 use hal::sync::IrqSpinLock;
 
 use super::{
-    check_allocated, state_byte, BuddyAllocator, BuddyError, BuddyStats, FrameMap, RegionInfo, HOT_BATCH, HOT_CAPACITY,
-    HOT_HIGH, MAX_NR_ZONES, POISON_BYTE, ST_ALLOC, ST_HOT,
+    check_allocated, poison_intact, state_byte, BuddyAllocator, BuddyError, BuddyStats, FrameMap, RegionInfo,
+    HOT_BATCH, HOT_CAPACITY, HOT_HIGH, MAX_NR_ZONES, POISON_BYTE, ST_ALLOC, ST_HOT,
 };
 use crate::gfp::{Gfp, __GFP_NORETRY, __GFP_ZERO};
 
@@ -577,13 +577,8 @@ impl Global {
     fn check_poison(&self, pfn: u64) {
         // SAFETY: the frame was just taken off a per-CPU list: ours until handed out.
         let bytes = unsafe { core::slice::from_raw_parts(self.ptr(pfn), PAGE_SIZE) };
-        if let Some(bad) = bytes.iter().position(|&b| b != POISON_BYTE) {
+        if !poison_intact(bytes, pfn, 0) {
             self.corruptions.fetch_add(1, Ordering::Relaxed);
-            log::error!(
-                "buddy: poison overwritten in free memory at {:#x} (frame {:#x}, offset {bad:#x}): use after free?",
-                (pfn << PAGE_SHIFT) + bad as u64,
-                pfn << PAGE_SHIFT
-            );
         }
     }
 
@@ -687,25 +682,26 @@ impl Global {
     /// Gives this CPU's lists back to the zones; returns the frames moved (0 when the
     /// lists are in use further up the stack).
     pub(crate) fn drain_local(&self) -> usize {
-        self.cpus
-            .try_with(|cpu| {
-                let mut a = self.core.lock();
-                let mut n = 0;
-                for z in 0..MAX_NR_ZONES {
-                    n += a.pcp_drain(z, &mut cpu.lists[z], usize::MAX);
-                    self.counts[cpu.cpu].0[z].store(0, Ordering::Relaxed);
-                }
-                self.sync_free(&a);
-                n
-            })
-            .unwrap_or(0)
+        self.drain_local_with(false)
     }
 
-    /// [`Self::drain_local`] if the zone lock is free (0 otherwise).
+    /// [`Self::drain_local`] if the zone lock is free (0 otherwise): for reclaim, whose
+    /// shrinkers only try-lock.
     fn try_drain_local(&self) -> usize {
+        self.drain_local_with(true)
+    }
+
+    fn drain_local_with(&self, try_only: bool) -> usize {
         self.cpus
             .try_with(|cpu| {
-                let Some(mut a) = self.core.try_lock() else { return 0 };
+                let mut a = if try_only {
+                    match self.core.try_lock() {
+                        Some(a) => a,
+                        None => return 0,
+                    }
+                } else {
+                    self.core.lock()
+                };
                 let mut n = 0;
                 for z in 0..MAX_NR_ZONES {
                     n += a.pcp_drain(z, &mut cpu.lists[z], usize::MAX);

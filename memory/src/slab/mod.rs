@@ -1427,19 +1427,19 @@ impl<'b> SlabAllocator<'b> {
     /// ```
     pub fn shrink(&self) -> usize {
         self.drain_local();
-        let mut pages = 0;
-        for slot in &self.caches {
-            let mut guard = slot.lock();
-            let c = &mut *guard;
-            let s = c.empty;
-            c.empty = ptr::null_mut();
-            // SAFETY: `c.empty` names a slab the cache holds (see `free_object`).
-            if !s.is_null() && unsafe { (*s).inuse } == 0 {
-                self.release(c, s);
-                pages += 1 << c.geo.order;
-            }
+        self.caches.iter().map(|slot| self.release_kept_empty(&mut slot.lock())).sum()
+    }
+
+    /// Gives cache `c`'s kept empty slab (lock held) back to the buddy; the frames given.
+    fn release_kept_empty(&self, c: &mut Cache) -> usize {
+        let s = c.empty;
+        c.empty = ptr::null_mut();
+        // SAFETY: `c.empty` names a slab the cache holds (see `free_object`).
+        if !s.is_null() && unsafe { (*s).inuse } == 0 {
+            self.release(c, s);
+            return 1 << c.geo.order;
         }
-        pages
+        0
     }
 
     /// As [`Self::shrink`] without waiting: a cache whose lock is taken is skipped (for
@@ -1452,19 +1452,7 @@ impl<'b> SlabAllocator<'b> {
     /// ```
     pub fn try_shrink(&self) -> usize {
         self.try_drain_local();
-        let mut pages = 0;
-        for slot in &self.caches {
-            let Some(mut guard) = slot.try_lock() else { continue };
-            let c = &mut *guard;
-            let s = c.empty;
-            c.empty = ptr::null_mut();
-            // SAFETY: `c.empty` names a slab the cache holds (see `free_object`).
-            if !s.is_null() && unsafe { (*s).inuse } == 0 {
-                self.release(c, s);
-                pages += 1 << c.geo.order;
-            }
-        }
-        pages
+        self.caches.iter().filter_map(IrqSpinLock::try_lock).map(|mut c| self.release_kept_empty(&mut c)).sum()
     }
 
     /// Frames in the empty slabs the caches keep (what [`Self::shrink`] would give back
