@@ -92,10 +92,13 @@ fn lock_counted<'a, T>(m: &'a spin::Mutex<T>, class: &LockClass) -> spin::MutexG
     }
 }
 
-/// The classes of the documented order. Ranks 1–15: vmalloc 10 → kernel tables 11 →
-/// slab 12 → buddy 13 (spaced so that later classes, per-CPU lists among them, fit).
+/// The classes of the documented order. Ranks 1–15: vm_map_ram blocks 9 → vmalloc 10 →
+/// kernel tables 11 → slab 12 → buddy 13 (spaced so that later classes, per-CPU lists
+/// among them, fit).
 pub mod classes {
     use super::LockClass;
+    /// `vm_map_ram`'s lists of clean and dirty blocks (taken once per block, not per call).
+    pub static VMAP_BLOCKS: LockClass = LockClass::new("vm_map_ram blocks", 9);
     /// The vmalloc instance (free space, busy areas, purge).
     pub static VMALLOC: LockClass = LockClass::forbidding_reclaim("vmalloc", 10);
     /// The kernel's translation tables (`hal::kmap`).

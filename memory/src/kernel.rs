@@ -112,21 +112,14 @@ pub unsafe fn zero_page(p: *mut u8) {
     }
 }
 
+/// Whether caller-owned `frames` may be mapped as normal memory ([`mappable::check`]).
+fn mappable_ram(frames: &[PhysAddr]) -> Result<(), VmallocError> {
+    mappable::check(frames)
+}
+
 impl VmBackend for KernelBackend {
     fn check_vmap_frames(&self, frames: &[PhysAddr]) -> Result<(), VmallocError> {
-        // Only RAM the kernel does not run from: device memory mapped Normal would allow
-        // speculative reads of registers, and a writable alias of the image would undo W^X.
-        let info = hal::boot::boot_info().ok_or(VmallocError::NotInitialized)?;
-        for &pa in frames {
-            if !info.platform.ram.contains(pa)
-                || hal::kmap::is_image_frame(&info.image, pa)
-                || info.platform.reserved.contains(pa)
-                || info.platform.dtb.contains(pa)
-            {
-                return Err(VmallocError::NotRam);
-            }
-        }
-        Ok(())
+        mappable_ram(frames)
     }
 
     fn alloc_frames(&mut self, out: &mut [PhysAddr]) -> usize {
@@ -462,8 +455,8 @@ impl fmt::Display for InitError {
 
 /// Tunables, from the command line (`buddy.strict=1 slab.strict=1 vmalloc.strict=1
 /// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1
-/// vmalloc.keep_tables=1`).
-#[derive(Clone, Copy, Debug, Default)]
+/// vmalloc.keep_tables=1 vmalloc.vmap_blocks=N`).
+#[derive(Clone, Copy, Debug)]
 pub struct MemoryConfig {
     /// Poison freed pages and check the poison on allocation.
     pub buddy_strict: bool,
@@ -471,6 +464,20 @@ pub struct MemoryConfig {
     pub slab_strict: bool,
     /// vmalloc's tunables.
     pub vmalloc: VmallocConfig,
+    /// Blocks of 4 MiB set aside for [`vm_map_ram`]'s per-CPU blocks
+    /// (`vmalloc.vmap_blocks=N`; 0 maps every `vm_map_ram` through the vmalloc tree).
+    pub vmap_blocks: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            buddy_strict: false,
+            slab_strict: false,
+            vmalloc: VmallocConfig::default(),
+            vmap_blocks: vm_map_ram::DEFAULT_BLOCKS,
+        }
+    }
 }
 
 impl MemoryConfig {
@@ -502,6 +509,9 @@ impl MemoryConfig {
         if let Some(n) = number("vmalloc.flush_page_threshold") {
             c.vmalloc.flush_page_threshold = n as usize;
         }
+        if let Some(n) = number("vmalloc.vmap_blocks") {
+            c.vmap_blocks = (n as usize).min(vm_map_ram::MAX_BLOCKS);
+        }
         c
     }
 }
@@ -515,6 +525,7 @@ pub const BOOT_PARAMS: &[&str] = &[
     "vmalloc.flush_page_threshold",
     "vmalloc.quarantine",
     "vmalloc.keep_tables",
+    "vmalloc.vmap_blocks",
 ];
 
 /// Starts the memory system: the buddy allocator over the RAM the device tree names (less
@@ -553,6 +564,7 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
         reserved[nres] = r;
         nres += 1;
     }
+    mappable::init(&regions[..nr], &reserved[..nres]);
     let t0 = hal::cpu::uptime_ns();
     // SAFETY: forwarded to our caller: RAM outside the reserved ranges is ours to hand out,
     // and `linear` is hal's identity map of RAM, valid for the program's life.
@@ -566,7 +578,8 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
         .map_err(|_| InitError::Vmalloc(VmallocError::BadRange))?;
     let backend = KernelBackend { linear, ram: p.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()) };
     let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
-    VMALLOC.call_once(|| LockedVmalloc::new(vm));
+    let vm = VMALLOC.call_once(|| LockedVmalloc::new(vm));
+    vm_map_ram::init(vm, config.vmap_blocks).map_err(InitError::Vmalloc)?;
     hal::exception::set_fault_explainer(explain_fault);
     // A CPU going off hands back its per-CPU page lists and object caches; the lists'
     // limits follow the CPUs online.
@@ -634,6 +647,7 @@ fn oom_section() -> [(&'static str, usize); 4] {
 
 /// The hotplug "down" hook: runs on the CPU going off, before it switches itself off.
 fn cpu_going_down(_cpu: usize) {
+    vm_map_ram::retire_local();
     slab::drain_local();
     buddy::drain_local();
     // Its share of the page lists' `high` goes to the CPUs that stay (the CPU still counts
@@ -936,6 +950,10 @@ pub fn iounmap(addr: VirtAddr) -> Result<(), VmallocError> {
 
 pub use crate::snapshot::{MemDiff, MemSnapshot};
 
+mod mappable;
+mod vm_map_ram;
+pub use vm_map_ram::{vm_map_ram, vm_map_ram_region, vm_unmap_ram, vmap_block_stats};
+
 /// A snapshot of the whole memory system (free frames, slab objects, vmalloc areas, parked
 /// areas, quarantined frames, page-table pages, spare records): [`MemSnapshot::take`]. For a
 /// leak check take [`MemSnapshot::settled`] before and call [`MemSnapshot::check_no_leak`]
@@ -961,6 +979,7 @@ pub fn purge() {
     if let Ok(v) = vm() {
         v.purge();
     }
+    vm_map_ram::purge();
 }
 
 /// The live area holding `addr`, if any.

@@ -466,6 +466,71 @@ fn vmap_refuses_what_is_not_free_standing_ram_on_every_path() {
     assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live, "nothing stays mapped");
 }
 
+/// `vm_map_ram`: small mappings come from this CPU's block (no vmalloc area), show the
+/// frames given, and a freed piece is not handed out again before the flush; the purge
+/// flushes, after which the old address faults, and gives the region's tables back.
+fn vm_map_ram_maps_from_the_cpus_block_and_flushes_before_reuse() {
+    use memory::buddy::Frames;
+    kernel::purge();
+    let base = free_pages_with_tables();
+    let region = kernel::vm_map_ram_region().expect("blocks set aside at init");
+    let live = kernel::vmalloc_stats().unwrap().live_areas;
+    let frames: alloc::vec::Vec<Frames> = (0..3).map(|_| Frames::alloc_zeroed(0).unwrap()).collect();
+    let pas: alloc::vec::Vec<hal::PhysAddr> = frames.iter().map(Frames::phys).collect();
+    // SAFETY: the frames are this test's and outlive every mapping below.
+    let a = unsafe { kernel::vm_map_ram(&pas) }.unwrap();
+    assert!(region.contains(a), "{a:#x} outside the blocks' region {region:?}");
+    assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live, "no vmalloc area for a block piece");
+    for (i, &pa) in pas.iter().enumerate() {
+        let va = a.as_usize() + i * PAGE;
+        assert_eq!(kernel::vmalloc_to_phys(VirtAddr::new(va as u64)), Some(pa));
+        // SAFETY: a page of our mapping.
+        unsafe { probe::write_u8(va + 5, i as u8 + 1) }.unwrap();
+        let lin = hal::kmap::linear_map().unwrap().ptr::<u8>(pa);
+        // SAFETY: the frame is ours, reached through the identity map of RAM.
+        let seen = unsafe { lin.add(5).read_volatile() };
+        assert_eq!(seen, i as u8 + 1, "written through the mapping, read through the frame");
+    }
+    assert_eq!(kernel::vm_unmap_ram(a, 2), Err(VmallocError::NotAnArea), "another count");
+    assert_eq!(kernel::vm_unmap_ram(a.add(PAGE as u64), 2), Err(VmallocError::NotAnArea), "interior");
+    kernel::vm_unmap_ram(a, 3).unwrap();
+    assert_eq!(kernel::vm_unmap_ram(a, 3), Err(VmallocError::NotAnArea), "twice");
+    assert_eq!(kernel::vmalloc_to_phys(a), None, "PTEs cleared at once");
+    // Not reused before a flush: the next piece is further up the block.
+    // SAFETY: as above.
+    let b = unsafe { kernel::vm_map_ram(&pas[..1]) }.unwrap();
+    assert!(b.as_u64() >= a.as_u64() + 4 * PAGE as u64, "{b:#x} reuses the unflushed {a:#x}");
+    kernel::vm_unmap_ram(b, 1).unwrap();
+    let flushes = kernel::vmap_block_stats().unwrap().flushes;
+    kernel::purge();
+    let s = kernel::vmap_block_stats().unwrap();
+    assert_eq!((s.flushes, s.clean, s.dirty, s.mapped), (flushes + 1, s.blocks, 0, 0), "{s:?}");
+    let f = probe::read_u8(a.as_usize()).expect_err("an unmapped, flushed piece must fault");
+    assert_eq!(f.far, a.as_u64());
+    // More than 64 pages: a vmap area without a guard page, through the tree.
+    let many: alloc::vec::Vec<Frames> = (0..65).map(|_| Frames::alloc_zeroed(0).unwrap()).collect();
+    let pas: alloc::vec::Vec<hal::PhysAddr> = many.iter().map(Frames::phys).collect();
+    // SAFETY: as above.
+    let big = unsafe { kernel::vm_map_ram(&pas) }.unwrap();
+    assert!(!region.contains(big));
+    let area = kernel::find_area(big).unwrap();
+    assert_eq!((area.kind, area.pages, area.size), (memory::vmalloc::AreaKind::Vmap, 65, 65 * PAGE as u64));
+    assert_eq!(kernel::vm_unmap_ram(big, 64), Err(VmallocError::NotAnArea));
+    kernel::vm_unmap_ram(big, 65).unwrap();
+    // Frames that are not free-standing RAM are refused on the block path too.
+    let text = hal::PhysAddr::new(hal::boot::boot_info().unwrap().image.text.start().as_u64() & !(PAGE as u64 - 1));
+    // SAFETY: refused before anything is mapped (what is tested).
+    assert_eq!(unsafe { kernel::vm_map_ram(&[text]) }, Err(VmallocError::NotRam));
+    // SAFETY: as above.
+    assert_eq!(unsafe { kernel::vm_map_ram(&[]) }, Err(VmallocError::ZeroSize));
+    let mut info = String::new();
+    kernel::write_vmallocinfo(&mut info).unwrap();
+    assert!(info.lines().any(|l| l.ends_with(" vm_map_ram")), "the region is listed:\n{info}");
+    drop((frames, many));
+    kernel::purge();
+    assert_eq!(free_pages_with_tables(), base, "frames and the region's page tables back");
+}
+
 tests::main!(
     test!(vmap_refuses_what_is_not_free_standing_ram_on_every_path),
     test!(areas_up_to_64_mib_hold_their_data),
@@ -481,5 +546,6 @@ tests::main!(
     test!(misuse_is_refused_and_changes_nothing),
     test!(running_out_of_frames_part_way_gives_everything_back),
     test!(handles_own_their_areas),
+    test!(vm_map_ram_maps_from_the_cpus_block_and_flushes_before_reuse),
     test!(everything_returns_to_baseline),
 );

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use hal::linear::LinearMap;
 use hal::{PhysAddr, VirtAddr, PAGE_SIZE};
 use memory::kernel;
-use memory::vmalloc::{Prot, VmFlags, VmallocError};
+use memory::vmalloc::{VmFlags, VmallocError};
 
 use super::check::Model;
 
@@ -577,17 +577,19 @@ pub fn pcpu_alloc_test(c: &mut Ctx) -> Outcome {
     rv
 }
 
-/// `vm_map_ram_test`: `nr_pages` frames bulk-allocated once; loop map them without a guard
-/// page, write a byte, unmap.
+/// `vm_map_ram_test`: `nr_pages` frames bulk-allocated once; loop `vm_map_ram` them, write
+/// a byte, `vm_unmap_ram`. Up to 64 pages come from this CPU's block (no vmalloc lock, no
+/// vmalloc counter moves); larger ones are vmap areas without a guard page, as in Linux.
 pub fn vm_map_ram_test(c: &mut Ctx) -> Outcome {
     let n = c.nr_pages;
     let mut pages: Vec<PhysAddr> = alloc::vec![PhysAddr::new(0); n];
     let got = memory::buddy::alloc_pages_bulk(&mut pages);
     let mut rv = if got == n { Ok(()) } else { Err(()) };
+    let region = kernel::vm_map_ram_region();
     if rv.is_ok() {
         for i in 0..c.loops {
             // SAFETY: the frames were just allocated to this benchmark and outlive the mapping.
-            let va = match unsafe { kernel::vmap(&pages, Prot::ReadWrite, VmFlags::NO_GUARD) } {
+            let va = match unsafe { kernel::vm_map_ram(&pages) } {
                 Ok(va) => va,
                 Err(e) => {
                     c.model_alloc_error(e);
@@ -595,22 +597,26 @@ pub fn vm_map_ram_test(c: &mut Ctx) -> Outcome {
                     break;
                 }
             };
+            let in_block = region.is_some_and(|r| r.contains(va));
             c.model.mapped(n, 0);
             let a = Area { va, pages: n, range: n };
             write_byte(va, b'a');
             if sampled(i) {
                 c.verify(&a, false, false, Some(&pages));
             }
-            if kernel::vunmap(va).is_err() {
+            if kernel::vm_unmap_ram(va, n).is_err() {
                 c.model.failures += 1;
                 rv = Err(());
                 break;
             }
-            c.model.freed(n, n, 0);
+            if !in_block {
+                // Through the vmalloc tree: parked there as any vunmap.
+                c.model.freed(n, n, 0);
+            }
         }
     }
     // SAFETY: the frames came from alloc_pages_bulk above and are no longer mapped (each
-    // vunmap cleared its PTEs; the purge after the case flushes them before reuse).
+    // vm_unmap_ram cleared its PTEs; the purge after the case flushes them before reuse).
     if got > 0 && unsafe { memory::buddy::free_pages_bulk(&pages[..got]) }.is_err() {
         rv = Err(());
     }

@@ -56,7 +56,7 @@ pub mod tlb;
 mod tests;
 
 pub use attr::{mair_el1, Attributes, MemoryType, Permissions};
-pub use table::{BlockPolicy, LeafFlush, PageTable, TableAlloc, Translation, VaRange};
+pub use table::{BlockPolicy, LeafFlush, LeafTable, PageTable, TableAlloc, Translation, VaRange};
 pub use tlb::{
     flush, EntryWrite, FlushKind, HardwareTlb, Levels, RecordingTlb, Tlb, TlbBatch, TlbCounts, TlbEvent, TlbLog, TlbOp,
 };

@@ -52,6 +52,9 @@ use super::MmuError;
 use crate::addr::{AddrError, PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
 use crate::linear::LinearMap;
 
+mod leaf;
+pub use leaf::LeafTable;
+
 /// Entries in one table (4 KiB of 8-byte descriptors).
 pub const ENTRIES: usize = 512;
 /// Virtual address bits translated by one table tree (`T0SZ = T1SZ = 16`).

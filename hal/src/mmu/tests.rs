@@ -1889,3 +1889,49 @@ fn ten_thousand_random_operations_agree_with_a_model_and_break_before_make() {
         release(h.t, &mut h.arena);
     }
 }
+
+#[test]
+fn a_leaf_table_handle_maps_and_clears_pages_of_its_2mib_and_is_made_all_or_none() {
+    let mut arena = Arena::new(64);
+    let mut t = table(&mut arena, VaRange::Upper);
+    let va = 0xffff_0000_0060_3000u64;
+    let before = t.table_pages();
+    // Out of memory after one of the three missing levels: nothing stays.
+    arena.fail_after = Some(arena.allocations + 1);
+    assert_eq!(t.leaf_table(VirtAddr::new(va), &mut arena).map(|_| ()), Err(MmuError::OutOfMemory));
+    assert_eq!(t.table_pages(), before);
+    arena.fail_after = None;
+    let leaf = t.leaf_table(VirtAddr::new(va + 5), &mut arena).unwrap();
+    assert_eq!(t.table_pages(), before + 3, "levels 1, 2 and 3 made");
+    assert_eq!(leaf.base().as_u64(), 0xffff_0000_0060_0000);
+    let again = t.leaf_table(VirtAddr::new(va + 0x10_0000), &mut arena).unwrap();
+    assert_eq!(again.base(), leaf.base());
+    assert_eq!(t.table_pages(), before + 3, "the same table, none made");
+    let frames = [PhysAddr::new(RAM_BASE + 0x7000), PhysAddr::new(RAM_BASE + 0x2000)];
+    // SAFETY: a test tree, never installed; entries 3 and 4 are invalid and ours.
+    unsafe { leaf.map_pages(3, &frames, Attributes::DATA) }.unwrap();
+    assert_eq!(t.translate(VirtAddr::new(va + 8)).map(|x| x.phys), Some(PhysAddr::new(RAM_BASE + 0x7008)));
+    assert_eq!(t.translate(VirtAddr::new(va + PG)).map(|x| x.phys), Some(frames[1]));
+    // The walker sees the handle's pages as its own: mapping over them is refused.
+    assert!(matches!(
+        t.map_frames(VirtAddr::new(va), &frames[..1], Attributes::DATA, &mut arena),
+        Err(MmuError::AlreadyMapped(_))
+    ));
+    // SAFETY: as above.
+    assert!(unsafe { leaf.map_pages(5, &[PhysAddr::new(0x1001)], Attributes::DATA) }.is_err(), "misaligned frame");
+    // SAFETY: as above; the two pages were mapped through the handle.
+    unsafe { leaf.clear_pages(3, 2) };
+    assert_eq!(t.translate(VirtAddr::new(va)), None);
+    assert_eq!(t.translate(VirtAddr::new(va + 5 * PG)), None, "the refused frame wrote nothing");
+    // A 2 MiB block where a table would go: refused.
+    t.map(
+        vr(0xffff_0000_0080_0000, MIB2),
+        PhysAddr::new(0x8000_0000),
+        Attributes::DATA,
+        BlockPolicy::AllowBlocks,
+        &mut arena,
+    )
+    .unwrap();
+    assert!(matches!(t.leaf_table(VirtAddr::new(0xffff_0000_0090_0000), &mut arena), Err(MmuError::AlreadyMapped(_))));
+    release(t, &mut arena);
+}

@@ -71,6 +71,7 @@ mod node;
 pub mod sim;
 mod treap;
 mod tree;
+pub mod vmap_block;
 
 use core::fmt;
 use core::panic::Location;
@@ -122,6 +123,9 @@ pub enum AreaKind {
     Vmap,
     /// A device's physical range ([`Vmalloc::ioremap`]); no frames.
     Ioremap,
+    /// Address space set aside for `vm_map_ram`'s per-CPU blocks ([`Vmalloc::reserve`],
+    /// [`VmapBlocks`]): vmalloc maps nothing there and frees nothing of it.
+    VmapRam,
 }
 
 impl AreaKind {
@@ -139,6 +143,7 @@ impl AreaKind {
             AreaKind::Vmalloc => "vmalloc",
             AreaKind::Vmap => "vmap",
             AreaKind::Ioremap => "ioremap",
+            AreaKind::VmapRam => "vm_map_ram",
         }
     }
 }
@@ -248,6 +253,9 @@ pub enum VmallocError {
     Owned,
     /// `vmap` of a frame that is not RAM, or that holds the kernel image.
     NotRam,
+    /// A call that takes the vmalloc or kernel-table lock, made from an interrupt handler
+    /// (those locks are never taken in interrupt context).
+    InInterrupt,
 }
 
 impl fmt::Display for VmallocError {
@@ -270,6 +278,7 @@ impl fmt::Display for VmallocError {
             VmallocError::NotInitialized => f.write_str("vmalloc used before memory::kernel::init"),
             VmallocError::Owned => f.write_str("area belongs to an owning handle (drop the handle)"),
             VmallocError::NotRam => f.write_str("vmap of a frame that is not free-standing RAM"),
+            VmallocError::InInterrupt => f.write_str("called from an interrupt handler"),
         }
     }
 }
@@ -1645,6 +1654,42 @@ impl<B: VmBackend> Vmalloc<B> {
         self.c.mapped_pages += pages;
         self.c.pages_mapped += pages as u64;
         Ok(node)
+    }
+
+    /// Set aside `pages` pages of address space aligned to `align` (a power of two, at
+    /// least a page), with no guard page and nothing mapped: an area of kind
+    /// [`AreaKind::VmapRam`] that `vfree`, `vunmap` and `iounmap` refuse, which its owner
+    /// maps and unmaps itself (`vm_map_ram`'s blocks, [`VmapBlocks`]). It stays for the
+    /// instance's life and shows in vmallocinfo as one `vm_map_ram` line.
+    ///
+    /// # Errors
+    /// [`VmallocError::ZeroSize`], [`VmallocError::BadAlignment`], and as [`Self::vmalloc`]
+    /// (never [`VmallocError::NoFrames`]); the state is unchanged.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig, VmallocError};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 64 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let region = vm.reserve(2048, 4 << 20)?;               // 8 MiB, 4 MiB aligned
+    /// assert_eq!(vm.vfree(region), Err(VmallocError::WrongKind));
+    /// # Ok::<(), VmallocError>(())
+    /// ```
+    #[track_caller]
+    pub fn reserve(&mut self, pages: usize, align: usize) -> Result<VirtAddr, VmallocError> {
+        if pages == 0 {
+            return Err(VmallocError::ZeroSize);
+        }
+        if !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(VmallocError::BadAlignment);
+        }
+        let node = self.alloc_area(pages, align as u64, VmFlags::NO_GUARD, Location::caller())?;
+        let nd = node.get();
+        nd.kind.set(AreaKind::VmapRam);
+        nd.bytes.set(pages * PAGE_SIZE);
+        nd.align_shift.set(align.trailing_zeros() as u8);
+        self.c.live_areas += 1;
+        Ok(self.pointer(node))
     }
 
     // ----- freeing -----

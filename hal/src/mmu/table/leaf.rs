@@ -1,0 +1,145 @@
+//! [`LeafTable`]: one last-level table of a [`PageTable`], pinned by a caller that maps and
+//! unmaps pages of its 2 MiB itself, without the tree's lock and without a walk from the
+//! root (`memory`'s `vm_map_ram` blocks: a PTE store per page, as Linux's `vmap_pages_range`
+//! ends in, with the table found once per block instead of once per call).
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::{
+    arch, frame_bits_bad, index_at, level_size, Descriptor, Entry, MmuError, PageTable, PAGE_LEVEL, ROOT_LEVEL,
+};
+use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
+use crate::mmu::attr::Attributes;
+use crate::mmu::table::ENTRIES;
+
+/// The 512 entries of one last-level table, from [`PageTable::leaf_table`]. Copying the
+/// handle is safe; every use of the entries is `unsafe`: the caller keeps the table in its
+/// tree (it frees no table of the 2 MiB while a handle is used) and owns the entries it
+/// writes.
+#[derive(Clone, Copy, Debug)]
+pub struct LeafTable {
+    entries: NonNull<u64>,
+    base: u64,
+}
+
+// SAFETY: a handle is an address; what may be done through it is bounded by the `unsafe`
+// methods' contracts (each entry written by its one owner, with single-copy-atomic
+// stores), whichever CPU does it.
+unsafe impl Send for LeafTable {}
+// SAFETY: as above: `&LeafTable` only gives the same `unsafe` methods.
+unsafe impl Sync for LeafTable {}
+
+impl LeafTable {
+    /// The address of the entries, for a caller that keeps handles in atomics
+    /// ([`Self::from_raw`] makes the handle again).
+    pub fn as_ptr(&self) -> NonNull<u64> {
+        self.entries
+    }
+
+    /// The handle whose [`Self::as_ptr`] and [`Self::base`] these are.
+    ///
+    /// # Safety
+    /// `entries` and `base` come from one handle's [`Self::as_ptr`] and [`Self::base`].
+    pub unsafe fn from_raw(entries: NonNull<u64>, base: VirtAddr) -> Self {
+        Self { entries, base: base.as_u64() }
+    }
+
+    /// The first virtual address the table translates (2 MiB aligned).
+    pub fn base(&self) -> VirtAddr {
+        VirtAddr::new(self.base)
+    }
+
+    /// Writes page descriptors for `frames` into entries `first ..`, with `attributes`, then
+    /// publishes them (`dsb ishst; isb`): the pages are usable on return.
+    ///
+    /// # Errors
+    /// [`MmuError::Addr`] for a frame that is not page aligned or at or above 2^48; nothing
+    /// is written then.
+    ///
+    /// # Safety
+    /// - The table is still in its tree: no table of its 2 MiB was freed since
+    ///   [`PageTable::leaf_table`] gave the handle.
+    /// - `first + frames.len() <= 512`; those entries are invalid and their pages' TLB
+    ///   entries invalidated since they were last cleared; no one else writes them until
+    ///   the caller clears them.
+    pub unsafe fn map_pages(&self, first: usize, frames: &[PhysAddr], attributes: Attributes) -> Result<(), MmuError> {
+        debug_assert!(first + frames.len() <= ENTRIES);
+        if frame_bits_bad(frames.iter().fold(0, |b, f| b | f.as_u64())) {
+            return Err(MmuError::Addr(crate::addr::AddrError::Misaligned));
+        }
+        let template = Descriptor::new_leaf(PAGE_LEVEL, PhysAddr::new(0), attributes).raw();
+        for (k, f) in frames.iter().enumerate() {
+            // SAFETY: `first + k < 512`: an entry of the table page, which is in the linear
+            // map and still in the tree (caller's promise). Atomic: one 64-bit store, so a
+            // table walk or another CPU's read never sees half a descriptor.
+            unsafe { AtomicU64::from_ptr(self.entries.as_ptr().add(first + k)) }
+                .store(template | f.as_u64(), Ordering::Relaxed);
+        }
+        arch::publish_descriptors();
+        Ok(())
+    }
+
+    /// Clears entries `first .. first + count`, with no TLB maintenance (the caller
+    /// invalidates before the pages are mapped again).
+    ///
+    /// # Safety
+    /// As [`Self::map_pages`] for the table; the entries are the caller's, mapped by it, and
+    /// nothing the program still uses lives in their pages.
+    pub unsafe fn clear_pages(&self, first: usize, count: usize) {
+        debug_assert!(first + count <= ENTRIES);
+        for k in 0..count {
+            // SAFETY: as in `map_pages`.
+            unsafe { AtomicU64::from_ptr(self.entries.as_ptr().add(first + k)) }.store(0, Ordering::Relaxed);
+        }
+        // The clears complete before a later TLBI, whichever core issues it (that core
+        // orders itself after this one through the caller's synchronisation). No `isb`: an
+        // invalid entry needs no context synchronisation (as Linux's `__set_pte`).
+        arch::dsb_ishst();
+    }
+}
+
+impl PageTable {
+    /// The last-level table that translates `va`, made now if there is none (one page from
+    /// `alloc` per missing level, all or none): for a caller that maps and unmaps pages of
+    /// that 2 MiB through the handle ([`LeafTable`]). The table counts in
+    /// [`PageTable::table_pages`] as any other and is freed like any other once empty (which
+    /// the handle's user must prevent while it uses the handle).
+    ///
+    /// # Errors
+    /// [`MmuError::OutsideVaRange`]; [`MmuError::AlreadyMapped`] when a block maps `va`;
+    /// [`MmuError::OutOfMemory`] / [`MmuError::BadTablePage`] (then nothing changed).
+    pub fn leaf_table(&mut self, va: VirtAddr, alloc: &mut impl super::TableAlloc) -> Result<LeafTable, MmuError> {
+        let page = va.as_u64() & !(PAGE_SIZE as u64 - 1);
+        let span = self.span(VirtAddr::new(page), PAGE_SIZE as u64)?;
+        let base = span.first & !(level_size(PAGE_LEVEL - 1) - 1);
+        if let Some(t) = self.page_table_at(span.first) {
+            return Ok(LeafTable { entries: NonNull::new(t).ok_or(MmuError::OutOfMemory)?, base });
+        }
+        // Plan: how many levels are missing (a block refuses).
+        let mut table = self.root;
+        let mut missing = 0;
+        for level in ROOT_LEVEL..PAGE_LEVEL {
+            match self.read(table, index_at(span.first, level)).decode(level) {
+                Entry::Table(next) => table = next,
+                Entry::Leaf { .. } => return Err(MmuError::AlreadyMapped(va)),
+                Entry::Invalid => {
+                    missing = PAGE_LEVEL - level;
+                    break;
+                }
+            }
+        }
+        let mut reserve = self.reserve(missing, alloc)?;
+        for level in PAGE_LEVEL - missing..PAGE_LEVEL {
+            let new = self.reserve_pop(&mut reserve).ok_or(MmuError::OutOfMemory)?;
+            self.zero_table(new);
+            // The zeroes must reach memory before the pointer to them does.
+            arch::publish_new_table();
+            self.write(table, index_at(span.first, level), Descriptor::new_table(new));
+            self.tables += 1;
+            table = new;
+        }
+        arch::publish_descriptors();
+        Ok(LeafTable { entries: NonNull::new(self.table_base(table)).ok_or(MmuError::OutOfMemory)?, base })
+    }
+}
