@@ -124,7 +124,7 @@ pub enum AreaKind {
     /// A device's physical range ([`Vmalloc::ioremap`]); no frames.
     Ioremap,
     /// Address space set aside for `vm_map_ram`'s per-CPU blocks ([`Vmalloc::reserve`],
-    /// [`VmapBlocks`]): vmalloc maps nothing there and frees nothing of it.
+    /// [`vmap_block::VmapBlocks`]): vmalloc maps nothing there and frees nothing of it.
     VmapRam,
 }
 
@@ -1659,7 +1659,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// Set aside `pages` pages of address space aligned to `align` (a power of two, at
     /// least a page), with no guard page and nothing mapped: an area of kind
     /// [`AreaKind::VmapRam`] that `vfree`, `vunmap` and `iounmap` refuse, which its owner
-    /// maps and unmaps itself (`vm_map_ram`'s blocks, [`VmapBlocks`]). It stays for the
+    /// maps and unmaps itself (`vm_map_ram`'s blocks, [`vmap_block::VmapBlocks`]). It stays for the
     /// instance's life and shows in vmallocinfo as one `vm_map_ram` line.
     ///
     /// # Errors
