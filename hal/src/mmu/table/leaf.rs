@@ -1,13 +1,15 @@
 //! [`LeafTable`]: one last-level table of a [`PageTable`], pinned by a caller that maps and
 //! unmaps pages of its 2 MiB itself, without the tree's lock and without a walk from the
-//! root (`memory`'s `vm_map_ram` blocks: a PTE store per page, as Linux's `vmap_pages_range`
-//! ends in, with the table found once per block instead of once per call).
+//! root: `memory`'s `vm_map_ram` blocks, and vmalloc's hot table (the last-level table its
+//! last call used). A PTE store per page, as Linux's `vmap_pages_range` ends in, with the
+//! table found once instead of once per call.
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    arch, frame_bits_bad, index_at, level_size, Descriptor, Entry, MmuError, PageTable, PAGE_LEVEL, ROOT_LEVEL,
+    arch, frame_bits_bad, index_at, level_size, pages_among, Descriptor, Entry, MmuError, PageTable, OUTPUT_ADDR_MASK,
+    PAGE_BITS, PAGE_LEVEL, ROOT_LEVEL,
 };
 use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 use crate::mmu::attr::Attributes;
@@ -54,8 +56,9 @@ impl LeafTable {
     /// publishes them (`dsb ishst; isb`): the pages are usable on return.
     ///
     /// # Errors
-    /// [`MmuError::Addr`] for a frame that is not page aligned or at or above 2^48; nothing
-    /// is written then.
+    /// [`MmuError::Addr`] for a frame that is not page aligned or at or above 2^48, and
+    /// [`MmuError::AlreadyMapped`] when one of the entries is a page already; nothing is
+    /// written then.
     ///
     /// # Safety
     /// - The table is still in its tree: no table of its 2 MiB was freed since
@@ -68,6 +71,10 @@ impl LeafTable {
         if frame_bits_bad(frames.iter().fold(0, |b, f| b | f.as_u64())) {
             return Err(MmuError::Addr(crate::addr::AddrError::Misaligned));
         }
+        // SAFETY: entries `first ..` of the table page (caller's promise on the range).
+        if unsafe { pages_among(self.entries.as_ptr().add(first), frames.len()) } & 1 != 0 {
+            return Err(MmuError::AlreadyMapped(VirtAddr::new(self.base + (first * PAGE_SIZE) as u64)));
+        }
         let template = Descriptor::new_leaf(PAGE_LEVEL, PhysAddr::new(0), attributes).raw();
         for (k, f) in frames.iter().enumerate() {
             // SAFETY: `first + k < 512`: an entry of the table page, which is in the linear
@@ -78,6 +85,25 @@ impl LeafTable {
         }
         arch::publish_descriptors();
         Ok(())
+    }
+
+    /// Clears the pages among entries `first .. first + count`, with no TLB maintenance,
+    /// calling `on_frame` with the frame each pointed at, in order (vmalloc's `vfree`).
+    ///
+    /// # Safety
+    /// As [`Self::clear_pages`].
+    pub unsafe fn take_pages(&self, first: usize, count: usize, mut on_frame: impl FnMut(PhysAddr)) {
+        debug_assert!(first + count <= ENTRIES);
+        for k in 0..count {
+            // SAFETY: as in `map_pages`.
+            let e = unsafe { AtomicU64::from_ptr(self.entries.as_ptr().add(first + k)) };
+            let raw = e.load(Ordering::Relaxed);
+            if raw & PAGE_BITS == PAGE_BITS {
+                e.store(0, Ordering::Relaxed);
+                on_frame(PhysAddr::new(raw & OUTPUT_ADDR_MASK));
+            }
+        }
+        arch::dsb_ishst();
     }
 
     /// Clears entries `first .. first + count`, with no TLB maintenance (the caller
