@@ -661,8 +661,29 @@ pub fn vmalloc_instance() -> Option<&'static LockedVmalloc<KernelBackend>> {
     VMALLOC.get()
 }
 
+/// The global instance for a thread-context call, after this CPU's deferred frees (see
+/// [`vfree_atomic`]); every vmalloc-family call goes through here, so none of them takes
+/// the vmalloc lock in interrupt context.
+///
+/// # Errors
+/// [`VmallocError::InInterrupt`] in an interrupt handler, [`VmallocError::NotInitialized`]
+/// before [`init`].
+#[inline]
 fn vm() -> Result<&'static LockedVmalloc<KernelBackend>, VmallocError> {
-    VMALLOC.get().ok_or(VmallocError::NotInitialized)
+    if hal::irq::in_interrupt() {
+        return Err(VmallocError::InInterrupt);
+    }
+    let v = VMALLOC.get().ok_or(VmallocError::NotInitialized)?;
+    if deferred::pending_here() {
+        complete_deferred(hal::smp::this_cpu(), v);
+    }
+    Ok(v)
+}
+
+/// Frees what handlers on `cpu` queued (thread context).
+#[inline(never)]
+fn complete_deferred(cpu: usize, v: &LockedVmalloc<KernelBackend>) -> usize {
+    deferred::drain(cpu, |a| v.vfree(a))
 }
 
 /// vmalloc as a shrinker: a purge gives back the quarantined frames (parked ranges hold no
@@ -872,6 +893,9 @@ pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
     if addr.as_u64() == 0 {
         return Ok(());
     }
+    if hal::irq::in_interrupt() {
+        return vfree_atomic(addr);
+    }
     vm()?.vfree(addr)
 }
 
@@ -1003,6 +1027,7 @@ pub fn iounmap(addr: VirtAddr) -> Result<(), VmallocError> {
 
 pub use crate::snapshot::{MemDiff, MemSnapshot};
 
+mod deferred;
 mod mappable;
 mod vm_map_ram;
 pub use vm_map_ram::{vm_map_ram, vm_map_ram_region, vm_unmap_ram, vmap_block_stats};
@@ -1030,9 +1055,50 @@ pub fn snapshot() -> MemSnapshot {
 /// ```
 pub fn purge() {
     if let Ok(v) = vm() {
+        // What handlers queued on any CPU (one that went off, one that made no call since).
+        for cpu in 0..hal::dtb::MAX_CPUS {
+            complete_deferred(cpu, v);
+        }
         v.purge();
     }
     vm_map_ram::purge();
+}
+
+/// Frees `addr` later, from thread context (Linux's `vfree_atomic`): queued on this CPU's
+/// ring and freed by its next vmalloc-family call (or the next [`purge`]). [`vfree`] called
+/// from an interrupt handler does this. A bad address is found only then (logged, and
+/// counted in [`deferred_vfree_stats`]).
+///
+/// # Errors
+/// [`VmallocError::NotAnArea`] for an address outside the vmalloc window;
+/// [`VmallocError::InInterrupt`] when this CPU's ring (256 addresses) is full. Nothing is
+/// queued then.
+/// # Example
+/// ```no_run
+/// fn on_interrupt(buf: hal::VirtAddr) {
+///     // No vmalloc lock in a handler: queued, freed by this CPU's next vmalloc call.
+///     memory::kernel::vfree(buf).unwrap();
+/// }
+/// ```
+pub fn vfree_atomic(addr: VirtAddr) -> Result<(), VmallocError> {
+    if addr.as_u64() == 0 {
+        return Ok(());
+    }
+    if !is_vmalloc_addr(addr) {
+        return Err(VmallocError::NotAnArea);
+    }
+    deferred::push(addr)
+}
+
+/// Deferred frees ([`vfree_atomic`]): how many wait on the CPUs' rings, how many were
+/// completed, how many were refused when completed.
+/// # Example
+/// ```no_run
+/// let (waiting, done, refused) = memory::kernel::deferred_vfree_stats();
+/// log::info!("{waiting} deferred frees waiting, {done} done, {refused} refused");
+/// ```
+pub fn deferred_vfree_stats() -> (usize, u64, u64) {
+    deferred::deferred_stats()
 }
 
 /// The live area holding `addr`, if any.

@@ -16,7 +16,7 @@ use hal::dtb::MAX_CPUS;
 use hal::smp;
 use hal::sync::{IrqSpinLock, LockClass};
 use memory::gfp::{GFP_ATOMIC, GFP_DMA32, GFP_KERNEL};
-use memory::{buddy, slab};
+use memory::{buddy, kernel, slab};
 use tests::test;
 
 /// Operations over all CPUs (a smoke size unless `PERCPU_OPS` says otherwise at build).
@@ -260,7 +260,9 @@ fn settle() -> (usize, usize) {
 fn random_work_on_every_cpu_ends_at_baseline() {
     let reports = hal::sync::take_reports();
     assert_eq!(reports, 0);
-    let _ = hal::irq::register(hal::boot::boot_info().unwrap().platform.timer_intid.unwrap(), timer_handler);
+    let intid = hal::boot::boot_info().unwrap().platform.timer_intid.unwrap();
+    hal::irq::unregister(intid);
+    hal::irq::register(intid, timer_handler).unwrap();
     PERIOD.store(hal::timer::frequency() / 2_000, Ordering::Relaxed);
     let (free0, slabs0) = settle();
     let info0 = buddy::stats().unwrap().buddyinfo();
@@ -429,8 +431,94 @@ fn figure_kmalloc_with_and_without_cpu_caches() {
     );
 }
 
+/// Areas each CPU's timer handler frees, one per tick (0: taken).
+const DEFERRED_AREAS: usize = 32;
+static TO_FREE: [[AtomicUsize; DEFERRED_AREAS]; MAX_CPUS] =
+    [const { [const { AtomicUsize::new(0) }; DEFERRED_AREAS] }; MAX_CPUS];
+/// Per CPU: areas its handler freed, and vmalloc-family calls the handler saw refused.
+static FREED_IN_IRQ: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+static REFUSED_IN_IRQ: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+
+/// The timer handler of the deferred-free test: writes into the next area (still live),
+/// `vfree`s it (queued, since no vmalloc lock is taken here), and checks that allocating
+/// calls are refused in interrupt context.
+fn vfree_handler(_intid: u32) {
+    let cpu = smp::this_cpu();
+    if !hal::timer::fired() {
+        return;
+    }
+    if let Some(slot) = TO_FREE[cpu].iter().find(|s| s.load(Ordering::Relaxed) != 0) {
+        let va = slot.swap(0, Ordering::Relaxed);
+        // SAFETY: a live one-page area this test allocated for this handler alone.
+        unsafe { (va as *mut u8).write_volatile(0x5a) };
+        kernel::vfree(hal::VirtAddr::new(va as u64)).unwrap();
+        FREED_IN_IRQ[cpu].fetch_add(1, Ordering::Relaxed);
+    }
+    if kernel::vmalloc(PAGE_SIZE) == Err(memory::vmalloc::VmallocError::InInterrupt) {
+        REFUSED_IN_IRQ[cpu].fetch_add(1, Ordering::Relaxed);
+    }
+    let frame = [hal::PhysAddr::new(0x4000_0000)];
+    // SAFETY: refused before anything is mapped (what is checked).
+    if unsafe { kernel::vm_map_ram(&frame) } == Err(memory::vmalloc::VmallocError::InInterrupt) {
+        REFUSED_IN_IRQ[cpu].fetch_add(1, Ordering::Relaxed);
+    }
+    if FREED_IN_IRQ[cpu].load(Ordering::Relaxed) < DEFERRED_AREAS {
+        hal::timer::arm_at(hal::timer::deadline() + PERIOD.load(Ordering::Relaxed));
+    } else {
+        hal::timer::stop();
+    }
+}
+
+fn deferred_body(cpu: usize) {
+    for slot in &TO_FREE[cpu] {
+        slot.store(kernel::vmalloc(PAGE_SIZE).unwrap().as_usize(), Ordering::Relaxed);
+    }
+    let intid = hal::boot::boot_info().unwrap().platform.timer_intid.unwrap();
+    hal::irq::controller().unwrap().enable(intid);
+    hal::timer::arm_at(hal::timer::now() + PERIOD.load(Ordering::Relaxed));
+    // No vmalloc-family call here until the handler has freed every area.
+    let t0 = hal::timer::now();
+    while FREED_IN_IRQ[cpu].load(Ordering::Relaxed) < DEFERRED_AREAS {
+        assert!(hal::timer::now() < t0 + 4000 * PERIOD.load(Ordering::Relaxed), "CPU {cpu}: the handler stopped");
+        core::hint::spin_loop();
+    }
+    hal::irq::controller().unwrap().disable(intid);
+    hal::timer::stop();
+    // The areas are queued, not yet freed: the next call on this CPU completes them.
+    let p = kernel::vmalloc(PAGE_SIZE).unwrap();
+    kernel::vfree(p).unwrap();
+}
+
+/// `vfree` from interrupt handlers on every CPU is deferred (Linux's `vfree_atomic`) and
+/// completed by that CPU's next vmalloc call; vmalloc and `vm_map_ram` in a handler are
+/// refused with `InInterrupt`; the vmalloc lock is never taken in interrupt context.
+fn vfree_in_a_handler_is_deferred_and_completed_by_the_next_call() {
+    let reports = hal::sync::take_reports();
+    assert_eq!(reports, 0);
+    let intid = hal::boot::boot_info().unwrap().platform.timer_intid.unwrap();
+    hal::irq::unregister(intid);
+    hal::irq::register(intid, vfree_handler).unwrap();
+    PERIOD.store(hal::timer::frequency() / 2_000, Ordering::Relaxed);
+    kernel::purge();
+    let live0 = kernel::vmalloc_stats().unwrap().live_areas;
+    let (_, done0, refused0) = kernel::deferred_vfree_stats();
+    tests::on_every_cpu(deferred_body);
+    hal::irq::unregister(intid);
+    let ncpus = smp::online_cpus();
+    let (waiting, done, refused) = kernel::deferred_vfree_stats();
+    hal::print!("({} areas freed by handlers on {ncpus} CPUs) ", done - done0);
+    assert_eq!((waiting, done - done0, refused - refused0), (0, (ncpus * DEFERRED_AREAS) as u64, 0));
+    for (cpu, refused) in REFUSED_IN_IRQ.iter().enumerate().take(ncpus) {
+        let refused = refused.load(Ordering::Relaxed);
+        assert_eq!(refused, 2 * DEFERRED_AREAS, "CPU {cpu}: vmalloc and vm_map_ram refused in the handler");
+    }
+    assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live0, "every area freed");
+    assert_eq!(hal::sync::take_reports(), 0, "lock checks silent: no vmalloc lock in interrupt context");
+}
+
 tests::main!(
     test!(figure_kmalloc_with_and_without_cpu_caches),
     test!(random_work_on_every_cpu_ends_at_baseline),
+    test!(vfree_in_a_handler_is_deferred_and_completed_by_the_next_call),
     test!(a_cpu_switched_off_hands_back_its_caches).needing(tests::four_cpus, "-smp 4"),
 );
