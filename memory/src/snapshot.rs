@@ -164,8 +164,9 @@ impl MemSnapshot {
 /// memory::snapshot::settle();          // e.g. before printing meminfo for a comparison
 /// ```
 pub fn settle() {
+    // Deferred frees, parked ranges, the quarantine, vm_map_ram's blocks and their tables.
+    kernel::purge();
     if let Some(v) = kernel::vmalloc_instance() {
-        v.purge();
         let surplus = v.lock().release_spares();
         drop(surplus);
         let (have, want) = {

@@ -27,7 +27,9 @@
 //! finds it in use, a request above [`VMAP_MAX_ALLOC`] pages or a region with no clean
 //! block left gets `Ok(None)`, and the caller maps through the vmalloc tree instead (as
 //! Linux does above `VMAP_MAX_ALLOC`). The lock of the clean and dirty lists
-//! (`VMAP_BLOCKS`) is taken once per block, not per call.
+//! (`VMAP_BLOCKS`) is taken once per block, not per call; it is IRQ-safe, since
+//! [`VmapBlocks::retire_local`] may run in an interrupt handler (a purge asks every CPU
+//! to retire its block with an `on_each_cpu` call).
 //!
 //! Deviation from Linux: the region is reserved at start-up and sized once
 //! ([`crate::kernel::MemoryConfig`]'s `vmap_blocks`), where Linux allocates each block's
@@ -41,7 +43,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use hal::smp::PerCpu;
-use hal::sync::SpinLock;
+use hal::sync::IrqSpinLock;
 use hal::{PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
 
 use super::{MapError, Prot, VmallocError};
@@ -161,7 +163,7 @@ pub struct VmapBlocks<M: RamMapper> {
     region: VirtRange,
     blocks: Box<[Block]>,
     cpus: PerCpu<Cursor>,
-    lists: SpinLock<Lists>,
+    lists: IrqSpinLock<Lists>,
     fallbacks: AtomicU64,
     flushes: AtomicU64,
 }
@@ -217,7 +219,7 @@ impl<M: RamMapper> VmapBlocks<M> {
             region,
             blocks: blocks.into_boxed_slice(),
             cpus: PerCpu::new(|_| Cursor { block: NO_BLOCK, next: 0, own_freed: 0, maps: 0 }),
-            lists: SpinLock::new(&hal::sync::classes::VMAP_BLOCKS, Lists { clean, dirty }),
+            lists: IrqSpinLock::new(&hal::sync::classes::VMAP_BLOCKS, Lists { clean, dirty }),
             fallbacks: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
         })
