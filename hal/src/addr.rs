@@ -36,6 +36,8 @@ impl fmt::Display for AddrError {
     }
 }
 
+impl core::error::Error for AddrError {}
+
 macro_rules! address_type {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*

@@ -22,6 +22,17 @@ pub enum ParamError {
     BadValue,
 }
 
+impl core::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ParamError::Malformed => "malformed parameter (no key, or a key outside [A-Za-z0-9_.-])",
+            ParamError::BadValue => "the value does not parse as the parameter's type",
+        })
+    }
+}
+
+impl core::error::Error for ParamError {}
+
 /// A borrowed command line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CommandLine<'a> {

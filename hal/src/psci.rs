@@ -67,6 +67,19 @@ pub enum PsciError {
     Other,
 }
 
+impl core::fmt::Display for PsciError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            PsciError::NoConduit => "no PSCI conduit (neither HVC nor SMC) is known",
+            PsciError::AlreadyOn => "PSCI: the CPU is already on",
+            PsciError::OnPending => "PSCI: a CPU_ON for the CPU is in progress",
+            PsciError::Other => "PSCI call failed",
+        })
+    }
+}
+
+impl core::error::Error for PsciError {}
+
 /// `CPU_ON`: starts the CPU with MPIDR affinity `mpidr` at physical address `entry`, MMU
 /// off, with `context` in `x0`.
 ///

@@ -201,7 +201,16 @@ impl fmt::Display for IoremapError {
     }
 }
 
-impl core::error::Error for IoremapError {}
+impl core::error::Error for IoremapError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            IoremapError::MapFailed(e) => Some(e),
+            IoremapError::Regs(e) => Some(e),
+            IoremapError::Vmalloc(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// Why [`IoMem::regs`] refused a register block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -506,6 +506,17 @@ impl fmt::Display for InitError {
     }
 }
 
+impl core::error::Error for InitError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            InitError::NoKernelSpace => None,
+            InitError::Buddy(e) => Some(e),
+            InitError::Slab(e) => Some(e),
+            InitError::Vmalloc(e) => Some(e),
+        }
+    }
+}
+
 /// Tunables, from the command line (`buddy.strict=1 slab.strict=1 vmalloc.strict=1
 /// vmalloc.lazy_max_pages=N vmalloc.flush_page_threshold=N vmalloc.quarantine=1
 /// vmalloc.keep_tables=1 vmalloc.vmap_blocks=N`).

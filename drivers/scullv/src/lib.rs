@@ -168,7 +168,14 @@ impl fmt::Display for ScullError {
     }
 }
 
-impl core::error::Error for ScullError {}
+impl core::error::Error for ScullError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            ScullError::Quantum(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// A snapshot of a device's allocations and counters ([`ScullV::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -73,6 +73,16 @@ impl fmt::Display for BlkError {
     }
 }
 
+impl core::error::Error for BlkError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            BlkError::Pool(e) => Some(e),
+            BlkError::Driver(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl From<virtio_drivers::Error> for BlkError {
     fn from(e: virtio_drivers::Error) -> Self {
         BlkError::Driver(e)

@@ -185,6 +185,15 @@ impl core::fmt::Display for PoolError {
     }
 }
 
+impl core::error::Error for PoolError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            PoolError::NoMemory(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// A device's DMA bounce pool: one physically contiguous buddy block that `share` copies
 /// non-contiguous buffers into while the pool is entered. Freed on drop.
 #[derive(Debug)]

@@ -178,6 +178,16 @@ impl fmt::Display for ProbeError {
     }
 }
 
+impl core::error::Error for ProbeError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            ProbeError::Map(e) => Some(e),
+            ProbeError::Transport(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Transports in use (their physical addresses).
 static CLAIMED: Mutex<Vec<PhysAddr>> = Mutex::new(Vec::new());
 

@@ -188,6 +188,8 @@ impl fmt::Display for StampError {
     }
 }
 
+impl core::error::Error for StampError {}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }

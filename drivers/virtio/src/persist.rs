@@ -42,6 +42,16 @@ impl fmt::Display for PersistError {
     }
 }
 
+impl core::error::Error for PersistError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            PersistError::Blk(e) => Some(e),
+            PersistError::Stamp(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl From<BlkError> for PersistError {
     fn from(e: BlkError) -> Self {
         PersistError::Blk(e)

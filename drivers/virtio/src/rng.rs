@@ -38,6 +38,16 @@ impl fmt::Display for RngError {
     }
 }
 
+impl core::error::Error for RngError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            RngError::Pool(e) => Some(e),
+            RngError::Driver(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl From<virtio_drivers::Error> for RngError {
     fn from(e: virtio_drivers::Error) -> Self {
         RngError::Driver(e)

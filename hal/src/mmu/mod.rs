@@ -131,3 +131,12 @@ impl fmt::Display for MmuError {
         }
     }
 }
+
+impl core::error::Error for MmuError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            MmuError::Addr(e) => Some(e),
+            _ => None,
+        }
+    }
+}

@@ -242,6 +242,8 @@ impl fmt::Display for BuddyError {
     }
 }
 
+impl core::error::Error for BuddyError {}
+
 /// One managed RAM region as seen by the metadata arrays.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct RegionInfo {

@@ -203,6 +203,8 @@ impl fmt::Display for SlabError {
     }
 }
 
+impl core::error::Error for SlabError {}
+
 /// Size class index for a request of `size` bytes (`size <= 2048`), by `(size + 7) / 8`.
 const SIZE_INDEX: [u8; KMALLOC_MAX_CACHE_SIZE / 8 + 1] = {
     let mut t = [0u8; KMALLOC_MAX_CACHE_SIZE / 8 + 1];

@@ -51,6 +51,8 @@ impl fmt::Display for MapError {
     }
 }
 
+impl core::error::Error for MapError {}
+
 /// The TLB invalidation of [`VmBackend::flush_and_free_tables`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlbFlush<'a> {

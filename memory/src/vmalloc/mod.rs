@@ -283,6 +283,15 @@ impl fmt::Display for VmallocError {
     }
 }
 
+impl core::error::Error for VmallocError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            VmallocError::MapFailed(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Tunables (Linux's boot parameters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmallocConfig {
