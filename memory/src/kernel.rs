@@ -531,6 +531,9 @@ pub struct MemoryConfig {
     /// Blocks of 4 MiB set aside for [`vm_map_ram`]'s per-CPU blocks
     /// (`vmalloc.vmap_blocks=N`; 0 maps every `vm_map_ram` through the vmalloc tree).
     pub vmap_blocks: usize,
+    /// A vmalloc node (an instance of its own) for each secondary CPU
+    /// (`vmalloc.nodes=0` turns them off: every CPU then shares the global instance).
+    pub vmalloc_nodes: bool,
 }
 
 impl Default for MemoryConfig {
@@ -540,6 +543,7 @@ impl Default for MemoryConfig {
             slab_strict: false,
             vmalloc: VmallocConfig::default(),
             vmap_blocks: vm_map_ram::DEFAULT_BLOCKS,
+            vmalloc_nodes: true,
         }
     }
 }
@@ -573,6 +577,9 @@ impl MemoryConfig {
         if let Some(n) = number("vmalloc.flush_page_threshold") {
             c.vmalloc.flush_page_threshold = n as usize;
         }
+        if let Ok(Some(false)) = cmdline.get_bool("vmalloc.nodes") {
+            c.vmalloc_nodes = false;
+        }
         if let Some(n) = number("vmalloc.vmap_blocks") {
             c.vmap_blocks = (n as usize).min(vm_map_ram::MAX_BLOCKS);
         }
@@ -590,6 +597,7 @@ pub const BOOT_PARAMS: &[&str] = &[
     "vmalloc.quarantine",
     "vmalloc.keep_tables",
     "vmalloc.vmap_blocks",
+    "vmalloc.nodes",
 ];
 
 /// Starts the memory system: the buddy allocator over the RAM the device tree names (less
@@ -644,6 +652,15 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
     let vm = VMALLOC.call_once(|| LockedVmalloc::new(vm));
     vm_map_ram::init(vm, config.vmap_blocks).map_err(InitError::Vmalloc)?;
+    // A node for each secondary CPU, in the global window (none at one CPU).
+    let cpus = if config.vmalloc_nodes { p.cpus.len() } else { 1 };
+    nodes::init(vm, cpus, config.vmalloc, || KernelBackend {
+        linear,
+        ram: p.ram,
+        gfp: AtomicU32::new(GFP_KERNEL.bits()),
+        hot: None,
+    })
+    .map_err(InitError::Vmalloc)?;
     hal::exception::set_fault_explainer(explain_fault);
     // A CPU going off hands back its per-CPU page lists and object caches; the lists'
     // limits follow the CPUs online.
@@ -691,10 +708,42 @@ fn vm() -> Result<&'static LockedVmalloc<KernelBackend>, VmallocError> {
     Ok(v)
 }
 
-/// Frees what handlers on `cpu` queued (thread context).
+/// Frees what handlers on `cpu` queued (thread context), each in the instance that holds it.
 #[inline(never)]
 fn complete_deferred(cpu: usize, v: &LockedVmalloc<KernelBackend>) -> usize {
-    deferred::drain(cpu, |a| v.vfree(a))
+    deferred::drain(cpu, |a| nodes::of_addr(a).unwrap_or(v).vfree(a))
+}
+
+/// The instance an allocation on this CPU goes to (its node, or the global instance for
+/// the boot CPU), and whether that is a node (which may send the call on to the global
+/// one); as [`vm`] otherwise.
+///
+/// # Errors
+/// As [`vm`].
+#[inline]
+fn vm_here() -> Result<(&'static LockedVmalloc<KernelBackend>, bool), VmallocError> {
+    let g = vm()?;
+    Ok(match nodes::of_cpu(hal::smp::this_cpu()) {
+        Some(n) => (n, true),
+        None => (g, false),
+    })
+}
+
+/// The instance whose window holds `addr` (a node's, or the global one); as [`vm`]
+/// otherwise.
+///
+/// # Errors
+/// As [`vm`].
+#[inline]
+fn vm_at(addr: VirtAddr) -> Result<&'static LockedVmalloc<KernelBackend>, VmallocError> {
+    let g = vm()?;
+    Ok(nodes::of_addr(addr).unwrap_or(g))
+}
+
+/// Whether an allocation a node refused may fit the global instance (larger than a
+/// node's window, or aligned beyond it, or the node full).
+fn global_may_fit(e: VmallocError) -> bool {
+    matches!(e, VmallocError::NoVirtualSpace | VmallocError::TooLarge)
 }
 
 /// vmalloc as a shrinker: a purge gives back the quarantined frames (parked ranges hold no
@@ -703,25 +752,29 @@ static VMALLOC_SHRINKER: crate::reclaim::Shrinker =
     crate::reclaim::Shrinker::new("vmalloc (quarantine, spares)", vmalloc_count, vmalloc_scan);
 
 fn vmalloc_count() -> usize {
-    VMALLOC
-        .get()
-        .and_then(|v| {
+    vmalloc_instances()
+        .filter_map(|v| {
             v.lock_if_free(|g| {
                 let s = g.stats();
                 // Spare records above their mark free slab objects (maybe a slab): count 1.
                 s.quarantined_frames + usize::from(s.spare_records > g.config().spare_high)
             })
         })
-        .unwrap_or(0)
+        .sum()
 }
 
 fn vmalloc_scan(_nr: usize) -> usize {
-    VMALLOC.get().and_then(LockedVmalloc::try_purge).unwrap_or(0)
+    vmalloc_instances().filter_map(LockedVmalloc::try_purge).sum()
 }
 
 /// The out-of-memory report's vmalloc lines.
 fn oom_section() -> [(&'static str, usize); 4] {
-    let s = VMALLOC.get().and_then(|v| v.lock_if_free(|g| g.stats())).unwrap_or_default();
+    let mut s = VmallocStats::default();
+    for v in vmalloc_instances() {
+        if let Some(t) = v.lock_if_free(|g| g.stats()) {
+            s.merge(&t);
+        }
+    }
     [
         ("vmalloc pages mapped", s.mapped_pages),
         ("vmalloc live areas", s.live_areas),
@@ -756,6 +809,9 @@ fn cpu_came_up(_cpu: usize) {
 /// # Ok::<(), memory::vmalloc::VmallocError>(())
 /// ```
 pub fn explain_fault(addr: u64, out: &mut dyn fmt::Write) -> bool {
+    if let Some(n) = nodes::of_addr(VirtAddr::new(addr)) {
+        return !matches!(n.try_explain_fault(VirtAddr::new(addr), out), None | Some(FaultClass::NotVmalloc));
+    }
     match VMALLOC.get() {
         Some(v) => !matches!(v.try_explain_fault(VirtAddr::new(addr), out), None | Some(FaultClass::NotVmalloc)),
         None => false,
@@ -780,7 +836,13 @@ pub fn explain_fault(addr: u64, out: &mut dyn fmt::Write) -> bool {
 /// ```
 #[track_caller]
 pub fn vmalloc(size: usize) -> Result<VirtAddr, VmallocError> {
-    vm()?.vmalloc(size)
+    match vm_here()? {
+        (n, true) => match n.vmalloc(size) {
+            Err(e) if global_may_fit(e) => vm()?.vmalloc(size),
+            r => r,
+        },
+        (g, false) => g.vmalloc(size),
+    }
 }
 
 /// [`vmalloc`] with allocation flags (Linux's `__vmalloc(size, gfp_mask)`; see
@@ -805,8 +867,9 @@ pub fn __vmalloc(size: usize, gfp: Gfp) -> Result<VirtAddr, VmallocError> {
     let flags = if gfp.contains(__GFP_ZERO) { VmFlags::ZERO } else { VmFlags::NONE };
     let frames_gfp = Gfp::from_bits(gfp.bits() & !(__GFP_HIGH.bits() | __GFP_ZERO.bits())) | GFP_KERNEL;
     if frames_gfp == GFP_KERNEL {
-        return vm()?.vmalloc_with(size, PAGE_SIZE, flags);
+        return vmalloc_with(size, PAGE_SIZE, flags);
     }
+    // Other frame flags: the global instance, whose backend takes them for this one call.
     vm()?.with_ready(|v| {
         v.backend().gfp.store(frames_gfp.bits(), Ordering::Relaxed);
         let r = v.vmalloc_with(size, PAGE_SIZE, flags);
@@ -827,7 +890,13 @@ pub fn __vmalloc(size: usize, gfp: Gfp) -> Result<VirtAddr, VmallocError> {
 /// ```
 #[track_caller]
 pub fn vzalloc(size: usize) -> Result<VirtAddr, VmallocError> {
-    vm()?.vzalloc(size)
+    match vm_here()? {
+        (n, true) => match n.vzalloc(size) {
+            Err(e) if global_may_fit(e) => vm()?.vzalloc(size),
+            r => r,
+        },
+        (g, false) => g.vzalloc(size),
+    }
 }
 
 /// [`vmalloc`] mapped with 2 MiB blocks where it can ([`VmFlags::HUGE`], Linux's
@@ -847,7 +916,7 @@ pub fn vzalloc(size: usize) -> Result<VirtAddr, VmallocError> {
 /// ```
 #[track_caller]
 pub fn vmalloc_huge(size: usize) -> Result<VirtAddr, VmallocError> {
-    vm()?.vmalloc_with(size, PAGE_SIZE, VmFlags::HUGE)
+    vmalloc_with(size, PAGE_SIZE, VmFlags::HUGE)
 }
 
 /// [`vmalloc`] with the start aligned to `align` (a power of two, at least a page).
@@ -863,7 +932,7 @@ pub fn vmalloc_huge(size: usize) -> Result<VirtAddr, VmallocError> {
 /// ```
 #[track_caller]
 pub fn vmalloc_aligned(size: usize, align: usize) -> Result<VirtAddr, VmallocError> {
-    vm()?.vmalloc_with(size, align, VmFlags::NONE)
+    vmalloc_with(size, align, VmFlags::NONE)
 }
 
 /// [`vmalloc`] with flags: [`VmFlags::ZERO`], [`VmFlags::NO_GUARD`] (no guard page),
@@ -882,7 +951,13 @@ pub fn vmalloc_aligned(size: usize, align: usize) -> Result<VirtAddr, VmallocErr
 /// ```
 #[track_caller]
 pub fn vmalloc_with(size: usize, align: usize, flags: VmFlags) -> Result<VirtAddr, VmallocError> {
-    vm()?.vmalloc_with(size, align, flags)
+    match vm_here()? {
+        (n, true) => match n.vmalloc_with(size, align, flags) {
+            Err(e) if global_may_fit(e) => vm()?.vmalloc_with(size, align, flags),
+            r => r,
+        },
+        (g, false) => g.vmalloc_with(size, align, flags),
+    }
 }
 
 /// Frees an area from [`vmalloc`]: unmapped and its frames freed now; its virtual range is
@@ -907,7 +982,7 @@ pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
     if hal::irq::in_interrupt() {
         return vfree_atomic(addr);
     }
-    vm()?.vfree(addr)
+    vm_at(addr)?.vfree(addr)
 }
 
 /// Frees an area allocated with [`VmFlags::OWNED`] (a handle's area), which plain
@@ -921,7 +996,7 @@ pub fn vfree(addr: VirtAddr) -> Result<(), VmallocError> {
 #[track_caller]
 pub unsafe fn vfree_owned(addr: VirtAddr) -> Result<(), VmallocError> {
     // SAFETY: forwarded to our caller.
-    unsafe { vm()?.vfree_owned(addr) }
+    unsafe { vm_at(addr)?.vfree_owned(addr) }
 }
 
 /// Resizes an area, keeping its contents (in place when possible).
@@ -937,7 +1012,8 @@ pub unsafe fn vfree_owned(addr: VirtAddr) -> Result<(), VmallocError> {
 /// ```
 #[track_caller]
 pub fn vrealloc(addr: VirtAddr, new_size: usize) -> Result<VirtAddr, VmallocError> {
-    vm()?.vrealloc(addr, new_size)
+    // In the instance that holds the area (a move stays inside it).
+    vm_at(addr)?.vrealloc(addr, new_size)
 }
 
 /// Maps frames the caller owns contiguously (no frames are taken or freed by us).
@@ -1040,6 +1116,7 @@ pub use crate::snapshot::{MemDiff, MemSnapshot};
 
 mod deferred;
 mod mappable;
+mod nodes;
 mod vm_map_ram;
 pub use vm_map_ram::{vm_map_ram, vm_map_ram_region, vm_unmap_ram, vmap_block_stats};
 
@@ -1071,6 +1148,9 @@ pub fn purge() {
             complete_deferred(cpu, v);
         }
         v.purge();
+        for n in nodes::all() {
+            n.purge();
+        }
     }
     vm_map_ram::purge();
 }
@@ -1121,7 +1201,7 @@ pub fn deferred_vfree_stats() -> (usize, u64, u64) {
 /// # Ok::<(), memory::vmalloc::VmallocError>(())
 /// ```
 pub fn find_area(addr: VirtAddr) -> Option<AreaInfo> {
-    vm().ok()?.find_area(addr)
+    vm_at(addr).ok()?.find_area(addr)
 }
 
 /// The physical address behind a vmalloc address (walks the tables).
@@ -1133,7 +1213,7 @@ pub fn find_area(addr: VirtAddr) -> Option<AreaInfo> {
 /// # Ok::<(), memory::vmalloc::VmallocError>(())
 /// ```
 pub fn vmalloc_to_phys(addr: VirtAddr) -> Option<PhysAddr> {
-    vm().ok()?.vmalloc_to_phys(addr)
+    vm_at(addr).ok()?.vmalloc_to_phys(addr)
 }
 
 /// Whether `addr` is inside the vmalloc/ioremap window.
@@ -1172,7 +1252,23 @@ pub fn vmalloc_table_pages() -> usize {
 /// log::info!("{} areas, {} parked pages, {} purges", s.live_areas, s.parked_pages, s.purges);
 /// ```
 pub fn vmalloc_stats() -> Option<VmallocStats> {
-    vm().ok().map(|v| v.stats())
+    let mut s = vm().ok()?.stats();
+    for n in nodes::all() {
+        s.merge(&n.stats());
+    }
+    Some(s)
+}
+
+/// The global vmalloc instance and every CPU's node (see `kernel/nodes.rs`), the global one
+/// first: for whoever settles or inspects all of them (a snapshot's settle, the bench).
+/// # Example
+/// ```no_run
+/// for v in memory::kernel::vmalloc_instances() {
+///     log::info!("{:?}: {} areas", v.range(), v.stats().live_areas);
+/// }
+/// ```
+pub fn vmalloc_instances() -> impl Iterator<Item = &'static LockedVmalloc<KernelBackend>> {
+    VMALLOC.get().into_iter().chain(nodes::all())
 }
 
 /// Writes `/proc/vmallocinfo`. The vmalloc lock is held while `out` is written to: `out`
@@ -1186,10 +1282,22 @@ pub fn vmalloc_stats() -> Option<VmallocStats> {
 /// # Ok::<(), core::fmt::Error>(())
 /// ```
 pub fn write_vmallocinfo(out: &mut dyn fmt::Write) -> fmt::Result {
-    match vm() {
-        Ok(v) => write!(out, "{}", v.lock().info()),
-        Err(_) => Ok(()),
+    let Ok(v) = vm() else { return Ok(()) };
+    let Some((lo, hi)) = nodes::span() else {
+        return write!(out, "{}", v.lock().info());
+    };
+    // Live areas in address order: the global instance's below the nodes, each node's,
+    // the global instance's above; then every instance's parked ranges.
+    v.lock().write_busy(out, 0, lo, true)?;
+    for n in nodes::all() {
+        n.lock().write_busy(out, 0, u64::MAX, false)?;
     }
+    v.lock().write_busy(out, hi, u64::MAX, true)?;
+    v.lock().write_parked(out)?;
+    for n in nodes::all() {
+        n.lock().write_parked(out)?;
+    }
+    Ok(())
 }
 
 /// Draws the used part of the vmalloc window, one character per chunk of `cols` equal

@@ -166,7 +166,7 @@ impl MemSnapshot {
 pub fn settle() {
     // Deferred frees, parked ranges, the quarantine, vm_map_ram's blocks and their tables.
     kernel::purge();
-    if let Some(v) = kernel::vmalloc_instance() {
+    for v in kernel::vmalloc_instances() {
         let surplus = v.lock().release_spares();
         drop(surplus);
         let (have, want) = {

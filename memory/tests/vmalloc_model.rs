@@ -140,7 +140,7 @@ fn audit(vm: &Vmalloc<SimBackend>, model: &[Area]) {
             }
             AreaKind::Vmap => assert_eq!(pa.as_u64(), m.phys + page * PAGE),
             AreaKind::Ioremap => assert_eq!(pa.as_u64(), (m.phys & !(PAGE - 1)) + page * PAGE),
-            AreaKind::VmapRam => panic!("the model reserves no vm_map_ram region"),
+            AreaKind::VmapRam | AreaKind::Node => panic!("the model reserves no region"),
         }
         ptes += 1;
     });
@@ -301,7 +301,7 @@ fn a_million_random_operations() {
                         AreaKind::Vmalloc => vm.vfree(inside),
                         AreaKind::Vmap => vm.vunmap(inside),
                         AreaKind::Ioremap => vm.iounmap(inside),
-                        AreaKind::VmapRam => unreachable!("the model reserves no region"),
+                        AreaKind::VmapRam | AreaKind::Node => unreachable!("the model reserves no region"),
                     };
                     assert_eq!(r, Err(VmallocError::NotAnArea));
                     assert_eq!(vm.stats().live_areas, before.live_areas);
@@ -315,7 +315,7 @@ fn a_million_random_operations() {
                     AreaKind::Vmalloc => vm.vfree(m.ptr).unwrap(),
                     AreaKind::Vmap => vm.vunmap(m.ptr).unwrap(),
                     AreaKind::Ioremap => vm.iounmap(m.ptr).unwrap(),
-                    AreaKind::VmapRam => unreachable!("the model reserves no region"),
+                    AreaKind::VmapRam | AreaKind::Node => unreachable!("the model reserves no region"),
                 }
                 if rng.random_bool(0.05) {
                     assert_eq!(vm.vfree(m.ptr), Err(VmallocError::DoubleFree));
@@ -347,7 +347,7 @@ fn a_million_random_operations() {
             AreaKind::Vmalloc => vm.vfree(m.ptr).unwrap(),
             AreaKind::Vmap => vm.vunmap(m.ptr).unwrap(),
             AreaKind::Ioremap => vm.iounmap(m.ptr).unwrap(),
-            AreaKind::VmapRam => unreachable!("the model reserves no region"),
+            AreaKind::VmapRam | AreaKind::Node => unreachable!("the model reserves no region"),
         }
     }
     vm.purge();

@@ -645,9 +645,52 @@ fn vfree_in_a_handler_is_deferred_and_completed_by_the_next_call() {
     assert_eq!(hal::sync::take_reports(), 0, "lock checks silent: no vmalloc lock in interrupt context");
 }
 
+static AREA: AtomicUsize = AtomicUsize::new(0);
+static BIG: AtomicUsize = AtomicUsize::new(0);
+
+fn node_body(cpu: usize) {
+    if cpu == 1 {
+        AREA.store(kernel::vmalloc(3 * PAGE_SIZE).unwrap().as_usize(), Ordering::Relaxed);
+        // Aligned to 2 TiB: no such address inside a 1 TiB node.
+        BIG.store(kernel::vmalloc_aligned(PAGE_SIZE, 2 << 40).unwrap().as_usize(), Ordering::Relaxed);
+    }
+}
+
+/// Each secondary CPU allocates from its own vmalloc node (an instance of its own, in a
+/// 1 TiB part of the window): an area made on CPU 1 lies in CPU 1's node, is freed from
+/// CPU 0, is listed by vmallocinfo and named by the fault explainer; what the node cannot
+/// place (aligned beyond its window) comes from the global instance.
+fn secondary_cpus_allocate_from_their_own_nodes() {
+    kernel::purge();
+    let live0 = kernel::vmalloc_stats().unwrap().live_areas;
+    let instances: alloc::vec::Vec<_> = kernel::vmalloc_instances().collect();
+    assert_eq!(instances.len(), smp::online_cpus(), "the global instance and a node per secondary CPU");
+    // In thread context on CPU 1 (`on_cpu` would run it in a handler, where vmalloc refuses).
+    tests::on_every_cpu(node_body);
+    let a = hal::VirtAddr::new(AREA.load(Ordering::Relaxed) as u64);
+    let big = hal::VirtAddr::new(BIG.load(Ordering::Relaxed) as u64);
+    assert!(instances[1].range().contains(a), "{a:#x} not in CPU 1's node {:?}", instances[1].range());
+    assert!(!instances.iter().skip(1).any(|n| n.range().contains(big)), "{big:#x}: the global instance's");
+    assert_eq!(kernel::find_area(a).map(|i| (i.addr, i.pages)), Some((a, 3)));
+    let mut info = alloc::string::String::new();
+    kernel::write_vmallocinfo(&mut info).unwrap();
+    let line = info.lines().find(|l| l.starts_with(&alloc::format!("{:#x}-", a.as_u64()))).expect("listed");
+    assert!(line.contains("tests/tests/percpu.rs") && line.ends_with("pages=3 vmalloc"), "{line}");
+    let mut why = alloc::string::String::new();
+    assert!(kernel::explain_fault(a.as_u64() + 3 * PAGE_SIZE as u64, &mut why));
+    assert!(why.contains("guard page"), "{why}");
+    // Freed from CPU 0, in the node's instance.
+    kernel::vfree(a).unwrap();
+    assert_eq!(kernel::vfree(a), Err(memory::vmalloc::VmallocError::DoubleFree));
+    kernel::vfree(big).unwrap();
+    kernel::purge();
+    assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live0);
+}
+
 tests::main!(
     test!(figure_kmalloc_with_and_without_cpu_caches),
     test!(random_work_on_every_cpu_ends_at_baseline),
     test!(vfree_in_a_handler_is_deferred_and_completed_by_the_next_call),
+    test!(secondary_cpus_allocate_from_their_own_nodes).needing(tests::four_cpus, "-smp 4"),
     test!(a_cpu_switched_off_hands_back_its_caches).needing(tests::four_cpus, "-smp 4"),
 );

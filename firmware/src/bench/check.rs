@@ -17,7 +17,7 @@ use memory::vmalloc::VmallocStats;
 /// The caller accounts the purge in its [`Model`] first (see `Ctx::purge`).
 pub fn settle() {
     kernel::purge();
-    if let Some(v) = kernel::vmalloc_instance() {
+    for v in kernel::vmalloc_instances() {
         // The guard is a temporary: it is released before the surplus records are freed.
         let surplus = v.lock().release_spares();
         drop(surplus);

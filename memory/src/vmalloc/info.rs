@@ -174,10 +174,24 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     pub fn write_info(&self, out: &mut dyn Write) -> fmt::Result {
+        self.write_busy(out, 0, u64::MAX, false)?;
+        self.write_parked(out)
+    }
+
+    /// The live areas of [`Self::write_info`] that start in `[lo, hi)`, in address order;
+    /// with `skip_nodes`, without the [`AreaKind::Node`] reservations (whose own areas the
+    /// caller lists in their place).
+    ///
+    /// # Errors
+    /// A formatter error from `out`.
+    pub fn write_busy(&self, out: &mut dyn Write, lo: u64, hi: u64, skip_nodes: bool) -> fmt::Result {
         for n in self.live_iter() {
             let nd = n.get();
-            write!(out, "0x{:016x}-0x{:016x} {:>7} {}", nd.start.get(), nd.end.get(), nd.size(), nd.caller.get())?;
             let kind = nd.kind.get();
+            if nd.start.get() < lo || nd.start.get() >= hi || (skip_nodes && kind == AreaKind::Node) {
+                continue;
+            }
+            write!(out, "0x{:016x}-0x{:016x} {:>7} {}", nd.start.get(), nd.end.get(), nd.size(), nd.caller.get())?;
             if kind != AreaKind::Ioremap && nd.pages.get() > 0 {
                 write!(out, " pages={}", nd.pages.get())?;
             }
@@ -194,7 +208,15 @@ impl<B: VmBackend> Vmalloc<B> {
             }
             writeln!(out)?;
         }
-        // Like Linux's show_purge_info: the lazily freed ranges after the busy ones.
+        Ok(())
+    }
+
+    /// The parked ranges of [`Self::write_info`] (after the busy ones, like Linux's
+    /// `show_purge_info`).
+    ///
+    /// # Errors
+    /// A formatter error from `out`.
+    pub fn write_parked(&self, out: &mut dyn Write) -> fmt::Result {
         for n in self.parked_iter() {
             let nd = n.get();
             writeln!(out, "0x{:016x}-0x{:016x} {:>7} unpurged vm_area", nd.start.get(), nd.end.get(), nd.size())?;

@@ -15,6 +15,8 @@ use super::{
 /// except [`Self::try_explain_fault`], which only tries it.
 pub struct LockedVmalloc<B: VmBackend> {
     inner: hal::sync::SpinLock<Vmalloc<B>>,
+    /// The instance's window (fixed: readable without the lock).
+    range: hal::VirtRange,
 }
 
 impl<B: VmBackend> LockedVmalloc<B> {
@@ -32,7 +34,13 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     pub fn new(mut vm: Vmalloc<B>) -> Self {
         vm.config.refill_inline = false;
-        Self { inner: hal::sync::SpinLock::new(&hal::sync::classes::VMALLOC, vm) }
+        let range = vm.range();
+        Self { inner: hal::sync::SpinLock::new(&hal::sync::classes::VMALLOC, vm), range }
+    }
+
+    /// The instance's window ([`Vmalloc::range`]), without the lock.
+    pub fn range(&self) -> hal::VirtRange {
+        self.range
     }
 
     /// Lock, with enough spare records for one call (allocated while unlocked).

@@ -126,6 +126,9 @@ pub enum AreaKind {
     /// Address space set aside for `vm_map_ram`'s per-CPU blocks ([`Vmalloc::reserve`],
     /// [`vmap_block::VmapBlocks`]): vmalloc maps nothing there and frees nothing of it.
     VmapRam,
+    /// Address space set aside for another instance (a CPU's vmalloc node, which manages
+    /// it as its own window): this one maps nothing there.
+    Node,
 }
 
 impl AreaKind {
@@ -144,6 +147,7 @@ impl AreaKind {
             AreaKind::Vmap => "vmap",
             AreaKind::Ioremap => "ioremap",
             AreaKind::VmapRam => "vm_map_ram",
+            AreaKind::Node => "vmalloc_node",
         }
     }
 }
@@ -428,6 +432,39 @@ pub struct VmallocStats {
     pub quarantine_hits: u64,
     /// Areas freed at once instead of quarantined because no index frame could be had, ever.
     pub quarantine_bypassed: u64,
+}
+
+impl VmallocStats {
+    /// Adds `o`'s counters to these (several instances seen as one: the kernel's global
+    /// instance and its per-CPU nodes); the largest hole and the purge times are maxima.
+    pub fn merge(&mut self, o: &Self) {
+        self.live_areas += o.live_areas;
+        self.mapped_pages += o.mapped_pages;
+        self.owned_frames += o.owned_frames;
+        self.parked_areas += o.parked_areas;
+        self.parked_pages += o.parked_pages;
+        self.parked_mapped_pages += o.parked_mapped_pages;
+        self.free_holes += o.free_holes;
+        self.largest_hole = self.largest_hole.max(o.largest_hole);
+        self.records += o.records;
+        self.spare_records += o.spare_records;
+        self.purges += o.purges;
+        self.tlb_page_ops += o.tlb_page_ops;
+        self.tlb_page_batches += o.tlb_page_batches;
+        self.tlb_full_flushes += o.tlb_full_flushes;
+        self.failures += o.failures;
+        self.frames_taken += o.frames_taken;
+        self.frames_returned += o.frames_returned;
+        self.pages_mapped += o.pages_mapped;
+        self.purge_ns_max = self.purge_ns_max.max(o.purge_ns_max);
+        self.purge_ns_p99 = self.purge_ns_p99.max(o.purge_ns_p99);
+        self.huge_blocks += o.huge_blocks;
+        self.huge_fallbacks += o.huge_fallbacks;
+        self.tables_freed += o.tables_freed;
+        self.quarantined_frames += o.quarantined_frames;
+        self.quarantine_hits += o.quarantine_hits;
+        self.quarantine_bypassed += o.quarantine_bypassed;
+    }
 }
 
 #[derive(Default)]
@@ -1686,6 +1723,17 @@ impl<B: VmBackend> Vmalloc<B> {
     /// ```
     #[track_caller]
     pub fn reserve(&mut self, pages: usize, align: usize) -> Result<VirtAddr, VmallocError> {
+        self.reserve_as(pages, align, AreaKind::VmapRam)
+    }
+
+    /// [`Self::reserve`] with the kind the area is listed as: [`AreaKind::VmapRam`] or
+    /// [`AreaKind::Node`] (any other kind is taken as `VmapRam`).
+    ///
+    /// # Errors
+    /// As [`Self::reserve`].
+    #[track_caller]
+    pub fn reserve_as(&mut self, pages: usize, align: usize, kind: AreaKind) -> Result<VirtAddr, VmallocError> {
+        let kind = if kind == AreaKind::Node { AreaKind::Node } else { AreaKind::VmapRam };
         if pages == 0 {
             return Err(VmallocError::ZeroSize);
         }
@@ -1694,7 +1742,7 @@ impl<B: VmBackend> Vmalloc<B> {
         }
         let node = self.alloc_area(pages, align as u64, VmFlags::NO_GUARD, Location::caller())?;
         let nd = node.get();
-        nd.kind.set(AreaKind::VmapRam);
+        nd.kind.set(kind);
         nd.bytes.set(pages * PAGE_SIZE);
         nd.align_shift.set(align.trailing_zeros() as u8);
         self.c.live_areas += 1;
