@@ -333,6 +333,26 @@ pub fn run(info: &hal::boot::BootInfo) {
                 }
             }),
         );
+        row(
+            "vm_map_ram + vm_unmap_ram (per-CPU block)",
+            time(LOOPS, || {
+                // SAFETY: as for vmap above.
+                if let Ok(v) = unsafe { kernel::vm_map_ram(f) } {
+                    let _ = kernel::vm_unmap_ram(v, n);
+                }
+            }),
+        );
+        row(
+            "vm_map_ram + write 1 byte + vm_unmap_ram",
+            time(LOOPS, || {
+                // SAFETY: as for vmap above.
+                if let Ok(v) = unsafe { kernel::vm_map_ram(f) } {
+                    // SAFETY: `n` pages were just mapped at `v`, frames of this profile.
+                    unsafe { v.as_mut_ptr::<u8>().write_volatile(1) };
+                    let _ = kernel::vm_unmap_ram(v, n);
+                }
+            }),
+        );
         kernel::purge();
         // SAFETY: the frames came from alloc_pages_bulk above; every mapping of them is gone
         // (map_unmap flushed its own, and the purge just above flushed vmap's).
