@@ -45,11 +45,12 @@ pub struct KernelBackend {
     /// The gfp flags frames are taken with ([`GFP_KERNEL`]; [`__vmalloc`] sets others for
     /// one call, under the vmalloc lock).
     gfp: AtomicU32,
-    /// The last-level table the last page map or unmap used: the next one inside its 2 MiB
-    /// is PTE stores through it, without the kernel-table lock or a walk (see
-    /// [`hot_leaf`](Self::hot_leaf)). Dropped before any call that may free a table of
-    /// this instance's window.
-    hot: Option<LeafTable>,
+    /// The last two last-level tables page maps and unmaps used, the newest first: a map
+    /// or unmap inside their 2 MiB is PTE stores through them, without the kernel-table
+    /// lock or a walk; another finds (or makes) its tables under the lock, then writes
+    /// outside it (see [`Self::leaves_for`]). Dropped before any call that may free a
+    /// table of this instance's window; no other instance frees or edits a table of it.
+    hot: [Option<LeafTable>; 2],
 }
 
 fn map_err(e: hal::mmu::MmuError) -> MapError {
@@ -74,28 +75,78 @@ impl KernelBackend {
     /// another.
     pub unsafe fn new(info: &BootInfo) -> Result<Self, InitError> {
         let linear = hal::kmap::linear_map().ok_or(InitError::NoKernelSpace)?;
-        Ok(Self { linear, ram: info.platform.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()), hot: None })
+        Ok(Self { linear, ram: info.platform.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()), hot: [None; 2] })
     }
 
     fn frame_ptr(&self, pa: PhysAddr) -> *mut u8 {
         self.linear.ptr(pa)
     }
 
-    /// The hot table and the index of `va`'s entry in it, when `pages` pages from `va` lie
-    /// in its 2 MiB.
-    fn hot_leaf(&self, va: VirtAddr, pages: usize) -> Option<(LeafTable, usize)> {
-        let leaf = self.hot?;
-        let off = va.as_u64().wrapping_sub(leaf.base().as_u64());
-        let first = (off / PAGE_SIZE as u64) as usize;
-        (off < LEAF_SPAN && first + pages <= hal::mmu::table::ENTRIES).then_some((leaf, first))
+    /// The hot table whose 2 MiB holds `va`.
+    fn hot_for(&self, va: u64) -> Option<LeafTable> {
+        self.hot.iter().flatten().find(|l| va.wrapping_sub(l.base().as_u64()) < LEAF_SPAN).copied()
     }
 
-    /// Makes the last-level table of `va` the hot one (under the kernel-table lock, held by
-    /// the caller as `tables`), unless a block maps there.
-    fn warm(&mut self, tables: &mut hal::mmu::PageTable, va: VirtAddr) {
-        self.hot = tables.leaf_table(va, &mut GlobalTableAlloc).ok();
+    /// Makes `leaf` the newest hot table.
+    fn remember(&mut self, leaf: LeafTable) {
+        if self.hot[0].map(|h| h.base()) != Some(leaf.base()) {
+            self.hot = [Some(leaf), self.hot[0]];
+        }
+    }
+
+    /// Drops the hot tables (before anything that may free a table).
+    fn forget_hot(&mut self) {
+        self.hot = [None; 2];
+    }
+
+    /// The last-level tables of `pages` pages from `va`, as two pieces `(table, first
+    /// entry, pages)` (the second empty when one table holds them all): from the hot
+    /// ones, else looked up (with `make`, made) under the kernel-table lock, which is
+    /// released before the caller writes. `None` when the range spans more than two
+    /// tables, or (without `make`) a table is missing or a block maps there.
+    ///
+    /// # Errors
+    /// A [`MapError`] when a table cannot be made (nothing was changed).
+    fn leaves_for(&mut self, va: VirtAddr, pages: usize, make: bool) -> Result<Option<[LeafPart; 2]>, MapError> {
+        let ents = hal::mmu::table::ENTRIES;
+        let at = ((va.as_u64() % LEAF_SPAN) / PAGE_SIZE as u64) as usize;
+        let first = pages.min(ents - at);
+        let rest = pages - first;
+        if rest > ents || pages == 0 {
+            return Ok(None);
+        }
+        let second = va.as_u64() + (first * PAGE_SIZE) as u64;
+        let mut a = self.hot_for(va.as_u64());
+        let mut b = if rest > 0 { self.hot_for(second) } else { a };
+        if a.is_none() || b.is_none() {
+            let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
+            let mut space = space.lock();
+            // SAFETY: only the tables of vmalloc's own window are looked up or made; no
+            // translation changes.
+            let tables = unsafe { space.upper_mut() };
+            let mut get = |x: u64| -> Result<Option<LeafTable>, MapError> {
+                if make {
+                    tables.leaf_table(VirtAddr::new(x), &mut GlobalTableAlloc).map(Some).map_err(map_err)
+                } else {
+                    Ok(tables.find_leaf_table(VirtAddr::new(x)))
+                }
+            };
+            if a.is_none() {
+                a = get(va.as_u64())?;
+            }
+            if b.is_none() {
+                b = if rest > 0 { get(second)? } else { a };
+            }
+        }
+        let (Some(a), Some(b)) = (a, b) else { return Ok(None) };
+        self.remember(b);
+        self.remember(a);
+        Ok(Some([(a, at, first), (b, 0, rest)]))
     }
 }
+
+/// A piece of a range in one last-level table: the table, its first entry, its pages.
+type LeafPart = (LeafTable, usize, usize);
 
 /// What one last-level table translates (2 MiB).
 const LEAF_SPAN: u64 = 1 << 21;
@@ -170,26 +221,36 @@ impl VmBackend for KernelBackend {
             Prot::ReadWrite => Attributes::DATA,
             Prot::ReadOnly => Attributes::RODATA,
         };
-        if let Some((leaf, first)) = self.hot_leaf(va, frames.len()) {
-            // SAFETY: the hot table is in the tree: every call of this backend that may free
-            // a table drops it first, and no one else frees tables of vmalloc's window.
-            // vmalloc maps only pages of its own window that are unmapped and flushed (the
-            // VmBackend contract), under its lock, which `&mut self` stands for.
-            return unsafe { leaf.map_pages(first, frames, attrs) }.map_err(map_err);
+        if frames.iter().any(|f| !f.is_page_aligned() || f.as_u64() >= 1 << 48) {
+            return Err(MapError::OutOfRange);
+        }
+        if let Some(parts) = self.leaves_for(va, frames.len(), true)? {
+            // SAFETY (both blocks): the tables are in the tree: every call of this backend
+            // that may free a table drops the hot ones first, and no one else frees or
+            // edits tables of this instance's window. vmalloc maps only pages of its own
+            // window that are unmapped and flushed (the VmBackend contract), under its
+            // lock, which `&mut self` stands for. Every entry is checked before any is
+            // written, so a refused call writes nothing; the frames were checked above.
+            if parts.iter().any(|&(l, at, n)| unsafe { l.any_page(at, n) }) {
+                return Err(MapError::AlreadyMapped);
+            }
+            let mut done = 0;
+            for (l, at, n) in parts {
+                // SAFETY: as above.
+                unsafe { l.map_pages(at, &frames[done..done + n], attrs) }.map_err(map_err)?;
+                done += n;
+            }
+            return Ok(());
         }
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
-        let mut space = space.lock();
         // SAFETY: vmalloc maps only pages of its own window that are unmapped and flushed
         // (the VmBackend contract).
-        let tables = unsafe { space.upper_mut() };
-        tables.map_frames(va, frames, attrs, &mut GlobalTableAlloc).map_err(map_err)?;
-        self.warm(tables, va);
-        Ok(())
+        unsafe { space.lock().upper_mut().map_frames(va, frames, attrs, &mut GlobalTableAlloc) }.map_err(map_err)
     }
 
     fn map_device(&mut self, va: VirtAddr, pa: PhysAddr, pages: usize, attr: DeviceAttr) -> Result<(), MapError> {
-        // May free a table (the hot one among them).
-        self.hot = None;
+        // May free a table (a hot one among them).
+        self.forget_hot();
         let memory = match attr {
             DeviceAttr::DeviceNGnRnE => MemoryType::DeviceNGnRnE,
             DeviceAttr::DeviceNGnRE => MemoryType::DeviceNGnRE,
@@ -238,8 +299,8 @@ impl VmBackend for KernelBackend {
     }
 
     fn map_block(&mut self, va: VirtAddr, pa: PhysAddr) -> Result<(), MapError> {
-        // May free a table (the hot one among them).
-        self.hot = None;
+        // May free a table (a hot one among them).
+        self.forget_hot();
         let range = VirtRange::new(va, BLOCK_SIZE as u64).map_err(|_| MapError::OutOfRange)?;
         if !va.as_u64().is_multiple_of(BLOCK_SIZE as u64) || !pa.as_u64().is_multiple_of(BLOCK_SIZE as u64) {
             return Err(MapError::OutOfRange);
@@ -272,8 +333,8 @@ impl VmBackend for KernelBackend {
     }
 
     fn unmap_block(&mut self, va: VirtAddr) -> Option<PhysAddr> {
-        // May free a table (the hot one among them).
-        self.hot = None;
+        // May free a table (a hot one among them).
+        self.forget_hot();
         let range = VirtRange::new(va, BLOCK_SIZE as u64).ok()?;
         let space = hal::kmap::kernel_space()?;
         let mut space = space.lock();
@@ -289,21 +350,21 @@ impl VmBackend for KernelBackend {
     }
 
     fn unmap_pages<F: FnMut(PhysAddr)>(&mut self, va: VirtAddr, pages: usize, mut on_frame: F) {
-        if let Some((leaf, first)) = self.hot_leaf(va, pages) {
-            // SAFETY: as in `map_pages` for the table; vmalloc unmaps only the pages of an
-            // area it is freeing (or rolling back), which nothing uses any more.
-            unsafe { leaf.take_pages(first, pages, on_frame) };
+        if let Ok(Some(parts)) = self.leaves_for(va, pages, false) {
+            for (l, at, n) in parts {
+                // SAFETY: as in `map_pages` for the tables; vmalloc unmaps only the pages
+                // of an area it is freeing (or rolling back), which nothing uses any more.
+                unsafe { l.take_pages(at, n, &mut on_frame) };
+            }
             return;
         }
+        // Blocks, missing tables, or more than two tables: the walker.
         let Ok(range) = VirtRange::new(va, (pages * PAGE_SIZE) as u64) else { return };
         let Some(space) = hal::kmap::kernel_space() else { return };
-        let mut space = space.lock();
         // SAFETY: vmalloc unmaps only the pages of an area it is freeing (or rolling back);
         // nothing the program still uses lives there.
-        let tables = unsafe { space.upper_mut() };
-        // SAFETY: as above.
         let r = unsafe {
-            tables.unmap_with(range, |_va, pa, size| {
+            space.lock().upper_mut().unmap_with(range, |_va, pa, size| {
                 for i in 0..size / PAGE_SIZE as u64 {
                     on_frame(pa.add(i * PAGE_SIZE as u64));
                 }
@@ -326,14 +387,14 @@ impl VmBackend for KernelBackend {
     }
 
     fn free_empty_tables(&mut self, spans: &[VirtRange], window: VirtRange) -> usize {
-        // May free a table (the hot one among them).
-        self.hot = None;
+        // May free a table (a hot one among them).
+        self.forget_hot();
         self.flush_and_free_tables(TlbFlush::None, spans, window)
     }
 
     fn flush_and_free_tables(&mut self, flush: TlbFlush<'_>, spans: &[VirtRange], window: VirtRange) -> usize {
-        // May free a table (the hot one among them).
-        self.hot = None;
+        // May free a table (a hot one among them).
+        self.forget_hot();
         let Some(space) = hal::kmap::kernel_space() else { return 0 };
         let mut space = space.lock();
         // SAFETY: only tables inside vmalloc's own window go, and only empty ones: no
@@ -648,7 +709,7 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let t_slab = t2;
     let range = VirtRange::from_bounds(VirtAddr::new(VMALLOC_START), VirtAddr::new(VMALLOC_END))
         .map_err(|_| InitError::Vmalloc(VmallocError::BadRange))?;
-    let backend = KernelBackend { linear, ram: p.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()), hot: None };
+    let backend = KernelBackend { linear, ram: p.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()), hot: [None; 2] };
     let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
     let vm = VMALLOC.call_once(|| LockedVmalloc::new(vm));
     vm_map_ram::init(vm, config.vmap_blocks).map_err(InitError::Vmalloc)?;
@@ -658,7 +719,7 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
         linear,
         ram: p.ram,
         gfp: AtomicU32::new(GFP_KERNEL.bits()),
-        hot: None,
+        hot: [None; 2],
     })
     .map_err(InitError::Vmalloc)?;
     hal::exception::set_fault_explainer(explain_fault);

@@ -87,6 +87,18 @@ impl LeafTable {
         Ok(())
     }
 
+    /// Whether any of entries `first .. first + count` is a page (a map there would be
+    /// refused): for a caller that checks every table of a range before writing any.
+    ///
+    /// # Safety
+    /// As [`Self::map_pages`] for the table; `first + count <= 512`.
+    pub unsafe fn any_page(&self, first: usize, count: usize) -> bool {
+        debug_assert!(first + count <= ENTRIES);
+        // SAFETY: entries of the table page (caller's promise).
+        let pages = unsafe { pages_among(self.entries.as_ptr().add(first), count) };
+        pages & 1 != 0
+    }
+
     /// Clears the pages among entries `first .. first + count`, with no TLB maintenance,
     /// calling `on_frame` with the frame each pointed at, in order (vmalloc's `vfree`).
     ///
@@ -126,6 +138,17 @@ impl LeafTable {
 }
 
 impl PageTable {
+    /// The last-level table that translates `va` if there is one (never makes one: a
+    /// caller about to unmap finds nothing to unmap where there is none, and a block or an
+    /// unmapped upper level gives `None`).
+    pub fn find_leaf_table(&self, va: VirtAddr) -> Option<LeafTable> {
+        let page = va.as_u64() & !(PAGE_SIZE as u64 - 1);
+        let span = self.span(VirtAddr::new(page), PAGE_SIZE as u64).ok()?;
+        let base = span.first & !(level_size(PAGE_LEVEL - 1) - 1);
+        let t = self.page_table_at(span.first)?;
+        Some(LeafTable { entries: NonNull::new(t)?, base })
+    }
+
     /// The last-level table that translates `va`, made now if there is none (one page from
     /// `alloc` per missing level, all or none): for a caller that maps and unmaps pages of
     /// that 2 MiB through the handle ([`LeafTable`]). The table counts in
