@@ -225,13 +225,17 @@ impl VmBackend for KernelBackend {
             return Err(MapError::OutOfRange);
         }
         if let Some(parts) = self.leaves_for(va, frames.len(), true)? {
-            // SAFETY (both blocks): the tables are in the tree: every call of this backend
-            // that may free a table drops the hot ones first, and no one else frees or
-            // edits tables of this instance's window. vmalloc maps only pages of its own
-            // window that are unmapped and flushed (the VmBackend contract), under its
-            // lock, which `&mut self` stands for. Every entry is checked before any is
-            // written, so a refused call writes nothing; the frames were checked above.
-            if parts.iter().any(|&(l, at, n)| unsafe { l.any_page(at, n) }) {
+            // The tables are in the tree: every call of this backend that may free a table
+            // drops the hot ones first, and no one else frees or edits tables of this
+            // instance's window. vmalloc maps only pages of its own window that are
+            // unmapped and flushed (the VmBackend contract), under its lock, which `&mut
+            // self` stands for. Every entry is checked before any is written, so a refused
+            // call writes nothing; the frames were checked above.
+            let taken = parts.iter().any(|&(l, at, n)| {
+                // SAFETY: as above: a live table of this window, entries inside it.
+                unsafe { l.any_page(at, n) }
+            });
+            if taken {
                 return Err(MapError::AlreadyMapped);
             }
             let mut done = 0;
