@@ -87,6 +87,16 @@ impl KernelBackend {
         self.hot.iter().flatten().find(|l| va.wrapping_sub(l.base().as_u64()) < LEAF_SPAN).copied()
     }
 
+    /// The hot table that holds all `pages` pages from `va`, and `va`'s entry in it.
+    #[inline]
+    fn hot_holding(&self, va: VirtAddr, pages: usize) -> Option<(LeafTable, usize)> {
+        let at = ((va.as_u64() % LEAF_SPAN) / PAGE_SIZE as u64) as usize;
+        if pages == 0 || at + pages > hal::mmu::table::ENTRIES {
+            return None;
+        }
+        self.hot_for(va.as_u64()).map(|l| (l, at))
+    }
+
     /// Makes `leaf` the newest hot table.
     fn remember(&mut self, leaf: LeafTable) {
         if self.hot[0].map(|h| h.base()) != Some(leaf.base()) {
@@ -139,7 +149,9 @@ impl KernelBackend {
             }
         }
         let (Some(a), Some(b)) = (a, b) else { return Ok(None) };
-        self.remember(b);
+        if rest > 0 {
+            self.remember(b);
+        }
         self.remember(a);
         Ok(Some([(a, at, first), (b, 0, rest)]))
     }
@@ -221,6 +233,11 @@ impl VmBackend for KernelBackend {
             Prot::ReadWrite => Attributes::DATA,
             Prot::ReadOnly => Attributes::RODATA,
         };
+        if let Some((l, at)) = self.hot_holding(va, frames.len()) {
+            // The common case: one hot table holds the whole range.
+            // SAFETY: as below; `map_pages` checks the frames and the entries itself.
+            return unsafe { l.map_pages(at, frames, attrs) }.map_err(map_err);
+        }
         if frames.iter().any(|f| !f.is_page_aligned() || f.as_u64() >= 1 << 48) {
             return Err(MapError::OutOfRange);
         }
@@ -239,7 +256,8 @@ impl VmBackend for KernelBackend {
                 return Err(MapError::AlreadyMapped);
             }
             let mut done = 0;
-            for (l, at, n) in parts {
+            // The second piece is empty when one table holds the range (no barrier for it).
+            for (l, at, n) in parts.into_iter().filter(|p| p.2 > 0) {
                 // SAFETY: as above.
                 unsafe { l.map_pages(at, &frames[done..done + n], attrs) }.map_err(map_err)?;
                 done += n;
@@ -354,8 +372,13 @@ impl VmBackend for KernelBackend {
     }
 
     fn unmap_pages<F: FnMut(PhysAddr)>(&mut self, va: VirtAddr, pages: usize, mut on_frame: F) {
+        if let Some((l, at)) = self.hot_holding(va, pages) {
+            // SAFETY: as below.
+            unsafe { l.take_pages(at, pages, on_frame) };
+            return;
+        }
         if let Ok(Some(parts)) = self.leaves_for(va, pages, false) {
-            for (l, at, n) in parts {
+            for (l, at, n) in parts.into_iter().filter(|p| p.2 > 0) {
                 // SAFETY: as in `map_pages` for the tables; vmalloc unmaps only the pages
                 // of an area it is freeing (or rolling back), which nothing uses any more.
                 unsafe { l.take_pages(at, n, &mut on_frame) };
