@@ -411,6 +411,7 @@ fn random_work_on_every_cpu_ends_at_baseline() {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static CACHED_BEFORE_DOWN: AtomicUsize = AtomicUsize::new(0);
+static CPU1_MAPPED: AtomicBool = AtomicBool::new(false);
 
 fn offline_body(cpu: usize) {
     match cpu {
@@ -435,6 +436,12 @@ fn offline_body(cpu: usize) {
                 }
             })
             .unwrap();
+            // CPU 1 has used a vm_map_ram block (in thread context, in its body below).
+            while !CPU1_MAPPED.load(Ordering::Acquire) {
+                core::hint::spin_loop();
+            }
+            assert!(smp::wait_idle(1, 5_000_000_000));
+            let dirty0 = kernel::vmap_block_stats().unwrap().dirty;
             let slab = slab::global().unwrap();
             let hot = buddy::pcp::pcp_pages_on(1);
             CACHED_BEFORE_DOWN.store(slab.cpu_cached_objects_on(1), Ordering::Relaxed);
@@ -442,10 +449,21 @@ fn offline_body(cpu: usize) {
             smp::cpu_down(1).unwrap();
             assert_eq!(buddy::pcp::pcp_pages_on(1), 0, "CPU 1 gave its page lists back as it went off");
             assert_eq!(slab.cpu_cached_objects_on(1), 0, "and its magazines");
+            assert_eq!(kernel::vmap_block_stats().unwrap().dirty, dirty0 + 1, "and its vm_map_ram block, retired");
             STOP.store(true, Ordering::Release);
             smp::cpu_up(1).unwrap();
         }
-        1 => {}
+        1 => {
+            // A piece of a block of its own, unmapped: the block stays CPU 1's until it
+            // goes off.
+            let pa = buddy::alloc_pages(0).unwrap();
+            // SAFETY: the frame is ours; unmapped before it is freed.
+            let va = unsafe { kernel::vm_map_ram(&[pa]) }.unwrap();
+            kernel::vm_unmap_ram(va, 1).unwrap();
+            // SAFETY: ours, no longer mapped.
+            unsafe { buddy::free_pages(pa, 0) }.unwrap();
+            CPU1_MAPPED.store(true, Ordering::Release);
+        }
         n => {
             while !STOP.load(Ordering::Acquire) {
                 let p = slab::kmalloc(128, 8).unwrap();
@@ -459,8 +477,9 @@ fn offline_body(cpu: usize) {
     }
 }
 
-/// CPU 1, with frames on its page lists and objects in its caches, is switched off by CPU
-/// 0 while CPUs 2 and 3 keep allocating: its hotplug hook hands everything back, and
+/// CPU 1, with frames on its page lists, objects in its caches and a vm_map_ram block of
+/// its own, is switched off by CPU 0 while CPUs 2 and 3 keep allocating: its hotplug hook
+/// hands everything back (the block retired: dirty, flushed by the next purge), and
 /// buddyinfo and slabinfo end at baseline.
 fn a_cpu_switched_off_hands_back_its_caches() {
     let (free0, slabs0) = settle();
