@@ -116,7 +116,8 @@ impl KernelBackend {
     /// tables, or (without `make`) a table is missing or a block maps there.
     ///
     /// # Errors
-    /// A [`MapError`] when a table cannot be made (nothing was changed).
+    /// A [`MapError`] when a table cannot be made: no PTE was written (a table made for
+    /// the first piece may stay, empty, until a purge gives it back).
     fn leaves_for(&mut self, va: VirtAddr, pages: usize, make: bool) -> Result<Option<[LeafPart; 2]>, MapError> {
         let ents = hal::mmu::table::ENTRIES;
         let at = ((va.as_u64() % LEAF_SPAN) / PAGE_SIZE as u64) as usize;

@@ -796,3 +796,32 @@ fn ioremap_aligns_a_block_aligned_range_so_blocks_can_map_it() {
     assert_eq!(vm.backend().table_pages(), 1, "only the level-1 table, wider than the window");
     assert_eq!(vm.backend().counters.violations, 0);
 }
+
+/// A purge with more parked ranges than span slots merges the lowest ones into one span;
+/// that span must never take in an area set aside with `reserve` (another instance's
+/// window, vm_map_ram's region), whose tables belong to someone else: an empty table there
+/// (its owner may hold a handle to it) survives the purge.
+#[test]
+fn a_purge_never_frees_the_tables_of_a_reserved_area() {
+    use memory::vmalloc::VmBackend;
+    let mut vm = new_vm(1 << 18, 4096);
+    let a = vm.vmalloc(PAGE_SIZE).unwrap();
+    let r = vm.reserve(512, 2 << 20).unwrap();
+    // The owner of the reserved area maps a page there and unmaps it: an empty table.
+    let mut f = [PhysAddr::new(0)];
+    assert_eq!(vm.sim_mut().alloc_frames(&mut f), 1);
+    vm.sim_mut().map_pages(r, &f, memory::vmalloc::Prot::ReadWrite).unwrap();
+    vm.sim_mut().unmap_pages(r, 1, |_| {});
+    vm.sim_mut().tlb_flush_all();
+    assert!(vm.sim_mut().has_table(3, r));
+    // More spread-out parked ranges above it than a purge has span slots.
+    let above: Vec<VirtAddr> = (0..24).map(|_| vm.vmalloc_aligned(PAGE_SIZE, 8 << 20).unwrap()).collect();
+    assert!(above.iter().all(|p| p.as_u64() > r.as_u64()));
+    vm.vfree(a).unwrap();
+    for p in above {
+        vm.vfree(p).unwrap();
+    }
+    vm.purge();
+    assert!(vm.sim_mut().has_table(3, r), "the reserved area's table was freed by a purge");
+    vm.check().unwrap();
+}

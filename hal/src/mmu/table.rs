@@ -43,6 +43,7 @@
 //! a [`RecordingTlb`](super::RecordingTlb) sees the whole sequence, barriers included.
 
 use core::ptr;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::arch;
 use super::attr::{Attributes, Permissions};
@@ -272,16 +273,16 @@ impl Source<'_> {
                 let pa = pa0 + (run.first - va0);
                 for k in 0..count {
                     // SAFETY: `k < count`: inside the run, so inside the table page (the
-                    // caller's promise). Volatile: one 64-bit store, so a concurrent table walk
+                    // caller's promise). Atomic: one 64-bit store, so a concurrent table walk
                     // never sees half a descriptor.
-                    unsafe { ptr::write_volatile(entries.add(k), template | (pa + (k * PAGE_SIZE) as u64)) };
+                    unsafe { store_entry(entries.add(k), template | (pa + (k * PAGE_SIZE) as u64)) };
                 }
             }
             Source::Frames { va0, frames } => {
                 let at = ((run.first - va0) / PAGE_SIZE as u64) as usize;
                 for (k, frame) in frames[at..at + count].iter().enumerate() {
                     // SAFETY: as for the contiguous source.
-                    unsafe { ptr::write_volatile(entries.add(k), template | frame.as_u64()) };
+                    unsafe { store_entry(entries.add(k), template | frame.as_u64()) };
                 }
             }
         }
@@ -384,6 +385,31 @@ impl Span {
     }
 }
 
+/// One 64-bit load of a table entry, relaxed-atomic: the MMU's walker reads the same
+/// memory, and [`LeafTable`] handles write some tables outside this tree's `&mut` (from
+/// another CPU), so every access to an entry is a single-copy-atomic 64-bit access and,
+/// in Rust's model, an atomic one (no data race with a handle's store).
+///
+/// # Safety
+/// `p` points at an aligned entry of a table page reached through the linear map.
+#[inline(always)]
+unsafe fn load_entry(p: *const u64) -> u64 {
+    // SAFETY: forwarded from the caller: aligned, valid for reads; only accessed atomically
+    // or by the MMU while the page is a table.
+    unsafe { AtomicU64::from_ptr(p.cast_mut()) }.load(Ordering::Relaxed)
+}
+
+/// One 64-bit store of a table entry (see [`load_entry`]).
+///
+/// # Safety
+/// As [`load_entry`], and the caller may write this entry (it owns the tree, or the
+/// entry through a [`LeafTable`] handle).
+#[inline(always)]
+unsafe fn store_entry(p: *mut u64, v: u64) {
+    // SAFETY: as in `load_entry`; writing is the caller's right.
+    unsafe { AtomicU64::from_ptr(p) }.store(v, Ordering::Relaxed)
+}
+
 /// `VALID | TYPE::TableOrPage`: the two low bits of a page descriptor at the last level,
 /// where the test is what [`Descriptor::leaf_address`] asks (a set valid bit alone there is
 /// a reserved encoding, treated as invalid).
@@ -402,9 +428,9 @@ const fn frame_bits_bad(bits: u64) -> bool {
 unsafe fn pages_among(entries: *const u64, count: usize) -> u64 {
     let mut pages = 0;
     for k in 0..count {
-        // SAFETY: inside the table page (the caller's promise). Volatile: the MMU reads the
+        // SAFETY: inside the table page (the caller's promise). Atomic: the MMU reads the
         // same memory, so the access must be a single 64-bit load.
-        let raw = unsafe { ptr::read_volatile(entries.add(k)) };
+        let raw = unsafe { load_entry(entries.add(k)) };
         pages |= raw & (raw >> 1);
     }
     pages
@@ -416,7 +442,7 @@ unsafe fn pages_among(entries: *const u64, count: usize) -> u64 {
 /// As for [`pages_among`].
 unsafe fn first_page(entries: *const u64, count: usize) -> Option<usize> {
     // SAFETY: inside the table page (the caller's promise); a single 64-bit load.
-    (0..count).find(|&k| unsafe { ptr::read_volatile(entries.add(k)) } & PAGE_BITS == PAGE_BITS)
+    (0..count).find(|&k| unsafe { load_entry(entries.add(k)) } & PAGE_BITS == PAGE_BITS)
 }
 
 impl PageTable {
@@ -596,12 +622,12 @@ impl PageTable {
                 let (at, count) = (index_at(run.first, PAGE_LEVEL), run.pages());
                 for k in 0..count {
                     // SAFETY: `table` is the base of a table page of this tree (`page_runs`), and
-                    // `at + k < ENTRIES`: the run lies within that table. Volatile: the MMU
+                    // `at + k < ENTRIES`: the run lies within that table. Atomic: the MMU
                     // reads the same memory, so each access is a single 64-bit load or store.
-                    let raw = unsafe { ptr::read_volatile(table.add(at + k)) };
+                    let raw = unsafe { load_entry(table.add(at + k)) };
                     if raw & PAGE_BITS == PAGE_BITS {
                         // SAFETY: as above; `&mut self` excludes other writers.
-                        unsafe { ptr::write_volatile(table.add(at + k), Descriptor::INVALID.raw()) };
+                        unsafe { store_entry(table.add(at + k), Descriptor::INVALID.raw()) };
                         let va = run.first + (k * PAGE_SIZE) as u64;
                         on_leaf(VirtAddr::new(va), PhysAddr::new(raw & OUTPUT_ADDR_MASK), PAGE_SIZE as u64);
                     }
@@ -976,8 +1002,8 @@ impl PageTable {
                 Source::Frames { va0, frames } => {
                     let at = ((run.first - va0) / PAGE_SIZE as u64) as usize;
                     for (k, frame) in frames[at..at + run.pages()].iter().enumerate() {
-                        // SAFETY: `k < run.pages()`: inside the run. Volatile: one 64-bit load.
-                        let raw = unsafe { ptr::read_volatile(entries.add(k)) };
+                        // SAFETY: `k < run.pages()`: inside the run. Atomic: one 64-bit load.
+                        let raw = unsafe { load_entry(entries.add(k)) };
                         pages |= raw & (raw >> 1);
                         bits |= frame.as_u64();
                     }
@@ -1404,8 +1430,8 @@ impl PageTable {
         let mut table = self.table_base(self.root);
         for level in ROOT_LEVEL..PAGE_LEVEL {
             // SAFETY: `table` is the base of a table page of this tree (`table_base`) and the
-            // index is below `ENTRIES`. Volatile: the MMU reads the same memory.
-            let raw = unsafe { ptr::read_volatile(table.add(index_at(va, level))) };
+            // index is below `ENTRIES`. Atomic: the MMU reads the same memory.
+            let raw = unsafe { load_entry(table.add(index_at(va, level))) };
             // `table_address` and `table_base` in one test: a table descriptor (levels 0-2)
             // has both low bits set, and its table lies in the window.
             let off = (raw & OUTPUT_ADDR_MASK).wrapping_sub(self.window.pa);
@@ -1497,16 +1523,16 @@ impl PageTable {
 
     fn read(&self, table: PhysAddr, index: usize) -> Descriptor {
         // SAFETY: `entry` points at an aligned u64 inside a table page this tree owns (see
-        // `entry`), readable through the linear map (`LinearMap::new`'s contract). Volatile:
+        // `entry`), readable through the linear map (`LinearMap::new`'s contract). Atomic:
         // the MMU reads the same memory, so the access must be a single 64-bit load.
-        Descriptor::from_raw(unsafe { ptr::read_volatile(self.entry(table, index)) })
+        Descriptor::from_raw(unsafe { load_entry(self.entry(table, index)) })
     }
 
     fn write(&mut self, table: PhysAddr, index: usize, descriptor: Descriptor) {
         // SAFETY: as in `read`; the page is owned by this tree alone (`TableAlloc`'s contract)
-        // and `&mut self` excludes other writers. Volatile: one 64-bit store, so a concurrent
+        // and `&mut self` excludes other writers. Atomic: one 64-bit store, so a concurrent
         // table walk never sees half a descriptor.
-        unsafe { ptr::write_volatile(self.entry(table, index), descriptor.raw()) }
+        unsafe { store_entry(self.entry(table, index), descriptor.raw()) }
     }
 
     fn zero_table(&mut self, table: PhysAddr) {

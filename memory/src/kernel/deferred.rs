@@ -1,7 +1,8 @@
 //! `vfree` from interrupt handlers, deferred (Linux's `vfree_atomic`): the vmalloc and
 //! kernel-table locks are never taken in interrupt context, so a handler's `vfree` queues
 //! the address on its CPU's ring, and the next thread-context vmalloc call on that CPU
-//! (or a purge, or the CPU going off) frees it.
+//! frees it, or the next `kernel::purge` from any CPU (which drains every CPU's ring, that
+//! of a CPU switched off meanwhile included).
 //!
 //! Each CPU has a ring of [`DEFERRED_SLOTS`] addresses: only that CPU's handlers add to it
 //! (a compare-exchange on the head, so a nested handler is safe too), and one drainer at a

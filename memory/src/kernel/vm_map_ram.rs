@@ -94,16 +94,19 @@ impl RamMapper for KernelTables {
             Prot::ReadWrite => Attributes::DATA,
             Prot::ReadOnly => Attributes::RODATA,
         };
+        let mut written = 0;
         let r = self.each_leaf(va, frames.len(), |leaf, first, part| {
             // SAFETY: forwarded from the caller: the piece's pages are unmapped and flushed
             // and ours alone; the table stays until a purge frees clean blocks' tables.
-            unsafe { leaf.map_pages(first, &frames[part], attrs) }.map_err(map_err)
+            unsafe { leaf.map_pages(first, &frames[part.clone()], attrs) }.map_err(map_err)?;
+            written = part.end;
+            Ok(())
         });
-        if r.is_err() {
-            // A part mapped before a later table could not be made: cleared again (its
-            // block goes dirty and is flushed before reuse).
-            // SAFETY: only pages this call mapped are cleared (`unmap` skips a missing table).
-            unsafe { self.clear(va, frames.len()) };
+        if r.is_err() && written > 0 {
+            // The parts mapped before a later one failed are cleared again (the piece goes
+            // back dirty, flushed before reuse).
+            // SAFETY: only the pages this call wrote.
+            unsafe { self.clear(va, written) };
         }
         r
     }

@@ -108,6 +108,9 @@ const RECLAIM_SPANS: usize = 16;
 /// Last-level tables an automatic purge keeps (empty, 2 MiB each) at the bottom of its
 /// lowest range, where lowest-fit allocations go next: 16, 64 KiB of tables.
 const KEEP_TABLES: u64 = 16;
+/// Areas [`Vmalloc::reserve`] can set aside in one instance (a node per CPU but the
+/// first, and vm_map_ram's region).
+const MAX_RESERVED: usize = 16;
 /// A placeholder for unused slots of such a batch.
 const NO_SPAN: VirtRange = match VirtRange::new(VirtAddr::new(0), PAGE) {
     Ok(r) => r,
@@ -521,6 +524,9 @@ pub struct Vmalloc<B: VmBackend> {
     history: History,
     /// Frames of freed areas held until the purge ([`VmallocConfig::quarantine`]).
     q: Quarantine,
+    /// The areas set aside with [`Vmalloc::reserve`] (another instance's window,
+    /// vm_map_ram's region): no purge span of this instance may take them in.
+    reserved: [Option<(u64, u64)>; MAX_RESERVED],
     /// Reports of the purge under way (the log is rate-limited).
     q_reported: usize,
     last_use_after_vfree: Option<UseAfterVfree>,
@@ -644,6 +650,7 @@ impl<B: VmBackend> Vmalloc<B> {
             purge_hist: PurgeHistogram::new(),
             history: History::new(),
             q: Quarantine::EMPTY,
+            reserved: [None; MAX_RESERVED],
             q_reported: 0,
             last_use_after_vfree: None,
             kept_tables: None,
@@ -1454,8 +1461,12 @@ impl<B: VmBackend> Vmalloc<B> {
                     }
                     Some((lo, hi))
                 }
-                // Out of slots: the last span covers everything below.
-                Some((l, h)) => Some((lo.min(l), h.max(hi))),
+                // Out of slots: the last span covers everything below, unless that would
+                // take in a reserved area (another instance's window, vm_map_ram's
+                // region), whose tables are not ours to free: then this range's tables
+                // wait for a later purge.
+                Some((l, h)) if !self.crosses_reserved(lo.min(l), h.max(hi)) => Some((lo.min(l), h.max(hi))),
+                Some((l, h)) => Some((l, h)),
                 None => Some((lo, hi)),
             };
         }
@@ -1466,6 +1477,11 @@ impl<B: VmBackend> Vmalloc<B> {
             }
         }
         n
+    }
+
+    /// Whether `[lo, hi)` meets an area set aside with [`Self::reserve`].
+    fn crosses_reserved(&self, lo: u64, hi: u64) -> bool {
+        self.reserved.iter().flatten().any(|&(s, e)| s < hi && lo < e)
     }
 
     /// Add the stretch the last automatic purge kept to `spans[..n]` (its tables go now if
@@ -1744,6 +1760,14 @@ impl<B: VmBackend> Vmalloc<B> {
         let nd = node.get();
         nd.kind.set(kind);
         nd.bytes.set(pages * PAGE_SIZE);
+        if let Some(slot) = self.reserved.iter_mut().find(|r| r.is_none()) {
+            *slot = Some((nd.start.get(), nd.end.get()));
+        } else {
+            // No slot to remember it by: its tables would not be protected from a purge's
+            // merged span. Refuse, changing nothing.
+            self.abort_area(node);
+            return Err(VmallocError::NoRecords);
+        }
         nd.align_shift.set(align.trailing_zeros() as u8);
         self.c.live_areas += 1;
         Ok(self.pointer(node))

@@ -305,8 +305,9 @@ impl<M: RamMapper> VmapBlocks<M> {
             return Err(VmallocError::NotAnArea);
         }
         // SAFETY: this call alone took the piece's mark: the pages were mapped by `map` for
-        // this piece with `count` pages, and the caller is done with them (it asked to
-        // unmap them).
+        // this piece with `count` pages. Unmapping is safe as `vunmap` is: a caller that
+        // unmaps a piece someone still uses makes that use fault; no frame is freed here
+        // (the frames stay the mapper's caller's).
         unsafe { self.mapper.unmap(va, count) };
         let size = count.next_power_of_two() as u32;
         // The owner counts its own block's frees without an atomic, until it retires it.
@@ -336,25 +337,37 @@ impl<M: RamMapper> VmapBlocks<M> {
     /// current blocks stay theirs (call [`Self::retire_local`] on each first).
     pub fn purge(&self) -> usize {
         self.retire_local();
-        let mut l = self.lists.lock();
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.mapper.flush_all();
-        Self::make_clean(&self.blocks, &mut l);
+        // Room to hold the clean blocks while their tables go (allocated before any lock).
+        let mut held: Vec<u32> = Vec::new();
+        let room = held.try_reserve_exact(self.blocks.len()).is_ok();
+        {
+            let mut l = self.lists.lock();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.mapper.flush_all();
+            Self::make_clean(&self.blocks, &mut l);
+            if !room {
+                // Out of memory: flushed, the tables stay.
+                return 0;
+            }
+            // The clean blocks leave the list, so no CPU takes one while its tables go;
+            // the list lock is released before the tables' lock is taken (a CPU holding
+            // the tables' lock may take an interrupt that retires a block under this one).
+            core::mem::swap(&mut held, &mut l.clean);
+        }
         // The clean blocks' runs of addresses, in batches of `SPANS`.
         const SPANS: usize = 16;
-        let empty = self.region;
-        let (mut spans, mut n, mut freed) = ([empty; SPANS], 0, 0);
+        let (mut spans, mut n, mut freed) = ([self.region; SPANS], 0, 0);
         let mut run: Option<(u32, u32)> = None;
-        for &b in l.clean.iter().rev().chain([NO_BLOCK].iter()) {
+        for &b in held.iter().rev().chain([NO_BLOCK].iter()) {
             match run {
                 Some((first, last)) if b != NO_BLOCK && b == last + 1 => run = Some((first, b)),
                 _ => {
-                    if let Some((first, last)) = run {
-                        spans[n] = self.blocks_span(first, last);
+                    if let Some(span) = run.and_then(|(first, last)| self.blocks_span(first, last)) {
+                        spans[n] = span;
                         n += 1;
                         if n == SPANS {
                             // SAFETY: clean blocks: nothing mapped, all flushed just now, and
-                            // none can be taken while the list lock is held.
+                            // none can be taken: they are off the list until below.
                             freed += unsafe { self.mapper.free_tables(&spans) };
                             n = 0;
                         }
@@ -367,14 +380,27 @@ impl<M: RamMapper> VmapBlocks<M> {
             // SAFETY: as above.
             freed += unsafe { self.mapper.free_tables(&spans[..n]) };
         }
+        {
+            let mut l = self.lists.lock();
+            // `l.clean` holds what became clean meanwhile; together they fit its capacity
+            // (every block is on at most one list).
+            let mut back = core::mem::take(&mut l.clean);
+            core::mem::swap(&mut l.clean, &mut held);
+            l.clean.append(&mut back);
+            l.clean.sort_unstable_by(|a, b| b.cmp(a));
+            held = back;
+        }
+        // Freed after the lock (an empty vector, or the spare one).
+        drop(held);
         freed
     }
 
-    /// The addresses of blocks `first..=last`.
-    fn blocks_span(&self, first: u32, last: u32) -> VirtRange {
+    /// The addresses of blocks `first..=last` (`None` cannot happen for blocks of the
+    /// region; never the whole region in its place, which holds blocks in use).
+    fn blocks_span(&self, first: u32, last: u32) -> Option<VirtRange> {
         let start = self.piece_addr(first as usize, 0);
         let size = u64::from(last - first + 1) * VMAP_BLOCK_SIZE as u64;
-        VirtRange::new(start, size).unwrap_or(self.region)
+        VirtRange::new(start, size).ok()
     }
 
     /// The blocks' counters.
