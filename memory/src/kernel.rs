@@ -925,13 +925,7 @@ pub fn explain_fault(addr: u64, out: &mut dyn fmt::Write) -> bool {
 /// ```
 #[track_caller]
 pub fn vmalloc(size: usize) -> Result<VirtAddr, VmallocError> {
-    match vm_here()? {
-        (n, true) => match n.vmalloc(size) {
-            Err(e) if global_may_fit(e) => vm()?.vmalloc(size),
-            r => r,
-        },
-        (g, false) => g.vmalloc(size),
-    }
+    vmalloc_with(size, PAGE_SIZE, VmFlags::NONE)
 }
 
 /// [`vmalloc`] with allocation flags (Linux's `__vmalloc(size, gfp_mask)`; see
@@ -979,13 +973,7 @@ pub fn __vmalloc(size: usize, gfp: Gfp) -> Result<VirtAddr, VmallocError> {
 /// ```
 #[track_caller]
 pub fn vzalloc(size: usize) -> Result<VirtAddr, VmallocError> {
-    match vm_here()? {
-        (n, true) => match n.vzalloc(size) {
-            Err(e) if global_may_fit(e) => vm()?.vzalloc(size),
-            r => r,
-        },
-        (g, false) => g.vzalloc(size),
-    }
+    vmalloc_with(size, PAGE_SIZE, VmFlags::ZERO)
 }
 
 /// [`vmalloc`] mapped with 2 MiB blocks where it can ([`VmFlags::HUGE`], Linux's

@@ -16,24 +16,7 @@ use memory::vmalloc::VmallocStats;
 ///
 /// The caller accounts the purge in its [`Model`] first (see `Ctx::purge`).
 pub fn settle() {
-    kernel::purge();
-    for v in kernel::vmalloc_instances() {
-        // The guard is a temporary: it is released before the surplus records are freed.
-        let surplus = v.lock().release_spares();
-        drop(surplus);
-        let (have, want) = {
-            let g = v.lock();
-            (g.stats().spare_records, g.config().spare_high)
-        };
-        if have < want {
-            // Allocated with the lock released, as the record protocol wants.
-            // Out of memory the baseline simply has fewer spares.
-            if let Ok(spares) = memory::vmalloc::Spares::new(want - have) {
-                v.lock().add_spares(spares);
-            }
-        }
-    }
-    memory::slab::shrink();
+    memory::snapshot::settle();
 }
 
 /// FNV-1a over everything written, and the number of lines: compares vmallocinfo without

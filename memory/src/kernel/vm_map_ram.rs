@@ -42,6 +42,21 @@ struct KernelTables {
 /// What one last-level table translates.
 const LEAF_SPAN: u64 = 2 << 20;
 
+/// The stretches of `pages` pages from `va` that one last-level table each holds: the
+/// stretch's first address, its first entry in that table, and its pages' indices.
+fn pieces(va: VirtAddr, pages: usize) -> impl Iterator<Item = (u64, usize, core::ops::Range<usize>)> {
+    let mut done = 0;
+    core::iter::from_fn(move || {
+        (done < pages).then(|| {
+            let at = va.as_u64() + (done * PAGE_SIZE) as u64;
+            let first = ((at % LEAF_SPAN) / PAGE_SIZE as u64) as usize;
+            let n = (ENTRIES - first).min(pages - done);
+            done += n;
+            (at, first, done - n..done)
+        })
+    })
+}
+
 impl KernelTables {
     fn new(region: VirtRange) -> Result<Self, VmallocError> {
         let n = usize::try_from(region.size() / LEAF_SPAN).map_err(|_| VmallocError::BadRange)?;
@@ -51,15 +66,22 @@ impl KernelTables {
         Ok(Self { region, leaves: leaves.into_boxed_slice() })
     }
 
+    /// The kept handle of the table of the 2 MiB holding `va` (in the region), if any.
+    fn cached(&self, va: u64) -> Option<LeafTable> {
+        let i = ((va - self.region.start().as_u64()) / LEAF_SPAN) as usize;
+        let p = NonNull::new(self.leaves[i].load(Ordering::Acquire))?;
+        // SAFETY: stored by `leaf` from a handle of the table of this 2 MiB, which stays in
+        // the tree until `free_tables` resets the slot.
+        Some(unsafe { LeafTable::from_raw(p, VirtAddr::new(va & !(LEAF_SPAN - 1))) })
+    }
+
     /// The table of the 2 MiB holding `va` (in the region), made if missing.
     fn leaf(&self, va: u64) -> Result<LeafTable, MapError> {
+        if let Some(l) = self.cached(va) {
+            return Ok(l);
+        }
         let i = ((va - self.region.start().as_u64()) / LEAF_SPAN) as usize;
         let base = VirtAddr::new(va & !(LEAF_SPAN - 1));
-        if let Some(p) = NonNull::new(self.leaves[i].load(Ordering::Acquire)) {
-            // SAFETY: stored below from a handle of the table of this 2 MiB (`base`), which
-            // stays in the tree until `free_tables` resets the slot.
-            return Ok(unsafe { LeafTable::from_raw(p, base) });
-        }
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
         // SAFETY: only the table of a 2 MiB of the region (vmalloc's, set aside for the
         // blocks) is made; no translation changes.
@@ -76,13 +98,8 @@ impl KernelTables {
         pages: usize,
         mut f: impl FnMut(LeafTable, usize, core::ops::Range<usize>) -> Result<(), MapError>,
     ) -> Result<(), MapError> {
-        let mut done = 0;
-        while done < pages {
-            let at = va.as_u64() + (done * PAGE_SIZE) as u64;
-            let first = ((at % LEAF_SPAN) / PAGE_SIZE as u64) as usize;
-            let n = (ENTRIES - first).min(pages - done);
-            f(self.leaf(at)?, first, done..done + n)?;
-            done += n;
+        for (at, first, part) in pieces(va, pages) {
+            f(self.leaf(at)?, first, part)?;
         }
         Ok(())
     }
@@ -162,17 +179,11 @@ impl KernelTables {
     /// # Safety
     /// The pages are a piece's (or part of one) that the caller mapped and no one uses.
     unsafe fn clear(&self, va: VirtAddr, pages: usize) {
-        let mut done = 0;
-        while done < pages {
-            let at = va.as_u64() + (done * PAGE_SIZE) as u64;
-            let first = ((at % LEAF_SPAN) / PAGE_SIZE as u64) as usize;
-            let n = (ENTRIES - first).min(pages - done);
-            let i = ((at - self.region.start().as_u64()) / LEAF_SPAN) as usize;
-            if let Some(p) = NonNull::new(self.leaves[i].load(Ordering::Acquire)) {
-                // SAFETY: the slot's handle (see `leaf`); the entries are the caller's.
-                unsafe { LeafTable::from_raw(p, VirtAddr::new(at & !(LEAF_SPAN - 1))).clear_pages(first, n) };
+        for (at, first, part) in pieces(va, pages) {
+            if let Some(l) = self.cached(at) {
+                // SAFETY: a kept handle (see `cached`); the entries are the caller's.
+                unsafe { l.clear_pages(first, part.len()) };
             }
-            done += n;
         }
     }
 }
