@@ -207,7 +207,14 @@ pub fn meminfo() {
     }
     if let Some(s) = kernel::vmalloc_stats() {
         println!("VmallocUsed:   {:>10} kB  ({} areas)", s.mapped_pages * 4, s.live_areas);
-        println!("VmallocParked: {:>10} kB  ({} areas, purge at {} pages)", s.parked_pages * 4, s.parked_areas, 8192);
+        let lazy_max = kernel::vmalloc_instance().map_or(0, |v| v.lock().config().lazy_max_pages);
+        println!(
+            "VmallocParked: {:>10} kB  ({} areas, purge at {} pages per instance)",
+            s.parked_pages * 4,
+            s.parked_areas,
+            lazy_max
+        );
+        println!("VmallocPooled: {:>10} kB  ({} ready-made areas)", s.pooled_pages * 4, s.pooled_areas);
         println!(
             "VmallocTables: {:>10} kB  ({} table pages given back by purges)",
             kernel::vmalloc_table_pages() * 4,

@@ -623,6 +623,10 @@ pub struct MemoryConfig {
     /// A vmalloc node (an instance of its own) for each secondary CPU
     /// (`vmalloc.nodes=0` turns them off: every CPU then shares the global instance).
     pub vmalloc_nodes: bool,
+    /// Each instance's purge threshold in pages (`vmalloc.lazy_max_pages=N`); `None`, the
+    /// default, is Linux's [`crate::vmalloc::lazy_max_pages`] for the device tree's CPUs
+    /// (it overrides `vmalloc.lazy_max_pages` of [`Self::vmalloc`]).
+    pub lazy_max_pages: Option<usize>,
 }
 
 impl Default for MemoryConfig {
@@ -633,6 +637,7 @@ impl Default for MemoryConfig {
             vmalloc: VmallocConfig::default(),
             vmap_blocks: vm_map_ram::DEFAULT_BLOCKS,
             vmalloc_nodes: true,
+            lazy_max_pages: None,
         }
     }
 }
@@ -661,7 +666,7 @@ impl MemoryConfig {
         c.vmalloc.quarantine = flag("vmalloc.quarantine");
         c.vmalloc.keep_tables = flag("vmalloc.keep_tables");
         if let Some(n) = number("vmalloc.lazy_max_pages") {
-            c.vmalloc.lazy_max_pages = n as usize;
+            c.lazy_max_pages = Some(n as usize);
         }
         if let Some(n) = number("vmalloc.flush_page_threshold") {
             c.vmalloc.flush_page_threshold = n as usize;
@@ -738,12 +743,14 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     let range = VirtRange::from_bounds(VirtAddr::new(VMALLOC_START), VirtAddr::new(VMALLOC_END))
         .map_err(|_| InitError::Vmalloc(VmallocError::BadRange))?;
     let backend = KernelBackend { linear, ram: p.ram, gfp: AtomicU32::new(GFP_KERNEL.bits()), hot: [None; 2] };
-    let vm = Vmalloc::new(backend, range, config.vmalloc).map_err(InitError::Vmalloc)?;
+    let mut vconfig = config.vmalloc;
+    vconfig.lazy_max_pages = config.lazy_max_pages.unwrap_or(crate::vmalloc::lazy_max_pages(p.cpus.len()));
+    let vm = Vmalloc::new(backend, range, vconfig).map_err(InitError::Vmalloc)?;
     let vm = VMALLOC.call_once(|| LockedVmalloc::new(vm));
     vm_map_ram::init(vm, config.vmap_blocks).map_err(InitError::Vmalloc)?;
     // A node for each secondary CPU, in the global window (none at one CPU).
     let cpus = if config.vmalloc_nodes { p.cpus.len() } else { 1 };
-    nodes::init(vm, cpus, config.vmalloc, || KernelBackend {
+    nodes::init(vm, cpus, vconfig, || KernelBackend {
         linear,
         ram: p.ram,
         gfp: AtomicU32::new(GFP_KERNEL.bits()),

@@ -64,6 +64,9 @@ struct Params {
     scaling: bool,
     profile: bool,
     nr_threads: usize,
+    /// `test_vmalloc.ab_pools=1`: each case's repeats alternate pools off and on
+    /// (off, on, on, off, ...) in this one boot, and the ratio on/off is printed.
+    ab_pools: bool,
 }
 
 const DEFAULT_SEED: u64 = 0x7e57_5eed;
@@ -81,6 +84,7 @@ const KNOWN: &[&str] = &[
     "scaling",
     "profile",
     "seed",
+    "ab_pools",
 ];
 
 impl Params {
@@ -121,6 +125,7 @@ impl Params {
             scaling: matches!(cmd.get_bool("test_vmalloc.scaling"), Ok(Some(true))),
             profile: matches!(cmd.get_bool("test_vmalloc.profile"), Ok(Some(true))),
             nr_threads,
+            ab_pools: matches!(cmd.get_bool("test_vmalloc.ab_pools"), Ok(Some(true))),
         }
     }
 }
@@ -258,6 +263,28 @@ fn warm_up() {
     println!("test_vmalloc: warm-up touched {pages} free pages in {ms} ms");
 }
 
+/// Prints the pools on/off ratio of each pair of repeats and their median.
+fn print_ab(name: &str, ab: &[(bool, u64)]) {
+    let mut ratios: alloc::vec::Vec<f64> = ab
+        .chunks_exact(2)
+        .filter(|p| p[0].0 != p[1].0 && p[0].1 > 0 && p[1].1 > 0)
+        .map(|p| {
+            let (on, off) = if p[0].0 { (p[0].1, p[1].1) } else { (p[1].1, p[0].1) };
+            on as f64 / off as f64
+        })
+        .collect();
+    if ratios.is_empty() {
+        return;
+    }
+    ratios.sort_unstable_by(f64::total_cmp);
+    let med = ratios[ratios.len() / 2];
+    let (lo, hi) = (ratios[0], ratios[ratios.len() - 1]);
+    println!(
+        "  ab_pools: {name}: pools on / off, {} pairs in this boot: median {med:.3} ({lo:.3}-{hi:.3})",
+        ratios.len()
+    );
+}
+
 /// Runs one case `repeat` times with the checks around each repeat.
 fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> Tally {
     let mut t = Tally::default();
@@ -265,7 +292,19 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
     let (mut model, mut measured) = (Model::default(), Measured::default());
     let (mut verified, mut tables, mut slab_moved, mut in_place, mut moved) = (0u64, 0isize, 0isize, 0u64, 0u64);
     let mut align_fail = None;
+    // With `ab_pools`: the ticks of each repeat, and whether pools were on for it.
+    let mut ab: alloc::vec::Vec<(bool, u64)> =
+        alloc::vec::Vec::with_capacity(if p.ab_pools { p.repeat as usize } else { 0 });
     for r in 0..p.repeat {
+        if p.ab_pools {
+            // off, on, on, off, off, on, ...: each pair has both orders equally often.
+            let on = (r % 4 == 1) || (r % 4 == 2);
+            for v in kernel::vmalloc_instances() {
+                v.lock().set_pools(on);
+            }
+            // The spare records and caches the switch moved, back to their steady state.
+            memory::snapshot::settle();
+        }
         let seed = p.seed ^ (idx as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(r) << 48;
         let mut c = Ctx::new(p.loops, p.nr_pages, p.nr_pcpu, Rng::new(seed));
         c.purge();
@@ -273,7 +312,11 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         let s0 = kernel::vmalloc_stats().unwrap_or_default();
         let t0 = hal::cpu::counter();
         let outcome = f(&mut c);
-        ticks += hal::cpu::counter() - t0;
+        let dt = hal::cpu::counter() - t0;
+        ticks += dt;
+        if p.ab_pools {
+            ab.push(((r % 4 == 1) || (r % 4 == 2), dt));
+        }
         c.purge();
         let after = Baseline::take();
         let s1 = kernel::vmalloc_stats().unwrap_or_default();
@@ -303,6 +346,12 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         align_fail = align_fail.or(c.align_fail);
     }
     t.avg_us = hal::cpu::ticks_to_ns(ticks) / 1000 / u64::from(p.repeat);
+    if p.ab_pools {
+        print_ab(case.name, &ab);
+        for v in kernel::vmalloc_instances() {
+            v.lock().set_pools(true);
+        }
+    }
     println!(
         "Summary: {} passed: {} failed: {} xfailed: {} repeat: {} loops: {} avg: {} usec",
         case.name, t.passed, t.failed, t.xfailed, p.repeat, p.loops, t.avg_us

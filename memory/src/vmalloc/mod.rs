@@ -19,7 +19,9 @@
 //!
 //! ## A call, as data flows
 //! 1. `vmalloc(size)`: round up to pages, add a guard page (unless [`VmFlags::NO_GUARD`]).
-//! 2. Lowest fit in the free tree; the hole is clipped (Linux's `va_clip`) and the area's
+//! 2. For an aligned request, a pooled range of that exact size and alignment if there is
+//!    one; else lowest fit in
+//!    the free tree; the hole is clipped (Linux's `va_clip`) and the area's
 //!    record, taken from a spare pool filled *before* the lock, enters the busy tree.
 //! 3. Frames from [`VmBackend::alloc_frames`] in chunks of up to 64, mapped with
 //!    [`VmBackend::map_pages`]. The guard page stays unmapped. With [`VmFlags::HUGE`] an
@@ -32,7 +34,9 @@
 //! 6. Purge, when the parked pages pass [`VmallocConfig::lazy_max_pages`] or an allocation
 //!    finds no hole: one flush for every parked range — per-page TLBIs when they cover at most
 //!    [`VmallocConfig::flush_page_threshold`] mapped pages, a full flush otherwise — then the
-//!    ranges merge back into the free tree.
+//!    ranges of up to [`POOL_MAX_PAGES`] pages of aligned areas wait in pools of ready-made
+//!    areas by size for the next aligned allocation of that size (`pool.rs`, [`VmallocConfig::pools`]); the others
+//!    merge back into the free tree.
 //!
 //! ## Records and the lock
 //! [`Vmalloc`] itself takes `&mut self`; a global instance wraps it in a lock
@@ -68,6 +72,7 @@ mod info;
 mod links;
 mod locked;
 mod node;
+mod pool;
 pub mod sim;
 mod treap;
 mod tree;
@@ -87,6 +92,8 @@ pub use node::Spares;
 use alloc::vec::Vec;
 use info::{History, PurgeHistogram};
 use node::{Link, NodePtr, State};
+use pool::ReadyPools;
+pub use pool::POOL_MAX_PAGES;
 use treap::Treap;
 use tree::Tree;
 
@@ -299,6 +306,21 @@ impl core::error::Error for VmallocError {
     }
 }
 
+/// Linux's `lazy_max_pages()` for `cpus` CPUs: 32 MiB of parked ranges times
+/// `fls(cpus)` (the purge threshold grows with the CPUs whose TLBs a flush reaches, but
+/// slower than their number). 8192 pages at one CPU, 16,384 at 2–3, 24,576 at 4–7.
+///
+/// # Example
+/// ```
+/// assert_eq!(memory::vmalloc::lazy_max_pages(1), 8192);
+/// assert_eq!(memory::vmalloc::lazy_max_pages(4), 3 * 8192);
+/// ```
+pub const fn lazy_max_pages(cpus: usize) -> usize {
+    let fls = (usize::BITS - cpus.leading_zeros()) as usize;
+    let fls = if fls == 0 { 1 } else { fls };
+    fls * ((32 << 20) / PAGE_SIZE)
+}
+
 /// Tunables (Linux's boot parameters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmallocConfig {
@@ -333,12 +355,18 @@ pub struct VmallocConfig {
     /// purge, failed allocation or shrink gives tables back. Off by default; for comparing
     /// the cost of giving them back.
     pub keep_tables: bool,
+    /// Pools of ready-made areas (on by default, after Linux 6.9's `vmap_node` pools): a
+    /// lazy purge keeps the flushed ranges of up to 256 pages of areas aligned beyond a
+    /// page by size, and the next such request of a size takes one without searching the
+    /// free tree (`docs/ARCHITECTURE.md`, "Pools of ready-made areas").
+    pub pools: bool,
 }
 
 impl Default for VmallocConfig {
     fn default() -> Self {
         Self {
             lazy_max_pages: 8192,
+            pools: true,
             strict: false,
             flush_page_threshold: 64,
             refill_inline: true,
@@ -390,6 +418,10 @@ pub struct VmallocStats {
     pub parked_pages: usize,
     /// Pages of parked ranges that were mapped (what the purge must flush).
     pub parked_mapped_pages: usize,
+    /// Flushed ranges kept in the pools of ready-made areas ([`VmallocConfig::pools`]).
+    pub pooled_areas: usize,
+    /// Pages of those ranges, guard pages included.
+    pub pooled_pages: usize,
     /// Holes in the free tree.
     pub free_holes: usize,
     /// Largest hole, in bytes.
@@ -447,6 +479,8 @@ impl VmallocStats {
         self.parked_areas += o.parked_areas;
         self.parked_pages += o.parked_pages;
         self.parked_mapped_pages += o.parked_mapped_pages;
+        self.pooled_areas += o.pooled_areas;
+        self.pooled_pages += o.pooled_pages;
         self.free_holes += o.free_holes;
         self.largest_hole = self.largest_hole.max(o.largest_hole);
         self.records += o.records;
@@ -532,6 +566,8 @@ pub struct Vmalloc<B: VmBackend> {
     last_use_after_vfree: Option<UseAfterVfree>,
     /// The stretch whose empty last-level tables the last automatic purge kept.
     kept_tables: Option<(u64, u64)>,
+    /// Flushed ranges kept by size for the next allocations (`pool.rs`).
+    pools: ReadyPools,
 }
 
 /// Entries of the quarantine's index: frames taken from the backend, each holding the
@@ -654,6 +690,7 @@ impl<B: VmBackend> Vmalloc<B> {
             q_reported: 0,
             last_use_after_vfree: None,
             kept_tables: None,
+            pools: ReadyPools::new(),
         };
         if v.config.refill_inline && !v.free.pool.fill_to(REFILL_BATCH) {
             return Err(VmallocError::NoRecords);
@@ -756,6 +793,26 @@ impl<B: VmBackend> Vmalloc<B> {
         self.config.strict = strict;
         if strict {
             self.purge();
+        }
+    }
+
+    /// Switch the pools of ready-made areas ([`VmallocConfig::pools`]); turning them off
+    /// gives every pooled range back to the free tree.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// vm.set_pools(false);                                 // pure lowest fit from here on
+    /// assert_eq!(vm.stats().pooled_areas, 0);
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
+    pub fn set_pools(&mut self, on: bool) {
+        self.config.pools = on;
+        if !on {
+            let free = &mut self.free;
+            self.pools.drain(|n| free.give_back(n));
         }
     }
 
@@ -1036,17 +1093,10 @@ impl<B: VmBackend> Vmalloc<B> {
         if total > self.end - self.start {
             return Err(VmallocError::TooLarge);
         }
-        self.ensure_records()?;
-        let found = match self.free.lowest_fit(total, align) {
-            Some(f) => Some(f),
-            None if self.parked_head.is_some() => {
-                self.purge_with(false);
-                self.free.lowest_fit(total, align)
-            }
-            None => None,
+        let node = match self.pools.take(total, align) {
+            Some(n) => n,
+            None => self.alloc_from_free(total, align)?,
         };
-        let (hole, at) = found.ok_or(VmallocError::NoVirtualSpace)?;
-        let node = self.free.clip(hole, at, total).ok_or(VmallocError::NoRecords)?;
         let nd = node.get();
         nd.state.set(State::Busy);
         nd.flags.set(flags.bits());
@@ -1060,6 +1110,22 @@ impl<B: VmBackend> Vmalloc<B> {
             self.busy.insert(p);
         }
         Ok(node)
+    }
+
+    /// A range of `total` bytes at `align` clipped from the lowest fitting hole; when none
+    /// fits, purges (pools included) and retries once.
+    fn alloc_from_free(&mut self, total: u64, align: u64) -> Result<NodePtr, VmallocError> {
+        self.ensure_records()?;
+        let found = match self.free.lowest_fit(total, align) {
+            Some(f) => Some(f),
+            None if self.parked_head.is_some() || self.pools.ranges() > 0 => {
+                self.purge_with(Purge::NoHole);
+                self.free.lowest_fit(total, align)
+            }
+            None => None,
+        };
+        let (hole, at) = found.ok_or(VmallocError::NoVirtualSpace)?;
+        self.free.clip(hole, at, total).ok_or(VmallocError::NoRecords)
     }
 
     /// Undo [`Self::alloc_area`] for an area with nothing mapped (or mapped and flushed).
@@ -1993,7 +2059,7 @@ impl<B: VmBackend> Vmalloc<B> {
             self.c.parked_pages += (nd.size() / PAGE) as usize;
             self.c.parked_mapped += pages;
             if self.c.parked_pages > self.config.lazy_max_pages {
-                self.purge_with(false);
+                self.purge_with(Purge::Lazy);
             }
         }
         Ok(())
@@ -2018,7 +2084,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// # Ok::<(), memory::vmalloc::VmallocError>(())
     /// ```
     pub fn purge(&mut self) {
-        self.purge_with(true);
+        self.purge_with(Purge::Explicit);
     }
 
     /// The 2 MiB stretches whose empty last-level tables the last automatic purge kept
@@ -2030,9 +2096,13 @@ impl<B: VmBackend> Vmalloc<B> {
         self.kept_tables.and_then(|(l, h)| VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)).ok())
     }
 
-    /// [`Self::purge`]; an automatic one (`full` false: the lazy threshold, or an
-    /// allocation that found no hole) keeps the tables of [`Self::kept_tables`].
-    fn purge_with(&mut self, full: bool) {
+    /// [`Self::purge`]; an automatic one (the lazy threshold, or an allocation that found
+    /// no hole) keeps the tables of [`Self::kept_tables`]. Each gives the pooled ranges no
+    /// one took back first; one at the lazy threshold then pools what it flushed.
+    fn purge_with(&mut self, why: Purge) {
+        let full = why == Purge::Explicit;
+        let free = &mut self.free;
+        self.pools.drain(|n| free.give_back(n));
         let Some(head) = self.parked_head.take() else {
             // Nothing parked: a full purge still gives back what an automatic one kept.
             if let Some(kept) = self.kept_tables().filter(|_| full) {
@@ -2078,15 +2148,28 @@ impl<B: VmBackend> Vmalloc<B> {
         if self.q.head != 0 {
             self.drain_quarantine(Some(head));
         }
-        // Return the ranges highest first, joining neighbours before touching the free tree.
-        // In that order a range below the lowest hole goes in without a descent (see
-        // `FreeSpace::give_back`): the common case after allocations walked up the holes.
+        // Ranges of pooled sizes go to their pools (only at the lazy threshold: an
+        // allocation that found no hole needs them in the free tree, and an explicit purge
+        // leaves the window as the free tree alone describes it); the others return highest
+        // first, joining neighbours before touching the free tree. In that order a range
+        // below the lowest hole goes in without a descent (see `FreeSpace::give_back`): the
+        // common case after allocations walked up the holes.
+        let pool = self.config.pools && why == Purge::Lazy;
         let mut acc: Option<NodePtr> = None;
         let mut cur = Some(head);
         while let Some(n) = cur {
             let nd = n.get();
             cur = nd.next.get();
             nd.next.set(None);
+            let n = if pool {
+                match self.pools.push(n) {
+                    Ok(()) => continue,
+                    Err(n) => n,
+                }
+            } else {
+                n
+            };
+            let nd = n.get();
             match acc {
                 None => acc = Some(n),
                 Some(a) => {
@@ -2364,6 +2447,8 @@ impl<B: VmBackend> Vmalloc<B> {
             parked_areas: self.c.parked_areas,
             parked_pages: self.c.parked_pages,
             parked_mapped_pages: self.c.parked_mapped,
+            pooled_areas: self.pools.ranges(),
+            pooled_pages: self.pools.pages(),
             free_holes: self.free.holes(),
             largest_hole: self.free.largest(),
             records: self.free.records(),
@@ -2443,7 +2528,10 @@ impl<B: VmBackend> Vmalloc<B> {
         }
         // Free holes, live areas and parked ranges must tile the window.
         let mut all: Vec<NodePtr> = Vec::new();
-        if all.try_reserve_exact(self.free.tree.len + self.busy.len + self.c.parked_areas + 1).is_err() {
+        if all
+            .try_reserve_exact(self.free.tree.len + self.busy.len + self.c.parked_areas + self.pools.ranges() + 1)
+            .is_err()
+        {
             return Err("out of memory for the check");
         }
         let mut cur = self.free.tree.first();
@@ -2467,6 +2555,21 @@ impl<B: VmBackend> Vmalloc<B> {
             parked += 1;
             all.push(n);
         }
+        let mut pooled = 0usize;
+        for n in self.pools.iter() {
+            let nd = n.get();
+            if nd.state.get() != State::Pooled {
+                return Err("non-pooled record in a pool");
+            }
+            if nd.size() > (POOL_MAX_PAGES * PAGE_SIZE) as u64 {
+                return Err("a pooled range larger than the pools take");
+            }
+            pooled += 1;
+            all.push(n);
+        }
+        if pooled != self.pools.ranges() {
+            return Err("pool counters disagree with the pools");
+        }
         all.sort_unstable_by_key(|n| n.get().start.get());
         let mut at = self.start;
         let (mut live, mut parked_pages, mut mapped) = (0usize, 0usize, 0usize);
@@ -2477,7 +2580,7 @@ impl<B: VmBackend> Vmalloc<B> {
             }
             at = nd.end.get();
             match nd.state.get() {
-                State::Free => {}
+                State::Free | State::Pooled => {}
                 State::Busy => {
                     live += 1;
                     mapped += nd.pages.get();
@@ -2485,7 +2588,7 @@ impl<B: VmBackend> Vmalloc<B> {
                 State::Parked => parked_pages += (nd.size() / PAGE) as usize,
                 State::Spare => return Err("spare record in a tree"),
             }
-            if nd.state.get() != State::Free {
+            if !matches!(nd.state.get(), State::Free | State::Pooled) {
                 let guard = u64::from(!VmFlags(nd.flags.get()).contains(VmFlags::NO_GUARD));
                 if (nd.pages.get() as u64 + guard) * PAGE > nd.size() {
                     return Err("area maps into its guard page");
@@ -2501,11 +2604,23 @@ impl<B: VmBackend> Vmalloc<B> {
         if parked != self.c.parked_areas || parked_pages != self.c.parked_pages {
             return Err("parked counters disagree with the parked list");
         }
-        if self.free.tree.len + live_records + parked + self.free.pool.len() != self.free.records() {
+        if self.free.tree.len + live_records + parked + pooled + self.free.pool.len() != self.free.records() {
             return Err("area records leaked or double counted");
         }
         Ok(())
     }
+}
+
+/// Why a purge runs: what it keeps of the page tables and of the pools.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purge {
+    /// The parked pages passed `lazy_max_pages`: keeps the tables where the next
+    /// allocations go and three quarters of each pool.
+    Lazy,
+    /// An allocation found no hole: keeps those tables, gives every pooled range back.
+    NoHole,
+    /// [`Vmalloc::purge`]: keeps no table and no pooled range.
+    Explicit,
 }
 
 /// Live areas in address order: the busy tree's records with the pending one merged in.
@@ -2638,6 +2753,12 @@ impl<B: VmBackend> Drop for Vmalloc<B> {
             // again.
             unsafe { pool.free_one(n) };
         }
+        for n in self.pools.iter() {
+            // SAFETY: a pooled record is in its pool's list only; the iterator read its
+            // successor before yielding it, and the pools are forgotten below, unread.
+            unsafe { pool.free_one(n) };
+        }
+        self.pools.forget();
     }
 }
 

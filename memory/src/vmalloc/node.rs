@@ -4,9 +4,10 @@
 //! `struct vmap_area` it moves between homes without being copied:
 //!
 //! ```text
-//!   spare pool ──clip──▶ busy tree (live) ──vfree──▶ busy tree (parked) ──purge──▶ free tree
-//!        ▲                                                                          │
-//!        └────────────────────── merged into a neighbour hole ◀─────────────────────┘
+//!   spare pool ──clip──▶ busy tree (live) ──vfree──▶ parked list ──purge──▶ free tree
+//!        ▲                    ▲                         │ purge (≤ 256 pages)  ▲  │
+//!        │                    └──── its size again ── ready pool ──decay──────┘  │
+//!        └────────────────────── merged into a neighbour hole ◀──────────────────┘
 //! ```
 //!
 //! Records are reached through [`NodePtr`], a raw pointer to a heap-allocated node. All
@@ -44,8 +45,10 @@ pub(crate) enum State {
     Free,
     /// A live area, in the busy tree (or the allocator's pending slot).
     Busy,
-    /// A freed area in the busy tree, unmapped but waiting for its TLB flush.
+    /// A freed area on the parked list, unmapped but waiting for its TLB flush.
     Parked,
+    /// A flushed range in a pool of ready-made areas (`pool.rs`).
+    Pooled,
 }
 
 /// One range record. Tree links and keys first, the record cache-line aligned: the search
