@@ -706,10 +706,50 @@ fn secondary_cpus_allocate_from_their_own_nodes() {
     assert_eq!(kernel::vmalloc_stats().unwrap().live_areas, live0);
 }
 
+static POOL_HIT: AtomicUsize = AtomicUsize::new(0);
+
+fn pool_body(cpu: usize) {
+    if cpu != 1 {
+        return;
+    }
+    // 5 pages + the guard, 64 KiB aligned (fix_align_alloc_test's areas): one more than
+    // fills the threshold of 24,576 parked pages, so the last free purges lazily.
+    let pages = memory::vmalloc::lazy_max_pages(4) / 6 + 1;
+    for _ in 0..pages {
+        let p = kernel::vmalloc_aligned(5 * PAGE_SIZE, 64 << 10).unwrap();
+        kernel::vfree(p).unwrap();
+    }
+    let node = kernel::vmalloc_instances().nth(1).unwrap();
+    let before = node.lock().stats().pooled_areas;
+    let p = kernel::vmalloc_aligned(5 * PAGE_SIZE, 64 << 10).unwrap();
+    let after = node.lock().stats().pooled_areas;
+    kernel::vfree(p).unwrap();
+    POOL_HIT.store(before * 1_000_000 + after, Ordering::Relaxed);
+}
+
+/// The purge threshold is Linux's for four CPUs (32 MiB x fls(4), per instance), and a
+/// CPU's node pools the aligned ranges its lazy purge flushed: the next aligned
+/// allocation of that size takes one; an explicit purge empties every pool.
+fn nodes_pool_what_their_lazy_purges_flushed() {
+    kernel::purge();
+    for v in kernel::vmalloc_instances() {
+        assert_eq!(v.lock().config().lazy_max_pages, 3 * 8192);
+    }
+    tests::on_every_cpu(pool_body);
+    let hit = POOL_HIT.load(Ordering::Relaxed);
+    let (before, after) = (hit / 1_000_000, hit % 1_000_000);
+    assert!(before > 4000, "the lazy purge pooled its 4,097 ranges: {before}");
+    assert_eq!(after, before - 1, "the next aligned allocation of that size came from the pool");
+    kernel::purge();
+    let s = kernel::vmalloc_stats().unwrap();
+    assert_eq!((s.pooled_areas, s.pooled_pages), (0, 0), "an explicit purge empties every pool");
+}
+
 tests::main!(
     test!(figure_kmalloc_with_and_without_cpu_caches),
     test!(random_work_on_every_cpu_ends_at_baseline),
     test!(vfree_in_a_handler_is_deferred_and_completed_by_the_next_call),
     test!(secondary_cpus_allocate_from_their_own_nodes).needing(tests::four_cpus, "-smp 4"),
     test!(a_cpu_switched_off_hands_back_its_caches).needing(tests::four_cpus, "-smp 4"),
+    test!(nodes_pool_what_their_lazy_purges_flushed).needing(tests::four_cpus, "-smp 4"),
 );
