@@ -217,3 +217,19 @@ fn the_purge_threshold_grows_as_linuxs_with_fls_of_the_cpus() {
     let got: Vec<usize> = [0, 1, 2, 3, 4, 7, 8, 16].iter().map(|&c| lazy_max_pages(c) / 8192).collect();
     assert_eq!(got, [1, 1, 2, 2, 3, 3, 4, 5]);
 }
+
+/// `vrealloc` grows in place into a pooled neighbour (flushed address space), as it did
+/// into a hole before the pools: found by review, where the growth moved instead, and in a
+/// full window failed with `NoVirtualSpace`.
+#[test]
+fn vrealloc_grows_in_place_into_a_pooled_neighbour() {
+    let mut vm = new_vm(32, 1, true);
+    let a = vm.vmalloc(PAGE_SIZE).unwrap(); // pages 0-1
+    let b = vm.vmalloc_aligned(PAGE_SIZE, 2 * PAGE_SIZE).unwrap(); // pages 2-3
+    let _rest = vm.vmalloc(27 * PAGE_SIZE).unwrap(); // pages 4-31: the window is full
+    vm.vfree(b).unwrap(); // 2 parked pages > 1: purged, and pooled
+    assert_eq!(vm.stats().pooled_areas, 1);
+    assert_eq!(vm.vrealloc(a, 3 * PAGE_SIZE), Ok(a), "grown in place over the pooled range");
+    assert_eq!(vm.find_area(a).map(|i| i.pages), Some(3));
+    vm.check().unwrap();
+}

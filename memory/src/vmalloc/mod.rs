@@ -2109,6 +2109,8 @@ impl<B: VmBackend> Vmalloc<B> {
                 self.kept_tables = None;
                 self.flush_reclaim_spans(TlbFlush::None, &[kept]);
             }
+            // The pools given back may have left records spare.
+            self.trim_spares();
             return;
         };
         let t0 = self.backend.now_ns();
@@ -2264,7 +2266,15 @@ impl<B: VmBackend> Vmalloc<B> {
             }
             // Grow into the hole right after the area's range, if it is big enough.
             let extra = ((new_pages - reserved) * PAGE_SIZE) as u64;
-            if let Some(hole) = self.free.hole_at(nd.end.get()).filter(|h| h.get().size() >= extra) {
+            let mut hole = self.free.hole_at(nd.end.get()).filter(|h| h.get().size() >= extra);
+            if hole.is_none() && self.pools.ranges() > 0 {
+                // The neighbour may be a pooled range: flushed address space, as free as a
+                // hole. The pools go back to the tree, and the growth may take it.
+                let free = &mut self.free;
+                self.pools.drain(|n| free.give_back(n));
+                hole = self.free.hole_at(nd.end.get()).filter(|h| h.get().size() >= extra);
+            }
+            if let Some(hole) = hole {
                 self.ensure_records()?;
                 let old_end = nd.end.get();
                 self.free.take_front(hole, extra);
@@ -2615,7 +2625,7 @@ impl<B: VmBackend> Vmalloc<B> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Purge {
     /// The parked pages passed `lazy_max_pages`: keeps the tables where the next
-    /// allocations go and three quarters of each pool.
+    /// allocations go, and pools what it flushed.
     Lazy,
     /// An allocation found no hole: keeps those tables, gives every pooled range back.
     NoHole,

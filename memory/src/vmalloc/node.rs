@@ -6,7 +6,7 @@
 //! ```text
 //!   spare pool ──clip──▶ busy tree (live) ──vfree──▶ parked list ──purge──▶ free tree
 //!        ▲                    ▲                         │ purge (≤ 256 pages)  ▲  │
-//!        │                    └──── its size again ── ready pool ──decay──────┘  │
+//!        │                    └──── its size again ── ready pool ─next purge──┘  │
 //!        └────────────────────── merged into a neighbour hole ◀──────────────────┘
 //! ```
 //!

@@ -46,7 +46,6 @@ const PAGE: u64 = hal::PAGE_SIZE as u64;
 /// Pools of flushed ranges, one list per size in pages.
 pub(crate) struct ReadyPools {
     heads: [Link; POOL_MAX_PAGES],
-    lens: [u32; POOL_MAX_PAGES],
     /// Ranges in all pools.
     ranges: usize,
     /// Pages in all pools.
@@ -55,7 +54,7 @@ pub(crate) struct ReadyPools {
 
 impl ReadyPools {
     pub(crate) const fn new() -> Self {
-        Self { heads: [None; POOL_MAX_PAGES], lens: [0; POOL_MAX_PAGES], ranges: 0, pages: 0 }
+        Self { heads: [None; POOL_MAX_PAGES], ranges: 0, pages: 0 }
     }
 
     /// The pool of ranges of `bytes` bytes, if pooled.
@@ -86,7 +85,6 @@ impl ReadyPools {
         nd.state.set(State::Pooled);
         nd.next.set(self.heads[c]);
         self.heads[c] = Some(node);
-        self.lens[c] += 1;
         self.ranges += 1;
         self.pages += c + 1;
         Ok(())
@@ -107,7 +105,6 @@ impl ReadyPools {
         }
         self.heads[c] = nd.next.get();
         nd.next.set(None);
-        self.lens[c] -= 1;
         self.ranges -= 1;
         self.pages -= c + 1;
         Some(node)
@@ -125,7 +122,6 @@ impl ReadyPools {
                 node.get().next.set(None);
                 give_back(node);
             }
-            self.lens[c] = 0;
         }
         self.ranges = 0;
         self.pages = 0;
