@@ -161,6 +161,7 @@ fn count_no_reclaim(class: &LockClass, up: bool) {
 
 /// Records that this CPU takes `class` (with interrupts as they are now), checking both
 /// rules first.
+#[inline]
 fn acquire(class: &'static LockClass) {
     count_no_reclaim(class, true);
     if !CHECKS {
@@ -191,6 +192,7 @@ fn acquire(class: &'static LockClass) {
     held[class.rank as usize].fetch_add(1, Ordering::Relaxed);
 }
 
+#[inline]
 fn release(class: &'static LockClass) {
     count_no_reclaim(class, false);
     if CHECKS {

@@ -175,11 +175,13 @@ pub fn unhandled_and_spurious() -> (u64, u64) {
 }
 
 /// Whether this CPU is handling an interrupt now.
+#[inline]
 pub fn in_interrupt() -> bool {
     crate::smp::this_cpu_data().irq_depth.load(Ordering::Relaxed) > 0
 }
 
 /// Whether IRQs are unmasked on this CPU.
+#[inline]
 pub fn irqs_enabled() -> bool {
     crate::cpu::daif() & (1 << 7) == 0
 }

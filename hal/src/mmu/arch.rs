@@ -31,6 +31,7 @@ pub(crate) fn publish_new_table() {
 
 /// Make descriptor writes visible to table walks, and this core's later instructions see
 /// them: `dsb ishst; isb`. Without it a new mapping may fault (spuriously) when first used.
+#[inline]
 pub(crate) fn publish_descriptors() {
     dsb_ishst();
     isb();
@@ -38,6 +39,7 @@ pub(crate) fn publish_descriptors() {
 
 /// `dsb ishst`: every earlier store (descriptor writes) is complete for the inner shareable
 /// domain before any later instruction — in particular a TLBI — is executed.
+#[inline]
 pub(crate) fn dsb_ishst() {
     compiler_fence(Ordering::SeqCst);
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
@@ -59,6 +61,7 @@ pub(crate) fn dsb_ish() {
 }
 
 /// `isb`: later instructions on this core are fetched and translated afresh.
+#[inline]
 pub(crate) fn isb() {
     #[cfg(all(target_arch = "aarch64", target_os = "none"))]
     // SAFETY: a context synchronisation; no memory effect.

@@ -112,6 +112,7 @@ impl Descriptor {
     ///
     /// Every leaf is EL1-only (`AP[1] = 0`, `UXN = 1`), global, inner shareable and has the
     /// access flag set; `PXN` is clear only for executable attributes.
+    #[inline]
     pub fn new_leaf(level: usize, phys: PhysAddr, attributes: Attributes) -> Self {
         debug_assert!((1..=3).contains(&level));
         debug_assert!(phys.as_u64() < PA_LIMIT);

@@ -416,6 +416,7 @@ unsafe fn store_entry(p: *mut u64, v: u64) {
 const PAGE_BITS: u64 = 0b11;
 
 /// Whether the OR of some frames shows one misaligned or at or above 2^48.
+#[inline]
 const fn frame_bits_bad(bits: u64) -> bool {
     bits & (PAGE_SIZE as u64 - 1) != 0 || bits >= PA_LIMIT
 }
@@ -425,6 +426,7 @@ const fn frame_bits_bad(bits: u64) -> bool {
 ///
 /// # Safety
 /// `entries .. entries + count` are entries of one table page reached through the linear map.
+#[inline]
 unsafe fn pages_among(entries: *const u64, count: usize) -> u64 {
     let mut pages = 0;
     for k in 0..count {

@@ -77,6 +77,7 @@ impl Mappable {
 /// # Errors
 /// [`VmallocError::NotRam`] for the first frame that may not be mapped;
 /// [`VmallocError::NotInitialized`] before `kernel::init`.
+#[inline]
 pub(super) fn check(frames: &[PhysAddr]) -> Result<(), VmallocError> {
     let m = MAPPABLE.get().ok_or(VmallocError::NotInitialized)?;
     let ranges = &m.ranges[..m.len];

@@ -67,6 +67,7 @@ impl KernelTables {
     }
 
     /// The kept handle of the table of the 2 MiB holding `va` (in the region), if any.
+    #[inline]
     fn cached(&self, va: u64) -> Option<LeafTable> {
         let i = ((va - self.region.start().as_u64()) / LEAF_SPAN) as usize;
         let p = NonNull::new(self.leaves[i].load(Ordering::Acquire))?;
@@ -106,6 +107,7 @@ impl KernelTables {
 }
 
 impl RamMapper for KernelTables {
+    #[inline]
     unsafe fn map(&self, va: VirtAddr, frames: &[PhysAddr], prot: Prot) -> Result<(), MapError> {
         let attrs = match prot {
             Prot::ReadWrite => Attributes::DATA,
@@ -128,6 +130,7 @@ impl RamMapper for KernelTables {
         r
     }
 
+    #[inline]
     unsafe fn unmap(&self, va: VirtAddr, pages: usize) {
         // SAFETY: forwarded from the caller.
         unsafe { self.clear(va, pages) };
@@ -167,6 +170,7 @@ impl RamMapper for KernelTables {
         }
     }
 
+    #[inline]
     fn check_frames(&self, frames: &[PhysAddr]) -> Result<(), VmallocError> {
         mappable_ram(frames)
     }
@@ -178,6 +182,7 @@ impl KernelTables {
     ///
     /// # Safety
     /// The pages are a piece's (or part of one) that the caller mapped and no one uses.
+    #[inline]
     unsafe fn clear(&self, va: VirtAddr, pages: usize) {
         for (at, first, part) in pieces(va, pages) {
             if let Some(l) = self.cached(at) {

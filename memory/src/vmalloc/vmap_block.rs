@@ -248,6 +248,7 @@ impl<M: RamMapper> VmapBlocks<M> {
     /// # Safety
     /// The caller owns `frames` while they stay mapped, and unmaps them with
     /// [`Self::unmap`] before giving them to anyone else.
+    #[inline]
     pub unsafe fn map(&self, frames: &[PhysAddr], prot: Prot) -> Result<Option<VirtAddr>, VmallocError> {
         let n = frames.len();
         if n == 0 {
@@ -288,6 +289,7 @@ impl<M: RamMapper> VmapBlocks<M> {
     /// [`VmallocError::NotAnArea`] when no mapping of `count` pages starts at `va` in the
     /// region (never mapped, unmapped already, an interior address or another count);
     /// [`VmallocError::ZeroSize`] for a count of 0. Nothing changes then.
+    #[inline]
     pub fn unmap(&self, va: VirtAddr, count: usize) -> Result<(), VmallocError> {
         if count == 0 {
             return Err(VmallocError::ZeroSize);
@@ -433,6 +435,7 @@ impl<M: RamMapper> VmapBlocks<M> {
 
     /// A piece of `size` pages (a power of two) from this CPU's block, taking a clean
     /// block when the current one has no room; `None` when there is none.
+    #[inline]
     fn carve(&self, c: &mut Cursor, size: usize) -> Option<(usize, usize)> {
         if c.block == NO_BLOCK || c.next as usize + size > VMAP_BLOCK_PAGES {
             self.retire(c);

@@ -43,6 +43,7 @@ impl LeafTable {
     ///
     /// # Safety
     /// `entries` and `base` come from one handle's [`Self::as_ptr`] and [`Self::base`].
+    #[inline]
     pub unsafe fn from_raw(entries: NonNull<u64>, base: VirtAddr) -> Self {
         Self { entries, base: base.as_u64() }
     }
@@ -66,6 +67,7 @@ impl LeafTable {
     /// - `first + frames.len() <= 512`; those entries are invalid and their pages' TLB
     ///   entries invalidated since they were last cleared; no one else writes them until
     ///   the caller clears them.
+    #[inline]
     pub unsafe fn map_pages(&self, first: usize, frames: &[PhysAddr], attributes: Attributes) -> Result<(), MmuError> {
         debug_assert!(first + frames.len() <= ENTRIES);
         if frame_bits_bad(frames.iter().fold(0, |b, f| b | f.as_u64())) {
@@ -92,6 +94,7 @@ impl LeafTable {
     ///
     /// # Safety
     /// As [`Self::map_pages`] for the table; `first + count <= 512`.
+    #[inline]
     pub unsafe fn any_page(&self, first: usize, count: usize) -> bool {
         debug_assert!(first + count <= ENTRIES);
         // SAFETY: entries of the table page (caller's promise).
@@ -104,6 +107,7 @@ impl LeafTable {
     ///
     /// # Safety
     /// As [`Self::clear_pages`].
+    #[inline]
     pub unsafe fn take_pages(&self, first: usize, count: usize, mut on_frame: impl FnMut(PhysAddr)) {
         debug_assert!(first + count <= ENTRIES);
         for k in 0..count {
@@ -124,6 +128,7 @@ impl LeafTable {
     /// # Safety
     /// As [`Self::map_pages`] for the table; the entries are the caller's, mapped by it, and
     /// nothing the program still uses lives in their pages.
+    #[inline]
     pub unsafe fn clear_pages(&self, first: usize, count: usize) {
         debug_assert!(first + count <= ENTRIES);
         for k in 0..count {
