@@ -233,3 +233,23 @@ fn vrealloc_grows_in_place_into_a_pooled_neighbour() {
     assert_eq!(vm.find_area(a).map(|i| i.pages), Some(3));
     vm.check().unwrap();
 }
+
+#[test]
+fn areas_aligned_beyond_64_kib_are_not_pooled() {
+    use memory::vmalloc::POOL_MAX_ALIGN;
+    let mut vm = new_vm(1 << 12, 4, true);
+    let align = 2 * POOL_MAX_ALIGN as usize;
+    let v: Vec<VirtAddr> = (0..3).map(|_| vm.vmalloc_aligned(PAGE_SIZE, align).unwrap()).collect();
+    for p in v {
+        vm.vfree(p).unwrap();
+    }
+    let s = vm.stats();
+    assert_eq!((s.purges, s.pooled_areas, s.free_holes), (1, 0, 1), "{s:?}");
+    // At 64 KiB they are.
+    let v: Vec<VirtAddr> = (0..3).map(|_| vm.vmalloc_aligned(PAGE_SIZE, POOL_MAX_ALIGN as usize).unwrap()).collect();
+    for p in v {
+        vm.vfree(p).unwrap();
+    }
+    assert_eq!(vm.stats().pooled_areas, 3);
+    vm.check().unwrap();
+}

@@ -93,7 +93,7 @@ use alloc::vec::Vec;
 use info::{History, PurgeHistogram};
 use node::{Link, NodePtr, State};
 use pool::ReadyPools;
-pub use pool::POOL_MAX_PAGES;
+pub use pool::{POOL_MAX_ALIGN, POOL_MAX_PAGES};
 use treap::Treap;
 use tree::Tree;
 

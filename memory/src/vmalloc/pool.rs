@@ -9,14 +9,17 @@
 //! ```
 //!
 //! - Only ranges of up to [`POOL_MAX_PAGES`] pages (guard included, Linux's
-//!   `MAX_VA_SIZE_PAGES`) whose areas were aligned beyond a page are pooled, and only
-//!   requests aligned beyond a page look in the pools. Those are what the free tree serves
+//!   `MAX_VA_SIZE_PAGES`) whose areas were aligned beyond a page and at most
+//!   [`POOL_MAX_ALIGN`] (64 KiB) are pooled, and only such requests look in the pools. Those are what the free tree serves
 //!   worst: each aligned clip leaves a hole below the area that no later request of that
 //!   alignment fits, so the tree fills with holes to step over and merge back (measured in
 //!   one boot, pools on against off, 12 pairs: `fix_align_alloc_test` 0.70×). Page-aligned
 //!   requests find their hole at the bottom of the tree at once, and pooling their ranges
 //!   scattered the next allocations over the window (more page-table misses:
 //!   `random_size_alloc_test` 1.19× with every size pooled), so they stay with the tree.
+//!   An area aligned beyond 64 KiB spans that much of the window by itself; pooling those
+//!   too held stretches the next cycle would have reused (`random_size_align_alloc_test`
+//!   1.11–1.12× with them, 1.01–1.03× without, two boots each).
 //!   Each size has its own list. A purge adds its ranges highest first, so each list
 //!   starts with its lowest range.
 //! - A pooled range is flushed: it entered the pool only after the purge's TLB flush, so
@@ -42,6 +45,12 @@ use super::node::{Link, NodePtr, State};
 pub const POOL_MAX_PAGES: usize = 256;
 
 const PAGE: u64 = hal::PAGE_SIZE as u64;
+
+/// The largest alignment whose areas are pooled (64 KiB: twice arm64's `THREAD_ALIGN`, what
+/// `fix_align_alloc_test` asks for). An area aligned further spans that much of the window
+/// by itself; pooling such ranges kept stretches out of the tree that the next cycle's
+/// other allocations would have reused.
+pub const POOL_MAX_ALIGN: u64 = 64 << 10;
 
 /// Pools of flushed ranges, one list per size in pages.
 pub(crate) struct ReadyPools {
@@ -78,7 +87,8 @@ impl ReadyPools {
     /// is not pooled or its area was not aligned beyond a page.
     pub(crate) fn push(&mut self, node: NodePtr) -> Result<(), NodePtr> {
         let nd = node.get();
-        if u32::from(nd.align_shift.get()) <= PAGE.trailing_zeros() {
+        let shift = u32::from(nd.align_shift.get());
+        if shift <= PAGE.trailing_zeros() || shift > POOL_MAX_ALIGN.trailing_zeros() {
             return Err(node);
         }
         let Some(c) = Self::class(nd.size()) else { return Err(node) };
@@ -94,7 +104,7 @@ impl ReadyPools {
     /// taken off its pool (its state is the caller's to set).
     #[inline]
     pub(crate) fn take(&mut self, bytes: u64, align: u64) -> Option<NodePtr> {
-        if align <= PAGE {
+        if align <= PAGE || align > POOL_MAX_ALIGN {
             return None;
         }
         let c = Self::class(bytes)?;
