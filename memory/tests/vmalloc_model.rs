@@ -164,7 +164,10 @@ fn a_million_random_operations() {
     // allocation that found no hole, which pools nothing; the pools have their own random
     // run under the stale-TLB oracle (`vmalloc_pools.rs`).
     let cfg = VmallocConfig { lazy_max_pages: 8192, pools: false, ..VmallocConfig::default() };
-    let mut vm = Vmalloc::new(SimBackend::new(window, FRAMES).with_blocks(BLOCKS), window, cfg).unwrap();
+    // Four simulated CPUs, each with its own TLB: the operations run on them in turn, so
+    // an area is often freed, and its range purged, on another CPU than the one that
+    // used it (the oracle counts a reuse while any CPU's TLB may hold the old entry).
+    let mut vm = Vmalloc::new(SimBackend::new(window, FRAMES).with_blocks(BLOCKS).with_cpus(4), window, cfg).unwrap();
     let baseline_records = vm.stats().records;
     let mut model: Vec<Area> = Vec::new();
     let mut next_vmap = VMAP_FRAMES;
@@ -172,6 +175,7 @@ fn a_million_random_operations() {
     let mut tag_seq = 0u64;
     let (mut last_purges, mut checked_purges) = (0u64, 0u32);
     for op in 0..OPS {
+        vm.sim_mut().set_cpu(op as usize);
         let r = rng.random_range(0..100);
         let want_alloc = model.len() < TARGET_LIVE;
         match r {
@@ -370,4 +374,55 @@ fn a_million_random_operations() {
     assert_eq!(vm.backend().free_frames_count(), FRAMES);
     assert_eq!(vm.backend().free_blocks_count(), BLOCKS);
     assert_eq!(s.frames_taken, s.frames_returned);
+}
+
+/// Runs `ops` random vmalloc / vfree / vrealloc calls, each on a random one of four
+/// simulated CPUs with a TLB of its own; returns the oracle's violations.
+fn on_four_cpus(ops: u32, broken: bool) -> u64 {
+    let mut rng = SmallRng::seed_from_u64(0x7e57_0004);
+    let window = VirtRange::new(VirtAddr::new(BASE), (1u64 << 14) * PAGE).unwrap();
+    let cfg = VmallocConfig { lazy_max_pages: 256, ..VmallocConfig::default() };
+    let mut sim = SimBackend::new(window, 8192).with_cpus(4);
+    if broken {
+        sim.break_broadcast();
+    }
+    let mut vm = Vmalloc::new(sim, window, cfg).unwrap();
+    let mut live: Vec<(VirtAddr, usize)> = Vec::new();
+    for i in 0..ops {
+        vm.sim_mut().set_cpu(rng.random_range(0..4));
+        if live.len() < 64 && (rng.random_bool(0.55) || live.is_empty()) {
+            let pages = rng.random_range(1..=8);
+            let align = PAGE_SIZE << rng.random_range(0..=4);
+            if let Ok(p) = vm.vmalloc_aligned(pages * PAGE_SIZE, align) {
+                assert!(vm.sim_mut().write(p, &vec![i as u8; pages * PAGE_SIZE]));
+                live.push((p, pages));
+            }
+        } else {
+            let k = rng.random_range(0..live.len());
+            let (p, pages) = live[k];
+            if rng.random_bool(0.2) {
+                if let Ok(q) = vm.vrealloc(p, (pages + 2) * PAGE_SIZE) {
+                    live[k] = (q, pages + 2);
+                    continue;
+                }
+            }
+            live.swap_remove(k);
+            vm.vfree(p).unwrap();
+        }
+    }
+    for (p, _) in live {
+        vm.vfree(p).unwrap();
+    }
+    vm.purge();
+    vm.check().unwrap();
+    assert!(vm.stats().purges > 100, "the run should purge often");
+    vm.backend().counters.violations
+}
+
+#[test]
+fn four_simulated_cpus_each_with_its_own_tlb() {
+    let ops = if cfg!(miri) { 2_000 } else { 200_000 };
+    assert_eq!(on_four_cpus(ops, false), 0, "broadcast flushes: no range reused while any TLB may hold it");
+    // The same run with flushes that reach only the purging CPU: caught.
+    assert!(on_four_cpus(ops, true) > 0, "a purge that flushed only its own CPU's TLB went unnoticed");
 }

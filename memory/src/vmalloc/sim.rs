@@ -3,8 +3,11 @@
 //!
 //! - PTEs of the window in a flat table; frames from a pool of `frames` page frames
 //!   starting at [`SimBackend::FRAME_BASE`] (which is "RAM" for `phys_is_ram`).
-//! - Every TLB operation is counted, and the TLB is modelled: a page unmapped and not yet
-//!   invalidated is *stale*; mapping a stale page (reuse before flush), mapping over a
+//! - Every TLB operation is counted, and the TLB is modelled, one per simulated CPU
+//!   ([`SimBackend::with_cpus`], [`SimBackend::set_cpu`]): a page unmapped is *stale* in
+//!   every CPU's TLB until a flush reaches that CPU (the allocator's are broadcasts;
+//!   [`SimBackend::break_broadcast`] makes them local, the bug the oracle must catch);
+//!   mapping a page stale anywhere (reuse before flush), mapping over a
 //!   valid PTE, unmapping a page that is not mapped, or freeing a frame not taken is a
 //!   **violation**, counted in [`SimCounters::violations`] (the allocator must keep it 0).
 //! - Optional 2 MiB blocks ([`SimBackend::with_blocks`]) from a pool of their own at
@@ -87,9 +90,17 @@ struct SimTable {
 pub struct SimBackend {
     base: u64,
     ptes: Vec<u64>,
-    /// Per page: the TLB epoch + 1 in which it was unmapped and not flushed since, else 0.
+    /// Per page and simulated CPU (`page * cpus + cpu`): that CPU's TLB epoch + 1 when the
+    /// page was unmapped and that CPU's TLB not flushed for it since, else 0.
     stale: Vec<u32>,
-    epoch: u32,
+    /// Per simulated CPU: its TLB epoch, advanced by each full flush that reaches it.
+    epoch: Vec<u32>,
+    /// Simulated CPUs, each with its own TLB (1 unless [`SimBackend::with_cpus`]).
+    cpus: usize,
+    /// The CPU the allocator's calls run on now ([`SimBackend::set_cpu`]).
+    cpu: usize,
+    /// Flushes reach the calling CPU's TLB only ([`SimBackend::break_broadcast`]).
+    broken_broadcast: bool,
     free: Vec<u64>,
     taken: Vec<bool>,
     frames: usize,
@@ -125,7 +136,10 @@ impl SimBackend {
             base: window.start().as_u64(),
             ptes: vec![0; pages],
             stale: vec![0; pages],
-            epoch: 0,
+            epoch: vec![0],
+            cpus: 1,
+            cpu: 0,
+            broken_broadcast: false,
             // Popped from the back: the lowest frames go first.
             free: (0..frames as u64).rev().map(|i| Self::FRAME_BASE + i * PAGE).collect(),
             taken: vec![false; frames],
@@ -298,12 +312,82 @@ impl SimBackend {
         }
     }
 
+    /// This backend with `cpus` simulated CPUs (1 to [`Self::MAX_CPUS`]), each with a TLB
+    /// of its own: an unmapped page is stale in every CPU's TLB (any CPU may have cached
+    /// the translation, speculatively too) until a flush reaches that CPU. The allocator's
+    /// flushes are broadcasts (`tlbi ...is`), so they reach every CPU; see
+    /// [`Self::break_broadcast`] for the bug the oracle must catch.
+    pub fn with_cpus(mut self, cpus: usize) -> Self {
+        let cpus = cpus.clamp(1, Self::MAX_CPUS);
+        self.stale = vec![0; self.ptes.len() * cpus];
+        self.epoch = vec![0; cpus];
+        self.cpus = cpus;
+        self.cpu = 0;
+        self
+    }
+
+    /// The most simulated CPUs.
+    pub const MAX_CPUS: usize = 8;
+
+    /// Runs the allocator's next calls on simulated CPU `cpu` (modulo the CPUs).
+    pub fn set_cpu(&mut self, cpu: usize) {
+        self.cpu = cpu % self.cpus;
+    }
+
+    /// Makes every TLB flush reach the calling CPU's TLB only (`tlbi vaale1` instead of
+    /// `vaale1is`), as a backend with that bug would: a range purged on one CPU then
+    /// stays stale on the others, and the oracle must catch its reuse.
+    pub fn break_broadcast(&mut self) {
+        self.broken_broadcast = true;
+    }
+
+    /// The CPUs a flush issued now reaches.
+    fn flush_reach(&self) -> core::ops::Range<usize> {
+        if self.broken_broadcast {
+            self.cpu..self.cpu + 1
+        } else {
+            0..self.cpus
+        }
+    }
+
+    /// Page `i` was unmapped: stale in every CPU's TLB.
+    fn mark_stale(&mut self, i: usize) {
+        for c in 0..self.cpus {
+            self.stale[i * self.cpus + c] = self.epoch[c] + 1;
+        }
+    }
+
+    /// Whether page `i` is stale in any CPU's TLB.
+    fn stale_anywhere(&self, i: usize) -> bool {
+        (0..self.cpus).any(|c| self.stale[i * self.cpus + c] == self.epoch[c] + 1)
+    }
+
+    /// Page `i` is mapped again: its old marks go (a violation was counted if stale).
+    fn clear_stale(&mut self, i: usize) {
+        self.stale[i * self.cpus..(i + 1) * self.cpus].fill(0);
+    }
+
+    /// A TLBI of page `i` (reaching the CPUs of [`Self::flush_reach`]).
+    fn invalidate_page(&mut self, i: usize) {
+        for c in self.flush_reach() {
+            self.stale[i * self.cpus + c] = 0;
+        }
+    }
+
+    /// A full flush (reaching the CPUs of [`Self::flush_reach`]): their old marks no
+    /// longer match.
+    fn invalidate_all(&mut self) {
+        for c in self.flush_reach() {
+            self.epoch[c] += 1;
+        }
+    }
+
     /// Per-page last-level TLBIs for `ranges` (no barrier counted).
     fn leaf_invalidate(&mut self, ranges: &[(VirtAddr, usize)]) {
         for &(va, pages) in ranges {
             for p in 0..pages {
                 if let Some(i) = self.index(va.as_u64() + p as u64 * PAGE) {
-                    self.stale[i] = 0;
+                    self.invalidate_page(i);
                 }
                 self.counters.page_tlbis += 1;
             }
@@ -411,7 +495,7 @@ impl SimBackend {
 
     /// Whether the page of `va` is unmapped but may still be cached in the TLB.
     pub fn is_stale(&self, va: VirtAddr) -> bool {
-        self.index(va.as_u64()).and_then(|i| self.stale.get(i)).is_some_and(|&s| s == self.epoch + 1)
+        self.index(va.as_u64()).is_some_and(|i| i < self.ptes.len() && self.stale_anywhere(i))
     }
 
     /// Write `data` at `va` through the tables. Returns false (writing nothing further) at
@@ -533,10 +617,10 @@ impl VmBackend for SimBackend {
                 }
                 return Err(MapError::AlreadyMapped);
             }
-            if self.stale[first + i] == self.epoch + 1 {
+            if self.stale_anywhere(first + i) {
                 self.counters.violations += 1;
             }
-            self.stale[first + i] = 0;
+            self.clear_stale(first + i);
             self.ptes[first + i] = f.as_u64() | VALID | ro;
         }
         self.add_pages(va.as_u64(), frames.len());
@@ -560,10 +644,10 @@ impl VmBackend for SimBackend {
                 }
                 return Err(MapError::AlreadyMapped);
             }
-            if self.stale[first + i] == self.epoch + 1 {
+            if self.stale_anywhere(first + i) {
                 self.counters.violations += 1;
             }
-            self.stale[first + i] = 0;
+            self.clear_stale(first + i);
             self.ptes[first + i] = (pa.as_u64() + i as u64 * PAGE) | VALID | DEVICE;
             self.counters.mapped += 1;
         }
@@ -585,7 +669,7 @@ impl VmBackend for SimBackend {
                 continue;
             }
             self.ptes[i] = 0;
-            self.stale[i] = self.epoch + 1;
+            self.mark_stale(i);
             self.counters.mapped -= 1;
             self.counters.ptes_cleared += 1;
             self.remove_pages(self.base + i as u64 * PAGE, 1);
@@ -645,7 +729,7 @@ impl VmBackend for SimBackend {
             self.counters.violations += 1;
             return Err(MapError::AlreadyMapped);
         }
-        if self.stale[span.clone()].iter().any(|&s| s == self.epoch + 1) {
+        if span.clone().any(|i| self.stale_anywhere(i)) {
             self.counters.violations += 1;
         }
         // An empty last-level table left there goes first, as `pmd_free_pte_page` (the
@@ -657,7 +741,7 @@ impl VmBackend for SimBackend {
             self.release_tables(&detached);
         }
         for (k, i) in span.enumerate() {
-            self.stale[i] = 0;
+            self.clear_stale(i);
             self.ptes[i] = (pa.as_u64() + k as u64 * PAGE) | VALID | BLOCK;
         }
         self.add_leaves(va.as_u64(), 1, 2);
@@ -675,7 +759,7 @@ impl VmBackend for SimBackend {
         let pa = PhysAddr::new(self.ptes[first] & !(PAGE - 1));
         for i in first..first + BLOCK_PAGES {
             self.ptes[i] = 0;
-            self.stale[i] = self.epoch + 1;
+            self.mark_stale(i);
         }
         self.counters.mapped -= BLOCK_PAGES;
         self.counters.ptes_cleared += 1;
@@ -692,7 +776,7 @@ impl VmBackend for SimBackend {
         match flush {
             TlbFlush::All => {
                 self.walk_stale.clear();
-                self.epoch += 1;
+                self.invalidate_all();
                 self.counters.full_flushes += 1;
             }
             TlbFlush::Pages(ranges) => {
@@ -716,7 +800,7 @@ impl VmBackend for SimBackend {
     fn tlb_flush_all(&mut self) {
         // Marks from the old epoch no longer match: every page is clean; walk caches too.
         self.walk_stale.clear();
-        self.epoch += 1;
+        self.invalidate_all();
         self.counters.full_flushes += 1;
         self.counters.barrier_pairs += 1;
     }
