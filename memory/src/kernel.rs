@@ -164,39 +164,15 @@ type LeafPart = (LeafTable, usize, usize);
 /// What one last-level table translates (2 MiB).
 const LEAF_SPAN: u64 = 1 << 21;
 
-/// Zeroes the page at `p` with pairs of 8-byte stores of the zero register, 64 bytes per
-/// iteration. Under QEMU TCG this takes 0.41 µs a page, against 0.93 µs for `write_bytes`
-/// (compiler-builtins' memset, one 8-byte store per instruction) and 0.91 µs for `DC ZVA`
-/// (a helper call per 64-byte block), as the firmware's `test_vmalloc.profile=1` measures;
-/// on hardware, plain stores of whole lines are as fast as a memset.
+/// Zeroes the page at `p` ([`hal::cpu::zero_page`]: pairs of stores of the zero register,
+/// the fastest way under QEMU TCG; `test_vmalloc.profile=1` measures the alternatives).
 ///
 /// # Safety
 /// `p` is page aligned and the whole page is writable memory the caller owns.
 #[inline]
 pub unsafe fn zero_page(p: *mut u8) {
-    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-    // SAFETY: forwarded from the caller; the loop writes exactly the PAGE_SIZE bytes from `p`
-    // (PAGE_SIZE / 64 iterations of 64 bytes) and touches no other memory or register.
-    unsafe {
-        core::arch::asm!(
-            "2:",
-            "stp xzr, xzr, [{p}]",
-            "stp xzr, xzr, [{p}, #16]",
-            "stp xzr, xzr, [{p}, #32]",
-            "stp xzr, xzr, [{p}, #48]",
-            "add {p}, {p}, #64",
-            "subs {n}, {n}, #1",
-            "b.ne 2b",
-            p = inout(reg) p => _,
-            n = inout(reg) PAGE_SIZE / 64 => _,
-            options(nostack)
-        );
-    }
-    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
-    // SAFETY: forwarded from the caller: the page is ours to write.
-    unsafe {
-        core::ptr::write_bytes(p, 0, PAGE_SIZE);
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { hal::cpu::zero_page(p) }
 }
 
 /// Whether caller-owned `frames` may be mapped as normal memory ([`mappable::check`]).

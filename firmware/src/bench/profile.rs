@@ -79,35 +79,13 @@ impl VmBackend for NullBackend {
     fn zero_mapped(&mut self, _va: VirtAddr, _bytes: usize) {}
 }
 
-/// Zeroes one page with `DC ZVA` (the instruction Linux's `clear_page` uses on arm64).
+/// Zeroes one page with `DC ZVA` ([`hal::cpu::zero_page_zva`], Linux's `clear_page`).
 ///
 /// # Safety
 /// `p` is a whole, page-aligned page of RAM the caller owns.
 unsafe fn zero_page_zva(p: *mut u8) {
-    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-    {
-        let dczid: u64;
-        // SAFETY: reading DCZID_EL0 has no side effect.
-        unsafe { core::arch::asm!("mrs {}, dczid_el0", out(reg) dczid, options(nomem, nostack)) };
-        if dczid & 16 != 0 {
-            // SAFETY: as below, with plain stores.
-            unsafe { core::ptr::write_bytes(p, 0, PAGE_SIZE) };
-            return;
-        }
-        let block = 4usize << (dczid & 15);
-        let mut off = 0;
-        while off < PAGE_SIZE {
-            // SAFETY: `p` is a whole page of RAM the caller owns, page aligned, so every
-            // block-aligned block inside it is ours to zero.
-            unsafe { core::arch::asm!("dc zva, {}", in(reg) p.wrapping_add(off), options(nostack)) };
-            off += block;
-        }
-    }
-    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
-    // SAFETY: as above.
-    unsafe {
-        core::ptr::write_bytes(p, 0, PAGE_SIZE)
-    };
+    // SAFETY: forwarded from the caller.
+    unsafe { hal::cpu::zero_page_zva(p) }
 }
 
 /// Zeroes one page with pairs of 8-byte stores of the zero register: the kernel's own
