@@ -5,6 +5,20 @@ use crate::dtb::MAX_CPUS;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 
+/// The orderings of `busy`'s load and store. On target only its own CPU touches `busy`, and
+/// one CPU observes its own accesses in program order (an exception is context
+/// synchronizing): the compiler fences around them are all the ordering needed, and plain
+/// loads and stores avoid what `ldar`/`stlr` cost under QEMU with several vCPUs (a host
+/// fence each). On the host, threads hand CPUs over to each other, so acquire/release.
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+const ACQUIRE: Ordering = Ordering::Relaxed;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+const RELEASE: Ordering = Ordering::Relaxed;
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+const ACQUIRE: Ordering = Ordering::Acquire;
+#[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+const RELEASE: Ordering = Ordering::Release;
+
 /// One value per CPU. [`PerCpu::try_with`] hands the calling CPU's value to a closure; no
 /// other CPU reaches that value, and a nested use on this CPU meanwhile (an interrupt
 /// handler, or an exception taken inside the closure) is refused rather than aliased, so
@@ -87,9 +101,9 @@ impl<T> PerCpu<T> {
         // SAFETY: `busy` was clear and is now set by us: no other reference to this slot's
         // value exists (see the `Sync` argument), until we clear it below.
         let r = f(unsafe { &mut *slot.value.get() });
-        // `barrier()`: nothing of `f` moves past the release below.
+        // `barrier()`: nothing of `f` moves past the store below.
         compiler_fence(Ordering::SeqCst);
-        slot.busy.store(false, Ordering::Release);
+        slot.busy.store(false, RELEASE);
         Some(r)
     }
 
@@ -104,7 +118,7 @@ impl<T> PerCpu<T> {
         // Only this CPU (on the host: this thread) reaches `busy`; what interrupts it
         // between the load and the store (a handler, an exception) runs to completion
         // first. `barrier()` after the store: no access of the closure moves above it.
-        if busy.load(Ordering::Acquire) {
+        if busy.load(ACQUIRE) {
             return false;
         }
         busy.store(true, Ordering::Relaxed);

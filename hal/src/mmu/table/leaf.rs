@@ -122,8 +122,9 @@ impl LeafTable {
         arch::dsb_ishst();
     }
 
-    /// Clears entries `first .. first + count`, with no TLB maintenance (the caller
-    /// invalidates before the pages are mapped again).
+    /// Clears entries `first .. first + count`, with no TLB maintenance and no barrier (the
+    /// caller invalidates, through a flush that begins with `dsb ishst`, before the pages
+    /// are mapped again).
     ///
     /// # Safety
     /// As [`Self::map_pages`] for the table; the entries are the caller's, mapped by it, and
@@ -135,10 +136,11 @@ impl LeafTable {
             // SAFETY: as in `map_pages`.
             unsafe { AtomicU64::from_ptr(self.entries.as_ptr().add(first + k)) }.store(0, Ordering::Relaxed);
         }
-        // The clears complete before a later TLBI, whichever core issues it (that core
-        // orders itself after this one through the caller's synchronisation). No `isb`: an
-        // invalid entry needs no context synchronisation (as Linux's `__set_pte`).
-        arch::dsb_ishst();
+        // No barrier, as Linux's `__set_pte` for an invalid entry: the flush that must come
+        // before the pages are mapped again starts with `dsb ishst` on the core that
+        // issues it, and that core orders itself after this one through the caller's
+        // synchronisation (an acquire that observed these stores; ARMv8 is other-multi-copy
+        // atomic, so the table walkers observe them too). An invalid entry needs no `isb`.
     }
 }
 
