@@ -50,4 +50,5 @@ pub mod kernel;
 pub mod reclaim;
 pub mod slab;
 pub mod snapshot;
+mod sync;
 pub mod vmalloc;
