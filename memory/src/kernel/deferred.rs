@@ -8,6 +8,10 @@
 //! (a compare-exchange on the head, so a nested handler is safe too), and one drainer at a
 //! time, in thread context, takes from it (a flag; another CPU may drain it at a purge).
 //! A full ring refuses the `vfree` with [`VmallocError::InInterrupt`], the state unchanged.
+//! A drain that meets a slot claimed but not yet filled (a handler on another CPU between
+//! its two steps) stops there: what follows waits for that CPU's next vmalloc-family call
+//! or the next purge (a CPU switched off has no handler in flight, so a purge then empties
+//! its ring).
 
 use core::sync::atomic::Ordering;
 
@@ -44,6 +48,9 @@ struct Ring<const N: usize> {
 }
 
 impl<const N: usize> Ring<N> {
+    /// `head % N` and `tail % N` stay in step across the u32 wrap only for a power of two.
+    const POWER_OF_TWO: () = assert!(N.is_power_of_two(), "a ring's size is a power of two");
+
     /// An empty ring.
     #[cfg(not(loom))]
     const fn new() -> Self {
@@ -69,6 +76,7 @@ impl<const N: usize> Ring<N> {
 
     /// Queues `addr` (non-zero); `Err(())` when the ring is full (nothing queued).
     fn push(&self, addr: u64) -> Result<(), ()> {
+        let () = Self::POWER_OF_TWO;
         debug_assert_ne!(addr, 0);
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
