@@ -14,7 +14,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 fn new_vm(pages: u64, lazy: usize, pools: bool) -> Vmalloc<SimBackend> {
     let w = VirtRange::new(VirtAddr::new(BASE), pages * PAGE).unwrap();
     let cfg = VmallocConfig { lazy_max_pages: lazy, pools, ..VmallocConfig::default() };
-    Vmalloc::new(SimBackend::new(w, 1 << 16), w, cfg).unwrap()
+    // 4,096 frames: more than any test here keeps mapped, and cheap to set up under Miri.
+    Vmalloc::new(SimBackend::new(w, 4096), w, cfg).unwrap()
 }
 
 /// Parks `n` one-page areas aligned to two pages (two pages each with the guard, so they

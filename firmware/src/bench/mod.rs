@@ -296,11 +296,12 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
     let mut ab: alloc::vec::Vec<(bool, u64)> =
         alloc::vec::Vec::with_capacity(if p.ab_pools { p.repeat as usize } else { 0 });
     for r in 0..p.repeat {
+        // With `ab_pools`: off, on, on, off, off, on, ...: each pair has both orders equally
+        // often.
+        let pools_on = (r % 4 == 1) || (r % 4 == 2);
         if p.ab_pools {
-            // off, on, on, off, off, on, ...: each pair has both orders equally often.
-            let on = (r % 4 == 1) || (r % 4 == 2);
             for v in kernel::vmalloc_instances() {
-                v.lock().set_pools(on);
+                v.lock().set_pools(pools_on);
             }
             // The spare records and caches the switch moved, back to their steady state.
             memory::snapshot::settle();
@@ -315,7 +316,7 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         let dt = hal::cpu::counter() - t0;
         ticks += dt;
         if p.ab_pools {
-            ab.push(((r % 4 == 1) || (r % 4 == 2), dt));
+            ab.push((pools_on, dt));
         }
         c.purge();
         let after = Baseline::take();

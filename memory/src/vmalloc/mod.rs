@@ -811,9 +811,14 @@ impl<B: VmBackend> Vmalloc<B> {
     pub fn set_pools(&mut self, on: bool) {
         self.config.pools = on;
         if !on {
-            let free = &mut self.free;
-            self.pools.drain(|n| free.give_back(n));
+            self.unpool_all();
         }
+    }
+
+    /// Gives every pooled range back to the free tree (flushed ranges: as free as holes).
+    fn unpool_all(&mut self) {
+        let free = &mut self.free;
+        self.pools.drain(|n| free.give_back(n));
     }
 
     /// Set the per-page/full flush threshold (clamped to [`MAX_FLUSH_PAGE_THRESHOLD`]).
@@ -2101,8 +2106,7 @@ impl<B: VmBackend> Vmalloc<B> {
     /// one took back first; one at the lazy threshold then pools what it flushed.
     fn purge_with(&mut self, why: Purge) {
         let full = why == Purge::Explicit;
-        let free = &mut self.free;
-        self.pools.drain(|n| free.give_back(n));
+        self.unpool_all();
         let Some(head) = self.parked_head.take() else {
             // Nothing parked: a full purge still gives back what an automatic one kept.
             if let Some(kept) = self.kept_tables().filter(|_| full) {
@@ -2163,15 +2167,9 @@ impl<B: VmBackend> Vmalloc<B> {
             let nd = n.get();
             cur = nd.next.get();
             nd.next.set(None);
-            let n = if pool {
-                match self.pools.push(n) {
-                    Ok(()) => continue,
-                    Err(n) => n,
-                }
-            } else {
-                n
-            };
-            let nd = n.get();
+            if pool && self.pools.push(n) {
+                continue;
+            }
             match acc {
                 None => acc = Some(n),
                 Some(a) => {
@@ -2268,10 +2266,9 @@ impl<B: VmBackend> Vmalloc<B> {
             let extra = ((new_pages - reserved) * PAGE_SIZE) as u64;
             let mut hole = self.free.hole_at(nd.end.get()).filter(|h| h.get().size() >= extra);
             if hole.is_none() && self.pools.ranges() > 0 {
-                // The neighbour may be a pooled range: flushed address space, as free as a
-                // hole. The pools go back to the tree, and the growth may take it.
-                let free = &mut self.free;
-                self.pools.drain(|n| free.give_back(n));
+                // The neighbour may be a pooled range: the pools go back to the tree, and
+                // the growth may take it.
+                self.unpool_all();
                 hole = self.free.hole_at(nd.end.get()).filter(|h| h.get().size() >= extra);
             }
             if let Some(hole) = hole {

@@ -83,21 +83,21 @@ impl ReadyPools {
         self.pages
     }
 
-    /// Pools `node` (a flushed range off every tree and list); gives it back when its size
-    /// is not pooled or its area was not aligned beyond a page.
-    pub(crate) fn push(&mut self, node: NodePtr) -> Result<(), NodePtr> {
+    /// Pools `node` (a flushed range off every tree and list); false, leaving it to the
+    /// caller, when its size is not pooled or its area's alignment is not.
+    pub(crate) fn push(&mut self, node: NodePtr) -> bool {
         let nd = node.get();
         let shift = u32::from(nd.align_shift.get());
         if shift <= PAGE.trailing_zeros() || shift > POOL_MAX_ALIGN.trailing_zeros() {
-            return Err(node);
+            return false;
         }
-        let Some(c) = Self::class(nd.size()) else { return Err(node) };
+        let Some(c) = Self::class(nd.size()) else { return false };
         nd.state.set(State::Pooled);
         nd.next.set(self.heads[c]);
         self.heads[c] = Some(node);
         self.ranges += 1;
         self.pages += c + 1;
-        Ok(())
+        true
     }
 
     /// The first pooled range of exactly `bytes` bytes, if its start is `align`-aligned;

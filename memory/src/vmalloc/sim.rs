@@ -93,10 +93,9 @@ pub struct SimBackend {
     /// Per page and simulated CPU (`page * cpus + cpu`): that CPU's TLB epoch + 1 when the
     /// page was unmapped and that CPU's TLB not flushed for it since, else 0.
     stale: Vec<u32>,
-    /// Per simulated CPU: its TLB epoch, advanced by each full flush that reaches it.
+    /// Per simulated CPU (1 unless [`SimBackend::with_cpus`]): its TLB epoch, advanced by
+    /// each full flush that reaches it.
     epoch: Vec<u32>,
-    /// Simulated CPUs, each with its own TLB (1 unless [`SimBackend::with_cpus`]).
-    cpus: usize,
     /// The CPU the allocator's calls run on now ([`SimBackend::set_cpu`]).
     cpu: usize,
     /// Flushes reach the calling CPU's TLB only ([`SimBackend::break_broadcast`]).
@@ -137,7 +136,6 @@ impl SimBackend {
             ptes: vec![0; pages],
             stale: vec![0; pages],
             epoch: vec![0],
-            cpus: 1,
             cpu: 0,
             broken_broadcast: false,
             // Popped from the back: the lowest frames go first.
@@ -321,7 +319,6 @@ impl SimBackend {
         let cpus = cpus.clamp(1, Self::MAX_CPUS);
         self.stale = vec![0; self.ptes.len() * cpus];
         self.epoch = vec![0; cpus];
-        self.cpus = cpus;
         self.cpu = 0;
         self
     }
@@ -331,7 +328,7 @@ impl SimBackend {
 
     /// Runs the allocator's next calls on simulated CPU `cpu` (modulo the CPUs).
     pub fn set_cpu(&mut self, cpu: usize) {
-        self.cpu = cpu % self.cpus;
+        self.cpu = cpu % self.cpus();
     }
 
     /// Makes every TLB flush reach the calling CPU's TLB only (`tlbi vaale1` instead of
@@ -341,36 +338,45 @@ impl SimBackend {
         self.broken_broadcast = true;
     }
 
+    /// Simulated CPUs.
+    fn cpus(&self) -> usize {
+        self.epoch.len()
+    }
+
     /// The CPUs a flush issued now reaches.
     fn flush_reach(&self) -> core::ops::Range<usize> {
         if self.broken_broadcast {
             self.cpu..self.cpu + 1
         } else {
-            0..self.cpus
+            0..self.cpus()
         }
     }
 
     /// Page `i` was unmapped: stale in every CPU's TLB.
     fn mark_stale(&mut self, i: usize) {
-        for c in 0..self.cpus {
-            self.stale[i * self.cpus + c] = self.epoch[c] + 1;
+        let n = self.cpus();
+        for c in 0..n {
+            self.stale[i * n + c] = self.epoch[c] + 1;
         }
     }
 
     /// Whether page `i` is stale in any CPU's TLB.
     fn stale_anywhere(&self, i: usize) -> bool {
-        (0..self.cpus).any(|c| self.stale[i * self.cpus + c] == self.epoch[c] + 1)
+        let n = self.cpus();
+        (0..n).any(|c| self.stale[i * n + c] == self.epoch[c] + 1)
     }
 
     /// Page `i` is mapped again: its old marks go (a violation was counted if stale).
     fn clear_stale(&mut self, i: usize) {
-        self.stale[i * self.cpus..(i + 1) * self.cpus].fill(0);
+        let n = self.cpus();
+        self.stale[i * n..(i + 1) * n].fill(0);
     }
 
     /// A TLBI of page `i` (reaching the CPUs of [`Self::flush_reach`]).
     fn invalidate_page(&mut self, i: usize) {
+        let n = self.cpus();
         for c in self.flush_reach() {
-            self.stale[i * self.cpus + c] = 0;
+            self.stale[i * n + c] = 0;
         }
     }
 
@@ -495,7 +501,7 @@ impl SimBackend {
 
     /// Whether the page of `va` is unmapped but may still be cached in the TLB.
     pub fn is_stale(&self, va: VirtAddr) -> bool {
-        self.index(va.as_u64()).is_some_and(|i| i < self.ptes.len() && self.stale_anywhere(i))
+        self.index(va.as_u64()).is_some_and(|i| self.stale_anywhere(i))
     }
 
     /// Write `data` at `va` through the tables. Returns false (writing nothing further) at
