@@ -734,9 +734,11 @@ pub unsafe fn init(info: &BootInfo, config: MemoryConfig) -> Result<(), InitErro
     })
     .map_err(InitError::Vmalloc)?;
     hal::exception::set_fault_explainer(explain_fault);
-    // A CPU going off hands back its per-CPU page lists and object caches; the lists'
-    // limits follow the CPUs online.
-    let _ = hal::smp::register_hotplug(hal::smp::HotplugHooks { down: cpu_going_down, up: cpu_came_up });
+    // A CPU going off hands back its per-CPU page lists, object caches and vm_map_ram
+    // block, then (from the CPU that switched it off) its deferred frees and its node's
+    // pooled and parked ranges; the lists' limits follow the CPUs online.
+    let _ =
+        hal::smp::register_hotplug(hal::smp::HotplugHooks { down: cpu_going_down, dead: cpu_dead, up: cpu_came_up });
     // What reclaim may take back, and what the out-of-memory report adds.
     // The per-CPU lists last: what the others free lands on them.
     for s in [&slab::cpu::SLAB_SHRINKER, &VMALLOC_SHRINKER, &buddy::pcp::PCP_SHRINKER] {
@@ -863,6 +865,22 @@ fn cpu_going_down(_cpu: usize) {
     // Its share of the page lists' `high` goes to the CPUs that stay (the CPU still counts
     // as online here: `up` of a later hook, or the next watermark change, settles it).
     buddy::pcp_update_cpus();
+}
+
+/// The hotplug "dead" hook: runs on the CPU that switched `cpu` off, in thread context, so
+/// the vmalloc locks are taken as everywhere else (never with interrupts masked). What `cpu`
+/// left in vmalloc goes back: the frees its interrupt handlers queued, then its node's
+/// pooled and parked ranges (one purge: its broadcast flush covers every CPU). Its busy
+/// areas stay where they are, freed by whoever owns them.
+fn cpu_dead(cpu: usize) {
+    if hal::irq::in_interrupt() {
+        return; // left to the next purge (`kernel::purge` empties every CPU's ring)
+    }
+    let Ok(v) = vm() else { return };
+    complete_deferred(cpu, v);
+    if let Some(n) = nodes::of_cpu(cpu) {
+        n.purge();
+    }
 }
 
 /// The hotplug "up" hook: runs on the CPU coming back.

@@ -190,6 +190,15 @@ fn drain(cpu: usize) {
     DRAINED.fetch_add(PER_CPU_COUNT[cpu].swap(0, Ordering::AcqRel), Ordering::AcqRel);
 }
 
+/// Counts "dead" steps that ran as documented: on another CPU, the CPU already off.
+static DEADS: AtomicU64 = AtomicU64::new(0);
+
+fn dead(cpu: usize) {
+    if smp::this_cpu() != cpu && smp::cpu_state(cpu) == smp::state::OFF {
+        DEADS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn came_up(_cpu: usize) {
     UPS.fetch_add(1, Ordering::Relaxed);
 }
@@ -221,14 +230,17 @@ fn hotplug_body(cpu: usize) {
 }
 
 /// CPU 1 is switched off and on 100 times while the others run; a hotplug hook drains its
-/// per-CPU counter each time it goes down, and the totals match.
+/// per-CPU counter each time it goes down, the "dead" hook runs on CPU 0 once it is off,
+/// and the totals match.
 fn a_secondary_goes_off_and_on_100_times() {
-    smp::register_hotplug(HotplugHooks { down: drain, up: came_up }).unwrap();
+    smp::register_hotplug(HotplugHooks { down: drain, dead, up: came_up }).unwrap();
     let ups = UPS.load(Ordering::Relaxed);
+    let deads = DEADS.load(Ordering::Relaxed);
     let out = tests::on_every_cpu_within(hotplug_body, tests::CPU_TIMEOUT_NS);
     assert_eq!(out[0], Outcome::Returned, "{:?}", out);
     assert_eq!(DRAINED.load(Ordering::Relaxed), (1..=100).sum::<u64>(), "every cycle's count drained");
     assert_eq!(UPS.load(Ordering::Relaxed) - ups, 100, "the up hook ran each time");
+    assert_eq!(DEADS.load(Ordering::Relaxed) - deads, 100, "the dead hook ran each time, on CPU 0, CPU 1 off");
     assert_eq!(PER_CPU_COUNT[1].load(Ordering::Relaxed), 0);
     assert_eq!(smp::cpu_state(1), smp::state::IDLE, "back in its idle loop");
     for (n, b) in BUSY_LOOPS.iter().enumerate().take(online()).skip(2) {

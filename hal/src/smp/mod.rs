@@ -316,7 +316,7 @@ extern "C" fn hal_secondary_rust(data: &'static CpuData, entry_el: u64) -> ! {
             for sgi in [crate::irq::SGI_WAKE, crate::irq::SGI_CALL, crate::irq::SGI_STOP] {
                 c.enable(sgi);
             }
-            run_hooks(data.id(), true);
+            run_hooks(data.id(), Step::Up);
             idle_loop(data)
         }
         // No interrupts yet: run the work, then power off (an idle `wfe` would spin).
@@ -342,7 +342,7 @@ fn idle_loop(data: &'static CpuData) -> ! {
         if data.down_requested.load(Ordering::Acquire) {
             data.down_requested.store(false, Ordering::Relaxed);
             data.state.store(state::GOING_DOWN, Ordering::Release);
-            run_hooks(data.id(), false);
+            run_hooks(data.id(), Step::Down);
             crate::irq::disable_local();
             data.state.store(state::OFF, Ordering::Release);
             crate::psci::cpu_off();
@@ -632,14 +632,31 @@ pub fn stop_others(timeout_ns: u64) -> u32 {
     waiting
 }
 
-/// Functions run on a CPU as it goes off ([`cpu_down`]) and as it comes back up (in its own
-/// context, before it takes work): where per-CPU caches are drained and refilled.
+/// Functions run as a CPU goes off ([`cpu_down`]) and as it comes back up: where per-CPU
+/// caches are drained and refilled. After Linux's CPU hotplug states: `down` is a "dying"
+/// step (on the CPU itself, interrupts masked, nothing else can run there), `dead` a
+/// "dead" step (on the CPU that asked, in its thread context, once the CPU is off).
 #[derive(Clone, Copy, Debug)]
 pub struct HotplugHooks {
-    /// Runs on the CPU going down, interrupts masked, before it switches itself off.
+    /// Runs on the CPU going down, interrupts masked, before it switches itself off: for
+    /// what only that CPU may touch (its per-CPU lists and caches).
     pub down: fn(cpu: usize),
+    /// Runs on the CPU that called [`cpu_down`], in thread context with interrupts as the
+    /// caller had them, once `cpu` is off and before `cpu_down` returns: for work that may
+    /// take long or take locks never held with interrupts masked (what the CPU left queued
+    /// or parked). `cpu` cannot come back before it returns.
+    pub dead: fn(cpu: usize),
     /// Runs on the CPU coming up, before its idle loop.
     pub up: fn(cpu: usize),
+}
+
+/// A hotplug step, naming which hook [`run_hooks`] calls.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
+enum Step {
+    Down,
+    Dead,
+    Up,
 }
 
 static HOOKS: spin::Mutex<[Option<HotplugHooks>; 8]> = spin::Mutex::new([None; 8]);
@@ -656,19 +673,20 @@ pub fn register_hotplug(hooks: HotplugHooks) -> Result<(), HotplugHooks> {
 }
 
 #[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
-fn run_hooks(cpu: usize, up: bool) {
+fn run_hooks(cpu: usize, step: Step) {
     let hooks = *HOOKS.lock();
     for h in hooks.iter().flatten() {
-        if up {
-            (h.up)(cpu)
-        } else {
-            (h.down)(cpu)
+        match step {
+            Step::Down => (h.down)(cpu),
+            Step::Dead => (h.dead)(cpu),
+            Step::Up => (h.up)(cpu),
         }
     }
 }
 
 /// Switches CPU `cpu` off: it runs the hotplug "down" hooks itself and calls PSCI
-/// `CPU_OFF`; returns once `AFFINITY_INFO` reports it off.
+/// `CPU_OFF`; once `AFFINITY_INFO` reports it off, the caller runs the "dead" hooks
+/// ([`HotplugHooks`]) and returns.
 ///
 /// # Errors
 /// [`CallError::NotOnline`] unless the CPU is a secondary in its idle loop;
@@ -693,6 +711,9 @@ pub fn cpu_down(cpu: usize) -> Result<(), CallError> {
         }
         core::hint::spin_loop();
     };
+    if r.is_ok() {
+        run_hooks(cpu, Step::Dead);
+    }
     CALL_LOCKS[cpu].store(false, Ordering::Release);
     r
 }
@@ -708,7 +729,19 @@ pub fn cpu_up(cpu: usize) -> Result<(), CallError> {
     if cpu == 0 || cpu >= online_cpus() || cpu_state(cpu) != state::OFF {
         return Err(CallError::NotOnline(cpu));
     }
+    // Not while a `cpu_down` of it still runs its "dead" hooks (it holds the call lock).
+    lock_calls(cpu);
+    let r = power_back_on(cpu);
+    CALL_LOCKS[cpu].store(false, Ordering::Release);
+    r
+}
+
+/// [`cpu_up`]'s work, under the CPU's call lock.
+fn power_back_on(cpu: usize) -> Result<(), CallError> {
     let d = &HAL_CPUS[cpu];
+    if cpu_state(cpu) != state::OFF {
+        return Err(CallError::NotOnline(cpu));
+    }
     let t0 = crate::cpu::uptime_ns();
     while !crate::psci::cpu_is_off(d.mpidr()).unwrap_or(false) {
         if crate::cpu::uptime_ns() - t0 > START_TIMEOUT_NS {
