@@ -873,7 +873,7 @@ fn cpu_going_down(_cpu: usize) {
 /// pooled and parked ranges (one purge: its broadcast flush covers every CPU). Its busy
 /// areas stay where they are, freed by whoever owns them.
 fn cpu_dead(cpu: usize) {
-    if hal::irq::in_interrupt() {
+    if hal::irq::in_interrupt() || !hal::irq::irqs_enabled() {
         return; // left to the next purge (`kernel::purge` empties every CPU's ring)
     }
     let Ok(v) = vm() else { return };
@@ -1234,9 +1234,10 @@ pub fn purge() {
 }
 
 /// Frees `addr` later, from thread context (Linux's `vfree_atomic`): queued on this CPU's
-/// ring and freed by its next vmalloc-family call (or the next [`purge`]). [`vfree`] called
-/// from an interrupt handler does this. A bad address is found only then (logged, and
-/// counted in [`deferred_vfree_stats`]).
+/// ring and freed by its next vmalloc-family call, by the next [`purge`] on any CPU, or, if
+/// this CPU is switched off first, by the CPU that switched it off. [`vfree`] called from an
+/// interrupt handler does this. A bad address is found only then (logged, and counted in
+/// [`deferred_vfree_stats`]).
 ///
 /// # Errors
 /// [`VmallocError::NotAnArea`] for an address outside the vmalloc window;

@@ -644,7 +644,9 @@ pub struct HotplugHooks {
     /// Runs on the CPU that called [`cpu_down`], in thread context with interrupts as the
     /// caller had them, once `cpu` is off and before `cpu_down` returns: for work that may
     /// take long or take locks never held with interrupts masked (what the CPU left queued
-    /// or parked). `cpu` cannot come back before it returns.
+    /// or parked). [`cpu_up`] waits for it to return (other paths that start an off CPU,
+    /// [`run_on_all`] and [`start_idle`], do not: a hook must cope with the CPU coming back
+    /// meanwhile, as memory's does, whose work is done under locks it shares with that CPU).
     pub dead: fn(cpu: usize),
     /// Runs on the CPU coming up, before its idle loop.
     pub up: fn(cpu: usize),

@@ -1706,9 +1706,12 @@ impl BuddyAllocator {
     /// - [`BuddyError::WrongOrder`]: the block was allocated with another order.
     ///
     /// # Safety
-    /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
-    /// program still reaches it through): the allocator writes to it and hands it out
-    /// again. The checks catch wrong addresses and orders, not memory still in use.
+    /// The caller owns the block: it was allocated and not freed since, and no other free
+    /// of it runs at the same time (a double free is refused when it comes after the
+    /// first, not when two run at once on two CPUs). Nothing may use the freed memory
+    /// afterwards (no reference into it, no mapping the program still reaches it through):
+    /// the allocator writes to it and hands it out again. The checks catch wrong
+    /// addresses and orders and sequential double frees, not memory still in use.
     ///
     /// # Example
     /// ```no_run
@@ -1919,9 +1922,12 @@ impl BuddyAllocator {
     /// the call returns an error after freeing.
     ///
     /// # Safety
-    /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
-    /// program still reaches it through): the allocator writes to it and hands it out
-    /// again. The checks catch wrong addresses and orders, not memory still in use.
+    /// The caller owns the block: it was allocated and not freed since, and no other free
+    /// of it runs at the same time (a double free is refused when it comes after the
+    /// first, not when two run at once on two CPUs). Nothing may use the freed memory
+    /// afterwards (no reference into it, no mapping the program still reaches it through):
+    /// the allocator writes to it and hands it out again. The checks catch wrong
+    /// addresses and orders and sequential double frees, not memory still in use.
     ///
     /// # Example
     /// ```no_run
@@ -2015,9 +2021,12 @@ impl BuddyAllocator {
     /// `log::error!` and ignored. The [`TableAlloc`] implementation calls this.
     ///
     /// # Safety
-    /// Nothing may use the freed memory afterwards (no reference into it, no mapping the
-    /// program still reaches it through): the allocator writes to it and hands it out
-    /// again. The checks catch wrong addresses and orders, not memory still in use.
+    /// The caller owns the block: it was allocated and not freed since, and no other free
+    /// of it runs at the same time (a double free is refused when it comes after the
+    /// first, not when two run at once on two CPUs). Nothing may use the freed memory
+    /// afterwards (no reference into it, no mapping the program still reaches it through):
+    /// the allocator writes to it and hands it out again. The checks catch wrong
+    /// addresses and orders and sequential double frees, not memory still in use.
     ///
     /// # Example
     /// ```no_run

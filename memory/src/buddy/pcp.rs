@@ -663,7 +663,7 @@ impl Global {
         }
         st.store(ST_HOT, Ordering::Relaxed);
         if self.strict {
-            // SAFETY: the frame was allocated, and its owner gave it back (we won it).
+            // SAFETY: the frame was allocated, and its owner gave it back (its only free now).
             unsafe { self.ptr(pfn).write_bytes(POISON_BYTE, PAGE_SIZE) };
         }
         let z = r.zone;

@@ -2,11 +2,12 @@
 //! kernel-table locks are never taken in interrupt context, so a handler's `vfree` queues
 //! the address on its CPU's ring, and the next thread-context vmalloc call on that CPU
 //! frees it, or the next `kernel::purge` from any CPU (which drains every CPU's ring, that
-//! of a CPU switched off meanwhile included).
+//! of a CPU switched off meanwhile included), or, for a CPU switched off, the hotplug
+//! "dead" hook on the CPU that switched it off.
 //!
 //! Each CPU has a ring of [`DEFERRED_SLOTS`] addresses: only that CPU's handlers add to it
 //! (a compare-exchange on the head, so a nested handler is safe too), and one drainer at a
-//! time, in thread context, takes from it (a flag; another CPU may drain it at a purge).
+//! time, in thread context, takes from it (a flag; another CPU may drain it at a purge or once it is off).
 //! A full ring refuses the `vfree` with [`VmallocError::InInterrupt`], the state unchanged.
 //! A drain that meets a slot claimed but not yet filled (a handler on another CPU between
 //! its two steps) stops there: what follows waits for that CPU's next vmalloc-family call
