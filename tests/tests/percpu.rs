@@ -504,6 +504,8 @@ fn offline_body(cpu: usize) {
 }
 
 /// Aligned areas allocated and freed past the purge threshold: the lazy purge pools them.
+/// 5 pages + the guard, 64 KiB aligned (fix_align_alloc_test's areas): one more than fills
+/// the threshold of 24,576 parked pages, so the last free purges lazily.
 fn fill_a_pool() {
     for _ in 0..memory::vmalloc::lazy_max_pages(4) / 6 + 1 {
         let p = kernel::vmalloc_aligned(5 * PAGE_SIZE, 64 << 10).unwrap();
@@ -768,13 +770,7 @@ fn pool_body(cpu: usize) {
     if cpu != 1 {
         return;
     }
-    // 5 pages + the guard, 64 KiB aligned (fix_align_alloc_test's areas): one more than
-    // fills the threshold of 24,576 parked pages, so the last free purges lazily.
-    let pages = memory::vmalloc::lazy_max_pages(4) / 6 + 1;
-    for _ in 0..pages {
-        let p = kernel::vmalloc_aligned(5 * PAGE_SIZE, 64 << 10).unwrap();
-        kernel::vfree(p).unwrap();
-    }
+    fill_a_pool();
     let node = kernel::vmalloc_instances().nth(1).unwrap();
     let before = node.lock().stats().pooled_areas;
     let p = kernel::vmalloc_aligned(5 * PAGE_SIZE, 64 << 10).unwrap();

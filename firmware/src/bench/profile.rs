@@ -2,6 +2,7 @@
 //! timing each layer on its own at steady state (the counter is read around a loop of the
 //! layer's calls, never inside the allocator).
 
+use core::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use hal::mmu::{Attributes, HardwareTlb, Tlb};
 use hal::println;
 use hal::{PhysAddr, VirtAddr, VirtRange, PAGE_SIZE};
@@ -481,11 +482,8 @@ pub fn run(info: &hal::boot::BootInfo) {
     row("TLBI VMALLE1IS + barriers", time(LOOPS, || HardwareTlb.invalidate_all()));
     // What a per-frame state claim costs under emulation: 100 bytes claimed and released
     // with a compare-exchange each, against a load and a store each.
-    let bytes: [core::sync::atomic::AtomicU8; 100] = [const { core::sync::atomic::AtomicU8::new(1) }; 100];
-    let (relaxed, cas) = (core::sync::atomic::Ordering::Relaxed, |b: &core::sync::atomic::AtomicU8, from, to| {
-        b.compare_exchange(from, to, core::sync::atomic::Ordering::Relaxed, core::sync::atomic::Ordering::Relaxed)
-            .is_ok()
-    });
+    let bytes: [AtomicU8; 100] = [const { AtomicU8::new(1) }; 100];
+    let cas = |b: &AtomicU8, from, to| b.compare_exchange(from, to, Relaxed, Relaxed).is_ok();
     row(
         "100 byte claims: compare-exchange there and back",
         time(LOOPS, || {
@@ -498,11 +496,10 @@ pub fn run(info: &hal::boot::BootInfo) {
         "100 byte claims: load + store there and back",
         time(LOOPS, || {
             for b in core::hint::black_box(&bytes) {
-                if b.load(relaxed) == 1 {
-                    b.store(2, relaxed);
-                }
-                if b.load(relaxed) == 2 {
-                    b.store(1, relaxed);
+                for (from, to) in [(1, 2), (2, 1)] {
+                    if b.load(Relaxed) == from {
+                        b.store(to, Relaxed);
+                    }
                 }
             }
         }),

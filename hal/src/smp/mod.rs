@@ -653,7 +653,7 @@ pub struct HotplugHooks {
 }
 
 /// A hotplug step, naming which hook [`run_hooks`] calls.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, Debug)]
 #[cfg_attr(not(all(target_arch = "aarch64", target_os = "none")), allow(dead_code))]
 enum Step {
     Down,

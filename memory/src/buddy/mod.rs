@@ -1922,12 +1922,7 @@ impl BuddyAllocator {
     /// the call returns an error after freeing.
     ///
     /// # Safety
-    /// The caller owns the block: it was allocated and not freed since, and no other free
-    /// of it runs at the same time (a double free is refused when it comes after the
-    /// first, not when two run at once on two CPUs). Nothing may use the freed memory
-    /// afterwards (no reference into it, no mapping the program still reaches it through):
-    /// the allocator writes to it and hands it out again. The checks catch wrong
-    /// addresses and orders and sequential double frees, not memory still in use.
+    /// As [`Self::free`], for every block given.
     ///
     /// # Example
     /// ```no_run
@@ -2021,12 +2016,7 @@ impl BuddyAllocator {
     /// `log::error!` and ignored. The [`TableAlloc`] implementation calls this.
     ///
     /// # Safety
-    /// The caller owns the block: it was allocated and not freed since, and no other free
-    /// of it runs at the same time (a double free is refused when it comes after the
-    /// first, not when two run at once on two CPUs). Nothing may use the freed memory
-    /// afterwards (no reference into it, no mapping the program still reaches it through):
-    /// the allocator writes to it and hands it out again. The checks catch wrong
-    /// addresses and orders and sequential double frees, not memory still in use.
+    /// As [`Self::free`], for the table page at `pa`.
     ///
     /// # Example
     /// ```no_run
