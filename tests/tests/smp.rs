@@ -304,6 +304,31 @@ fn broadcast_tlb_maintenance_reaches_other_cpus() {
     hal::print!("(local form: {after_local} stale reads after the flag) ");
 }
 
+static WAKES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn wake_body(cpu: usize) {
+    WAKES[cpu].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Work posted the moment a CPU turns idle wakes it every time: 20,000 rounds, each posted
+/// as soon as the last one is done, so the post often lands between the idle loop's last
+/// look at its mailbox and its `wfi`. (With interrupts open there, the wake-up SGI was
+/// taken before the `wfi` and the CPU slept through its work: the hotplug test's rare
+/// "CPU 1 not off within 2 s".)
+fn work_posted_as_a_cpu_goes_idle_wakes_it() {
+    const ROUNDS: u64 = 20_000;
+    let before: [u64; MAX_CPUS] = core::array::from_fn(|n| WAKES[n].load(Ordering::Relaxed));
+    for round in 0..ROUNDS {
+        let out = tests::on_every_cpu_within(wake_body, 1_000_000_000);
+        for (n, o) in out.iter().enumerate().take(online()) {
+            assert_eq!(*o, Outcome::Returned, "round {round}: CPU {n} slept through its wake-up");
+        }
+    }
+    for (n, (w, b)) in WAKES.iter().zip(before).enumerate().take(online()) {
+        assert_eq!(w.load(Ordering::Relaxed) - b, ROUNDS, "CPU {n} ran every round");
+    }
+}
+
 static RELEASE: AtomicBool = AtomicBool::new(false);
 
 fn hang_body(cpu: usize) {
@@ -339,5 +364,6 @@ tests::main!(
     test!(secondary_stack_overflow_hits_its_guard_page).needing(tests::two_cpus, "-smp 2"),
     test!(spurious_translation_faults_are_retried_real_ones_reported),
     test!(broadcast_tlb_maintenance_reaches_other_cpus).needing(tests::two_cpus, "-smp 2"),
+    test!(work_posted_as_a_cpu_goes_idle_wakes_it).needing(tests::two_cpus, "-smp 2"),
     test!(a_hung_cpu_is_named).needing(tests::two_cpus, "-smp 2"),
 );

@@ -230,7 +230,23 @@ fn power_on(n: usize, work: usize, arg: usize) -> Result<(), SmpError> {
 /// Waits up to `timeout_ns` for CPU `n` to finish its work (a CPU [`run_on_all`] reported
 /// [`Outcome::Hung`] may still finish); whether it is idle now.
 pub fn wait_idle(n: usize, timeout_ns: u64) -> bool {
-    n < MAX_CPUS && wait_done(n, timeout_ns)
+    if n >= MAX_CPUS {
+        return false;
+    }
+    let t0 = crate::cpu::uptime_ns();
+    // Done, and out of `BUSY`: its idle loop has come round (it turns IDLE just after).
+    wait_done(n, timeout_ns) && wait_while_busy(n, timeout_ns.saturating_sub(crate::cpu::uptime_ns() - t0))
+}
+
+fn wait_while_busy(n: usize, timeout_ns: u64) -> bool {
+    let t0 = crate::cpu::uptime_ns();
+    while HAL_CPUS[n].state.load(Ordering::Acquire) == state::BUSY {
+        if crate::cpu::uptime_ns() - t0 > timeout_ns {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
 }
 
 fn wait_done(n: usize, timeout_ns: u64) -> bool {
@@ -262,7 +278,7 @@ fn secondary_entry_address() -> u64 {
 pub mod state {
     /// Powered off (idle before an interrupt controller exists, or switched off).
     pub const OFF: u8 = 0;
-    /// In its idle loop, interrupts on, waiting in `wfi` for work or a call.
+    /// In its idle loop, waiting in `wfi` for work or a call.
     pub const IDLE: u8 = 1;
     /// Running work from [`super::run_on_all`].
     pub const BUSY: u8 = 2;
@@ -329,8 +345,8 @@ extern "C" fn hal_secondary_rust(data: &'static CpuData, entry_el: u64) -> ! {
     }
 }
 
-/// A secondary's life once interrupts exist: work from the mailbox, calls taken as SGIs,
-/// `wfi` in between with interrupts on; leaves only to switch itself off.
+/// A secondary's life once interrupts exist: work from the mailbox (interrupts open), calls
+/// taken as SGIs, [`wait_for_work`] in between; leaves only to switch itself off.
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 fn idle_loop(data: &'static CpuData) -> ! {
     data.state.store(state::IDLE, Ordering::Release);
@@ -349,15 +365,27 @@ fn idle_loop(data: &'static CpuData) -> ! {
             crate::cpu::halt();
         }
         data.state.store(state::IDLE, Ordering::Release);
-        // Pending work or a call raises an SGI, which ends the `wfi` even if it arrived
-        // before it; the interrupt is taken with IRQs open, then the loop looks again.
-        crate::irq::enable_local();
-        if data.work_fn.load(Ordering::Acquire) == 0 && !data.down_requested.load(Ordering::Acquire) {
-            // SAFETY: waits for an interrupt; no memory effect.
-            unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) };
-        }
-        crate::irq::disable_local();
+        wait_for_work(data);
     }
+}
+
+/// Sleeps in `wfi` unless work or a down request is already posted, and takes the
+/// interrupt that woke it. Called and returns with interrupts masked.
+///
+/// The check and the `wfi` both run masked: an SGI posted after the check stays pending,
+/// and a pending interrupt ends `wfi` whatever the mask. With interrupts open in between,
+/// an SGI taken after the check and before the `wfi` would be consumed by its handler and
+/// the CPU would sleep through the request it carried (Linux's idle loop masks for the
+/// same reason).
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+fn wait_for_work(data: &CpuData) {
+    if data.work_fn.load(Ordering::Acquire) == 0 && !data.down_requested.load(Ordering::Acquire) {
+        // SAFETY: waits for an interrupt; no memory effect.
+        unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) };
+    }
+    // The pending interrupt, if any, is taken here.
+    crate::irq::enable_local();
+    crate::irq::disable_local();
 }
 
 /// Starts every online secondary that is powered off into its idle loop, once an
@@ -426,7 +454,9 @@ pub fn run_on_all(f: fn(usize), timeout_ns: u64) -> [Outcome; MAX_CPUS] {
             continue;
         }
         match (d.state.load(Ordering::Acquire), crate::irq::controller()) {
-            (state::IDLE, Some(c)) => {
+            // BUSY with its work done: the idle loop is on its way round and looks at the
+            // mailbox again before it sleeps.
+            (state::IDLE | state::BUSY, Some(c)) => {
                 d.work_result.store(0, Ordering::Relaxed);
                 d.work_done.store(false, Ordering::Relaxed);
                 d.work_fn.store(f as usize, Ordering::Release);
