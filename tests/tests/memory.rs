@@ -414,6 +414,59 @@ fn free_pages_misuse_is_refused_and_changes_nothing() {
     buddy::check_consistency().unwrap();
 }
 
+/// A bulk free with one bad frame frees nothing; one with a frame listed twice frees every
+/// frame once and names the copy; both for lists short enough for the one-pass path (up to
+/// 64 frames), longer ones, and a per-CPU list too full to take them all at once.
+fn bulk_free_misuse_frees_nothing_or_only_the_copy() {
+    let info = hal::boot::boot_info().unwrap();
+    let free = || stats().free_pages;
+    let text = info.image.text.start();
+    for n in [2usize, 10, 64, 65, 100, 200] {
+        let mut frames = alloc::vec![PhysAddr::new(0); n];
+        assert_eq!(buddy::alloc_pages_bulk(&mut frames), n);
+        let mid = n / 2;
+        for (bad, err) in [(text, BuddyError::Reserved), (frames[0].add(0x10), BuddyError::Misaligned)] {
+            let mut list = frames.clone();
+            list.insert(mid, bad);
+            // Counted after the list's own allocation (the heap may take a frame).
+            let before = free();
+            // SAFETY: refused before anything is freed (asserted); the frames stay ours.
+            assert_eq!(unsafe { buddy::free_pages_bulk(&list) }, Err(err), "{n} frames, bad one at {mid}");
+            assert_eq!(free(), before, "{n} frames: a refused bulk free freed something");
+        }
+        let mut list = frames.clone();
+        list.push(frames[mid]);
+        list.swap(mid + 1, n);
+        let before = free();
+        // SAFETY: every frame is ours; the copy is refused (asserted).
+        assert_eq!(unsafe { buddy::free_pages_bulk(&list) }, Err(BuddyError::NotAllocated), "{n}: the copy");
+        assert_eq!(free(), before + n, "{n} frames: each freed once");
+        // SAFETY: refused: all free now.
+        assert_eq!(unsafe { buddy::free_pages(frames[0], 0) }, Err(BuddyError::NotAllocated));
+    }
+    // A list at its high mark, as high as it can be: the pass makes room first.
+    buddy::set_pcp_limits(Some(buddy::PcpLimits { high: buddy::PcpLimits::MAX_HIGH, batch: 1 }));
+    let mut frames = alloc::vec![PhysAddr::new(0); 1100];
+    assert_eq!(buddy::alloc_pages_bulk(&mut frames), 1100);
+    let mut list = frames[1036..].to_vec();
+    list[40] = text;
+    let before = free();
+    for &pa in &frames[..1036] {
+        // SAFETY: allocated above, never used.
+        unsafe { buddy::free_pages(pa, 0) }.unwrap();
+    }
+    assert_eq!(buddy::pcp::pcp_pages_on(hal::smp::this_cpu()), buddy::PcpLimits::MAX_HIGH, "the list at its high mark");
+    // SAFETY: refused (asserted): nothing freed.
+    assert_eq!(unsafe { buddy::free_pages_bulk(&list) }, Err(BuddyError::Reserved));
+    assert_eq!(free(), before + 1036);
+    // SAFETY: allocated above, never used.
+    unsafe { buddy::free_pages_bulk(&frames[1036..]) }.unwrap();
+    assert_eq!(free(), before + 1100);
+    assert!(buddy::pcp::pcp_pages_on(hal::smp::this_cpu()) <= buddy::PcpLimits::MAX_HIGH);
+    buddy::set_pcp_limits(None);
+    buddy::check_consistency().unwrap();
+}
+
 fn kfree_misuse_is_refused_and_changes_nothing() {
     let s = slab::global().unwrap();
     let obj = slab::kmalloc(40, 8).unwrap();
@@ -710,6 +763,7 @@ tests::main!(
     test!(every_free_frame_in_bulk),
     test!(slabinfo_returns_to_baseline_after_100k_heap_objects),
     test!(free_pages_misuse_is_refused_and_changes_nothing),
+    test!(bulk_free_misuse_frees_nothing_or_only_the_copy),
     test!(kfree_misuse_is_refused_and_changes_nothing),
     test!(strict_buddy_catches_a_write_after_free),
     test!(strict_slab_catches_overflow_and_write_after_free),

@@ -6,6 +6,7 @@
 //! test_vmalloc.test_repeat_count=R      (defaults: all, 1,000,000, 1, 1 — as Linux)
 //! test_vmalloc.scaling=1                the scaling table (see `scaling.rs`) after the cases
 //! test_vmalloc.profile=1                time each layer of a vmalloc + vfree first (`profile.rs`)
+//! test_vmalloc.sample=1                 sample where each case spends its time (`sample.rs`)
 //! test_vmalloc.nr_pcpu_objects=N        pcpu_alloc_test's object count (35,000)
 //! seed=S (or test_vmalloc.seed=S)       the generator of the random cases
 //! ```
@@ -38,6 +39,7 @@
 mod cases;
 mod check;
 mod profile;
+mod sample;
 mod scaling;
 
 use hal::boot::BootInfo;
@@ -63,6 +65,7 @@ struct Params {
     seed: u64,
     scaling: bool,
     profile: bool,
+    sample: bool,
     nr_threads: usize,
     /// `test_vmalloc.ab_pools=1`: each case's repeats alternate pools off and on
     /// (off, on, on, off, ...) in this one boot, and the ratio on/off is printed.
@@ -83,6 +86,7 @@ const KNOWN: &[&str] = &[
     "nr_pcpu_objects",
     "scaling",
     "profile",
+    "sample",
     "seed",
     "ab_pools",
 ];
@@ -124,6 +128,7 @@ impl Params {
             seed: num("test_vmalloc.seed", seed),
             scaling: matches!(cmd.get_bool("test_vmalloc.scaling"), Ok(Some(true))),
             profile: matches!(cmd.get_bool("test_vmalloc.profile"), Ok(Some(true))),
+            sample: matches!(cmd.get_bool("test_vmalloc.sample"), Ok(Some(true))),
             nr_threads,
             ab_pools: matches!(cmd.get_bool("test_vmalloc.ab_pools"), Ok(Some(true))),
         }
@@ -311,9 +316,13 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         c.purge();
         let before = Baseline::take();
         let s0 = kernel::vmalloc_stats().unwrap_or_default();
+        let sampling = p.sample && sample::start();
         let t0 = hal::cpu::counter();
         let outcome = f(&mut c);
         let dt = hal::cpu::counter() - t0;
+        if sampling {
+            sample::stop_and_report(case.name);
+        }
         ticks += dt;
         if p.ab_pools {
             ab.push((pools_on, dt));

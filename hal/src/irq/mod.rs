@@ -164,6 +164,24 @@ pub(crate) fn handle() {
     cpu.irq_depth.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// Where the interrupted code was (`ELR_EL1`), for a handler that samples it (a profiler's
+/// timer tick). Meaningful only inside an interrupt handler that has taken no exception of
+/// its own yet (a fault or a nested interrupt would overwrite the register); 0 on the host.
+#[inline]
+pub fn interrupted_pc() -> u64 {
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let v: u64;
+        // SAFETY: reading ELR_EL1 has no side effect.
+        unsafe { core::arch::asm!("mrs {}, elr_el1", out(reg) v, options(nomem, nostack, preserves_flags)) };
+        v
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        0
+    }
+}
+
 /// Interrupts handled on CPU `cpu` since boot.
 pub fn handled(cpu: usize) -> u64 {
     HANDLED.get(cpu).map_or(0, |h| h.load(Ordering::Relaxed))

@@ -175,6 +175,11 @@ struct ZoneMirror {
     batch: AtomicUsize,
 }
 
+/// Most frames [`Global::free_bulk`] frees in one pass (vmalloc frees in chunks of 64;
+/// an undo is quadratic in it). Longer lists are checked whole first, then freed in passes
+/// of this many.
+const ONE_PASS_MAX: usize = 64;
+
 /// Locked operations (refills, drains, slow paths) between two runs of the shrinkers for
 /// pressure alone (about 16,000 order-0 allocations at Linux's default batch).
 const RECLAIM_BACKOFF: usize = 256;
@@ -498,7 +503,22 @@ impl Global {
     /// Order-0 frames into `out` (as [`BuddyAllocator::alloc_bulk_gfp`]): from this CPU's
     /// lists, refilled in batches of at least what is still wanted; what they cannot give
     /// comes from the locked path.
+    ///
+    /// One frame takes [`Self::alloc`]'s path (under TCG the bulk loop's set-up costs as
+    /// much as the allocation, and 1-page `vmalloc`s are the common case).
+    #[inline]
     pub(crate) fn alloc_bulk(&self, out: &mut [PhysAddr], gfp: Gfp) -> usize {
+        if let [slot] = out {
+            return self.alloc(0, gfp).map_or(0, |pa| {
+                *slot = pa;
+                1
+            });
+        }
+        self.alloc_bulk_many(out, gfp)
+    }
+
+    #[cfg_attr(target_os = "none", unsafe(link_section = ".text.hot.alloc_bulk"))]
+    fn alloc_bulk_many(&self, out: &mut [PhysAddr], gfp: Gfp) -> usize {
         let high = gfp.zone();
         let mut n = 0;
         for z in (0..=high).rev() {
@@ -614,39 +634,121 @@ impl Global {
         self.locked(|a| unsafe { a.free(pa, order) })
     }
 
-    /// Order-0 frames, all checked first (as [`BuddyAllocator::free_bulk`]).
+    /// Order-0 frames, all checked first (as [`BuddyAllocator::free_bulk`]); one frame
+    /// takes [`Self::free`]'s path (the same checks, without the bulk loop's set-up).
     ///
     /// # Safety
     /// As [`BuddyAllocator::free_bulk`].
+    #[inline]
     pub(crate) unsafe fn free_bulk(&self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
-        for &pa in frames {
-            check_allocated(&self.map, self.state, pa, 0)?;
+        if let [pa] = frames {
+            // SAFETY: forwarded to our caller.
+            return unsafe { self.free(*pa, 0) };
+        }
+        // SAFETY: forwarded to our caller.
+        unsafe { self.free_bulk_many(frames) }
+    }
+
+    /// [`Self::free_bulk`] of more than one frame.
+    ///
+    /// # Safety
+    /// As [`BuddyAllocator::free_bulk`].
+    #[cfg_attr(target_os = "none", unsafe(link_section = ".text.hot.free_bulk"))]
+    unsafe fn free_bulk_many(&self, frames: &[PhysAddr]) -> Result<(), BuddyError> {
+        if frames.len() > ONE_PASS_MAX {
+            // Every frame checked before any is freed; then chunks of one pass each.
+            for &pa in frames {
+                check_allocated(&self.map, self.state, pa, 0)?;
+            }
         }
         let done = self.cpus.try_with(|cpu| {
-            let mut first_err = Ok(());
-            for &pa in frames {
-                // Checked again: a frame listed twice is refused the second time.
-                match check_allocated(&self.map, self.state, pa, 0) {
-                    Ok((r, idx)) => {
-                        if let Err(e) = self.push(cpu, r, idx, pa.as_u64() >> PAGE_SHIFT) {
-                            if first_err.is_ok() {
-                                first_err = Err(e);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        if first_err.is_ok() {
-                            first_err = Err(e);
-                        }
+            let mut r = Ok(());
+            for from in (0..frames.len()).step_by(ONE_PASS_MAX) {
+                let to = (from + ONE_PASS_MAX).min(frames.len());
+                if let Err(e) = self.push_all(cpu, &frames[..to], from) {
+                    if r.is_ok() {
+                        r = Err(e);
                     }
                 }
             }
-            first_err
+            r
         });
         match done {
             Some(r) => r,
             // SAFETY: forwarded to our caller.
             None => self.locked(|a| unsafe { a.free_bulk(frames) }),
+        }
+    }
+
+    /// Frees `frames[from..]` (at most [`ONE_PASS_MAX`]) onto this CPU's lists in one pass,
+    /// `frames[..from]` being freed already: each frame is checked and pushed in turn, and
+    /// a bad one undoes the pass (nothing of it freed). A frame listed twice is refused the
+    /// second time and the others are freed, as [`BuddyAllocator::free_bulk`] does. Nothing
+    /// is drained until the pass is over (a drain cannot be undone): lists too full to take
+    /// every frame give their coldest back first.
+    fn push_all(&self, cpu: &mut CpuPages, frames: &[PhysAddr], from: usize) -> Result<(), BuddyError> {
+        let n = frames.len() - from;
+        for (z, l) in cpu.lists.iter_mut().enumerate() {
+            if l.len + n > HOT_CAPACITY {
+                self.locked(|a| a.pcp_drain(z, l, l.len + n - HOT_CAPACITY));
+                self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
+            }
+        }
+        let mut touched = [false; MAX_NR_ZONES];
+        let mut listed_twice = false;
+        for (i, &pa) in frames.iter().enumerate().skip(from) {
+            match check_allocated(&self.map, self.state, pa, 0) {
+                Ok((r, idx)) => {
+                    state_byte(self.state, &self.map, idx).store(ST_HOT, Ordering::Relaxed);
+                    cpu.lists[r.zone].push_top(HotList::entry(pa.as_u64() >> PAGE_SHIFT, r.slot));
+                    touched[r.zone] = true;
+                }
+                Err(BuddyError::NotAllocated) if frames[..i].contains(&pa) => listed_twice = true,
+                Err(e) => {
+                    self.unpush(cpu, &frames[..i], from);
+                    return Err(e);
+                }
+            }
+        }
+        if self.strict {
+            for &pa in &frames[from..] {
+                // SAFETY: each frame was allocated and its owner gave it back (this pass
+                // put it on our list; a copy listed twice is the same frame).
+                unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(POISON_BYTE, PAGE_SIZE) };
+            }
+        }
+        let pressure = self.pressure.load(Ordering::Relaxed);
+        for (z, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
+            let (l, m) = (&mut cpu.lists[z], &self.zones[z]);
+            // Under pressure freed frames go back to their zone at once (see `push`).
+            let high = if pressure { 0 } else { m.high.load(Ordering::Relaxed) };
+            if l.len > high {
+                let k = m.batch.load(Ordering::Relaxed).max(l.len - high);
+                self.locked(|a| a.pcp_drain(z, l, k));
+            }
+            self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
+        }
+        if listed_twice {
+            Err(BuddyError::NotAllocated)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes `frames[from..]`, just pushed by [`Self::push_all`] in this order (a copy
+    /// listed twice was not), back off this CPU's lists: allocated again, as they were.
+    #[cold]
+    fn unpush(&self, cpu: &mut CpuPages, frames: &[PhysAddr], from: usize) {
+        for (j, &pa) in frames.iter().enumerate().skip(from).rev() {
+            if frames[..j].contains(&pa) {
+                continue;
+            }
+            let pfn = pa.as_u64() >> PAGE_SHIFT;
+            let Some(&r) = self.map.region_of(pfn) else { continue };
+            let e = cpu.lists[r.zone].pop_top();
+            debug_assert_eq!(e, HotList::entry(pfn, r.slot));
+            let idx = r.index + (pfn - r.start_pfn) as usize;
+            state_byte(self.state, &self.map, idx).store(ST_ALLOC, Ordering::Relaxed);
         }
     }
 
