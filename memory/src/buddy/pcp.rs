@@ -470,8 +470,9 @@ impl Global {
             }
             if let Some(pa) = self.cpus.try_with(|cpu| self.pop(cpu, z, room, gfp, high))? {
                 if gfp.contains(__GFP_ZERO) {
-                    // SAFETY: the frame was just allocated: ours until we return it.
-                    unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(0, PAGE_SIZE) };
+                    // SAFETY: the frame was just allocated (page aligned, reached through
+                    // the linear map): ours until we return it.
+                    unsafe { super::zero_frames(self.ptr(pa.as_u64() >> PAGE_SHIFT), 1) };
                 }
                 return Some(pa);
             }
@@ -536,8 +537,9 @@ impl Global {
         }
         if gfp.contains(__GFP_ZERO) {
             for pa in &out[..n] {
-                // SAFETY: the frames were just allocated: ours until we return them.
-                unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(0, PAGE_SIZE) };
+                // SAFETY: the frames were just allocated (page aligned, reached through the
+                // linear map): ours until we return them.
+                unsafe { super::zero_frames(self.ptr(pa.as_u64() >> PAGE_SHIFT), 1) };
             }
         }
         if n < out.len() {
@@ -584,14 +586,22 @@ impl Global {
                 return 0;
             }
         }
+        // The top `k` entries, topmost first, with the list shortened once (the state
+        // stores are atomics: a length kept in the list would be written back each time).
         let k = out.len().min(l.len);
-        for slot in &mut out[..k] {
-            let (pfn, idx) = self.entry(l.pop_top());
+        let top = l.len;
+        l.len = top - k;
+        let l = &*l;
+        for (i, slot) in out[..k].iter_mut().enumerate() {
+            let e = l.ring[(l.bottom + top - 1 - i) & (HOT_CAPACITY - 1)];
+            let (pfn, idx) = self.entry(e);
             state_byte(self.state, &self.map, idx).store(ST_ALLOC, Ordering::Relaxed);
-            if self.strict {
-                self.check_poison(pfn);
-            }
             *slot = PhysAddr::new(pfn << PAGE_SHIFT);
+        }
+        if self.strict {
+            for pa in &out[..k] {
+                self.check_poison(pa.as_u64() >> PAGE_SHIFT);
+            }
         }
         self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
         k

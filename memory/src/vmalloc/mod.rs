@@ -100,8 +100,11 @@ use tree::Tree;
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Frames taken and mapped per backend call.
 const CHUNK: usize = 64;
-/// The stack buffer for small areas (less to initialise on the hot path).
+/// The stack buffers for small and middling areas (less to initialise on the hot path:
+/// the buffer is zeroed on every call, a `memset` of 512 bytes for a whole chunk).
 const SMALL_CHUNK: usize = 4;
+/// See [`SMALL_CHUNK`].
+const MID_CHUNK: usize = 16;
 /// Upper bound of [`VmallocConfig::flush_page_threshold`] (size of the stack buffer of ranges).
 pub const MAX_FLUSH_PAGE_THRESHOLD: usize = 256;
 /// Records an allocation may need: the area, and the right part of a hole split in the middle.
@@ -1145,6 +1148,8 @@ impl<B: VmBackend> Vmalloc<B> {
     fn populate(&mut self, va: u64, pages: usize, zero: bool) -> Result<(), VmallocError> {
         if pages <= SMALL_CHUNK {
             self.populate_with::<SMALL_CHUNK>(va, pages, zero)
+        } else if pages <= MID_CHUNK {
+            self.populate_with::<MID_CHUNK>(va, pages, zero)
         } else {
             self.populate_with::<CHUNK>(va, pages, zero)
         }
@@ -1256,6 +1261,8 @@ impl<B: VmBackend> Vmalloc<B> {
     fn unmap_free_with_q(&mut self, va: u64, pages: usize, quarantine: bool) {
         if pages <= SMALL_CHUNK {
             self.unmap_free_with::<SMALL_CHUNK>(va, pages, quarantine);
+        } else if pages <= MID_CHUNK {
+            self.unmap_free_with::<MID_CHUNK>(va, pages, quarantine);
         } else {
             self.unmap_free_with::<CHUNK>(va, pages, quarantine);
         }
