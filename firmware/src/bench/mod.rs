@@ -238,7 +238,9 @@ fn warm_up() {
     let mut head: Option<hal::PhysAddr> = None;
     let mut pages = 0usize;
     for order in (0..=memory::buddy::MAX_ORDER).rev() {
-        while let Ok(pa) = memory::buddy::alloc_pages(order) {
+        // Until the order runs out: an expected failure, not an out-of-memory report.
+        let gfp = memory::gfp::GFP_KERNEL | memory::gfp::__GFP_NOWARN | memory::gfp::__GFP_NORETRY;
+        while let Ok(pa) = memory::buddy::alloc_pages_gfp(gfp, order) {
             let p = lin.ptr::<u64>(pa);
             // SAFETY: the block of 2^order frames was just taken from the buddy allocator and
             // is ours until freed below; the identity map covers it. Each page's first word is
