@@ -1217,3 +1217,36 @@ fn per_cpu_lists_recycle_locally_and_refuse_double_frees() {
     drain_hot();
     assert_eq!(stats().unwrap().free_blocks, before.free_blocks);
 }
+
+/// The per-CPU lists' bulk free: a bad frame anywhere frees nothing; a frame listed twice
+/// is freed once and the copy refused; for the one-pass length (up to 64) and beyond it.
+#[test]
+fn per_cpu_bulk_free_with_a_bad_frame_frees_nothing_and_a_copy_once() {
+    let _g = testram::global_lock();
+    hal::smp::host_play_cpu(0);
+    drain_hot();
+    let free = || stats().unwrap().free_pages;
+    for n in [3usize, 64, 70] {
+        let mut frames = vec![PhysAddr::new(0); n];
+        assert_eq!(alloc_pages_bulk(&mut frames), n);
+        let gone = alloc_pages(0).unwrap();
+        // SAFETY: just allocated, never used.
+        unsafe { free_pages(gone, 0) }.unwrap();
+        let before = free();
+        // Misaligned, and free already (not a copy of an earlier entry).
+        for bad in [frames[0].add(0x10), gone] {
+            let mut list = frames.clone();
+            list.insert(n / 2, bad);
+            // SAFETY: refused before anything is freed (asserted); the frames stay ours.
+            assert!(unsafe { free_pages_bulk(&list) }.is_err(), "{n} frames, bad one at {}", n / 2);
+            assert_eq!(free(), before, "{n} frames: a refused bulk free freed something");
+        }
+        let mut list = frames.clone();
+        list.insert(n / 2 + 1, frames[n / 2]);
+        // SAFETY: the frames are ours; the copy is refused (asserted).
+        assert_eq!(unsafe { free_pages_bulk(&list) }, Err(BuddyError::NotAllocated));
+        assert_eq!(free(), before + n, "{n} frames: each freed once");
+    }
+    drain_hot();
+    check_consistency().unwrap();
+}
