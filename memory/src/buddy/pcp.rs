@@ -727,16 +727,8 @@ impl Global {
                 unsafe { self.ptr(pa.as_u64() >> PAGE_SHIFT).write_bytes(POISON_BYTE, PAGE_SIZE) };
             }
         }
-        let pressure = self.pressure.load(Ordering::Relaxed);
         for (z, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
-            let (l, m) = (&mut cpu.lists[z], &self.zones[z]);
-            // Under pressure freed frames go back to their zone at once (see `push`).
-            let high = if pressure { 0 } else { m.high.load(Ordering::Relaxed) };
-            if l.len > high {
-                let k = m.batch.load(Ordering::Relaxed).max(l.len - high);
-                self.locked(|a| a.pcp_drain(z, l, k));
-            }
-            self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
+            self.trim(cpu, z);
         }
         if listed_twice {
             Err(BuddyError::NotAllocated)
@@ -778,19 +770,24 @@ impl Global {
             // SAFETY: the frame was allocated, and its owner gave it back (its only free now).
             unsafe { self.ptr(pfn).write_bytes(POISON_BYTE, PAGE_SIZE) };
         }
-        let z = r.zone;
-        let l = &mut cpu.lists[z];
-        l.push_top(HotList::entry(pfn, r.slot));
-        let m = &self.zones[z];
-        // Under pressure a freed frame goes back to its zone at once, where the watermark
-        // check sees it (as Linux lowers `pcp->high` when a zone is below its marks).
+        cpu.lists[r.zone].push_top(HotList::entry(pfn, r.slot));
+        self.trim(cpu, r.zone);
+        Ok(())
+    }
+
+    /// After frees onto this CPU's list of zone `z`: a list above `high` gives `batch` (or
+    /// what is above `high`, if more) back to the zone; then its length is published.
+    /// Under pressure a freed frame goes back to its zone at once, where the watermark
+    /// check sees it (as Linux lowers `pcp->high` when a zone is below its marks).
+    #[inline(always)]
+    fn trim(&self, cpu: &mut CpuPages, z: usize) {
+        let (l, m) = (&mut cpu.lists[z], &self.zones[z]);
         let high = if self.pressure.load(Ordering::Relaxed) { 0 } else { m.high.load(Ordering::Relaxed) };
         if l.len > high {
             let n = m.batch.load(Ordering::Relaxed).max(l.len - high);
             self.locked(|a| a.pcp_drain(z, l, n));
         }
         self.counts[cpu.cpu].0[z].store(l.len, Ordering::Relaxed);
-        Ok(())
     }
 
     // ----- draining and statistics -----
