@@ -821,17 +821,21 @@ fn global_may_fit(e: VmallocError) -> bool {
 }
 
 /// vmalloc as a shrinker: a purge gives back the quarantined frames (parked ranges hold no
-/// frames: `vfree` freed them already) and the spare records above their mark.
+/// frames: `vfree` freed them already), the empty page tables the last automatic purge kept
+/// and the spare records above their mark.
 static VMALLOC_SHRINKER: crate::reclaim::Shrinker =
-    crate::reclaim::Shrinker::new("vmalloc (quarantine, spares)", vmalloc_count, vmalloc_scan);
+    crate::reclaim::Shrinker::new("vmalloc (quarantine, kept tables, spares)", vmalloc_count, vmalloc_scan);
 
 fn vmalloc_count() -> usize {
     vmalloc_instances()
         .filter_map(|v| {
             v.lock_if_free(|g| {
                 let s = g.stats();
-                // Spare records above their mark free slab objects (maybe a slab): count 1.
-                s.quarantined_frames + usize::from(s.spare_records > g.config().spare_high)
+                // Kept tables: at most one page per 2 MiB stretch kept (only the empty
+                // ones go). Spare records above their mark free slab objects (maybe a
+                // slab): count 1.
+                let kept: u64 = g.kept_tables().iter().map(|k| k.size() >> 21).sum();
+                s.quarantined_frames + kept as usize + usize::from(s.spare_records > g.config().spare_high)
             })
         })
         .sum()

@@ -230,6 +230,41 @@ fn vfrees_below_threshold_cost_no_tlb_op_then_one_flush() {
     assert_eq!(vm.backend().counters.violations, 0);
 }
 
+/// One lazy cycle of `n` one-page areas, each `align`-aligned: allocated and freed in turn;
+/// the last free passes the lazy threshold (set to park exactly `n` areas first).
+fn lazy_cycle(vm: &mut Vmalloc<SimBackend>, n: usize, align: usize) {
+    let purges = vm.stats().purges;
+    for _ in 0..n {
+        let p = vm.vmalloc_aligned(PAGE_SIZE, align).unwrap();
+        vm.vfree(p).unwrap();
+    }
+    assert_eq!(vm.stats().purges, purges + 1, "one automatic purge a cycle");
+}
+
+#[test]
+fn an_automatic_purge_keeps_the_tables_its_ranges_met_for_one_cycle() {
+    // 40 areas a cycle, each in a 2 MiB stretch of its own (beyond the lowest 16).
+    let mut vm = new_vm(1 << 16, 4096);
+    vm.set_lazy_max_pages(2 * 40 - 1);
+    let tables = |vm: &Vmalloc<SimBackend>| (vm.backend().table_pages(), vm.backend().counters.tables_freed);
+    lazy_cycle(&mut vm, 40, 2 << 20);
+    let (made, freed) = tables(&vm);
+    assert_eq!((made, freed), (2 + 40, 0), "the 40 tables the cycle met are kept");
+    assert_eq!(vm.kept_tables().iter().map(|s| s.size() >> 21).sum::<u64>(), 40);
+    // The same cycle again: it maps into the kept tables, makes none, and they stay.
+    lazy_cycle(&mut vm, 40, 2 << 20);
+    assert_eq!(tables(&vm), (made, 0));
+    // A cycle that meets only the lowest stretch: the 39 it left go at its purge.
+    lazy_cycle(&mut vm, 40, PAGE_SIZE);
+    assert_eq!(tables(&vm), (2 + 1, 39));
+    // An explicit purge keeps nothing: back to the two upper tables.
+    vm.purge();
+    assert_eq!(tables(&vm), (2, 40));
+    assert!(vm.kept_tables().is_empty());
+    assert_eq!(vm.backend().counters.violations, 0);
+    vm.check().unwrap();
+}
+
 #[test]
 fn purge_at_lazy_max_pages_and_on_exhaustion() {
     let mut vm = new_vm(1 << 16, 8192);

@@ -467,7 +467,8 @@ impl<B: VmBackend> LockedVmalloc<B> {
     }
 
     /// [`Vmalloc::purge`] unless the lock is taken (then `None`: for reclaim, whose
-    /// shrinkers only try-lock); the quarantined frames it gave back otherwise.
+    /// shrinkers only try-lock); otherwise the quarantined frames and page-table pages it
+    /// gave back.
     ///
     /// # Example
     /// ```no_run
@@ -477,9 +478,10 @@ impl<B: VmBackend> LockedVmalloc<B> {
     /// ```
     pub fn try_purge(&self) -> Option<usize> {
         let mut g = self.inner.try_lock()?;
-        let before = g.stats().quarantined_frames;
+        let (q0, t0) = (g.stats().quarantined_frames, g.stats().tables_freed);
         g.purge();
-        let freed = before.saturating_sub(g.stats().quarantined_frames);
+        let s = g.stats();
+        let freed = q0.saturating_sub(s.quarantined_frames) + s.tables_freed.saturating_sub(t0) as usize;
         let surplus = g.release_spares();
         drop(g);
         drop(surplus);

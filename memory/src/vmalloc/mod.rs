@@ -69,6 +69,7 @@ extern crate alloc;
 mod backend;
 mod free;
 mod info;
+mod kept;
 mod links;
 mod locked;
 mod node;
@@ -91,6 +92,7 @@ pub use node::Spares;
 
 use alloc::vec::Vec;
 use info::{History, PurgeHistogram};
+use kept::{KeptTables, OUT_SPANS};
 use node::{Link, NodePtr, State};
 use pool::ReadyPools;
 pub use pool::{POOL_MAX_ALIGN, POOL_MAX_PAGES};
@@ -113,11 +115,9 @@ const RECORDS_PER_CALL: usize = 2;
 const REFILL_BATCH: usize = 16;
 /// At most this many spare records are kept after a purge (see [`Vmalloc::take_excess_spares`]).
 const SPARE_CAP: usize = 4096;
-/// Ranges a purge hands to [`VmBackend::flush_and_free_tables`] (its one call per purge).
+/// Spans (2 MiB-rounded, joined) a purge makes of the ranges it flushes, for
+/// [`VmBackend::flush_and_free_tables`] (its one call per purge) and for [`KeptTables`].
 const RECLAIM_SPANS: usize = 16;
-/// Last-level tables an automatic purge keeps (empty, 2 MiB each) at the bottom of its
-/// lowest range, where lowest-fit allocations go next: 16, 64 KiB of tables.
-const KEEP_TABLES: u64 = 16;
 /// Areas [`Vmalloc::reserve`] can set aside in one instance (a node per CPU but the
 /// first, and vm_map_ram's region).
 const MAX_RESERVED: usize = 16;
@@ -567,8 +567,8 @@ pub struct Vmalloc<B: VmBackend> {
     /// Reports of the purge under way (the log is rate-limited).
     q_reported: usize,
     last_use_after_vfree: Option<UseAfterVfree>,
-    /// The stretch whose empty last-level tables the last automatic purge kept.
-    kept_tables: Option<(u64, u64)>,
+    /// The spans whose empty tables the last automatic purge kept (`kept.rs`).
+    kept: KeptTables,
     /// Flushed ranges kept by size for the next allocations (`pool.rs`).
     pools: ReadyPools,
 }
@@ -692,7 +692,7 @@ impl<B: VmBackend> Vmalloc<B> {
             reserved: [None; MAX_RESERVED],
             q_reported: 0,
             last_use_after_vfree: None,
-            kept_tables: None,
+            kept: KeptTables::new(),
             pools: ReadyPools::new(),
         };
         if v.config.refill_inline && !v.free.pool.fill_to(REFILL_BATCH) {
@@ -1562,35 +1562,6 @@ impl<B: VmBackend> Vmalloc<B> {
         self.reserved.iter().flatten().any(|&(s, e)| s < hi && lo < e)
     }
 
-    /// Add the stretch the last automatic purge kept to `spans[..n]` (its tables go now if
-    /// still empty) and, for an automatic purge (`full` false), take the lowest
-    /// [`KEEP_TABLES`] stretches of the spans out of them and remember them
-    /// ([`Self::kept_tables`]). Returns the spans' count.
-    fn keep_tables_below(&mut self, spans: &mut [VirtRange; RECLAIM_SPANS + 1], n: usize, full: bool) -> usize {
-        let mut n = n;
-        if let Some(r) = self.kept_tables().filter(|_| !self.config.keep_tables) {
-            spans[n] = r;
-            n += 1;
-        }
-        self.kept_tables = None;
-        if full || n == 0 {
-            return n;
-        }
-        let Some(lo) = spans[..n].iter().map(|s| s.start().as_u64()).min() else { return n };
-        let hi = lo.saturating_add(KEEP_TABLES * BLOCK_SIZE as u64).min(self.end);
-        // Every span starts at or above `lo`: cut off what lies below `hi`.
-        let mut m = 0;
-        for i in 0..n {
-            let (a, b) = (spans[i].start().as_u64().max(hi), spans[i].end().as_u64());
-            if let Ok(r) = VirtRange::from_bounds(VirtAddr::new(a), VirtAddr::new(b)) {
-                spans[m] = r;
-                m += 1;
-            }
-        }
-        self.kept_tables = Some((lo, hi));
-        m
-    }
-
     /// Map caller-owned `frames` contiguously (read-write), with a guard page.
     ///
     /// # Errors
@@ -2099,26 +2070,28 @@ impl<B: VmBackend> Vmalloc<B> {
         self.purge_with(Purge::Explicit);
     }
 
-    /// The 2 MiB stretches whose empty last-level tables the last automatic purge kept
-    /// (at most 16, at the bottom of its lowest range, where lowest-fit allocations go
-    /// next: giving them back only for the next allocations to make them anew costs every
-    /// lazy cycle of a steady workload). The next purge gives back those it then finds
-    /// empty; [`Self::purge`] keeps none.
-    pub fn kept_tables(&self) -> Option<VirtRange> {
-        self.kept_tables.and_then(|(l, h)| VirtRange::from_bounds(VirtAddr::new(l), VirtAddr::new(h)).ok())
+    /// The spans whose empty page tables the last automatic purge kept: those the ranges it
+    /// flushed met, which a steady workload maps again in the next lazy cycle (giving them
+    /// back only for the next allocations to make them anew costs every cycle). The next
+    /// automatic purge gives back those it then finds empty and does not meet again;
+    /// [`Self::purge`] keeps none (`kept.rs`).
+    pub fn kept_tables(&self) -> &[VirtRange] {
+        self.kept.spans()
     }
 
     /// [`Self::purge`]; an automatic one (the lazy threshold, or an allocation that found
-    /// no hole) keeps the tables of [`Self::kept_tables`]. Each gives the pooled ranges no
-    /// one took back first; one at the lazy threshold then pools what it flushed.
+    /// no hole) keeps the empty tables its ranges met ([`Self::kept_tables`]). Each gives
+    /// the pooled ranges no one took back first; one at the lazy threshold then pools what
+    /// it flushed.
     fn purge_with(&mut self, why: Purge) {
         let full = why == Purge::Explicit;
         self.unpool_all();
         let Some(head) = self.parked_head.take() else {
             // Nothing parked: a full purge still gives back what an automatic one kept.
-            if let Some(kept) = self.kept_tables().filter(|_| full) {
-                self.kept_tables = None;
-                self.flush_reclaim_spans(TlbFlush::None, &[kept]);
+            if full && !self.kept.spans().is_empty() {
+                let mut spans = [NO_SPAN; OUT_SPANS];
+                let n = self.kept.age(&[], true, &mut spans);
+                self.flush_reclaim_spans(TlbFlush::None, &spans[..n]);
             }
             // The pools given back may have left records spare.
             self.trim_spares();
@@ -2129,9 +2102,10 @@ impl<B: VmBackend> Vmalloc<B> {
         // now be empty come out joined: one backend call flushes the parked pages and gives
         // those tables back in the same batch.
         let Some(head) = sort_desc(head) else { return };
-        let mut spans = [NO_SPAN; RECLAIM_SPANS + 1];
-        let nspans = self.table_spans(head, &mut spans[..RECLAIM_SPANS]);
-        let nspans = self.keep_tables_below(&mut spans, nspans, full);
+        let mut met = [NO_SPAN; RECLAIM_SPANS];
+        let nmet = self.table_spans(head, &mut met);
+        let mut spans = [NO_SPAN; OUT_SPANS];
+        let nspans = self.kept.age(&met[..nmet], full, &mut spans);
         let mapped = self.c.parked_mapped;
         if mapped > 0 && mapped <= self.config.flush_page_threshold {
             let mut ranges = [(VirtAddr::new(0), 0usize); MAX_FLUSH_PAGE_THRESHOLD];
