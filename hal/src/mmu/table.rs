@@ -42,7 +42,6 @@
 //! of `unmap`, `unmap_and_reclaim`, `free_empty_tables` and `protect` goes through the [`Tlb`] they are given, so
 //! a [`RecordingTlb`](super::RecordingTlb) sees the whole sequence, barriers included.
 
-use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::arch;
@@ -1538,9 +1537,10 @@ impl PageTable {
     }
 
     fn zero_table(&mut self, table: PhysAddr) {
-        // SAFETY: a page from `take_table` (whole inside the linear map, ours alone by
-        // `TableAlloc`'s contract) not yet reachable from the tree.
-        unsafe { ptr::write_bytes(self.linear.ptr::<u8>(table), 0, PAGE_SIZE) }
+        // SAFETY: a page from `take_table` (page aligned, whole inside the linear map, ours
+        // alone by `TableAlloc`'s contract) not yet reachable from the tree. The store-pair
+        // loop, not `write_bytes`: under QEMU TCG less than half a memset's time.
+        unsafe { crate::cpu::zero_page(self.linear.ptr::<u8>(table)) }
     }
 
     /// `needed` table pages from `alloc`, all or none.
