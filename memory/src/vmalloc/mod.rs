@@ -201,6 +201,22 @@ impl VmFlags {
     /// rather than resizing it in place.
     pub const HUGE: Self = Self(16);
 
+    /// The guard pages an area with these flags has after its pages: 1, or 0 with
+    /// [`Self::NO_GUARD`] (Linux's `get_vm_area_size`). The one place the guard is decided.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use memory::vmalloc::VmFlags;
+    /// assert_eq!((VmFlags::ZERO.guard_pages(), VmFlags::NO_GUARD.guard_pages()), (1, 0));
+    /// ```
+    pub const fn guard_pages(self) -> usize {
+        if self.contains(Self::NO_GUARD) {
+            0
+        } else {
+            1
+        }
+    }
+
     /// Whether every flag of `other` is set.
     ///
     /// # Example
@@ -1093,9 +1109,8 @@ impl<B: VmBackend> Vmalloc<B> {
         flags: VmFlags,
         caller: &'static Location<'static>,
     ) -> Result<NodePtr, VmallocError> {
-        let guard = !flags.contains(VmFlags::NO_GUARD);
         let total = (pages as u64)
-            .checked_add(u64::from(guard))
+            .checked_add(flags.guard_pages() as u64)
             .and_then(|p| p.checked_mul(PAGE))
             .ok_or(VmallocError::TooLarge)?;
         if total > self.end - self.start {
@@ -2237,8 +2252,7 @@ impl<B: VmBackend> Vmalloc<B> {
         // ending at its guard page, so it always moves (even when its offset happens to be 0).
         // A huge area moves too: its blocks cannot be cut, and a grown one should get blocks.
         if nd.offset.get() == 0 && !flags.contains(VmFlags::END_ALIGNED) && !flags.contains(VmFlags::HUGE) {
-            let guard = usize::from(!flags.contains(VmFlags::NO_GUARD));
-            let reserved = (nd.size() / PAGE) as usize - guard;
+            let reserved = (nd.size() / PAGE) as usize - flags.guard_pages();
             if new_pages <= reserved {
                 self.resize_mapped(node, new_pages, new_size, zero)?;
                 return Ok(ptr);
@@ -2357,7 +2371,7 @@ impl<B: VmBackend> Vmalloc<B> {
             kind: nd.kind.get(),
             caller: nd.caller.get(),
             phys: (nd.kind.get() == AreaKind::Ioremap).then_some(PhysAddr::new(phys)),
-            guard: !VmFlags(nd.flags.get()).contains(VmFlags::NO_GUARD),
+            guard: VmFlags(nd.flags.get()).guard_pages() > 0,
         }
     }
 
@@ -2577,7 +2591,7 @@ impl<B: VmBackend> Vmalloc<B> {
                 State::Spare => return Err("spare record in a tree"),
             }
             if !matches!(nd.state.get(), State::Free | State::Pooled) {
-                let guard = u64::from(!VmFlags(nd.flags.get()).contains(VmFlags::NO_GUARD));
+                let guard = VmFlags(nd.flags.get()).guard_pages() as u64;
                 if (nd.pages.get() as u64 + guard) * PAGE > nd.size() {
                     return Err("area maps into its guard page");
                 }
