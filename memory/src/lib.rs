@@ -47,6 +47,7 @@ pub mod fault;
 pub mod gfp;
 pub mod ioremap;
 pub mod kernel;
+mod poison;
 pub mod reclaim;
 pub mod slab;
 pub mod snapshot;

@@ -830,7 +830,7 @@ unsafe fn zero_frames(p: *mut u8, pages: usize) {
 /// [`POISON_BYTE`]; logs the first overwritten byte when not (a use after free).
 #[cold]
 fn poison_intact(bytes: &[u8], pfn: u64, skip: usize) -> bool {
-    let Some(bad) = bytes.iter().position(|&b| b != POISON_BYTE) else { return true };
+    let Some(bad) = crate::poison::first_not(bytes, POISON_BYTE) else { return true };
     log::error!(
         "buddy: poison overwritten in free memory at {:#x} (block {:#x}, offset {:#x}): use after free?",
         (pfn << PAGE_SHIFT) + (skip + bad) as u64,

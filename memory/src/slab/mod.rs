@@ -1070,11 +1070,11 @@ impl<'b> SlabAllocator<'b> {
                 core::slice::from_raw_parts(obj.add(g.size), g.stride - g.size),
             )
         };
-        if let Some(bad) = body.iter().position(|&b| b != POISON_FREE_BYTE) {
+        if let Some(bad) = crate::poison::first_not(body, POISON_FREE_BYTE) {
             self.corruptions.fetch_add(1, Ordering::Relaxed);
             log::error!("slab {name}: free object {obj:p} written after free at offset {:#x}", bad + LINK_BYTES);
         }
-        if let Some(bad) = rz.iter().position(|&b| b != RED_ZONE_BYTE) {
+        if let Some(bad) = crate::poison::first_not(rz, RED_ZONE_BYTE) {
             self.corruptions.fetch_add(1, Ordering::Relaxed);
             log::error!("slab {name}: red zone of free object {obj:p} overwritten at offset {:#x}", g.size + bad);
         }
@@ -1271,7 +1271,7 @@ impl<'b> SlabAllocator<'b> {
     fn check_red_zone(&self, name: &str, g: &Geometry, obj: *mut u8) {
         // SAFETY: the red zone follows the object inside its slot.
         let rz = unsafe { core::slice::from_raw_parts_mut(obj.add(g.size), g.stride - g.size) };
-        if let Some(bad) = rz.iter().position(|&b| b != RED_ZONE_BYTE) {
+        if let Some(bad) = crate::poison::first_not(rz, RED_ZONE_BYTE) {
             self.corruptions.fetch_add(1, Ordering::Relaxed);
             log::error!("slab {name}: red zone of object {obj:p} overwritten at offset {:#x} (overflow)", g.size + bad);
             rz.fill(RED_ZONE_BYTE);
