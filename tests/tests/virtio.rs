@@ -240,7 +240,7 @@ fn share_is_in_place_when_contiguous_and_bounces_otherwise() {
     // With a pool entered: bounces come from it; one too large for it overflows to the buddy;
     // a driver-to-device bounce is not copied back.
     let pool = DmaPool::new(1).unwrap();
-    let _in = pool.enter();
+    let _in = pool.enter().unwrap();
     let small = core::ptr::NonNull::from(&mut s[PAGE_SIZE - 8..PAGE_SIZE + 8]);
     // SAFETY: valid, unused during the calls.
     let pa1 = unsafe { VirtioHal::share(small, BufferDirection::DriverToDevice) };
@@ -267,6 +267,55 @@ fn share_is_in_place_when_contiguous_and_bounces_otherwise() {
     drop((pool, s, big, heap));
     kernel::purge();
     assert_eq!(accounted_pages(), free, "pool, bounces and buffers all given back");
+}
+
+/// Under memory pressure an idle pool gives its block back (its shrinker), an entered or
+/// busy one never does, and the next `enter` takes a new block that bounces as before.
+fn an_idle_pool_is_given_back_under_pressure_and_taken_again_on_enter() {
+    let free = accounted_pages();
+    let pool = DmaPool::new(2).unwrap();
+    assert!(pool.stats().resident);
+    let mut buf = Scattered::new(2);
+    let part = core::ptr::NonNull::from(&mut buf[PAGE_SIZE - 8..PAGE_SIZE + 8]);
+    {
+        let _in = pool.enter().unwrap();
+        memory::reclaim::shrink(usize::MAX);
+        assert!(pool.stats().resident, "an entered pool was given back");
+        drop(_in);
+        // Idle now, but a bounce live (a request in flight): kept too.
+        let _in = pool.enter().unwrap();
+        // SAFETY: `part` is valid and unused during the calls.
+        let pa = unsafe { VirtioHal::share(part, BufferDirection::Both) };
+        drop(_in);
+        memory::reclaim::shrink(usize::MAX);
+        assert!(pool.stats().resident, "a pool with a bounce live was given back");
+        // SAFETY: as above; `pa` is what share returned.
+        unsafe { VirtioHal::unshare(pa, part, BufferDirection::Both) };
+    }
+    let before = accounted_pages();
+    let got = memory::reclaim::shrink(usize::MAX);
+    let s = pool.stats();
+    assert!(!s.resident && s.given_back == 1, "{s:?}");
+    assert!(got >= 4);
+    assert_eq!(pool.phys().as_u64(), 0);
+    assert!(accounted_pages() >= before + 4, "the pool's 4 frames are free");
+    let reclaim = memory::reclaim::stats();
+    let ours = reclaim.shrinkers[..reclaim.nr_shrinkers].iter().find(|sh| sh.name.starts_with("virtio DMA"));
+    assert!(ours.is_some_and(|sh| sh.reclaimed >= 4), "{ours:?}");
+    // Entered again: a new block, and bounces come from it.
+    let _in = pool.enter().unwrap();
+    let s = pool.stats();
+    assert!(s.resident && s.refills == 1, "{s:?}");
+    // SAFETY: as above.
+    let pa = unsafe { VirtioHal::share(part, BufferDirection::Both) };
+    let base = pool.phys().as_u64();
+    assert!(pa >= base && pa < base + pool.capacity() as u64, "bounced from the new block");
+    // SAFETY: as above.
+    unsafe { VirtioHal::unshare(pa, part, BufferDirection::Both) };
+    drop(_in);
+    drop((pool, buf));
+    kernel::purge();
+    assert_eq!(accounted_pages(), free, "pool and buffer all given back");
 }
 
 // ----- virtio-blk -----
@@ -556,6 +605,7 @@ fn main(info: &'static hal::boot::BootInfo) -> ! {
         test!(mmio_phys_to_virt_maps_device_registers),
         test!(dma_alloc_gives_zeroed_contiguous_blocks_of_the_right_order),
         test!(share_is_in_place_when_contiguous_and_bounces_otherwise),
+        test!(an_idle_pool_is_given_back_under_pressure_and_taken_again_on_enter),
         test!(a_missing_device_is_a_clear_error_and_the_boot_job_carries_on),
     ];
     let blk_tests = [

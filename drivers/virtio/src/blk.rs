@@ -143,7 +143,7 @@ impl Blk {
         let slot = dev.slot();
         let pool = DmaPool::new(POOL_ORDER).map_err(BlkError::Pool)?;
         let dev = {
-            let _in = pool.enter();
+            let _in = pool.enter().map_err(BlkError::Pool)?;
             VirtIOBlk::<VirtioHal, MmioDevice>::new(dev)?
         };
         let capacity = dev.capacity();
@@ -228,7 +228,7 @@ impl Blk {
             Dir::Write(b) => b.len(),
         };
         self.check(sector, len)?;
-        let _in = self.pool.enter();
+        let _in = self.pool.enter().map_err(BlkError::Pool)?;
         let mut done = 0;
         while done < len {
             let ptr = match &dir {
@@ -279,7 +279,7 @@ impl Blk {
     /// # Errors
     /// [`BlkError::Driver`].
     pub fn flush(&mut self) -> Result<(), BlkError> {
-        let _in = self.pool.enter();
+        let _in = self.pool.enter().map_err(BlkError::Pool)?;
         Ok(self.dev.flush()?)
     }
 
@@ -288,7 +288,7 @@ impl Blk {
     /// # Errors
     /// [`BlkError::Driver`] (e.g. `Unsupported`).
     pub fn device_id(&mut self, id: &mut [u8; 20]) -> Result<usize, BlkError> {
-        let _in = self.pool.enter();
+        let _in = self.pool.enter().map_err(BlkError::Pool)?;
         Ok(self.dev.device_id(id)?)
     }
 }

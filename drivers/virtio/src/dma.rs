@@ -7,7 +7,10 @@
 //!   contiguous (anything in the linear map — heap, stack, statics, buddy frames — and a
 //!   vmalloc range whose pages happen to be consecutive); otherwise a *bounce*: bytes from
 //!   the [`DmaPool`] of the device being driven (the one entered with [`DmaPool::enter`]),
-//!   or, when no pool is entered or it is full, a buddy block of its own. The buffer is
+//!   or, when no pool is entered or it is full, a buddy block of its own. A pool that is
+//!   neither entered nor holding a bounce is *idle*: under memory pressure its shrinker
+//!   gives the block back, and the next [`DmaPool::enter`] takes a new one (or fails with
+//!   [`PoolError::NoMemory`], a typed error for the request, never a panic in `share`). The buffer is
 //!   copied in for every direction (as Linux's swiotlb does since 2022: a device that writes
 //!   less than the whole buffer must not copy stale pool bytes back over the rest).
 //! * `unshare(paddr, buffer)`: for a bounce, copies back to the buffer when the device may
@@ -65,19 +68,42 @@ pub struct PoolStats {
     pub overflows: u64,
     /// Bounces live now.
     pub live: usize,
+    /// Whether the pool holds its block now (an idle pool's is given back under pressure).
+    pub resident: bool,
+    /// Times the shrinker gave the idle pool's block back.
+    pub given_back: u64,
+    /// Times [`DmaPool::enter`] took a new block after that.
+    pub refills: u64,
 }
 
 struct PoolEntry {
+    /// The block while resident; `None` once the shrinker gave it back.
+    frames: Option<Frames>,
     pa: PhysAddr,
     /// The pool's linear-map address (as an integer: the table is shared between cores).
     va: usize,
     bump: Bump,
     stats: PoolStats,
+    /// [`PoolGuard`]s alive: an entered pool is never given back, so every bounce of a
+    /// request finds its block.
+    entered: usize,
 }
 
 impl PoolEntry {
     fn contains(&self, pa: u64) -> bool {
-        pa >= self.pa.as_u64() && pa < self.pa.as_u64() + self.bump.size() as u64
+        self.frames.is_some() && pa >= self.pa.as_u64() && pa < self.pa.as_u64() + self.bump.size() as u64
+    }
+
+    /// Makes `frames` the pool's block.
+    fn install(&mut self, frames: Frames) {
+        self.pa = frames.phys();
+        self.va = frames.virt().as_usize();
+        self.frames = Some(frames);
+    }
+
+    /// Neither entered nor holding a bounce, with a block to give back.
+    fn idle(&self) -> bool {
+        self.frames.is_some() && self.entered == 0 && self.bump.live() == 0
     }
 }
 
@@ -195,11 +221,45 @@ impl core::error::Error for PoolError {
 }
 
 /// A device's DMA bounce pool: one physically contiguous buddy block that `share` copies
-/// non-contiguous buffers into while the pool is entered. Freed on drop.
+/// non-contiguous buffers into while the pool is entered. Freed on drop; while idle, given
+/// back under memory pressure and taken anew by the next [`DmaPool::enter`].
 #[derive(Debug)]
 pub struct DmaPool {
     slot: usize,
-    frames: Option<Frames>,
+    order: usize,
+}
+
+/// Gives idle pools' blocks back under memory pressure (registered with the first pool).
+static POOL_SHRINKER: memory::reclaim::Shrinker =
+    memory::reclaim::Shrinker::new("virtio DMA bounce pools (idle)", pool_count, pool_scan);
+
+/// Frames the idle pools hold.
+fn pool_count() -> usize {
+    POOLS
+        .try_lock()
+        .map_or(0, |pools| pools.iter().flatten().filter(|e| e.idle()).map(|e| e.bump.size() / PAGE_SIZE).sum())
+}
+
+/// Gives back idle pools' blocks until `nr` frames or more went; returns how many.
+fn pool_scan(nr: usize) -> usize {
+    let mut taken: [Option<Frames>; MAX_POOLS] = [const { None }; MAX_POOLS];
+    let mut n = 0;
+    if let Some(mut pools) = POOLS.try_lock() {
+        for (slot, e) in pools.iter_mut().enumerate() {
+            let Some(e) = e.as_mut().filter(|e| e.idle()) else { continue };
+            if n >= nr {
+                break;
+            }
+            taken[slot] = e.frames.take();
+            e.pa = PhysAddr::new(0);
+            e.va = 0;
+            e.stats.given_back += 1;
+            n += e.bump.size() / PAGE_SIZE;
+        }
+    }
+    // Freed with the pool table unlocked.
+    drop(taken);
+    n
 }
 
 impl DmaPool {
@@ -212,18 +272,27 @@ impl DmaPool {
         let mut pools = POOLS.lock();
         let slot = pools.iter().position(Option::is_none).ok_or(PoolError::TooManyPools)?;
         let size = frames.size();
-        pools[slot] = Some(PoolEntry {
-            pa: frames.phys(),
-            va: frames.virt().as_usize(),
+        let mut e = PoolEntry {
+            frames: None,
+            pa: PhysAddr::new(0),
+            va: 0,
             bump: Bump::new(size),
             stats: PoolStats { capacity: size, ..PoolStats::default() },
-        });
-        Ok(Self { slot, frames: Some(frames) })
+            entered: 0,
+        };
+        e.install(frames);
+        pools[slot] = Some(e);
+        drop(pools);
+        match memory::reclaim::register(&POOL_SHRINKER) {
+            Ok(()) | Err(memory::reclaim::ReclaimError::AlreadyRegistered) => {}
+            Err(e) => log::warn!("virtio: DMA pools not reclaimable: {e}"),
+        }
+        Ok(Self { slot, order })
     }
 
     /// The pool's size in bytes.
     pub fn capacity(&self) -> usize {
-        self.frames.as_ref().map_or(0, Frames::size)
+        PAGE_SIZE << self.order
     }
 
     /// The largest single bounce the pool is sure to hold while a request also bounces a few
@@ -232,16 +301,43 @@ impl DmaPool {
         self.capacity().saturating_sub(PAGE_SIZE).max(PAGE_SIZE / 2)
     }
 
-    /// The pool's physical address.
+    /// The pool's physical address now (0 while its block is given back: see
+    /// [`DmaPool::enter`]).
     pub fn phys(&self) -> PhysAddr {
-        self.frames.as_ref().map_or(PhysAddr::new(0), Frames::phys)
+        POOLS.lock()[self.slot].as_ref().map_or(PhysAddr::new(0), |e| e.pa)
     }
 
     /// Makes this the pool `share` bounces from until the guard drops (the previous one is
-    /// restored then). Wrap every call into the device's driver in it.
-    pub fn enter(&self) -> PoolGuard<'_> {
+    /// restored then). Wrap every call into the device's driver in it. An entered pool keeps
+    /// its block; one given back while idle is taken anew here.
+    ///
+    /// # Errors
+    /// [`PoolError::NoMemory`] when the pool's block was given back and no new one can be
+    /// had: the request fails before any bounce is needed.
+    pub fn enter(&self) -> Result<PoolGuard<'_>, PoolError> {
+        let mut pools = POOLS.lock();
+        let resident = pools[self.slot].as_ref().is_some_and(|e| e.frames.is_some());
+        let mut spare = None;
+        if !resident {
+            // With no lock held: the allocation may run the shrinkers, ours among them.
+            drop(pools);
+            let frames = Frames::alloc_zeroed(self.order).map_err(PoolError::NoMemory)?;
+            pools = POOLS.lock();
+            match pools[self.slot].as_mut() {
+                Some(e) if e.frames.is_none() => {
+                    e.install(frames);
+                    e.stats.refills += 1;
+                }
+                _ => spare = Some(frames),
+            }
+        }
+        if let Some(e) = pools[self.slot].as_mut() {
+            e.entered += 1;
+        }
+        drop(pools);
+        drop(spare);
         let previous = ACTIVE.swap(self.slot + 1, Ordering::AcqRel);
-        PoolGuard { _pool: self, previous }
+        Ok(PoolGuard { pool: self, previous })
     }
 
     /// The pool's counters.
@@ -249,6 +345,7 @@ impl DmaPool {
         POOLS.lock()[self.slot].as_ref().map_or_else(PoolStats::default, |e| PoolStats {
             live: e.bump.live(),
             high_water: e.bump.high_water(),
+            resident: e.frames.is_some(),
             ..e.stats
         })
     }
@@ -260,26 +357,32 @@ impl Drop for DmaPool {
         let mut pools = POOLS.lock();
         let live = pools[self.slot].as_ref().map_or(0, |e| e.bump.live());
         if live == 0 {
-            pools[self.slot] = None;
+            let entry = pools[self.slot].take();
+            drop(pools);
+            drop(entry);
             return;
         }
         // A device may still write there, and `unshare` must still recognise its bounces:
-        // the block and its slot are leaked, never reused.
-        log::error!("virtio: DMA pool at {:#x} dropped with {live} bounces live; leaking it", self.phys());
-        core::mem::forget(self.frames.take());
+        // the entry stays in its slot, which is never reused. A pool with bounces live is
+        // not idle; once the last is unshared, the shrinker may give its block back.
+        let pa = pools[self.slot].as_ref().map_or(PhysAddr::new(0), |e| e.pa);
+        log::error!("virtio: DMA pool at {pa:#x} dropped with {live} bounces live; its slot is lost");
     }
 }
 
 /// [`DmaPool::enter`]'s guard.
 #[derive(Debug)]
 pub struct PoolGuard<'a> {
-    _pool: &'a DmaPool,
+    pool: &'a DmaPool,
     previous: usize,
 }
 
 impl Drop for PoolGuard<'_> {
     fn drop(&mut self) {
         ACTIVE.store(self.previous, Ordering::Release);
+        if let Some(e) = POOLS.lock()[self.pool.slot].as_mut() {
+            e.entered -= 1;
+        }
     }
 }
 
@@ -333,7 +436,7 @@ fn linear_ptr(pa: PhysAddr) -> *mut u8 {
 fn pool_bounce(len: usize) -> Option<(u64, *mut u8)> {
     let slot = ACTIVE.load(Ordering::Acquire).checked_sub(1)?;
     let mut pools = POOLS.lock();
-    let e = pools.get_mut(slot)?.as_mut()?;
+    let e = pools.get_mut(slot)?.as_mut().filter(|e| e.frames.is_some())?;
     match e.bump.alloc(len, BOUNCE_ALIGN) {
         Some(off) => {
             e.stats.bounces += 1;

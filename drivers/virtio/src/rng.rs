@@ -80,7 +80,7 @@ impl Rng {
         let slot = dev.slot();
         let pool = DmaPool::new(POOL_ORDER).map_err(RngError::Pool)?;
         let dev = {
-            let _in = pool.enter();
+            let _in = pool.enter().map_err(RngError::Pool)?;
             VirtIORng::<VirtioHal, MmioDevice>::new(dev)?
         };
         Ok(Self { dev, pool, slot })
@@ -109,7 +109,7 @@ impl Rng {
     /// # Errors
     /// [`RngError::Driver`], [`RngError::Dry`].
     pub fn fill(&mut self, buf: &mut [u8]) -> Result<(), RngError> {
-        let _in = self.pool.enter();
+        let _in = self.pool.enter().map_err(RngError::Pool)?;
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
