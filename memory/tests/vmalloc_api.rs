@@ -293,6 +293,29 @@ fn a_purge_for_address_space_keeps_the_tables_the_last_purge_kept() {
 }
 
 #[test]
+fn a_purge_keeps_the_records_its_cycle_released_up_to_lazy_max_pages() {
+    // Two workers' threshold (64 MiB): a cycle of 1-page areas parks 8,193 records.
+    let mut vm = new_vm(1 << 16, 64);
+    vm.set_lazy_max_pages(16384);
+    let cycle = |vm: &mut Vmalloc<SimBackend>| {
+        for _ in 0..8193 {
+            let p = vm.vmalloc(PAGE_SIZE).unwrap();
+            vm.vfree(p).unwrap();
+        }
+    };
+    cycle(&mut vm);
+    assert_eq!(vm.stats().purges, 1);
+    let kept = vm.stats().spare_records;
+    assert!(kept >= 8000, "{kept} spare records kept after a cycle of 8,193 areas");
+    // The next cycle takes its records from the spares, not the heap.
+    let records = vm.stats().records;
+    cycle(&mut vm);
+    assert_eq!(vm.stats().purges, 2);
+    assert!(vm.stats().records <= records + 2, "{} records, {records} before", vm.stats().records);
+    vm.check().unwrap();
+}
+
+#[test]
 fn purge_at_lazy_max_pages_and_on_exhaustion() {
     let mut vm = new_vm(1 << 16, 8192);
     assert_eq!(vm.config().lazy_max_pages, 8192);

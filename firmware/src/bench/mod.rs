@@ -463,9 +463,14 @@ fn worker(cpu: usize) {
             let seed =
                 p.seed ^ (idx as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(r) << 48 ^ (cpu as u64) << 40;
             let mut c = Ctx::new(p.loops, p.nr_pages, p.nr_pcpu, Rng::new(seed));
+            // CPU 0's worker is sampled as a single worker is (the timer is CPU 0's).
+            let sampling = cpu == 0 && p.sample && sample::start();
             let t0 = hal::cpu::counter();
             let outcome = f(&mut c);
             ticks += hal::cpu::counter() - t0;
+            if sampling {
+                sample::stop_and_report(case.name);
+            }
             match (outcome, c.bad) {
                 (Ok(()), 0) => t.passed += 1,
                 (Err(()), 0) if case.xfail => t.xfailed += 1,

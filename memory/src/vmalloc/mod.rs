@@ -118,8 +118,6 @@ pub const MAX_FLUSH_PAGE_THRESHOLD: usize = 256;
 const RECORDS_PER_CALL: usize = 2;
 /// How many records [`Vmalloc`] allocates at once when it refills itself.
 const REFILL_BATCH: usize = 16;
-/// At most this many spare records are kept after a purge (see [`Vmalloc::take_excess_spares`]).
-const SPARE_CAP: usize = 4096;
 /// Spans (2 MiB-rounded, joined) a purge makes of the ranges it flushes, for
 /// [`VmBackend::flush_and_free_tables`] (its one call per purge) and for [`KeptTables`].
 const RECLAIM_SPANS: usize = 16;

@@ -238,7 +238,11 @@ impl<B: VmBackend> Vmalloc<B> {
         if let Some(a) = acc {
             self.free.give_back(a);
         }
-        self.spare_keep = self.config.spare_high.max(self.c.parked_areas.min(SPARE_CAP));
+        // The records the purge released, kept for the next cycle, which parks as many again:
+        // at most `lazy_max_pages` (every parked area holds a page at least), so the
+        // steady state holds no more than one cycle already held (with two workers, 8,192
+        // records a cycle, past a fixed cap of 4,096 half went back to slab each purge).
+        self.spare_keep = self.config.spare_high.max(self.c.parked_areas.min(self.config.lazy_max_pages));
         self.c.parked_areas = 0;
         self.c.parked_pages = 0;
         self.c.parked_mapped = 0;
