@@ -76,11 +76,21 @@ impl KernelTables {
         Some(unsafe { LeafTable::from_raw(p, VirtAddr::new(va & !(LEAF_SPAN - 1))) })
     }
 
-    /// The table of the 2 MiB holding `va` (in the region), made if missing.
+    /// The table of the 2 MiB holding `va` (in the region), made if missing. Inline: under
+    /// TCG the return of a call is an indirect-branch lookup, and every map asks.
+    #[inline(always)]
     fn leaf(&self, va: u64) -> Result<LeafTable, MapError> {
-        if let Some(l) = self.cached(va) {
-            return Ok(l);
+        match self.cached(va) {
+            Some(l) => Ok(l),
+            None => self.make_leaf(va),
         }
+    }
+
+    /// [`Self::leaf`] when the 2 MiB has no kept handle yet: found or made under the
+    /// kernel-table lock.
+    #[cold]
+    #[inline(never)]
+    fn make_leaf(&self, va: u64) -> Result<LeafTable, MapError> {
         let i = ((va - self.region.start().as_u64()) / LEAF_SPAN) as usize;
         let base = VirtAddr::new(va & !(LEAF_SPAN - 1));
         let space = hal::kmap::kernel_space().ok_or(MapError::OutOfRange)?;
