@@ -257,8 +257,9 @@ impl Blk {
     /// docs for how it is split.
     ///
     /// # Errors
-    /// [`BlkError::Unaligned`], [`BlkError::OutOfRange`] (nothing is read then), or
-    /// [`BlkError::Driver`] (part may have been read).
+    /// [`BlkError::Unaligned`], [`BlkError::OutOfRange`], [`BlkError::Pool`] (the bounce
+    /// pool was given back under memory pressure and no new block could be had; nothing is
+    /// read then), or [`BlkError::Driver`] (part may have been read).
     pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlkError> {
         self.transfer(sector, Dir::Read(buf))
     }
@@ -277,7 +278,7 @@ impl Blk {
     /// Asks the device to make written data durable (a no-op without `VIRTIO_BLK_F_FLUSH`).
     ///
     /// # Errors
-    /// [`BlkError::Driver`].
+    /// [`BlkError::Pool`] (as for [`Blk::read`]), [`BlkError::Driver`].
     pub fn flush(&mut self) -> Result<(), BlkError> {
         let _in = self.pool.enter().map_err(BlkError::Pool)?;
         Ok(self.dev.flush()?)
@@ -286,7 +287,7 @@ impl Blk {
     /// The device's id string (up to 20 bytes), as the driver returns it.
     ///
     /// # Errors
-    /// [`BlkError::Driver`] (e.g. `Unsupported`).
+    /// [`BlkError::Pool`] (as for [`Blk::read`]), [`BlkError::Driver`] (e.g. `Unsupported`).
     pub fn device_id(&mut self, id: &mut [u8; 20]) -> Result<usize, BlkError> {
         let _in = self.pool.enter().map_err(BlkError::Pool)?;
         Ok(self.dev.device_id(id)?)

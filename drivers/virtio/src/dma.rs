@@ -537,7 +537,9 @@ pub struct VirtioHal;
 //   device attributes: valid, and aliasing no Rust allocation (ioremap refuses RAM).
 // * `share` returns an address at which the device sees exactly the buffer's bytes: its own
 //   when physically contiguous, else a bounce reserved for it alone and filled with its
-//   contents; `unshare` copies device-written bytes back before releasing the bounce.
+//   contents; `unshare` copies device-written bytes back before releasing the bounce. A
+//   pool's block is never given back while a bounce in it is live or the pool is entered
+//   (`PoolEntry::idle`, checked under the pool table's lock, where bounces are taken).
 unsafe impl Hal for VirtioHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (virtio_drivers::PhysAddr, NonNull<u8>) {
         match buddy::alloc_pages_gfp(dma_gfp() | __GFP_ZERO, order_for_pages(pages)) {

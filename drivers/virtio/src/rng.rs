@@ -107,7 +107,8 @@ impl Rng {
     /// buffer that must be bounced goes in pieces that fit the pool).
     ///
     /// # Errors
-    /// [`RngError::Driver`], [`RngError::Dry`].
+    /// [`RngError::Pool`] (the bounce pool was given back under memory pressure and no new
+    /// block could be had), [`RngError::Driver`], [`RngError::Dry`].
     pub fn fill(&mut self, buf: &mut [u8]) -> Result<(), RngError> {
         let _in = self.pool.enter().map_err(RngError::Pool)?;
         let mut done = 0;

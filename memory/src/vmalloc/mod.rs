@@ -361,7 +361,8 @@ pub struct VmallocConfig {
     /// lock wraps the allocator; [`LockedVmalloc`] does.
     pub refill_inline: bool,
     /// Spare records always kept. After a purge up to as many as it released are kept too
-    /// (at most 4096, ~512 KiB), so a steady alloc/free workload does not churn the heap;
+    /// (at most `lazy_max_pages`: what one cycle parked and the next will park again), so a
+    /// steady alloc/free workload does not churn the heap;
     /// [`Vmalloc::release_spares`] gives them back.
     pub spare_high: usize,
     /// Quarantine (`vmalloc.quarantine=1`, a debugging mode): a freed vmalloc area's frames
