@@ -79,9 +79,6 @@ pub struct PoolStats {
 struct PoolEntry {
     /// The block while resident; `None` once the shrinker gave it back.
     frames: Option<Frames>,
-    pa: PhysAddr,
-    /// The pool's linear-map address (as an integer: the table is shared between cores).
-    va: usize,
     bump: Bump,
     stats: PoolStats,
     /// [`PoolGuard`]s alive: an entered pool is never given back, so every bounce of a
@@ -91,14 +88,18 @@ struct PoolEntry {
 
 impl PoolEntry {
     fn contains(&self, pa: u64) -> bool {
-        self.frames.is_some() && pa >= self.pa.as_u64() && pa < self.pa.as_u64() + self.bump.size() as u64
+        let base = self.pa().as_u64();
+        self.frames.is_some() && pa >= base && pa < base + self.bump.size() as u64
     }
 
-    /// Makes `frames` the pool's block.
-    fn install(&mut self, frames: Frames) {
-        self.pa = frames.phys();
-        self.va = frames.virt().as_usize();
-        self.frames = Some(frames);
+    /// The block's physical address (0 while given back).
+    fn pa(&self) -> PhysAddr {
+        self.frames.as_ref().map_or(PhysAddr::new(0), Frames::phys)
+    }
+
+    /// The linear-map address of `off` bytes into the block (resident).
+    fn ptr(&self, off: usize) -> *mut u8 {
+        self.frames.as_ref().map_or(core::ptr::null_mut(), |f| f.virt().as_mut_ptr::<u8>().wrapping_add(off))
     }
 
     /// Neither entered nor holding a bounce, with a block to give back.
@@ -251,8 +252,6 @@ fn pool_scan(nr: usize) -> usize {
                 break;
             }
             taken[slot] = e.frames.take();
-            e.pa = PhysAddr::new(0);
-            e.va = 0;
             e.stats.given_back += 1;
             n += e.bump.size() / PAGE_SIZE;
         }
@@ -272,16 +271,12 @@ impl DmaPool {
         let mut pools = POOLS.lock();
         let slot = pools.iter().position(Option::is_none).ok_or(PoolError::TooManyPools)?;
         let size = frames.size();
-        let mut e = PoolEntry {
-            frames: None,
-            pa: PhysAddr::new(0),
-            va: 0,
+        pools[slot] = Some(PoolEntry {
+            frames: Some(frames),
             bump: Bump::new(size),
             stats: PoolStats { capacity: size, ..PoolStats::default() },
             entered: 0,
-        };
-        e.install(frames);
-        pools[slot] = Some(e);
+        });
         drop(pools);
         match memory::reclaim::register(&POOL_SHRINKER) {
             Ok(()) | Err(memory::reclaim::ReclaimError::AlreadyRegistered) => {}
@@ -304,7 +299,7 @@ impl DmaPool {
     /// The pool's physical address now (0 while its block is given back: see
     /// [`DmaPool::enter`]).
     pub fn phys(&self) -> PhysAddr {
-        POOLS.lock()[self.slot].as_ref().map_or(PhysAddr::new(0), |e| e.pa)
+        POOLS.lock()[self.slot].as_ref().map_or(PhysAddr::new(0), PoolEntry::pa)
     }
 
     /// Makes this the pool `share` bounces from until the guard drops (the previous one is
@@ -325,7 +320,7 @@ impl DmaPool {
             pools = POOLS.lock();
             match pools[self.slot].as_mut() {
                 Some(e) if e.frames.is_none() => {
-                    e.install(frames);
+                    e.frames = Some(frames);
                     e.stats.refills += 1;
                 }
                 _ => spare = Some(frames),
@@ -365,7 +360,7 @@ impl Drop for DmaPool {
         // A device may still write there, and `unshare` must still recognise its bounces:
         // the entry stays in its slot, which is never reused. A pool with bounces live is
         // not idle; once the last is unshared, the shrinker may give its block back.
-        let pa = pools[self.slot].as_ref().map_or(PhysAddr::new(0), |e| e.pa);
+        let pa = pools[self.slot].as_ref().map_or(PhysAddr::new(0), PoolEntry::pa);
         log::error!("virtio: DMA pool at {pa:#x} dropped with {live} bounces live; its slot is lost");
     }
 }
@@ -441,7 +436,7 @@ fn pool_bounce(len: usize) -> Option<(u64, *mut u8)> {
         Some(off) => {
             e.stats.bounces += 1;
             e.stats.bytes_in += len as u64;
-            Some((e.pa.as_u64() + off as u64, (e.va + off) as *mut u8))
+            Some((e.pa().as_u64() + off as u64, e.ptr(off)))
         }
         None => {
             e.stats.overflows += 1;
@@ -494,11 +489,11 @@ unsafe fn unshare(paddr: u64, buffer: NonNull<[u8]>, direction: BufferDirection)
     {
         let mut pools = POOLS.lock();
         if let Some(e) = pools.iter_mut().flatten().find(|e| e.contains(paddr)) {
-            let off = (paddr - e.pa.as_u64()) as usize;
+            let off = (paddr - e.pa().as_u64()) as usize;
             if copy_back {
                 // SAFETY: the bounce holds `len` bytes the device has finished with; `dst`
                 // is valid for `len` bytes (our caller's promise) and disjoint from the pool.
-                unsafe { core::ptr::copy_nonoverlapping((e.va + off) as *const u8, dst, len) };
+                unsafe { core::ptr::copy_nonoverlapping(e.ptr(off), dst, len) };
                 e.stats.bytes_out += len as u64;
             }
             e.bump.free(off, len);

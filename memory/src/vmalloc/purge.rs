@@ -19,35 +19,35 @@ pub(super) enum Purge {
 impl<B: VmBackend> Vmalloc<B> {
     /// Flush `pages` from `va` now (failure paths, shrink, strict mode).
     pub(super) fn flush_now(&mut self, va: u64, pages: usize) {
-        if pages == 0 {
-            return;
-        }
-        if pages <= self.config.flush_page_threshold {
-            self.backend.tlb_flush_pages(&[(VirtAddr::new(va), pages)]);
-            self.c.tlb_page_ops += pages as u64;
-            self.c.tlb_page_batches += 1;
-        } else {
-            self.backend.tlb_flush_all();
-            self.c.tlb_full += 1;
-        }
+        let range = [(VirtAddr::new(va), pages)];
+        let flush = self.count_flush(&range);
+        self.flush_reclaim_spans(flush, &[]);
     }
 
     /// [`Self::flush_now`] for `pages` from `va`, and in the same batch give back the page
     /// tables of the window that map nothing and meet `[lo, hi)` (see
     /// [`VmBackend::flush_and_free_tables`]): failure paths, strict mode, a shrink.
     pub(super) fn flush_reclaim(&mut self, va: u64, pages: usize, lo: u64, hi: u64) {
-        let flush = if pages == 0 {
+        let range = [(VirtAddr::new(va), pages)];
+        let flush = self.count_flush(&range);
+        let span = VirtRange::from_bounds(VirtAddr::new(lo), VirtAddr::new(hi)).ok();
+        self.flush_reclaim_spans(flush, span.as_slice());
+    }
+
+    /// The flush of one range: by page up to `flush_page_threshold` pages, else all;
+    /// counted.
+    fn count_flush<'a>(&mut self, range: &'a [(VirtAddr, usize); 1]) -> TlbFlush<'a> {
+        let pages = range[0].1;
+        if pages == 0 {
             TlbFlush::None
         } else if pages <= self.config.flush_page_threshold {
             self.c.tlb_page_ops += pages as u64;
             self.c.tlb_page_batches += 1;
-            TlbFlush::Pages(&[(VirtAddr::new(va), pages)])
+            TlbFlush::Pages(range)
         } else {
             self.c.tlb_full += 1;
             TlbFlush::All
-        };
-        let span = VirtRange::from_bounds(VirtAddr::new(lo), VirtAddr::new(hi)).ok();
-        self.flush_reclaim_spans(flush, span.as_slice());
+        }
     }
 
     /// Issue `flush` and give back the empty tables meeting `spans` in one backend call
