@@ -1,5 +1,7 @@
 //! Host benchmark: our buddy allocator against `buddy_system_allocator::FrameAllocator`,
-//! our kmalloc against `talc`. Median of 5 runs, plain `Instant`; prints a table.
+//! our kmalloc against `talc`, plain `Instant`; prints a table. The buddy rows are medians of 5
+//! runs of each side; the kmalloc rows run ours and talc in turn 11 times (host drift falls
+//! on both alike) and give the median of the run-by-run ratios as the speedup.
 //!
 //! Run with `cargo bench -p memory --bench alloc`; `-- buddy` or `-- kmalloc` runs one
 //! group, `-- nohot` turns the buddy's order-0 hot list off (to measure what it buys).
@@ -99,7 +101,45 @@ struct Row {
     ours: Duration,
     other_name: &'static str,
     other: Duration,
+    /// The median of run-by-run ratios (other / ours) where the two ran interleaved;
+    /// else the ratio of the medians.
+    pair_ratio: Option<f64>,
 }
+
+/// Runs `ours` and each of `others` in turn, `RUNS_PAIRED` times (A B C A B C …, so host
+/// drift falls on all alike): the median time of each and, per other, the median of the
+/// run-by-run ratios other / ours.
+fn interleaved(
+    ours: &mut dyn FnMut() -> Duration,
+    others: &mut [&mut dyn FnMut() -> Duration],
+) -> (Duration, Vec<(Duration, f64)>) {
+    let mut mine = Vec::with_capacity(RUNS_PAIRED);
+    let mut theirs: Vec<Vec<Duration>> = vec![Vec::with_capacity(RUNS_PAIRED); others.len()];
+    for _ in 0..RUNS_PAIRED {
+        mine.push(ours());
+        for (o, t) in others.iter_mut().zip(theirs.iter_mut()) {
+            t.push(o());
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let results = theirs
+        .iter()
+        .map(|t| {
+            let mut r: Vec<f64> = t.iter().zip(&mine).map(|(o, m)| o.as_secs_f64() / m.as_secs_f64()).collect();
+            let mut s = t.clone();
+            s.sort();
+            (s[s.len() / 2], med(&mut r))
+        })
+        .collect();
+    mine.sort();
+    (mine[RUNS_PAIRED / 2], results)
+}
+
+/// Runs of each side in an interleaved comparison.
+const RUNS_PAIRED: usize = 11;
 
 fn ns(d: Duration, ops: usize) -> f64 {
     d.as_nanos() as f64 / ops as f64
@@ -159,6 +199,7 @@ fn buddy_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         ours: mine,
         other_name: "buddy_system_allocator",
         other,
+        pair_ratio: None,
     });
 
     // Order 0: alloc N, then free N.
@@ -199,6 +240,7 @@ fn buddy_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         ours: mine,
         other_name: "buddy_system_allocator",
         other,
+        pair_ratio: None,
     });
 
     // Order 0 ping-pong.
@@ -228,6 +270,7 @@ fn buddy_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         ours: mine,
         other_name: "buddy_system_allocator",
         other,
+        pair_ratio: None,
     });
 
     // Bulk order 0 (ours only has it; compared with single calls of the other).
@@ -248,6 +291,7 @@ fn buddy_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         ours: mine,
         other_name: "buddy_system_allocator (single)",
         other: rows[1].other,
+        pair_ratio: None,
     });
 
     // vmalloc's hot path: 16 frames (a 64 KiB area) in bulk, given back in bulk.
@@ -284,6 +328,7 @@ fn buddy_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         ours: mine,
         other_name: "buddy_system_allocator (single)",
         other,
+        pair_ratio: None,
     });
 }
 
@@ -354,21 +399,17 @@ fn slab_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         }
         t.elapsed()
     };
-    let mine = median(kmalloc_loop);
-    rows.push(Row {
-        name: "kmalloc 64 B: alloc 10k then free 10k",
-        ops: 2 * N * ROUNDS,
-        ours: mine,
-        other_name: "talc (spin::Mutex)",
-        other: median(|| talc_loop(true)),
-    });
-    rows.push(Row {
-        name: "kmalloc 64 B: alloc 10k then free 10k",
-        ops: 2 * N * ROUNDS,
-        ours: mine,
-        other_name: "talc (&mut, no lock)",
-        other: median(|| talc_loop(false)),
-    });
+    let (mine, theirs) = interleaved(&mut { kmalloc_loop }, &mut [&mut || talc_loop(true), &mut || talc_loop(false)]);
+    for ((other, pair_ratio), other_name) in theirs.into_iter().zip(["talc (spin::Mutex)", "talc (&mut, no lock)"]) {
+        rows.push(Row {
+            name: "kmalloc 64 B: alloc 10k then free 10k",
+            ops: 2 * N * ROUNDS,
+            ours: mine,
+            other_name,
+            other,
+            pair_ratio: Some(pair_ratio),
+        });
+    }
 
     let kmalloc_pp = || {
         let t = Instant::now();
@@ -396,21 +437,17 @@ fn slab_rows(linear: LinearMap, rows: &mut Vec<Row>) {
         }
         t.elapsed()
     };
-    let mine = median(kmalloc_pp);
-    rows.push(Row {
-        name: "kmalloc 64 B: ping-pong alloc/free",
-        ops: 2 * PP,
-        ours: mine,
-        other_name: "talc (spin::Mutex)",
-        other: median(|| talc_pp(true)),
-    });
-    rows.push(Row {
-        name: "kmalloc 64 B: ping-pong alloc/free",
-        ops: 2 * PP,
-        ours: mine,
-        other_name: "talc (&mut, no lock)",
-        other: median(|| talc_pp(false)),
-    });
+    let (mine, theirs) = interleaved(&mut { kmalloc_pp }, &mut [&mut || talc_pp(true), &mut || talc_pp(false)]);
+    for ((other, pair_ratio), other_name) in theirs.into_iter().zip(["talc (spin::Mutex)", "talc (&mut, no lock)"]) {
+        rows.push(Row {
+            name: "kmalloc 64 B: ping-pong alloc/free",
+            ops: 2 * PP,
+            ours: mine,
+            other_name,
+            other,
+            pair_ratio: Some(pair_ratio),
+        });
+    }
     slab.shrink();
 }
 
@@ -443,10 +480,11 @@ fn main() {
     }
     println!(
         "{:<42} {:>10} {:>12} {:<32} {:>12} {:>8}",
-        "benchmark (median of 5)", "ops", "ours ns/op", "other", "other ns/op", "speedup"
+        "benchmark (medians)", "ops", "ours ns/op", "other", "other ns/op", "speedup"
     );
     for r in &rows {
         let (o, t) = (ns(r.ours, r.ops), ns(r.other, r.ops));
-        println!("{:<42} {:>10} {:>12.1} {:<32} {:>12.1} {:>7.2}x", r.name, r.ops, o, r.other_name, t, t / o);
+        let ratio = r.pair_ratio.unwrap_or(t / o);
+        println!("{:<42} {:>10} {:>12.1} {:<32} {:>12.1} {:>7.2}x", r.name, r.ops, o, r.other_name, t, ratio);
     }
 }

@@ -163,25 +163,7 @@ pub static HAL_CPUS: [CpuData; MAX_CPUS] = {
 /// This CPU's data (`TPIDR_EL1`; the boot CPU's before boot has set it).
 #[inline]
 pub fn this_cpu_data() -> &'static CpuData {
-    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-    {
-        let p: usize;
-        // SAFETY: reading TPIDR_EL1 has no side effect.
-        unsafe { core::arch::asm!("mrs {}, tpidr_el1", out(reg) p, options(nomem, nostack, preserves_flags)) };
-        let base = HAL_CPUS.as_ptr() as usize;
-        let size = core::mem::size_of::<CpuData>();
-        // Only ever set to an element of HAL_CPUS (entry.S for CPU 0, the secondary entry
-        // for the others); anything else (0 before entry.S set it) means CPU 0.
-        let index = p.wrapping_sub(base) / size;
-        if p >= base && (p - base).is_multiple_of(size) && index < MAX_CPUS {
-            return &HAL_CPUS[index];
-        }
-        &HAL_CPUS[0]
-    }
-    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
-    {
-        &HAL_CPUS[host::cpu()]
-    }
+    &HAL_CPUS[this_cpu()]
 }
 
 /// On the host, each thread plays one CPU: CPU 0 unless it chose another with
@@ -263,10 +245,30 @@ pub(crate) fn host_owns_cpu() -> bool {
     host::owns_cpu()
 }
 
-/// This CPU's logical number (0 for the boot CPU).
+/// This CPU's logical number (0 for the boot CPU): on target the index of the
+/// `HAL_CPUS` element `TPIDR_EL1` points at (computed, not loaded: the per-CPU fast paths
+/// start here), on the host the CPU the calling thread plays.
 #[inline]
 pub fn this_cpu() -> usize {
-    this_cpu_data().id()
+    #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+    {
+        let p: usize;
+        // SAFETY: reading TPIDR_EL1 has no side effect.
+        unsafe { core::arch::asm!("mrs {}, tpidr_el1", out(reg) p, options(nomem, nostack, preserves_flags)) };
+        let base = HAL_CPUS.as_ptr() as usize;
+        let size = core::mem::size_of::<CpuData>();
+        // Only ever set to an element of HAL_CPUS (entry.S for CPU 0, the secondary entry
+        // for the others); anything else (0 before entry.S set it) means CPU 0.
+        let index = p.wrapping_sub(base) / size;
+        if p >= base && (p - base).is_multiple_of(size) && index < MAX_CPUS {
+            return index;
+        }
+        0
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_os = "none")))]
+    {
+        host::cpu()
+    }
 }
 
 /// CPU `n`'s data, if `n < MAX_CPUS`.

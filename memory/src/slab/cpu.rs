@@ -159,26 +159,19 @@ impl GeoMirror {
 }
 
 impl SlabAllocator<'_> {
-    /// The per-CPU path of an allocation from cache `id`.
+    /// The per-CPU path of an allocation from cache `id`: an object off this CPU's
+    /// magazine (refilled first when empty), or null when there is nothing to refill it
+    /// with (memory short, or a failure injected).
     #[inline(always)]
-    pub(super) fn alloc_cached(
-        &self,
-        layer: &CpuLayer,
-        cc: &mut CpuCaches,
-        id: usize,
-        gfp: Gfp,
-    ) -> Result<core::ptr::NonNull<u8>, SlabError> {
+    pub(super) fn alloc_cached(&self, layer: &CpuLayer, cc: &mut CpuCaches, id: usize, gfp: Gfp) -> *mut u8 {
         let m = &mut cc.mags[id];
         if m.len == 0 && self.refill(id, m, gfp) == 0 {
-            // Nothing to take (memory short, or a failure injected): the locked path
-            // decides and counts the error.
-            return self.alloc_locked(id, gfp);
+            return core::ptr::null_mut();
         }
         m.len -= 1;
         let p = m.objs[m.len];
         layer.publish(cc.cpu, id, m.len);
-        // SAFETY: magazines hold object pointers, never null.
-        Ok(unsafe { core::ptr::NonNull::new_unchecked(p) })
+        p
     }
 
     /// Fills an empty magazine with up to [`BATCH`] objects under the cache lock (growing

@@ -988,10 +988,16 @@ impl<'b> SlabAllocator<'b> {
     #[inline(always)]
     fn alloc_from(&self, id: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
         if let Some(layer) = &self.cpu {
-            if let Some(r) = layer.cpus.try_with(|p| self.alloc_cached(layer, p.get(), id, gfp)) {
-                return r;
+            // A raw pointer out of the closure (null: take the locked path), not a
+            // `Result`: an `Option<Result<NonNull, _>>` is rebuilt through the stack with
+            // overlapping stores and loads, a store-forwarding stall on each call.
+            let p = layer.cpus.try_with(|p| self.alloc_cached(layer, p.get(), id, gfp)).unwrap_or(ptr::null_mut());
+            if let Some(p) = NonNull::new(p) {
+                return Ok(p);
             }
         }
+        // No per-CPU caches, this CPU's in use further up the stack, or its magazine
+        // empty and nothing to refill it with: the locked path decides and counts any error.
         self.alloc_locked(id, gfp)
     }
 
