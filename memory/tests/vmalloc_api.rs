@@ -266,6 +266,33 @@ fn an_automatic_purge_keeps_the_tables_its_ranges_met_for_one_cycle() {
 }
 
 #[test]
+fn a_purge_for_address_space_keeps_the_tables_the_last_purge_kept() {
+    // A 16 MiB window: eight 2 MiB stretches, one table each.
+    let mut vm = new_vm(4096, 8192);
+    let tables = |vm: &Vmalloc<SimBackend>| (vm.backend().table_pages(), vm.backend().counters.tables_freed);
+    for _ in 0..8 {
+        let p = vm.vmalloc_aligned(PAGE_SIZE, 2 << 20).unwrap();
+        vm.vfree(p).unwrap();
+    }
+    // Every stretch parked: the ninth finds no hole, purges, keeps the eight tables.
+    let a = vm.vmalloc_aligned(PAGE_SIZE, 2 << 20).unwrap();
+    assert_eq!(vm.stats().purges, 1);
+    let (made, freed) = tables(&vm);
+    assert_eq!((made, freed), (2 + 8, 0));
+    // Only stretch 0 parked; the whole window asked for: a second purge for space, which
+    // meets stretch 0 alone. The seven other tables (empty) stay for the allocation.
+    vm.vfree(a).unwrap();
+    let all = vm.vmalloc(4095 * PAGE_SIZE).unwrap();
+    assert_eq!(vm.stats().purges, 2);
+    assert_eq!(tables(&vm), (made, 0), "a purge for space gave tables back");
+    vm.vfree(all).unwrap();
+    vm.purge();
+    assert_eq!(tables(&vm), (2, 8));
+    assert_eq!(vm.backend().counters.violations, 0);
+    vm.check().unwrap();
+}
+
+#[test]
 fn a_purge_keeps_the_records_its_cycle_released_up_to_lazy_max_pages() {
     // Two workers' threshold (64 MiB): a cycle of 1-page areas parks 8,193 records.
     let mut vm = new_vm(1 << 16, 64);

@@ -10,6 +10,7 @@
 //! ```text
 //!  purge n   (automatic)  free: kept(n-1) - met(n)      keep: met(n)
 //!  purge n+1 (automatic)  free: met(n) - met(n+1)       keep: met(n+1)
+//!  no hole for an alloc   free: what does not fit       keep: met, then kept - met
 //!  explicit purge, shrink free: kept ∪ met              keep: nothing
 //! ```
 //!
@@ -25,6 +26,18 @@ use super::{NO_SPAN, RECLAIM_SPANS};
 
 /// Spans one purge hands to the backend: this purge's and the last one's kept stretches.
 pub(super) const OUT_SPANS: usize = 2 * RECLAIM_SPANS + 1;
+
+/// How a purge ages the kept tables.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Age {
+    /// The lazy threshold: frees what was kept and is not met again; keeps what it met.
+    Cycle,
+    /// An allocation found no hole: it purges for address space, not for memory, so it
+    /// frees only what does not fit in the kept slots (met first, then the last kept).
+    Hold,
+    /// An explicit purge or a shrink: frees what was kept and what it met; keeps nothing.
+    All,
+}
 
 /// The spans whose empty tables the last automatic purge kept, disjoint, at most
 /// [`RECLAIM_SPANS`].
@@ -46,13 +59,11 @@ impl KeptTables {
     }
 
     /// A purge's turn: `met` are the spans its flushed ranges met (disjoint). Returns, in
-    /// `out`, the spans whose empty tables go now, and how many: for an automatic purge
-    /// (`full` false) what was kept and is not met again, keeping `met`; for a full one
-    /// both, keeping nothing.
-    pub(super) fn age(&mut self, met: &[VirtRange], full: bool, out: &mut [VirtRange; OUT_SPANS]) -> usize {
+    /// `out`, the spans whose empty tables go now, and how many (see [`Age`]).
+    pub(super) fn age(&mut self, met: &[VirtRange], how: Age, out: &mut [VirtRange; OUT_SPANS]) -> usize {
         let prev = *self;
         let mut n = 0;
-        if full {
+        if how == Age::All {
             for &s in met.iter().chain(prev.spans()) {
                 out[n] = s;
                 n += 1;
@@ -60,12 +71,24 @@ impl KeptTables {
             self.n = 0;
             return n;
         }
+        let mut gone = [NO_SPAN; OUT_SPANS];
+        let mut ngone = 0;
         for &p in prev.spans() {
-            n = subtract(p, met, out, n);
+            ngone = subtract(p, met, &mut gone, ngone);
         }
         let keep = met.len().min(RECLAIM_SPANS);
         self.spans[..keep].copy_from_slice(&met[..keep]);
         self.n = keep;
+        for &g in &gone[..ngone] {
+            // A purge for space keeps what it can of the last kept ones too.
+            if how == Age::Hold && self.n < RECLAIM_SPANS {
+                self.spans[self.n] = g;
+                self.n += 1;
+            } else {
+                out[n] = g;
+                n += 1;
+            }
+        }
         // More spans than slots (never from `table_spans`, which joins the rest into its
         // last): the rest is not kept.
         for &s in &met[keep..] {
@@ -124,8 +147,12 @@ mod tests {
     }
 
     fn turn(k: &mut KeptTables, met: &[VirtRange], full: bool) -> Vec<VirtRange> {
+        turn_as(k, met, if full { Age::All } else { Age::Cycle })
+    }
+
+    fn turn_as(k: &mut KeptTables, met: &[VirtRange], how: Age) -> Vec<VirtRange> {
         let mut out = [NO_SPAN; OUT_SPANS];
-        let n = k.age(met, full, &mut out);
+        let n = k.age(met, how, &mut out);
         out[..n].to_vec()
     }
 
@@ -143,6 +170,26 @@ mod tests {
         let free = turn(&mut k, &[span(9, 10)], true);
         assert_eq!(free, vec![span(9, 10), span(5, 6), span(0, 2)]);
         assert!(k.spans().is_empty());
+    }
+
+    #[test]
+    fn a_purge_for_space_frees_only_what_does_not_fit() {
+        let mut k = KeptTables::new();
+        assert_eq!(turn(&mut k, &[span(4, 8), span(0, 2)], false), vec![]);
+        // Met (5, 6) and (20, 21): the rest of (4, 8) and all of (0, 2) stay too.
+        assert_eq!(turn_as(&mut k, &[span(20, 21), span(5, 6)], Age::Hold), vec![]);
+        assert_eq!(k.spans(), &[span(20, 21), span(5, 6), span(4, 5), span(6, 8), span(0, 2)]);
+        // Full slots: what was kept beyond them goes.
+        let met: Vec<_> = (0..RECLAIM_SPANS as u64 - 1).map(|i| span(100 + 2 * i, 101 + 2 * i)).collect();
+        let free = turn_as(&mut k, &met, Age::Hold);
+        assert_eq!(k.spans().len(), RECLAIM_SPANS);
+        assert_eq!(&k.spans()[..met.len()], &met[..]);
+        assert_eq!(k.spans()[met.len()], span(20, 21));
+        assert_eq!(free, vec![span(5, 6), span(4, 5), span(6, 8), span(0, 2)]);
+        // The next lazy cycle frees what it does not meet again.
+        let free = turn(&mut k, &[span(20, 21)], false);
+        assert_eq!(free, met);
+        assert_eq!(k.spans(), &[span(20, 21)]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! flushed ranges left empty given back in the same batch (or kept a cycle: `kept.rs`),
 //! the quarantine drained, and the ranges returned to their pools or the free tree.
 
+use super::kept::Age;
 use super::*;
 
 /// Why a purge runs: what it keeps of the page tables and of the pools.
@@ -10,7 +11,8 @@ pub(super) enum Purge {
     /// The parked pages passed `lazy_max_pages`: keeps the tables where the next
     /// allocations go, and pools what it flushed.
     Lazy,
-    /// An allocation found no hole: keeps those tables, gives every pooled range back.
+    /// An allocation found no hole: keeps those tables and what the last purge kept (as
+    /// slots allow: it purges for address space, not memory), gives every pooled range back.
     NoHole,
     /// [`Vmalloc::purge`]: keeps no table and no pooled range.
     Explicit,
@@ -150,7 +152,7 @@ impl<B: VmBackend> Vmalloc<B> {
             // Nothing parked: a full purge still gives back what an automatic one kept.
             if full && !self.kept.spans().is_empty() {
                 let mut spans = [NO_SPAN; OUT_SPANS];
-                let n = self.kept.age(&[], true, &mut spans);
+                let n = self.kept.age(&[], Age::All, &mut spans);
                 self.flush_reclaim_spans(TlbFlush::None, &spans[..n]);
             }
             // The pools given back may have left records spare.
@@ -165,7 +167,12 @@ impl<B: VmBackend> Vmalloc<B> {
         let mut met = [NO_SPAN; RECLAIM_SPANS];
         let nmet = self.table_spans(head, &mut met);
         let mut spans = [NO_SPAN; OUT_SPANS];
-        let nspans = self.kept.age(&met[..nmet], full, &mut spans);
+        let how = match why {
+            Purge::Lazy => Age::Cycle,
+            Purge::NoHole => Age::Hold,
+            Purge::Explicit => Age::All,
+        };
+        let nspans = self.kept.age(&met[..nmet], how, &mut spans);
         let mapped = self.c.parked_mapped;
         if mapped > 0 && mapped <= self.config.flush_page_threshold {
             let mut ranges = [(VirtAddr::new(0), 0usize); MAX_FLUSH_PAGE_THRESHOLD];
