@@ -2371,11 +2371,13 @@ impl BuddyAllocator {
 }
 
 // SAFETY: `alloc_table` hands out frames allocated from this allocator, which belong to
-// the caller alone until it gives them back; they are zeroed, 4 KiB aligned and inside
-// the linear map the allocator was built over.
+// the caller alone until it gives them back; they are 4 KiB aligned and inside the linear
+// map the allocator was built over. Not zeroed here, as for `GlobalTableAlloc`: the walker
+// zeroes every table page it takes ([`BuddyAllocator::alloc_table`], the zeroed frame for
+// other callers, stays).
 unsafe impl TableAlloc for BuddyAllocator {
     fn alloc_table(&mut self) -> Option<PhysAddr> {
-        BuddyAllocator::alloc_table(self)
+        self.alloc(0).ok()
     }
 
     unsafe fn free_table(&mut self, page: PhysAddr) {
