@@ -868,6 +868,9 @@ pub struct BuddyAllocator {
     corruptions: u64,
     min_free_kbytes: usize,
     strict: bool,
+    /// Which of the 8 large-object owner marks slab allocators on this buddy hold (bit `k`:
+    /// mark `k` taken; see `claim_owner_mark`).
+    owner_marks: u8,
 }
 
 // SAFETY: the raw pointers lead to the allocator's own metadata and to free RAM it owns
@@ -1068,6 +1071,7 @@ impl BuddyAllocator {
             corruptions: 0,
             min_free_kbytes: 0,
             strict,
+            owner_marks: 0,
         };
         alloc.build(reserved, meta_start, meta_frames);
         if alloc.total_pages == 0 {
@@ -2133,6 +2137,23 @@ impl BuddyAllocator {
     /// ```
     pub fn frame_map(&self) -> &FrameMap {
         &self.map
+    }
+
+    /// Claims one of the 8 owner marks a slab allocator writes into the frame tag of its
+    /// large blocks, so that allocators sharing this buddy tell their large blocks apart
+    /// exactly; `None` when all 8 are held.
+    pub(crate) fn claim_owner_mark(&mut self) -> Option<u8> {
+        let k = (!self.owner_marks).trailing_zeros();
+        if k >= 8 {
+            return None;
+        }
+        self.owner_marks |= 1 << k;
+        Some(k as u8)
+    }
+
+    /// Gives back an owner mark from [`Self::claim_owner_mark`].
+    pub(crate) fn release_owner_mark(&mut self, k: u8) {
+        self.owner_marks &= !(1u8 << (k & 7));
     }
 
     /// The per-frame owner tags (see [`FrameTags`]), borrowing the allocator (usable

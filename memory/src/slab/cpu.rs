@@ -8,8 +8,8 @@
 //! what needs no lock (the frame tag names the cache, the slab header's magic and brand are
 //! ours, the pointer is an object start, computed from a lock-free copy of the cache's
 //! geometry, and it is not the object freed last, SLUB's hardening check) and pushes it; a full magazine
-//! first gives its older half back to the slabs under the lock, where every check runs
-//! again (the bitmap's exact double-free check among them). An object freed on another
+//! first gives its older half back to the slabs under the lock, where the slab header and
+//! the bitmap are checked (the bitmap's check of a double free is exact). An object freed on another
 //! CPU than the one that allocated it simply goes to the freeing CPU's magazine: a
 //! magazine holds objects of its cache, whatever slab and CPU they came from.
 //!
@@ -180,13 +180,10 @@ impl SlabAllocator<'_> {
     fn refill(&self, id: usize, m: &mut Magazine, gfp: Gfp) -> usize {
         let mut guard = self.caches[id].lock();
         let c = &mut *guard;
-        while m.len < BATCH {
-            if c.partial.is_null() && (m.len > 0 || self.grow(c, id, gfp).is_err()) {
-                break;
-            }
-            m.objs[m.len] = self.take_object(c);
-            m.len += 1;
+        if c.partial.is_null() && self.grow(c, id, gfp).is_err() {
+            return 0;
         }
+        m.len = self.take_objects(c, &mut m.objs[..BATCH]);
         m.len
     }
 
@@ -205,9 +202,7 @@ impl SlabAllocator<'_> {
         if !self.slab_is_ours(ptr.wrapping_sub(off).cast::<SlabHeader>(), id) {
             return Err(SlabError::NotOwned);
         }
-        let rel = off.checked_sub(first).ok_or(SlabError::NotObjectStart)?;
-        let idx = ((rel as u64 * recip) >> 32) as usize;
-        if idx >= objs || idx * stride != rel {
+        if super::object_index(off, first, stride, objs, recip).is_none() {
             return Err(SlabError::NotObjectStart);
         }
         let m = &mut cc.mags[id];
@@ -251,14 +246,20 @@ impl SlabAllocator<'_> {
             };
             let c: &mut Cache = &mut guard;
             for &obj in &m.objs[..n] {
-                let pa = self.pa(obj);
-                if let Err(e) = self.free_in(c, id, obj, pa) {
+                // Every check again: a late double free may name a slab given back since.
+                if let Err(e) = self.free_in(c, id, obj, self.pa(obj)) {
                     self.invalid_frees.fetch_add(1, Ordering::Relaxed);
                     log::error!("slab {}: object {obj:p} from a per-CPU cache refused: {e}", c.name);
                 }
             }
         }
-        m.objs.copy_within(n..m.len, 0);
+        if n == BATCH && m.len == CPU_CACHE_OBJECTS {
+            // The full magazine's usual flush: a fixed-size move, no `memmove` call.
+            let (older, newer) = m.objs.split_at_mut(BATCH);
+            older.copy_from_slice(newer);
+        } else {
+            m.objs.copy_within(n..m.len, 0);
+        }
         m.len -= n;
         true
     }

@@ -15,15 +15,18 @@
 //!  block start (aligned on the block size)
 //!  ┌────────────────────────────┬──────────┬──────────┬─────┬──────────┬───────┐
 //!  │ header: magic, in-use,      │ object 0 │ object 1 │ ... │ object n │ waste │
-//!  │ free-list head, list links, │ [+ red   │          │     │          │       │
+//!  │ bitmap hint, list links,    │ [+ red   │          │     │          │       │
 //!  │ free bitmap (1 bit/object)  │   zone]  │          │     │          │       │
 //!  └────────────────────────────┴──────────┴──────────┴─────┴──────────┴───────┘
 //! ```
-//! Each free object holds the index of the next free object of its slab (a LIFO free
-//! list: alloc and free are a few loads and stores, no scan). The bitmap records which
-//! objects are free, so a double free is detected exactly. Slabs with a free object sit
-//! on their cache's doubly linked *partial* list; full slabs are on no list. The slab
-//! order is the smallest whose waste (header and tail) is at most 1/8 of the block.
+//! The bitmap in the header records which objects are free: an allocation takes the
+//! lowest free ones a bitmap word at a time (a `trailing_zeros` per object; the header's
+//! `hint` names the first word that may have one), a free sets the object's bit, and a
+//! double free is detected exactly. The allocator never reads or writes an object, so a
+//! write after free cannot corrupt what it hands out next, and a new slab is not written
+//! past its header. Slabs with a free object sit on their cache's doubly linked *partial*
+//! list; full slabs are on no list. The slab order is the smallest whose waste (header and
+//! tail) is at most 1/8 of the block.
 //!
 //! # Ownership check (always on)
 //! The buddy allocator keeps one owner tag byte per frame ([`FrameTags`]); the slab
@@ -36,8 +39,8 @@
 //!
 //! # Strict mode
 //! Objects get a red zone (at least 8 bytes of [`RED_ZONE_BYTE`]) after them, checked on
-//! free; freed objects are filled with [`POISON_FREE_BYTE`] (past the 4-byte free-list
-//! link), checked when handed out again. Corruption is reported with `log::error!` (the
+//! free; freed objects are filled with [`POISON_FREE_BYTE`], checked when handed out
+//! again. Corruption is reported with `log::error!` (the
 //! address and first bad offset) and counted in [`SlabStats::corruptions`].
 //!
 //! # Empty slabs
@@ -111,12 +114,8 @@ pub const POISON_FREE_BYTE: u8 = 0x6b;
 pub const RED_ZONE_BYTE: u8 = 0xcc;
 /// Strict mode: the least red zone after an object.
 const RED_ZONE_MIN: usize = 8;
-/// Smallest object alignment (and size): the free-list link and 64-bit users.
+/// Smallest object alignment (and size): 64-bit users.
 const MIN_ALIGN: usize = 8;
-/// Bytes of the free-list link at the start of a free object.
-const LINK_BYTES: usize = 4;
-/// End of a slab's free list.
-const NIL: u32 = u32::MAX;
 /// Header magic; the cache slot is or-ed in.
 const SLAB_MAGIC: u32 = 0x51ab_0000;
 
@@ -125,12 +124,12 @@ const SLAB_MAGIC: u32 = 0x51ab_0000;
 const TAG_NONE: u8 = 0;
 /// Frame inside (not first) of a large allocation.
 const TAG_LARGE_TAIL: u8 = 0x40;
-/// First frame of a large allocation; bits 0-3: order, bits 4-6: the allocator's
-/// [`SlabAllocator::brand`] modulo 8.
+/// First frame of a large allocation; bits 0-3: order, bits 4-6: the allocator's owner
+/// mark (one of 8, unique among the slab allocators live on one buddy).
 const TAG_LARGE: u8 = 0x80;
 /// The order bits of a large tag.
 const TAG_LARGE_ORDER: u8 = 0x0f;
-/// The brand bits of a large tag.
+/// The owner-mark bits of a large tag.
 const TAG_LARGE_BRAND_SHIFT: u32 = 4;
 // 1..=MAX_CACHES: frame of a slab of cache `tag - 1`.
 
@@ -174,7 +173,8 @@ pub enum SlabError {
     WrongAllocator,
     /// A [`CacheId`] of a cache that has been destroyed.
     StaleCache,
-    /// Every allocator identity ([`SlabAllocator::brand`], 2^32 − 1 of them) is used.
+    /// Every allocator identity ([`SlabAllocator::brand`], 2^32 − 1 of them) is used, or 8
+    /// slab allocators are live on the buddy already.
     TooManyAllocators,
 }
 
@@ -266,6 +266,15 @@ struct Geometry {
     recip: u64,
 }
 
+/// [`Geometry::object_index`] from its parts (the per-CPU free path reads them from a
+/// lock-free mirror).
+#[inline(always)]
+fn object_index(off: usize, first: usize, stride: usize, objs: usize, recip: u64) -> Option<usize> {
+    let rel = off.checked_sub(first)?;
+    let idx = ((rel as u64 * recip) >> 32) as usize;
+    (idx < objs && idx * stride == rel).then_some(idx)
+}
+
 /// Size of the fixed part of a slab header.
 const HEADER_BYTES: usize = core::mem::size_of::<SlabHeader>();
 
@@ -312,6 +321,13 @@ impl Geometry {
         best
     }
 
+    /// The index of the object starting `off` bytes into a slab, or `None` when no object
+    /// starts there (exact division by a multiplication with the reciprocal).
+    #[inline(always)]
+    fn object_index(&self, off: usize) -> Option<usize> {
+        object_index(off, self.first, self.stride, self.objs, self.recip)
+    }
+
     fn waste(&self) -> usize {
         (PAGE_SIZE << self.order) - self.objs * self.stride
     }
@@ -328,8 +344,8 @@ struct SlabHeader {
     magic: u32,
     /// Objects in use.
     inuse: u32,
-    /// Index of the first free object, or [`NIL`].
-    free: u32,
+    /// The lowest bitmap word that may hold a free bit (every word below it is zero).
+    hint: u32,
     /// The owning allocator's [`SlabAllocator::brand`]: `kfree` through another allocator
     /// that shares the buddy (so the frame tags) is refused with `NotOwned`.
     brand: u32,
@@ -516,8 +532,11 @@ pub const FREED_LARGE_HISTORY: usize = 64;
 /// A slab allocator over a buddy allocator. See the [module documentation](self).
 pub struct SlabAllocator<'b> {
     buddy: &'b IrqSpinLock<BuddyAllocator>,
-    /// This allocator's identity, written into its slab headers, large tags and cache ids.
+    /// This allocator's identity, written into its slab headers and cache ids.
     brand: u32,
+    /// Its owner mark among the slab allocators on its buddy, written into the frame tags
+    /// of its large blocks (3 bits: a brand would not fit).
+    mark: u8,
     tags: FrameTags<'b>,
     /// The buddy's linear map: object pointers are derived from its pointer (provenance).
     linear: hal::linear::LinearMap,
@@ -555,7 +574,9 @@ impl<'b> SlabAllocator<'b> {
     ///
     /// # Errors
     /// [`SlabError::MisalignedLinearMap`] when the buddy allocator's linear map offset is
-    /// not a multiple of the largest buddy block (4 MiB).
+    /// not a multiple of the largest buddy block (4 MiB); [`SlabError::TooManyAllocators`]
+    /// when 8 slab allocators are live on `buddy` already (each needs one of the 8 owner
+    /// marks its large blocks' frame tags carry), or every identity has been used.
     ///
     /// # Example
     /// ```no_run
@@ -568,24 +589,30 @@ impl<'b> SlabAllocator<'b> {
     /// # Ok::<(), SlabError>(())
     /// ```
     pub fn new(buddy: &'b IrqSpinLock<BuddyAllocator>, strict: bool) -> Result<Self, SlabError> {
-        let (tags, linear) = {
-            let b = buddy.lock();
+        let (tags, linear, mark) = {
+            let mut b = buddy.lock();
+            let mark = b.claim_owner_mark().ok_or(SlabError::TooManyAllocators)?;
             // SAFETY: the slab allocator borrows the buddy's mutex for `'b`, so the
             // allocator in it cannot be dropped meanwhile; and should it be swapped out of
             // the mutex, `BuddyAllocator::new`'s contract keeps its RAM (the tag array
             // included) reserved while a slab allocator built on it is in use.
-            (unsafe { b.frame_tags().extend::<'b>() }, *b.linear_map())
+            (unsafe { b.frame_tags().extend::<'b>() }, *b.linear_map(), mark)
+        };
+        let refuse = |e| {
+            buddy.lock().release_owner_mark(mark);
+            Err(e)
         };
         let va_offset = linear.offset();
         if va_offset.delta() & ((PAGE_SIZE << MAX_ORDER) as u64 - 1) != 0 {
-            return Err(SlabError::MisalignedLinearMap);
+            return refuse(SlabError::MisalignedLinearMap);
         }
-        let brand = NEXT_BRAND
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_add(1))
-            .map_err(|_| SlabError::TooManyAllocators)?;
+        let Ok(brand) = NEXT_BRAND.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_add(1)) else {
+            return refuse(SlabError::TooManyAllocators);
+        };
         let s = SlabAllocator {
             buddy,
             brand,
+            mark,
             tags,
             linear,
             va_offset,
@@ -650,10 +677,10 @@ impl<'b> SlabAllocator<'b> {
     /// The large tag of a block of `order` of this allocator.
     #[inline(always)]
     fn large_tag(&self, order: usize) -> u8 {
-        TAG_LARGE | ((self.brand & 7) as u8) << TAG_LARGE_BRAND_SHIFT | order as u8
+        TAG_LARGE | self.mark << TAG_LARGE_BRAND_SHIFT | order as u8
     }
 
-    /// Whether a large tag is one of this allocator's (the brand bits agree).
+    /// Whether a large tag is one of this allocator's (the owner marks agree).
     #[inline(always)]
     fn owns_large(&self, tag: u8) -> bool {
         tag & !TAG_LARGE_ORDER == self.large_tag(0)
@@ -1019,51 +1046,58 @@ impl<'b> SlabAllocator<'b> {
     /// cache's lock is held).
     #[inline(always)]
     fn take_object(&self, c: &mut Cache) -> *mut u8 {
-        let s = c.partial;
-        debug_assert!(!s.is_null());
-        // SAFETY: `s` heads the partial list: a slab of this cache with a free object;
-        // its header, bitmap and objects lie inside its block, owned by the cache.
-        unsafe {
-            let idx = (*s).free as usize;
-            let obj = s.cast::<u8>().add(c.geo.first + idx * c.geo.stride);
-            let next = obj.cast::<u32>().read();
-            if next != NIL && next as usize >= c.geo.objs {
-                self.repair_free_list(s, &c.geo, obj);
-            } else {
-                (*s).free = next;
-            }
-            *SlabHeader::bitmap(s).add(idx >> 6) &= !(1u64 << (idx & 63));
-            (*s).inuse += 1;
-            if (*s).free == NIL {
-                c.unlink(s);
-            }
-            c.active += 1;
-            if self.strict {
-                self.check_free_object(c.name, &c.geo, obj);
-            }
-            obj
-        }
+        let mut obj = ptr::null_mut();
+        self.take_objects(c, core::slice::from_mut(&mut obj));
+        obj
     }
 
-    /// A free object's link was overwritten (it points past the slab): rebuild the free
-    /// list from the bitmap, which stays exact.
-    #[cold]
-    fn repair_free_list(&self, s: *mut SlabHeader, g: &Geometry, obj: *mut u8) {
-        self.corruptions.fetch_add(1, Ordering::Relaxed);
-        log::error!("slab: free object at {obj:p} has a corrupted link (use after free?)");
-        // SAFETY: `s` is a slab of the caller's (locked) cache.
-        unsafe {
-            let popped = (*s).free as usize;
-            let map = SlabHeader::bitmap(s);
-            let mut head = NIL;
-            for i in (0..g.objs).rev() {
-                if i != popped && *map.add(i >> 6) & (1u64 << (i & 63)) != 0 {
-                    s.cast::<u8>().add(g.first + i * g.stride).cast::<u32>().write(head);
-                    head = i as u32;
+    /// Fills `out` with free objects from the first slab of `c`'s partial list (not empty;
+    /// the cache's lock is held), moving on to the next partial slab while `out` has room;
+    /// returns how many. The objects are the lowest free ones, found in the bitmap a word
+    /// at a time: the allocator reads and writes only the slab header, never an object
+    /// (so a write after free cannot corrupt what it hands out next).
+    #[inline(always)]
+    fn take_objects(&self, c: &mut Cache, out: &mut [*mut u8]) -> usize {
+        let g = c.geo;
+        let mut n = 0;
+        while n < out.len() && !c.partial.is_null() {
+            let s = c.partial;
+            // SAFETY: `s` heads the partial list: a slab of this cache with a free object,
+            // so a set bit at or after its `hint` word; header and bitmap lie inside its
+            // block, owned by the cache.
+            unsafe {
+                let map = SlabHeader::bitmap(s);
+                let mut w = (*s).hint as usize;
+                let mut took = 0u32;
+                while n < out.len() && (*s).inuse + took < g.objs as u32 {
+                    let mut word = *map.add(w);
+                    while word == 0 {
+                        w += 1;
+                        word = *map.add(w);
+                    }
+                    while word != 0 && n < out.len() {
+                        let idx = w * 64 + word.trailing_zeros() as usize;
+                        word &= word - 1;
+                        out[n] = s.cast::<u8>().add(g.first + idx * g.stride);
+                        n += 1;
+                        took += 1;
+                    }
+                    *map.add(w) = word;
+                }
+                (*s).hint = w as u32;
+                (*s).inuse += took;
+                c.active += took as usize;
+                if (*s).inuse == g.objs as u32 {
+                    c.unlink(s);
                 }
             }
-            (*s).free = head;
         }
+        if self.strict {
+            for &obj in &out[..n] {
+                self.check_free_object(c.name, &g, obj);
+            }
+        }
+        n
     }
 
     /// Strict mode: checks the poison and red zone of an object about to be handed out.
@@ -1071,14 +1105,11 @@ impl<'b> SlabAllocator<'b> {
     fn check_free_object(&self, name: &str, g: &Geometry, obj: *mut u8) {
         // SAFETY: `obj` is an object slot (with its red zone) of a slab of a locked cache.
         let (body, rz) = unsafe {
-            (
-                core::slice::from_raw_parts(obj.add(LINK_BYTES), g.size - LINK_BYTES),
-                core::slice::from_raw_parts(obj.add(g.size), g.stride - g.size),
-            )
+            (core::slice::from_raw_parts(obj, g.size), core::slice::from_raw_parts(obj.add(g.size), g.stride - g.size))
         };
         if let Some(bad) = crate::poison::first_not(body, POISON_FREE_BYTE) {
             self.corruptions.fetch_add(1, Ordering::Relaxed);
-            log::error!("slab {name}: free object {obj:p} written after free at offset {:#x}", bad + LINK_BYTES);
+            log::error!("slab {name}: free object {obj:p} written after free at offset {bad:#x}");
         }
         if let Some(bad) = crate::poison::first_not(rz, RED_ZONE_BYTE) {
             self.corruptions.fetch_add(1, Ordering::Relaxed);
@@ -1108,7 +1139,7 @@ impl<'b> SlabAllocator<'b> {
             s.write(SlabHeader {
                 magic: SLAB_MAGIC | id as u32,
                 inuse: 0,
-                free: 0,
+                hint: 0,
                 brand: self.brand,
                 next: ptr::null_mut(),
                 prev: ptr::null_mut(),
@@ -1119,15 +1150,14 @@ impl<'b> SlabAllocator<'b> {
                 let bits = (g.objs - w * 64).min(64);
                 *map.add(w) = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
             }
-            let base = s.cast::<u8>();
-            for i in 0..g.objs {
-                let obj = base.add(g.first + i * g.stride);
-                if self.strict {
+            // The objects themselves are not written (strict mode poisons them).
+            if self.strict {
+                let base = s.cast::<u8>();
+                for i in 0..g.objs {
+                    let obj = base.add(g.first + i * g.stride);
                     obj.write_bytes(POISON_FREE_BYTE, g.size);
                     obj.add(g.size).write_bytes(RED_ZONE_BYTE, g.stride - g.size);
                 }
-                let next = if i + 1 < g.objs { i as u32 + 1 } else { NIL };
-                obj.cast::<u32>().write(next);
             }
         }
         for t in tags {
@@ -1189,31 +1219,23 @@ impl<'b> SlabAllocator<'b> {
     /// allocated.
     fn free_in(&self, c: &mut Cache, id: usize, ptr: *mut u8, pa: PhysAddr) -> Result<(), SlabError> {
         let g = &c.geo;
-        let (first, stride, objs, size) = (g.first, g.stride, g.objs, g.size);
         let off = pa.as_u64() as usize & (g.slab_bytes() - 1);
-        let base = ptr.wrapping_sub(off);
-        let s = base.cast::<SlabHeader>();
+        let s = ptr.wrapping_sub(off).cast::<SlabHeader>();
         // Another allocator on the same buddy writes the same tags: its slab is not ours
         // to touch (its lock is not held), so nothing below may run on it.
         if !self.slab_is_ours(s, id) {
             return Err(SlabError::NotOwned);
         }
-        // SAFETY: the tag says the frame belongs to a slab of cache `id` whose block is
-        // aligned on its size, so its header is at `base`; it is ours (brand checked) and
-        // the cache's lock is held.
-        let magic = unsafe { (*s).magic };
-        if magic != SLAB_MAGIC | id as u32 {
-            self.corruptions.fetch_add(1, Ordering::Relaxed);
-            log::error!("slab {}: header of slab {base:p} overwritten", c.name);
-            return Err(SlabError::Corrupted);
-        }
-        let Some(rel) = off.checked_sub(first) else {
-            return Err(SlabError::NotObjectStart);
-        };
-        let idx = ((rel as u64 * c.geo.recip) >> 32) as usize;
-        if idx >= objs || idx * stride != rel {
-            return Err(SlabError::NotObjectStart);
-        }
+        let idx = g.object_index(off).ok_or(SlabError::NotObjectStart)?;
+        self.free_to_slab(c, s, idx, ptr)
+    }
+
+    /// Gives object `idx` (at `ptr`) back to its slab `s` of cache `c` (lock held), a slab
+    /// of ours (its header's magic and brand checked): the object must be allocated (the
+    /// bitmap's exact double-free check); then the slab lists.
+    #[inline(always)]
+    fn free_to_slab(&self, c: &mut Cache, s: *mut SlabHeader, idx: usize, ptr: *mut u8) -> Result<(), SlabError> {
+        let objs = c.geo.objs;
         let map = SlabHeader::bitmap(s);
         let bit = 1u64 << (idx & 63);
         // SAFETY: `idx < objs`, so the word is inside the bitmap of this slab.
@@ -1224,17 +1246,17 @@ impl<'b> SlabAllocator<'b> {
         if self.strict {
             self.check_red_zone(c.name, &c.geo, ptr);
             // SAFETY: the object is allocated and being freed; its slot is `size` bytes.
-            unsafe { ptr.write_bytes(POISON_FREE_BYTE, size) };
+            unsafe { ptr.write_bytes(POISON_FREE_BYTE, c.geo.size) };
         }
         *word |= bit;
-        // SAFETY: the header of this slab (as for `magic`); the object slot holds at least
-        // 8 bytes.
+        // SAFETY: the header of this slab (as for `magic`).
         let (was_full, now_empty) = unsafe {
-            let free = (*s).free;
-            ptr.cast::<u32>().write(free);
-            (*s).free = idx as u32;
+            let was_full = (*s).inuse == objs as u32;
             (*s).inuse -= 1;
-            (free == NIL, (*s).inuse == 0)
+            if ((idx >> 6) as u32) < (*s).hint {
+                (*s).hint = (idx >> 6) as u32;
+            }
+            (was_full, (*s).inuse == 0)
         };
         c.active -= 1;
         if was_full {
@@ -1537,6 +1559,11 @@ impl Drop for SlabAllocator<'_> {
     /// (slabs still holding objects stay allocated, as before: their objects may be in use).
     fn drop(&mut self) {
         self.drop_cpu_layer();
+        // A large block still held keeps the mark: another allocator with it would take
+        // that block for its own.
+        if self.large_allocs.load(Ordering::Relaxed) == 0 {
+            self.buddy.lock().release_owner_mark(self.mark);
+        }
     }
 }
 

@@ -419,9 +419,10 @@ fn strict_mode_detects_overflow_and_use_after_free() {
     fill(a, 65, 0x11);
     kfree(&s, a).unwrap();
     assert_eq!(s.stats().corruptions, 1);
-    // Freed objects are poisoned past the link.
-    assert!(holds(NonNull::new(a.as_ptr().wrapping_add(4)).unwrap(), 60, POISON_FREE_BYTE));
-    // Write after free: reported when the object is handed out again (LIFO: same one).
+    // Freed objects are poisoned, every byte.
+    assert!(holds(a, 64, POISON_FREE_BYTE));
+    // Write after free: reported when the object is handed out again (the lowest free one:
+    // the same).
     // SAFETY: a deliberate stray write into a free object of the simulated RAM.
     unsafe { a.as_ptr().add(10).write(0) };
     let b = s.kmalloc(64, 8).unwrap();
@@ -431,7 +432,8 @@ fn strict_mode_detects_overflow_and_use_after_free() {
     kfree(&s, b).unwrap();
     let c = s.kmalloc(64, 8).unwrap();
     assert_eq!(s.stats().corruptions, 2);
-    // Smash the free-list link of a free object: detected, list rebuilt from the bitmap.
+    // Smash the first bytes of a free object (where a free-list link would be): reported,
+    // and nothing is handed out twice.
     let d = s.kmalloc(64, 8).unwrap();
     kfree(&s, d).unwrap();
     // SAFETY: as above.
@@ -448,6 +450,35 @@ fn strict_mode_detects_overflow_and_use_after_free() {
     addrs.dedup();
     assert_eq!(addrs.len(), got.len(), "an object handed out twice after the repair");
     for p in got {
+        kfree(&s, p).unwrap();
+    }
+    s.shrink();
+    env.buddy.lock().check_consistency().unwrap();
+}
+
+#[test]
+fn a_write_after_free_does_not_reach_the_allocator() {
+    // Without strict mode nothing checks a free object's bytes; but the allocator keeps
+    // nothing in them (it used to keep a free-list link there, and then counted a
+    // corruption and rebuilt the list), so objects scribbled over after their free come
+    // back intact as objects: no corruption, nothing handed out twice.
+    let env = Env::new(16, false);
+    let s = SlabAllocator::new(&env.buddy, false).unwrap();
+    let objs: Vec<_> = (0..300).map(|_| s.kmalloc(64, 8).unwrap()).collect();
+    for &p in &objs {
+        kfree(&s, p).unwrap();
+    }
+    for &p in &objs {
+        // SAFETY: deliberate stray writes into free objects of the simulated RAM.
+        unsafe { p.as_ptr().write_bytes(0x5a, 64) };
+    }
+    let again: Vec<_> = (0..300).map(|_| s.kmalloc(64, 8).unwrap()).collect();
+    let mut addrs: Vec<usize> = again.iter().map(|p| p.as_ptr() as usize).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    assert_eq!(addrs.len(), again.len(), "an object handed out twice");
+    assert_eq!(s.stats().corruptions, 0);
+    for p in again {
         kfree(&s, p).unwrap();
     }
     s.shrink();
@@ -653,6 +684,33 @@ fn objects_of_another_allocator_on_the_same_buddy_are_not_owned() {
 /// Issue 12: a `CacheId` of one allocator used on another reached the other's slot of the
 /// same number: a vacant slot handed out allocator metadata as an object, a live one was
 /// destroyed. Now the id is refused and nothing is touched.
+#[test]
+fn large_blocks_of_allocators_eight_brands_apart_are_told_apart() {
+    // Large tags have room for 3 bits of owner. They held the brand modulo 8, so an
+    // allocator made eight allocators after another took the other's large blocks for
+    // its own: `kfree` through it returned `Ok` and gave them to the buddy.
+    let env = Env::new(8, false);
+    let a = SlabAllocator::new(&env.buddy, false).unwrap();
+    // (Other tests make allocators meanwhile: take new ones until the brands agree.)
+    let b = loop {
+        let b = SlabAllocator::new(&env.buddy, false).unwrap();
+        if b.brand() % 8 == a.brand() % 8 {
+            break b;
+        }
+    };
+    let large = a.kmalloc(3 * PAGE_SIZE, 8).unwrap();
+    assert_eq!(kfree(&b, large), Err(SlabError::NotOwned));
+    assert_eq!(b.ksize(large), Err(SlabError::NotOwned));
+    assert_eq!(a.stats().large_allocs, 1);
+    kfree(&a, large).unwrap();
+    // Eight live allocators share a buddy at most: the ninth is refused, and a dropped
+    // one's mark serves again.
+    let more: Vec<_> = (0..6).map(|_| SlabAllocator::new(&env.buddy, false).unwrap()).collect();
+    assert_eq!(SlabAllocator::new(&env.buddy, false).err(), Some(SlabError::TooManyAllocators));
+    drop(more);
+    SlabAllocator::new(&env.buddy, false).unwrap();
+}
+
 #[test]
 fn a_cache_id_of_another_allocator_or_a_destroyed_cache_is_refused() {
     let env = Env::new(8, false);
