@@ -184,6 +184,10 @@ impl SlabAllocator<'_> {
             return 0;
         }
         m.len = self.take_objects(c, &mut m.objs[..BATCH]);
+        // Nothing taken: the partial slabs were found corrupt and retired; one new slab.
+        if m.len == 0 && self.grow(c, id, gfp).is_ok() {
+            m.len = self.take_objects(c, &mut m.objs[..BATCH]);
+        }
         m.len
     }
 
@@ -246,8 +250,12 @@ impl SlabAllocator<'_> {
             };
             let c: &mut Cache = &mut guard;
             for &obj in &m.objs[..n] {
-                // Every check again: a late double free may name a slab given back since.
-                if let Err(e) = self.free_in(c, id, obj, self.pa(obj)) {
+                // Every check again, the frame tag first: a late double free may name a slab
+                // given back since (its tag cleared), whose header is not ours to read.
+                let pa = self.pa(obj);
+                let tagged = self.tags.tag(pa).is_some_and(|t| t.load(Ordering::Relaxed) == id as u8 + 1);
+                let r = if tagged { self.free_in(c, id, obj, pa) } else { Err(SlabError::NotOwned) };
+                if let Err(e) = r {
                     self.invalid_frees.fetch_add(1, Ordering::Relaxed);
                     log::error!("slab {}: object {obj:p} from a per-CPU cache refused: {e}", c.name);
                 }

@@ -22,7 +22,7 @@
 //! The bitmap in the header records which objects are free: an allocation takes the
 //! lowest free ones a bitmap word at a time (a `trailing_zeros` per object; the header's
 //! `hint` names the first word that may have one), a free sets the object's bit, and a
-//! double free is detected exactly. The allocator never reads or writes an object, so a
+//! double free is detected exactly. Outside strict mode the allocator never reads or writes an object, so a
 //! write after free cannot corrupt what it hands out next, and a new slab is not written
 //! past its header. Slabs with a free object sit on their cache's doubly linked *partial*
 //! list; full slabs are on no list. The slab order is the smallest whose waste (header and
@@ -198,7 +198,7 @@ impl fmt::Display for SlabError {
             SlabError::ZoneModifier => "kmalloc with a zone modifier (GFP_DMA32/GFP_DMA)",
             SlabError::WrongAllocator => "cache id of another slab allocator",
             SlabError::StaleCache => "cache id of a destroyed cache",
-            SlabError::TooManyAllocators => "no slab allocator identity left",
+            SlabError::TooManyAllocators => "no slab allocator identity or owner mark left",
         })
     }
 }
@@ -386,7 +386,7 @@ struct Cache {
 // through the linear map every core shares), and a `Cache` is only ever used under its
 // slot's lock (a checked `hal::sync::SpinLock` over a `spin::Mutex`): whichever core
 // holds the lock has the only access, and the lock's
-// acquire/release makes the previous holder's writes to headers, bitmaps and free lists
+// acquire/release makes the previous holder's writes to headers, bitmaps and partial lists
 // visible to it. Another slab allocator on the same buddy never touches them (its `kfree`
 // checks the brand in the header, read-only, before anything else).
 unsafe impl Send for Cache {}
@@ -576,7 +576,8 @@ impl<'b> SlabAllocator<'b> {
     /// [`SlabError::MisalignedLinearMap`] when the buddy allocator's linear map offset is
     /// not a multiple of the largest buddy block (4 MiB); [`SlabError::TooManyAllocators`]
     /// when 8 slab allocators are live on `buddy` already (each needs one of the 8 owner
-    /// marks its large blocks' frame tags carry), or every identity has been used.
+    /// marks its large blocks' frame tags carry; one dropped while a large block of it was
+    /// still allocated keeps its mark), or every identity has been used.
     ///
     /// # Example
     /// ```no_run
@@ -591,6 +592,8 @@ impl<'b> SlabAllocator<'b> {
     pub fn new(buddy: &'b IrqSpinLock<BuddyAllocator>, strict: bool) -> Result<Self, SlabError> {
         let (tags, linear, mark) = {
             let mut b = buddy.lock();
+            // The marks are the buddy value's: a buddy swapped into the mutex while slab
+            // allocators live on the old one would hand theirs out again (no caller does).
             let mark = b.claim_owner_mark().ok_or(SlabError::TooManyAllocators)?;
             // SAFETY: the slab allocator borrows the buddy's mutex for `'b`, so the
             // allocator in it cannot be dropped meanwhile; and should it be swapped out of
@@ -660,7 +663,8 @@ impl<'b> SlabAllocator<'b> {
     }
 
     /// This allocator's identity: distinct for every slab allocator made (never 0). Its
-    /// slabs, large blocks (modulo 8: see [`Self::kfree`]) and [`CacheId`]s carry it.
+    /// slab headers and [`CacheId`]s carry it (its large blocks' frame tags carry its owner
+    /// mark instead, one of 8 unique among the allocators live on its buddy).
     ///
     /// # Example
     /// ```no_run
@@ -1032,18 +1036,23 @@ impl<'b> SlabAllocator<'b> {
     fn alloc_locked(&self, id: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
         let mut guard = self.caches[id].lock();
         let c = &mut *guard;
-        if c.partial.is_null() {
-            if let Err(e) = self.grow(c, id, gfp) {
-                drop(guard);
-                return self.fail(e);
+        loop {
+            if c.partial.is_null() {
+                if let Err(e) = self.grow(c, id, gfp) {
+                    drop(guard);
+                    return self.fail(e);
+                }
+            }
+            // Null only when the slab tried was found corrupt and retired: try the next.
+            if let Some(p) = NonNull::new(self.take_object(c)) {
+                return Ok(p);
             }
         }
-        // SAFETY: the partial list is not empty; the lock is held.
-        Ok(unsafe { NonNull::new_unchecked(self.take_object(c)) })
     }
 
     /// Takes a free object off the first slab of `c`'s partial list (not empty; the
-    /// cache's lock is held).
+    /// cache's lock is held); null if that slab is found corrupt (and retired) and no other
+    /// partial slab follows.
     #[inline(always)]
     fn take_object(&self, c: &mut Cache) -> *mut u8 {
         let mut obj = ptr::null_mut();
@@ -1062,21 +1071,36 @@ impl<'b> SlabAllocator<'b> {
         let mut n = 0;
         while n < out.len() && !c.partial.is_null() {
             let s = c.partial;
-            // SAFETY: `s` heads the partial list: a slab of this cache with a free object,
-            // so a set bit at or after its `hint` word; header and bitmap lie inside its
-            // block, owned by the cache.
+            let words = g.objs.div_ceil(64);
+            // SAFETY: `s` heads the partial list: a slab of this cache, whose header and
+            // bitmap (`words` words) lie inside its block, owned by the cache; every read
+            // and write below stays in those `words` words (`w < words` is checked before
+            // each read), and every object pointer formed has `idx < objs`.
             unsafe {
                 let map = SlabHeader::bitmap(s);
                 let mut w = (*s).hint as usize;
                 let mut took = 0u32;
-                while n < out.len() && (*s).inuse + took < g.objs as u32 {
+                let mut bad = false;
+                'fill: while n < out.len() && (*s).inuse + took < g.objs as u32 {
+                    if w >= words {
+                        bad = true;
+                        break;
+                    }
                     let mut word = *map.add(w);
                     while word == 0 {
                         w += 1;
+                        if w >= words {
+                            bad = true;
+                            break 'fill;
+                        }
                         word = *map.add(w);
                     }
                     while word != 0 && n < out.len() {
                         let idx = w * 64 + word.trailing_zeros() as usize;
+                        if idx >= g.objs {
+                            bad = true;
+                            break 'fill;
+                        }
                         word &= word - 1;
                         out[n] = s.cast::<u8>().add(g.first + idx * g.stride);
                         n += 1;
@@ -1084,10 +1108,12 @@ impl<'b> SlabAllocator<'b> {
                     }
                     *map.add(w) = word;
                 }
-                (*s).hint = w as u32;
+                (*s).hint = w.min(words) as u32;
                 (*s).inuse += took;
                 c.active += took as usize;
-                if (*s).inuse == g.objs as u32 {
+                if bad {
+                    self.retire_corrupt_slab(c, s);
+                } else if (*s).inuse == g.objs as u32 {
                     c.unlink(s);
                 }
             }
@@ -1098,6 +1124,23 @@ impl<'b> SlabAllocator<'b> {
             }
         }
         n
+    }
+
+    /// A slab whose header and bitmap disagree (its in-use count says a free object is
+    /// left, its bitmap has none, or a bit lies past the last object: memory written over):
+    /// counted, logged, taken off the partial list and its magic cleared, so nothing
+    /// reaches it again: a free of one of its objects is refused (`NotOwned`), and the slab
+    /// is never given back (leaked: what else is overwritten in it is unknown).
+    #[cold]
+    fn retire_corrupt_slab(&self, c: &mut Cache, s: *mut SlabHeader) {
+        self.corruptions.fetch_add(1, Ordering::Relaxed);
+        log::error!("slab {}: header or bitmap of slab {s:p} overwritten; slab retired", c.name);
+        c.unlink(s);
+        if c.empty == s {
+            c.empty = ptr::null_mut();
+        }
+        // SAFETY: `s` is a slab header of this cache, whose lock the caller holds.
+        unsafe { (*s).magic = 0 };
     }
 
     /// Strict mode: checks the poison and red zone of an object about to be handed out.
@@ -1238,7 +1281,9 @@ impl<'b> SlabAllocator<'b> {
         let objs = c.geo.objs;
         let map = SlabHeader::bitmap(s);
         let bit = 1u64 << (idx & 63);
-        // SAFETY: `idx < objs`, so the word is inside the bitmap of this slab.
+        debug_assert!(idx < objs);
+        // SAFETY: `idx < objs` (the callers take it from `Geometry::object_index`), so the
+        // word is inside the bitmap of this slab.
         let word = unsafe { &mut *map.add(idx >> 6) };
         if *word & bit != 0 {
             return Err(SlabError::DoubleFree);
@@ -1249,7 +1294,8 @@ impl<'b> SlabAllocator<'b> {
             unsafe { ptr.write_bytes(POISON_FREE_BYTE, c.geo.size) };
         }
         *word |= bit;
-        // SAFETY: the header of this slab (as for `magic`).
+        // SAFETY: `s` is the header of a slab of ours (the caller checked magic and brand
+        // with `slab_is_ours`) of the cache whose lock the caller holds.
         let (was_full, now_empty) = unsafe {
             let was_full = (*s).inuse == objs as u32;
             (*s).inuse -= 1;
@@ -1556,7 +1602,10 @@ impl<'b> SlabAllocator<'b> {
 
 impl Drop for SlabAllocator<'_> {
     /// Gives the per-CPU magazines back to their caches and their block to the buddy
-    /// (slabs still holding objects stay allocated, as before: their objects may be in use).
+    /// (slabs still holding objects stay allocated, as before: their objects may be in use),
+    /// and its owner mark back to the buddy, unless a large block of it is still allocated:
+    /// then the mark stays taken for good, so that no later allocator takes that block for
+    /// its own.
     fn drop(&mut self) {
         self.drop_cpu_layer();
         // A large block still held keeps the mark: another allocator with it would take

@@ -486,6 +486,31 @@ fn a_write_after_free_does_not_reach_the_allocator() {
 }
 
 #[test]
+fn a_slab_whose_bitmap_was_overwritten_is_retired_not_trusted() {
+    // The bitmap says no object is free while the in-use count says 62 are: the scan for a
+    // free bit would run past the bitmap into the objects. The slab is retired instead, the
+    // corruption counted, and the allocation served from a new slab.
+    let env = Env::new(8, false);
+    let s = SlabAllocator::new(&env.buddy, false).unwrap();
+    let a = s.kmalloc(64, 8).unwrap();
+    let header = (a.as_ptr() as usize & !(PAGE_SIZE - 1)) as *mut u8;
+    // SAFETY: a deliberate write over the slab's bitmap word (after the 32-byte header),
+    // in the simulated RAM.
+    unsafe { header.wrapping_add(32).cast::<u64>().write(0) };
+    let b = s.kmalloc(64, 8).unwrap();
+    assert_ne!(b.as_ptr() as usize & !(PAGE_SIZE - 1), header as usize, "served from the retired slab");
+    assert_eq!(s.stats().corruptions, 1);
+    assert_eq!(stats_of(&s, "kmalloc-64").slabs, 2);
+    // Nothing reaches the retired slab again: a free of its object is refused.
+    assert_eq!(kfree(&s, a), Err(SlabError::NotOwned));
+    kfree(&s, b).unwrap();
+    for _ in 0..200 {
+        let p = s.kmalloc(64, 8).unwrap();
+        assert_ne!(p.as_ptr() as usize & !(PAGE_SIZE - 1), header as usize);
+    }
+}
+
+#[test]
 fn empty_slabs_are_kept_once_and_ping_pong_does_not_thrash() {
     let env = Env::new(16, false);
     let s = SlabAllocator::new(&env.buddy, false).unwrap();
@@ -681,9 +706,6 @@ fn objects_of_another_allocator_on_the_same_buddy_are_not_owned() {
     kfree(&a, large).unwrap();
 }
 
-/// Issue 12: a `CacheId` of one allocator used on another reached the other's slot of the
-/// same number: a vacant slot handed out allocator metadata as an object, a live one was
-/// destroyed. Now the id is refused and nothing is touched.
 #[test]
 fn large_blocks_of_allocators_eight_brands_apart_are_told_apart() {
     // Large tags have room for 3 bits of owner. They held the brand modulo 8, so an
@@ -711,6 +733,9 @@ fn large_blocks_of_allocators_eight_brands_apart_are_told_apart() {
     SlabAllocator::new(&env.buddy, false).unwrap();
 }
 
+/// Issue 12: a `CacheId` of one allocator used on another reached the other's slot of the
+/// same number: a vacant slot handed out allocator metadata as an object, a live one was
+/// destroyed. Now the id is refused and nothing is touched.
 #[test]
 fn a_cache_id_of_another_allocator_or_a_destroyed_cache_is_refused() {
     let env = Env::new(8, false);
