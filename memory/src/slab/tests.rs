@@ -493,7 +493,7 @@ fn a_slab_whose_bitmap_was_overwritten_is_retired_not_trusted() {
     let env = Env::new(8, false);
     let s = SlabAllocator::new(&env.buddy, false).unwrap();
     let a = s.kmalloc(64, 8).unwrap();
-    let header = (a.as_ptr() as usize & !(PAGE_SIZE - 1)) as *mut u8;
+    let header = a.as_ptr().wrapping_sub(a.as_ptr() as usize & (PAGE_SIZE - 1));
     // SAFETY: a deliberate write over the slab's bitmap word (after the 32-byte header),
     // in the simulated RAM.
     unsafe { header.wrapping_add(32).cast::<u64>().write(0) };
