@@ -175,19 +175,10 @@ impl SlabAllocator<'_> {
     }
 
     /// Fills an empty magazine with up to [`BATCH`] objects under the cache lock (growing
-    /// the cache once if needed); returns how many.
+    /// the cache when it has no usable partial slab); returns how many.
     #[cold]
     fn refill(&self, id: usize, m: &mut Magazine, gfp: Gfp) -> usize {
-        let mut guard = self.caches[id].lock();
-        let c = &mut *guard;
-        if c.partial.is_null() && self.grow(c, id, gfp).is_err() {
-            return 0;
-        }
-        m.len = self.take_objects(c, &mut m.objs[..BATCH]);
-        // Nothing taken: the partial slabs were found corrupt and retired; one new slab.
-        if m.len == 0 && self.grow(c, id, gfp).is_ok() {
-            m.len = self.take_objects(c, &mut m.objs[..BATCH]);
-        }
+        m.len = self.take_or_grow(&mut self.caches[id].lock(), id, gfp, &mut m.objs[..BATCH]).unwrap_or(0);
         m.len
     }
 
@@ -250,24 +241,14 @@ impl SlabAllocator<'_> {
             };
             let c: &mut Cache = &mut guard;
             for &obj in &m.objs[..n] {
-                // Every check again, the frame tag first: a late double free may name a slab
-                // given back since (its tag cleared), whose header is not ours to read.
-                let pa = self.pa(obj);
-                let tagged = self.tags.tag(pa).is_some_and(|t| t.load(Ordering::Relaxed) == id as u8 + 1);
-                let r = if tagged { self.free_in(c, id, obj, pa) } else { Err(SlabError::NotOwned) };
-                if let Err(e) = r {
+                // Every check again: a late double free may name a slab given back since.
+                if let Err(e) = self.free_in(c, id, obj, self.pa(obj)) {
                     self.invalid_frees.fetch_add(1, Ordering::Relaxed);
                     log::error!("slab {}: object {obj:p} from a per-CPU cache refused: {e}", c.name);
                 }
             }
         }
-        if n == BATCH && m.len == CPU_CACHE_OBJECTS {
-            // The full magazine's usual flush: a fixed-size move, no `memmove` call.
-            let (older, newer) = m.objs.split_at_mut(BATCH);
-            older.copy_from_slice(newer);
-        } else {
-            m.objs.copy_within(n..m.len, 0);
-        }
+        m.objs.copy_within(n..m.len, 0);
         m.len -= n;
         true
     }

@@ -1000,7 +1000,7 @@ impl<'b> SlabAllocator<'b> {
                 if cache.is_some_and(|c| c != id) {
                     return Err(SlabError::WrongCache);
                 }
-                self.free_object(id, ptr.as_ptr(), pa, tag_ref)
+                self.free_object(id, ptr.as_ptr(), pa)
             }
         }
     }
@@ -1034,30 +1034,29 @@ impl<'b> SlabAllocator<'b> {
 
     /// Allocates an object from cache `id` under its lock.
     fn alloc_locked(&self, id: usize, gfp: Gfp) -> Result<NonNull<u8>, SlabError> {
-        let mut guard = self.caches[id].lock();
-        let c = &mut *guard;
-        loop {
-            if c.partial.is_null() {
-                if let Err(e) = self.grow(c, id, gfp) {
-                    drop(guard);
-                    return self.fail(e);
-                }
-            }
-            // Null only when the slab tried was found corrupt and retired: try the next.
-            if let Some(p) = NonNull::new(self.take_object(c)) {
-                return Ok(p);
-            }
+        let mut obj = ptr::null_mut();
+        let r = self.take_or_grow(&mut self.caches[id].lock(), id, gfp, core::slice::from_mut(&mut obj));
+        match r {
+            // SAFETY: one object was taken: `take_objects` forms only object pointers.
+            Ok(_) => Ok(unsafe { NonNull::new_unchecked(obj) }),
+            Err(e) => self.fail(e),
         }
     }
 
-    /// Takes a free object off the first slab of `c`'s partial list (not empty; the
-    /// cache's lock is held); null if that slab is found corrupt (and retired) and no other
-    /// partial slab follows.
-    #[inline(always)]
-    fn take_object(&self, c: &mut Cache) -> *mut u8 {
-        let mut obj = ptr::null_mut();
-        self.take_objects(c, core::slice::from_mut(&mut obj));
-        obj
+    /// Fills `out` (not empty) from `c`'s partial slabs (the cache's lock held), growing
+    /// the cache by a slab when there are none, or when those there were found corrupt and
+    /// retired; returns how many (at least one), or why there is no slab.
+    fn take_or_grow(&self, c: &mut Cache, id: usize, gfp: Gfp, out: &mut [*mut u8]) -> Result<usize, SlabError> {
+        loop {
+            if c.partial.is_null() {
+                self.grow(c, id, gfp)?;
+            }
+            // Zero only when every partial slab was retired: a new one serves.
+            let n = self.take_objects(c, out);
+            if n > 0 {
+                return Ok(n);
+            }
+        }
     }
 
     /// Fills `out` with free objects from the first slab of `c`'s partial list (not empty;
@@ -1082,19 +1081,14 @@ impl<'b> SlabAllocator<'b> {
                 let mut took = 0u32;
                 let mut bad = false;
                 'fill: while n < out.len() && (*s).inuse + took < g.objs as u32 {
+                    while w < words && *map.add(w) == 0 {
+                        w += 1;
+                    }
                     if w >= words {
                         bad = true;
                         break;
                     }
                     let mut word = *map.add(w);
-                    while word == 0 {
-                        w += 1;
-                        if w >= words {
-                            bad = true;
-                            break 'fill;
-                        }
-                        word = *map.add(w);
-                    }
                     while word != 0 && n < out.len() {
                         let idx = w * 64 + word.trailing_zeros() as usize;
                         if idx >= g.objs {
@@ -1240,7 +1234,7 @@ impl<'b> SlabAllocator<'b> {
     /// Frees the object at `ptr` (frame tag says cache `id`): into this CPU's object
     /// cache when the allocator has them, else under the cache lock.
     #[inline(always)]
-    fn free_object(&self, id: usize, ptr: *mut u8, pa: PhysAddr, tag: &AtomicU8) -> Result<(), SlabError> {
+    fn free_object(&self, id: usize, ptr: *mut u8, pa: PhysAddr) -> Result<(), SlabError> {
         if id >= MAX_CACHES {
             return Err(SlabError::NotOwned);
         }
@@ -1249,18 +1243,18 @@ impl<'b> SlabAllocator<'b> {
                 return r;
             }
         }
-        let mut guard = self.caches[id].lock();
-        // Under the lock the tag is stable; it may have changed since it was read.
-        if tag.load(Ordering::Relaxed) != id as u8 + 1 {
-            return Err(SlabError::NotOwned);
-        }
-        self.free_in(&mut guard, id, ptr, pa)
+        self.free_in(&mut self.caches[id].lock(), id, ptr, pa)
     }
 
     /// Frees the object at `ptr` to its slab of cache `c` (slot `id`, lock held), with
-    /// every check: the slab is ours, its header intact, `ptr` an object start, the object
-    /// allocated.
+    /// every check: the frame tag still names cache `id` (under the lock it is stable; it
+    /// may have changed since it was read, and a late double free from a magazine may name
+    /// a slab given back since, whose header is not ours to read), the slab is ours,
+    /// `ptr` an object start, the object allocated (the bitmap's exact double-free check).
     fn free_in(&self, c: &mut Cache, id: usize, ptr: *mut u8, pa: PhysAddr) -> Result<(), SlabError> {
+        if self.tags.tag(pa).is_none_or(|t| t.load(Ordering::Relaxed) != id as u8 + 1) {
+            return Err(SlabError::NotOwned);
+        }
         let g = &c.geo;
         let off = pa.as_u64() as usize & (g.slab_bytes() - 1);
         let s = ptr.wrapping_sub(off).cast::<SlabHeader>();
@@ -1270,20 +1264,11 @@ impl<'b> SlabAllocator<'b> {
             return Err(SlabError::NotOwned);
         }
         let idx = g.object_index(off).ok_or(SlabError::NotObjectStart)?;
-        self.free_to_slab(c, s, idx, ptr)
-    }
-
-    /// Gives object `idx` (at `ptr`) back to its slab `s` of cache `c` (lock held), a slab
-    /// of ours (its header's magic and brand checked): the object must be allocated (the
-    /// bitmap's exact double-free check); then the slab lists.
-    #[inline(always)]
-    fn free_to_slab(&self, c: &mut Cache, s: *mut SlabHeader, idx: usize, ptr: *mut u8) -> Result<(), SlabError> {
-        let objs = c.geo.objs;
+        let objs = g.objs;
         let map = SlabHeader::bitmap(s);
         let bit = 1u64 << (idx & 63);
-        debug_assert!(idx < objs);
-        // SAFETY: `idx < objs` (the callers take it from `Geometry::object_index`), so the
-        // word is inside the bitmap of this slab.
+        // SAFETY: `idx < objs` (`object_index`), so the word is inside the bitmap of this
+        // slab, ours (`slab_is_ours`), whose cache's lock is held.
         let word = unsafe { &mut *map.add(idx >> 6) };
         if *word & bit != 0 {
             return Err(SlabError::DoubleFree);
@@ -1294,8 +1279,7 @@ impl<'b> SlabAllocator<'b> {
             unsafe { ptr.write_bytes(POISON_FREE_BYTE, c.geo.size) };
         }
         *word |= bit;
-        // SAFETY: `s` is the header of a slab of ours (the caller checked magic and brand
-        // with `slab_is_ours`) of the cache whose lock the caller holds.
+        // SAFETY: the header of this slab (as above).
         let (was_full, now_empty) = unsafe {
             let was_full = (*s).inuse == objs as u32;
             (*s).inuse -= 1;

@@ -53,6 +53,14 @@ fn holds(p: NonNull<u8>, len: usize, v: u8) -> bool {
     bytes == vec![v; len].as_slice()
 }
 
+/// Asserts that no object was handed out twice among `objs`.
+fn assert_distinct(objs: &[NonNull<u8>]) {
+    let mut addrs: Vec<usize> = objs.iter().map(|p| p.as_ptr() as usize).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    assert_eq!(addrs.len(), objs.len(), "an object handed out twice");
+}
+
 fn stats_of(s: &SlabAllocator<'_>, name: &str) -> CacheStats {
     s.cache_stats().find(|c| c.name == name).unwrap()
 }
@@ -445,10 +453,7 @@ fn strict_mode_detects_overflow_and_use_after_free() {
         got.push(s.kmalloc(64, 8).unwrap());
     }
     got.push(c);
-    let mut addrs: Vec<usize> = got.iter().map(|p| p.as_ptr() as usize).collect();
-    addrs.sort_unstable();
-    addrs.dedup();
-    assert_eq!(addrs.len(), got.len(), "an object handed out twice after the repair");
+    assert_distinct(&got);
     for p in got {
         kfree(&s, p).unwrap();
     }
@@ -473,10 +478,7 @@ fn a_write_after_free_does_not_reach_the_allocator() {
         unsafe { p.as_ptr().write_bytes(0x5a, 64) };
     }
     let again: Vec<_> = (0..300).map(|_| s.kmalloc(64, 8).unwrap()).collect();
-    let mut addrs: Vec<usize> = again.iter().map(|p| p.as_ptr() as usize).collect();
-    addrs.sort_unstable();
-    addrs.dedup();
-    assert_eq!(addrs.len(), again.len(), "an object handed out twice");
+    assert_distinct(&again);
     assert_eq!(s.stats().corruptions, 0);
     for p in again {
         kfree(&s, p).unwrap();
