@@ -1243,6 +1243,14 @@ impl<'b> SlabAllocator<'b> {
                 return r;
             }
         }
+        self.free_locked(id, ptr, pa)
+    }
+
+    /// [`Self::free_object`] under the cache lock: no per-CPU caches, or this CPU's in use
+    /// further up the stack (out of line: the per-CPU path stays short).
+    #[cold]
+    #[inline(never)]
+    fn free_locked(&self, id: usize, ptr: *mut u8, pa: PhysAddr) -> Result<(), SlabError> {
         self.free_in(&mut self.caches[id].lock(), id, ptr, pa)
     }
 
