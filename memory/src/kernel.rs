@@ -1224,14 +1224,33 @@ pub fn snapshot() -> MemSnapshot {
 /// # Ok::<(), memory::vmalloc::VmallocError>(())
 /// ```
 pub fn purge() {
+    purge_with(LockedVmalloc::purge);
+}
+
+/// [`purge`], but keeping the empty page tables the parked ranges met, as an automatic
+/// purge does ([`Vmalloc::purge_keeping_tables`]); vm_map_ram's blocks and their tables go
+/// as with [`purge`].
+/// # Example
+/// ```no_run
+/// let p = memory::kernel::vmalloc(4096)?;
+/// memory::kernel::vfree(p)?;
+/// memory::kernel::purge_keeping_tables();  // the range is free again; its table stays
+/// # Ok::<(), memory::vmalloc::VmallocError>(())
+/// ```
+pub fn purge_keeping_tables() {
+    purge_with(LockedVmalloc::purge_keeping_tables);
+}
+
+/// Deferred frees, then `how` on the kernel instance and every node, then vm_map_ram's.
+fn purge_with(how: fn(&LockedVmalloc<KernelBackend>)) {
     if let Ok(v) = vm() {
         // What handlers queued on any CPU (one that went off, one that made no call since).
         for cpu in 0..hal::dtb::MAX_CPUS {
             complete_deferred(cpu, v);
         }
-        v.purge();
+        how(v);
         for n in nodes::all() {
-            n.purge();
+            how(n);
         }
     }
     vm_map_ram::purge();

@@ -164,8 +164,24 @@ impl MemSnapshot {
 /// memory::snapshot::settle();          // e.g. before printing meminfo for a comparison
 /// ```
 pub fn settle() {
+    settle_with(kernel::purge);
+}
+
+/// [`settle`], but keeping the empty page tables the parked ranges met
+/// ([`kernel::purge_keeping_tables`]): free frames and table pages then differ from a
+/// settled snapshot by those tables, and everything else compares.
+///
+/// # Example
+/// ```no_run
+/// memory::snapshot::settle_keeping_tables();   // between two repeats of a workload
+/// ```
+pub fn settle_keeping_tables() {
+    settle_with(kernel::purge_keeping_tables);
+}
+
+fn settle_with(purge: fn()) {
     // Deferred frees, parked ranges, the quarantine, vm_map_ram's blocks and their tables.
-    kernel::purge();
+    purge();
     for v in kernel::vmalloc_instances() {
         let surplus = v.lock().release_spares();
         drop(surplus);

@@ -259,6 +259,13 @@ impl Ctx {
         super::check::settle();
     }
 
+    /// [`Self::purge`], keeping the empty page tables the parked ranges met, as an
+    /// automatic purge would (between repeats; see `run_case`).
+    pub fn purge_keeping_tables(&mut self) {
+        self.model.purge();
+        super::check::settle_keeping_tables();
+    }
+
     /// Checks every page of `a`: mapped to a RAM frame (the expected one when given), all
     /// frames distinct, zero-filled when `zeroed` (past the first byte the case wrote), a
     /// word written through the area reads back through the linear map, and the guard page

@@ -382,6 +382,19 @@ impl<B: VmBackend> LockedVmalloc<B> {
         self.done(g, ());
     }
 
+    /// [`Vmalloc::purge_keeping_tables`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = memory::kernel::vmalloc_instance().unwrap(); // the kernel's, after kernel::init
+    /// vm.purge_keeping_tables();                           // flushed; empty tables stay
+    /// ```
+    pub fn purge_keeping_tables(&self) {
+        let mut g = self.inner.lock();
+        g.purge_keeping_tables();
+        self.done(g, ());
+    }
+
     /// [`Vmalloc::find_area`].
     ///
     /// # Example

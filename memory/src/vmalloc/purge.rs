@@ -132,6 +132,33 @@ impl<B: VmBackend> Vmalloc<B> {
         self.purge_with(Purge::Explicit);
     }
 
+    /// [`Self::purge`], but as an automatic purge treats the page tables: the empty ones
+    /// the parked ranges met stay, as far as [`Self::kept_tables`]'s slots allow (what does
+    /// not fit is given back), for the next automatic purge to age. Every parked range is
+    /// flushed and back in free space, and no range is pooled, as with [`Self::purge`].
+    ///
+    /// For whoever must see the window settled without making a steady workload build its
+    /// tables anew (the bench between the repeats of a case: Linux's test never purges
+    /// there, and a lazy cycle would have kept them); [`Self::purge`] gives them back.
+    ///
+    /// # Example
+    /// ```
+    /// # use memory::vmalloc::{sim::SimBackend, Vmalloc, VmallocConfig};
+    /// # let range = hal::VirtRange::new(hal::VirtAddr::new(0xffff_8000_0000_0000), 16 << 20).unwrap();
+    /// # let mut vm = Vmalloc::new(SimBackend::new(range, 1024), range, VmallocConfig::default())?;
+    /// let p = vm.vmalloc(4096)?;
+    /// vm.vfree(p)?;
+    /// vm.purge_keeping_tables();                           // flushed; its table stays
+    /// assert_eq!(vm.stats().parked_areas, 0);
+    /// assert_eq!(vm.kept_tables().len(), 1);
+    /// vm.purge();                                          // and now the table goes too
+    /// assert!(vm.kept_tables().is_empty());
+    /// # Ok::<(), memory::vmalloc::VmallocError>(())
+    /// ```
+    pub fn purge_keeping_tables(&mut self) {
+        self.purge_with(Purge::NoHole);
+    }
+
     /// The spans whose empty page tables the last automatic purge kept: those the ranges it
     /// flushed met, which a steady workload maps again in the next lazy cycle (giving them
     /// back only for the next allocations to make them anew costs every cycle). The next
