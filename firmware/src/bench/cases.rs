@@ -263,7 +263,7 @@ impl Ctx {
     /// automatic purge would (between repeats; see `run_case`).
     pub fn purge_keeping_tables(&mut self) {
         self.model.purge();
-        super::check::settle_keeping_tables();
+        memory::snapshot::settle_keeping_tables();
     }
 
     /// Checks every page of `a`: mapped to a RAM frame (the expected one when given), all

@@ -19,12 +19,6 @@ pub fn settle() {
     memory::snapshot::settle();
 }
 
-/// [`settle`], but the empty page tables the parked ranges met stay, as an automatic purge
-/// keeps them: snapshots then compare with [`Baseline::matches_keeping_tables`].
-pub fn settle_keeping_tables() {
-    memory::snapshot::settle_keeping_tables();
-}
-
 /// FNV-1a over everything written, and the number of lines: compares vmallocinfo without
 /// keeping a copy (no heap use between two snapshots).
 struct Digest {
@@ -119,7 +113,7 @@ impl Baseline {
     }
 
     /// [`Self::matches`] but for the count of page-table pages, after
-    /// [`settle_keeping_tables`]: kept tables hold frames the buddy no longer counts free,
+    /// [`memory::snapshot::settle_keeping_tables`]: kept tables hold frames the buddy no longer counts free,
     /// so the frames still add up exactly (free + tables + slab), but how many tables the
     /// purge kept is its policy's, checked by the exact [`Self::matches`] after the last
     /// repeat.
