@@ -41,16 +41,26 @@ struct State {
     parked: (usize, usize),
     huge_blocks: usize,
     sim: (usize, usize, usize, u64),
-    ptes: Vec<(u64, u64)>,
+    ptes: Ptes,
     info: String,
+}
+
+/// The simulator's PTE words, copied whole (a `memcpy`; compared with one `memcmp`); shown
+/// as the valid entries' `(va, word)` pairs.
+#[derive(PartialEq, Eq)]
+struct Ptes(Vec<u64>);
+
+impl core::fmt::Debug for Ptes {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let valid = self.0.iter().enumerate().filter(|(_, &e)| e != 0);
+        f.debug_list().entries(valid.map(|(i, &e)| (BASE + i as u64 * PAGE, e))).finish()
+    }
 }
 
 fn state(vm: &Vmalloc<SimBackend>) -> State {
     let (s, c) = (vm.stats(), vm.backend().counters);
     let mut holes = Vec::new();
     vm.free_space().for_each_hole(|a, b| holes.push((a, b)));
-    let mut ptes = Vec::new();
-    vm.backend().for_each_pte(|va, pa| ptes.push((va.as_u64(), pa.as_u64())));
     State {
         holes,
         records_in_use: s.records - s.spare_records,
@@ -60,7 +70,7 @@ fn state(vm: &Vmalloc<SimBackend>) -> State {
         parked: (s.parked_areas, s.parked_pages),
         huge_blocks: s.huge_blocks,
         sim: (c.frames_in_use, c.blocks_in_use, c.mapped, c.violations),
-        ptes,
+        ptes: Ptes(vm.backend().pte_words().to_vec()),
         info: vm.info().to_string(),
     }
 }
@@ -172,7 +182,8 @@ fn vmalloc_every_kth_internal_allocation_fails_cleanly() {
     let _serial = SERIAL.lock().unwrap();
     let mut errors = BTreeSet::new();
     let injected = fault::injected();
-    for k in 1..=60 {
+    // Size knob: under Miri every k up to 16 (each step copies and compares the whole state).
+    for k in 1..=if cfg!(miri) { 16 } else { 60 } {
         // No spare records to start with: the workload's first calls must allocate some.
         let cfg = VmallocConfig { spare_high: 0, ..VmallocConfig::default() };
         let mut vm = Vmalloc::new(sim(), range(), cfg).unwrap();
@@ -223,7 +234,9 @@ fn locked_vmalloc_refill_failure_is_no_records_not_a_panic() {
     // Every k: the wrapper's calls fail typed and change nothing, or succeed.
     for k in 1..=8 {
         fault::fail_every(k);
-        for _ in 0..20 {
+        // Size knob: 4 calls per k under Miri (each compares two states with their
+        // vmallocinfo text), 20 natively.
+        for _ in 0..if cfg!(miri) { 4 } else { 20 } {
             let before = state(&lv.lock());
             match lv.vmalloc(3 * PAGE_SIZE) {
                 Ok(p) => held.push(p),
@@ -302,7 +315,8 @@ fn slab_every_kth_internal_allocation_fails_cleanly() {
         for k in 1..=12 {
             let mut held: Vec<NonNull<u8>> = Vec::new();
             fault::fail_every(k);
-            for round in 0..40 {
+            // Size knob: under Miri 14 rounds (every size and the cache met), 40 natively.
+            for round in 0..if cfg!(miri) { 14 } else { 40 } {
                 let free_before = buddy.lock().stats().free_pages;
                 let s0 = slab.stats();
                 let c0: Vec<_> = slab.cache_stats().collect();

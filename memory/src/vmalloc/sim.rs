@@ -490,6 +490,14 @@ impl SimBackend {
         (e & VALID != 0).then(|| (PhysAddr::new(e & !(PAGE - 1)), e & DEVICE != 0, e & READ_ONLY != 0))
     }
 
+    /// The simulated PTE words, one per page of the window from its base (a valid one holds
+    /// the frame's address and flag bits). For tests that compare whole states before and
+    /// after a call: copying and comparing the words are one `memcpy` and one `memcmp`,
+    /// where [`Self::for_each_pte`] visits every page (minutes under Miri, called per step).
+    pub fn pte_words(&self) -> &[u64] {
+        &self.ptes
+    }
+
     /// Call `f(va, pa)` for every valid PTE in address order.
     pub fn for_each_pte(&self, mut f: impl FnMut(VirtAddr, PhysAddr)) {
         for (i, &e) in self.ptes.iter().enumerate() {

@@ -3,7 +3,6 @@
 
 extern crate std;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::vec::Vec;
 
@@ -17,9 +16,53 @@ enum Pte {
     Stale,
 }
 
+/// The simulated PTEs of the region, one slot per page from [`BASE`] (an array, not a hash
+/// map: the tests cycle thousands of pieces, and under Miri each hash is hundreds of steps).
+#[derive(Default)]
+struct Ptes(Vec<Option<Pte>>);
+
+impl Ptes {
+    fn slot(va: u64) -> usize {
+        ((va - BASE) / PAGE_SIZE as u64) as usize
+    }
+
+    fn get(&self, va: &u64) -> Option<&Pte> {
+        self.0.get(Self::slot(*va)).and_then(Option::as_ref)
+    }
+
+    fn insert(&mut self, va: u64, pte: Pte) -> Option<Pte> {
+        let i = Self::slot(va);
+        if i >= self.0.len() {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i].replace(pte)
+    }
+
+    /// Drops the stale entries (a flush).
+    fn flush(&mut self) {
+        for p in &mut self.0 {
+            if *p == Some(Pte::Stale) {
+                *p = None;
+            }
+        }
+    }
+
+    /// Whether any page of `span` has an entry (mapped, or stale in the TLB).
+    fn any_in(&self, span: &VirtRange) -> bool {
+        let (s, e) = (span.start().as_u64(), span.start().as_u64() + span.size());
+        let s = Self::slot(s.max(BASE)).min(self.0.len());
+        let e = Self::slot(e.max(BASE)).min(self.0.len());
+        self.0[s..e].iter().any(Option::is_some)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+}
+
 #[derive(Default)]
 struct Mmu {
-    pages: HashMap<u64, Pte>,
+    pages: Ptes,
     flushes: usize,
     /// Maps over a page whose old translation was not flushed yet (must stay 0).
     stale_reuse: usize,
@@ -56,14 +99,14 @@ impl RamMapper for SimTables {
 
     fn flush_all(&self) {
         let mut m = self.0.lock().unwrap();
-        m.pages.retain(|_, p| *p != Pte::Stale);
+        m.pages.flush();
         m.flushes += 1;
     }
 
     unsafe fn free_tables(&self, spans: &[VirtRange]) -> usize {
         let mut m = self.0.lock().unwrap();
         for s in spans {
-            assert!(!m.pages.keys().any(|&p| s.contains(VirtAddr::new(p))), "tables of {s:?} freed while in use");
+            assert!(!m.pages.any_in(s), "tables of {s:?} freed while in use");
             m.freed_spans.push(*s);
         }
         0
