@@ -874,13 +874,19 @@ fn ioremap_aligns_a_block_aligned_range_so_blocks_can_map_it() {
     let p = vm.ioremap(PhysAddr::new(pa + 0x18), 4 << 20, dev).unwrap();
     assert_eq!(p.as_u64() % (2 << 20), 0x18);
     assert_eq!(vm.vmalloc_to_phys(p), Some(PhysAddr::new(pa + 0x18)));
-    // 1 GiB aligned, 1 GiB and more: 1 GiB aligned virtually.
-    let q = vm.ioremap(PhysAddr::new(0x40_0000_0000), (1 << 30) + 4096, dev).unwrap();
-    assert_eq!(q.as_u64() % (1 << 30), 0);
+    // 1 GiB aligned, 1 GiB and more: 1 GiB aligned virtually. Not under Miri: the simulator
+    // maps device memory page by page (262,145 pages, hours interpreted).
+    let q = if cfg!(miri) {
+        None
+    } else {
+        let q = vm.ioremap(PhysAddr::new(0x40_0000_0000), (1 << 30) + 4096, dev).unwrap();
+        assert_eq!(q.as_u64() % (1 << 30), 0);
+        Some(q)
+    };
     // Not aligned physically: no alignment asked (the next page-aligned fit).
     let r = vm.ioremap(PhysAddr::new(0x10_0000_1000), 4 << 20, dev).unwrap();
     assert_eq!(r.as_u64() % (2 << 20), 0x2000, "right after `small` and its guard page");
-    for a in [small, p, q, r] {
+    for a in [small, p, r].into_iter().chain(q) {
         vm.iounmap(a).unwrap();
     }
     vm.purge();
