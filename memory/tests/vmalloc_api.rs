@@ -404,9 +404,11 @@ fn failing_frame_k_of_n_leaves_nothing_behind() {
     let _c = vm.vmalloc(PAGE_SIZE).unwrap();
     vm.vfree(b).unwrap();
     vm.purge();
+    // Size knob: under Miri the first, second, a middle and the last two of the 64 frames.
+    let ks: Vec<usize> = if cfg!(miri) { vec![1, 2, 33, 63, 64] } else { (1..=64).collect() };
     for zero in [false, true] {
         let flags = if zero { VmFlags::ZERO } else { VmFlags::NONE };
-        for k in 1..=64usize {
+        for &k in &ks {
             let before = snapshot(&vm);
             vm.sim_mut().fail_frames_after(k - 1);
             assert_eq!(vm.vmalloc_with(64 * PAGE_SIZE, PAGE_SIZE, flags), Err(VmallocError::NoFrames), "k={k}");
