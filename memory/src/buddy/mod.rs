@@ -2396,11 +2396,7 @@ impl BuddyAllocator {
 /// steps, a minute under Miri).
 fn has_duplicate(entries: impl Iterator<Item = u64>) -> bool {
     let mut sorted = [0u64; HOT_CAPACITY];
-    let mut n = 0;
-    for (slot, e) in sorted.iter_mut().zip(entries) {
-        *slot = e;
-        n += 1;
-    }
+    let n = sorted.iter_mut().zip(entries).map(|(slot, e)| *slot = e).count();
     let sorted = &mut sorted[..n];
     sorted.sort_unstable();
     sorted.windows(2).any(|w| w[0] == w[1])
