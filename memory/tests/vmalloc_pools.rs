@@ -201,7 +201,8 @@ fn pooled_ranges_never_meet_a_stale_translation() {
             let (p, pages) = live.swap_remove((seed >> 16) as usize % live.len());
             let mut buf = vec![0u8; pages * PAGE_SIZE];
             assert!(vm.sim_mut().read(p, &mut buf));
-            assert!(buf.windows(2).all(|w| w[0] == w[1]), "an area's contents changed under it");
+            // One slice compare (a memcmp, which Miri runs natively), not a byte loop.
+            assert!(buf[1..] == buf[..buf.len() - 1], "an area's contents changed under it");
             vm.vfree(p).unwrap();
         }
         if i % 1000 == 0 {

@@ -303,6 +303,9 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
     let mut ticks = 0u64;
     let (mut model, mut measured) = (Model::default(), Measured::default());
     let (mut verified, mut tables, mut slab_moved, mut in_place, mut moved) = (0u64, 0isize, 0isize, 0u64, 0u64);
+    // Every `tlbi vmalle1is` issued (any code, not only vmalloc's purges): in the timed
+    // calls, and in the purges between repeats.
+    let (mut full_in_case, mut full_in_purges) = (0u64, 0u64);
     let mut align_fail = None;
     // The baseline before the first repeat, which the last one's explicit purge returns to.
     let mut first: Option<Baseline> = None;
@@ -329,9 +332,12 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         let first = *first.get_or_insert(before);
         let s0 = kernel::vmalloc_stats().unwrap_or_default();
         let sampling = p.sample && sample::start();
+        let f0 = hal::mmu::tlb::full_invalidations_issued();
         let t0 = hal::cpu::counter();
         let outcome = f(&mut c);
         let dt = hal::cpu::counter() - t0;
+        let f1 = hal::mmu::tlb::full_invalidations_issued();
+        full_in_case += f1 - f0;
         if sampling {
             sample::stop_and_report(case.name);
         }
@@ -342,13 +348,16 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
         // As the lazy threshold would, the purge keeps the empty tables the case met: Linux's
         // module does not purge between repeats, and its tables stay for ever.
         c.purge_keeping_tables();
+        full_in_purges += hal::mmu::tlb::full_invalidations_issued() - f1;
         let after = Baseline::take();
         let s1 = kernel::vmalloc_stats().unwrap_or_default();
         let m = Measured::delta(&s0, &s1);
         let mut checks = after.matches_keeping_tables(&before, case.name);
         if r + 1 == p.repeat {
             // The kept tables given back too: everything back at the case's first baseline.
+            let f2 = hal::mmu::tlb::full_invalidations_issued();
             c.purge();
+            full_in_purges += hal::mmu::tlb::full_invalidations_issued() - f2;
             let last = Baseline::take();
             tables = last.tables_grown(&first);
             checks &= last.matches(&first, case.name);
@@ -394,7 +403,7 @@ fn run_case(idx: usize, case: &Case, f: fn(&mut Ctx) -> Outcome, p: &Params) -> 
     let agree = if measured.agrees(&model) { "as the workload implies" } else { "MISMATCH (see above)" };
     println!(
         "  {per_loop}frames {} taken, {} returned; {} PTEs written (frames + vmap'd pages); TLB: {} full flushes, {} page ops in {} \
-         batches; {} purges; {} failed calls — {agree}",
+         batches; {} purges; {} failed calls — {agree}; every vmalle1is: {full_in_case} in the case, {full_in_purges} in the purges between repeats",
         measured.frames_taken,
         measured.frames_returned,
         model.ptes,

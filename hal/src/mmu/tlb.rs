@@ -346,6 +346,18 @@ impl TlbBatch {
     }
 }
 
+/// Full invalidations (`tlbi vmalle1is`) [`HardwareTlb`] has issued, on every core since
+/// boot. Each one empties every core's TLB, which the refills after it pay: a count to
+/// find where they come from (vmalloc counts only its own purges').
+static FULL_INVALIDATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many full invalidations (`tlbi vmalle1is`) [`HardwareTlb`] has issued since boot, on
+/// every core: page-table code, vmalloc's purges and anything else. Compare two readings
+/// to count those of one stretch of work.
+pub fn full_invalidations_issued() -> u64 {
+    FULL_INVALIDATIONS.load(Ordering::Relaxed)
+}
+
 /// The CPU's own TLB maintenance. On the host it does nothing: there is no TLB to keep
 /// coherent.
 #[derive(Clone, Copy, Debug, Default)]
@@ -360,7 +372,10 @@ unsafe impl Tlb for HardwareTlb {
             TlbOp::DsbIshst => arch::dsb_ishst(),
             TlbOp::LastLevel(va) => arch::tlbi_vaale1is(va.as_u64()),
             TlbOp::AllLevels(va) => arch::tlbi_vaae1is(va.as_u64()),
-            TlbOp::All => arch::tlbi_vmalle1is(),
+            TlbOp::All => {
+                FULL_INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
+                arch::tlbi_vmalle1is()
+            }
             TlbOp::DsbIsh => arch::dsb_ish(),
             TlbOp::Isb => arch::isb(),
         }

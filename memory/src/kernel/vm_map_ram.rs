@@ -326,8 +326,9 @@ pub(super) fn purge() {
     let Some(b) = BLOCKS.get() else { return };
     // The other CPUs retire their own (nothing to do where no interrupt controller runs
     // yet: then no other CPU maps).
-    if !hal::irq::in_interrupt() {
-        let _ = hal::smp::on_each_cpu(&|| b.retire_local());
+    if hal::irq::in_interrupt() || hal::smp::on_each_cpu(&|| b.retire_local()).is_err() {
+        // The others did not report what they unmapped: flush whatever is found.
+        b.flush_at_next_purge();
     }
     b.purge();
 }

@@ -40,7 +40,7 @@ extern crate alloc;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use hal::smp::PerCpu;
 use hal::sync::IrqSpinLock;
@@ -129,6 +129,9 @@ struct Cursor {
     next: u32,
     own_freed: u32,
     maps: u64,
+    /// This CPU unmapped a piece (of any block) since it last reported to
+    /// [`VmapBlocks::unflushed`] in [`VmapBlocks::retire_local`].
+    unmapped: bool,
 }
 
 struct Lists {
@@ -164,6 +167,13 @@ pub struct VmapBlocks<M: RamMapper> {
     blocks: Box<[Block]>,
     cpus: PerCpu<Cursor>,
     lists: IrqSpinLock<Lists>,
+    /// Some piece was unmapped, and reported (by [`Self::retire_local`], or by an `unmap`
+    /// that found its CPU's state busy), since the last purge's flush: that purge must
+    /// flush even if no block is dirty, for the stale entries of the pieces freed in
+    /// blocks still in use. With nothing unmapped a purge issues no flush (as Linux's
+    /// `vm_unmap_aliases`, which flushes only what it found dirty): an empty `tlbi
+    /// vmalle1is` at every `kernel::purge` would cost every core its TLB.
+    unflushed: AtomicBool,
     fallbacks: AtomicU64,
     flushes: AtomicU64,
 }
@@ -218,8 +228,9 @@ impl<M: RamMapper> VmapBlocks<M> {
             mapper,
             region,
             blocks: blocks.into_boxed_slice(),
-            cpus: PerCpu::new(|_| Cursor { block: NO_BLOCK, next: 0, own_freed: 0, maps: 0 }),
+            cpus: PerCpu::new(|_| Cursor { block: NO_BLOCK, next: 0, own_freed: 0, maps: 0, unmapped: false }),
             lists: IrqSpinLock::new(&hal::sync::classes::VMAP_BLOCKS, Lists { clean, dirty }),
+            unflushed: AtomicBool::new(false),
             fallbacks: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
         })
@@ -314,12 +325,18 @@ impl<M: RamMapper> VmapBlocks<M> {
         let size = count.next_power_of_two() as u32;
         // The owner counts its own block's frees without an atomic, until it retires it.
         let own = self.cpus.try_with(|c| {
+            c.unmapped = true;
             let mine = c.block as usize == block;
             if mine {
                 c.own_freed += size;
             }
             mine
         });
+        if own.is_none() {
+            // No per-CPU state to note it in: reported at once. Release: the PTE clears
+            // above happen before the purge that reads it (Acquire) flushes.
+            self.unflushed.store(true, Ordering::Release);
+        }
         if own != Some(true) {
             self.give_back(block, size as usize);
         }
@@ -330,13 +347,30 @@ impl<M: RamMapper> VmapBlocks<M> {
     /// once its pieces are unmapped a flush makes it clean: before a CPU goes off, and by
     /// [`Self::purge`].
     pub fn retire_local(&self) {
-        self.cpus.try_with(|c| self.retire(c));
+        let done = self.cpus.try_with(|c| {
+            self.retire(c);
+            core::mem::take(&mut c.unmapped)
+        });
+        // Unmapped here since the last report, or state busy (cannot tell): the next
+        // purge flushes. Release: this CPU's PTE clears happen before that flush.
+        if done != Some(false) {
+            self.unflushed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Makes the next [`Self::purge`] flush whatever it finds: for a caller that could not
+    /// have every CPU [`Self::retire_local`] first (an interrupt handler), so it cannot
+    /// know what the others unmapped.
+    pub fn flush_at_next_purge(&self) {
+        self.unflushed.store(true, Ordering::Release);
     }
 
     /// Retires this CPU's block, flushes the TLB once for every dirty block and makes them
     /// clean, and gives back the page tables of the clean blocks (Linux's
     /// `vm_unmap_aliases`, plus the tables). Returns the table pages freed. Other CPUs'
-    /// current blocks stay theirs (call [`Self::retire_local`] on each first).
+    /// current blocks stay theirs (call [`Self::retire_local`] on each first, or
+    /// [`Self::flush_at_next_purge`]). The flush is skipped when nothing was unmapped
+    /// since the last one: no block dirty, no unmap reported.
     pub fn purge(&self) -> usize {
         self.retire_local();
         // Room to hold the clean blocks while their tables go (allocated before any lock).
@@ -344,9 +378,12 @@ impl<M: RamMapper> VmapBlocks<M> {
         let room = held.try_reserve_exact(self.blocks.len()).is_ok();
         {
             let mut l = self.lists.lock();
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            self.mapper.flush_all();
-            Self::make_clean(&self.blocks, &mut l);
+            // Acquire: pairs with the reports' Release (PTE clears before the flush).
+            if self.unflushed.swap(false, Ordering::Acquire) || !l.dirty.is_empty() {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                self.mapper.flush_all();
+                Self::make_clean(&self.blocks, &mut l);
+            }
             if !room {
                 // Out of memory: flushed, the tables stay.
                 return 0;

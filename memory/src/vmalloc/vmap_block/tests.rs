@@ -180,6 +180,37 @@ fn the_purge_frees_the_tables_of_clean_blocks_only() {
     );
 }
 
+/// A purge flushes the TLB only when something was unmapped since the last flush: before,
+/// every purge issued a `tlbi vmalle1is` (and every `kernel::purge` cost each core its
+/// whole TLB) with no block dirty and nothing unmapped. An unmapped piece of a block still
+/// in use is flushed all the same (Linux's `vm_unmap_aliases` flushes such dirty ranges).
+#[test]
+fn a_purge_flushes_only_what_was_unmapped_since_the_last_flush() {
+    let (b, sim) = blocks(2);
+    let flushes = || sim.0.lock().unwrap().flushes;
+    b.purge();
+    assert_eq!(flushes(), 0, "nothing ever mapped");
+    let live = map(&b, &frames(1, 0));
+    let gone = map(&b, &frames(1, 1));
+    b.purge();
+    assert_eq!(flushes(), 0, "mapped, nothing unmapped");
+    b.unmap(gone, 1).unwrap();
+    b.purge();
+    assert_eq!(flushes(), 1, "a piece unmapped in a block still in use");
+    assert!(sim.0.lock().unwrap().pages.get(&gone.as_u64()).is_none(), "its stale entry flushed");
+    b.purge();
+    assert_eq!(flushes(), 1, "nothing unmapped since");
+    // A caller that could not have every CPU report first gets its flush.
+    b.flush_at_next_purge();
+    b.purge();
+    assert_eq!(flushes(), 2);
+    b.unmap(live, 1).unwrap();
+    b.purge();
+    assert_eq!(flushes(), 3, "the last piece: the block dirty");
+    assert_eq!(b.stats().flushes, 3);
+    assert!(sim.0.lock().unwrap().pages.is_empty());
+}
+
 #[test]
 fn bad_calls_are_refused_and_change_nothing() {
     let (b, _sim) = blocks(1);
