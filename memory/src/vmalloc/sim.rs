@@ -212,18 +212,7 @@ impl SimBackend {
         }
     }
 
-    /// Count leaves removed from `va` on (`count` pages, possibly across last-level tables).
-    fn remove_pages(&mut self, va: u64, count: usize) {
-        let mut at = va;
-        let end = va + count as u64 * PAGE;
-        while at < end {
-            let next = ((at | (table_span(3) - 1)) + 1).min(end);
-            self.table_entry(3, at, -(((next - at) / PAGE) as i64));
-            at = next;
-        }
-    }
-
-    /// Count pages added from `va` on (as [`Self::remove_pages`]).
+    /// Count pages added from `va` on (`count` pages, possibly across last-level tables).
     fn add_pages(&mut self, va: u64, count: usize) {
         let mut at = va;
         let end = va + count as u64 * PAGE;
@@ -675,6 +664,8 @@ impl VmBackend for SimBackend {
             self.counters.violations += 1;
             return;
         };
+        // Leaves removed from the current last-level table, counted once per table.
+        let mut run: Option<(u64, i64)> = None;
         for i in first..(first + pages).min(self.ptes.len()) {
             let e = self.ptes[i];
             if e & VALID == 0 || e & BLOCK != 0 {
@@ -686,8 +677,19 @@ impl VmBackend for SimBackend {
             self.mark_stale(i);
             self.counters.mapped -= 1;
             self.counters.ptes_cleared += 1;
-            self.remove_pages(self.base + i as u64 * PAGE, 1);
+            let table = (self.base + i as u64 * PAGE) & !(table_span(3) - 1);
+            match &mut run {
+                Some((t, n)) if *t == table => *n += 1,
+                _ => {
+                    if let Some((t, n)) = run.replace((table, 1)) {
+                        self.table_entry(3, t, -n);
+                    }
+                }
+            }
             on_frame(PhysAddr::new(e & !(PAGE - 1)));
+        }
+        if let Some((t, n)) = run {
+            self.table_entry(3, t, -n);
         }
     }
 
