@@ -26,11 +26,51 @@ pub struct DemoReport {
 
 /// The byte the demo writes at `offset`: a SplitMix64 stream, so every quantum differs.
 pub(crate) fn pattern(offset: usize) -> u8 {
-    let mut z = ((offset / 8) as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    (splitmix((offset / 8) as u64) >> ((offset % 8) * 8)) as u8
+}
+
+/// The SplitMix64 output for word `index` of the pattern.
+fn splitmix(index: u64) -> u64 {
+    let mut z = index.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z >> ((offset % 8) * 8)) as u8
+    z ^ (z >> 31)
+}
+
+/// Fills `buf` with the pattern from `offset` on: [`pattern`] a word at a time (one
+/// SplitMix64 step per 8 bytes, not per byte), the same bytes.
+pub(crate) fn fill_pattern(buf: &mut [u8], offset: usize) {
+    let end = offset + buf.len();
+    let mut at = 0;
+    while at < buf.len() && !(offset + at).is_multiple_of(8) {
+        buf[at] = pattern(offset + at);
+        at += 1;
+    }
+    let mut words = buf[at..].chunks_exact_mut(8);
+    for (i, word) in (&mut words).enumerate() {
+        let word_index = (offset + at) / 8 + i;
+        word.copy_from_slice(&splitmix(word_index as u64).to_le_bytes());
+    }
+    let tail = words.into_remainder();
+    let tail_offset = end - tail.len();
+    for (i, b) in tail.iter_mut().enumerate() {
+        *b = pattern(tail_offset + i);
+    }
+}
+
+/// The index of the first byte of `got` that differs from the pattern at `offset`, if any:
+/// compared 256 bytes at a time against [`fill_pattern`]'s output.
+fn first_mismatch(got: &[u8], offset: usize) -> Option<usize> {
+    let mut want = [0u8; 256];
+    for (k, chunk) in got.chunks(want.len()).enumerate() {
+        let at = k * want.len();
+        let want = &mut want[..chunk.len()];
+        fill_pattern(want, offset + at);
+        if chunk != &want[..] {
+            return chunk.iter().zip(want.iter()).position(|(a, b)| a != b).map(|i| at + i);
+        }
+    }
+    None
 }
 
 /// FNV-1a over `bytes`, continuing from `hash`.
@@ -48,8 +88,13 @@ pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// report against).
 pub fn expected_checksum(bytes: usize) -> u64 {
     let mut hash = FNV_OFFSET;
-    for offset in 0..bytes {
-        hash = fnv1a(hash, &[pattern(offset)]);
+    let mut chunk = [0u8; 256];
+    let mut offset = 0;
+    while offset < bytes {
+        let n = chunk.len().min(bytes - offset);
+        fill_pattern(&mut chunk[..n], offset);
+        hash = fnv1a(hash, &chunk[..n]);
+        offset += n;
     }
     hash
 }
@@ -75,6 +120,12 @@ pub fn demo(megabytes: usize) -> Result<DemoReport, ScullError> {
 /// As [`demo`].
 pub fn demo_on<A: QuantumAlloc>(dev: &mut ScullV<A>, megabytes: usize) -> Result<DemoReport, ScullError> {
     let bytes = megabytes.checked_mul(1 << 20).ok_or(ScullError::Overflow)?;
+    demo_bytes_on(dev, bytes)
+}
+
+/// [`demo_on`] with the length in bytes: the tests under Miri, where every byte costs
+/// microseconds, write a few quanta rather than megabytes.
+pub(crate) fn demo_bytes_on<A: QuantumAlloc>(dev: &mut ScullV<A>, bytes: usize) -> Result<DemoReport, ScullError> {
     if bytes > dev.max_size() {
         return Err(ScullError::TooLarge);
     }
@@ -93,9 +144,7 @@ fn write_and_verify<A: QuantumAlloc>(dev: &mut ScullV<A>, bytes: usize) -> Resul
     let mut offset = 0;
     while offset < bytes {
         let chunk = &mut buf[..WRITE_CHUNK.min(bytes - offset)];
-        for (i, b) in chunk.iter_mut().enumerate() {
-            *b = pattern(offset + i);
-        }
+        fill_pattern(chunk, offset);
         written = fnv1a(written, chunk);
         offset += dev.write(offset, chunk)?;
     }
@@ -108,7 +157,7 @@ fn write_and_verify<A: QuantumAlloc>(dev: &mut ScullV<A>, bytes: usize) -> Resul
         if n == 0 {
             return Err(ScullError::Mismatch { offset });
         }
-        if let Some(i) = buf[..n].iter().enumerate().position(|(i, &b)| b != pattern(offset + i)) {
+        if let Some(i) = first_mismatch(&buf[..n], offset) {
             return Err(ScullError::Mismatch { offset: offset + i });
         }
         read = fnv1a(read, &buf[..n]);
