@@ -60,7 +60,7 @@ pub(crate) fn fill_pattern(buf: &mut [u8], offset: usize) {
 
 /// The index of the first byte of `got` that differs from the pattern at `offset`, if any:
 /// compared 256 bytes at a time against [`fill_pattern`]'s output.
-fn first_mismatch(got: &[u8], offset: usize) -> Option<usize> {
+pub(crate) fn first_mismatch(got: &[u8], offset: usize) -> Option<usize> {
     let mut want = [0u8; 256];
     for (k, chunk) in got.chunks(want.len()).enumerate() {
         let at = k * want.len();

@@ -9,7 +9,7 @@ use std::vec;
 use std::vec::Vec;
 
 use super::*;
-use crate::demo::{demo_bytes_on, fill_pattern, fnv1a, pattern, FNV_OFFSET};
+use crate::demo::{demo_bytes_on, fill_pattern, first_mismatch, fnv1a, pattern, FNV_OFFSET};
 
 #[derive(Default)]
 struct MockState {
@@ -92,6 +92,19 @@ fn fill_pattern_gives_the_pattern_at_any_offset_and_length() {
             let want: Vec<u8> = (offset..offset + len).map(pattern).collect();
             assert_eq!(v, want, "offset {offset}, len {len}");
         }
+    }
+}
+
+#[test]
+fn first_mismatch_names_the_first_byte_off_the_pattern() {
+    let mut v = vec![0; 1000];
+    fill_pattern(&mut v, 5);
+    assert_eq!(first_mismatch(&v, 5), None);
+    assert_eq!(first_mismatch(&v, 6), Some(0), "another offset: another pattern");
+    for at in [0, 255, 256, 700, 999] {
+        let mut w = v.clone();
+        w[at] ^= 0x40;
+        assert_eq!(first_mismatch(&w, 5), Some(at));
     }
 }
 

@@ -29,6 +29,20 @@ impl Pool {
         let i = usize::try_from(pa.checked_sub(self.base)? / PAGE).ok()?;
         (i < self.pages.len()).then_some(i)
     }
+
+    /// The slot of `pa`'s page, if this pool holds it.
+    fn slot(&self, pa: u64) -> Option<&Option<Box<[u8]>>> {
+        self.index(pa).map(|i| &self.pages[i])
+    }
+}
+
+/// The slot of `pa`'s page in the frame pool or the block pool, if either holds it (over
+/// the two pools only, so the caller may still use the map of other pages).
+fn pool_slot<'a>(frames: &'a mut Pool, blocks: &'a mut Pool, pa: u64) -> Option<&'a mut Option<Box<[u8]>>> {
+    match frames.index(pa) {
+        Some(i) => Some(&mut frames.pages[i]),
+        None => blocks.index(pa).map(|i| &mut blocks.pages[i]),
+    }
 }
 
 /// Page contents by physical page address (page aligned).
@@ -53,22 +67,10 @@ impl SimMemory {
         self.blocks = Pool::new(self.blocks.base, pages);
     }
 
-    /// The pool holding `pa`'s page (true: the block pool) and the page's index there.
-    fn locate(&self, pa: u64) -> Option<(bool, usize)> {
-        self.frames.index(pa).map(|i| (false, i)).or_else(|| self.blocks.index(pa).map(|i| (true, i)))
-    }
-
-    /// The slot of `pa`'s page, if it is in a pool.
-    fn slot(&mut self, pa: u64) -> Option<&mut Option<Box<[u8]>>> {
-        let (blocks, i) = self.locate(pa)?;
-        let pool = if blocks { &mut self.blocks } else { &mut self.frames };
-        pool.pages.get_mut(i)
-    }
-
     /// The bytes of `pa`'s page, if any were ever stored.
     pub(super) fn get(&self, pa: u64) -> Option<&[u8]> {
-        match self.locate(pa) {
-            Some((blocks, i)) => (if blocks { &self.blocks } else { &self.frames }).pages[i].as_deref(),
+        match self.frames.slot(pa).or_else(|| self.blocks.slot(pa)) {
+            Some(slot) => slot.as_deref(),
             None => self.other.get(&pa).map(|p| &p[..]),
         }
     }
@@ -76,17 +78,17 @@ impl SimMemory {
     /// The bytes of `pa`'s page, zeroes first if none were stored.
     pub(super) fn page_mut(&mut self, pa: u64) -> &mut [u8] {
         let zero = || vec![0u8; PAGE_SIZE].into_boxed_slice();
-        if self.locate(pa).is_none() {
-            return self.other.entry(pa).or_insert_with(zero);
+        match pool_slot(&mut self.frames, &mut self.blocks, pa) {
+            Some(slot) => slot.get_or_insert_with(zero),
+            None => self.other.entry(pa).or_insert_with(zero),
         }
-        self.slot(pa).map_or(&mut [], |s| s.get_or_insert_with(zero))
     }
 
     /// `pa`'s page holds `byte` throughout.
     pub(super) fn fill(&mut self, pa: u64, byte: u8) {
         let page = vec![byte; PAGE_SIZE].into_boxed_slice();
-        match self.slot(pa) {
-            Some(s) => *s = Some(page),
+        match pool_slot(&mut self.frames, &mut self.blocks, pa) {
+            Some(slot) => *slot = Some(page),
             None => {
                 self.other.insert(pa, page);
             }
@@ -95,8 +97,8 @@ impl SimMemory {
 
     /// `pa`'s page reads as zeroes (its bytes forgotten).
     pub(super) fn forget(&mut self, pa: u64) {
-        match self.slot(pa) {
-            Some(s) => *s = None,
+        match pool_slot(&mut self.frames, &mut self.blocks, pa) {
+            Some(slot) => *slot = None,
             None => {
                 self.other.remove(&pa);
             }
