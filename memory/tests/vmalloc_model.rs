@@ -71,18 +71,23 @@ impl Stretches {
 
 fn check_tables_after_purge(vm: &Vmalloc<SimBackend>, op: u32) {
     let sim = vm.backend();
-    // The 2 MiB stretches with a page mapped, sorted (PTEs come in address order; sorted
-    // again all the same), for binary search: a hash set here was half the test's time.
+    // The 2 MiB stretches with a page mapped (not by a block), in address order, for
+    // binary search: each stretch's 512 PTE words are compared with empty ones at once
+    // (one `memcmp`, which Miri runs natively; a visit per PTE at every purge was a fifth
+    // of this test under Miri, a hash set before that half of it).
+    const EMPTY: [u64; 512] = [0; 512];
     let mut stretches = Vec::new();
     let mut any = false;
-    sim.for_each_pte(|va, _| {
+    for (k, words) in sim.pte_words().chunks(EMPTY.len()).enumerate() {
+        if words == &EMPTY[..words.len()] {
+            continue;
+        }
         any = true;
-        if !sim.is_block(va) && stretches.last() != Some(&(va.as_u64() >> 21)) {
+        let va = VirtAddr::new(BASE + (k * EMPTY.len()) as u64 * PAGE);
+        if !sim.is_block(va) {
             stretches.push(va.as_u64() >> 21);
         }
-    });
-    stretches.sort_unstable();
-    stretches.dedup();
+    }
     let stretches = Stretches(stretches);
     let upper = if any || sim.has_table(2, VirtAddr::new(BASE)) { 2 } else { 0 };
     // An op may park an area after its own purge (vrealloc moving an area whose new place
@@ -150,7 +155,10 @@ fn audit(vm: &Vmalloc<SimBackend>, model: &[Area]) {
     // parked or free range) and points where it should; every mapped page has its PTE.
     let mut i = 0usize;
     let mut ptes = 0usize;
-    let mut frames = Vec::new();
+    // Frames seen, one flag per frame of the frame pool and of the block pool: a sort of
+    // every mapped frame was most of the audit under Miri.
+    let mut frame_seen = vec![false; FRAMES];
+    let mut block_seen = vec![false; BLOCKS * BLOCK_PAGES];
     sim.for_each_pte(|va, pa| {
         while i < areas.len() && areas[i].0.start.as_u64() + areas[i].0.pages as u64 * PAGE <= va.as_u64() {
             i += 1;
@@ -160,8 +168,15 @@ fn audit(vm: &Vmalloc<SimBackend>, model: &[Area]) {
         let page = (va.as_u64() - a.start.as_u64()) / PAGE;
         match a.kind {
             AreaKind::Vmalloc => {
-                frames.push(pa.as_u64());
-                assert!(pa.as_u64() >= SimBackend::FRAME_BASE);
+                let pa = pa.as_u64();
+                let seen = if pa >= SimBackend::BLOCK_BASE {
+                    block_seen.get_mut(((pa - SimBackend::BLOCK_BASE) / PAGE) as usize)
+                } else {
+                    pa.checked_sub(SimBackend::FRAME_BASE).and_then(|o| frame_seen.get_mut((o / PAGE) as usize))
+                };
+                let seen = seen.unwrap_or_else(|| panic!("PTE at {va:?} maps {pa:#x}, no frame of the pools"));
+                assert!(!*seen, "frame {pa:#x} mapped twice");
+                *seen = true;
             }
             AreaKind::Vmap => assert_eq!(pa.as_u64(), m.phys + page * PAGE),
             AreaKind::Ioremap => assert_eq!(pa.as_u64(), (m.phys & !(PAGE - 1)) + page * PAGE),
@@ -169,10 +184,6 @@ fn audit(vm: &Vmalloc<SimBackend>, model: &[Area]) {
         }
         ptes += 1;
     });
-    frames.sort_unstable();
-    if let Some(w) = frames.windows(2).find(|w| w[0] == w[1]) {
-        panic!("frame {:#x} mapped twice", w[0]);
-    }
     assert_eq!(ptes, stats.mapped_pages);
     assert_eq!(ptes, areas.iter().map(|(a, _)| a.pages).sum::<usize>());
     // Tags written at allocation survive (and moved with vrealloc).
@@ -450,7 +461,7 @@ fn on_four_cpus(ops: u32, broken: bool) -> u64 {
     }
     vm.purge();
     vm.check().unwrap();
-    assert!(vm.stats().purges > 100, "the run should purge often");
+    assert!(broken || vm.stats().purges > 100, "the run should purge often");
     vm.backend().counters.violations
 }
 
@@ -459,5 +470,8 @@ fn four_simulated_cpus_each_with_its_own_tlb() {
     let ops = if cfg!(miri) { 1_000 } else { 200_000 };
     assert_eq!(on_four_cpus(ops, false), 0, "broadcast flushes: no range reused while any TLB may hold it");
     // The same run with flushes that reach only the purging CPU: caught.
-    assert!(on_four_cpus(ops, true) > 0, "a purge that flushed only its own CPU's TLB went unnoticed");
+    // Under Miri the broken run is a fifth as long: it meets a stale entry within 50
+    // operations (some 300 violations in 200).
+    let broken_ops = if cfg!(miri) { 200 } else { ops };
+    assert!(on_four_cpus(broken_ops, true) > 0, "a purge that flushed only its own CPU's TLB went unnoticed");
 }
