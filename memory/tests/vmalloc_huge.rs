@@ -209,7 +209,8 @@ fn strict_mode_and_the_lazy_purge_flush_blocks_before_reuse() {
         let cfg = VmallocConfig { strict, lazy_max_pages: 2 * BLOCK_PAGES, ..VmallocConfig::default() };
         let range = VirtRange::new(VirtAddr::new(BASE), 4 * BLOCK).unwrap();
         let mut vm = Vmalloc::new(SimBackend::new(range, 2048).with_blocks(4), range, cfg).unwrap();
-        for _ in 0..20 {
+        // Size knob: 6 rounds under Miri (a purge every second round), 20 natively.
+        for _ in 0..if cfg!(miri) { 6 } else { 20 } {
             let p = vm.vmalloc_with(BLOCK_SIZE, PAGE_SIZE, VmFlags::HUGE).unwrap();
             assert!(vm.backend().is_block(p));
             vm.vfree(p).unwrap();
