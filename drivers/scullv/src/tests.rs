@@ -517,7 +517,7 @@ fn model_run(order: u32, qset: usize, seed: u64, ops: usize) {
 }
 
 /// Operations per model run; fewer under Miri (an interpreter), same mix.
-const MODEL_OPS: usize = if cfg!(miri) { 300 } else { 10_000 };
+const MODEL_OPS: usize = if cfg!(miri) { 150 } else { 10_000 };
 
 #[test]
 fn random_ops_match_a_vec_model() {
