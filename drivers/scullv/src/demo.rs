@@ -30,7 +30,7 @@ pub(crate) fn pattern(offset: usize) -> u8 {
 }
 
 /// The SplitMix64 output for word `index` of the pattern.
-fn splitmix(index: u64) -> u64 {
+pub(crate) fn splitmix(index: u64) -> u64 {
     let mut z = index.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

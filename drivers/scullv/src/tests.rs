@@ -81,24 +81,23 @@ fn device(order: u32, qset: usize) -> (ScullV<Mock>, Mock) {
 const SEED_STRIDE: usize = 4099;
 
 /// `len` nonzero test bytes that differ from seed to seed: a window of one precomputed
-/// pattern, starting at `seed`'s offset into it. Copying the window is one `memcpy`, which
+/// source, starting at `seed`'s offset into it. Copying the window is one `memcpy`, which
 /// Miri runs natively; patterning every write byte by byte was most of the model tests'
-/// time under Miri.
+/// time under Miri. The source is one per process (tests run on threads of their own), and
+/// each word of it is made at once, its bytes' low bits set so no byte is zero: building it
+/// was half the model tests' time under Miri while each test thread built its own.
 fn bytes(seed: usize, len: usize) -> Vec<u8> {
-    thread_local! {
-        static SOURCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    }
+    static SOURCE: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
     let start = (seed * 7919) % SEED_STRIDE;
-    SOURCE.with(|source| {
-        let mut source = source.borrow_mut();
-        if source.len() < SEED_STRIDE + len {
-            let mut v = vec![0; (SEED_STRIDE + len).next_power_of_two()];
-            fill_pattern(&mut v, 0);
-            v.iter_mut().for_each(|b| *b |= 1);
-            *source = v;
+    let mut source = SOURCE.lock().unwrap_or_else(|e| e.into_inner());
+    if source.len() < SEED_STRIDE + len {
+        let mut v = vec![0; (SEED_STRIDE + len).next_power_of_two()];
+        for (i, w) in v.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(crate::demo::splitmix(i as u64) | 0x0101_0101_0101_0101).to_ne_bytes());
         }
-        source[start..start + len].to_vec()
-    })
+        *source = v;
+    }
+    source[start..start + len].to_vec()
 }
 
 #[test]
