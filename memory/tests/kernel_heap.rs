@@ -51,9 +51,9 @@ fn kernel_heap_before_and_after_init() {
 
     // Heap traffic of every size class, large blocks, alignment, realloc.
     let mut live = Vec::new();
-    // Size knob: under Miri the first 300 allocations (29 to 8,992 bytes: the classes from
+    // Size knob: under Miri the first 250 allocations (29 to 8,992 bytes: the classes from
     // kmalloc-32 up and large blocks; the small classes run in the slab suite there).
-    for i in 1..if cfg!(miri) { 300 } else { 2_000usize } {
+    for i in 1..if cfg!(miri) { 250 } else { 2_000usize } {
         let size = (i * 37) % 9_000 + 1;
         let align = 1 << (i % 8);
         let l = Layout::from_size_align(size, align).unwrap();

@@ -190,9 +190,9 @@ fn vmalloc_every_kth_internal_allocation_fails_cleanly() {
     let _serial = SERIAL.lock().unwrap();
     let mut errors = BTreeSet::new();
     let injected = fault::injected();
-    // Size knob: under Miri every k up to 5; all three errors asserted below are met by 4
-    // already (each step copies and compares the whole state).
-    for k in 1..=if cfg!(miri) { 5 } else { 60 } {
+    // Size knob: under Miri every k up to 4, where all three errors asserted below are met
+    // (each step copies and compares the whole state).
+    for k in 1..=if cfg!(miri) { 4 } else { 60 } {
         // No spare records to start with: the workload's first calls must allocate some.
         let cfg = VmallocConfig { spare_high: 0, ..VmallocConfig::default() };
         let mut vm = Vmalloc::new(sim(), range(), cfg).unwrap();
@@ -325,12 +325,12 @@ fn slab_every_kth_internal_allocation_fails_cleanly() {
         let slab = SlabAllocator::new(buddy, strict).unwrap();
         let cache = slab.create_cache("oom_test", 200, 8).unwrap();
         let sizes = [8usize, 64, 200, 1000, 2048, 5000, 64 << 10];
-        // Size knob: every k up to 6 under Miri, 12 natively.
-        for k in 1..=if cfg!(miri) { 6 } else { 12 } {
+        // Size knob: every k up to 4 under Miri, 12 natively.
+        for k in 1..=if cfg!(miri) { 4 } else { 12 } {
             let mut held: Vec<NonNull<u8>> = Vec::new();
             fault::fail_every(k);
-            // Size knob: under Miri 14 rounds (every size and the cache met), 40 natively.
-            for round in 0..if cfg!(miri) { 14 } else { 40 } {
+            // Size knob: under Miri 12 rounds (every size and the cache met), 40 natively.
+            for round in 0..if cfg!(miri) { 12 } else { 40 } {
                 let free_before = buddy.lock().stats().free_pages;
                 let s0 = slab.stats();
                 let c0: Vec<_> = slab.cache_stats().collect();

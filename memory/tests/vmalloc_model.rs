@@ -424,8 +424,8 @@ fn a_million_random_operations() {
 fn on_four_cpus(ops: u32, broken: bool) -> u64 {
     let mut rng = SmallRng::seed_from_u64(0x7e57_0004);
     let window = VirtRange::new(VirtAddr::new(BASE), (1u64 << 14) * PAGE).unwrap();
-    // Size knob: under Miri a threshold of 8 pages, so its 500 operations purge more
-    // than a hundred times.
+    // Size knob: under Miri a threshold of 8 pages, so its 300 operations purge some 80
+    // times.
     let lazy = if cfg!(miri) { 8 } else { 256 };
     let cfg = VmallocConfig { lazy_max_pages: lazy, ..VmallocConfig::default() };
     let mut sim = SimBackend::new(window, 8192).with_cpus(4);
@@ -461,13 +461,14 @@ fn on_four_cpus(ops: u32, broken: bool) -> u64 {
     }
     vm.purge();
     vm.check().unwrap();
-    assert!(broken || vm.stats().purges > 100, "the run should purge often: {} purges", vm.stats().purges);
+    let often = if cfg!(miri) { 60 } else { 100 };
+    assert!(broken || vm.stats().purges > often, "the run should purge often: {} purges", vm.stats().purges);
     vm.backend().counters.violations
 }
 
 #[test]
 fn four_simulated_cpus_each_with_its_own_tlb() {
-    let ops = if cfg!(miri) { 500 } else { 200_000 };
+    let ops = if cfg!(miri) { 300 } else { 200_000 };
     assert_eq!(on_four_cpus(ops, false), 0, "broadcast flushes: no range reused while any TLB may hold it");
     // The same run with flushes that reach only the purging CPU: caught.
     // Under Miri the broken run is 200 operations: it meets a stale entry within 50

@@ -186,8 +186,8 @@ fn pooled_ranges_never_meet_a_stale_translation() {
     let mut vm = new_vm(1 << 14, 64, true);
     let mut live: Vec<(VirtAddr, usize)> = Vec::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
-    // Size knob: under Miri 600 operations (some 19 purges, 12 areas pooled).
-    let ops = if cfg!(miri) { 600 } else { 20_000 };
+    // Size knob: under Miri 350 operations (some 11 purges, areas pooled).
+    let ops = if cfg!(miri) { 350 } else { 20_000 };
     for i in 0..ops {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -212,7 +212,7 @@ fn pooled_ranges_never_meet_a_stale_translation() {
     }
     vm.check().unwrap();
     assert_eq!(vm.backend().counters.violations, 0);
-    assert!(vm.stats().purges > 10, "{} purges", vm.stats().purges);
+    assert!(vm.stats().purges > if cfg!(miri) { 5 } else { 10 }, "{} purges", vm.stats().purges);
     assert!(vm.stats().pooled_areas > 0);
 }
 

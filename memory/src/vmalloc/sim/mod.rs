@@ -100,7 +100,12 @@ pub struct SimBackend {
     cpu: usize,
     /// Flushes reach the calling CPU's TLB only ([`SimBackend::break_broadcast`]).
     broken_broadcast: bool,
+    /// Frames freed and not taken again, the next one last; below them come the frames
+    /// never taken, from `fresh` up (no list of every frame made at the start: under Miri
+    /// that list cost seconds in every test).
     free: Vec<u64>,
+    /// Frames from index `fresh` on were never handed out.
+    fresh: usize,
     taken: Vec<bool>,
     frames: usize,
     frame_budget: Option<usize>,
@@ -137,8 +142,9 @@ impl SimBackend {
             tlbs: SimTlbs::new(pages, 1),
             cpu: 0,
             broken_broadcast: false,
-            // Popped from the back: the lowest frames go first.
-            free: (0..frames as u64).rev().map(|i| Self::FRAME_BASE + i * PAGE).collect(),
+            // Freed frames go first (the last freed first), then the lowest never taken.
+            free: Vec::new(),
+            fresh: 0,
             taken: vec![false; frames],
             frames,
             frame_budget: None,
@@ -414,7 +420,17 @@ impl SimBackend {
 
     /// Frames not taken.
     pub fn free_frames_count(&self) -> usize {
-        self.free.len()
+        self.free.len() + (self.frames - self.fresh)
+    }
+
+    /// The frame the next single-frame allocation takes, if any is free.
+    fn take_free_frame(&mut self) -> Option<u64> {
+        self.free.pop().or_else(|| {
+            (self.fresh < self.frames).then(|| {
+                self.fresh += 1;
+                Self::FRAME_BASE + (self.fresh as u64 - 1) * PAGE
+            })
+        })
     }
 
     /// Total frames.
@@ -522,7 +538,8 @@ impl SimBackend {
 
     /// The frame the next single-frame allocation will return.
     pub fn next_free_frame(&self) -> Option<PhysAddr> {
-        self.free.last().map(|&pa| PhysAddr::new(pa))
+        let fresh = (self.fresh < self.frames).then(|| Self::FRAME_BASE + self.fresh as u64 * PAGE);
+        self.free.last().copied().or(fresh).map(PhysAddr::new)
     }
 
     /// Write one byte into the frame at `pa` by its physical address: what a write through
@@ -546,7 +563,7 @@ impl SimBackend {
 
 impl VmBackend for SimBackend {
     fn alloc_frames(&mut self, out: &mut [PhysAddr]) -> usize {
-        let mut n = out.len().min(self.free.len());
+        let mut n = out.len().min(self.free_frames_count());
         if let Some(b) = self.frame_budget.as_mut() {
             n = n.min(*b);
             *b -= n;
@@ -555,7 +572,7 @@ impl VmBackend for SimBackend {
             n = k;
         }
         for slot in &mut out[..n] {
-            let Some(pa) = self.free.pop() else { break };
+            let Some(pa) = self.take_free_frame() else { break };
             if let Some(t) = Self::frame_index(pa).and_then(|i| self.taken.get_mut(i)) {
                 *t = true;
             }
