@@ -12,15 +12,15 @@ use rand::{Rng, SeedableRng};
 const BASE: u64 = 0xffff_8000_0000_0000;
 const PAGE: u64 = PAGE_SIZE as u64;
 // Size knob: under Miri (an interpreter, some 1000 times slower) the window, the frames,
-// the live areas and the lazy threshold are a sixteenth, with one 2 MiB block, so 500
+// the live areas and the lazy threshold are a sixteenth, with one 2 MiB block, so 400
 // operations still fill the window, purge and fall back from huge blocks (checked natively
-// with these sizes: 15 purges, 3 allocations out of space or frames, 3 huge fallbacks).
+// with these sizes: 11 purges, 2 allocations out of space or frames, 2 huge fallbacks).
 const WINDOW_PAGES: u64 = if cfg!(miri) { 1 << 12 } else { 1 << 16 }; // 256 MiB: full enough to purge on exhaustion
 const FRAMES: usize = if cfg!(miri) { 2_500 } else { 40_000 }; // fewer than the areas want at times
 /// 2 MiB blocks for huge areas: few, so huge areas also fall back to pages.
 const BLOCKS: usize = if cfg!(miri) { 1 } else { 24 };
-const OPS: u32 = if cfg!(miri) { 500 } else { 1_000_000 };
-const AUDIT_EVERY: u32 = if cfg!(miri) { 250 } else { 10_000 };
+const OPS: u32 = if cfg!(miri) { 400 } else { 1_000_000 };
+const AUDIT_EVERY: u32 = if cfg!(miri) { 200 } else { 10_000 };
 const TARGET_LIVE: usize = if cfg!(miri) { 94 } else { 1500 };
 const LAZY_MAX_PAGES: usize = if cfg!(miri) { 512 } else { 8192 };
 /// Tables the run must have freed (each purge frees those its ranges emptied).
