@@ -423,13 +423,17 @@ impl SimBackend {
         self.free.len() + (self.frames - self.fresh)
     }
 
-    /// The frame the next single-frame allocation takes, if any is free.
+    /// The lowest frame never handed out, if any is left.
+    fn fresh_frame(&self) -> Option<u64> {
+        (self.fresh < self.frames).then(|| Self::FRAME_BASE + self.fresh as u64 * PAGE)
+    }
+
+    /// Takes the frame [`Self::next_free_frame`] names, if any is free.
     fn take_free_frame(&mut self) -> Option<u64> {
         self.free.pop().or_else(|| {
-            (self.fresh < self.frames).then(|| {
-                self.fresh += 1;
-                Self::FRAME_BASE + (self.fresh as u64 - 1) * PAGE
-            })
+            let pa = self.fresh_frame()?;
+            self.fresh += 1;
+            Some(pa)
         })
     }
 
@@ -538,8 +542,7 @@ impl SimBackend {
 
     /// The frame the next single-frame allocation will return.
     pub fn next_free_frame(&self) -> Option<PhysAddr> {
-        let fresh = (self.fresh < self.frames).then(|| Self::FRAME_BASE + self.fresh as u64 * PAGE);
-        self.free.last().copied().or(fresh).map(PhysAddr::new)
+        self.free.last().copied().or_else(|| self.fresh_frame()).map(PhysAddr::new)
     }
 
     /// Write one byte into the frame at `pa` by its physical address: what a write through
