@@ -1410,17 +1410,30 @@ impl PageTable {
         words.chunks_exact(64).all(|chunk| chunk.iter().fold(0, |acc, &e| acc | e) & 1 == 0)
     }
 
+    /// Frees the tables below the table at `table` (of `level`), children first. Runs of
+    /// 64 zero entries, most of a sparse tree, are skipped by one comparison each; the
+    /// other entries are read as table descriptors only (a leaf has nothing to free).
     fn free_level(&self, table: PhysAddr, level: usize, alloc: &mut impl TableAlloc) {
+        const ZERO_RUN: [u64; 64] = [0; 64];
         if level == PAGE_LEVEL {
             return;
         }
-        for index in 0..ENTRIES {
-            if let Entry::Table(next) = self.read(table, index).decode(level) {
-                self.free_level(next, level + 1, alloc);
-                // SAFETY: `next` is a table this tree took from `alloc` (`free_all`'s caller
-                // promises it is the same allocator) and `free_all`'s caller promises nothing
-                // refers to the tree any more; it is freed once, after its children.
-                unsafe { alloc.free_table(next) };
+        // SAFETY: `table` is a table page of this tree: 512 aligned words inside the linear
+        // map, valid for reads. Nothing writes it while this borrow lives: `free_all` owns
+        // the tree (no walker), its caller promises no core's MMU uses it, and `alloc` is
+        // given back only the tables below this one (it may write those), never this one
+        // before the loop over it has ended.
+        let words: &[u64; ENTRIES] = unsafe { &*self.table_base(table).cast::<[u64; ENTRIES]>() };
+        for run in words.chunks_exact(ZERO_RUN.len()).filter(|run| *run != ZERO_RUN) {
+            for &raw in run {
+                if let Some(next) = Descriptor::from_raw(raw).table_address(level) {
+                    self.free_level(next, level + 1, alloc);
+                    // SAFETY: `next` is a table this tree took from `alloc` (`free_all`'s
+                    // caller promises it is the same allocator) and `free_all`'s caller
+                    // promises nothing refers to the tree any more; it is freed once, after
+                    // its children.
+                    unsafe { alloc.free_table(next) };
+                }
             }
         }
     }

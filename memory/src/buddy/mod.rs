@@ -1222,6 +1222,15 @@ impl BuddyAllocator {
 
     // ----- raw metadata and memory access -----
 
+    /// The whole state array, one byte per frame of the map, for scans that read many
+    /// bytes (a consistency check): a slice walks them without per-index arithmetic.
+    fn states(&self) -> &[AtomicU8] {
+        // SAFETY: the state array holds `map.frames` bytes (in RAM the allocator reserved)
+        // and lives as long as `self`; every access to it is atomic, and `AtomicU8` has
+        // `u8`'s layout, so a shared slice of atomics over it is sound.
+        unsafe { core::slice::from_raw_parts(self.state.cast::<AtomicU8>(), self.map.frames) }
+    }
+
     #[inline(always)]
     fn state_at(&self, idx: usize) -> u8 {
         state_byte(self.state, &self.map, idx).load(Ordering::Relaxed)
@@ -2274,6 +2283,7 @@ impl BuddyAllocator {
     /// [`Self::check_consistency`] with `outside[z]` frames of zone `z` on per-CPU lists
     /// (in the hot state, not counted free by the zone).
     pub(crate) fn check_consistency_with(&self, outside: [usize; MAX_NR_ZONES]) -> Result<(), &'static str> {
+        let states = self.states();
         let mut heads_listed = 0usize;
         let mut heads_fresh = 0usize;
         let mut hot_total = 0usize;
@@ -2301,10 +2311,8 @@ impl BuddyAllocator {
                     if self.state_at(idx) != ST_FREE | o as u8 {
                         return Err("listed block's state is not free with its order");
                     }
-                    for i in 1..(1usize << o) {
-                        if self.state_at(idx + i) != ST_TAIL {
-                            return Err("frame inside a free block is not a tail");
-                        }
+                    if first_other(&states[idx + 1..idx + (1 << o)], ST_TAIL).is_some() {
+                        return Err("frame inside a free block is not a tail");
                     }
                     if o < MAX_ORDER {
                         let b = pfn ^ (1 << o);
@@ -2362,14 +2370,21 @@ impl BuddyAllocator {
         let (mut heads, mut fresh, mut hot) = (0, 0, 0);
         for r in &self.map.regions[..self.map.len] {
             let zone = &self.zones[r.zone];
-            for i in 0..r.frames {
-                match self.state_at(r.index + i as usize) {
+            let region = &states[r.index..r.index + r.frames as usize];
+            // An index loop: an iterator's calls per byte cost several times more under Miri,
+            // where the host suites run this check after nearly every step.
+            // The length is read once: every call taking the slice retags all of it.
+            let (mut i, n) = (0, region.len());
+            while i < n {
+                let s = region[i].load(Ordering::Relaxed);
+                i += 1;
+                match s {
                     ST_NONE => {}
                     ST_HOT => hot += 1,
                     s if s & ST_FREE != 0 && s & ST_ALLOC == 0 => heads += 1,
                     s if s & 0xf0 == ST_FRESH => {
                         fresh += 1;
-                        let pfn = r.start_pfn + i;
+                        let pfn = r.start_pfn + (i - 1) as u64;
                         if r.slot < zone.front_slot || (r.slot == zone.front_slot && pfn < zone.front_pfn) {
                             return Err("untouched block behind its frontier");
                         }
@@ -2389,6 +2404,20 @@ impl BuddyAllocator {
         }
         Ok(())
     }
+}
+
+/// The index of the first of `states` that is not `v`. An index loop with the length read
+/// once, as in [`BuddyAllocator::check_consistency_with`], which calls it on the tail of
+/// every free block.
+fn first_other(states: &[AtomicU8], v: u8) -> Option<usize> {
+    let (mut i, n) = (0, states.len());
+    while i < n {
+        if states[i].load(Ordering::Relaxed) != v {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Whether a hot list's entries (at most [`HOT_CAPACITY`]) name a frame twice: sorted in a

@@ -872,15 +872,15 @@ fn free_bulk_with_a_bad_entry_frees_nothing() {
 
 // ----- zones, gfp flags, watermarks, the untouched frontier -----
 
-/// Each zone's share of [`straddling`]'s RAM. Size knob: 8 MiB under Miri, which
-/// interprets every frame a test exhausts.
-const HALF: u64 = if cfg!(miri) { 8 * MIB } else { 32 * MIB };
-/// Frames in each zone of [`straddling`] (8192; 2048 under Miri).
+/// Each zone's share of [`straddling`]'s RAM. Size knob: 4 MiB under Miri (one block of
+/// the largest order), which interprets every frame a test exhausts.
+const HALF: u64 = if cfg!(miri) { 4 * MIB } else { 32 * MIB };
+/// Frames in each zone of [`straddling`] (8192; 1024 under Miri).
 const HALF_PAGES: usize = (HALF / PAGE_SIZE as u64) as usize;
-/// [`straddling`]'s metadata: 2 bytes per frame (8 pages; 2 under Miri).
+/// [`straddling`]'s metadata: 2 bytes per frame (8 pages; 1 under Miri).
 const HALF_META: usize = 2 * 2 * HALF_PAGES / PAGE_SIZE;
 
-/// 64 MiB straddling 4 GiB: 32 MiB of DMA32, 32 MiB of Normal (8 + 8 under Miri).
+/// 64 MiB straddling 4 GiB: 32 MiB of DMA32, 32 MiB of Normal (4 + 4 under Miri).
 fn straddling() -> (TestRam, BuddyAllocator) {
     let ram = TestRam::new((4 << 30) - HALF, 2 * HALF as usize);
     // SAFETY: the test RAM is used by nothing else and outlives the allocator.
@@ -1012,8 +1012,8 @@ fn lowmem_reserve_keeps_the_last_of_dma32_from_normal_requests() {
 
 #[test]
 fn atomic_may_dip_to_three_eighths_of_min_never_lower() {
-    // Size knob: 16 MiB under Miri, which interprets every frame the test exhausts.
-    let ram = TestRam::new(BASE, (if cfg!(miri) { 16 } else { 64 } * MIB) as usize);
+    // Size knob: 8 MiB under Miri, which interprets every frame the test exhausts.
+    let ram = TestRam::new(BASE, (if cfg!(miri) { 8 } else { 64 } * MIB) as usize);
     // SAFETY: the test RAM is used by nothing else and outlives the allocator.
     let mut a = unsafe { BuddyAllocator::new(&[ram.whole()], &[], ram.linear(), false) }.unwrap();
     a.set_min_free_kbytes(None);
@@ -1051,7 +1051,7 @@ fn atomic_may_dip_to_three_eighths_of_min_never_lower() {
 
 #[test]
 fn gfp_zero_zeroes_and_noretry_does_not_drain() {
-    let m = Machine::new();
+    let m = Machine::small();
     let mut a = m.alloc(false);
     let p = a.alloc(2).unwrap();
     // SAFETY: the block is ours.
