@@ -8,7 +8,6 @@
 use super::super::alloc::boxed::Box;
 use super::super::alloc::collections::BTreeMap;
 use super::super::alloc::vec;
-use super::super::alloc::vec::Vec;
 
 use hal::PAGE_SIZE;
 
@@ -17,14 +16,14 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// One pool's pages by index from `base`.
 struct Pool {
     base: u64,
-    pages: Vec<Option<Box<[u8]>>>,
+    pages: Box<[Option<Box<[u8]>>]>,
 }
 
 impl Pool {
     fn new(base: u64, pages: usize) -> Self {
         // All `None`: zeroed memory at once, no step per page (under Miri a loop over the
         // pool cost seconds in every test).
-        Self { base, pages: vec![None; pages] }
+        Self { base, pages: vec![None; pages].into_boxed_slice() }
     }
 
     fn index(&self, pa: u64) -> Option<usize> {

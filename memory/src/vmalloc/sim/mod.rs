@@ -32,6 +32,7 @@
 mod memory;
 mod tlb;
 
+use super::alloc::boxed::Box;
 use super::alloc::collections::{BTreeMap, BTreeSet};
 use super::alloc::vec;
 use super::alloc::vec::Vec;
@@ -93,7 +94,7 @@ struct SimTable {
 /// The simulated backend.
 pub struct SimBackend {
     base: u64,
-    ptes: Vec<u64>,
+    ptes: Box<[u64]>,
     /// The simulated CPUs' TLBs (1 unless [`SimBackend::with_cpus`]).
     tlbs: SimTlbs,
     /// The CPU the allocator's calls run on now ([`SimBackend::set_cpu`]).
@@ -106,13 +107,13 @@ pub struct SimBackend {
     free: Vec<u64>,
     /// Frames from index `fresh` on were never handed out.
     fresh: usize,
-    taken: Vec<bool>,
+    taken: Box<[bool]>,
     frames: usize,
     frame_budget: Option<usize>,
     map_budget: Option<usize>,
     /// Free blocks (popped from the back) and which are taken.
     free_blocks: Vec<u64>,
-    blocks_taken: Vec<bool>,
+    blocks_taken: Box<[bool]>,
     block_budget: Option<usize>,
     memory: SimMemory,
     clock: Cell<u64>,
@@ -138,19 +139,19 @@ impl SimBackend {
         let pages = (window.size() / PAGE) as usize;
         Self {
             base: window.start().as_u64(),
-            ptes: vec![0; pages],
+            ptes: vec![0; pages].into_boxed_slice(),
             tlbs: SimTlbs::new(pages, 1),
             cpu: 0,
             broken_broadcast: false,
             // Freed frames go first (the last freed first), then the lowest never taken.
             free: Vec::new(),
             fresh: 0,
-            taken: vec![false; frames],
+            taken: vec![false; frames].into_boxed_slice(),
             frames,
             frame_budget: None,
             map_budget: None,
             free_blocks: Vec::new(),
-            blocks_taken: Vec::new(),
+            blocks_taken: Box::default(),
             block_budget: None,
             memory: SimMemory::new(Self::FRAME_BASE, frames, Self::BLOCK_BASE, 0),
             clock: Cell::new(0),
@@ -374,7 +375,7 @@ impl SimBackend {
     /// This backend with `blocks` 2 MiB blocks for huge mappings (none by default).
     pub fn with_blocks(mut self, blocks: usize) -> Self {
         self.free_blocks = (0..blocks as u64).rev().map(|i| Self::BLOCK_BASE + i * BLOCK_SIZE as u64).collect();
-        self.blocks_taken = vec![false; blocks];
+        self.blocks_taken = vec![false; blocks].into_boxed_slice();
         self.memory.set_block_pages(blocks * BLOCK_PAGES);
         self
     }

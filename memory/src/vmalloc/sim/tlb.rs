@@ -5,18 +5,18 @@
 //! pages (a full flush too: it moves the CPU's flush mark, it visits no page); checking a
 //! page looks at each CPU once. The simulator asks at every page it maps.
 
+use super::super::alloc::boxed::Box;
 use super::super::alloc::vec;
-use super::super::alloc::vec::Vec;
 use core::ops::Range;
 
 /// The TLBs of up to 8 simulated CPUs over a window's pages.
 pub(super) struct SimTlbs {
     /// Per page: the sequence number of its last unmap (0: never unmapped).
-    unmapped_at: Vec<u64>,
+    unmapped_at: Box<[u64]>,
     /// Per page: the CPUs (bit `c`) no page TLBI has reached since that unmap.
-    held: Vec<u8>,
+    held: Box<[u8]>,
     /// Per CPU: the sequence number at the last full flush that reached it.
-    flushed: Vec<u64>,
+    flushed: Box<[u64]>,
     /// The last unmap's sequence number.
     seq: u64,
 }
@@ -28,7 +28,12 @@ impl SimTlbs {
     /// TLBs of `cpus` CPUs (1 to [`Self::MAX_CPUS`]) over `pages` pages, none stale.
     pub(super) fn new(pages: usize, cpus: usize) -> Self {
         let cpus = cpus.clamp(1, Self::MAX_CPUS);
-        Self { unmapped_at: vec![0; pages], held: vec![0; pages], flushed: vec![0; cpus], seq: 0 }
+        Self {
+            unmapped_at: vec![0; pages].into_boxed_slice(),
+            held: vec![0; pages].into_boxed_slice(),
+            flushed: vec![0; cpus].into_boxed_slice(),
+            seq: 0,
+        }
     }
 
     /// Simulated CPUs.
