@@ -603,7 +603,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
-type Model = Vec<Option<(u64, Attributes)>>;
+/// The expected translation of each page of a window (a boxed slice: indexed in place,
+/// where a `Vec` reborrows its whole buffer at every index, costly under Miri).
+type Model = Box<[Option<(u64, Attributes)>]>;
 
 fn check_matches(t: &PageTable, base: u64, model: &Model) -> Result<(), TestCaseError> {
     // Every page natively; a sample under Miri (see `in_sample`).
@@ -618,7 +620,7 @@ fn check_matches(t: &PageTable, base: u64, model: &Model) -> Result<(), TestCase
 fn run_model(base: u64, half: VaRange, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut arena = Arena::new(64);
     let mut t = table(&mut arena, half);
-    let mut model: Model = std::vec![None; WINDOW_PAGES as usize];
+    let mut model: Model = std::vec![None; WINDOW_PAGES as usize].into_boxed_slice();
     let va = |page: u64| base + page * PG;
     for op in ops {
         let before = model.clone();
@@ -1463,7 +1465,7 @@ struct Half {
     base: u64,
     arena: Arena,
     t: PageTable,
-    model: Vec<Option<(u64, Attributes)>>,
+    model: Model,
     /// Recent successful mappings, so that edits often land on something mapped.
     recent: Vec<(u64, u64)>,
 }
@@ -1516,7 +1518,7 @@ impl Half {
         let mut arena = Arena::new(1100);
         arena.journal = Some(journal.clone());
         let t = table(&mut arena, half);
-        Self { base, arena, t, model: std::vec![None; WIN_PAGES as usize], recent: Vec::new() }
+        Self { base, arena, t, model: std::vec![None; WIN_PAGES as usize].into_boxed_slice(), recent: Vec::new() }
     }
 
     fn va(&self, page: u64) -> u64 {

@@ -3,6 +3,7 @@
 
 extern crate std;
 
+use std::boxed::Box;
 use std::sync::{Arc, Mutex};
 use std::vec::Vec;
 
@@ -17,9 +18,10 @@ enum Pte {
 }
 
 /// The simulated PTEs of the region, one slot per page from [`BASE`] (an array, not a hash
-/// map: the tests cycle thousands of pieces, and under Miri each hash is hundreds of steps).
+/// map: the tests cycle thousands of pieces, and under Miri each hash is hundreds of steps;
+/// a boxed slice, indexed in place, where a `Vec` reborrows its whole buffer at each index).
 #[derive(Default)]
-struct Ptes(Vec<Option<Pte>>);
+struct Ptes(Box<[Option<Pte>]>);
 
 impl Ptes {
     fn slot(va: u64) -> usize {
@@ -33,7 +35,9 @@ impl Ptes {
     fn insert(&mut self, va: u64, pte: Pte) -> Option<Pte> {
         let i = Self::slot(va);
         if i >= self.0.len() {
-            self.0.resize(i + 1, None);
+            let mut grown = core::mem::take(&mut self.0).into_vec();
+            grown.resize((i + 1).next_power_of_two(), None);
+            self.0 = grown.into_boxed_slice();
         }
         self.0[i].replace(pte)
     }
