@@ -297,7 +297,7 @@ fn model(high: usize, batch: usize, seed: u64) {
     };
 
     // Size knob: Miri interprets each step (milliseconds each).
-    for step in 0..if cfg!(miri) { 200 } else { 100_000u32 } {
+    for step in 0..if cfg!(miri) { 150 } else { 100_000u32 } {
         let r: u32 = rng.random_range(0..100);
         if r < 45 && !keys.is_empty() {
             // Free a random live block.

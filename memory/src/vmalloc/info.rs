@@ -366,8 +366,8 @@ mod tests {
         let mut h = PurgeHistogram::new();
         assert_eq!(h.percentile(99), 0);
         let mut x = 0x2545_f491_4f6c_dd1du64;
-        // Size knob: 300 records under Miri (20 s on its clock for 2,000).
-        let records = if cfg!(miri) { 300 } else { 2_000 };
+        // Size knob: 200 records under Miri (20 s on its clock for 2,000).
+        let records = if cfg!(miri) { 200 } else { 2_000 };
         for i in 0..records {
             x ^= x << 13;
             x ^= x >> 7;

@@ -134,9 +134,9 @@ fn map(b: &VmapBlocks<SimTables>, f: &[PhysAddr]) -> VirtAddr {
     unsafe { b.map(f, Prot::ReadWrite) }.unwrap().expect("a block")
 }
 
-/// Pages the block-filling loops map at a time: one natively; under Miri 16 (each call is
+/// Pages the block-filling loops map at a time: one natively; under Miri 32 (each call is
 /// interpreted, and a block holds 1,024 pages). Pieces are carved in order all the same.
-const PIECE: usize = if cfg!(miri) { 16 } else { 1 };
+const PIECE: usize = if cfg!(miri) { 32 } else { 1 };
 
 /// Maps and unmaps `pages` pages from page `at` of the calling CPU's blocks on: single
 /// pages up to a multiple of [`PIECE`], then pieces of that many.
@@ -298,8 +298,8 @@ fn cpus_map_and_unmap_each_others_pieces_and_nothing_is_lost() {
     let (b, sim) = blocks(8);
     let b = Arc::new(b);
     let handoff: Arc<Mutex<Vec<(VirtAddr, usize)>>> = Arc::default();
-    // Size knob: 100 rounds a thread under Miri, 20,000 natively.
-    let rounds = if cfg!(miri) { 100 } else { 20_000 };
+    // Size knob: 60 rounds a thread under Miri, 20,000 natively.
+    let rounds = if cfg!(miri) { 60 } else { 20_000 };
     let threads: Vec<_> = (1..=4)
         .map(|cpu| {
             let (b, handoff) = (b.clone(), handoff.clone());
