@@ -37,7 +37,7 @@ use hal::dtb::MAX_CPUS;
 use hal::smp::PerCpu;
 use hal::sync::IrqSpinLock;
 
-use super::{Cache, Geometry, SlabAllocator, SlabError, SlabHeader, MAX_CACHES};
+use super::{Geometry, SlabAllocator, SlabError, SlabHeader, MAX_CACHES};
 use crate::buddy::BuddyAllocator;
 use crate::gfp::Gfp;
 
@@ -239,14 +239,8 @@ impl SlabAllocator<'_> {
             } else {
                 self.caches[id].lock()
             };
-            let c: &mut Cache = &mut guard;
-            for &obj in &m.objs[..n] {
-                // Every check again: a late double free may name a slab given back since.
-                if let Err(e) = self.free_in(c, id, obj, self.pa(obj)) {
-                    self.invalid_frees.fetch_add(1, Ordering::Relaxed);
-                    log::error!("slab {}: object {obj:p} from a per-CPU cache refused: {e}", c.name);
-                }
-            }
+            // Every check again: a late double free may name a slab given back since.
+            self.free_batch_in(&mut guard, id, &m.objs[..n]);
         }
         m.objs.copy_within(n..m.len, 0);
         m.len -= n;

@@ -1260,43 +1260,152 @@ impl<'b> SlabAllocator<'b> {
     /// a slab given back since, whose header is not ours to read), the slab is ours,
     /// `ptr` an object start, the object allocated (the bitmap's exact double-free check).
     fn free_in(&self, c: &mut Cache, id: usize, ptr: *mut u8, pa: PhysAddr) -> Result<(), SlabError> {
-        if self.tags.tag(pa).is_none_or(|t| t.load(Ordering::Relaxed) != id as u8 + 1) {
-            return Err(SlabError::NotOwned);
-        }
-        let g = &c.geo;
-        let off = pa.as_u64() as usize & (g.slab_bytes() - 1);
-        let s = ptr.wrapping_sub(off).cast::<SlabHeader>();
-        // Another allocator on the same buddy writes the same tags: its slab is not ours
-        // to touch (its lock is not held), so nothing below may run on it.
-        if !self.slab_is_ours(s, id) {
-            return Err(SlabError::NotOwned);
-        }
-        let idx = g.object_index(off).ok_or(SlabError::NotObjectStart)?;
-        let objs = g.objs;
-        let map = SlabHeader::bitmap(s);
-        let bit = 1u64 << (idx & 63);
-        // SAFETY: `idx < objs` (`object_index`), so the word is inside the bitmap of this
-        // slab, ours (`slab_is_ours`), whose cache's lock is held.
-        let word = unsafe { &mut *map.add(idx >> 6) };
-        if *word & bit != 0 {
-            return Err(SlabError::DoubleFree);
-        }
+        let (s, off) = self.owned_slab(c, id, ptr, pa)?;
+        let idx = c.geo.object_index(off).ok_or(SlabError::NotObjectStart)?;
         if self.strict {
+            // SAFETY: the bit's word lies in the bitmap of `s`, ours, whose cache is locked.
+            if unsafe { Self::is_free(s, idx) } {
+                return Err(SlabError::DoubleFree);
+            }
             self.check_red_zone(c.name, &c.geo, ptr);
             // SAFETY: the object is allocated and being freed; its slot is `size` bytes.
             unsafe { ptr.write_bytes(POISON_FREE_BYTE, c.geo.size) };
         }
+        // SAFETY: `idx < objs` (`object_index`) in slab `s`, ours, whose cache is locked.
+        unsafe { Self::set_free(s, idx) }?;
+        // SAFETY: as above; one object of `s` was marked free.
+        unsafe { self.slab_freed(c, s, 1, idx >> 6) };
+        Ok(())
+    }
+
+    /// Frees objects that sat in a per-CPU magazine of cache `c` (slot `id`, lock held) to
+    /// their slabs, with [`Self::free_in`]'s checks, in runs: the objects of one run lie
+    /// in one slab, whose frame tag and header are checked once for the run, and whose
+    /// counts and lists are updated once; each object's start and bit are checked one by
+    /// one. A magazine flushed after a bulk free holds runs of one slab. Each object
+    /// refused is logged and counted (a double free caught late, or memory written over).
+    fn free_batch_in(&self, c: &mut Cache, id: usize, objs: &[*mut u8]) {
+        let slab_bytes = c.geo.slab_bytes();
+        let mut i = 0;
+        while let Some(&head) = objs.get(i) {
+            let pa = self.pa(head);
+            let base = head.wrapping_sub(pa.as_u64() as usize & (slab_bytes - 1));
+            let run = objs[i..]
+                .iter()
+                .position(|&o| (o as usize).wrapping_sub(base as usize) >= slab_bytes)
+                .unwrap_or(objs.len() - i);
+            let this = &objs[i..i + run];
+            i += run;
+            if self.strict || self.owned_slab(c, id, head, pa).is_err() {
+                // Refused for the slab (or strict mode's poison): each object on its own,
+                // so each gets its own error.
+                for &obj in this {
+                    if let Err(e) = self.free_in(c, id, obj, self.pa(obj)) {
+                        self.refused_from_magazine(c, obj, e);
+                    }
+                }
+                continue;
+            }
+            let s = base.cast::<SlabHeader>();
+            let (mut freed, mut lowest) = (0, u32::MAX);
+            for &obj in this {
+                let off = (obj as usize).wrapping_sub(base as usize);
+                let r = c.geo.object_index(off).ok_or(SlabError::NotObjectStart).and_then(|idx| {
+                    // SAFETY: `idx < objs` in slab `s`, checked ours above, cache locked.
+                    unsafe { Self::set_free(s, idx) }.map(|()| idx)
+                });
+                match r {
+                    Ok(idx) => {
+                        freed += 1;
+                        lowest = lowest.min((idx >> 6) as u32);
+                    }
+                    Err(e) => self.refused_from_magazine(c, obj, e),
+                }
+            }
+            if freed > 0 {
+                // SAFETY: `freed` objects of `s` (ours, cache locked) were marked free.
+                unsafe { self.slab_freed(c, s, freed, lowest as usize) };
+            }
+        }
+    }
+
+    /// An object from a per-CPU magazine that its slab refused: logged and counted.
+    #[cold]
+    fn refused_from_magazine(&self, c: &Cache, obj: *mut u8, e: SlabError) {
+        self.invalid_frees.fetch_add(1, Ordering::Relaxed);
+        log::error!("slab {}: object {obj:p} from a per-CPU cache refused: {e}", c.name);
+    }
+
+    /// The slab of cache `c` (slot `id`, lock held) holding `ptr` (at `pa`), and the
+    /// offset of `ptr` in it, if the frame tag names cache `id` and the slab is ours.
+    #[inline(always)]
+    fn owned_slab(
+        &self,
+        c: &Cache,
+        id: usize,
+        ptr: *mut u8,
+        pa: PhysAddr,
+    ) -> Result<(*mut SlabHeader, usize), SlabError> {
+        if self.tags.tag(pa).is_none_or(|t| t.load(Ordering::Relaxed) != id as u8 + 1) {
+            return Err(SlabError::NotOwned);
+        }
+        let off = pa.as_u64() as usize & (c.geo.slab_bytes() - 1);
+        let s = ptr.wrapping_sub(off).cast::<SlabHeader>();
+        // Another allocator on the same buddy writes the same tags: its slab is not ours
+        // to touch (its lock is not held), so nothing may run on it.
+        if !self.slab_is_ours(s, id) {
+            return Err(SlabError::NotOwned);
+        }
+        Ok((s, off))
+    }
+
+    /// Whether object `idx` of slab `s` is free (its bit set).
+    ///
+    /// # Safety
+    /// `s` is a slab of ours whose cache's lock is held, and `idx` is below its object count.
+    #[inline(always)]
+    unsafe fn is_free(s: *mut SlabHeader, idx: usize) -> bool {
+        // SAFETY: the caller's promise: the word is inside the bitmap of a locked slab.
+        unsafe { *SlabHeader::bitmap(s).add(idx >> 6) & 1 << (idx & 63) != 0 }
+    }
+
+    /// Marks object `idx` of slab `s` free: [`SlabError::DoubleFree`] when it is already
+    /// (the bitmap's exact check), nothing changed then.
+    ///
+    /// # Safety
+    /// As for [`Self::is_free`].
+    #[inline(always)]
+    unsafe fn set_free(s: *mut SlabHeader, idx: usize) -> Result<(), SlabError> {
+        // SAFETY: the caller's promise: the word is inside the bitmap of a locked slab.
+        let word = unsafe { &mut *SlabHeader::bitmap(s).add(idx >> 6) };
+        let bit = 1u64 << (idx & 63);
+        if *word & bit != 0 {
+            return Err(SlabError::DoubleFree);
+        }
         *word |= bit;
-        // SAFETY: the header of this slab (as above).
+        Ok(())
+    }
+
+    /// After `n` objects of slab `s` were marked free (the lowest in bitmap word
+    /// `lowest`): the slab's count and hint, the cache's count, the partial list (a full
+    /// slab goes back on it), and the empty-slab rule (at most one empty slab is kept).
+    ///
+    /// # Safety
+    /// `s` is a slab of ours in cache `c` (whose lock is held), with at least `n` objects
+    /// in use before the marking.
+    #[inline(always)]
+    unsafe fn slab_freed(&self, c: &mut Cache, s: *mut SlabHeader, n: usize, lowest: usize) {
+        let objs = c.geo.objs as u32;
+        // SAFETY: the header of this slab (the caller's promise).
         let (was_full, now_empty) = unsafe {
-            let was_full = (*s).inuse == objs as u32;
-            (*s).inuse -= 1;
-            if ((idx >> 6) as u32) < (*s).hint {
-                (*s).hint = (idx >> 6) as u32;
+            let was_full = (*s).inuse == objs;
+            (*s).inuse -= n as u32;
+            if (lowest as u32) < (*s).hint {
+                (*s).hint = lowest as u32;
             }
             (was_full, (*s).inuse == 0)
         };
-        c.active -= 1;
+        c.active -= n;
         if was_full {
             c.push(s);
         }
@@ -1313,7 +1422,6 @@ impl<'b> SlabAllocator<'b> {
                 self.release(c, s);
             }
         }
-        Ok(())
     }
 
     /// Whether the slab whose header is at `s` (a frame tag says: a slab of cache `id` of

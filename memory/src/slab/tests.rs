@@ -876,3 +876,41 @@ fn cpu_caches_refuse_a_double_free_and_strict_mode_goes_without() {
     let strict = SlabAllocator::with_cpu_caches(&strict_env.buddy, true).unwrap();
     assert!(!strict.has_cpu_caches());
 }
+
+/// A magazine's flush frees its objects in runs of one slab: a run is checked once for
+/// its slab and each object in it on its own, so a double free in the middle of a run, one
+/// repeated in a later run of the same slab, and a run of another slab in between are each
+/// handled as a lone free would be: the two late double frees are refused (counted, the
+/// bitmap unchanged), every other object goes back, and the slabs end empty.
+#[test]
+fn a_flush_in_slab_runs_refuses_each_late_double_free_alone() {
+    let env = Env::new(16, false);
+    let before = env.bstats();
+    let s = SlabAllocator::with_cpu_caches(&env.buddy, false).unwrap();
+    let per_slab = PAGE_SIZE / 64 - 1;
+    // Two slabs' worth and one more, so at least two slabs hold objects.
+    let objs: Vec<NonNull<u8>> = (0..2 * per_slab + 1).map(|_| s.kmalloc(64, 8).unwrap()).collect();
+    let slab_of = |p: NonNull<u8>| p.as_ptr() as usize & !(PAGE_SIZE - 1);
+    let (a, b): (Vec<_>, Vec<_>) = objs.iter().partition(|&&p| slab_of(p) == slab_of(objs[0]));
+    assert!(a.len() >= 4 && b.len() >= 4, "objects of two slabs");
+    // Freed: three of slab A, the first of them again (not the object freed last, so the
+    // magazine's own check lets it by), four of slab B, then A's second again.
+    let order = [a[0], a[1], a[2], a[0], b[0], b[1], b[2], b[3], a[1]];
+    for &p in &order {
+        kfree(&s, p).unwrap();
+    }
+    assert_eq!(s.stats().invalid_frees, 0, "both double frees are still in the magazine");
+    s.drain_local();
+    assert_eq!(s.stats().invalid_frees, 2, "each late double free is refused once");
+    for p in objs.iter().filter(|p| !order.contains(p)) {
+        kfree(&s, *p).unwrap();
+    }
+    s.drain_local();
+    assert_eq!(s.stats().invalid_frees, 2);
+    let listed: usize = s.cache_stats().map(|c| c.active_objs).sum();
+    assert_eq!(listed, 0, "every object went back to its slab exactly once");
+    s.shrink();
+    assert_eq!(s.stats().slab_pages, 0, "every slab went back");
+    drop(s);
+    assert_eq!(env.bstats().free_pages, before.free_pages);
+}
