@@ -9,7 +9,8 @@
 //! ours, the pointer is an object start, computed from a lock-free copy of the cache's
 //! geometry, and it is not the object freed last, SLUB's hardening check) and pushes it; a full magazine
 //! first gives its older half back to the slabs under the lock, where the slab header and
-//! the bitmap are checked (the bitmap's check of a double free is exact). An object freed on another
+//! the bitmap are checked (the bitmap's check of a double free is exact), a run of objects
+//! of one slab at a time (`SlabAllocator::free_batch_in`). An object freed on another
 //! CPU than the one that allocated it simply goes to the freeing CPU's magazine: a
 //! magazine holds objects of its cache, whatever slab and CPU they came from.
 //!
